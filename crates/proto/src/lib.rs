@@ -1,0 +1,1 @@
+//! Types shared across forkd processes.

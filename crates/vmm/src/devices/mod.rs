@@ -1,0 +1,5 @@
+//! Devices: the buses they sit on and the legacy devices.
+
+pub mod bus;
+pub mod i8042;
+pub mod serial;

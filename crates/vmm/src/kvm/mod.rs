@@ -1,0 +1,4 @@
+//! The VM and its vCPUs on KVM.
+
+pub mod cpuid;
+pub mod msrs;

@@ -2,3 +2,5 @@
 
 pub mod cpuid;
 pub mod msrs;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,94 @@
+//! Shared pieces of the forkd benchmarks: timing statistics and the
+//! bare-KVM floor every VM start is compared against.
+
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_ioctls::Kvm;
+
+/// Summary of a set of timings.
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    /// Median.
+    pub p50: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+    /// Smallest.
+    pub min: Duration,
+    /// Largest.
+    pub max: Duration,
+}
+
+impl Stats {
+    /// Statistics of `samples` (at least one).
+    pub fn of(samples: &[Duration]) -> Stats {
+        assert!(!samples.is_empty(), "no samples");
+        let mut s = samples.to_vec();
+        s.sort();
+        let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        Stats {
+            p50: at(0.5),
+            p90: at(0.9),
+            min: s[0],
+            max: s[s.len() - 1],
+        }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:>8.3} ms  p90 {:>8.3} ms  min {:>8.3} ms  max {:>8.3} ms",
+            ms(self.p50),
+            ms(self.p90),
+            ms(self.min),
+            ms(self.max)
+        )
+    }
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The bare-KVM floor of starting one VM: create the VM, map and register
+/// `mem_bytes` of private anonymous memory, create the irqchip and one
+/// vCPU, and get and set its registers. Nothing a VMM could skip.
+pub fn bare_kvm_vm(kvm: &Kvm, mem_bytes: usize) -> Duration {
+    let start = Instant::now();
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    // SAFETY: anonymous private mapping with no address hint; checked below.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            mem_bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(host, libc::MAP_FAILED, "mmap of guest memory");
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: mem_bytes as u64,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the mapping above is live until the munmap below, after the VM is gone.
+    unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
+    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    let mut regs: kvm_regs = vcpu.get_regs().expect("KVM_GET_REGS");
+    regs.rip = 0x1000;
+    vcpu.set_regs(&regs).expect("KVM_SET_REGS");
+    let elapsed = start.elapsed();
+    drop(vcpu);
+    drop(vm);
+    // SAFETY: `host` is the mapping created above and the VM using it is gone.
+    unsafe { libc::munmap(host, mem_bytes) };
+    elapsed
+}

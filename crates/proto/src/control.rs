@@ -1,0 +1,177 @@
+//! forkd-vmm's control socket: a Unix stream socket; the client writes one
+//! JSON request per line and reads one JSON response per line.
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::{GuestRequest, GuestResponse};
+
+/// Longest request line the VMM reads; longer lines are refused.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest guest memory read `peek` answers.
+pub const MAX_PEEK_BYTES: u64 = 4096;
+
+/// A request on the control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Stop all vCPUs with their state consistent.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// What the VM is doing.
+    Status,
+    /// End the VM and the process.
+    Shutdown,
+    /// Forward a request to the guest and wait for its answer.
+    Guest {
+        /// The request.
+        request: GuestRequest,
+        /// How long to wait for the guest, in milliseconds (default 10 s).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Read guest memory (at most [`MAX_PEEK_BYTES`]) without involving the guest.
+    Peek {
+        /// Guest-physical address.
+        addr: u64,
+        /// Bytes to read.
+        len: u64,
+    },
+}
+
+/// VM run state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are stopped with consistent state.
+    Paused,
+    /// The VM has ended.
+    Stopped,
+}
+
+/// Answer to [`ControlRequest::Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Run state.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// `anonymous`, `memfd` or `file`.
+    pub memory_backend: String,
+    /// Resident set size of the VMM process, in bytes.
+    pub rss_bytes: u64,
+    /// Why the VM stopped, once it has.
+    pub exit_reason: Option<String>,
+}
+
+/// A response on the control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ControlResponse {
+    /// Done, nothing to report.
+    Ok,
+    /// Answer to status.
+    Status(VmStatus),
+    /// The guest's answer.
+    Guest {
+        /// The answer.
+        response: GuestResponse,
+    },
+    /// Bytes read by peek, hex-encoded.
+    Peek {
+        /// Lower-case hex, two digits a byte.
+        hex: String,
+    },
+    /// The request failed.
+    Error {
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+/// A blocking client of one VMM's control socket.
+pub struct ControlClient {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+/// Longest response line a client accepts (a peek answer is the largest).
+pub const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+
+impl ControlClient {
+    /// Connects to the control socket at `path`; every later call waits at
+    /// most `timeout` for the VMM.
+    pub fn connect(path: &std::path::Path, timeout: std::time::Duration) -> std::io::Result<Self> {
+        let stream = std::os::unix::net::UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(ControlClient {
+            reader: std::io::BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends `request` and returns the VMM's response.
+    pub fn call(&mut self, request: &ControlRequest) -> std::io::Result<ControlResponse> {
+        use std::io::{BufRead, Read, Write};
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        let mut buf = Vec::new();
+        (&mut self.reader)
+            .take(MAX_RESPONSE_BYTES)
+            .read_until(b'\n', &mut buf)?;
+        if buf.last() != Some(&b'\n') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the VMM closed the control connection or sent an over-long response",
+            ));
+        }
+        Ok(serde_json::from_slice(&buf)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_shape() {
+        let r: ControlRequest = serde_json::from_str(r#"{"op":"pause"}"#).unwrap();
+        assert_eq!(r, ControlRequest::Pause);
+        let r: ControlRequest = serde_json::from_str(
+            r#"{"op":"guest","request":{"op":"fill","seed":1,"seq":2,"mib":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Guest {
+                request: GuestRequest::Fill {
+                    seed: 1,
+                    seq: 2,
+                    mib: 3,
+                    offset_mib: 0
+                },
+                timeout_ms: None
+            }
+        );
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_roundtrip() {
+        let r = ControlResponse::Guest {
+            response: GuestResponse::Pong {
+                guest: "guest: builtin".into(),
+                vcpus: 1,
+            },
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<ControlResponse>(&s).unwrap(), r);
+        assert!(s.contains(r#""result":"guest""#));
+    }
+}

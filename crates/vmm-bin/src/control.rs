@@ -1,0 +1,133 @@
+//! The control socket: one JSON request per line in, one JSON response per
+//! line out, a thread per connection. Requests are bounded in size.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::control::{ControlRequest, ControlResponse, MAX_REQUEST_BYTES};
+use vmm::machine::Machine;
+
+/// Default wait for a guest answer.
+const DEFAULT_GUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the control socket at `path`, replacing a stale socket file.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind the control socket {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Serves `listener` on a background thread for as long as the process lives.
+pub fn serve(listener: UnixListener, machine: Arc<Machine>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let machine = machine.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || connection(stream, &machine));
+            }
+        })?;
+    Ok(())
+}
+
+fn connection(stream: UnixStream, machine: &Machine) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = Vec::new();
+        // Read one byte past the limit to tell an over-long line from a full one.
+        match (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut shutdown = false;
+        let response = if line.last() != Some(&b'\n') {
+            let too_long = line.len() > MAX_REQUEST_BYTES;
+            let message = if too_long {
+                format!("request longer than {MAX_REQUEST_BYTES} bytes")
+            } else {
+                "request not terminated by a newline".to_owned()
+            };
+            let _ = reply(&mut writer, &ControlResponse::Error { message });
+            return;
+        } else {
+            match serde_json::from_slice::<ControlRequest>(&line) {
+                // Answer before shutting down: the process exits right after.
+                Ok(ControlRequest::Shutdown) => {
+                    shutdown = true;
+                    ControlResponse::Ok
+                }
+                Ok(request) => handle(request, machine),
+                Err(e) => ControlResponse::Error {
+                    message: format!("bad request: {e}"),
+                },
+            }
+        };
+        let replied = reply(&mut writer, &response);
+        if shutdown {
+            machine.shutdown();
+        }
+        if replied.is_err() {
+            return;
+        }
+    }
+}
+
+fn reply(writer: &mut UnixStream, response: &ControlResponse) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response)?;
+    out.push(b'\n');
+    writer.write_all(&out)
+}
+
+fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
+    let error = |e: &dyn std::fmt::Display| ControlResponse::Error {
+        message: e.to_string(),
+    };
+    match request {
+        ControlRequest::Pause => machine
+            .pause()
+            .map_or_else(|e| error(&e), |()| ControlResponse::Ok),
+        ControlRequest::Resume => machine
+            .resume()
+            .map_or_else(|e| error(&e), |()| ControlResponse::Ok),
+        ControlRequest::Status => ControlResponse::Status(machine.status()),
+        ControlRequest::Shutdown => {
+            machine.shutdown();
+            ControlResponse::Ok
+        }
+        ControlRequest::Guest {
+            request,
+            timeout_ms,
+        } => {
+            let timeout = timeout_ms.map_or(DEFAULT_GUEST_TIMEOUT, Duration::from_millis);
+            match machine.guest_request(&request, timeout) {
+                Ok(response) => ControlResponse::Guest { response },
+                Err(e) => error(&e),
+            }
+        }
+        ControlRequest::Peek { addr, len } => match machine.peek(addr, len) {
+            Ok(bytes) => ControlResponse::Peek {
+                hex: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            },
+            Err(e) => error(&e),
+        },
+    }
+}

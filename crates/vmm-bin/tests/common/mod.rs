@@ -1,0 +1,186 @@
+//! Helpers for tests that run forkd-vmm as a real process.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::control::{ControlClient, ControlRequest, ControlResponse, VmStatus};
+use proto::guest::{GuestRequest, GuestResponse};
+
+/// The forkd-vmm binary cargo built for these tests.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_forkd-vmm")
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("forkd-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A forkd-vmm process with a connected control client; killed on drop.
+pub struct TestVm {
+    pub child: Child,
+    pub client: ControlClient,
+    pub dir: TempDir,
+}
+
+impl TestVm {
+    /// Starts `forkd-vmm run <args> --control-socket ...` and connects.
+    /// Fails the test with the VMM's stderr if it exits early (for example
+    /// when /dev/kvm is missing).
+    pub fn start(args: &[&str]) -> TestVm {
+        assert!(
+            Path::new("/dev/kvm").exists(),
+            "this test needs /dev/kvm (a KVM host, run as root); it is missing here"
+        );
+        let dir = TempDir::new("vm");
+        let sock = dir.path().join("control.sock");
+        let mut child = Command::new(vmm_bin())
+            .arg("run")
+            .args(args)
+            .arg("--control-socket")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn forkd-vmm");
+        let client = connect(&sock, &mut child);
+        TestVm { child, client, dir }
+    }
+
+    pub fn call(&mut self, req: ControlRequest) -> ControlResponse {
+        match self.client.call(&req) {
+            Ok(r) => r,
+            Err(e) => self.die(&format!("control call {req:?} failed: {e}")),
+        }
+    }
+
+    /// Fails the test with what the VMM process said on its way out.
+    pub fn die(&mut self, what: &str) -> ! {
+        std::thread::sleep(Duration::from_millis(200));
+        let status = self.child.try_wait().unwrap();
+        let _ = self.child.kill();
+        let mut err = String::new();
+        use std::io::Read;
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        panic!("{what}; forkd-vmm status {status:?}, stderr: {err}");
+    }
+
+    pub fn guest(&mut self, request: GuestRequest) -> GuestResponse {
+        match self.call(ControlRequest::Guest {
+            request,
+            timeout_ms: None,
+        }) {
+            ControlResponse::Guest { response } => response,
+            other => panic!("guest request failed: {other:?}"),
+        }
+    }
+
+    pub fn status(&mut self) -> VmStatus {
+        match self.call(ControlRequest::Status) {
+            ControlResponse::Status(s) => s,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    pub fn peek_u64(&mut self, addr: u64) -> u64 {
+        match self.call(ControlRequest::Peek { addr, len: 8 }) {
+            ControlResponse::Peek { hex } => {
+                let bytes: Vec<u8> = (0..8)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                    .collect();
+                u64::from_le_bytes(bytes.try_into().unwrap())
+            }
+            other => panic!("peek failed: {other:?}"),
+        }
+    }
+
+    /// Asks the VMM to shut down and waits for a clean exit.
+    pub fn shutdown(mut self) {
+        assert_eq!(self.call(ControlRequest::Shutdown), ControlResponse::Ok);
+        let status = wait_exit(&mut self.child, Duration::from_secs(10));
+        assert!(status.success(), "forkd-vmm exited with {status}");
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(sock: &Path, child: &mut Child) -> ControlClient {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(c) = ControlClient::connect(sock, Duration::from_secs(30)) {
+            return c;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("forkd-vmm exited early ({status}): {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forkd-vmm did not open its control socket in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forkd-vmm did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs forkd-vmm to completion with `args`; returns (exit code, stderr).
+pub fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn forkd-vmm");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,99 @@
+//! Builds the built-in guest (guest/builtin) into a static ELF that
+//! forkd-vmm embeds. The guest's addresses and ports come from
+//! src/boot/builtin/abi.rs, handed to the C compiler as -D definitions.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[allow(dead_code)]
+mod abi {
+    include!("src/boot/builtin/abi.rs");
+}
+
+/// Every abi.rs constant as NAME=value, so the C side cannot drift.
+fn definitions() -> Vec<(&'static str, u64)> {
+    use abi::*;
+    vec![
+        ("LOAD_ADDR", LOAD_ADDR),
+        ("INFO_ADDR", INFO_ADDR),
+        ("MAILBOX_ADDR", MAILBOX_ADDR),
+        ("SCRATCH_START", SCRATCH_START),
+        ("INFO_MAGIC", INFO_MAGIC),
+        ("INFO_LOW_RAM_END", INFO_LOW_RAM_END),
+        ("INFO_HIGH_RAM_SIZE", INFO_HIGH_RAM_SIZE),
+        ("INFO_NUM_VCPUS", INFO_NUM_VCPUS),
+        ("INFO_BOOT_ID", INFO_BOOT_ID),
+        ("INFO_COUNTER", INFO_COUNTER),
+        ("INFO_MAGIC_VALUE", INFO_MAGIC_VALUE),
+        ("MB_DOORBELL", MB_DOORBELL),
+        ("MB_OP", MB_OP),
+        ("MB_ARGS", MB_ARGS),
+        ("MB_STATUS", MB_STATUS),
+        ("MB_RESULTS", MB_RESULTS),
+        ("MB_NUM_RESULTS", MB_NUM_RESULTS),
+        ("MB_TEXT_LEN", MB_TEXT_LEN),
+        ("MB_TEXT", MB_TEXT),
+        ("MB_TEXT_MAX", MB_TEXT_MAX),
+        ("PORT_WAIT", PORT_WAIT),
+        ("PORT_DONE", PORT_DONE),
+        ("PORT_PANIC", PORT_PANIC),
+        ("PORT_PARK", PORT_PARK),
+        ("OP_PING", OP_PING),
+        ("OP_IDENTITY", OP_IDENTITY),
+        ("OP_FILL", OP_FILL),
+        ("OP_VERIFY", OP_VERIFY),
+        ("OP_COUNTER_START", OP_COUNTER_START),
+        ("OP_COUNTER_READ", OP_COUNTER_READ),
+        ("OP_COUNTER_STOP", OP_COUNTER_STOP),
+        ("STATUS_OK", STATUS_OK),
+        ("STATUS_UNKNOWN_OP", STATUS_UNKNOWN_OP),
+        ("STATUS_OUT_OF_RANGE", STATUS_OUT_OF_RANGE),
+        ("PANIC_BAD_INFO", PANIC_BAD_INFO),
+    ]
+}
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let source = root.join("../../guest/builtin/main.c");
+    println!("cargo:rerun-if-changed={}", source.display());
+    println!("cargo:rerun-if-changed=src/boot/builtin/abi.rs");
+    println!("cargo:rerun-if-env-changed=CC");
+
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("builtin-guest.elf");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    let mut cmd = Command::new(&cc);
+    cmd.args([
+        "-std=gnu11",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-ffreestanding",
+        "-fno-builtin",
+        "-fno-stack-protector",
+        "-fno-asynchronous-unwind-tables",
+        "-fno-pic",
+        "-mno-red-zone",
+        // Integer registers only: the guest must not depend on FPU/SSE state.
+        "-mgeneral-regs-only",
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-Wl,--build-id=none",
+        "-Wl,-e,_start",
+        "-Wl,-z,max-page-size=0x1000",
+        "-Wl,-z,noexecstack",
+    ]);
+    cmd.arg(format!("-Wl,-Ttext-segment={:#x}", abi::LOAD_ADDR));
+    for (name, value) in definitions() {
+        cmd.arg(format!("-D{name}={value:#x}UL"));
+    }
+    cmd.arg("-o").arg(&out).arg(&source);
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run the C compiler `{cc}` to build the built-in guest: {e}; install gcc")
+    });
+    assert!(
+        status.success(),
+        "building the built-in guest failed: see the compiler output above"
+    );
+}

@@ -1,0 +1,85 @@
+// The contract between forkd-vmm and the built-in guest program.
+//
+// This file is plain constants with no imports: build.rs `include!`s it and
+// hands every value to the C compiler as a -D definition, so the guest and
+// the VMM cannot disagree about an address or a port.
+
+/// Guest address the guest program is linked and loaded at.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// Boot-info page, written by the VMM before the first instruction runs.
+pub const INFO_ADDR: u64 = 0x2000;
+/// Mailbox page: one request/response in flight, host and guest take turns.
+pub const MAILBOX_ADDR: u64 = 0x3000;
+/// User-accessible identity page tables (PML4, PDPT, then page directories).
+pub const PAGE_TABLES_ADDR: u64 = 0x22000;
+/// vCPU stacks: vCPU n's stack ends at `STACKS_TOP - n * STACK_SIZE`.
+pub const STACKS_TOP: u64 = 0x9_0000;
+/// Size of one vCPU stack.
+pub const STACK_SIZE: u64 = 0x1000;
+/// First address the fill/verify operations may touch; everything below
+/// belongs to the boot structures and the guest program.
+pub const SCRATCH_START: u64 = 0x20_0000;
+
+/// Boot-info field offsets (each a u64).
+pub const INFO_MAGIC: u64 = 0x00;
+pub const INFO_LOW_RAM_END: u64 = 0x08;
+pub const INFO_HIGH_RAM_SIZE: u64 = 0x10;
+pub const INFO_NUM_VCPUS: u64 = 0x18;
+pub const INFO_BOOT_ID: u64 = 0x20;
+/// The running counter, on its own cache line.
+pub const INFO_COUNTER: u64 = 0x40;
+/// Value of the magic field: "FORKDBI1" little-endian.
+pub const INFO_MAGIC_VALUE: u64 = 0x3149_4244_4b52_4f46;
+
+/// Mailbox field offsets.
+/// u32 doorbell: the host sets 1 after writing a request; the guest sets 0
+/// when it takes the request.
+pub const MB_DOORBELL: u64 = 0x00;
+/// u32 operation code (`OP_*`).
+pub const MB_OP: u64 = 0x04;
+/// u64 arguments, `MB_NUM_ARGS` of them.
+pub const MB_ARGS: u64 = 0x08;
+pub const MB_NUM_ARGS: u64 = 4;
+/// u32 status (`STATUS_*`), written by the guest.
+pub const MB_STATUS: u64 = 0x28;
+/// u64 results, `MB_NUM_RESULTS` of them.
+pub const MB_RESULTS: u64 = 0x30;
+pub const MB_NUM_RESULTS: u64 = 4;
+/// u32 length of the text answer that follows.
+pub const MB_TEXT_LEN: u64 = 0x50;
+/// Text answer (UTF-8, not NUL-terminated).
+pub const MB_TEXT: u64 = 0x58;
+/// Room for the text answer: the rest of the page.
+pub const MB_TEXT_MAX: u64 = 0x1000 - MB_TEXT;
+
+/// Port I/O the guest uses to talk to the VMM (IOPL=3 lets it run at CPL3).
+/// `in` (32-bit): block until a request is posted; answers 1 when one is,
+/// 0 when the vCPU was woken for another reason (pause, shutdown): re-check.
+pub const PORT_WAIT: u64 = 0x6f0;
+/// `out` (32-bit): the response in the mailbox is complete.
+pub const PORT_DONE: u64 = 0x6f1;
+/// `out` (32-bit): the guest hit a fatal error; the value says which.
+pub const PORT_PANIC: u64 = 0x6f2;
+/// `in` (32-bit) from a secondary vCPU: park until the VM ends.
+pub const PORT_PARK: u64 = 0x6f3;
+
+/// Operations.
+pub const OP_PING: u64 = 1;
+pub const OP_IDENTITY: u64 = 2;
+/// args: seed, sequence number, MiB, offset in MiB. results: bytes written.
+pub const OP_FILL: u64 = 3;
+/// args: seed, sequence number, MiB, offset in MiB.
+/// results: bad words, first bad address, whether there was one.
+pub const OP_VERIFY: u64 = 4;
+pub const OP_COUNTER_START: u64 = 5;
+/// results: counter value.
+pub const OP_COUNTER_READ: u64 = 6;
+pub const OP_COUNTER_STOP: u64 = 7;
+
+/// Statuses.
+pub const STATUS_OK: u64 = 0;
+pub const STATUS_UNKNOWN_OP: u64 = 1;
+pub const STATUS_OUT_OF_RANGE: u64 = 2;
+
+/// Panic codes sent on `PORT_PANIC`.
+pub const PANIC_BAD_INFO: u64 = 1;

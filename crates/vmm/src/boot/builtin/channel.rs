@@ -1,0 +1,420 @@
+//! The host side of the built-in guest's mailbox channel.
+//!
+//! One request is in flight at a time. The host writes the request into the
+//! mailbox page and rings the doorbell; the guest either sees the doorbell
+//! while spinning or is released from its blocking `in PORT_WAIT`; it writes
+//! the answer and signals `out PORT_DONE`.
+//!
+//! The blocking ports are the built-in guest's HLT: a vCPU thread sits in
+//! [`Channel::io_in`] until there is work, or until the VMM interrupts it to
+//! pause or stop (then the guest sees 0 and simply asks again later). They
+//! are handled here rather than on the device bus because a vCPU blocks in
+//! them, and a bus device's lock must never be held across a wait.
+//!
+//! Everything read back from the mailbox is guest-controlled and bounded.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use proto::guest::{GuestRequest, GuestResponse};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::abi;
+use crate::memory::GuestMemoryMmap;
+
+/// Errors talking to the built-in guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest did not answer in time.
+    #[error(
+        "the guest did not answer within {0:?}: it may be paused, busy with a long operation, or hung"
+    )]
+    Timeout(Duration),
+    /// An earlier request that timed out is still being served.
+    #[error("the guest is still serving an earlier request that timed out; try again later")]
+    Busy,
+    /// The VM is stopping.
+    #[error("the VM is stopping")]
+    Stopping,
+    /// The guest answered with an error status.
+    #[error("the guest refused the request (status {status}): {message}")]
+    Refused {
+        /// Status code.
+        status: u32,
+        /// The guest's message.
+        message: String,
+    },
+    /// Guest memory access failed.
+    #[error("cannot access the mailbox in guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+#[derive(Default)]
+struct State {
+    /// A request has been posted and not yet answered.
+    in_flight: bool,
+    /// vCPUs must not block: a pause or stop is under way.
+    interrupted: bool,
+    /// The VM is ending: no more requests.
+    stopping: bool,
+    /// Fatal code the guest reported on PORT_PANIC, if any.
+    panic_code: Option<u32>,
+}
+
+/// The host side of the mailbox.
+pub struct Channel {
+    mem: GuestMemoryMmap,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Serialises clients: one request in flight.
+    client: Mutex<()>,
+}
+
+/// What an `out` to a channel port means for the VM.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OutEffect {
+    /// Nothing for the VM to do.
+    None,
+    /// The guest reported a fatal error with this code.
+    GuestPanic(u32),
+}
+
+impl Channel {
+    /// A channel over the mailbox in `mem`.
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        Channel {
+            mem,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            client: Mutex::new(()),
+        }
+    }
+
+    /// Whether `port` belongs to the channel.
+    pub fn handles(port: u16) -> bool {
+        (abi::PORT_WAIT..=abi::PORT_PARK).contains(&u64::from(port))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A guest `in` on a channel port. May block until there is work or the
+    /// VMM interrupts the vCPUs.
+    pub fn io_in(&self, port: u16, data: &mut [u8]) {
+        let port = u64::from(port);
+        let mut state = self.lock();
+        let answer: u32 = loop {
+            if state.interrupted || state.stopping {
+                break 0;
+            }
+            if port == abi::PORT_WAIT && state.in_flight {
+                break 1;
+            }
+            if port != abi::PORT_WAIT && port != abi::PORT_PARK {
+                break 0;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        };
+        let bytes = answer.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    /// A guest `out` on a channel port.
+    pub fn io_out(&self, port: u16, data: &[u8]) -> OutEffect {
+        let mut value = [0u8; 4];
+        let n = data.len().min(4);
+        value[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(value);
+        match u64::from(port) {
+            abi::PORT_DONE => {
+                self.lock().in_flight = false;
+                self.changed.notify_all();
+                OutEffect::None
+            }
+            abi::PORT_PANIC => {
+                self.lock().panic_code = Some(value);
+                OutEffect::GuestPanic(value)
+            }
+            _ => OutEffect::None,
+        }
+    }
+
+    /// Makes every blocked or blocking vCPU return from the channel ports
+    /// (`true`), or lets them block again (`false`).
+    pub fn set_interrupted(&self, interrupted: bool) {
+        self.lock().interrupted = interrupted;
+        self.changed.notify_all();
+    }
+
+    /// The VM is ending: release everything, refuse new requests.
+    pub fn stop(&self) {
+        self.lock().stopping = true;
+        self.changed.notify_all();
+    }
+
+    /// Sends `request` to the guest and waits up to `timeout` for its answer.
+    pub fn request(
+        &self,
+        request: &GuestRequest,
+        timeout: Duration,
+    ) -> Result<GuestResponse, Error> {
+        let deadline = Instant::now() + timeout;
+        let _client = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let (op, args) = encode(request);
+
+        // Wait out an earlier request that timed out: its answer would
+        // otherwise land on top of ours.
+        let mut state = self.wait_while(self.lock(), deadline, |s| s.in_flight)?;
+        if state.in_flight {
+            return Err(Error::Busy);
+        }
+        let mb = |off: u64| GuestAddress(abi::MAILBOX_ADDR + off);
+        self.mem.write_obj(op as u32, mb(abi::MB_OP))?;
+        for (i, a) in args.iter().enumerate() {
+            self.mem.write_obj(*a, mb(abi::MB_ARGS + 8 * i as u64))?;
+        }
+        // The request must be visible before the doorbell.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.mem.write_obj(1u32, mb(abi::MB_DOORBELL))?;
+        state.in_flight = true;
+        self.changed.notify_all();
+
+        state = self.wait_while(state, deadline, |s| s.in_flight)?;
+        if state.in_flight {
+            return Err(Error::Timeout(timeout));
+        }
+        drop(state);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+
+        let status: u32 = self.mem.read_obj(mb(abi::MB_STATUS))?;
+        let mut results = [0u64; abi::MB_NUM_RESULTS as usize];
+        for (i, r) in results.iter_mut().enumerate() {
+            *r = self.mem.read_obj(mb(abi::MB_RESULTS + 8 * i as u64))?;
+        }
+        let text = self.read_text()?;
+        if u64::from(status) != abi::STATUS_OK {
+            return Err(Error::Refused {
+                status,
+                message: text,
+            });
+        }
+        Ok(decode(request, results, text))
+    }
+
+    fn wait_while<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        deadline: Instant,
+        cond: impl Fn(&State) -> bool,
+    ) -> Result<MutexGuard<'a, State>, Error> {
+        while cond(&state) {
+            if state.stopping {
+                return Err(Error::Stopping);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(state)
+    }
+
+    /// The guest's text answer, bounded by the mailbox size whatever length
+    /// the guest claims.
+    fn read_text(&self) -> Result<String, Error> {
+        let len: u32 = self
+            .mem
+            .read_obj(GuestAddress(abi::MAILBOX_ADDR + abi::MB_TEXT_LEN))?;
+        let len = u64::from(len).min(abi::MB_TEXT_MAX) as usize;
+        let mut buf = vec![0u8; len];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(abi::MAILBOX_ADDR + abi::MB_TEXT))?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+fn encode(request: &GuestRequest) -> (u64, [u64; abi::MB_NUM_ARGS as usize]) {
+    match *request {
+        GuestRequest::Ping => (abi::OP_PING, [0; 4]),
+        GuestRequest::Identity => (abi::OP_IDENTITY, [0; 4]),
+        GuestRequest::Fill {
+            seed,
+            seq,
+            mib,
+            offset_mib,
+        } => (abi::OP_FILL, [seed, seq, mib, offset_mib]),
+        GuestRequest::Verify {
+            seed,
+            seq,
+            mib,
+            offset_mib,
+        } => (abi::OP_VERIFY, [seed, seq, mib, offset_mib]),
+        GuestRequest::CounterStart => (abi::OP_COUNTER_START, [0; 4]),
+        GuestRequest::CounterRead => (abi::OP_COUNTER_READ, [0; 4]),
+        GuestRequest::CounterStop => (abi::OP_COUNTER_STOP, [0; 4]),
+    }
+}
+
+fn decode(
+    request: &GuestRequest,
+    r: [u64; abi::MB_NUM_RESULTS as usize],
+    text: String,
+) -> GuestResponse {
+    match request {
+        GuestRequest::Ping => GuestResponse::Pong {
+            guest: text,
+            vcpus: r[0],
+        },
+        GuestRequest::Identity => GuestResponse::Identity { boot_id: r[0] },
+        GuestRequest::Fill { .. } => GuestResponse::Filled { bytes: r[0] },
+        GuestRequest::Verify { .. } => GuestResponse::Verified {
+            bad_words: r[0],
+            first_bad_addr: (r[2] != 0).then_some(r[1]),
+        },
+        GuestRequest::CounterStart | GuestRequest::CounterRead | GuestRequest::CounterStop => {
+            GuestResponse::Counter { value: r[0] }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn channel() -> Arc<Channel> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        Arc::new(Channel::new(mem))
+    }
+
+    /// A fake guest on another thread: waits, answers ping with `text`.
+    fn fake_guest(ch: Arc<Channel>, text_len: u32, status: u32) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut data = [0u8; 4];
+            ch.io_in(abi::PORT_WAIT as u16, &mut data);
+            assert_eq!(u32::from_le_bytes(data), 1);
+            let mb = |off: u64| GuestAddress(abi::MAILBOX_ADDR + off);
+            assert_eq!(ch.mem.read_obj::<u32>(mb(abi::MB_DOORBELL)).unwrap(), 1);
+            assert_eq!(
+                ch.mem.read_obj::<u32>(mb(abi::MB_OP)).unwrap(),
+                abi::OP_PING as u32
+            );
+            ch.mem
+                .write_slice(b"guest: builtin", mb(abi::MB_TEXT))
+                .unwrap();
+            ch.mem.write_obj(text_len, mb(abi::MB_TEXT_LEN)).unwrap();
+            ch.mem.write_obj(status, mb(abi::MB_STATUS)).unwrap();
+            ch.mem.write_obj(3u64, mb(abi::MB_RESULTS)).unwrap();
+            assert_eq!(
+                ch.io_out(abi::PORT_DONE as u16, &1u32.to_le_bytes()),
+                OutEffect::None
+            );
+        })
+    }
+
+    #[test]
+    fn request_is_answered_by_a_waiting_guest() {
+        let ch = channel();
+        let guest = fake_guest(ch.clone(), 14, 0);
+        let r = ch
+            .request(&GuestRequest::Ping, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            r,
+            GuestResponse::Pong {
+                guest: "guest: builtin".into(),
+                vcpus: 3
+            }
+        );
+        guest.join().unwrap();
+    }
+
+    #[test]
+    fn hostile_text_length_is_bounded() {
+        let ch = channel();
+        let guest = fake_guest(ch.clone(), u32::MAX, 0);
+        match ch
+            .request(&GuestRequest::Ping, Duration::from_secs(5))
+            .unwrap()
+        {
+            GuestResponse::Pong { guest, .. } => assert_eq!(guest.len() as u64, abi::MB_TEXT_MAX),
+            other => panic!("unexpected {other:?}"),
+        }
+        guest.join().unwrap();
+    }
+
+    #[test]
+    fn error_status_is_reported() {
+        let ch = channel();
+        let guest = fake_guest(ch.clone(), 5, abi::STATUS_UNKNOWN_OP as u32);
+        let err = ch
+            .request(&GuestRequest::Ping, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, Error::Refused { status: 1, .. }), "{err}");
+        guest.join().unwrap();
+    }
+
+    #[test]
+    fn silent_guest_times_out_then_blocks_the_next_request_until_answered() {
+        let ch = channel();
+        let err = ch
+            .request(&GuestRequest::Ping, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout(_)));
+        assert!(matches!(
+            ch.request(&GuestRequest::Ping, Duration::from_millis(50)),
+            Err(Error::Busy)
+        ));
+        // The guest finally answers the first request; the next one goes through.
+        ch.io_out(abi::PORT_DONE as u16, &[0; 4]);
+        let guest = fake_guest(ch.clone(), 14, 0);
+        ch.request(&GuestRequest::Ping, Duration::from_secs(5))
+            .unwrap();
+        guest.join().unwrap();
+    }
+
+    #[test]
+    fn interrupt_releases_blocked_vcpus() {
+        let ch = channel();
+        let waiter = {
+            let ch = ch.clone();
+            std::thread::spawn(move || {
+                let mut d = [0xffu8; 4];
+                ch.io_in(abi::PORT_PARK as u16, &mut d);
+                u32::from_le_bytes(d)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        ch.set_interrupted(true);
+        assert_eq!(waiter.join().unwrap(), 0);
+        // While interrupted, waits return at once.
+        let mut d = [0u8; 4];
+        ch.io_in(abi::PORT_WAIT as u16, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0);
+    }
+
+    #[test]
+    fn stop_fails_pending_requests() {
+        let ch = channel();
+        let stopper = {
+            let ch = ch.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                ch.stop();
+            })
+        };
+        let err = ch
+            .request(&GuestRequest::Ping, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, Error::Stopping));
+        stopper.join().unwrap();
+    }
+}

@@ -1,0 +1,233 @@
+//! The built-in guest: a tiny program (guest/builtin) embedded in forkd-vmm
+//! that boots in microseconds on any KVM, including a PVM host where only
+//! user-mode guest code runs natively.
+//!
+//! It is entered directly in 64-bit mode at CPL3 with IOPL=3, so it can do
+//! port I/O, over identity page tables with the user bit set. There is no
+//! guest kernel: no interrupts, no IDT. It idles by blocking in a port read
+//! and talks to the VMM through the mailbox page ([`channel`]).
+
+pub mod abi;
+pub mod channel;
+
+use kvm_bindings::kvm_mp_state;
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{gdt, layout, paging};
+use crate::memory::GuestMemoryMmap;
+
+/// The guest program, built from guest/builtin by build.rs.
+pub static PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin-guest.elf"));
+
+/// GDT of the built-in guest: null, kernel 64-bit code (unused, there for
+/// completeness), user 64-bit code, user data.
+fn gdt_table() -> [u64; 4] {
+    [
+        0,
+        gdt::gdt_entry(0xa09b, 0, 0xfffff),
+        gdt::gdt_entry(0xa0fb, 0, 0xfffff),
+        gdt::gdt_entry(0xc0f3, 0, 0xfffff),
+    ]
+}
+const USER_CODE_INDEX: u8 = 2;
+const USER_DATA_INDEX: u8 = 3;
+
+/// RFLAGS at entry: IOPL=3 (port I/O allowed at CPL3), reserved bit 1, IF=0.
+const ENTRY_RFLAGS: u64 = 0x3002;
+
+/// Errors preparing the built-in guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The embedded program did not load.
+    #[error("cannot load the built-in guest program: {0}")]
+    Load(#[from] linux_loader::loader::Error),
+    /// A boot structure did not fit.
+    #[error("cannot set up the built-in guest: {0}")]
+    Boot(#[from] super::Error),
+    /// Guest memory write failed.
+    #[error("cannot write the built-in guest's boot info: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    /// A vCPU register ioctl failed.
+    #[error("cannot set up vCPU {vcpu} for the built-in guest: {source}")]
+    Vcpu {
+        /// Which vCPU.
+        vcpu: u8,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// Too many vCPUs for the stack area.
+    #[error("the built-in guest runs on 1 to {max} vCPUs, asked for {asked}")]
+    TooManyVcpus {
+        /// Limit.
+        max: u64,
+        /// Asked.
+        asked: u8,
+    },
+}
+
+/// Where the built-in guest starts.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// First instruction.
+    pub rip: u64,
+}
+
+/// Loads the program and writes its boot structures: GDT, page tables over
+/// all of RAM, and the boot-info page.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    num_vcpus: u8,
+    boot_id: u64,
+) -> Result<Entry, Error> {
+    use linux_loader::loader::{Elf, KernelLoader};
+    if num_vcpus == 0 || num_vcpus > layout::MAX_VCPUS {
+        return Err(Error::TooManyVcpus {
+            max: u64::from(layout::MAX_VCPUS),
+            asked: num_vcpus,
+        });
+    }
+    let mut image = std::io::Cursor::new(PROGRAM);
+    let loaded = Elf::load(mem, None, &mut image, Some(GuestAddress(abi::LOAD_ADDR)))?;
+
+    gdt::write_gdt_and_idt(mem, &gdt_table())?;
+    let tables =
+        paging::write_identity_map(mem, abi::PAGE_TABLES_ADDR, layout::ram_end(mem_bytes), true)?;
+    debug_assert!(abi::PAGE_TABLES_ADDR + tables <= lowest_stack());
+
+    let ranges = layout::ram_ranges(mem_bytes);
+    let low_end = ranges[0].1;
+    let high = ranges.get(1).map_or(0, |r| r.1);
+    let info = |off: u64| GuestAddress(abi::INFO_ADDR + off);
+    mem.write_obj(abi::INFO_MAGIC_VALUE, info(abi::INFO_MAGIC))?;
+    mem.write_obj(low_end, info(abi::INFO_LOW_RAM_END))?;
+    mem.write_obj(high, info(abi::INFO_HIGH_RAM_SIZE))?;
+    mem.write_obj(u64::from(num_vcpus), info(abi::INFO_NUM_VCPUS))?;
+    mem.write_obj(boot_id, info(abi::INFO_BOOT_ID))?;
+    mem.write_obj(0u64, info(abi::INFO_COUNTER))?;
+    Ok(Entry {
+        rip: loaded.kernel_load.0,
+    })
+}
+
+/// Puts vCPU `id` at the program's entry in 64-bit user mode with its own
+/// stack. Secondary vCPUs are made runnable directly (there is no guest
+/// kernel to send them INIT/SIPI).
+pub fn setup_vcpu(vcpu: &VcpuFd, id: u8, entry: Entry) -> Result<(), Error> {
+    let err = |source| Error::Vcpu { vcpu: id, source };
+    let mut sregs = vcpu.get_sregs().map_err(err)?;
+    let table = gdt_table();
+    let user = |index: u8| {
+        let mut seg = gdt::segment_from_gdt(table[usize::from(index)], index);
+        seg.selector |= 3; // RPL 3
+        seg
+    };
+    sregs.cs = user(USER_CODE_INDEX);
+    let data = user(USER_DATA_INDEX);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = layout::GDT_START;
+    sregs.gdt.limit = (table.len() * 8 - 1) as u16;
+    sregs.idt.base = layout::IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cr3 = abi::PAGE_TABLES_ADDR;
+    sregs.cr4 = CR4_PAE;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+    sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(err)?;
+
+    let regs = kvm_bindings::kvm_regs {
+        rip: entry.rip,
+        // As if `call`ed: the C entry expects RSP + 8 to be 16-byte aligned.
+        rsp: abi::STACKS_TOP - u64::from(id) * abi::STACK_SIZE - 8,
+        rdi: u64::from(id),
+        rflags: ENTRY_RFLAGS,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(err)?;
+    if id != 0 {
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Bottom of the stack of the highest-numbered vCPU.
+const fn lowest_stack() -> u64 {
+    abi::STACKS_TOP - layout::MAX_VCPUS as u64 * abi::STACK_SIZE
+}
+
+const CR0_PE: u64 = 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// The fill pattern's 64-bit word at guest address `addr` for (`seed`, `seq`):
+/// the same function as `pattern_word` in guest/builtin/main.c, so the host
+/// can check guest memory (or a snapshot's memory file) from outside.
+pub fn pattern_word(seed: u64, seq: u64, addr: u64) -> u64 {
+    let mut z = seed ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ addr;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_is_a_static_elf_at_the_load_address() {
+        assert_eq!(&PROGRAM[..4], b"\x7fELF");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let entry = load(&mem, 16 << 20, 2, 42).unwrap();
+        assert!(entry.rip >= abi::LOAD_ADDR && entry.rip < abi::SCRATCH_START);
+        let magic: u64 = mem.read_obj(GuestAddress(abi::INFO_ADDR)).unwrap();
+        assert_eq!(magic, abi::INFO_MAGIC_VALUE);
+        let id: u64 = mem
+            .read_obj(GuestAddress(abi::INFO_ADDR + abi::INFO_BOOT_ID))
+            .unwrap();
+        assert_eq!(id, 42);
+        let low: u64 = mem
+            .read_obj(GuestAddress(abi::INFO_ADDR + abi::INFO_LOW_RAM_END))
+            .unwrap();
+        assert_eq!(low, 16 << 20);
+    }
+
+    // The fixed structures fit together: checked when the tests compile.
+    const _: () = {
+        // Page tables for the largest guest end before the lowest stack.
+        let pages = 2 + layout::MAX_MEM_MIB.div_ceil(1024) + 1;
+        assert!(abi::PAGE_TABLES_ADDR + pages * 4096 <= lowest_stack());
+        assert!(layout::CMDLINE_START + layout::CMDLINE_MAX_SIZE as u64 <= abi::PAGE_TABLES_ADDR);
+        assert!(abi::STACKS_TOP <= layout::MPTABLE_START);
+        assert!(abi::MAILBOX_ADDR + 4096 <= layout::ZERO_PAGE_START);
+        assert!(abi::INFO_ADDR + 4096 <= abi::MAILBOX_ADDR);
+    };
+
+    #[test]
+    fn too_many_vcpus_are_refused() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        assert!(matches!(
+            load(&mem, 16 << 20, 200, 0),
+            Err(Error::TooManyVcpus { .. })
+        ));
+    }
+
+    #[test]
+    fn pattern_depends_on_every_input() {
+        let w = pattern_word(1, 2, 0x20_0000);
+        assert_ne!(w, pattern_word(2, 2, 0x20_0000));
+        assert_ne!(w, pattern_word(1, 3, 0x20_0000));
+        assert_ne!(w, pattern_word(1, 2, 0x20_0008));
+        assert_eq!(w, pattern_word(1, 2, 0x20_0000));
+    }
+}

@@ -1,0 +1,410 @@
+//! vCPUs: their threads, the run loop and exit handling, and the
+//! pause/resume/stop protocol shared by all vCPUs of a VM.
+//!
+//! Getting a vCPU out of `KVM_RUN` from another thread takes a signal: each
+//! vCPU thread records a pointer to its `kvm_run.immediate_exit` in a
+//! thread-local, and the (otherwise empty) handler of [`kick_signal`] sets
+//! it. Whether the signal lands inside `KVM_RUN` (which then returns EINTR)
+//! or just before it (which then returns at once), the vCPU comes back to
+//! the top of its loop and sees what was asked.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot::builtin::channel::{Channel, OutEffect};
+use crate::devices::bus::Bus;
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Shut down on request from the control socket.
+    Requested,
+    /// The guest reset itself (i8042 reset, triple fault, or a reset system event).
+    GuestReset,
+    /// The guest powered off (a shutdown system event).
+    GuestPowerOff,
+    /// The built-in guest reported a fatal error.
+    GuestPanic(u32),
+    /// A vCPU halted with no way to wake it.
+    Halted,
+    /// KVM or the VMM failed.
+    Error(String),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Requested => write!(f, "shut down on request"),
+            ExitReason::GuestReset => write!(f, "the guest reset (reboot or triple fault)"),
+            ExitReason::GuestPowerOff => write!(f, "the guest powered off"),
+            ExitReason::GuestPanic(code) => {
+                write!(f, "the built-in guest panicked with code {code}")
+            }
+            ExitReason::Halted => write!(f, "a vCPU halted with interrupts off"),
+            ExitReason::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+const WANT_RUN: u8 = 0;
+const WANT_PAUSE: u8 = 1;
+const WANT_STOP: u8 = 2;
+
+#[derive(Default)]
+struct Shared {
+    /// vCPU threads parked in the pause loop.
+    paused: usize,
+    /// vCPU threads still alive.
+    alive: usize,
+    /// pthread ids of live vCPU threads, for kicking.
+    threads: Vec<libc::pthread_t>,
+    exit_reason: Option<ExitReason>,
+}
+
+/// Errors of pause and resume.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Not every vCPU stopped in time.
+    #[error("{paused} of {alive} vCPUs paused within {waited:?}; the VM is left pausing, resume it or shut it down")]
+    PauseTimeout {
+        /// vCPUs paused.
+        paused: usize,
+        /// vCPUs alive.
+        alive: usize,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The VM has stopped.
+    #[error("the VM has stopped ({0})")]
+    Stopped(ExitReason),
+    /// Resume of a VM that is not paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+}
+
+/// The run state all vCPUs of a VM follow.
+pub struct RunControl {
+    wanted: AtomicU8,
+    shared: Mutex<Shared>,
+    changed: Condvar,
+    channel: Option<Arc<Channel>>,
+}
+
+impl RunControl {
+    /// A run control for a VM whose vCPUs may block in `channel`'s ports.
+    pub fn new(channel: Option<Arc<Channel>>) -> Self {
+        install_kick_handler();
+        RunControl {
+            wanted: AtomicU8::new(WANT_RUN),
+            shared: Mutex::new(Shared::default()),
+            changed: Condvar::new(),
+            channel,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kick_all(&self, shared: &Shared) {
+        for &t in &shared.threads {
+            // SAFETY: `t` belongs to a vCPU thread that is still running: a
+            // thread removes itself from the list (under the same lock we
+            // hold) before it exits.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU with its state consistent and waits until they are.
+    pub fn pause(&self, timeout: Duration) -> Result<(), ControlError> {
+        let mut shared = self.lock();
+        if let Some(r) = &shared.exit_reason {
+            return Err(ControlError::Stopped(r.clone()));
+        }
+        self.wanted.store(WANT_PAUSE, Ordering::SeqCst);
+        if let Some(ch) = &self.channel {
+            ch.set_interrupted(true);
+        }
+        self.kick_all(&shared);
+        let start = Instant::now();
+        while shared.paused < shared.alive && shared.exit_reason.is_none() {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(ControlError::PauseTimeout {
+                    paused: shared.paused,
+                    alive: shared.alive,
+                    waited: timeout,
+                });
+            }
+            shared = self
+                .changed
+                .wait_timeout(shared, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        match &shared.exit_reason {
+            Some(r) => Err(ControlError::Stopped(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let shared = self.lock();
+        if let Some(r) = &shared.exit_reason {
+            return Err(ControlError::Stopped(r.clone()));
+        }
+        if self.wanted.load(Ordering::SeqCst) != WANT_PAUSE {
+            return Err(ControlError::NotPaused);
+        }
+        if let Some(ch) = &self.channel {
+            ch.set_interrupted(false);
+        }
+        self.wanted.store(WANT_RUN, Ordering::SeqCst);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Ends the VM: every vCPU leaves its loop. The first reason given wins.
+    pub fn stop(&self, reason: ExitReason) {
+        let mut shared = self.lock();
+        shared.exit_reason.get_or_insert(reason);
+        self.wanted.store(WANT_STOP, Ordering::SeqCst);
+        if let Some(ch) = &self.channel {
+            ch.stop();
+        }
+        self.kick_all(&shared);
+        self.changed.notify_all();
+    }
+
+    /// Whether every vCPU is parked in the pause loop.
+    pub fn is_paused(&self) -> bool {
+        let shared = self.lock();
+        self.wanted.load(Ordering::SeqCst) == WANT_PAUSE && shared.paused == shared.alive
+    }
+
+    /// Why the VM stopped, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.lock().exit_reason.clone()
+    }
+
+    /// Blocks until the VM has stopped and every vCPU thread is gone.
+    pub fn wait_for_exit(&self) -> ExitReason {
+        let mut shared = self.lock();
+        loop {
+            if let (Some(r), 0) = (&shared.exit_reason, shared.alive) {
+                return r.clone();
+            }
+            shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Registers a vCPU thread about to run (call from that thread).
+    fn enter(&self) {
+        let mut shared = self.lock();
+        shared.alive += 1;
+        // SAFETY: pthread_self has no preconditions.
+        shared.threads.push(unsafe { libc::pthread_self() });
+        self.changed.notify_all();
+    }
+
+    /// Blocks until `n` vCPU threads have registered (or the VM stopped), so
+    /// a pause issued after this reaches every vCPU.
+    pub fn wait_until_started(&self, n: usize) {
+        let mut shared = self.lock();
+        while shared.alive < n && shared.exit_reason.is_none() {
+            shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Deregisters the calling vCPU thread.
+    fn leave(&self) {
+        let mut shared = self.lock();
+        shared.alive -= 1;
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        shared.threads.retain(|&t| t != me);
+        self.changed.notify_all();
+    }
+
+    /// Parks the calling vCPU while a pause is wanted. Returns false when
+    /// the vCPU must stop.
+    fn park_while_paused(&self) -> bool {
+        let mut shared = self.lock();
+        shared.paused += 1;
+        self.changed.notify_all();
+        while self.wanted.load(Ordering::SeqCst) == WANT_PAUSE {
+            shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
+        }
+        shared.paused -= 1;
+        self.wanted.load(Ordering::SeqCst) != WANT_STOP
+    }
+}
+
+/// The buses and channel a vCPU dispatches its exits to.
+#[derive(Clone)]
+pub struct VcpuIo {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// The built-in guest's channel, when the guest is the built-in one.
+    pub channel: Option<Arc<Channel>>,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, while it runs a vCPU.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only a thread-local read and a byte store: async-signal-safe.
+    let p = IMMEDIATE_EXIT.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is set by `run_vcpu` on this very thread to the
+        // live kvm_run mapping of its vCPU and cleared before that mapping goes.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .expect("registering the vCPU kick signal handler cannot fail for a real-time signal");
+    });
+}
+
+/// Runs `vcpu` on the calling thread until the VM stops.
+pub fn run_vcpu(mut vcpu: VcpuFd, id: u8, io: VcpuIo, control: Arc<RunControl>) {
+    let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+    control.enter();
+    loop {
+        match control.wanted.load(Ordering::SeqCst) {
+            WANT_RUN => {}
+            WANT_PAUSE => {
+                complete_pending_io(&mut vcpu);
+                if control.park_while_paused() {
+                    continue;
+                }
+                break;
+            }
+            _ => break,
+        }
+        if let Some(reason) = run_once(&mut vcpu, id, &io) {
+            control.stop(reason);
+            break;
+        }
+    }
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    control.leave();
+}
+
+/// Lets KVM finish an exit it is waiting on (the result of a port read,
+/// say) without running guest code, so the registers read while paused are
+/// the ones the guest will resume with.
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+/// One `KVM_RUN` and the handling of its exit. `Some` ends the VM.
+fn run_once(vcpu: &mut VcpuFd, id: u8, io: &VcpuIo) -> Option<ExitReason> {
+    match vcpu.run() {
+        Ok(VcpuExit::IoIn(port, data)) => {
+            match &io.channel {
+                Some(ch) if Channel::handles(port) => ch.io_in(port, data),
+                _ => {
+                    if !io.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                }
+            }
+            None
+        }
+        Ok(VcpuExit::IoOut(port, data)) => {
+            match &io.channel {
+                Some(ch) if Channel::handles(port) => {
+                    if let OutEffect::GuestPanic(code) = ch.io_out(port, data) {
+                        return Some(ExitReason::GuestPanic(code));
+                    }
+                }
+                _ => {
+                    io.pio.write(u64::from(port), data);
+                }
+            }
+            None
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            if !io.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            None
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            io.mmio.write(addr, data);
+            None
+        }
+        Ok(VcpuExit::Hlt) => Some(ExitReason::Halted),
+        Ok(VcpuExit::Shutdown) => Some(ExitReason::GuestReset),
+        Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestPowerOff,
+            _ => ExitReason::GuestReset,
+        }),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::Error(format!(
+            "vCPU {id}: KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})"
+        ))),
+        Ok(VcpuExit::InternalError) => {
+            // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+            // is the active member of the exit union.
+            let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            Some(ExitReason::Error(format!(
+                "vCPU {id}: KVM internal error (suberror {suberror}); on a PVM host this is \
+                 usually an instruction its emulator lacks, run by guest kernel code"
+            )))
+        }
+        Ok(other) => Some(ExitReason::Error(format!(
+            "vCPU {id}: unexpected exit {other:?}"
+        ))),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            vcpu.set_kvm_immediate_exit(0);
+            None
+        }
+        Err(e) => Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+    }
+}
+
+/// Points LINT0 at ExtINT and LINT1 at NMI in the vCPU's local APIC, as the
+/// MP table tells a Linux guest (the legacy PIC's output and NMIs).
+pub fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const DELIVERY_MODE_MASK: u32 = 0x700;
+    const DELIVERY_EXTINT: u32 = 0x700;
+    const DELIVERY_NMI: u32 = 0x400;
+    let mut lapic = vcpu.get_lapic()?;
+    let mut set = |offset: usize, mode: u32| {
+        let mut raw = [0u8; 4];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = lapic.regs[offset + i] as u8;
+        }
+        let v = (u32::from_le_bytes(raw) & !DELIVERY_MODE_MASK) | mode;
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as libc::c_char;
+        }
+    };
+    set(LVT_LINT0, DELIVERY_EXTINT);
+    set(LVT_LINT1, DELIVERY_NMI);
+    vcpu.set_lapic(&lapic)
+}

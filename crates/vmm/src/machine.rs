@@ -1,0 +1,160 @@
+//! A running microVM: its RAM, KVM VM, devices and vCPU threads, and the
+//! operations the control socket offers on it.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use proto::control::{VmState, VmStatus, MAX_PEEK_BYTES};
+use proto::guest::{GuestRequest, GuestResponse};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::builtin::channel::{self, Channel};
+use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
+use crate::kvm::vm::Vm;
+use crate::memory::GuestRam;
+
+/// How long a pause may take before it is reported as failed.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of operations on a running machine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Pause or resume failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Talking to the guest failed.
+    #[error(transparent)]
+    Guest(#[from] channel::Error),
+    /// The guest is not one the VMM can talk to directly.
+    #[error("this VM runs a Linux guest: talk to its agent over vsock instead")]
+    NoChannel,
+    /// A peek out of bounds.
+    #[error("cannot read {len} bytes of guest memory at {addr:#x}: {reason}")]
+    Peek {
+        /// Address.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A running microVM.
+pub struct Machine {
+    // Field order is drop order: vCPU threads are joined (in Drop) before the
+    // VM and then the RAM that its memory slots point into go away.
+    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    pub(crate) reset_watcher: Option<JoinHandle<()>>,
+    pub(crate) reset_evt: EventFd,
+    pub(crate) control: Arc<RunControl>,
+    pub(crate) channel: Option<Arc<Channel>>,
+    pub(crate) vm: Vm,
+    pub(crate) ram: GuestRam,
+    pub(crate) num_vcpus: u8,
+}
+
+impl Machine {
+    /// Stops every vCPU with consistent state.
+    pub fn pause(&self) -> Result<(), Error> {
+        Ok(self.control.pause(PAUSE_TIMEOUT)?)
+    }
+
+    /// Resumes a paused machine.
+    pub fn resume(&self) -> Result<(), Error> {
+        Ok(self.control.resume()?)
+    }
+
+    /// Ends the machine (its vCPU threads stop; [`Machine::wait_for_exit`] returns).
+    pub fn shutdown(&self) {
+        self.control.stop(ExitReason::Requested);
+    }
+
+    /// Blocks until the machine has stopped, and says why.
+    pub fn wait_for_exit(&self) -> ExitReason {
+        self.control.wait_for_exit()
+    }
+
+    /// Why the machine stopped, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.control.exit_reason()
+    }
+
+    /// The guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// What the machine is doing.
+    pub fn status(&self) -> VmStatus {
+        let exit_reason = self.control.exit_reason();
+        let state = if exit_reason.is_some() {
+            VmState::Stopped
+        } else if self.control.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        VmStatus {
+            state,
+            vcpus: self.num_vcpus,
+            mem_mib: self.ram.size() >> 20,
+            memory_backend: self.ram.backend().kind().to_owned(),
+            rss_bytes: process_rss_bytes().unwrap_or(0),
+            exit_reason: exit_reason.map(|r| r.to_string()),
+        }
+    }
+
+    /// Sends a request to the built-in guest.
+    pub fn guest_request(
+        &self,
+        request: &GuestRequest,
+        timeout: Duration,
+    ) -> Result<GuestResponse, Error> {
+        let ch = self.channel.as_ref().ok_or(Error::NoChannel)?;
+        Ok(ch.request(request, timeout)?)
+    }
+
+    /// Reads up to [`MAX_PEEK_BYTES`] of guest memory.
+    pub fn peek(&self, addr: u64, len: u64) -> Result<Vec<u8>, Error> {
+        let fail = |reason: String| Error::Peek { addr, len, reason };
+        if len > MAX_PEEK_BYTES {
+            return Err(fail(format!("at most {MAX_PEEK_BYTES} bytes at a time")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.ram
+            .memory()
+            .read_slice(&mut buf, GuestAddress(addr))
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(buf)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.control.stop(ExitReason::Requested);
+        for t in self.vcpu_threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = self.reset_evt.write(1);
+        if let Some(t) = self.reset_watcher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm.
+pub fn process_rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(0) as u64)
+}

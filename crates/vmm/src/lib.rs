@@ -12,3 +12,4 @@ pub mod devices;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod snapshot;

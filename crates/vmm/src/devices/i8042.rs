@@ -68,7 +68,41 @@ pub struct I8042 {
     last_was_command: bool,
 }
 
+/// The controller's snapshot state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// The command byte.
+    pub command_byte: u8,
+    /// The pending output byte.
+    pub output: Option<u8>,
+    /// Waiting for a command byte on the data port.
+    pub awaiting_command_byte: bool,
+    /// The last write went to the command port.
+    pub last_was_command: bool,
+}
+
 impl I8042 {
+    /// The controller's state, for a snapshot.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            command_byte: self.command_byte,
+            output: self.output,
+            awaiting_command_byte: self.awaiting_command_byte,
+            last_was_command: self.last_was_command,
+        }
+    }
+
+    /// A controller restored from `state`.
+    pub fn restore(state: &I8042State, reset: EventFd) -> Self {
+        Self {
+            reset,
+            command_byte: state.command_byte,
+            output: state.output,
+            awaiting_command_byte: state.awaiting_command_byte,
+            last_was_command: state.last_was_command,
+        }
+    }
+
     /// A controller that writes 1 to `reset` when the guest resets the CPU.
     pub fn new(reset: EventFd) -> Self {
         Self {

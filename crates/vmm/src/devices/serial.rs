@@ -110,6 +110,31 @@ impl ConsoleOutput {
     }
 }
 
+/// The UART's snapshot state (vm-superio's `SerialState`, made serialisable).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialConsoleState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Receive FIFO contents.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The UART model this console is built on.
 type Uart = Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>;
 
@@ -129,6 +154,46 @@ impl SerialConsole {
         Self {
             uart: Serial::new(EventFdTrigger::new(interrupt), out),
         }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save(&self) -> SerialConsoleState {
+        let s = self.uart.state();
+        SerialConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART restored from `state` (untrusted: an over-full FIFO is refused).
+    pub fn restore(
+        state: &SerialConsoleState,
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, EventFdTrigger::new(interrupt), NoEvents, out)
+            .map_err(|e| SerialError::Device(format!("cannot restore the UART: {e}")))?;
+        Ok(Self { uart })
     }
 
     /// Queues `bytes` for the guest to read, raising the receive interrupt

@@ -2,5 +2,6 @@
 
 pub mod cpuid;
 pub mod msrs;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

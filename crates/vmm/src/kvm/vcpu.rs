@@ -8,6 +8,7 @@
 //! or just before it (which then returns at once), the vCPU comes back to
 //! the top of its loop and sees what was asked.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
@@ -54,8 +55,16 @@ const WANT_RUN: u8 = 0;
 const WANT_PAUSE: u8 = 1;
 const WANT_STOP: u8 = 2;
 
+/// Work for paused vCPU threads: each runs it on its own vCPU and leaves
+/// the result in its slot.
+type VcpuTask = Arc<dyn Fn(u8, &mut VcpuFd) -> Box<dyn Any + Send> + Send + Sync>;
+
 #[derive(Default)]
 struct Shared {
+    /// The current task for paused vCPUs, and its generation.
+    task: Option<(u64, VcpuTask)>,
+    /// Results of the current task, by vCPU index.
+    task_results: Vec<Option<Box<dyn Any + Send>>>,
     /// vCPU threads parked in the pause loop.
     paused: usize,
     /// vCPU threads still alive.
@@ -231,17 +240,68 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// Parks the calling vCPU while a pause is wanted. Returns false when
-    /// the vCPU must stop.
-    fn park_while_paused(&self) -> bool {
+    /// Parks the calling vCPU while a pause is wanted, running the tasks
+    /// posted by [`RunControl::on_paused_vcpus`]. Returns false when the
+    /// vCPU must stop.
+    fn park_while_paused(&self, id: u8, vcpu: &mut VcpuFd) -> bool {
         let mut shared = self.lock();
         shared.paused += 1;
         self.changed.notify_all();
+        let mut done_gen = shared.task.as_ref().map_or(0, |(g, _)| *g);
         while self.wanted.load(Ordering::SeqCst) == WANT_PAUSE {
-            shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
+            match shared.task.clone() {
+                Some((gen, task)) if gen != done_gen => {
+                    drop(shared);
+                    let result = task(id, vcpu);
+                    shared = self.lock();
+                    if let Some(slot) = shared.task_results.get_mut(usize::from(id)) {
+                        *slot = Some(result);
+                    }
+                    done_gen = gen;
+                    self.changed.notify_all();
+                }
+                _ => shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner()),
+            }
         }
         shared.paused -= 1;
         self.wanted.load(Ordering::SeqCst) != WANT_STOP
+    }
+
+    /// Runs `task` on every vCPU's own thread while the VM is paused, and
+    /// returns the results in vCPU order. The VM must be paused.
+    pub fn on_paused_vcpus<R: Send + 'static>(
+        &self,
+        num_vcpus: usize,
+        task: impl Fn(u8, &mut VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Result<Vec<R>, ControlError> {
+        let mut shared = self.lock();
+        if let Some(r) = &shared.exit_reason {
+            return Err(ControlError::Stopped(r.clone()));
+        }
+        if self.wanted.load(Ordering::SeqCst) != WANT_PAUSE || shared.paused != shared.alive {
+            return Err(ControlError::NotPaused);
+        }
+        let gen = shared.task.as_ref().map_or(0, |(g, _)| *g) + 1;
+        let erased: VcpuTask =
+            Arc::new(move |id, vcpu: &mut VcpuFd| Box::new(task(id, vcpu)) as Box<dyn Any + Send>);
+        shared.task = Some((gen, erased));
+        shared.task_results = (0..num_vcpus).map(|_| None).collect();
+        self.changed.notify_all();
+        while shared.task_results.iter().any(Option::is_none) {
+            if let Some(r) = &shared.exit_reason {
+                return Err(ControlError::Stopped(r.clone()));
+            }
+            shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
+        }
+        let results = std::mem::take(&mut shared.task_results)
+            .into_iter()
+            .map(|r| {
+                *r.expect("checked above")
+                    .downcast::<R>()
+                    .expect("results have the task's type")
+            })
+            .collect();
+        Ok(results)
     }
 }
 
@@ -294,7 +354,7 @@ pub fn run_vcpu(mut vcpu: VcpuFd, id: u8, io: VcpuIo, control: Arc<RunControl>) 
             WANT_RUN => {}
             WANT_PAUSE => {
                 complete_pending_io(&mut vcpu);
-                if control.park_while_paused() {
+                if control.park_while_paused(id, &mut vcpu) {
                     continue;
                 }
                 break;

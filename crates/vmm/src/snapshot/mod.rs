@@ -1,0 +1,438 @@
+//! Snapshots: a paused machine written to a directory, and read back for
+//! restore.
+//!
+//! ```text
+//! <dir>/vmstate        vCPU, VM and device state (see [`format`])
+//! <dir>/memory         guest RAM, regions back to back, sparse where zero
+//! <dir>/snapshot.json  metadata (see [`SnapshotMeta`]), written last
+//! ```
+//!
+//! A snapshot is written into a temporary sibling directory and renamed into
+//! place only when complete and synced, so a crash never leaves a directory
+//! that looks like a snapshot.
+
+pub mod format;
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::i8042::I8042State;
+use crate::devices::serial::SerialConsoleState;
+use crate::kvm::state::{VcpuState, VmKvmState};
+use crate::memory::GuestMemoryMmap;
+
+/// Version of the snapshot directory layout and metadata.
+pub const META_VERSION: u32 = 1;
+/// Name of the vmstate file.
+pub const VMSTATE_FILE: &str = "vmstate";
+/// Name of the memory file.
+pub const MEMORY_FILE: &str = "memory";
+/// Name of the metadata file.
+pub const META_FILE: &str = "snapshot.json";
+/// Largest metadata file accepted.
+const MAX_META_BYTES: u64 = 1 << 20;
+const PAGE: usize = 4096;
+/// Longest run of pages written in one call.
+const MAX_RUN: usize = 8 << 20;
+
+/// What kind of guest a snapshot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    /// The built-in guest.
+    Builtin,
+    /// A Linux kernel.
+    Linux,
+}
+
+/// State of the legacy devices.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// COM1.
+    pub serial: SerialConsoleState,
+    /// The i8042.
+    pub i8042: I8042State,
+}
+
+/// Everything in `vmstate`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// The guest.
+    pub guest: GuestKind,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers and clock.
+    pub vm: VmKvmState,
+    /// Devices.
+    pub devices: DeviceStates,
+}
+
+/// Status of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    /// Memory is still being written (live BRANCH); cannot be restored.
+    Writing,
+    /// Complete.
+    Ready,
+    /// The write did not complete; cannot be restored.
+    Failed,
+}
+
+/// `snapshot.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// Layout version ([`META_VERSION`]).
+    pub version: u32,
+    /// Seconds since the epoch.
+    pub created_at_unix: u64,
+    /// The guest.
+    pub guest: GuestKind,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Logical size of `memory` in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of `memory` that hold data (the rest are holes).
+    pub memory_data_bytes: u64,
+    /// BLAKE3 over (page index, page) of every non-zero page, hex.
+    pub memory_hash: String,
+    /// BLAKE3 of the vmstate file, hex.
+    pub vmstate_hash: String,
+    /// Whether it can be restored.
+    pub status: SnapshotStatus,
+    /// Whether a child can be restored from it (as opposed to a layer only).
+    pub bootable: bool,
+}
+
+/// Errors writing or reading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// File system error.
+    #[error("snapshot {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Destination exists.
+    #[error("snapshot directory {0} already exists: choose another or delete it first")]
+    Exists(PathBuf),
+    /// Bad vmstate.
+    #[error("snapshot {path}: {source}")]
+    Format {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// What is wrong with its vmstate.
+        source: format::FormatError,
+    },
+    /// Bad metadata.
+    #[error("snapshot {path}: snapshot.json is invalid ({reason}): the snapshot is corrupt or from another version")]
+    Meta {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Not restorable.
+    #[error("snapshot {path} is {status:?}, not ready: it cannot be restored")]
+    NotReady {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// Its status.
+        status: SnapshotStatus,
+    },
+    /// vmstate and metadata disagree.
+    #[error("snapshot {path}: {reason}: the snapshot is corrupt")]
+    Inconsistent {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// What disagrees.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes a snapshot of a paused machine to `dir` (which must not exist).
+pub fn write(dir: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<SnapshotMeta, Error> {
+    if dir.exists() {
+        return Err(Error::Exists(dir.to_owned()));
+    }
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Io {
+            path: dir.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory name"),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let result = write_into(&tmp, mem, state).and_then(|meta| {
+        std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(meta)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_into(tmp: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<SnapshotMeta, Error> {
+    let mem_path = tmp.join(MEMORY_FILE);
+    let (memory_bytes, memory_data_bytes, memory_hash) = write_memory(&mem_path, mem)?;
+
+    let vmstate = format::encode(state);
+    let vm_path = tmp.join(VMSTATE_FILE);
+    let mut f = File::create(&vm_path).map_err(io_err(&vm_path))?;
+    f.write_all(&vmstate).map_err(io_err(&vm_path))?;
+    f.sync_all().map_err(io_err(&vm_path))?;
+
+    let meta = SnapshotMeta {
+        version: META_VERSION,
+        created_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        guest: state.guest,
+        mem_mib: state.mem_mib,
+        vcpus: state.vcpus.len() as u8,
+        memory_bytes,
+        memory_data_bytes,
+        memory_hash,
+        vmstate_hash: blake3::hash(&vmstate).to_hex().to_string(),
+        status: SnapshotStatus::Ready,
+        bootable: true,
+    };
+    write_meta(tmp, &meta)?;
+    sync_dir(tmp)?;
+    Ok(meta)
+}
+
+/// Writes `snapshot.json` in `dir` atomically (temp file, fsync, rename).
+pub fn write_meta(dir: &Path, meta: &SnapshotMeta) -> Result<(), Error> {
+    let path = dir.join(META_FILE);
+    let tmp = dir.join(format!(".{META_FILE}.tmp"));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(&serde_json::to_vec_pretty(meta).expect("metadata serialises"))
+        .map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+/// Reads `snapshot.json` from `dir`.
+pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, Error> {
+    use std::io::Read;
+    let path = dir.join(META_FILE);
+    let f = File::open(&path).map_err(io_err(&path))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_META_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(&path))?;
+    let meta: SnapshotMeta = serde_json::from_slice(&bytes).map_err(|e| Error::Meta {
+        path: dir.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if meta.version != META_VERSION {
+        return Err(Error::Meta {
+            path: dir.to_owned(),
+            reason: format!(
+                "layout version {} (this build reads {META_VERSION})",
+                meta.version
+            ),
+        });
+    }
+    Ok(meta)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Writes every region of `mem` back to back into a new sparse file at
+/// `path`: runs of non-zero pages are written, zero pages stay holes.
+/// Returns (logical bytes, data bytes, content hash).
+fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(u64, u64, String), Error> {
+    let file = File::create(path).map_err(io_err(path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(io_err(path))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut data_bytes = 0u64;
+    let mut file_offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: the region is a live mapping of `len` bytes owned by the
+        // guest memory, and every vCPU is paused, so nothing writes to it
+        // while this shared view exists.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
+        let mut run_start: Option<usize> = None;
+        let flush = |start: usize, end: usize| -> Result<(), Error> {
+            file.write_all_at(&bytes[start..end], file_offset + start as u64)
+                .map_err(io_err(path))
+        };
+        for (i, page) in bytes.chunks_exact(PAGE).enumerate() {
+            let off = i * PAGE;
+            if is_zero(page) {
+                if let Some(s) = run_start.take() {
+                    flush(s, off)?;
+                }
+                continue;
+            }
+            hasher.update(&((file_offset + off as u64) / PAGE as u64).to_le_bytes());
+            hasher.update(page);
+            data_bytes += PAGE as u64;
+            match run_start {
+                Some(s) if off - s >= MAX_RUN => {
+                    flush(s, off)?;
+                    run_start = Some(off);
+                }
+                None => run_start = Some(off),
+                _ => {}
+            }
+        }
+        if let Some(s) = run_start {
+            flush(s, len)?;
+        }
+        file_offset += len as u64;
+    }
+    file.sync_all().map_err(io_err(path))?;
+    Ok((total, data_bytes, hasher.finalize().to_hex().to_string()))
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: reinterpreting initialised bytes as u128 is valid for any
+    // bit pattern; align_to handles the unaligned head and tail.
+    let (head, body, tail) = unsafe { page.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// A snapshot read and checked once, ready to restore any number of
+/// children from (state parsed, nothing left to validate per child).
+pub struct PreparedSnapshot {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its metadata.
+    pub meta: SnapshotMeta,
+    /// Its decoded vmstate.
+    pub state: VmState,
+}
+
+impl PreparedSnapshot {
+    /// Reads and checks the snapshot in `dir`: metadata, status, vmstate
+    /// checksum and version, and that the memory file has the right size.
+    pub fn load(dir: &Path) -> Result<Self, Error> {
+        let meta = read_meta(dir)?;
+        if meta.status != SnapshotStatus::Ready {
+            return Err(Error::NotReady {
+                path: dir.to_owned(),
+                status: meta.status,
+            });
+        }
+        let state: VmState =
+            format::read_file(&dir.join(VMSTATE_FILE)).map_err(|source| Error::Format {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let inconsistent = |reason: String| Error::Inconsistent {
+            path: dir.to_owned(),
+            reason,
+        };
+        if state.mem_mib != meta.mem_mib || state.vcpus.len() != usize::from(meta.vcpus) {
+            return Err(inconsistent(
+                "vmstate and snapshot.json disagree on memory size or vCPU count".into(),
+            ));
+        }
+        if state.vcpus.is_empty()
+            || state
+                .vcpus
+                .iter()
+                .enumerate()
+                .any(|(i, v)| usize::from(v.id) != i)
+        {
+            return Err(inconsistent(
+                "vCPU states are missing or out of order".into(),
+            ));
+        }
+        let mem_path = dir.join(MEMORY_FILE);
+        let len = std::fs::metadata(&mem_path)
+            .map_err(io_err(&mem_path))?
+            .len();
+        if len != state.mem_mib << 20 {
+            return Err(inconsistent(format!(
+                "memory file is {len} bytes but the VM has {} bytes of RAM (truncated?)",
+                state.mem_mib << 20
+            )));
+        }
+        Ok(PreparedSnapshot {
+            dir: dir.to_owned(),
+            meta,
+            state,
+        })
+    }
+
+    /// Path of the memory file.
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(MEMORY_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn memory_file_is_sparse_and_exact() {
+        let dir = std::env::temp_dir().join(format!("forkd-snapmem-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 << 20),
+            (GuestAddress(1 << 32), 4 << 20),
+        ])
+        .unwrap();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0x55u8, GuestAddress((1 << 32) + 0x1fff))
+            .unwrap();
+        let path = dir.join("memory");
+        let (total, data, hash) = write_memory(&path, &mem).unwrap();
+        assert_eq!(total, 20 << 20);
+        assert_eq!(data, 2 * PAGE as u64);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, total);
+        assert_eq!(&bytes[0x5000..0x5004], &0x1122_3344u32.to_le_bytes());
+        assert_eq!(bytes[(16 << 20) + 0x1fff], 0x55);
+        assert_eq!(bytes.iter().filter(|&&b| b != 0).count(), 5);
+        // Holes: the file uses far less disk than its size.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
+        // Same content, same hash; a changed byte, another.
+        let (_, _, again) = write_memory(&dir.join("m2"), &mem).unwrap();
+        assert_eq!(hash, again);
+        mem.write_obj(0x56u8, GuestAddress((1 << 32) + 0x1fff))
+            .unwrap();
+        let (_, _, changed) = write_memory(&dir.join("m3"), &mem).unwrap();
+        assert_ne!(hash, changed);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

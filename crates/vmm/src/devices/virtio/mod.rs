@@ -23,6 +23,7 @@
 //! QueueNotify register write, whichever the VM was built with. Saving state
 //! takes the same mutex, so it never sees a half-processed request.
 
+pub mod block;
 pub mod mmio;
 pub mod persist;
 pub mod queue;
@@ -215,6 +216,20 @@ pub trait VirtioDevice: Send {
     /// to Status). Host connections are closed; queues are reset by the
     /// transport.
     fn reset(&mut self);
+}
+
+/// Copies the part of `config` that `[offset, offset + data.len())` covers
+/// into `data`; bytes past the end of `config` read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if offset >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - offset);
+    data[..n].copy_from_slice(&config[offset..offset + n]);
 }
 
 /// Adds a used buffer to `queue` and raises the interrupt if the driver

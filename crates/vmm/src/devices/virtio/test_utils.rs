@@ -211,4 +211,9 @@ impl GuestQueue {
         self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
     }
+
+    /// Writes bytes into guest memory.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
 }

@@ -28,6 +28,7 @@ pub mod mmio;
 pub mod persist;
 pub mod queue;
 pub mod rng;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod test_utils;

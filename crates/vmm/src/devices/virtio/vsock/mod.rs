@@ -1,0 +1,8 @@
+//! virtio-vsock with its host side on Unix sockets.
+
+mod device;
+pub mod packet;
+mod persist;
+
+pub use device::{Vsock, VsockError, CONN_BUF};
+pub use persist::VsockState;

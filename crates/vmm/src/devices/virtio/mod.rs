@@ -25,6 +25,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod queue;
 pub mod rng;

@@ -23,6 +23,7 @@ fn definitions() -> Vec<(&'static str, u64)> {
         ("INFO_HIGH_RAM_SIZE", INFO_HIGH_RAM_SIZE),
         ("INFO_NUM_VCPUS", INFO_NUM_VCPUS),
         ("INFO_BOOT_ID", INFO_BOOT_ID),
+        ("INFO_VM_GENERATION", INFO_VM_GENERATION),
         ("INFO_COUNTER", INFO_COUNTER),
         ("INFO_MAGIC_VALUE", INFO_MAGIC_VALUE),
         ("MB_DOORBELL", MB_DOORBELL),

@@ -145,6 +145,7 @@ static void serve(void)
 		break;
 	case OP_IDENTITY:
 		MB64(MB_RESULTS) = INFO(INFO_BOOT_ID);
+		MB64(MB_RESULTS + 8) = INFO(INFO_VM_GENERATION);
 		break;
 	case OP_FILL:
 	case OP_VERIFY:

@@ -30,6 +30,15 @@ pub enum ControlRequest {
         #[serde(default)]
         timeout_ms: Option<u64>,
     },
+    /// Write a snapshot of the VM to `dir` (which must not exist). The VM
+    /// is paused for the copy and then resumed, unless `leave_paused`.
+    Snapshot {
+        /// Destination directory.
+        dir: std::path::PathBuf,
+        /// Stay paused afterwards.
+        #[serde(default)]
+        leave_paused: bool,
+    },
     /// Read guest memory (at most [`MAX_PEEK_BYTES`]) without involving the guest.
     Peek {
         /// Guest-physical address.
@@ -42,7 +51,7 @@ pub enum ControlRequest {
 /// VM run state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum VmState {
+pub enum RunState {
     /// vCPUs are running.
     Running,
     /// vCPUs are stopped with consistent state.
@@ -55,7 +64,7 @@ pub enum VmState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
     /// Run state.
-    pub state: VmState,
+    pub state: RunState,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest RAM in MiB.
@@ -80,6 +89,11 @@ pub enum ControlResponse {
     Guest {
         /// The answer.
         response: GuestResponse,
+    },
+    /// The written snapshot's metadata (its snapshot.json).
+    Snapshot {
+        /// The metadata.
+        meta: serde_json::Value,
     },
     /// Bytes read by peek, hex-encoded.
     Peek {

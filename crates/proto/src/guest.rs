@@ -55,8 +55,10 @@ pub enum GuestResponse {
     },
     /// Answer to identity.
     Identity {
-        /// Per-boot identity value.
+        /// Per-boot identity value (inherited by restored children).
         boot_id: u64,
+        /// VM generation: new at boot and at every restore.
+        generation: u64,
     },
     /// Answer to fill.
     Filled {

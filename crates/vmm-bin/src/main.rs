@@ -1,6 +1,7 @@
 //! forkd-vmm: runs one microVM in this process, driven over a control socket.
 
 mod control;
+mod fork;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,29 @@ struct Cli {
 enum Command {
     /// Boot a microVM: a Linux kernel, or the built-in guest.
     Run(RunArgs),
+    /// Restore one microVM from a snapshot directory.
+    Restore(RestoreArgs),
+    /// Start N children of a snapshot: the snapshot is read and checked
+    /// once, then this process forks once per child. Prints one JSON line
+    /// per child ({"index", "pid", "dir", "control_socket"}) and returns;
+    /// the children keep running until shut down.
+    Fork(fork::ForkArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Snapshot directory.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Where the serial console goes: `stdout`, `none`, or a file path.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Unix socket to serve the control protocol on (created; removed on exit).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Start paused: vCPUs wait for `resume` on the control socket.
+    #[arg(long)]
+    paused: bool,
 }
 
 #[derive(Args)]
@@ -65,23 +89,78 @@ enum MemoryBackend {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("forkd-vmm: {e}");
-                ExitCode::from(2)
-            }
-        },
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Fork(args) => fork::fork(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkd-vmm: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Parses `--console`.
+fn console_output(arg: &str) -> ConsoleOutput {
+    match arg {
+        "stdout" => ConsoleOutput::Stdout,
+        "none" => ConsoleOutput::Sink,
+        path => ConsoleOutput::File(PathBuf::from(path)),
+    }
+}
+
+fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let snapshot = vmm::snapshot::PreparedSnapshot::load(&args.snapshot)?;
+    let cfg = builder::RestoreConfig {
+        console: console_output(&args.console),
+        paused: args.paused,
+    };
+    let listener = args
+        .control_socket
+        .as_deref()
+        .map(control::bind)
+        .transpose()?;
+    let machine = std::sync::Arc::new(builder::build_from_snapshot(&snapshot, &cfg)?);
+    Ok(serve_until_exit(
+        machine,
+        listener,
+        args.control_socket.as_deref(),
+    ))
+}
+
+/// Serves the control socket (if any) until the machine stops; removes the
+/// socket and turns the exit reason into the process exit code.
+fn serve_until_exit(
+    machine: std::sync::Arc<vmm::machine::Machine>,
+    listener: Option<std::os::unix::net::UnixListener>,
+    socket: Option<&std::path::Path>,
+) -> ExitCode {
+    if let Some(listener) = listener {
+        if let Err(e) = control::serve(listener, machine.clone()) {
+            eprintln!("forkd-vmm: cannot serve the control socket: {e}");
+            machine.shutdown();
+        }
+    }
+    let reason = machine.wait_for_exit();
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    match reason {
+        ExitReason::Requested | ExitReason::GuestReset | ExitReason::GuestPowerOff => {
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("forkd-vmm: the VM stopped: {other}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let console = match args.console.as_str() {
-        "stdout" => ConsoleOutput::Stdout,
-        "none" => ConsoleOutput::Sink,
-        path => ConsoleOutput::File(PathBuf::from(path)),
-    };
+    let console = console_output(&args.console);
     let boot = match args.kernel {
         Some(kernel) => builder::linux_boot(kernel, args.initrd, args.cmdline),
         None => BootSource::Builtin,
@@ -103,20 +182,9 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .map(control::bind)
         .transpose()?;
     let machine = std::sync::Arc::new(builder::build_for_boot(&cfg)?);
-    if let Some(listener) = listener {
-        control::serve(listener, machine.clone())?;
-    }
-    let reason = machine.wait_for_exit();
-    if let Some(path) = &args.control_socket {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(match reason {
-        ExitReason::Requested | ExitReason::GuestReset | ExitReason::GuestPowerOff => {
-            ExitCode::SUCCESS
-        }
-        other => {
-            eprintln!("forkd-vmm: the VM stopped: {other}");
-            ExitCode::FAILURE
-        }
-    })
+    Ok(serve_until_exit(
+        machine,
+        listener,
+        args.control_socket.as_deref(),
+    ))
 }

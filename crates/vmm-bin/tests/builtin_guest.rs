@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{run_to_exit, TempDir, TestVm};
-use proto::control::{ControlRequest, ControlResponse, VmState};
+use proto::control::{ControlRequest, ControlResponse, RunState};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::{abi, pattern_word};
 
@@ -22,7 +22,7 @@ fn builtin_guest_boots_and_answers_ping() {
         }
     );
     let s = vm.status();
-    assert_eq!(s.state, VmState::Running);
+    assert_eq!(s.state, RunState::Running);
     assert_eq!(
         (s.vcpus, s.mem_mib, s.memory_backend.as_str()),
         (1, 64, "anonymous")
@@ -45,7 +45,7 @@ fn pause_stops_the_counter_and_resume_restarts_it() {
     );
 
     assert_eq!(vm.call(ControlRequest::Pause), ControlResponse::Ok);
-    assert_eq!(vm.status().state, VmState::Paused);
+    assert_eq!(vm.status().state, RunState::Paused);
     let paused_a = vm.peek_u64(COUNTER);
     std::thread::sleep(Duration::from_millis(100));
     let paused_b = vm.peek_u64(COUNTER);
@@ -61,7 +61,7 @@ fn pause_stops_the_counter_and_resume_restarts_it() {
     );
 
     assert_eq!(vm.call(ControlRequest::Resume), ControlResponse::Ok);
-    assert_eq!(vm.status().state, VmState::Running);
+    assert_eq!(vm.status().state, RunState::Running);
     std::thread::sleep(Duration::from_millis(20));
     let resumed = vm.peek_u64(COUNTER);
     assert!(
@@ -210,7 +210,7 @@ fn each_boot_has_its_own_identity_and_memfd_backend_works() {
     ]);
     assert_eq!(b.status().memory_backend, "memfd");
     let id = |vm: &mut TestVm| match vm.guest(GuestRequest::Identity) {
-        GuestResponse::Identity { boot_id } => boot_id,
+        GuestResponse::Identity { boot_id, .. } => boot_id,
         other => panic!("{other:?}"),
     };
     let (ia, ib) = (id(&mut a), id(&mut b));

@@ -1,24 +1,30 @@
-//! Assembling a microVM. Every machine is put together here: RAM, the KVM
-//! VM, devices, the guest's boot structures, vCPUs and their threads.
+//! Assembling a microVM. Every machine is put together here, through one of
+//! two doors that share every step they have in common (RAM, the KVM VM,
+//! legacy devices, vCPU threads), so a restore cannot forget what a boot
+//! sets up:
+//!
+//! - [`build_for_boot`]: a fresh guest (the built-in one or a Linux kernel);
+//! - [`build_from_snapshot`]: a child of a snapshot, its RAM mapped
+//!   copy-on-write from the snapshot's memory file.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{Kvm, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::builtin::{self, channel::Channel};
 use crate::boot::{layout, linux};
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{
-    ConsoleOutput, SerialConsole, SerialError, COM1_BASE, COM1_IRQ, COM1_LEN,
-};
+use crate::devices::serial::{ConsoleOutput, SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{self, RunControl, VcpuIo};
 use crate::kvm::{cpuid, msrs, vm};
 use crate::machine::Machine;
 use crate::memory::{self, Backend, GuestRam};
+use crate::snapshot::{DeviceStates, GuestKind, PreparedSnapshot};
 
 /// What the guest is.
 #[derive(Clone, Debug)]
@@ -55,6 +61,15 @@ impl MachineConfig {
             console: ConsoleOutput::Sink,
         }
     }
+}
+
+/// What a restored child gets of its own.
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    /// Where its serial console goes.
+    pub console: ConsoleOutput,
+    /// Start with every vCPU paused (resume through the control socket).
+    pub paused: bool,
 }
 
 /// Errors building a machine.
@@ -96,6 +111,9 @@ pub enum BuildError {
         /// Why.
         reason: String,
     },
+    /// Saved KVM state was refused.
+    #[error("cannot restore the snapshot's CPU state: {0}")]
+    State(#[from] StateError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -116,27 +134,21 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         });
     }
     let ram = GuestRam::new(cfg.mem_mib, cfg.backend.clone())?;
-    let vm = vm::Vm::new(&kvm, &ram)?;
+    let parts = Parts::new(kvm, ram, &cfg.console, None)?;
 
-    let reset_evt = EventFd::new(0).map_err(|e| device_err("i8042")(e.to_string()))?;
-    let pio = legacy_devices(&vm, &cfg.console, &reset_evt)?;
-
-    let mem = ram.memory();
-    let (channel, entry) = match &cfg.boot {
+    let mem = parts.ram.memory();
+    let (guest, entry) = match &cfg.boot {
         BootSource::Builtin => {
-            let entry = builtin::load(mem, ram.size(), cfg.vcpus, random_u64())?;
-            (
-                Some(Arc::new(Channel::new(mem.clone()))),
-                Entry::Builtin(entry),
-            )
+            let entry = builtin::load(mem, parts.ram.size(), cfg.vcpus, random_u64())?;
+            (GuestKind::Builtin, Entry::Builtin(entry))
         }
         BootSource::Linux(linux_cfg) => (
-            None,
+            GuestKind::Linux,
             Entry::Linux(linux::load_linux(mem, linux_cfg, cfg.vcpus)?),
         ),
     };
-
-    let supported = kvm
+    let supported = parts
+        .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::Vcpu {
             id: 0,
@@ -144,51 +156,171 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         })?;
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for id in 0..cfg.vcpus {
-        vcpus.push(create_vcpu(&vm, id, cfg.vcpus, &supported, &entry)?);
+        let fd = parts.create_vcpu(id)?;
+        configure_vcpu(&fd, id, cfg.vcpus, &supported, &entry)?;
+        vcpus.push(fd);
+    }
+    parts.start(guest, vcpus, false)
+}
+
+/// Restores a child of `snapshot`: RAM maps the memory file `MAP_PRIVATE`
+/// (page cache shared with every sibling, writes private), CPU and device
+/// state come from the parsed vmstate.
+pub fn build_from_snapshot(
+    snapshot: &PreparedSnapshot,
+    cfg: &RestoreConfig,
+) -> Result<Machine, BuildError> {
+    let state = &snapshot.state;
+    let kvm = vm::open_kvm()?;
+    let ram = GuestRam::new(state.mem_mib, Backend::File(snapshot.memory_path()))?;
+    let parts = Parts::new(kvm, ram, &cfg.console, Some(&state.devices))?;
+    if state.guest == GuestKind::Builtin {
+        builtin::set_generation(parts.ram.memory(), random_u64())?;
+    }
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for saved in &state.vcpus {
+        let fd = parts.create_vcpu(saved.id)?;
+        state::restore_vcpu(&fd, saved)?;
+        vcpus.push(fd);
+    }
+    state::restore_vm(parts.vm.fd(), &state.vm)?;
+    parts.start(state.guest, vcpus, cfg.paused)
+}
+
+/// A machine being assembled: what both doors build the same way.
+struct Parts {
+    kvm: Arc<Kvm>,
+    ram: GuestRam,
+    vm: vm::Vm,
+    pio: Bus,
+    serial: Arc<Mutex<SerialConsole>>,
+    i8042: Arc<Mutex<I8042>>,
+    reset_evt: EventFd,
+}
+
+impl Parts {
+    /// Creates the VM over `ram` and the legacy devices (fresh, or from
+    /// saved state): the serial console on COM1 with its interrupt through
+    /// an irqfd, and the i8042 whose reset line ends the machine.
+    fn new(
+        kvm: Kvm,
+        ram: GuestRam,
+        console: &ConsoleOutput,
+        saved: Option<&DeviceStates>,
+    ) -> Result<Self, BuildError> {
+        let vm = vm::Vm::new(&kvm, &ram)?;
+        let serial_err = device_err("serial console");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| serial_err(e.to_string()))?;
+        vm.register_irqfd(&irq, COM1_IRQ)?;
+        let out = console.open().map_err(|e| serial_err(e.to_string()))?;
+        let serial = match saved {
+            Some(s) => SerialConsole::restore(&s.serial, irq, out)
+                .map_err(|e| serial_err(e.to_string()))?,
+            None => SerialConsole::new(irq, out),
+        };
+        let i8042_err = device_err("i8042");
+        let reset_evt = EventFd::new(0).map_err(|e| i8042_err(e.to_string()))?;
+        let line = reset_evt
+            .try_clone()
+            .map_err(|e| i8042_err(e.to_string()))?;
+        let i8042 = match saved {
+            Some(s) => I8042::restore(&s.i8042, line),
+            None => I8042::new(line),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let i8042 = Arc::new(Mutex::new(i8042));
+        let mut pio = Bus::new();
+        let bus_err = |e: BusError| device_err("port I/O bus")(e.to_string());
+        pio.insert(
+            serial.clone() as Arc<Mutex<dyn BusDevice>>,
+            u64::from(COM1_BASE),
+            COM1_LEN,
+        )
+        .map_err(bus_err)?;
+        pio.insert(
+            i8042.clone() as Arc<Mutex<dyn BusDevice>>,
+            u64::from(I8042_BASE),
+            I8042_LEN,
+        )
+        .map_err(bus_err)?;
+        Ok(Parts {
+            kvm: Arc::new(kvm),
+            ram,
+            vm,
+            pio,
+            serial,
+            i8042,
+            reset_evt,
+        })
     }
 
-    let control = Arc::new(RunControl::new(channel.clone()));
-    let io = VcpuIo {
-        pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
-        channel: channel.clone(),
-    };
-    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
-    for (id, fd) in vcpus.into_iter().enumerate() {
-        let (io, control) = (io.clone(), control.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu::run_vcpu(fd, id as u8, io, control))
-            .map_err(BuildError::Thread)?;
-        vcpu_threads.push(thread);
-    }
-    control.wait_until_started(vcpu_threads.len());
-    let reset_watcher = {
-        let (evt, control) = (
-            reset_evt
-                .try_clone()
-                .map_err(|e| device_err("i8042")(e.to_string()))?,
-            control.clone(),
-        );
-        std::thread::Builder::new()
-            .name("reset".into())
-            .spawn(move || {
-                // Blocks until the guest pulls the reset line or the machine is dropped.
-                let _ = evt.read();
-                control.stop(vcpu::ExitReason::GuestReset);
+    fn create_vcpu(&self, id: u8) -> Result<VcpuFd, BuildError> {
+        self.vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|e| BuildError::Vcpu {
+                id,
+                reason: format!("KVM_CREATE_VCPU: {e}"),
             })
-            .map_err(BuildError::Thread)?
-    };
-    Ok(Machine {
-        vcpu_threads,
-        reset_watcher: Some(reset_watcher),
-        reset_evt,
-        control,
-        channel,
-        vm,
-        ram,
-        num_vcpus: cfg.vcpus,
-    })
+    }
+
+    /// Starts a thread per vCPU and the reset watcher, and hands over the
+    /// running machine once every vCPU thread is in its loop.
+    fn start(
+        self,
+        guest: GuestKind,
+        vcpus: Vec<VcpuFd>,
+        paused: bool,
+    ) -> Result<Machine, BuildError> {
+        let channel = (guest == GuestKind::Builtin)
+            .then(|| Arc::new(Channel::new(self.ram.memory().clone())));
+        let control = Arc::new(RunControl::new(channel.clone(), paused));
+        let io = VcpuIo {
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(Bus::new()),
+            channel: channel.clone(),
+        };
+        let num_vcpus = vcpus.len() as u8;
+        let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            let (io, control) = (io.clone(), control.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_vcpu(fd, id as u8, io, control))
+                .map_err(BuildError::Thread)?;
+            vcpu_threads.push(thread);
+        }
+        control.wait_until_started(vcpu_threads.len());
+        let reset_watcher = {
+            let evt = self
+                .reset_evt
+                .try_clone()
+                .map_err(|e| device_err("i8042")(e.to_string()))?;
+            let control = control.clone();
+            std::thread::Builder::new()
+                .name("reset".into())
+                .spawn(move || {
+                    // Blocks until the guest pulls the reset line or the machine is dropped.
+                    let _ = evt.read();
+                    control.stop(vcpu::ExitReason::GuestReset);
+                })
+                .map_err(BuildError::Thread)?
+        };
+        Ok(Machine {
+            vcpu_threads,
+            reset_watcher: Some(reset_watcher),
+            reset_evt: self.reset_evt,
+            control,
+            channel,
+            serial: self.serial,
+            i8042: self.i8042,
+            guest,
+            kvm: self.kvm,
+            vm: self.vm,
+            ram: self.ram,
+            num_vcpus,
+        })
+    }
 }
 
 enum Entry {
@@ -196,63 +328,33 @@ enum Entry {
     Linux(linux::KernelEntry),
 }
 
-/// The serial console on COM1 (interrupt through an irqfd) and the i8042.
-fn legacy_devices(
-    vm: &vm::Vm,
-    console: &ConsoleOutput,
-    reset_evt: &EventFd,
-) -> Result<Bus, BuildError> {
-    let serial_err = device_err("serial console");
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| serial_err(e.to_string()))?;
-    vm.register_irqfd(&irq, COM1_IRQ)?;
-    let out = console
-        .open()
-        .map_err(|e: SerialError| serial_err(e.to_string()))?;
-    let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialConsole::new(irq, out)));
-    let i8042_evt = reset_evt
-        .try_clone()
-        .map_err(|e| device_err("i8042")(e.to_string()))?;
-    let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(i8042_evt)));
-    let mut pio = Bus::new();
-    let bus_err = |e: BusError| device_err("port I/O bus")(e.to_string());
-    pio.insert(serial, u64::from(COM1_BASE), COM1_LEN)
-        .map_err(bus_err)?;
-    pio.insert(i8042, u64::from(I8042_BASE), I8042_LEN)
-        .map_err(bus_err)?;
-    Ok(pio)
-}
-
-fn create_vcpu(
-    vm: &vm::Vm,
+fn configure_vcpu(
+    fd: &VcpuFd,
     id: u8,
     num_vcpus: u8,
     supported: &kvm_bindings::CpuId,
     entry: &Entry,
-) -> Result<VcpuFd, BuildError> {
+) -> Result<(), BuildError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| BuildError::Vcpu {
         id,
         reason: format!("{what}: {e}"),
     };
-    let fd = vm
-        .fd()
-        .create_vcpu(u64::from(id))
-        .map_err(|e| fail("KVM_CREATE_VCPU", &e))?;
     fd.set_cpuid2(&cpuid::vcpu_cpuid(supported, id, num_vcpus))
         .map_err(|e| fail("KVM_SET_CPUID2", &e))?;
     match entry {
-        Entry::Builtin(entry) => builtin::setup_vcpu(&fd, id, *entry)?,
+        Entry::Builtin(entry) => builtin::setup_vcpu(fd, id, *entry)?,
         Entry::Linux(entry) => {
-            msrs::set_boot_msrs(&fd).map_err(|e| fail("boot MSRs", &e))?;
-            vcpu::set_lint(&fd).map_err(|e| fail("local APIC LINT pins", &e))?;
+            msrs::set_boot_msrs(fd).map_err(|e| fail("boot MSRs", &e))?;
+            vcpu::set_lint(fd).map_err(|e| fail("local APIC LINT pins", &e))?;
             if id == 0 {
-                linux::setup_linux_vcpu(&fd, entry)?;
+                linux::setup_linux_vcpu(fd, entry)?;
             }
         }
     }
-    Ok(fd)
+    Ok(())
 }
 
-/// A random value from the kernel (per-boot identity).
+/// A random value from the kernel (per-boot identity, VM generation).
 pub fn random_u64() -> u64 {
     let mut buf = [0u8; 8];
     // SAFETY: `buf` is a valid writable buffer of the given length.
@@ -261,7 +363,7 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(buf)
 }
 
-/// Builds the machine path for a kernel, for callers that take paths.
+/// The boot source for a Linux kernel, with the default command line when none is given.
 pub fn linux_boot(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: Option<String>) -> BootSource {
     BootSource::Linux(linux::LinuxBootConfig {
         kernel,

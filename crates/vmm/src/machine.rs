@@ -1,19 +1,26 @@
 //! A running microVM: its RAM, KVM VM, devices and vCPU threads, and the
 //! operations the control socket offers on it.
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use proto::control::{VmState, VmStatus, MAX_PEEK_BYTES};
+use proto::control::{RunState, VmStatus, MAX_PEEK_BYTES};
 use proto::guest::{GuestRequest, GuestResponse};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use kvm_ioctls::Kvm;
+
 use crate::boot::builtin::channel::{self, Channel};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialConsole;
+use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
 use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
+use crate::snapshot::{self, DeviceStates, GuestKind, SnapshotMeta, VmState};
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,6 +37,12 @@ pub enum Error {
     /// The guest is not one the VMM can talk to directly.
     #[error("this VM runs a Linux guest: talk to its agent over vsock instead")]
     NoChannel,
+    /// Capturing KVM state failed.
+    #[error("cannot capture the VM's state: {0}")]
+    State(#[from] StateError),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
     /// A peek out of bounds.
     #[error("cannot read {len} bytes of guest memory at {addr:#x}: {reason}")]
     Peek {
@@ -51,6 +64,10 @@ pub struct Machine {
     pub(crate) reset_evt: EventFd,
     pub(crate) control: Arc<RunControl>,
     pub(crate) channel: Option<Arc<Channel>>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) guest: GuestKind,
+    pub(crate) kvm: Arc<Kvm>,
     pub(crate) vm: Vm,
     pub(crate) ram: GuestRam,
     pub(crate) num_vcpus: u8,
@@ -96,11 +113,11 @@ impl Machine {
     pub fn status(&self) -> VmStatus {
         let exit_reason = self.control.exit_reason();
         let state = if exit_reason.is_some() {
-            VmState::Stopped
+            RunState::Stopped
         } else if self.control.is_paused() {
-            VmState::Paused
+            RunState::Paused
         } else {
-            VmState::Running
+            RunState::Running
         };
         VmStatus {
             state,
@@ -120,6 +137,44 @@ impl Machine {
     ) -> Result<GuestResponse, Error> {
         let ch = self.channel.as_ref().ok_or(Error::NoChannel)?;
         Ok(ch.request(request, timeout)?)
+    }
+
+    /// Writes a snapshot of the machine to `dir` (which must not exist):
+    /// pauses it if it is running, captures every vCPU (on its own thread),
+    /// the VM's interrupt controllers and clock, the devices and RAM, and
+    /// then returns it to running unless `leave_paused`.
+    pub fn snapshot(&self, dir: &Path, leave_paused: bool) -> Result<SnapshotMeta, Error> {
+        let was_running = !self.control.is_paused();
+        if was_running {
+            self.pause()?;
+        }
+        let result = self.write_snapshot(dir);
+        if was_running && !leave_paused {
+            self.resume()?;
+        }
+        result
+    }
+
+    fn write_snapshot(&self, dir: &Path) -> Result<SnapshotMeta, Error> {
+        let kvm = self.kvm.clone();
+        let vcpus = self
+            .control
+            .on_paused_vcpus(usize::from(self.num_vcpus), move |id, fd| {
+                state::save_vcpu(fd, id, state::saveable_msrs(&kvm, fd))
+            })?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = VmState {
+            mem_mib: self.ram.size() >> 20,
+            guest: self.guest,
+            vcpus,
+            vm: state::save_vm(self.vm.fd())?,
+            devices: DeviceStates {
+                serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            },
+        };
+        Ok(snapshot::write(dir, self.ram.memory(), &state)?)
     }
 
     /// Reads up to [`MAX_PEEK_BYTES`] of guest memory.

@@ -49,6 +49,11 @@ impl TestVm {
     /// Fails the test with the VMM's stderr if it exits early (for example
     /// when /dev/kvm is missing).
     pub fn start(args: &[&str]) -> TestVm {
+        Self::start_subcommand("run", args)
+    }
+
+    /// Starts `forkd-vmm <subcommand> <args> --control-socket ...` and connects.
+    pub fn start_subcommand(subcommand: &str, args: &[&str]) -> TestVm {
         assert!(
             Path::new("/dev/kvm").exists(),
             "this test needs /dev/kvm (a KVM host, run as root); it is missing here"
@@ -56,7 +61,7 @@ impl TestVm {
         let dir = TempDir::new("vm");
         let sock = dir.path().join("control.sock");
         let mut child = Command::new(vmm_bin())
-            .arg("run")
+            .arg(subcommand)
             .args(args)
             .arg("--control-socket")
             .arg(&sock)
@@ -183,4 +188,125 @@ pub fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A child started by `forkd-vmm fork`: not our child process, so it is
+/// reached by pid and control socket; killed on drop.
+pub struct ForkedVm {
+    pub pid: i32,
+    pub client: ControlClient,
+    pub dir: PathBuf,
+}
+
+impl ForkedVm {
+    pub fn call(&mut self, req: ControlRequest) -> ControlResponse {
+        match self.client.call(&req) {
+            Ok(r) => r,
+            Err(e) => {
+                let log = std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
+                panic!(
+                    "child {} control call {req:?} failed: {e}; vmm.log: {log}",
+                    self.pid
+                )
+            }
+        }
+    }
+
+    pub fn guest(&mut self, request: GuestRequest) -> GuestResponse {
+        match self.call(ControlRequest::Guest {
+            request,
+            timeout_ms: None,
+        }) {
+            ControlResponse::Guest { response } => response,
+            other => panic!("guest request failed: {other:?}"),
+        }
+    }
+
+    pub fn status(&mut self) -> VmStatus {
+        match self.call(ControlRequest::Status) {
+            ControlResponse::Status(s) => s,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    pub fn peek_u64(&mut self, addr: u64) -> u64 {
+        match self.call(ControlRequest::Peek { addr, len: 8 }) {
+            ControlResponse::Peek { hex } => u64::from_str_radix(
+                &hex.as_bytes()
+                    .chunks(2)
+                    .rev()
+                    .map(|c| std::str::from_utf8(c).unwrap())
+                    .collect::<String>(),
+                16,
+            )
+            .unwrap(),
+            other => panic!("peek failed: {other:?}"),
+        }
+    }
+
+    /// Shuts the child down and waits until its process is gone.
+    pub fn shutdown(mut self) {
+        assert_eq!(self.call(ControlRequest::Shutdown), ControlResponse::Ok);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(self.pid) {
+            assert!(Instant::now() < deadline, "child {} did not exit", self.pid);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for ForkedVm {
+    fn drop(&mut self) {
+        // SAFETY: sending SIGKILL to a pid we started; harmless if it is gone.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+}
+
+/// Runs `forkd-vmm fork` and connects to every child it reports.
+pub fn fork_children(snapshot: &Path, n: u32, out: &Path, extra: &[&str]) -> Vec<ForkedVm> {
+    let output = Command::new(vmm_bin())
+        .args(["fork", "--snapshot"])
+        .arg(snapshot)
+        .args(["-n", &n.to_string(), "--out-dir"])
+        .arg(out)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn forkd-vmm fork");
+    assert!(
+        output.status.success(),
+        "forkd-vmm fork failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), n as usize);
+    lines
+        .into_iter()
+        .map(|l| {
+            let sock = PathBuf::from(l["control_socket"].as_str().unwrap());
+            let client =
+                ControlClient::connect(&sock, Duration::from_secs(30)).expect("connect to child");
+            ForkedVm {
+                pid: l["pid"].as_i64().unwrap() as i32,
+                client,
+                dir: PathBuf::from(l["dir"].as_str().unwrap()),
+            }
+        })
+        .collect()
+}
+
+/// Whether `pid` is running (a zombie waiting for its reaper counts as gone:
+/// children of `forkd-vmm fork` are reparented once the fork command exits).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| {
+            !rest.starts_with('Z') && !rest.starts_with('X')
+        }),
+        Err(_) => false,
+    }
 }

@@ -104,11 +104,15 @@ pub struct RunControl {
 }
 
 impl RunControl {
-    /// A run control for a VM whose vCPUs may block in `channel`'s ports.
-    pub fn new(channel: Option<Arc<Channel>>) -> Self {
+    /// A run control for a VM whose vCPUs may block in `channel`'s ports;
+    /// its vCPUs park before their first instruction when `paused`.
+    pub fn new(channel: Option<Arc<Channel>>, paused: bool) -> Self {
         install_kick_handler();
+        if let (Some(ch), true) = (&channel, paused) {
+            ch.set_interrupted(true);
+        }
         RunControl {
-            wanted: AtomicU8::new(WANT_RUN),
+            wanted: AtomicU8::new(if paused { WANT_PAUSE } else { WANT_RUN }),
             shared: Mutex::new(Shared::default()),
             changed: Condvar::new(),
             channel,
@@ -221,11 +225,13 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// Blocks until `n` vCPU threads have registered (or the VM stopped), so
-    /// a pause issued after this reaches every vCPU.
+    /// Blocks until `n` vCPU threads have registered (and, when the VM
+    /// starts paused, parked), or the VM stopped, so a pause or a paused
+    /// task issued after this reaches every vCPU.
     pub fn wait_until_started(&self, n: usize) {
         let mut shared = self.lock();
-        while shared.alive < n && shared.exit_reason.is_none() {
+        let paused = self.wanted.load(Ordering::SeqCst) == WANT_PAUSE;
+        while (shared.alive < n || (paused && shared.paused < n)) && shared.exit_reason.is_none() {
             shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
         }
     }

@@ -26,6 +26,9 @@ pub const INFO_LOW_RAM_END: u64 = 0x08;
 pub const INFO_HIGH_RAM_SIZE: u64 = 0x10;
 pub const INFO_NUM_VCPUS: u64 = 0x18;
 pub const INFO_BOOT_ID: u64 = 0x20;
+/// VM generation: a fresh random value at boot and at every restore, so a
+/// restored child can tell it is a new copy (the built-in guest's vmgenid).
+pub const INFO_VM_GENERATION: u64 = 0x28;
 /// The running counter, on its own cache line.
 pub const INFO_COUNTER: u64 = 0x40;
 /// Value of the magic field: "FORKDBI1" little-endian.
@@ -65,6 +68,7 @@ pub const PORT_PARK: u64 = 0x6f3;
 
 /// Operations.
 pub const OP_PING: u64 = 1;
+/// results: boot id, VM generation.
 pub const OP_IDENTITY: u64 = 2;
 /// args: seed, sequence number, MiB, offset in MiB. results: bytes written.
 pub const OP_FILL: u64 = 3;

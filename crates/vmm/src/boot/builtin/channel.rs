@@ -273,7 +273,10 @@ fn decode(
             guest: text,
             vcpus: r[0],
         },
-        GuestRequest::Identity => GuestResponse::Identity { boot_id: r[0] },
+        GuestRequest::Identity => GuestResponse::Identity {
+            boot_id: r[0],
+            generation: r[1],
+        },
         GuestRequest::Fill { .. } => GuestResponse::Filled { bytes: r[0] },
         GuestRequest::Verify { .. } => GuestResponse::Verified {
             bad_words: r[0],

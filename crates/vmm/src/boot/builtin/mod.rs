@@ -105,10 +105,21 @@ pub fn load(
     mem.write_obj(high, info(abi::INFO_HIGH_RAM_SIZE))?;
     mem.write_obj(u64::from(num_vcpus), info(abi::INFO_NUM_VCPUS))?;
     mem.write_obj(boot_id, info(abi::INFO_BOOT_ID))?;
+    set_generation(mem, boot_id)?;
     mem.write_obj(0u64, info(abi::INFO_COUNTER))?;
     Ok(Entry {
         rip: loaded.kernel_load.0,
     })
+}
+
+/// Gives the guest a new VM generation value (at boot, and in every
+/// restored child before its vCPUs run).
+pub fn set_generation(mem: &GuestMemoryMmap, generation: u64) -> Result<(), Error> {
+    mem.write_obj(
+        generation,
+        GuestAddress(abi::INFO_ADDR + abi::INFO_VM_GENERATION),
+    )?;
+    Ok(())
 }
 
 /// Puts vCPU `id` at the program's entry in 64-bit user mode with its own

@@ -1,0 +1,294 @@
+//! Host tests: snapshot, restore and fork with the built-in guest.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{fork_children, run_to_exit, TempDir, TestVm};
+use proto::control::{ControlRequest, ControlResponse, RunState};
+use proto::guest::{GuestRequest, GuestResponse};
+use vmm::boot::builtin::{abi, pattern_word};
+
+const COUNTER: u64 = abi::INFO_ADDR + abi::INFO_COUNTER;
+
+fn identity(r: GuestResponse) -> (u64, u64) {
+    match r {
+        GuestResponse::Identity {
+            boot_id,
+            generation,
+        } => (boot_id, generation),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn verified(r: GuestResponse) -> u64 {
+    match r {
+        GuestResponse::Verified { bad_words, .. } => bad_words,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Boots a guest, fills 16 MiB with (seed 5, seq 1), starts its counter
+/// when `counter` (then children spin: keep it off for many children),
+/// pauses it and snapshots it to `dir`. Returns the parent's counter at the
+/// pause and its identity.
+fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) {
+    let mut vm = TestVm::start(&["--builtin", "--mem-mib", mem_mib, "--console", "none"]);
+    vm.guest(GuestRequest::Fill {
+        seed: 5,
+        seq: 1,
+        mib: 16,
+        offset_mib: 0,
+    });
+    let id = identity(vm.guest(GuestRequest::Identity));
+    if counter {
+        vm.guest(GuestRequest::CounterStart);
+        wait_for_counter_above(|| vm.peek_u64(COUNTER), 0);
+    }
+    assert_eq!(vm.call(ControlRequest::Pause), ControlResponse::Ok);
+    let counter = vm.peek_u64(COUNTER);
+    match vm.call(ControlRequest::Snapshot {
+        dir: dir.to_owned(),
+        leave_paused: true,
+    }) {
+        ControlResponse::Snapshot { meta } => {
+            assert_eq!(meta["status"], "ready");
+            assert_eq!(meta["guest"], "builtin");
+            assert!(meta["memory_data_bytes"].as_u64().unwrap() >= 16 << 20);
+        }
+        other => panic!("snapshot failed: {other:?}"),
+    }
+    // Left paused as asked: the counter has not moved.
+    assert_eq!(vm.status().state, RunState::Paused);
+    assert_eq!(vm.peek_u64(COUNTER), counter);
+    assert_eq!(vm.call(ControlRequest::Resume), ControlResponse::Ok);
+    assert!(matches!(
+        vm.guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    vm.shutdown();
+    (counter, id)
+}
+
+/// Waits (up to 10 s: the machine may be busy) for the guest's counter to
+/// pass `above`.
+fn wait_for_counter_above(mut read: impl FnMut() -> u64, above: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read() <= above {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter stayed at {above}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_child_continues_exactly_where_the_parent_paused() {
+    let tmp = TempDir::new("snap-continue");
+    let snap = tmp.path().join("snap");
+    let (counter, (boot_id, parent_gen)) = make_snapshot(&snap, "64", true);
+    let mut kids = fork_children(&snap, 2, &tmp.path().join("kids"), &["--paused"]);
+    let mut generations = vec![parent_gen];
+    for kid in &mut kids {
+        assert_eq!(kid.status().state, RunState::Paused);
+        assert_eq!(kid.status().memory_backend, "file");
+        assert_eq!(
+            kid.peek_u64(COUNTER),
+            counter,
+            "a paused child holds the counter of the pause instant"
+        );
+        assert_eq!(kid.call(ControlRequest::Resume), ControlResponse::Ok);
+        // The guest was mid-loop with its counter running: it carries on.
+        wait_for_counter_above(|| kid.peek_u64(COUNTER), counter);
+        let (kid_boot, kid_gen) = identity(kid.guest(GuestRequest::Identity));
+        assert_eq!(
+            kid_boot, boot_id,
+            "memory (and the boot id in it) is inherited"
+        );
+        generations.push(kid_gen);
+        assert_eq!(
+            verified(kid.guest(GuestRequest::Verify {
+                seed: 5,
+                seq: 1,
+                mib: 16,
+                offset_mib: 0
+            })),
+            0
+        );
+    }
+    generations.sort();
+    generations.dedup();
+    assert_eq!(
+        generations.len(),
+        3,
+        "every restore gets a new VM generation"
+    );
+    for kid in kids {
+        kid.shutdown();
+    }
+}
+
+#[test]
+fn children_write_privately() {
+    let tmp = TempDir::new("snap-private");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, "32", false);
+    let memory = snap.join("memory");
+    let before = std::fs::read(&memory).unwrap();
+    let mut kids = fork_children(&snap, 2, &tmp.path().join("kids"), &[]);
+    let (a, b) = kids.split_at_mut(1);
+    let (a, b) = (&mut a[0], &mut b[0]);
+    a.guest(GuestRequest::Fill {
+        seed: 5,
+        seq: 2,
+        mib: 16,
+        offset_mib: 0,
+    });
+    assert_eq!(
+        verified(a.guest(GuestRequest::Verify {
+            seed: 5,
+            seq: 2,
+            mib: 16,
+            offset_mib: 0
+        })),
+        0
+    );
+    // The sibling still sees the snapshot's pattern, and so does the file.
+    assert_eq!(
+        verified(b.guest(GuestRequest::Verify {
+            seed: 5,
+            seq: 1,
+            mib: 16,
+            offset_mib: 0
+        })),
+        0
+    );
+    let addr = abi::SCRATCH_START + 4096;
+    assert_eq!(b.peek_u64(addr), pattern_word(5, 1, addr));
+    assert_eq!(a.peek_u64(addr), pattern_word(5, 2, addr));
+    assert!(
+        std::fs::read(&memory).unwrap() == before,
+        "the snapshot's memory file changed"
+    );
+    for kid in kids {
+        kid.shutdown();
+    }
+}
+
+#[test]
+fn a_hundred_children_of_one_snapshot_all_answer_ping() {
+    let tmp = TempDir::new("snap-hundred");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, "32", false);
+    let mut kids = fork_children(&snap, 100, &tmp.path().join("kids"), &[]);
+    let mut pids: Vec<i32> = kids.iter().map(|k| k.pid).collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 100);
+    for kid in &mut kids {
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+    }
+    for kid in kids {
+        kid.shutdown();
+    }
+}
+
+#[test]
+fn restore_subcommand_runs_one_child() {
+    let tmp = TempDir::new("snap-restore");
+    let snap = tmp.path().join("snap");
+    let (counter, _) = make_snapshot(&snap, "32", true);
+    let snap_arg = snap.to_str().unwrap();
+    let mut vm = TestVm::start_subcommand(
+        "restore",
+        &["--snapshot", snap_arg, "--console", "none", "--paused"],
+    );
+    assert_eq!(vm.status().state, RunState::Paused);
+    assert_eq!(vm.peek_u64(COUNTER), counter);
+    assert_eq!(vm.call(ControlRequest::Resume), ControlResponse::Ok);
+    assert!(matches!(
+        vm.guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    vm.shutdown();
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_a_reason() {
+    let tmp = TempDir::new("snap-damaged");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, "32", false);
+    let copy = |name: &str| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["vmstate", "memory", "snapshot.json"] {
+            std::fs::copy(snap.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    // A flipped byte in the vmstate.
+    let corrupt = copy("corrupt");
+    let mut bytes = std::fs::read(corrupt.join("vmstate")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(corrupt.join("vmstate"), bytes).unwrap();
+    // A truncated memory file.
+    let truncated = copy("truncated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("memory"))
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    // A snapshot still being written.
+    let writing = copy("writing");
+    let meta = std::fs::read_to_string(writing.join("snapshot.json")).unwrap();
+    std::fs::write(
+        writing.join("snapshot.json"),
+        meta.replace("\"ready\"", "\"writing\""),
+    )
+    .unwrap();
+    let missing = tmp.path().join("missing");
+    let out = tmp.path().join("out");
+    for (dir, expect) in [
+        (&corrupt, "corrupt"),
+        (&truncated, "truncated"),
+        (&writing, "not ready"),
+        (&missing, "snapshot.json"),
+    ] {
+        let d = dir.to_str().unwrap();
+        let (code, err) = run_to_exit(&["restore", "--snapshot", d, "--console", "none"]);
+        assert_eq!(code, Some(2), "{d}: {err}");
+        assert!(err.contains(expect), "{d}: expected {expect:?} in {err:?}");
+        let (code, err) = run_to_exit(&[
+            "fork",
+            "--snapshot",
+            d,
+            "-n",
+            "2",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(2), "{d}: {err}");
+        assert!(
+            err.contains(expect),
+            "fork {d}: expected {expect:?} in {err:?}"
+        );
+    }
+    let (code, err) = run_to_exit(&[
+        "fork",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "-n",
+        "0",
+        "--out-dir",
+        "/tmp/x",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("out of range"), "{err}");
+}

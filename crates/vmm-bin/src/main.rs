@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmm::builder::{self, BootSource, MachineConfig};
 use vmm::devices::serial::ConsoleOutput;
+use vmm::devices::virtio::block::{BlockConfig, DiskConfig};
+use vmm::devices::virtio::manager::{VirtioConfig, VsockConfig};
+use vmm::devices::virtio::net::{parse_mac, NetConfig};
 use vmm::kvm::vcpu::ExitReason;
 use vmm::memory::Backend;
 
@@ -22,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a microVM: a Linux kernel, or the built-in guest.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Restore one microVM from a snapshot directory.
     Restore(RestoreArgs),
     /// Start N children of a snapshot: the snapshot is read and checked
@@ -77,6 +80,91 @@ struct RunArgs {
     /// Unix socket to serve the control protocol on (created; removed on exit).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// A virtio block drive: `PATH[,ro][,cow=LAYER][,id=SERIAL]`. PATH is a
+    /// raw image; with a CoW layer it is read-only and writes go to the
+    /// layer (created if missing); without one, writes go to PATH unless
+    /// `ro`. Repeat for more drives.
+    #[arg(long = "drive", value_name = "PATH[,ro][,cow=LAYER][,id=SERIAL]")]
+    drives: Vec<String>,
+    /// The first drive's copy-on-write layer (same as `cow=` in --drive).
+    #[arg(long, requires = "drives")]
+    cow_layer: Option<PathBuf>,
+    /// A virtio-vsock device whose host side listens on this Unix socket
+    /// (connect and send `CONNECT <port>\n`; guest connections to host
+    /// port P go to `<PATH>_<P>`).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3, requires = "vsock_uds")]
+    vsock_cid: u64,
+    /// A virtio-net device on this tap device (created if missing).
+    #[arg(long, requires = "mac")]
+    tap: Option<String>,
+    /// The guest's MAC address, `aa:bb:cc:dd:ee:ff`.
+    #[arg(long, requires = "tap")]
+    mac: Option<String>,
+    /// Network namespace (under /var/run/netns) to create the tap in.
+    #[arg(long, requires = "tap")]
+    netns: Option<String>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+}
+
+/// The virtio devices `args` asks for.
+fn virtio_config(args: &RunArgs) -> Result<VirtioConfig, String> {
+    let mut cfg = VirtioConfig {
+        rng: args.rng,
+        ..Default::default()
+    };
+    for (i, spec) in args.drives.iter().enumerate() {
+        let mut parts = spec.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
+            format!("--drive {spec:?}: give the image path first, e.g. --drive disk.img,ro")
+        })?;
+        let mut drive = BlockConfig {
+            disk: DiskConfig {
+                base: Some(PathBuf::from(path)),
+                ..Default::default()
+            },
+            id: format!("forkd{i}"),
+        };
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => drive.disk.read_only = true,
+                Some(("cow", p)) => drive.disk.cow = Some(PathBuf::from(p)),
+                Some(("id", id)) => drive.id = id.to_owned(),
+                _ => {
+                    return Err(format!(
+                        "--drive {spec:?}: unknown option {opt:?} (known: ro, cow=PATH, id=SERIAL)"
+                    ))
+                }
+            }
+        }
+        if i == 0 {
+            if let Some(layer) = &args.cow_layer {
+                drive.disk.cow = Some(layer.clone());
+            }
+        }
+        cfg.drives.push(drive);
+    }
+    if let Some(uds) = &args.vsock_uds {
+        cfg.vsock = Some(VsockConfig {
+            uds_path: uds.clone(),
+            cid: args.vsock_cid,
+        });
+    }
+    if let (Some(tap), Some(mac)) = (&args.tap, &args.mac) {
+        let mac = parse_mac(mac).ok_or_else(|| {
+            format!("--mac {mac:?}: write it as six hex pairs, aa:bb:cc:dd:ee:ff")
+        })?;
+        cfg.nets.push(NetConfig {
+            tap: tap.clone(),
+            netns: args.netns.clone(),
+            mac,
+        });
+    }
+    Ok(cfg)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -90,7 +178,7 @@ enum MemoryBackend {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Restore(args) => restore(args),
         Command::Fork(args) => fork::fork(args),
     };
@@ -161,6 +249,7 @@ fn serve_until_exit(
 
 fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let console = console_output(&args.console);
+    let virtio = virtio_config(&args)?;
     let boot = match args.kernel {
         Some(kernel) => builder::linux_boot(kernel, args.initrd, args.cmdline),
         None => BootSource::Builtin,
@@ -174,6 +263,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         },
         boot,
         console,
+        virtio,
     };
     // Bind before booting so a client can connect as soon as the socket exists.
     let listener = args

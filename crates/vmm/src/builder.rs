@@ -19,6 +19,7 @@ use crate::boot::{layout, linux};
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{ConsoleOutput, SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::manager::{VirtioConfig, VirtioDevices};
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{self, RunControl, VcpuIo};
 use crate::kvm::{cpuid, msrs, vm};
@@ -48,6 +49,9 @@ pub struct MachineConfig {
     pub boot: BootSource,
     /// Where the serial console goes.
     pub console: ConsoleOutput,
+    /// Virtio devices (on the MMIO bus; a Linux guest is told of them on
+    /// its command line).
+    pub virtio: VirtioConfig,
 }
 
 impl MachineConfig {
@@ -59,6 +63,7 @@ impl MachineConfig {
             backend: Backend::Anonymous,
             boot: BootSource::Builtin,
             console: ConsoleOutput::Sink,
+            virtio: VirtioConfig::default(),
         }
     }
 }
@@ -134,7 +139,14 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         });
     }
     let ram = GuestRam::new(cfg.mem_mib, cfg.backend.clone())?;
-    let parts = Parts::new(kvm, ram, &cfg.console, None)?;
+    let mut parts = Parts::new(kvm, ram, &cfg.console, None)?;
+    let virtio = VirtioDevices::attach(
+        &cfg.virtio,
+        Some(&parts.vm),
+        parts.ram.memory(),
+        &mut parts.mmio,
+    )
+    .map_err(|e| device_err("virtio devices")(e.to_string()))?;
 
     let mem = parts.ram.memory();
     let (guest, entry) = match &cfg.boot {
@@ -142,10 +154,17 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
             let entry = builtin::load(mem, parts.ram.size(), cfg.vcpus, random_u64())?;
             (GuestKind::Builtin, Entry::Builtin(entry))
         }
-        BootSource::Linux(linux_cfg) => (
-            GuestKind::Linux,
-            Entry::Linux(linux::load_linux(mem, linux_cfg, cfg.vcpus)?),
-        ),
+        BootSource::Linux(linux_cfg) => {
+            let mut linux_cfg = linux_cfg.clone();
+            let fragments = virtio.cmdline();
+            if !fragments.is_empty() {
+                linux_cfg.cmdline = format!("{} {fragments}", linux_cfg.cmdline);
+            }
+            (
+                GuestKind::Linux,
+                Entry::Linux(linux::load_linux(mem, &linux_cfg, cfg.vcpus)?),
+            )
+        }
     };
     let supported = parts
         .kvm
@@ -193,6 +212,8 @@ struct Parts {
     ram: GuestRam,
     vm: vm::Vm,
     pio: Bus,
+    /// The MMIO bus (virtio devices).
+    mmio: Bus,
     serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
     reset_evt: EventFd,
@@ -248,6 +269,7 @@ impl Parts {
             ram,
             vm,
             pio,
+            mmio: Bus::new(),
             serial,
             i8042,
             reset_evt,
@@ -277,7 +299,7 @@ impl Parts {
         let control = Arc::new(RunControl::new(channel.clone(), paused));
         let io = VcpuIo {
             pio: Arc::new(self.pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(self.mmio),
             channel: channel.clone(),
         };
         let num_vcpus = vcpus.len() as u8;

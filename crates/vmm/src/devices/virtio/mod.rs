@@ -12,7 +12,11 @@
 //! - One folder per device, each with the same rooms: `device.rs` (the
 //!   device model: features, config space, queue processing) and
 //!   `persist.rs` (its snapshot state, a plain serde struct, with `save` and
-//!   `restore`), plus what only that device needs.
+//!   `restore`), plus what only that device needs (`block::layers`,
+//!   `net::tap`, `vsock::packet`).
+//! - [`manager`]: attaches a VM's devices (windows, interrupt lines, irqfds
+//!   and ioeventfds, the kernel command line) and saves, restores and
+//!   freezes them together.
 //!
 //! Threading: a device is a plain state machine behind a mutex. Once the
 //! driver sets DRIVER_OK, the transport starts one worker thread per device
@@ -24,6 +28,7 @@
 //! takes the same mutex, so it never sees a half-processed request.
 
 pub mod block;
+pub mod manager;
 pub mod mmio;
 pub mod net;
 pub mod persist;

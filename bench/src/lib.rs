@@ -53,10 +53,28 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A bare VM kept alive for as long as this value lives.
+pub struct BareVm {
+    _vcpu: kvm_ioctls::VcpuFd,
+    _vm: kvm_ioctls::VmFd,
+    host: *mut libc::c_void,
+    len: usize,
+}
+
+impl Drop for BareVm {
+    fn drop(&mut self) {
+        // SAFETY: `host` is the mapping made for this VM; the VM and vCPU
+        // fields are dropped after this body runs, but KVM holds no access
+        // to the memory once userspace unmaps it, and nothing runs the vCPU.
+        unsafe { libc::munmap(self.host, self.len) };
+    }
+}
+
 /// The bare-KVM floor of starting one VM: create the VM, map and register
 /// `mem_bytes` of private anonymous memory, create the irqchip and one
-/// vCPU, and get and set its registers. Nothing a VMM could skip.
-pub fn bare_kvm_vm(kvm: &Kvm, mem_bytes: usize) -> Duration {
+/// vCPU, and get and set its registers. Nothing a VMM could skip. Returns
+/// the time it took and the VM (alive until dropped).
+pub fn bare_kvm_vm(kvm: &Kvm, mem_bytes: usize) -> (Duration, BareVm) {
     let start = Instant::now();
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     // SAFETY: anonymous private mapping with no address hint; checked below.
@@ -86,9 +104,13 @@ pub fn bare_kvm_vm(kvm: &Kvm, mem_bytes: usize) -> Duration {
     regs.rip = 0x1000;
     vcpu.set_regs(&regs).expect("KVM_SET_REGS");
     let elapsed = start.elapsed();
-    drop(vcpu);
-    drop(vm);
-    // SAFETY: `host` is the mapping created above and the VM using it is gone.
-    unsafe { libc::munmap(host, mem_bytes) };
-    elapsed
+    (
+        elapsed,
+        BareVm {
+            _vcpu: vcpu,
+            _vm: vm,
+            host,
+            len: mem_bytes,
+        },
+    )
 }

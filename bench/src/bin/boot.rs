@@ -48,7 +48,7 @@ fn main() {
     let mut boot = Vec::new();
     // Interleave so both see the same machine load.
     for _ in 0..args.runs {
-        floor.push(bare_kvm_vm(&kvm, (args.mem_mib as usize) << 20));
+        floor.push(bare_kvm_vm(&kvm, (args.mem_mib as usize) << 20).0);
         boot.push(boot_to_answer(&vmm, &dir, args.mem_mib));
     }
     let (f, b) = (Stats::of(&floor), Stats::of(&boot));

@@ -139,7 +139,11 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         });
     }
     let ram = GuestRam::new(cfg.mem_mib, cfg.backend.clone())?;
-    let mut parts = Parts::new(kvm, ram, &cfg.console, None)?;
+    let guest = match cfg.boot {
+        BootSource::Builtin => GuestKind::Builtin,
+        BootSource::Linux(_) => GuestKind::Linux,
+    };
+    let mut parts = Parts::new(kvm, ram, guest, &cfg.console, None)?;
     let virtio = VirtioDevices::attach(
         &cfg.virtio,
         Some(&parts.vm),
@@ -149,21 +153,20 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
     .map_err(|e| device_err("virtio devices")(e.to_string()))?;
 
     let mem = parts.ram.memory();
-    let (guest, entry) = match &cfg.boot {
-        BootSource::Builtin => {
-            let entry = builtin::load(mem, parts.ram.size(), cfg.vcpus, random_u64())?;
-            (GuestKind::Builtin, Entry::Builtin(entry))
-        }
+    let entry = match &cfg.boot {
+        BootSource::Builtin => Entry::Builtin(builtin::load(
+            mem,
+            parts.ram.size(),
+            cfg.vcpus,
+            random_u64(),
+        )?),
         BootSource::Linux(linux_cfg) => {
             let mut linux_cfg = linux_cfg.clone();
             let fragments = virtio.cmdline();
             if !fragments.is_empty() {
                 linux_cfg.cmdline = format!("{} {fragments}", linux_cfg.cmdline);
             }
-            (
-                GuestKind::Linux,
-                Entry::Linux(linux::load_linux(mem, &linux_cfg, cfg.vcpus)?),
-            )
+            Entry::Linux(linux::load_linux(mem, &linux_cfg, cfg.vcpus)?)
         }
     };
     let supported = parts
@@ -192,7 +195,7 @@ pub fn build_from_snapshot(
     let state = &snapshot.state;
     let kvm = vm::open_kvm()?;
     let ram = GuestRam::new(state.mem_mib, Backend::File(snapshot.memory_path()))?;
-    let parts = Parts::new(kvm, ram, &cfg.console, Some(&state.devices))?;
+    let parts = Parts::new(kvm, ram, state.guest, &cfg.console, Some(&state.devices))?;
     if state.guest == GuestKind::Builtin {
         builtin::set_generation(parts.ram.memory(), random_u64())?;
     }
@@ -226,10 +229,11 @@ impl Parts {
     fn new(
         kvm: Kvm,
         ram: GuestRam,
+        guest: GuestKind,
         console: &ConsoleOutput,
         saved: Option<&DeviceStates>,
     ) -> Result<Self, BuildError> {
-        let vm = vm::Vm::new(&kvm, &ram)?;
+        let vm = vm::Vm::new(&kvm, &ram, guest.needs_pit())?;
         let serial_err = device_err("serial console");
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| serial_err(e.to_string()))?;
         vm.register_irqfd(&irq, COM1_IRQ)?;

@@ -168,7 +168,7 @@ impl Machine {
             mem_mib: self.ram.size() >> 20,
             guest: self.guest,
             vcpus,
-            vm: state::save_vm(self.vm.fd())?,
+            vm: state::save_vm(self.vm.fd(), self.guest.needs_pit())?,
             devices: DeviceStates {
                 serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
                 i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),

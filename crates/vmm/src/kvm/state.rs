@@ -81,8 +81,8 @@ pub struct VcpuState {
 pub struct VmKvmState {
     /// PIC master, PIC slave, IOAPIC, in that order.
     pub irqchips: Vec<kvm_irqchip>,
-    /// The PIT.
-    pub pit: kvm_pit_state2,
+    /// The PIT, when the VM has one.
+    pub pit: Option<kvm_pit_state2>,
     /// kvmclock.
     pub clock: kvm_clock_data,
 }
@@ -254,8 +254,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> 
     Ok(())
 }
 
-/// Captures the VM-wide state. All vCPUs must be paused.
-pub fn save_vm(vm: &VmFd) -> Result<VmKvmState, StateError> {
+/// Captures the VM-wide state (the PIT's when `with_pit`). All vCPUs must be paused.
+pub fn save_vm(vm: &VmFd, with_pit: bool) -> Result<VmKvmState, StateError> {
     let mut irqchips = Vec::with_capacity(3);
     for chip_id in [
         KVM_IRQCHIP_PIC_MASTER,
@@ -272,7 +272,11 @@ pub fn save_vm(vm: &VmFd) -> Result<VmKvmState, StateError> {
     }
     Ok(VmKvmState {
         irqchips,
-        pit: vm.get_pit2().map_err(vm_err("read the PIT"))?,
+        pit: if with_pit {
+            Some(vm.get_pit2().map_err(vm_err("read the PIT"))?)
+        } else {
+            None
+        },
         clock: vm.get_clock().map_err(vm_err("read kvmclock"))?,
     })
 }
@@ -282,7 +286,9 @@ pub fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<(), StateError> {
     for chip in &state.irqchips {
         vm.set_irqchip(chip).map_err(vm_err("set the irqchip"))?;
     }
-    vm.set_pit2(&state.pit).map_err(vm_err("set the PIT"))?;
+    if let Some(pit) = &state.pit {
+        vm.set_pit2(pit).map_err(vm_err("set the PIT"))?;
+    }
     let clock = kvm_clock_data {
         clock: state.clock.clock,
         // Only the value is restored: flags such as KVM_CLOCK_TSC_STABLE
@@ -318,7 +324,7 @@ mod tests {
         let msrs = saveable_msrs(&kvm, &vcpu);
         assert!(!msrs.is_empty(), "KVM lists no saveable MSRs");
         let state = save_vcpu(&vcpu, 0, msrs).unwrap();
-        let vm_state = save_vm(&vm).unwrap();
+        let vm_state = save_vm(&vm, true).unwrap();
         assert_eq!(vm_state.irqchips.len(), 3);
 
         // Through the wire format and into a fresh VM.

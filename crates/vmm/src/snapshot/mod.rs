@@ -50,6 +50,14 @@ pub enum GuestKind {
     Linux,
 }
 
+impl GuestKind {
+    /// Whether the VM gets an in-kernel PIT: Linux calibrates with it, the
+    /// built-in guest never programs a timer.
+    pub fn needs_pit(self) -> bool {
+        self == GuestKind::Linux
+    }
+}
+
 /// State of the legacy devices.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeviceStates {

@@ -29,7 +29,8 @@ pub struct ForkArgs {
     #[arg(short = 'n', long = "count", default_value_t = 1)]
     count: u32,
     /// Directory for the children: child i gets `<out-dir>/<i>/` with its
-    /// `control.sock`, `vmm.log` (its stderr) and `console.log`.
+    /// `control.sock`, `vmm.log` (its stderr), `console.log`, a
+    /// `disk<j>.cow` layer per drive and `vsock.sock` when the snapshot has them.
     #[arg(long)]
     out_dir: PathBuf,
     /// Keep each child's serial console in `console.log` (default: discard).
@@ -55,6 +56,12 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         );
     }
     let snapshot = PreparedSnapshot::load(&args.snapshot)?;
+    let has_vsock = snapshot.state.devices.virtio.iter().any(|d| {
+        matches!(
+            d.device,
+            vmm::devices::virtio::manager::DeviceState::Vsock(_)
+        )
+    });
     std::fs::create_dir_all(&args.out_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
     use std::io::Write;
@@ -67,6 +74,11 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         // Bound here, before the fork: the socket exists when this command
         // returns, and early clients wait in its backlog.
         let listener = crate::control::bind(&socket)?;
+        // The child's own disk layers and vsock socket, when the snapshot has drives / vsock.
+        let drive_layers: Vec<PathBuf> = (0..snapshot.meta.disks.len())
+            .map(|j| dir.join(format!("disk{j}.cow")))
+            .collect();
+        let vsock = has_vsock.then(|| dir.join("vsock.sock"));
         let console = if args.console_log {
             ConsoleOutput::File(dir.join("console.log"))
         } else {
@@ -82,6 +94,8 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 let cfg = RestoreConfig {
                     console,
                     paused: args.paused,
+                    drive_layers: drive_layers.clone(),
+                    vsock_uds: vsock.clone(),
                 };
                 let code = child(&snapshot, &dir, listener, &socket, &cfg);
                 std::process::exit(code);
@@ -93,6 +107,7 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     "pid": pid,
                     "dir": dir,
                     "control_socket": socket,
+                    "vsock_socket": vsock,
                 });
                 writeln!(stdout, "{line}")?;
             }

@@ -49,6 +49,13 @@ struct RestoreArgs {
     /// Start paused: vCPUs wait for `resume` on the control socket.
     #[arg(long)]
     paused: bool,
+    /// This VM's own copy-on-write layer for each of the snapshot's
+    /// drives, in order (repeat the flag; created, must not exist).
+    #[arg(long = "cow-layer")]
+    cow_layers: Vec<PathBuf>,
+    /// This VM's vsock socket (needed when the snapshot has a vsock device).
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -205,6 +212,8 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = builder::RestoreConfig {
         console: console_output(&args.console),
         paused: args.paused,
+        drive_layers: args.cow_layers,
+        vsock_uds: args.vsock_uds,
     };
     let listener = args
         .control_socket

@@ -292,3 +292,99 @@ fn damaged_snapshots_are_refused_with_a_reason() {
     assert_eq!(code, Some(2));
     assert!(err.contains("out of range"), "{err}");
 }
+
+#[test]
+fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
+    let tmp = TempDir::new("snap-disks");
+    let base = tmp.path().join("base.img");
+    let pattern: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&base, &pattern).unwrap();
+    let cow = tmp.path().join("parent.cow");
+    let drive = format!("{},cow={},id=root", base.display(), cow.display());
+    let vsock = tmp.path().join("parent.vsock");
+    let mut vm = TestVm::start(&[
+        "--builtin",
+        "--mem-mib",
+        "32",
+        "--console",
+        "none",
+        "--rng",
+        "--drive",
+        &drive,
+        "--vsock-uds",
+        vsock.to_str().unwrap(),
+    ]);
+    let snap = tmp.path().join("snap");
+    let meta = match vm.call(ControlRequest::Snapshot {
+        dir: snap.clone(),
+        leave_paused: false,
+    }) {
+        ControlResponse::Snapshot { meta } => meta,
+        other => panic!("{other:?}"),
+    };
+    // The parent's layer is now the snapshot's (linked in), and the parent
+    // runs on a fresh layer beside it.
+    assert_eq!(meta["disks"][0]["layers"][0], "disk0.layer");
+    assert_eq!(meta["disks"][0]["base"], base.to_str().unwrap());
+    let frozen = std::fs::read(snap.join("disk0.layer")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&cow).unwrap().ino(),
+        std::fs::metadata(snap.join("disk0.layer")).unwrap().ino()
+    );
+    let parent_layers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("parent.") && n.ends_with(".layer"))
+        .collect();
+    assert_eq!(
+        parent_layers.len(),
+        1,
+        "the parent continues on one new layer: {parent_layers:?}"
+    );
+    assert!(matches!(
+        vm.guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    vm.shutdown();
+
+    let mut kids = fork_children(&snap, 2, &tmp.path().join("kids"), &[]);
+    for kid in &mut kids {
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+        assert!(
+            kid.dir.join("disk0.cow").exists(),
+            "each child has its own layer"
+        );
+        assert!(
+            kid.dir.join("vsock.sock").exists(),
+            "each child has its own vsock socket"
+        );
+    }
+    for kid in kids {
+        kid.shutdown();
+    }
+    assert_eq!(
+        std::fs::read(snap.join("disk0.layer")).unwrap(),
+        frozen,
+        "a frozen layer never changes"
+    );
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        pattern,
+        "the base image never changes"
+    );
+
+    // A restore without the layers the snapshot's drives need is refused.
+    let (code, err) = run_to_exit(&[
+        "restore",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--console",
+        "none",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("copy-on-write layers"), "{err}");
+}

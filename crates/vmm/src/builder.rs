@@ -19,7 +19,8 @@ use crate::boot::{layout, linux};
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{ConsoleOutput, SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
-use crate::devices::virtio::manager::{VirtioConfig, VirtioDevices};
+use crate::devices::virtio::block::DiskStack;
+use crate::devices::virtio::manager::{DeviceState, RestoreBackends, VirtioConfig, VirtioDevices};
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{self, RunControl, VcpuIo};
 use crate::kvm::{cpuid, msrs, vm};
@@ -75,6 +76,11 @@ pub struct RestoreConfig {
     pub console: ConsoleOutput,
     /// Start with every vCPU paused (resume through the control socket).
     pub paused: bool,
+    /// The child's own copy-on-write layer for each of the snapshot's
+    /// drives, in order (created; must not exist yet).
+    pub drive_layers: Vec<PathBuf>,
+    /// The child's vsock socket, when the snapshot has a vsock device.
+    pub vsock_uds: Option<PathBuf>,
 }
 
 /// Errors building a machine.
@@ -182,7 +188,7 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         configure_vcpu(&fd, id, cfg.vcpus, &supported, &entry)?;
         vcpus.push(fd);
     }
-    parts.start(guest, vcpus, false)
+    parts.start(guest, vcpus, virtio, false)
 }
 
 /// Restores a child of `snapshot`: RAM maps the memory file `MAP_PRIVATE`
@@ -195,7 +201,16 @@ pub fn build_from_snapshot(
     let state = &snapshot.state;
     let kvm = vm::open_kvm()?;
     let ram = GuestRam::new(state.mem_mib, Backend::File(snapshot.memory_path()))?;
-    let parts = Parts::new(kvm, ram, state.guest, &cfg.console, Some(&state.devices))?;
+    let mut parts = Parts::new(kvm, ram, state.guest, &cfg.console, Some(&state.devices))?;
+    let backends = restore_backends(snapshot, cfg)?;
+    let virtio = VirtioDevices::restore(
+        &state.devices.virtio,
+        backends,
+        Some(&parts.vm),
+        parts.ram.memory(),
+        &mut parts.mmio,
+    )
+    .map_err(|e| device_err("virtio devices")(e.to_string()))?;
     if state.guest == GuestKind::Builtin {
         builtin::set_generation(parts.ram.memory(), random_u64())?;
     }
@@ -206,7 +221,61 @@ pub fn build_from_snapshot(
         vcpus.push(fd);
     }
     state::restore_vm(parts.vm.fd(), &state.vm)?;
-    parts.start(state.guest, vcpus, cfg.paused)
+    parts.start(state.guest, vcpus, virtio, cfg.paused)
+}
+
+/// A child's own host-side resources for the snapshot's devices: each
+/// drive opens the snapshot's frozen layers under a CoW layer of the
+/// child's, and vsock listens on the child's own socket.
+fn restore_backends(
+    snapshot: &PreparedSnapshot,
+    cfg: &RestoreConfig,
+) -> Result<RestoreBackends, BuildError> {
+    let disks = &snapshot.meta.disks;
+    if disks.len() != cfg.drive_layers.len() {
+        return Err(device_err("virtio-block")(format!(
+            "the snapshot has {} drives but {} copy-on-write layers were given for the child",
+            disks.len(),
+            cfg.drive_layers.len()
+        )));
+    }
+    let drives = disks
+        .iter()
+        .zip(&cfg.drive_layers)
+        .map(|(disk, cow)| {
+            DiskStack::open(&disk.open_config(&snapshot.dir, cow.clone()))
+                .map_err(|e| device_err("virtio-block")(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let has_vsock = snapshot
+        .state
+        .devices
+        .virtio
+        .iter()
+        .any(|d| matches!(d.device, DeviceState::Vsock(_)));
+    if has_vsock && cfg.vsock_uds.is_none() {
+        return Err(device_err("virtio-vsock")(
+            "the snapshot has a vsock device: give the child a vsock socket path".into(),
+        ));
+    }
+    let has_net = snapshot
+        .state
+        .devices
+        .virtio
+        .iter()
+        .any(|d| matches!(d.device, DeviceState::Net(_)));
+    if has_net {
+        return Err(device_err("virtio-net")(
+            "restoring network interfaces needs a tap per child, which restore does not set up \
+             yet: snapshot VMs without --tap"
+                .into(),
+        ));
+    }
+    Ok(RestoreBackends {
+        drives,
+        vsock_uds: cfg.vsock_uds.clone(),
+        taps: Vec::new(),
+    })
 }
 
 /// A machine being assembled: what both doors build the same way.
@@ -296,6 +365,7 @@ impl Parts {
         self,
         guest: GuestKind,
         vcpus: Vec<VcpuFd>,
+        virtio: VirtioDevices,
         paused: bool,
     ) -> Result<Machine, BuildError> {
         let channel = (guest == GuestKind::Builtin)
@@ -340,6 +410,7 @@ impl Parts {
             channel,
             serial: self.serial,
             i8042: self.i8042,
+            virtio,
             guest,
             kvm: self.kvm,
             vm: self.vm,

@@ -16,11 +16,12 @@ use kvm_ioctls::Kvm;
 use crate::boot::builtin::channel::{self, Channel};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::manager::VirtioDevices;
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
 use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
-use crate::snapshot::{self, DeviceStates, GuestKind, SnapshotMeta, VmState};
+use crate::snapshot::{self, DeviceStates, DriveCapture, GuestKind, SnapshotMeta, VmState};
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +44,9 @@ pub enum Error {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    /// A drive could not be frozen.
+    #[error("cannot freeze a drive for the snapshot: {0}")]
+    Disk(String),
     /// A peek out of bounds.
     #[error("cannot read {len} bytes of guest memory at {addr:#x}: {reason}")]
     Peek {
@@ -66,6 +70,7 @@ pub struct Machine {
     pub(crate) channel: Option<Arc<Channel>>,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) virtio: VirtioDevices,
     pub(crate) guest: GuestKind,
     pub(crate) kvm: Arc<Kvm>,
     pub(crate) vm: Vm,
@@ -164,6 +169,7 @@ impl Machine {
             })?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
+        let drives = self.capture_drives()?;
         let state = VmState {
             mem_mib: self.ram.size() >> 20,
             guest: self.guest,
@@ -172,9 +178,42 @@ impl Machine {
             devices: DeviceStates {
                 serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
                 i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                virtio: self.virtio.save(),
             },
         };
-        Ok(snapshot::write(dir, self.ram.memory(), &state)?)
+        Ok(snapshot::write(dir, self.ram.memory(), &state, &drives)?)
+    }
+
+    /// Freezes every writable drive's layer (the VM continues on a fresh
+    /// layer beside it, named after the time of the freeze) and describes
+    /// read-only drives as they are.
+    fn capture_drives(&self) -> Result<Vec<DriveCapture>, Error> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.virtio
+            .drives()
+            .iter()
+            .map(|drive| {
+                let mut drive = drive.lock().unwrap_or_else(|e| e.into_inner());
+                let cfg = drive.disk().config();
+                match (&cfg.cow, cfg.read_only) {
+                    (Some(top), false) => {
+                        let next = top.with_extension(format!("{stamp}.layer"));
+                        drive
+                            .freeze_layer(&next)
+                            .map(DriveCapture::Frozen)
+                            .map_err(|e| Error::Disk(e.to_string()))
+                    }
+                    _ if cfg.read_only => Ok(DriveCapture::ReadOnly(cfg)),
+                    _ => Err(Error::Disk(
+                        "a writable drive without a copy-on-write layer writes its base image \
+                         in place and cannot be snapshotted: give it --cow-layer"
+                            .into(),
+                    )),
+                }
+            })
+            .collect()
     }
 
     /// Reads up to [`MAX_PEEK_BYTES`] of guest memory.

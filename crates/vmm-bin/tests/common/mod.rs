@@ -304,9 +304,9 @@ pub fn fork_children(snapshot: &Path, n: u32, out: &Path, extra: &[&str]) -> Vec
 pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the first field after the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| {
-            !rest.starts_with('Z') && !rest.starts_with('X')
-        }),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
         Err(_) => false,
     }
 }

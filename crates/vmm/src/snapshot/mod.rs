@@ -23,6 +23,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialConsoleState;
+use crate::devices::virtio::block::{DiskConfig, Frozen};
+use crate::devices::virtio::manager::AttachedState;
 use crate::kvm::state::{VcpuState, VmKvmState};
 use crate::memory::GuestMemoryMmap;
 
@@ -58,13 +60,44 @@ impl GuestKind {
     }
 }
 
-/// State of the legacy devices.
+/// State of the devices.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeviceStates {
     /// COM1.
     pub serial: SerialConsoleState,
     /// The i8042.
     pub i8042: I8042State,
+    /// The virtio devices, in attachment order.
+    pub virtio: Vec<AttachedState>,
+}
+
+/// One drive of a snapshot: the layers a child stacks its own CoW layer on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    /// Base image (not copied into the snapshot); `None`: a blank disk.
+    pub base: Option<PathBuf>,
+    /// Size of a blank disk.
+    pub size: u64,
+    /// Frozen layers, bottom to top. A bare file name is in this
+    /// snapshot's directory; an absolute path belongs to the snapshot this
+    /// one was taken from (it must outlive this one).
+    pub layers: Vec<PathBuf>,
+    /// The drive refuses writes (it has no layer of its own).
+    pub read_only: bool,
+}
+
+impl SnapshotDisk {
+    /// The stack a child of the snapshot in `dir` opens for this drive,
+    /// writing into its own `cow` layer (none for a read-only drive).
+    pub fn open_config(&self, dir: &Path, cow: PathBuf) -> DiskConfig {
+        DiskConfig {
+            base: self.base.clone(),
+            size: self.size,
+            frozen: self.layers.iter().map(|l| dir.join(l)).collect(),
+            cow: (!self.read_only).then_some(cow),
+            read_only: self.read_only,
+        }
+    }
 }
 
 /// Everything in `vmstate`.
@@ -119,6 +152,9 @@ pub struct SnapshotMeta {
     pub status: SnapshotStatus,
     /// Whether a child can be restored from it (as opposed to a layer only).
     pub bootable: bool,
+    /// The drives, in order.
+    #[serde(default)]
+    pub disks: Vec<SnapshotDisk>,
 }
 
 /// Errors writing or reading a snapshot.
@@ -176,8 +212,24 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
+/// What a snapshot keeps of one drive: the freeze that made its current
+/// layer read-only (writable drives), or its unchanged stack (read-only ones).
+pub enum DriveCapture {
+    /// The drive's top layer was frozen; it goes into the snapshot.
+    Frozen(Frozen),
+    /// A read-only drive, as configured.
+    ReadOnly(DiskConfig),
+}
+
 /// Writes a snapshot of a paused machine to `dir` (which must not exist).
-pub fn write(dir: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<SnapshotMeta, Error> {
+/// Each frozen drive layer is hard-linked into the snapshot (it is never
+/// written again, so the running VM and the snapshot share it).
+pub fn write(
+    dir: &Path,
+    mem: &GuestMemoryMmap,
+    state: &VmState,
+    drives: &[DriveCapture],
+) -> Result<SnapshotMeta, Error> {
     if dir.exists() {
         return Err(Error::Exists(dir.to_owned()));
     }
@@ -192,7 +244,7 @@ pub fn write(dir: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<Snaps
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let result = write_into(&tmp, mem, state).and_then(|meta| {
+    let result = write_into(&tmp, mem, state, drives).and_then(|meta| {
         std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
@@ -205,7 +257,17 @@ pub fn write(dir: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<Snaps
     result
 }
 
-fn write_into(tmp: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<SnapshotMeta, Error> {
+fn write_into(
+    tmp: &Path,
+    mem: &GuestMemoryMmap,
+    state: &VmState,
+    drives: &[DriveCapture],
+) -> Result<SnapshotMeta, Error> {
+    let disks = drives
+        .iter()
+        .enumerate()
+        .map(|(i, d)| capture_disk(tmp, i, d))
+        .collect::<Result<Vec<_>, _>>()?;
     let mem_path = tmp.join(MEMORY_FILE);
     let (memory_bytes, memory_data_bytes, memory_hash) = write_memory(&mem_path, mem)?;
 
@@ -229,10 +291,44 @@ fn write_into(tmp: &Path, mem: &GuestMemoryMmap, state: &VmState) -> Result<Snap
         vmstate_hash: blake3::hash(&vmstate).to_hex().to_string(),
         status: SnapshotStatus::Ready,
         bootable: true,
+        disks,
     };
     write_meta(tmp, &meta)?;
     sync_dir(tmp)?;
     Ok(meta)
+}
+
+/// Links drive `index`'s frozen layer into the snapshot directory `tmp` as
+/// `disk<index>.layer` and describes the drive's stack.
+fn capture_disk(tmp: &Path, index: usize, drive: &DriveCapture) -> Result<SnapshotDisk, Error> {
+    let (chain, own) = match drive {
+        DriveCapture::ReadOnly(cfg) => (cfg, None),
+        DriveCapture::Frozen(f) => (&f.chain, Some(&f.frozen)),
+    };
+    let mut layers = Vec::with_capacity(chain.frozen.len());
+    for layer in &chain.frozen {
+        if Some(layer) == own {
+            let name = PathBuf::from(format!("disk{index}.layer"));
+            let link = tmp.join(&name);
+            std::fs::hard_link(layer, &link)
+                .or_else(|_| std::fs::copy(layer, &link).map(|_| ()))
+                .map_err(io_err(&link))?;
+            layers.push(name);
+        } else {
+            layers.push(std::path::absolute(layer).map_err(io_err(layer))?);
+        }
+    }
+    Ok(SnapshotDisk {
+        base: chain
+            .base
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()
+            .map_err(io_err(tmp))?,
+        size: chain.size,
+        layers,
+        read_only: chain.read_only,
+    })
 }
 
 /// Writes `snapshot.json` in `dir` atomically (temp file, fsync, rename).

@@ -1,0 +1,93 @@
+//! Lab tests: each runs one scenario of the nested lab (`lab/run <scenario>`),
+//! a real Linux guest booted by this forkd-vmm inside a QEMU TCG level-1 VM
+//! with an emulated SVM CPU. Slow (minutes; the first run also builds the
+//! guest kernel and rootfs into the cache), so they run one at a time and
+//! stream the lab's output as they go.
+//!
+//! They fail, never skip, when the lab cannot run here: qemu-system-x86,
+//! busybox-static and friends come from `.ci/setup`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The scenarios, one test each (checked against `lab/run --list`).
+const SCENARIOS: &[&str] = &["linux-boot", "linux-rootfs"];
+
+/// One lab at a time: each wants most of this machine.
+static LAB: Mutex<()> = Mutex::new(());
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/vmm-bin sits two levels below the repository")
+        .to_path_buf()
+}
+
+fn run_scenario(name: &str) {
+    let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let has_qemu = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        has_qemu,
+        "qemu-system-x86_64 is missing: the lab tests need the Debian package \
+         qemu-system-x86 (run .ci/setup, which installs what the lab needs)"
+    );
+    let start = Instant::now();
+    eprintln!("lab test {name}: lab/run {name} (streams the lab's output; minutes)");
+    // The lab's output goes straight to this process's stdout/stderr, so it
+    // shows as it happens (cargo captures only the test's own prints).
+    let status = Command::new(repo().join("lab/run"))
+        .arg(name)
+        .env("FORKD_VMM", env!("CARGO_BIN_EXE_forkd-vmm"))
+        .status()
+        .expect("cannot start lab/run");
+    let secs = start.elapsed().as_secs();
+    let what = match status.code() {
+        Some(0) => {
+            eprintln!("lab test {name}: PASS in {secs} s");
+            return;
+        }
+        Some(1) => "the scenario failed (its LAB-RESULT line above says why)",
+        Some(2) => "the lab could not be set up (the error is above)",
+        Some(3) => "level 1 printed no result (crashed or timed out)",
+        _ => "lab/run ended abnormally",
+    };
+    panic!("lab scenario {name}: {what}; lab/run exited with {status} after {secs} s");
+}
+
+#[test]
+fn lab_linux_boot() {
+    run_scenario("linux-boot");
+}
+
+#[test]
+fn lab_linux_rootfs() {
+    run_scenario("linux-rootfs");
+}
+
+#[test]
+fn every_lab_scenario_has_a_test() {
+    let out = Command::new(repo().join("lab/run"))
+        .arg("--list")
+        .output()
+        .expect("cannot start lab/run --list");
+    assert!(out.status.success(), "lab/run --list failed: {out:?}");
+    let listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    let mut expected: Vec<String> = SCENARIOS.iter().map(|s| s.to_string()).collect();
+    let mut got = listed.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "lab/scenarios and the tests in crates/vmm-bin/tests/lab.rs differ: add a test per scenario"
+    );
+}

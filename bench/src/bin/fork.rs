@@ -1,8 +1,10 @@
 //! Fork benchmark: N children of a built-in-guest snapshot, wall clock from
-//! `forkd-vmm fork` until every child has answered ping, and each child's
-//! private memory once all are up; next to the bare-KVM floor for the same
-//! N and memory size, measured in the same run (N VMs created one after
-//! another in one thread: create VM, memslot, irqchip, vCPU, set registers).
+//! the fork request to a running `forkd-vmm fork-server` (the snapshot
+//! already parsed, as the daemon keeps it) until every child has answered
+//! ping, and each child's private memory once all are up; next to the
+//! bare-KVM floor for the same N and memory size, measured in the same run
+//! (N VMs created one after another in one thread: create VM, memslot,
+//! irqchip, vCPU, set registers).
 //!
 //! Run: cargo build --release --workspace && target/release/fork [--children 100] [--mem-mib 128 1024]
 
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bench::{bare_kvm_vm, ms};
 use clap::Parser;
-use proto::control::{ControlClient, ControlRequest, ControlResponse};
+use proto::control::{ControlClient, ControlRequest, ControlResponse, ForkRequest, ForkResponse};
 use proto::guest::GuestRequest;
 
 #[derive(Parser)]
@@ -69,7 +71,7 @@ fn main() {
             ms(floor)
         );
         println!(
-            "  forkd-vmm fork until all answer ping:  {:>9.1} ms",
+            "  fork-server request to all answering:  {:>9.1} ms",
             ms(wall)
         );
         println!("  ratio: {:.2}x the floor", ms(wall) / ms(floor));
@@ -145,31 +147,56 @@ fn fork_and_ping(
     n: u32,
     out: &Path,
 ) -> (Duration, Vec<i32>, Vec<ControlClient>) {
-    let start = Instant::now();
-    let output = Command::new(vmm)
-        .args(["fork", "--snapshot"])
+    use std::io::{BufRead, BufReader, Write};
+    let sock = out.with_extension("fork.sock");
+    let mut server = Command::new(vmm)
+        .args(["fork-server", "--snapshot"])
         .arg(snap)
-        .args(["-n", &n.to_string(), "--out-dir"])
-        .arg(out)
+        .arg("--socket")
+        .arg(&sock)
         .stdin(Stdio::null())
-        .output()
-        .expect("spawn forkd-vmm fork");
-    assert!(
-        output.status.success(),
-        "fork failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let children: Vec<(i32, PathBuf)> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["pid"].as_i64().unwrap() as i32,
-                PathBuf::from(v["control_socket"].as_str().unwrap()),
-            )
-        })
-        .collect();
+        .spawn()
+        .expect("spawn forkd-vmm fork-server");
+    let ask = |req: &ForkRequest| -> ForkResponse {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "fork server did not start: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        let mut line = serde_json::to_vec(req).unwrap();
+        line.push(b'\n');
+        s.write_all(&line).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    // The server is up (its snapshot parsed) before the clock starts.
+    assert!(ask(&ForkRequest::Fork {
+        n: 1,
+        out_dir: out.join("warm"),
+        paused: false,
+        console_log: false
+    })
+    .is_ok());
+    let start = Instant::now();
+    let request = ForkRequest::Fork {
+        n,
+        out_dir: out.to_owned(),
+        paused: false,
+        console_log: false,
+    };
+    let children: Vec<(i32, PathBuf)> = match ask(&request) {
+        ForkResponse::Forked { children } => children
+            .into_iter()
+            .map(|c| (c.pid, c.control_socket))
+            .collect(),
+        other => panic!("fork failed: {other:?}"),
+    };
     // Ping from two threads, one per core.
     let halves: Vec<Vec<(i32, PathBuf)>> = vec![
         children.iter().step_by(2).cloned().collect(),
@@ -202,6 +229,14 @@ fn fork_and_ping(
             .collect()
     });
     let wall = start.elapsed();
+    let _ = ask(&ForkRequest::Shutdown);
+    let _ = server.wait();
+    // The warm-up child.
+    if let Ok(mut c) =
+        ControlClient::connect(&out.join("warm/0/control.sock"), Duration::from_secs(5))
+    {
+        let _ = c.call(&ControlRequest::Shutdown);
+    }
     (wall, children.iter().map(|c| c.0).collect(), clients)
 }
 

@@ -107,6 +107,68 @@ pub enum ControlResponse {
     },
 }
 
+/// A request to a fork server (`forkd-vmm fork-server`): a process that
+/// holds one snapshot read and checked, and forks children of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ForkRequest {
+    /// Start `n` children under `out_dir` (child i in `<out_dir>/<i>/`).
+    Fork {
+        /// How many (1 to 1000).
+        n: u32,
+        /// Where their directories go.
+        out_dir: std::path::PathBuf,
+        /// Start them paused.
+        #[serde(default)]
+        paused: bool,
+        /// Keep their consoles in `console.log`.
+        #[serde(default)]
+        console_log: bool,
+    },
+    /// Stop serving (the children run on).
+    Shutdown,
+}
+
+/// One child started by a fork.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkedChild {
+    /// Its index in the request.
+    pub index: u32,
+    /// Its process id.
+    pub pid: i32,
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+    /// Its control socket (bound before it was forked: connect at once).
+    pub control_socket: std::path::PathBuf,
+    /// Its vsock socket, when the snapshot has a vsock device.
+    pub vsock_socket: Option<std::path::PathBuf>,
+}
+
+/// A fork server's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ForkResponse {
+    /// The children started.
+    Forked {
+        /// In index order.
+        children: Vec<ForkedChild>,
+    },
+    /// Done.
+    Ok,
+    /// The request failed.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl ForkResponse {
+    /// Whether the request succeeded.
+    pub fn is_ok(&self) -> bool {
+        !matches!(self, ForkResponse::Error { .. })
+    }
+}
+
 /// A blocking client of one VMM's control socket.
 pub struct ControlClient {
     reader: std::io::BufReader<std::os::unix::net::UnixStream>,

@@ -1,24 +1,35 @@
-//! `forkd-vmm fork`: N children of one snapshot from one pre-initialised
-//! process.
+//! Children of a snapshot from one pre-initialised process.
 //!
 //! The snapshot is read and checked once (metadata, vmstate checksum and
 //! decode, memory file size); then this process, still single-threaded,
 //! binds each child's control socket and forks. A child only creates its
 //! KVM VM, maps the memory file copy-on-write, restores its vCPUs and
-//! devices from the already-parsed state and starts serving. The parent
-//! prints one JSON line per child and returns; the children run on.
+//! devices from the already-parsed state and starts serving.
+//!
+//! - `forkd-vmm fork`: one batch, printed as JSON lines; the command returns
+//!   and the children run on.
+//! - `forkd-vmm fork-server`: keeps the parsed snapshot and forks a batch
+//!   per request on its socket, for as long as it lives (the daemon keeps
+//!   one per snapshot).
 
-use std::os::fd::AsRawFd;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
+use proto::control::{ForkRequest, ForkResponse, ForkedChild, MAX_REQUEST_BYTES};
 use vmm::builder::{self, RestoreConfig};
 use vmm::devices::serial::ConsoleOutput;
+use vmm::devices::virtio::manager::DeviceState;
 use vmm::snapshot::PreparedSnapshot;
 
-/// Most children one call starts.
+/// Most children one request starts.
 pub const MAX_CHILDREN: u32 = 1000;
+
+type BoxError = Box<dyn std::error::Error>;
 
 #[derive(Args)]
 pub struct ForkArgs {
@@ -41,80 +52,193 @@ pub struct ForkArgs {
     paused: bool,
 }
 
-pub fn fork(args: ForkArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    if !(1..=MAX_CHILDREN).contains(&args.count) {
-        return Err(format!(
-            "-n {} is out of range: start 1 to {MAX_CHILDREN} children",
-            args.count
-        )
-        .into());
-    }
-    let threads = std::fs::read_dir("/proc/self/task")?.count();
-    if threads != 1 {
-        return Err(
-            format!("the fork parent must be single-threaded, it has {threads} threads").into(),
-        );
-    }
-    let snapshot = PreparedSnapshot::load(&args.snapshot)?;
-    let has_vsock = snapshot.state.devices.virtio.iter().any(|d| {
-        matches!(
-            d.device,
-            vmm::devices::virtio::manager::DeviceState::Vsock(_)
-        )
-    });
-    std::fs::create_dir_all(&args.out_dir)
-        .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
-    use std::io::Write;
+#[derive(Args)]
+pub struct ForkServerArgs {
+    /// Snapshot directory.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Unix socket to take fork requests on (created; removed on exit).
+    #[arg(long)]
+    socket: PathBuf,
+}
+
+/// `forkd-vmm fork`.
+pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
+    let forker = Forker::new(&args.snapshot)?;
+    let children = forker.spawn(
+        args.count,
+        &args.out_dir,
+        args.paused,
+        args.console_log,
+        &[],
+    )?;
     let mut stdout = std::io::stdout().lock();
-    for index in 0..args.count {
-        let dir = args.out_dir.join(index.to_string());
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let socket = dir.join("control.sock");
-        // Bound here, before the fork: the socket exists when this command
-        // returns, and early clients wait in its backlog.
-        let listener = crate::control::bind(&socket)?;
-        // The child's own disk layers and vsock socket, when the snapshot has drives / vsock.
-        let drive_layers: Vec<PathBuf> = (0..snapshot.meta.disks.len())
-            .map(|j| dir.join(format!("disk{j}.cow")))
-            .collect();
-        let vsock = has_vsock.then(|| dir.join("vsock.sock"));
-        let console = if args.console_log {
-            ConsoleOutput::File(dir.join("console.log"))
-        } else {
-            ConsoleOutput::Sink
-        };
-        stdout.flush()?;
-        // SAFETY: this process is single-threaded (checked above), so the
-        // child is a complete copy of it and may go on running Rust code.
-        let pid = unsafe { libc::fork() };
-        match pid {
-            -1 => return Err(format!("fork failed: {}", std::io::Error::last_os_error()).into()),
-            0 => {
-                let cfg = RestoreConfig {
-                    console,
-                    paused: args.paused,
-                    drive_layers: drive_layers.clone(),
-                    vsock_uds: vsock.clone(),
-                };
-                let code = child(&snapshot, &dir, listener, &socket, &cfg);
-                std::process::exit(code);
-            }
-            pid => {
-                drop(listener);
-                let line = serde_json::json!({
-                    "index": index,
-                    "pid": pid,
-                    "dir": dir,
-                    "control_socket": socket,
-                    "vsock_socket": vsock,
-                });
-                writeln!(stdout, "{line}")?;
-            }
-        }
+    for child in children {
+        writeln!(stdout, "{}", serde_json::to_string(&child)?)?;
     }
     stdout.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `forkd-vmm fork-server`: one request per connection, served in order on
+/// the main thread (forking needs a single-threaded process).
+pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
+    let forker = Forker::new(&args.snapshot)?;
+    // Children are reaped by the kernel: nobody waits for them here.
+    // SAFETY: setting a signal disposition has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let listener = crate::control::bind(&args.socket)?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if serve_one(&forker, stream, listener.as_raw_fd()) {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Answers one request; true when the server should stop. The children
+/// close the server's listening socket (`listener`) and this connection.
+fn serve_one(forker: &Forker, stream: UnixStream, listener: RawFd) -> bool {
+    // A client that sends nothing must not stall the server.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = Vec::new();
+    let read = BufReader::new(&stream)
+        .take(MAX_REQUEST_BYTES as u64)
+        .read_until(b'\n', &mut line);
+    let (response, stop) = match read.map_err(|e| e.to_string()).and_then(|_| {
+        serde_json::from_slice::<ForkRequest>(&line).map_err(|e| format!("bad request: {e}"))
+    }) {
+        Ok(ForkRequest::Fork {
+            n,
+            out_dir,
+            paused,
+            console_log,
+        }) => {
+            match forker.spawn(
+                n,
+                &out_dir,
+                paused,
+                console_log,
+                &[listener, stream.as_raw_fd()],
+            ) {
+                Ok(children) => (ForkResponse::Forked { children }, false),
+                Err(e) => (
+                    ForkResponse::Error {
+                        message: e.to_string(),
+                    },
+                    false,
+                ),
+            }
+        }
+        Ok(ForkRequest::Shutdown) => (ForkResponse::Ok, true),
+        Err(message) => (ForkResponse::Error { message }, false),
+    };
+    let mut out = serde_json::to_vec(&response).expect("responses serialise");
+    out.push(b'\n');
+    let _ = (&stream).write_all(&out);
+    stop
+}
+
+/// A parsed snapshot, ready to fork children of.
+struct Forker {
+    snapshot: PreparedSnapshot,
+    has_vsock: bool,
+}
+
+impl Forker {
+    fn new(dir: &Path) -> Result<Self, BoxError> {
+        let threads = std::fs::read_dir("/proc/self/task")?.count();
+        if threads != 1 {
+            return Err(
+                format!("a fork parent must be single-threaded, it has {threads} threads").into(),
+            );
+        }
+        let snapshot = PreparedSnapshot::load(dir)?;
+        let has_vsock = snapshot
+            .state
+            .devices
+            .virtio
+            .iter()
+            .any(|d| matches!(d.device, DeviceState::Vsock(_)));
+        Ok(Forker {
+            snapshot,
+            has_vsock,
+        })
+    }
+
+    /// Forks `n` children under `out_dir`; each closes `close_in_child`
+    /// (descriptors of the parent's that are none of a child's business).
+    fn spawn(
+        &self,
+        n: u32,
+        out_dir: &Path,
+        paused: bool,
+        console_log: bool,
+        close_in_child: &[RawFd],
+    ) -> Result<Vec<ForkedChild>, BoxError> {
+        if !(1..=MAX_CHILDREN).contains(&n) {
+            return Err(format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into());
+        }
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+        // Flushed before every fork so no buffered output is written twice.
+        std::io::stdout().flush()?;
+        (0..n)
+            .map(|index| self.spawn_one(index, out_dir, paused, console_log, close_in_child))
+            .collect()
+    }
+
+    fn spawn_one(
+        &self,
+        index: u32,
+        out_dir: &Path,
+        paused: bool,
+        console_log: bool,
+        close_in_child: &[RawFd],
+    ) -> Result<ForkedChild, BoxError> {
+        let dir = out_dir.join(index.to_string());
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let control_socket = dir.join("control.sock");
+        // Bound here, before the fork: the socket exists when the caller
+        // hears of the child, and early clients wait in its backlog.
+        let listener = crate::control::bind(&control_socket)?;
+        let vsock_socket = self.has_vsock.then(|| dir.join("vsock.sock"));
+        let cfg = RestoreConfig {
+            console: if console_log {
+                ConsoleOutput::File(dir.join("console.log"))
+            } else {
+                ConsoleOutput::Sink
+            },
+            paused,
+            drive_layers: (0..self.snapshot.meta.disks.len())
+                .map(|j| dir.join(format!("disk{j}.cow")))
+                .collect(),
+            vsock_uds: vsock_socket.clone(),
+        };
+        // SAFETY: this process is single-threaded (checked when the Forker
+        // was made; nothing here starts threads), so the child is a complete
+        // copy of it and may go on running Rust code.
+        match unsafe { libc::fork() } {
+            -1 => Err(format!("fork failed: {}", std::io::Error::last_os_error()).into()),
+            0 => {
+                for &fd in close_in_child {
+                    // SAFETY: the descriptor is the parent's, inherited and unused here.
+                    unsafe { libc::close(fd) };
+                }
+                std::process::exit(child(&self.snapshot, &dir, listener, &control_socket, &cfg))
+            }
+            pid => Ok(ForkedChild {
+                index,
+                pid,
+                dir,
+                control_socket,
+                vsock_socket,
+            }),
+        }
+    }
 }
 
 /// The child: detach from the parent's session and standard streams,
@@ -122,10 +246,13 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 fn child(
     snapshot: &PreparedSnapshot,
     dir: &Path,
-    listener: std::os::unix::net::UnixListener,
+    listener: UnixListener,
     socket: &Path,
     cfg: &RestoreConfig,
 ) -> i32 {
+    // SAFETY: restoring the default disposition has no preconditions; a
+    // fork server ignores SIGCHLD and its children must not inherit that.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     if let Err(e) = detach(dir) {
         eprintln!("forkd-vmm child: {e}");
         return 2;

@@ -33,6 +33,9 @@ enum Command {
     /// per child ({"index", "pid", "dir", "control_socket"}) and returns;
     /// the children keep running until shut down.
     Fork(fork::ForkArgs),
+    /// Hold a snapshot read and checked, and fork children of it on request
+    /// (JSON lines on a Unix socket: `{"op":"fork","n":N,"out_dir":D}`).
+    ForkServer(fork::ForkServerArgs),
 }
 
 #[derive(Args)]
@@ -188,6 +191,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Restore(args) => restore(args),
         Command::Fork(args) => fork::fork(args),
+        Command::ForkServer(args) => fork::fork_server(args),
     };
     match result {
         Ok(code) => code,

@@ -388,3 +388,80 @@ fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
     assert_eq!(code, Some(2));
     assert!(err.contains("copy-on-write layers"), "{err}");
 }
+
+#[test]
+fn a_fork_server_forks_batches_on_request() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let tmp = TempDir::new("snap-server");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, "32", false);
+    let sock = tmp.path().join("fork.sock");
+    let mut server = std::process::Command::new(common::vmm_bin())
+        .args([
+            "fork-server",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ask = |line: &str| -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("fork server did not start: {e}"),
+            }
+        };
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    };
+    let mut all = Vec::new();
+    for (batch, n) in [("a", 3), ("b", 2)] {
+        let out = tmp.path().join(batch);
+        let r = ask(&format!(
+            r#"{{"op":"fork","n":{n},"out_dir":{:?}}}"#,
+            out.to_str().unwrap()
+        ));
+        assert_eq!(r["result"], "forked", "{r}");
+        let kids = r["children"].as_array().unwrap();
+        assert_eq!(kids.len(), n);
+        for k in kids {
+            let sock = std::path::PathBuf::from(k["control_socket"].as_str().unwrap());
+            let client =
+                proto::control::ControlClient::connect(&sock, Duration::from_secs(30)).unwrap();
+            all.push(common::ForkedVm {
+                pid: k["pid"].as_i64().unwrap() as i32,
+                client,
+                dir: std::path::PathBuf::from(k["dir"].as_str().unwrap()),
+            });
+        }
+    }
+    // Bad requests get an error, and the server keeps serving.
+    assert_eq!(
+        ask(r#"{"op":"fork","n":0,"out_dir":"/tmp/x"}"#)["result"],
+        "error"
+    );
+    assert_eq!(ask("not json")["result"], "error");
+    assert_eq!(ask(r#"{"op":"shutdown"}"#)["result"], "ok");
+    assert!(server.wait().unwrap().success());
+    // The children outlive the server.
+    for kid in &mut all {
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+    }
+    for kid in all {
+        kid.shutdown();
+    }
+}

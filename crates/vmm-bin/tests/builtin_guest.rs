@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_to_exit, TempDir, TestVm};
+use common::{run_to_exit, wait_for_counter_above, TempDir, TestVm};
 use proto::control::{ControlRequest, ControlResponse, RunState};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::{abi, pattern_word};
@@ -35,14 +35,8 @@ fn builtin_guest_boots_and_answers_ping() {
 fn pause_stops_the_counter_and_resume_restarts_it() {
     let mut vm = TestVm::start(&["--builtin", "--mem-mib", "32", "--console", "none"]);
     vm.guest(GuestRequest::CounterStart);
-    std::thread::sleep(Duration::from_millis(20));
-    let running_a = vm.peek_u64(COUNTER);
-    std::thread::sleep(Duration::from_millis(20));
-    let running_b = vm.peek_u64(COUNTER);
-    assert!(
-        running_b > running_a,
-        "the counter must run: {running_a} then {running_b}"
-    );
+    let running = wait_for_counter_above(|| vm.peek_u64(COUNTER), 0);
+    wait_for_counter_above(|| vm.peek_u64(COUNTER), running);
 
     assert_eq!(vm.call(ControlRequest::Pause), ControlResponse::Ok);
     assert_eq!(vm.status().state, RunState::Paused);

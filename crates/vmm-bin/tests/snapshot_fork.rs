@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{fork_children, run_to_exit, TempDir, TestVm};
+use common::{fork_children, run_to_exit, wait_for_counter_above, TempDir, TestVm};
 use proto::control::{ControlRequest, ControlResponse, RunState};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::{abi, pattern_word};
@@ -69,19 +69,6 @@ fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) 
     ));
     vm.shutdown();
     (counter, id)
-}
-
-/// Waits (up to 10 s: the machine may be busy) for the guest's counter to
-/// pass `above`.
-fn wait_for_counter_above(mut read: impl FnMut() -> u64, above: u64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while read() <= above {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the counter stayed at {above}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 #[test]

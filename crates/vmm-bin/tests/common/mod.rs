@@ -310,3 +310,17 @@ pub fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Waits (up to 10 s: the machine may be busy) for a guest counter read by
+/// `read` to pass `above`, and returns the value seen.
+pub fn wait_for_counter_above(mut read: impl FnMut() -> u64, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = read();
+        if v > above {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the counter stayed at {above}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -24,6 +24,11 @@ const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
 
 /// Leaf 0x1 ECX bit 31: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0x1 ECX bit 24: the local APIC timer has TSC-deadline mode.
+/// `KVM_GET_SUPPORTED_CPUID` never reports it (api.rst: it is announced by
+/// `KVM_CAP_TSC_DEADLINE_TIMER` instead); KVM's in-kernel local APIC, which
+/// every forkd VM has, emulates it.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x1 EDX bit 28: EBX[23:16] (logical processor count) is valid.
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x1 EBX[15:8]: CLFLUSH line size in 8-byte units (64 bytes).
@@ -41,7 +46,10 @@ const TOPOLOGY_SUBLEAVES: u32 = 3;
 ///
 /// - leaf 0x1: EBX = initial APIC id `vcpu_id` (31:24), `num_vcpus` logical
 ///   processors (23:16), 64-byte CLFLUSH (15:8), brand index kept; ECX gets the
-///   hypervisor bit; EDX HTT set iff `num_vcpus > 1`;
+///   hypervisor and TSC-deadline bits (without the latter a Linux guest
+///   calibrates its APIC timer against the PIT at boot, ~100 ms, and drops
+///   the APIC timer altogether when that calibration fails); EDX HTT set iff
+///   `num_vcpus > 1`;
 /// - leaf 0x4: EAX[31:26] (addressable core IDs - 1) = `num_vcpus` rounded up
 ///   to a power of two, minus 1, on every valid cache subleaf;
 /// - leaf 0x6: zeroed (no thermal or power management in a VM);
@@ -67,7 +75,7 @@ pub fn vcpu_cpuid(supported: &CpuId, vcpu_id: u8, num_vcpus: u8) -> CpuId {
                     | (CLFLUSH_LINE_QWORDS << 8)
                     | (num_vcpus << 16)
                     | (vcpu_id << 24);
-                e.ecx |= ECX_HYPERVISOR;
+                e.ecx |= ECX_HYPERVISOR | ECX_TSC_DEADLINE;
                 if num_vcpus > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -186,6 +194,7 @@ mod tests {
         assert_eq!((e.ebx >> 8) & 0xff, 8);
         assert_eq!(e.ebx & 0xff, 0x05);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(e.ecx & ECX_TSC_DEADLINE, 0);
         assert_ne!(e.edx & EDX_HTT, 0);
         assert_eq!(e.eax, 0x000906ea);
 
@@ -266,6 +275,11 @@ mod tests {
             "/dev/kvm is missing: this host test needs KVM (run on a KVM host as a user with access)"
         );
         let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        // vcpu_cpuid announces the TSC-deadline timer: KVM must emulate it.
+        assert!(
+            kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+            "this KVM lacks KVM_CAP_TSC_DEADLINE_TIMER"
+        );
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .expect("KVM_GET_SUPPORTED_CPUID");
@@ -279,6 +293,7 @@ mod tests {
                 .expect("KVM_GET_CPUID2");
             let leaf1 = back.as_slice().iter().find(|e| e.function == 1).unwrap();
             assert_eq!(leaf1.ebx >> 24, u32::from(id));
+            assert_ne!(leaf1.ecx & ECX_TSC_DEADLINE, 0);
         }
     }
 }

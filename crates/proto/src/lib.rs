@@ -1,8 +1,11 @@
 //! Types shared across forkd processes.
 //!
+//! - [`agent`]: the guest agent protocol on vsock (length-prefixed JSON frames
+//!   with a binary part), spoken by forkd-agent and the built-in guest.
 //! - [`control`]: forkd-vmm's control socket (one JSON object per line each way).
 //! - [`guest`]: requests a guest answers (the built-in guest today; the
 //!   agent protocol on vsock grows from these).
 
+pub mod agent;
 pub mod control;
 pub mod guest;

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use bench::{bare_kvm_vm, ms};
 use clap::Parser;
-use proto::control::{ControlClient, ControlRequest, ControlResponse, ForkRequest, ForkResponse};
+use proto::control::{
+    ControlClient, ControlRequest, ControlResponse, ForkRequest, ForkResponse, SnapshotMode,
+};
 use proto::guest::GuestRequest;
 
 #[derive(Parser)]
@@ -121,6 +123,7 @@ fn make_snapshot(vmm: &Path, work: &Path, snap: &Path, mem_mib: u64, warm_mib: u
         c.call(&ControlRequest::Snapshot {
             dir: snap.to_owned(),
             leave_paused: true,
+            mode: SnapshotMode::Full,
         })
         .unwrap(),
     );

@@ -38,6 +38,9 @@ pub enum ControlRequest {
         /// Stay paused afterwards.
         #[serde(default)]
         leave_paused: bool,
+        /// What the pause holds (default: full).
+        #[serde(default)]
+        mode: SnapshotMode,
     },
     /// Read guest memory (at most [`MAX_PEEK_BYTES`]) without involving the guest.
     Peek {
@@ -46,6 +49,18 @@ pub enum ControlRequest {
         /// Bytes to read.
         len: u64,
     },
+}
+
+/// How a snapshot (BRANCH) captures memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Write all of RAM while paused.
+    #[default]
+    Full,
+    /// Write the pages changed since the VM's last snapshot (or the snapshot
+    /// it was restored from) while paused, over that snapshot.
+    Diff,
 }
 
 /// VM run state.

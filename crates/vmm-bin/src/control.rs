@@ -123,14 +123,16 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
                 Err(e) => error(&e),
             }
         }
-        ControlRequest::Snapshot { dir, leave_paused } => {
-            match machine.snapshot(&dir, leave_paused) {
-                Ok(meta) => ControlResponse::Snapshot {
-                    meta: serde_json::to_value(meta).expect("metadata serialises"),
-                },
-                Err(e) => error(&e),
-            }
-        }
+        ControlRequest::Snapshot {
+            dir,
+            leave_paused,
+            mode,
+        } => match machine.snapshot(&dir, leave_paused, mode) {
+            Ok(meta) => ControlResponse::Snapshot {
+                meta: serde_json::to_value(meta).expect("metadata serialises"),
+            },
+            Err(e) => error(&e),
+        },
         ControlRequest::Peek { addr, len } => match machine.peek(addr, len) {
             Ok(bytes) => ControlResponse::Peek {
                 hex: bytes.iter().map(|b| format!("{b:02x}")).collect(),

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{fork_children, run_to_exit, wait_for_counter_above, TempDir, TestVm};
-use proto::control::{ControlRequest, ControlResponse, RunState};
+use proto::control::{ControlRequest, ControlResponse, RunState, SnapshotMode};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::{abi, pattern_word};
 
@@ -51,6 +51,7 @@ fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) 
     match vm.call(ControlRequest::Snapshot {
         dir: dir.to_owned(),
         leave_paused: true,
+        mode: SnapshotMode::Full,
     }) {
         ControlResponse::Snapshot { meta } => {
             assert_eq!(meta["status"], "ready");
@@ -305,6 +306,7 @@ fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
     let meta = match vm.call(ControlRequest::Snapshot {
         dir: snap.clone(),
         leave_paused: false,
+        mode: SnapshotMode::Full,
     }) {
         ControlResponse::Snapshot { meta } => meta,
         other => panic!("{other:?}"),
@@ -451,4 +453,124 @@ fn a_fork_server_forks_batches_on_request() {
     for kid in all {
         kid.shutdown();
     }
+}
+
+fn snapshot(
+    vm_call: &mut dyn FnMut(ControlRequest) -> ControlResponse,
+    dir: &Path,
+    mode: SnapshotMode,
+) -> serde_json::Value {
+    match vm_call(ControlRequest::Snapshot {
+        dir: dir.to_owned(),
+        leave_paused: false,
+        mode,
+    }) {
+        ControlResponse::Snapshot { meta } => meta,
+        other => panic!("snapshot failed: {other:?}"),
+    }
+}
+
+fn fill(seq: u64, mib: u64, offset_mib: u64) -> GuestRequest {
+    GuestRequest::Fill {
+        seed: 5,
+        seq,
+        mib,
+        offset_mib,
+    }
+}
+
+fn verify(seq: u64, mib: u64, offset_mib: u64) -> GuestRequest {
+    GuestRequest::Verify {
+        seed: 5,
+        seq,
+        mib,
+        offset_mib,
+    }
+}
+
+#[test]
+fn diff_snapshots_hold_only_changed_pages_and_chain() {
+    let tmp = TempDir::new("snap-diff");
+    let mut vm = TestVm::start(&["--builtin", "--mem-mib", "64", "--console", "none"]);
+    // No base yet: a diff is refused with a reason.
+    let r = vm.call(ControlRequest::Snapshot {
+        dir: tmp.path().join("nobase"),
+        leave_paused: false,
+        mode: SnapshotMode::Diff,
+    });
+    assert!(
+        matches!(r, ControlResponse::Error { ref message } if message.contains("full snapshot first")),
+        "{r:?}"
+    );
+
+    vm.guest(fill(1, 16, 0));
+    let s0 = tmp.path().join("s0");
+    let m0 = snapshot(&mut |r| vm.call(r), &s0, SnapshotMode::Full);
+    vm.guest(fill(2, 2, 4));
+    let s1 = tmp.path().join("s1");
+    let m1 = snapshot(&mut |r| vm.call(r), &s1, SnapshotMode::Diff);
+    assert_eq!(m1["kind"], "diff");
+    assert_eq!(m1["parent"]["memory_hash"], m0["memory_hash"]);
+    let changed = m1["memory_data_bytes"].as_u64().unwrap();
+    assert!(
+        (2 << 20..(2 << 20) + (256 << 10)).contains(&changed),
+        "diff holds {changed} bytes, expected 2 MiB and a few pages"
+    );
+    assert!(
+        !s1.join("memory").exists(),
+        "a diff is assembled on first use, not in the pause"
+    );
+    vm.shutdown();
+
+    // Children of the diff see the parent's pages with the diff on top.
+    let mut kids = fork_children(&s1, 2, &tmp.path().join("k1"), &[]);
+    assert!(
+        s1.join("memory").exists(),
+        "assembled once for all children"
+    );
+    for kid in &mut kids {
+        assert_eq!(verified(kid.guest(verify(1, 4, 0))), 0);
+        assert_eq!(verified(kid.guest(verify(2, 2, 4))), 0);
+        assert_eq!(verified(kid.guest(verify(1, 10, 6))), 0);
+    }
+    // A child's diff stacks on the snapshot it came from.
+    let kid = &mut kids[0];
+    kid.guest(fill(3, 1, 8));
+    let s2 = tmp.path().join("s2");
+    let m2 = snapshot(&mut |r| kid.call(r), &s2, SnapshotMode::Diff);
+    assert_eq!(m2["parent"]["dir"], s1.to_str().unwrap());
+    let changed = m2["memory_data_bytes"].as_u64().unwrap();
+    assert!(
+        changed < (1 << 20) + (256 << 10),
+        "the child's diff holds {changed} bytes"
+    );
+    for kid in kids {
+        kid.shutdown();
+    }
+    let mut grandkids = fork_children(&s2, 1, &tmp.path().join("k2"), &[]);
+    let g = &mut grandkids[0];
+    assert_eq!(verified(g.guest(verify(1, 4, 0))), 0);
+    assert_eq!(verified(g.guest(verify(2, 2, 4))), 0);
+    assert_eq!(verified(g.guest(verify(1, 2, 6))), 0);
+    assert_eq!(verified(g.guest(verify(3, 1, 8))), 0);
+    assert_eq!(verified(g.guest(verify(1, 7, 9))), 0);
+    for g in grandkids {
+        g.shutdown();
+    }
+
+    // A parent whose memory changed under a diff is refused.
+    std::fs::remove_file(s2.join("memory")).unwrap();
+    let meta_path = s1.join("snapshot.json");
+    let meta = std::fs::read_to_string(&meta_path).unwrap();
+    let hash = m1["memory_hash"].as_str().unwrap();
+    std::fs::write(&meta_path, meta.replace(hash, &"0".repeat(hash.len()))).unwrap();
+    let (code, err) = run_to_exit(&[
+        "restore",
+        "--snapshot",
+        s2.to_str().unwrap(),
+        "--console",
+        "none",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no longer has the memory"), "{err}");
 }

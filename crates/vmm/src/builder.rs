@@ -26,7 +26,7 @@ use crate::kvm::vcpu::{self, RunControl, VcpuIo};
 use crate::kvm::{cpuid, msrs, vm};
 use crate::machine::Machine;
 use crate::memory::{self, Backend, GuestRam};
-use crate::snapshot::{DeviceStates, GuestKind, PreparedSnapshot};
+use crate::snapshot::{DeviceStates, GuestKind, ParentRef, PreparedSnapshot};
 
 /// What the guest is.
 #[derive(Clone, Debug)]
@@ -188,7 +188,7 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         configure_vcpu(&fd, id, cfg.vcpus, &supported, &entry)?;
         vcpus.push(fd);
     }
-    parts.start(guest, vcpus, virtio, false)
+    parts.start(guest, vcpus, virtio, false, None)
 }
 
 /// Restores a child of `snapshot`: RAM maps the memory file `MAP_PRIVATE`
@@ -221,7 +221,11 @@ pub fn build_from_snapshot(
         vcpus.push(fd);
     }
     state::restore_vm(parts.vm.fd(), &state.vm)?;
-    parts.start(state.guest, vcpus, virtio, cfg.paused)
+    let base = ParentRef {
+        dir: std::path::absolute(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone()),
+        memory_hash: snapshot.meta.memory_hash.clone(),
+    };
+    parts.start(state.guest, vcpus, virtio, cfg.paused, Some(base))
 }
 
 /// A child's own host-side resources for the snapshot's devices: each
@@ -367,6 +371,7 @@ impl Parts {
         vcpus: Vec<VcpuFd>,
         virtio: VirtioDevices,
         paused: bool,
+        base: Option<ParentRef>,
     ) -> Result<Machine, BuildError> {
         let channel = (guest == GuestKind::Builtin)
             .then(|| Arc::new(Channel::new(self.ram.memory().clone())));
@@ -411,6 +416,7 @@ impl Parts {
             serial: self.serial,
             i8042: self.i8042,
             virtio,
+            base: Mutex::new(base),
             guest,
             kvm: self.kvm,
             vm: self.vm,

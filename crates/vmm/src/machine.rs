@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use proto::control::{RunState, VmStatus, MAX_PEEK_BYTES};
+use proto::control::{RunState, SnapshotMode, VmStatus, MAX_PEEK_BYTES};
 use proto::guest::{GuestRequest, GuestResponse};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -21,7 +21,9 @@ use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
 use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
-use crate::snapshot::{self, DeviceStates, DriveCapture, GuestKind, SnapshotMeta, VmState};
+use crate::snapshot::{
+    self, DeviceStates, DriveCapture, GuestKind, MemoryCapture, ParentRef, SnapshotMeta, VmState,
+};
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,6 +46,12 @@ pub enum Error {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    /// A diff needs a snapshot to stack on.
+    #[error("a diff snapshot needs a base: this VM has neither been restored from a snapshot nor snapshotted since it booted (or its last snapshot failed); take a full snapshot first")]
+    NoBase,
+    /// KVM's dirty log could not be read.
+    #[error("cannot read which pages changed: {0}")]
+    DirtyLog(String),
     /// A drive could not be frozen.
     #[error("cannot freeze a drive for the snapshot: {0}")]
     Disk(String),
@@ -71,6 +79,9 @@ pub struct Machine {
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) virtio: VirtioDevices,
+    /// The snapshot this VM's memory was last captured as (or restored
+    /// from): what a diff snapshot stacks on.
+    pub(crate) base: Mutex<Option<ParentRef>>,
     pub(crate) guest: GuestKind,
     pub(crate) kvm: Arc<Kvm>,
     pub(crate) vm: Vm,
@@ -148,19 +159,35 @@ impl Machine {
     /// pauses it if it is running, captures every vCPU (on its own thread),
     /// the VM's interrupt controllers and clock, the devices and RAM, and
     /// then returns it to running unless `leave_paused`.
-    pub fn snapshot(&self, dir: &Path, leave_paused: bool) -> Result<SnapshotMeta, Error> {
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        leave_paused: bool,
+        mode: SnapshotMode,
+    ) -> Result<SnapshotMeta, Error> {
+        if mode == SnapshotMode::Diff
+            && self
+                .base
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+        {
+            return Err(Error::NoBase);
+        }
         let was_running = !self.control.is_paused();
         if was_running {
             self.pause()?;
         }
-        let result = self.write_snapshot(dir);
+        let result = self.write_snapshot(dir, mode);
         if was_running && !leave_paused {
             self.resume()?;
         }
         result
     }
 
-    fn write_snapshot(&self, dir: &Path) -> Result<SnapshotMeta, Error> {
+    fn write_snapshot(&self, dir: &Path, mode: SnapshotMode) -> Result<SnapshotMeta, Error> {
+        // Device workers stand still too: they write guest memory.
+        let _quiet = self.virtio.quiesce();
         let kvm = self.kvm.clone();
         let vcpus = self
             .control
@@ -169,6 +196,25 @@ impl Machine {
             })?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
+        // What changed since the last snapshot: guest writes (KVM's dirty log)
+        // and the VMM's own (devices). Reading both clears them, so until
+        // this snapshot is written there is no base to diff against.
+        let mut base = self.base.lock().unwrap_or_else(|e| e.into_inner());
+        let parent = base.take();
+        let guest_dirty = self
+            .vm
+            .take_dirty_log(&self.ram)
+            .map_err(|e| Error::DirtyLog(e.to_string()))?;
+        let dirty: Vec<Vec<u64>> = guest_dirty
+            .into_iter()
+            .zip(self.ram.take_vmm_dirty())
+            .map(|(g, v)| {
+                g.iter()
+                    .zip(v.iter().chain(std::iter::repeat(&0)))
+                    .map(|(a, b)| a | b)
+                    .collect()
+            })
+            .collect();
         let drives = self.capture_drives()?;
         let state = VmState {
             mem_mib: self.ram.size() >> 20,
@@ -181,7 +227,19 @@ impl Machine {
                 virtio: self.virtio.save(),
             },
         };
-        Ok(snapshot::write(dir, self.ram.memory(), &state, &drives)?)
+        let memory = match mode {
+            SnapshotMode::Full => MemoryCapture::Full,
+            SnapshotMode::Diff => MemoryCapture::Diff {
+                parent: parent.as_ref().ok_or(Error::NoBase)?,
+                dirty: &dirty,
+            },
+        };
+        let meta = snapshot::write(dir, self.ram.memory(), &state, &drives, memory)?;
+        *base = Some(ParentRef {
+            dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
+            memory_hash: meta.memory_hash.clone(),
+        });
+        Ok(meta)
     }
 
     /// Freezes every writable drive's layer (the VM continues on a fresh

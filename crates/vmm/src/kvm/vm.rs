@@ -1,6 +1,8 @@
 //! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,7 +70,9 @@ impl Vm {
         for (slot, (gpa, hva, len)) in ram.slots().into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                // Guest writes are logged from the start, so a diff BRANCH
+                // knows what changed since the last snapshot (or restore).
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
                 guest_phys_addr: gpa,
                 memory_size: len,
                 userspace_addr: hva,
@@ -104,6 +108,24 @@ impl Vm {
     /// The VM file descriptor.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// Pages the guest wrote since the last call (or since the slots were
+    /// registered), one bitmap per slot in `ram.slots()` order, and clears
+    /// KVM's log.
+    pub fn take_dirty_log(&self, ram: &GuestRam) -> Result<Vec<Vec<u64>>, Error> {
+        ram.slots()
+            .iter()
+            .enumerate()
+            .map(|(slot, &(_, _, len))| {
+                self.fd
+                    .get_dirty_log(slot as u32, len as usize)
+                    .map_err(|source| Error::Setup {
+                        what: "read the dirty log",
+                        source,
+                    })
+            })
+            .collect()
     }
 
     /// Routes writes to `evt` to interrupt line `gsi` of the in-kernel irqchip.

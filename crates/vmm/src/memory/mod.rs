@@ -13,15 +13,20 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use crate::boot::layout;
 
+pub mod uffd;
+
 /// Guest memory as the rest of the VMM sees it: regions mapped in this
-/// process, every access bounds-checked by vm-memory.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// process, every access bounds-checked by vm-memory, and every write the
+/// VMM itself makes (devices filling buffers, rings) recorded in a dirty
+/// bitmap per region, the complement of KVM's dirty log of guest writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One mapped region of guest memory.
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<()>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Where guest RAM comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,16 +135,18 @@ impl GuestRam {
         let mut regions = Vec::new();
         let mut file_offset = 0u64;
         for (start, len) in layout::ram_ranges(size) {
-            let mut builder = vm_memory::mmap::MmapRegionBuilder::new(len as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags);
+            let bitmap = AtomicBitmap::with_len(len as usize);
+            let mut builder =
+                vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(flags);
             if let Some(f) = &file {
                 let clone = f
                     .try_clone()
                     .map_err(|source| Error::Memfd { mib, source })?;
                 builder = builder.with_file_offset(FileOffset::new(clone, file_offset));
             }
-            let mapping: MmapRegion<()> = builder
+            let mapping: MmapRegion<AtomicBitmap> = builder
                 .build()
                 .map_err(|source| Error::Mmap { len, source })?;
             regions.push(
@@ -174,6 +181,15 @@ impl GuestRam {
     /// Total RAM in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Pages the VMM itself wrote since the last call (devices filling
+    /// guest buffers and rings), one bitmap per region, and clears them.
+    pub fn take_vmm_dirty(&self) -> Vec<Vec<u64>> {
+        self.memory
+            .iter()
+            .map(|r| r.get_mmap().bitmap().get_and_reset())
+            .collect()
     }
 
     /// `(guest address, host address, length)` of every region, in order,

@@ -36,6 +36,10 @@ pub const VMSTATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 /// Name of the metadata file.
 pub const META_FILE: &str = "snapshot.json";
+/// A diff snapshot's changed pages, at their offsets (sparse).
+pub const DIFF_FILE: &str = "memory.diff";
+/// Which pages `memory.diff` holds (a checksummed bitmap, see [`DiffMap`]).
+pub const DIFF_MAP_FILE: &str = "memory.diffmap";
 /// Largest metadata file accepted.
 const MAX_META_BYTES: u64 = 1 << 20;
 const PAGE: usize = 4096;
@@ -115,6 +119,29 @@ pub struct VmState {
     pub devices: DeviceStates,
 }
 
+/// How a snapshot stores memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// `memory` holds all of guest RAM.
+    #[default]
+    Full,
+    /// `memory.diff` holds the pages that changed since `parent` (listed in
+    /// `memory.diffmap`); `memory` is assembled from the parent's once, on
+    /// first use, and then shared by every child.
+    Diff,
+}
+
+/// The snapshot a diff snapshot stacks on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// Its directory (absolute).
+    pub dir: PathBuf,
+    /// Its `memory_hash` when the diff was taken; a parent whose hash no
+    /// longer matches is refused.
+    pub memory_hash: String,
+}
+
 /// Status of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,6 +182,12 @@ pub struct SnapshotMeta {
     /// The drives, in order.
     #[serde(default)]
     pub disks: Vec<SnapshotDisk>,
+    /// Full or diff.
+    #[serde(default)]
+    pub kind: SnapshotKind,
+    /// The snapshot a diff stacks on.
+    #[serde(default)]
+    pub parent: Option<ParentRef>,
 }
 
 /// Errors writing or reading a snapshot.
@@ -221,6 +254,38 @@ pub enum DriveCapture {
     ReadOnly(DiskConfig),
 }
 
+/// What a snapshot keeps of guest RAM.
+pub enum MemoryCapture<'a> {
+    /// All of it.
+    Full,
+    /// The pages set in `dirty` (one bitmap per region, bit i = page i),
+    /// over `parent`.
+    Diff {
+        /// The snapshot the pages stack on.
+        parent: &'a ParentRef,
+        /// Changed pages per region.
+        dirty: &'a [Vec<u64>],
+    },
+}
+
+/// The page list of a diff snapshot, over all of RAM (regions back to
+/// back), one bit per 4 KiB page.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiffMap {
+    /// Pages covered.
+    pub pages: u64,
+    /// The bits, 64 pages a word.
+    pub bits: Vec<u64>,
+}
+
+impl DiffMap {
+    fn is_set(&self, page: u64) -> bool {
+        self.bits
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+}
+
 /// Writes a snapshot of a paused machine to `dir` (which must not exist).
 /// Each frozen drive layer is hard-linked into the snapshot (it is never
 /// written again, so the running VM and the snapshot share it).
@@ -229,6 +294,7 @@ pub fn write(
     mem: &GuestMemoryMmap,
     state: &VmState,
     drives: &[DriveCapture],
+    memory: MemoryCapture<'_>,
 ) -> Result<SnapshotMeta, Error> {
     if dir.exists() {
         return Err(Error::Exists(dir.to_owned()));
@@ -244,7 +310,7 @@ pub fn write(
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let result = write_into(&tmp, mem, state, drives).and_then(|meta| {
+    let result = write_into(&tmp, mem, state, drives, memory).and_then(|meta| {
         std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
@@ -262,14 +328,32 @@ fn write_into(
     mem: &GuestMemoryMmap,
     state: &VmState,
     drives: &[DriveCapture],
+    memory: MemoryCapture<'_>,
 ) -> Result<SnapshotMeta, Error> {
     let disks = drives
         .iter()
         .enumerate()
         .map(|(i, d)| capture_disk(tmp, i, d))
         .collect::<Result<Vec<_>, _>>()?;
-    let mem_path = tmp.join(MEMORY_FILE);
-    let (memory_bytes, memory_data_bytes, memory_hash) = write_memory(&mem_path, mem)?;
+    let (kind, parent, (memory_bytes, memory_data_bytes, memory_hash)) = match memory {
+        MemoryCapture::Full => (
+            SnapshotKind::Full,
+            None,
+            write_memory(&tmp.join(MEMORY_FILE), mem)?,
+        ),
+        MemoryCapture::Diff { parent, dirty } => {
+            let (total, data, diff_hash) = write_diff(tmp, mem, dirty)?;
+            // A diff's content is its parent's content plus the changed pages.
+            let mut h = blake3::Hasher::new();
+            h.update(parent.memory_hash.as_bytes());
+            h.update(diff_hash.as_bytes());
+            (
+                SnapshotKind::Diff,
+                Some(parent.clone()),
+                (total, data, h.finalize().to_hex().to_string()),
+            )
+        }
+    };
 
     let vmstate = format::encode(state);
     let vm_path = tmp.join(VMSTATE_FILE);
@@ -292,6 +376,8 @@ fn write_into(
         status: SnapshotStatus::Ready,
         bootable: true,
         disks,
+        kind,
+        parent,
     };
     write_meta(tmp, &meta)?;
     sync_dir(tmp)?;
@@ -423,6 +509,166 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(u64, u64, String)
     Ok((total, data_bytes, hasher.finalize().to_hex().to_string()))
 }
 
+/// Writes the pages set in `dirty` into `<tmp>/memory.diff` at their
+/// offsets (zero pages stay holes: a hole reads as zero) and the page list
+/// into `<tmp>/memory.diffmap`. Returns (logical bytes, bytes of changed
+/// pages, hash of the changed pages).
+fn write_diff(
+    tmp: &Path,
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<(u64, u64, String), Error> {
+    let path = tmp.join(DIFF_FILE);
+    let file = File::create(&path).map_err(io_err(&path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(io_err(&path))?;
+    let mut map = DiffMap {
+        pages: total / PAGE as u64,
+        bits: vec![0; (total / PAGE as u64).div_ceil(64) as usize],
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut changed = 0u64;
+    let mut file_offset = 0u64;
+    for (region, bits) in mem.iter().zip(dirty) {
+        let len = region.len() as usize;
+        // SAFETY: as in write_memory: a live mapping, vCPUs paused and
+        // devices quiesced, so nothing writes it while this view exists.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr() as *const u8, len) };
+        let first_page = file_offset / PAGE as u64;
+        for page in 0..len / PAGE {
+            if bits
+                .get(page / 64)
+                .is_none_or(|w| w & (1 << (page % 64)) == 0)
+            {
+                continue;
+            }
+            let global = first_page + page as u64;
+            map.bits[(global / 64) as usize] |= 1 << (global % 64);
+            let data = &bytes[page * PAGE..(page + 1) * PAGE];
+            hasher.update(&global.to_le_bytes());
+            hasher.update(data);
+            changed += PAGE as u64;
+            if !is_zero(data) {
+                file.write_all_at(data, global * PAGE as u64)
+                    .map_err(io_err(&path))?;
+            }
+        }
+        file_offset += len as u64;
+    }
+    file.sync_all().map_err(io_err(&path))?;
+    let map_path = tmp.join(DIFF_MAP_FILE);
+    let mut f = File::create(&map_path).map_err(io_err(&map_path))?;
+    f.write_all(&format::encode(&map))
+        .map_err(io_err(&map_path))?;
+    f.sync_all().map_err(io_err(&map_path))?;
+    Ok((total, changed, hasher.finalize().to_hex().to_string()))
+}
+
+/// Makes sure the snapshot in `dir` has a flat `memory` file: a diff
+/// snapshot's is assembled once from its parent's (itself assembled first
+/// if it is a diff) and its changed pages, then kept for every later
+/// restore. Returns the metadata.
+pub fn ensure_memory(dir: &Path) -> Result<SnapshotMeta, Error> {
+    let meta = read_meta(dir)?;
+    if meta.kind == SnapshotKind::Full || dir.join(MEMORY_FILE).exists() {
+        return Ok(meta);
+    }
+    let inconsistent = |reason: String| Error::Inconsistent {
+        path: dir.to_owned(),
+        reason,
+    };
+    let parent = meta
+        .parent
+        .as_ref()
+        .ok_or_else(|| inconsistent("a diff snapshot without a parent".into()))?;
+    let parent_meta = ensure_memory(&parent.dir)?;
+    if parent_meta.status != SnapshotStatus::Ready {
+        return Err(Error::NotReady {
+            path: parent.dir.clone(),
+            status: parent_meta.status,
+        });
+    }
+    if parent_meta.memory_hash != parent.memory_hash {
+        return Err(inconsistent(format!(
+            "its parent {} no longer has the memory it was taken over (hash {} != {})",
+            parent.dir.display(),
+            parent_meta.memory_hash,
+            parent.memory_hash
+        )));
+    }
+    if parent_meta.memory_bytes != meta.memory_bytes {
+        return Err(inconsistent(
+            "parent and diff disagree on the memory size".into(),
+        ));
+    }
+    let map: DiffMap =
+        format::read_file(&dir.join(DIFF_MAP_FILE)).map_err(|source| Error::Format {
+            path: dir.to_owned(),
+            source,
+        })?;
+    if map.pages != meta.memory_bytes / PAGE as u64
+        || map.bits.len() as u64 != map.pages.div_ceil(64)
+    {
+        return Err(inconsistent(
+            "memory.diffmap does not cover the memory".into(),
+        ));
+    }
+    let tmp = dir.join(format!(".{MEMORY_FILE}.tmp-{}", std::process::id()));
+    let result = (|| {
+        copy_sparse(&parent.dir.join(MEMORY_FILE), &tmp)?;
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        let diff_path = dir.join(DIFF_FILE);
+        let diff = File::open(&diff_path).map_err(io_err(&diff_path))?;
+        let mut page = vec![0u8; PAGE];
+        for p in (0..map.pages).filter(|&p| map.is_set(p)) {
+            diff.read_exact_at(&mut page, p * PAGE as u64)
+                .map_err(io_err(&diff_path))?;
+            out.write_all_at(&page, p * PAGE as u64)
+                .map_err(io_err(&tmp))?;
+        }
+        out.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, dir.join(MEMORY_FILE)).map_err(io_err(dir))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| meta)
+}
+
+/// Copies `from` to a new file `to`, keeping holes as holes.
+fn copy_sparse(from: &Path, to: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let src = File::open(from).map_err(io_err(from))?;
+    let len = src.metadata().map_err(io_err(from))?.len();
+    let dst = File::create(to).map_err(io_err(to))?;
+    dst.set_len(len).map_err(io_err(to))?;
+    let mut buf = vec![0u8; MAX_RUN];
+    let mut pos = 0i64;
+    while (pos as u64) < len {
+        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole is left.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { len as i64 } else { hole };
+        let mut at = data;
+        while at < hole {
+            let n = ((hole - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at as u64)
+                .map_err(io_err(from))?;
+            dst.write_all_at(&buf[..n], at as u64).map_err(io_err(to))?;
+            at += n as i64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
 fn is_zero(page: &[u8]) -> bool {
     // SAFETY: reinterpreting initialised bytes as u128 is valid for any
     // bit pattern; align_to handles the unaligned head and tail.
@@ -452,6 +698,7 @@ impl PreparedSnapshot {
                 status: meta.status,
             });
         }
+        let meta = ensure_memory(dir)?;
         let state: VmState =
             format::read_file(&dir.join(VMSTATE_FILE)).map_err(|source| Error::Format {
                 path: dir.to_owned(),

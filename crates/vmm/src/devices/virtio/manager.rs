@@ -27,6 +27,7 @@ use super::vsock::{Vsock, VsockState};
 use super::{Interrupt, VirtioDevice};
 use crate::boot::layout;
 use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::gate::{Closed, DeviceGate};
 use crate::kvm::vm::Vm;
 use crate::memory::GuestMemoryMmap;
 
@@ -193,6 +194,8 @@ pub struct RestoreBackends {
 pub struct VirtioDevices {
     /// In attachment order.
     pub devices: Vec<AttachedDevice>,
+    /// The gate every device worker passes through.
+    gate: Arc<DeviceGate>,
 }
 
 impl VirtioDevices {
@@ -360,6 +363,7 @@ impl VirtioDevices {
                     .map_err(|e| kvm_err(format!("ioeventfd for queue {i}: {e}")))?;
             }
         }
+        transport.set_gate(self.gate.clone());
         if let Some(s) = saved {
             transport.restore(s)?;
         }
@@ -392,7 +396,14 @@ impl VirtioDevices {
             .join(" ")
     }
 
-    /// Saves every device (call with the vCPUs paused).
+    /// Stops every device worker between two pieces of work, until the
+    /// returned guard is dropped: with the vCPUs paused too, nothing writes
+    /// guest memory or device state.
+    pub fn quiesce(&self) -> Closed<'_> {
+        self.gate.close()
+    }
+
+    /// Saves every device (call with the vCPUs paused and the devices quiesced).
     pub fn save(&self) -> Vec<AttachedState> {
         self.devices
             .iter()

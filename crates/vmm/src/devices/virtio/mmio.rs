@@ -17,6 +17,8 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+use crate::devices::gate::DeviceGate;
+
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -96,6 +98,7 @@ pub struct MmioTransport {
     state: MmioState,
     worker: Option<Worker>,
     name: String,
+    gate: Arc<DeviceGate>,
 }
 
 /// Errors creating a transport.
@@ -142,7 +145,14 @@ impl MmioTransport {
             state: MmioState::default(),
             worker: None,
             name: name.to_owned(),
+            gate: Arc::default(),
         })
+    }
+
+    /// Makes the device's worker pass through `gate` (shared by all of a
+    /// VM's devices, closed while a snapshot runs). Call before activation.
+    pub fn set_gate(&mut self, gate: Arc<DeviceGate>) {
+        self.gate = gate;
     }
 
     /// The queue-notify eventfds, one per queue, for ioeventfd registration
@@ -239,7 +249,10 @@ impl MmioTransport {
         let device = self.device.clone();
         let thread = std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || worker_loop(epoll, evts, device))
+            .spawn({
+                let gate = self.gate.clone();
+                move || worker_loop(epoll, evts, device, gate)
+            })
             .map_err(os("worker thread"))?;
         self.worker = Some(Worker {
             stop,
@@ -464,7 +477,12 @@ impl BusDevice for MmioTransport {
 
 /// The worker of an activated device: waits on its queue eventfds, its
 /// host file descriptors and the stop eventfd, and calls into the device.
-fn worker_loop(epoll: Arc<Epoll>, queue_evts: Vec<EventFd>, device: Arc<Mutex<dyn VirtioDevice>>) {
+fn worker_loop(
+    epoll: Arc<Epoll>,
+    queue_evts: Vec<EventFd>,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    gate: Arc<DeviceGate>,
+) {
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -475,6 +493,8 @@ fn worker_loop(epoll: Arc<Epoll>, queue_evts: Vec<EventFd>, device: Arc<Mutex<dy
                 return;
             }
         };
+        // Work waits while a snapshot holds the gate closed.
+        let _passage = gate.pass();
         for ev in &events[..n] {
             let token = ev.data();
             if token == STOP_TOKEN {

@@ -75,12 +75,23 @@ static inline u64 pattern_word(u64 seed, u64 seq, u64 addr)
  */
 typedef void (*range_fn)(u64 start, u64 end, u64 seed, u64 seq, u64 *acc);
 
-static int for_scratch(u64 skip, u64 bytes, range_fn fn, u64 seed, u64 seq, u64 *acc)
+static u64 scratch_low_room(void)
 {
 	u64 low_end = INFO(INFO_LOW_RAM_END);
-	u64 high_size = INFO(INFO_HIGH_RAM_SIZE);
-	u64 low_room = low_end > SCRATCH_START ? low_end - SCRATCH_START : 0;
-	if (skip > low_room + high_size || bytes > low_room + high_size - skip)
+	return low_end > SCRATCH_START ? low_end - SCRATCH_START : 0;
+}
+
+/* Whether scratch bytes [skip, skip + bytes) exist. */
+static int scratch_fits(u64 skip, u64 bytes)
+{
+	u64 room = scratch_low_room() + INFO(INFO_HIGH_RAM_SIZE);
+	return skip <= room && bytes <= room - skip;
+}
+
+static int for_scratch(u64 skip, u64 bytes, range_fn fn, u64 seed, u64 seq, u64 *acc)
+{
+	u64 low_room = scratch_low_room();
+	if (!scratch_fits(skip, bytes))
 		return 0;
 	u64 end = skip + bytes;
 	if (skip < low_room) {
@@ -124,6 +135,40 @@ static void reply_text(const char *s)
 }
 
 static int counter_running;
+static int stamp_running;
+
+/*
+ * The stamper: pages are addressed through the scratch mapping (skipping
+ * the MMIO gap), so page i of the stamp range is at scratch_page(base + i).
+ */
+static u64 scratch_page(u64 index)
+{
+	u64 offset = index << 12, low_room = scratch_low_room();
+	return offset < low_room ? SCRATCH_START + offset : 0x100000000UL + (offset - low_room);
+}
+
+static void stamp_one(void)
+{
+	u64 n = INFO(INFO_STAMP_COUNT), pages = INFO(INFO_STAMP_PAGES);
+	u64 addr = scratch_page(INFO(INFO_STAMP_BASE) + n % pages);
+	VOL(u64, addr) = n / pages + 1;
+	VOL(u64, addr + 8) = addr;
+	/* The count moves only after the page holds the new pass. */
+	INFO(INFO_STAMP_COUNT) = n + 1;
+}
+
+static u64 stamp_verify(void)
+{
+	u64 n = INFO(INFO_STAMP_COUNT), pages = INFO(INFO_STAMP_PAGES);
+	u64 pass = n / pages + 1, cursor = n % pages, base = INFO(INFO_STAMP_BASE), bad = 0;
+	for (u64 i = 0; i < pages; i++) {
+		u64 addr = scratch_page(base + i);
+		u64 want = i < cursor ? pass : pass - 1, got = VOL(u64, addr);
+		if ((got != want && !(i == cursor && got == pass)) || VOL(u64, addr + 8) != addr)
+			bad++;
+	}
+	return bad;
+}
 
 static void serve(void)
 {
@@ -171,6 +216,34 @@ static void serve(void)
 		counter_running = 0;
 		MB64(MB_RESULTS) = INFO(INFO_COUNTER);
 		break;
+	case OP_STAMP_START: {
+		/* a2 is MiB, a3 the offset in MiB, as for fill. */
+		if (a2 == 0 || a2 > (1UL << 40) || a3 > (1UL << 40) || !scratch_fits(a3 << 20, a2 << 20)) {
+			status = STATUS_OUT_OF_RANGE;
+			reply_text("not enough guest memory for that many MiB");
+			break;
+		}
+		INFO(INFO_STAMP_BASE) = (a3 << 20) >> 12;
+		INFO(INFO_STAMP_PAGES) = (a2 << 20) >> 12;
+		INFO(INFO_STAMP_COUNT) = 0;
+		do
+			stamp_one();
+		while (INFO(INFO_STAMP_COUNT) != INFO(INFO_STAMP_PAGES));
+		stamp_running = 1;
+		MB64(MB_RESULTS) = INFO(INFO_STAMP_PAGES);
+		MB64(MB_RESULTS + 8) = 2;
+		break;
+	}
+	case OP_STAMP_VERIFY:
+	case OP_STAMP_STOP: {
+		u64 n = INFO(INFO_STAMP_COUNT), pages = INFO(INFO_STAMP_PAGES);
+		if (op == OP_STAMP_STOP)
+			stamp_running = 0;
+		MB64(MB_RESULTS) = op == OP_STAMP_VERIFY && pages ? stamp_verify() : 0;
+		MB64(MB_RESULTS + 8) = pages ? n / pages + 1 : 0;
+		MB64(MB_RESULTS + 16) = pages ? n % pages : 0;
+		break;
+	}
 	default:
 		status = STATUS_UNKNOWN_OP;
 		reply_text("unknown operation");
@@ -193,9 +266,12 @@ __attribute__((noreturn, used)) void _start(u64 vcpu)
 	for (;;) {
 		if (MB32(MB_DOORBELL)) {
 			serve();
-		} else if (counter_running) {
+		} else if (counter_running || stamp_running) {
 			/* Natively this spins at about a nanosecond an iteration. */
-			INFO(INFO_COUNTER)++;
+			if (counter_running)
+				INFO(INFO_COUNTER)++;
+			if (stamp_running)
+				stamp_one();
 		} else {
 			port_in(PORT_WAIT);
 		}

@@ -40,6 +40,20 @@ pub enum GuestRequest {
     CounterRead,
     /// Stop the counter (answers its last value).
     CounterStop,
+    /// Stamp every page of `mib` MiB of scratch memory (from `offset_mib`)
+    /// once, then keep stamping them in the background, pass after pass.
+    StampStart {
+        /// How much memory, in MiB.
+        mib: u64,
+        /// Where to start, in MiB past the start of scratch memory.
+        #[serde(default)]
+        offset_mib: u64,
+    },
+    /// Check the stamp invariant: pages below the cursor carry the current
+    /// pass, the others the previous one.
+    StampVerify,
+    /// Stop stamping.
+    StampStop,
 }
 
 /// The guest's answer.
@@ -71,6 +85,17 @@ pub enum GuestResponse {
         bad_words: u64,
         /// Address of the first word that did not match.
         first_bad_addr: Option<u64>,
+    },
+    /// Answer to the stamp operations.
+    Stamp {
+        /// Pages that break the invariant (verify only).
+        bad_pages: u64,
+        /// The pass being written.
+        pass: u64,
+        /// The next page to stamp.
+        cursor: u64,
+        /// Pages stamped (start only).
+        pages: u64,
     },
     /// Answer to the counter operations.
     Counter {

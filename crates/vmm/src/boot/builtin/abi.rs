@@ -31,6 +31,16 @@ pub const INFO_BOOT_ID: u64 = 0x20;
 pub const INFO_VM_GENERATION: u64 = 0x28;
 /// The running counter, on its own cache line.
 pub const INFO_COUNTER: u64 = 0x40;
+/// The page stamper's state: stamps done so far (one word, so a snapshot
+/// at any instruction sees a consistent value), its first page (as a page
+/// index into scratch memory) and its page count. With n stamps done, the
+/// pass is n / pages + 1 and the cursor n % pages; pages below the cursor
+/// carry the pass, the others the pass before, except that the page at the
+/// cursor may already carry the new pass (its count update is next). That
+/// is the invariant a snapshot taken at any instant must keep.
+pub const INFO_STAMP_COUNT: u64 = 0x80;
+pub const INFO_STAMP_BASE: u64 = 0x90;
+pub const INFO_STAMP_PAGES: u64 = 0x98;
 /// Value of the magic field: "FORKDBI1" little-endian.
 pub const INFO_MAGIC_VALUE: u64 = 0x3149_4244_4b52_4f46;
 
@@ -79,6 +89,14 @@ pub const OP_COUNTER_START: u64 = 5;
 /// results: counter value.
 pub const OP_COUNTER_READ: u64 = 6;
 pub const OP_COUNTER_STOP: u64 = 7;
+/// args: MiB, offset in MiB. Stamps every page once (pass 1), then keeps
+/// stamping in the background (pass 2, 3, ...): word 0 of a page is the
+/// pass, word 1 its address. results: pages.
+pub const OP_STAMP_START: u64 = 8;
+/// results: pages that break the stamp invariant, pass, cursor.
+pub const OP_STAMP_VERIFY: u64 = 9;
+/// results: pass, cursor.
+pub const OP_STAMP_STOP: u64 = 10;
 
 /// Statuses.
 pub const STATUS_OK: u64 = 0;

@@ -260,6 +260,11 @@ fn encode(request: &GuestRequest) -> (u64, [u64; abi::MB_NUM_ARGS as usize]) {
         GuestRequest::CounterStart => (abi::OP_COUNTER_START, [0; 4]),
         GuestRequest::CounterRead => (abi::OP_COUNTER_READ, [0; 4]),
         GuestRequest::CounterStop => (abi::OP_COUNTER_STOP, [0; 4]),
+        GuestRequest::StampStart { mib, offset_mib } => {
+            (abi::OP_STAMP_START, [0, 0, mib, offset_mib])
+        }
+        GuestRequest::StampVerify => (abi::OP_STAMP_VERIFY, [0; 4]),
+        GuestRequest::StampStop => (abi::OP_STAMP_STOP, [0; 4]),
     }
 }
 
@@ -281,6 +286,24 @@ fn decode(
         GuestRequest::Verify { .. } => GuestResponse::Verified {
             bad_words: r[0],
             first_bad_addr: (r[2] != 0).then_some(r[1]),
+        },
+        GuestRequest::StampStart { .. } => GuestResponse::Stamp {
+            bad_pages: 0,
+            pass: r[1],
+            cursor: 0,
+            pages: r[0],
+        },
+        GuestRequest::StampVerify => GuestResponse::Stamp {
+            bad_pages: r[0],
+            pass: r[1],
+            cursor: r[2],
+            pages: 0,
+        },
+        GuestRequest::StampStop => GuestResponse::Stamp {
+            bad_pages: 0,
+            pass: r[1],
+            cursor: r[2],
+            pages: 0,
         },
         GuestRequest::CounterStart | GuestRequest::CounterRead | GuestRequest::CounterStop => {
             GuestResponse::Counter { value: r[0] }

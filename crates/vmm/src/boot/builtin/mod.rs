@@ -191,6 +191,38 @@ pub fn pattern_word(seed: u64, seq: u64, addr: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Checks the page stamper's invariant (see [`abi::INFO_STAMP_COUNT`]) in a
+/// memory image of a built-in guest, read through `word(guest address)`,
+/// from outside the guest (e.g. in a snapshot's memory file). Returns the
+/// pages that break it (0 for an image of one instant) and the (pass,
+/// cursor) the image holds.
+pub fn stamp_violations(mem_bytes: u64, mut word: impl FnMut(u64) -> u64) -> (u64, u64, u64) {
+    let n = word(abi::INFO_ADDR + abi::INFO_STAMP_COUNT);
+    let base = word(abi::INFO_ADDR + abi::INFO_STAMP_BASE);
+    let pages = word(abi::INFO_ADDR + abi::INFO_STAMP_PAGES);
+    if pages == 0 {
+        return (0, 0, 0);
+    }
+    let (pass, cursor) = (n / pages + 1, n % pages);
+    let low_room = layout::ram_ranges(mem_bytes)[0]
+        .1
+        .saturating_sub(abi::SCRATCH_START);
+    let bad = (0..pages)
+        .filter(|&i| {
+            let offset = (base + i) << 12;
+            let addr = if offset < low_room {
+                abi::SCRATCH_START + offset
+            } else {
+                layout::MMIO_GAP_END + (offset - low_room)
+            };
+            let want = if i < cursor { pass } else { pass - 1 };
+            let got = word(addr);
+            (got != want && !(i == cursor && got == pass)) || word(addr + 8) != addr
+        })
+        .count() as u64;
+    (bad, pass, cursor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +255,35 @@ mod tests {
         assert!(abi::MAILBOX_ADDR + 4096 <= layout::ZERO_PAGE_START);
         assert!(abi::INFO_ADDR + 4096 <= abi::MAILBOX_ADDR);
     };
+
+    #[test]
+    fn stamp_checker_accepts_an_instant_and_catches_a_stale_page() {
+        let mem_bytes = 4u64 << 20;
+        let mut image = vec![0u64; (mem_bytes / 8) as usize];
+        let pages = 16u64;
+        let n = 3 * pages + 5; // pass 4, cursor 5
+        let info = |off: u64| ((abi::INFO_ADDR + off) / 8) as usize;
+        image[info(abi::INFO_STAMP_COUNT)] = n;
+        image[info(abi::INFO_STAMP_PAGES)] = pages;
+        for i in 0..pages {
+            let addr = abi::SCRATCH_START + (i << 12);
+            image[(addr / 8) as usize] = if i < 5 { 4 } else { 3 };
+            image[(addr / 8 + 1) as usize] = addr;
+        }
+        let check = |img: &Vec<u64>| stamp_violations(mem_bytes, |a| img[(a / 8) as usize]);
+        assert_eq!(check(&image), (0, 4, 5));
+        // The page at the cursor may already hold the new pass.
+        let at_cursor = ((abi::SCRATCH_START + (5 << 12)) / 8) as usize;
+        image[at_cursor] = 4;
+        assert_eq!(check(&image).0, 0);
+        // Any other page out of step is caught.
+        let stale = ((abi::SCRATCH_START + (2 << 12)) / 8) as usize;
+        image[stale] = 3;
+        assert_eq!(check(&image).0, 1);
+        image[stale] = 4;
+        image[stale + 1] = 0; // wrong address word
+        assert_eq!(check(&image).0, 1);
+    }
 
     #[test]
     fn too_many_vcpus_are_refused() {

@@ -93,7 +93,7 @@ pub struct VmStatus {
 }
 
 /// A response on the control socket.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum ControlResponse {
     /// Done, nothing to report.
@@ -109,6 +109,10 @@ pub enum ControlResponse {
     Snapshot {
         /// The metadata.
         meta: serde_json::Value,
+        /// How long the VM was paused for it, in milliseconds (absent when
+        /// it was paused before, or was left paused).
+        #[serde(default)]
+        pause_ms: Option<f64>,
     },
     /// Bytes read by peek, hex-encoded.
     Peek {

@@ -128,8 +128,9 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
             leave_paused,
             mode,
         } => match machine.snapshot(&dir, leave_paused, mode) {
-            Ok(meta) => ControlResponse::Snapshot {
-                meta: serde_json::to_value(meta).expect("metadata serialises"),
+            Ok(done) => ControlResponse::Snapshot {
+                meta: serde_json::to_value(done.meta).expect("metadata serialises"),
+                pause_ms: done.pause.map(|d| d.as_secs_f64() * 1e3),
             },
             Err(e) => error(&e),
         },

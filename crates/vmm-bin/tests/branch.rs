@@ -21,7 +21,7 @@ fn branch(vm: &mut TestVm, dir: &Path, mode: SnapshotMode) -> serde_json::Value 
         leave_paused: false,
         mode,
     }) {
-        ControlResponse::Snapshot { meta } => meta,
+        ControlResponse::Snapshot { meta, .. } => meta,
         other => panic!("{mode:?} branch failed: {other:?}"),
     }
 }

@@ -53,7 +53,7 @@ fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) 
         leave_paused: true,
         mode: SnapshotMode::Full,
     }) {
-        ControlResponse::Snapshot { meta } => {
+        ControlResponse::Snapshot { meta, .. } => {
             assert_eq!(meta["status"], "ready");
             assert_eq!(meta["guest"], "builtin");
             assert!(meta["memory_data_bytes"].as_u64().unwrap() >= 16 << 20);
@@ -308,7 +308,7 @@ fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
         leave_paused: false,
         mode: SnapshotMode::Full,
     }) {
-        ControlResponse::Snapshot { meta } => meta,
+        ControlResponse::Snapshot { meta, .. } => meta,
         other => panic!("{other:?}"),
     };
     // The parent's layer is now the snapshot's (linked in), and the parent
@@ -465,7 +465,7 @@ fn snapshot(
         leave_paused: false,
         mode,
     }) {
-        ControlResponse::Snapshot { meta } => meta,
+        ControlResponse::Snapshot { meta, .. } => meta,
         other => panic!("snapshot failed: {other:?}"),
     }
 }

@@ -67,6 +67,16 @@ pub enum Error {
     },
 }
 
+/// A snapshot written, and how long the VM was paused for it.
+#[derive(Debug)]
+pub struct Snapshotted {
+    /// Its metadata.
+    pub meta: SnapshotMeta,
+    /// From the pause request to the VM running again (`None` when it was
+    /// paused before or was left paused).
+    pub pause: Option<std::time::Duration>,
+}
+
 /// A running microVM.
 pub struct Machine {
     // Field order is drop order: vCPU threads are joined (in Drop) before the
@@ -164,7 +174,7 @@ impl Machine {
         dir: &Path,
         leave_paused: bool,
         mode: SnapshotMode,
-    ) -> Result<SnapshotMeta, Error> {
+    ) -> Result<Snapshotted, Error> {
         if mode == SnapshotMode::Diff
             && self
                 .base
@@ -175,6 +185,7 @@ impl Machine {
             return Err(Error::NoBase);
         }
         let was_running = !self.control.is_paused();
+        let start = std::time::Instant::now();
         if was_running {
             self.pause()?;
         }
@@ -182,7 +193,8 @@ impl Machine {
         if was_running && !leave_paused {
             self.resume()?;
         }
-        result
+        let pause = (was_running && !leave_paused).then(|| start.elapsed());
+        result.map(|meta| Snapshotted { meta, pause })
     }
 
     fn write_snapshot(&self, dir: &Path, mode: SnapshotMode) -> Result<SnapshotMeta, Error> {

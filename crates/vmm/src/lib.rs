@@ -7,6 +7,7 @@
 //! - [`builder`]: assembles a machine; [`machine`]: a running one.
 
 pub mod boot;
+pub mod branch;
 pub mod builder;
 pub mod devices;
 pub mod kvm;

@@ -1,0 +1,1351 @@
+//! The live BRANCH memory engine: write-protect arm, then a background copy
+//! of guest RAM into the snapshot's `memory` file while the guest runs.
+//!
+//! Sequence (the machine drives it): pause the vCPUs, save CPU and device
+//! state, [`arm`] (write-protect every region: the only memory work in the
+//! pause window), resume, then [`LiveCopy::start`] and later
+//! [`LiveCopy::wait`]. The file ends up holding RAM exactly as it was at the
+//! arm instant.
+//!
+//! Two threads share the work and coordinate only through two atomic
+//! bitmaps per region (one bit per 4 KiB page, 64 pages per word):
+//!
+//! - `claimed`: set (fetch_or) by whoever takes a page first. Exactly one
+//!   thread owns each page, and only the owner reads it, while it is still
+//!   write-protected, so the content read is the arm-instant content.
+//! - `captured`: set by the owner once the page's content is safe in the
+//!   owner's private buffer. After that the page may be released (write
+//!   protection cleared, blocked writers woken) by anyone.
+//!
+//! The bulk copier walks the regions in order, a chunk (default 4 MiB) at a
+//! time. Per 64-page word it claims every unclaimed page, copies the
+//! non-zero ones into a staging buffer, marks them captured and releases
+//! them; when the chunk is done it writes its non-zero runs to the file with
+//! large `pwrite`s (zero pages stay holes). A writer that hits a page the
+//! bulk copier owns therefore waits at most one word's memcpy, never a disk
+//! write or the whole chunk.
+//!
+//! The fault handler polls the userfaultfd. For a fault on an unclaimed page
+//! it claims it, copies it (4 KiB), marks it captured, releases it, and
+//! writes it to the file after the release; for a page another thread owns
+//! it waits for the `captured` bit (at most one word's memcpy) and releases
+//! it. A page is never read by anyone after it is released, so no copy can
+//! see a write made after the arm. There is no lock on the fault path.
+//!
+//! On any error both threads stop and every region is released, so the
+//! guest never stays write-protected; [`LiveCopy`]'s drop does the same.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::memory::uffd::{self, Uffd, WpFault, PAGE_SIZE};
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Pages per bitmap word: the bulk copier's claim-copy-release unit.
+const WORD_PAGES: u64 = 64;
+
+/// One stretch of guest RAM to copy: a `MAP_SHARED` mapping registered for
+/// write-protect with the [`Uffd`] in use, and where it goes in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Start of the mapping in this process (page aligned).
+    pub host_addr: u64,
+    /// Length in bytes (page aligned, non-zero).
+    pub len: u64,
+    /// Offset of the region in the output file (page aligned). When a
+    /// source memfd is given ([`LiveCopyOptions::source`]), also the
+    /// region's offset in that memfd.
+    pub file_offset: u64,
+}
+
+/// Tuning and optional inputs of a live copy.
+#[derive(Debug)]
+pub struct LiveCopyOptions {
+    /// The memfd behind the regions (at the regions' `file_offset`s, as
+    /// `GuestRam` lays them out). With it the bulk copier skips memfd holes
+    /// (never-touched RAM) with `SEEK_DATA`/`SEEK_HOLE` instead of reading
+    /// them through the mapping, which would allocate shmem pages for them.
+    pub source: Option<File>,
+    /// Bytes the bulk copier stages per sequential write (rounded to a
+    /// multiple of 256 KiB; default 4 MiB).
+    pub chunk_bytes: usize,
+}
+
+impl Default for LiveCopyOptions {
+    fn default() -> Self {
+        LiveCopyOptions {
+            source: None,
+            chunk_bytes: 4 << 20,
+        }
+    }
+}
+
+/// What a finished live copy did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveCopyReport {
+    /// Bytes of RAM covered (the sum of the region lengths).
+    pub logical_bytes: u64,
+    /// Bytes passed to `pwrite`. Every page is written at most once, so
+    /// this equals `data_bytes`.
+    pub bytes_written: u64,
+    /// Bytes of non-zero pages (the rest are holes in the file).
+    pub data_bytes: u64,
+    /// Write-protect faults handled.
+    pub faults: u64,
+    /// Faults on pages not yet copied, which the handler copied first.
+    pub fault_copies: u64,
+    /// Longest time between the handler reading a fault and releasing it.
+    pub max_fault_stall: Duration,
+    /// From start until the file was written and synced.
+    pub duration: Duration,
+    /// Of `duration`, the final fsync.
+    pub sync: Duration,
+}
+
+/// Errors of the live copy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A region is unaligned or empty.
+    #[error(
+        "region {index} (host {host_addr:#x}, {len:#x} bytes, file offset {file_offset:#x}) \
+         must be non-empty and page aligned in address, length and offset"
+    )]
+    BadRegion {
+        /// Index in the list.
+        index: usize,
+        /// Its host address.
+        host_addr: u64,
+        /// Its length.
+        len: u64,
+        /// Its file offset.
+        file_offset: u64,
+    },
+    /// Two regions overlap in memory or in the file.
+    #[error("regions {0} and {1} overlap in memory or in the file")]
+    Overlap(usize, usize),
+    /// The output file is shorter than the regions need.
+    #[error(
+        "the memory file is {len} bytes but the regions end at {need}: \
+         size it with set_len before the copy"
+    )]
+    FileTooShort {
+        /// Its length.
+        len: u64,
+        /// The end of the last region.
+        need: u64,
+    },
+    /// The output file already holds data.
+    #[error(
+        "the memory file already holds data at offset {0:#x}: the live copy writes only \
+         non-zero pages and relies on holes reading as zero, so give it a freshly created \
+         file sized with set_len"
+    )]
+    FileNotEmpty(u64),
+    /// Inspecting the output or source file failed.
+    #[error("cannot inspect {what}: {source}")]
+    Inspect {
+        /// Which file and what was asked.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A userfaultfd operation failed.
+    #[error(transparent)]
+    Uffd(#[from] uffd::Error),
+    /// Writing the memory file failed.
+    #[error("writing {len} bytes at offset {offset:#x} of the memory file failed: {source}")]
+    Write {
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// fsync of the memory file failed.
+    #[error("fsync of the memory file failed: {0}")]
+    Sync(#[source] io::Error),
+    /// A copier thread could not be created or its wake-up eventfd failed.
+    #[error("cannot start the live copy threads: {0}")]
+    Spawn(#[source] io::Error),
+    /// A copier thread panicked.
+    #[error("the live copy {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+fn validate(regions: &[Region]) -> Result<(), Error> {
+    let aligned = |v: u64| v % PAGE_SIZE == 0;
+    for (index, r) in regions.iter().enumerate() {
+        if r.len == 0 || !aligned(r.host_addr) || !aligned(r.len) || !aligned(r.file_offset) {
+            return Err(Error::BadRegion {
+                index,
+                host_addr: r.host_addr,
+                len: r.len,
+                file_offset: r.file_offset,
+            });
+        }
+    }
+    let overlaps = |a0: u64, a1: u64, b0: u64, b1: u64| a0 < b1 && b0 < a1;
+    for (i, a) in regions.iter().enumerate() {
+        for (j, b) in regions.iter().enumerate().skip(i + 1) {
+            if overlaps(
+                a.host_addr,
+                a.host_addr + a.len,
+                b.host_addr,
+                b.host_addr + b.len,
+            ) || overlaps(
+                a.file_offset,
+                a.file_offset + a.len,
+                b.file_offset,
+                b.file_offset + b.len,
+            ) {
+                return Err(Error::Overlap(i, j));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write-protects every region: one `UFFDIO_WRITEPROTECT` per region. Run
+/// it with the vCPUs paused; returns how long the protection took. On
+/// failure nothing is left protected.
+pub fn arm(uffd: &Uffd, regions: &[Region]) -> Result<Duration, Error> {
+    validate(regions)?;
+    let start = Instant::now();
+    for (i, r) in regions.iter().enumerate() {
+        if let Err(e) = uffd.write_protect(r.host_addr, r.len, true) {
+            let _ = disarm(uffd, &regions[..=i]);
+            return Err(e.into());
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// Releases every region and wakes every blocked writer: for a caller that
+/// armed but cannot start the copy. Tries every region even if one fails.
+pub fn disarm(uffd: &Uffd, regions: &[Region]) -> Result<(), Error> {
+    let mut first = None;
+    for r in regions {
+        if let Err(e) = uffd.write_protect(r.host_addr, r.len, false) {
+            first.get_or_insert(e);
+        }
+    }
+    match first {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+struct RegionState {
+    r: Region,
+    claimed: Vec<AtomicU64>,
+    captured: Vec<AtomicU64>,
+}
+
+impl RegionState {
+    fn new(r: Region) -> Self {
+        let words = (r.len / PAGE_SIZE).div_ceil(WORD_PAGES) as usize;
+        let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
+        RegionState {
+            r,
+            claimed: bits(),
+            captured: bits(),
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        self.r.len / PAGE_SIZE
+    }
+
+    /// Bits of word `w` that are pages of this region.
+    fn word_mask(&self, w: u64) -> u64 {
+        let n = (self.pages() - w * WORD_PAGES).min(WORD_PAGES);
+        if n == WORD_PAGES {
+            !0
+        } else {
+            (1u64 << n) - 1
+        }
+    }
+
+    fn page_addr(&self, page: u64) -> u64 {
+        self.r.host_addr + page * PAGE_SIZE
+    }
+
+    /// The page at `page`, to be read only while it is write-protected and
+    /// owned by the caller (claimed, not yet released).
+    ///
+    /// # Safety
+    /// The caller must own the page as described; the region's mapping must
+    /// be live (the contract of [`LiveCopy::start`]).
+    unsafe fn page(&self, page: u64) -> &[u8] {
+        // SAFETY: the mapping is live and readable for the whole copy (the
+        // caller of `LiveCopy::start` promised it), `page` is in range, and
+        // nobody writes the page while it is protected, so the shared
+        // slice does not alias a concurrent write.
+        unsafe { std::slice::from_raw_parts(self.page_addr(page) as *const u8, PAGE) }
+    }
+}
+
+struct Shared {
+    uffd: Arc<Uffd>,
+    regions: Vec<RegionState>,
+    out: File,
+    stop: AtomicBool,
+    bulk_done: AtomicBool,
+    /// eventfd that wakes the fault handler from poll.
+    wake: OwnedFd,
+    error: Mutex<Option<Error>>,
+    faults: AtomicU64,
+    fault_copies: AtomicU64,
+    max_stall_ns: AtomicU64,
+    bytes_written: AtomicU64,
+    data_bytes: AtomicU64,
+}
+
+impl Shared {
+    /// Records the first error, stops both threads and releases all RAM.
+    fn fail(&self, e: Error) {
+        {
+            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(e);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.release_all();
+        self.signal();
+    }
+
+    fn release_all(&self) -> Result<(), Error> {
+        let regions: Vec<Region> = self.regions.iter().map(|s| s.r).collect();
+        disarm(&self.uffd, &regions)
+    }
+
+    fn signal(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn locate(&self, addr: u64) -> Option<(&RegionState, u64)> {
+        self.regions.iter().find_map(|s| {
+            (addr >= s.r.host_addr && addr < s.r.host_addr + s.r.len)
+                .then(|| (s, (addr - s.r.host_addr) / PAGE_SIZE))
+        })
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), Error> {
+        self.out
+            .write_all_at(buf, offset)
+            .map_err(|source| Error::Write {
+                offset,
+                len: buf.len() as u64,
+                source,
+            })?;
+        self.bytes_written
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.data_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A running live copy. Dropping it without [`LiveCopy::wait`] stops the
+/// copy and releases all RAM.
+pub struct LiveCopy {
+    shared: Arc<Shared>,
+    bulk: Option<JoinHandle<()>>,
+    handler: Option<JoinHandle<()>>,
+    started: Instant,
+    /// Set once `wait` has released everything.
+    finished: bool,
+}
+
+impl LiveCopy {
+    /// Starts copying `regions` (already armed with [`arm`] on `uffd`) into
+    /// `file` with default options. See [`LiveCopy::start_with`].
+    ///
+    /// # Safety
+    /// As for [`LiveCopy::start_with`].
+    pub unsafe fn start(
+        uffd: Arc<Uffd>,
+        regions: &[Region],
+        file: File,
+    ) -> Result<LiveCopy, Error> {
+        // SAFETY: the caller upholds start_with's contract.
+        unsafe { Self::start_with(uffd, regions, file, LiveCopyOptions::default()) }
+    }
+
+    /// Starts the bulk copier and the fault handler. `file` must be freshly
+    /// created and sized (holes everywhere). If starting fails, every region
+    /// is released before the error is returned.
+    ///
+    /// # Safety
+    /// Every region must be a readable mapping that stays mapped until
+    /// [`LiveCopy::wait`] returns or the `LiveCopy` is dropped, and `uffd`
+    /// must be the userfaultfd the regions are registered with.
+    pub unsafe fn start_with(
+        uffd: Arc<Uffd>,
+        regions: &[Region],
+        file: File,
+        options: LiveCopyOptions,
+    ) -> Result<LiveCopy, Error> {
+        let started = Instant::now();
+        let prepared = Self::prepare(regions, &file);
+        if let Err(e) = prepared {
+            let _ = disarm(&uffd, regions);
+            return Err(e);
+        }
+        // SAFETY: eventfd takes only flags; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            let _ = disarm(&uffd, regions);
+            return Err(Error::Spawn(io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+        let shared = Arc::new(Shared {
+            uffd,
+            regions: regions.iter().copied().map(RegionState::new).collect(),
+            out: file,
+            stop: AtomicBool::new(false),
+            bulk_done: AtomicBool::new(false),
+            wake,
+            error: Mutex::new(None),
+            faults: AtomicU64::new(0),
+            fault_copies: AtomicU64::new(0),
+            max_stall_ns: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            data_bytes: AtomicU64::new(0),
+        });
+        let mut copy = LiveCopy {
+            shared: shared.clone(),
+            bulk: None,
+            handler: None,
+            started,
+            finished: false,
+        };
+        let sh = shared.clone();
+        copy.handler = Some(
+            std::thread::Builder::new()
+                .name("live-wp-faults".into())
+                .spawn(move || {
+                    match std::panic::catch_unwind(AssertUnwindSafe(|| handle_faults(&sh))) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => sh.fail(e),
+                        Err(_) => sh.fail(Error::Panicked("fault handler")),
+                    }
+                })
+                .map_err(|e| {
+                    shared.fail(Error::Spawn(io::Error::other("no thread")));
+                    Error::Spawn(e)
+                })?,
+        );
+        let sh = shared.clone();
+        let chunk_pages = (options.chunk_bytes as u64 / PAGE_SIZE)
+            .next_multiple_of(WORD_PAGES)
+            .max(WORD_PAGES);
+        let source = options.source;
+        copy.bulk = Some(
+            std::thread::Builder::new()
+                .name("live-bulk-copy".into())
+                .spawn(move || {
+                    let run = || bulk_copy(&sh, source.as_ref(), chunk_pages);
+                    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => sh.fail(e),
+                        Err(_) => sh.fail(Error::Panicked("bulk copy")),
+                    }
+                    sh.bulk_done.store(true, Ordering::SeqCst);
+                    sh.signal();
+                })
+                .map_err(|e| {
+                    shared.fail(Error::Spawn(io::Error::other("no thread")));
+                    Error::Spawn(e)
+                })?,
+        );
+        Ok(copy)
+    }
+
+    fn prepare(regions: &[Region], file: &File) -> Result<(), Error> {
+        validate(regions)?;
+        let need = regions
+            .iter()
+            .map(|r| r.file_offset + r.len)
+            .max()
+            .unwrap_or(0);
+        let meta = file.metadata().map_err(|source| Error::Inspect {
+            what: "the memory file's size",
+            source,
+        })?;
+        if meta.len() < need {
+            return Err(Error::FileTooShort {
+                len: meta.len(),
+                need,
+            });
+        }
+        // A fresh set_len file has no blocks; if it has some, ask where data is.
+        if meta.blocks() > 0 {
+            if let Some((start, _)) = data_ranges(file, 0, meta.len(), "the memory file")?.first() {
+                return Err(Error::FileNotEmpty(*start));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages of RAM captured so far and in total.
+    pub fn progress(&self) -> (u64, u64) {
+        let mut done = 0;
+        let mut total = 0;
+        for s in &self.shared.regions {
+            total += s.pages();
+            done += s
+                .captured
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+                .sum::<u64>();
+        }
+        (done, total)
+    }
+
+    /// Waits for the copy to finish, releases all RAM (also on error) and
+    /// fsyncs the file.
+    pub fn wait(mut self) -> Result<LiveCopyReport, Error> {
+        self.join();
+        self.finished = true;
+        let sh = &self.shared;
+        let released = sh.release_all();
+        if let Some(e) = sh.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        released?;
+        let sync_start = Instant::now();
+        sh.out.sync_all().map_err(Error::Sync)?;
+        let sync = sync_start.elapsed();
+        Ok(LiveCopyReport {
+            logical_bytes: sh.regions.iter().map(|s| s.r.len).sum(),
+            bytes_written: sh.bytes_written.load(Ordering::Relaxed),
+            data_bytes: sh.data_bytes.load(Ordering::Relaxed),
+            faults: sh.faults.load(Ordering::Relaxed),
+            fault_copies: sh.fault_copies.load(Ordering::Relaxed),
+            max_fault_stall: Duration::from_nanos(sh.max_stall_ns.load(Ordering::Relaxed)),
+            duration: self.started.elapsed(),
+            sync,
+        })
+    }
+
+    fn join(&mut self) {
+        if let Some(b) = self.bulk.take() {
+            if b.join().is_err() {
+                self.shared.fail(Error::Panicked("bulk copy"));
+            }
+        }
+        // The bulk thread set bulk_done and signalled; the handler drains and exits.
+        if let Some(h) = self.handler.take() {
+            if h.join().is_err() {
+                self.shared.fail(Error::Panicked("fault handler"));
+            }
+        }
+    }
+}
+
+impl Drop for LiveCopy {
+    fn drop(&mut self) {
+        if self.bulk.is_some() || self.handler.is_some() {
+            self.shared.stop.store(true, Ordering::SeqCst);
+            self.shared.signal();
+            self.join();
+        }
+        if !self.finished {
+            let _ = self.shared.release_all();
+        }
+    }
+}
+
+/// Data extents of `file` within `[start, end)`, by SEEK_DATA/SEEK_HOLE.
+fn data_ranges(
+    file: &File,
+    start: u64,
+    end: u64,
+    what: &'static str,
+) -> Result<Vec<(u64, u64)>, Error> {
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence: libc::c_int| -> Result<Option<u64>, Error> {
+        // SAFETY: lseek on a descriptor we hold; only the file position changes.
+        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(Error::Inspect { what, source: e });
+        }
+        Ok(Some(r as u64))
+    };
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let Some(d) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if d >= end {
+            break;
+        }
+        let h = seek(d, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((d, h));
+        pos = h;
+    }
+    Ok(out)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: any bit pattern is a valid u64; align_to handles the edges.
+    let (head, body, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Calls `f(first, count)` for every run of consecutive set bits.
+fn for_each_run(
+    mut bits: u64,
+    mut f: impl FnMut(u64, u64) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut base = 0u64;
+    while bits != 0 {
+        let skip = bits.trailing_zeros() as u64;
+        bits >>= skip;
+        base += skip;
+        let run = bits.trailing_ones() as u64;
+        f(base, run)?;
+        bits = if run == 64 { 0 } else { bits >> run };
+        base += run;
+    }
+    Ok(())
+}
+
+fn bulk_copy(sh: &Shared, source: Option<&File>, chunk_pages: u64) -> Result<(), Error> {
+    let mut staging = vec![0u8; chunk_pages as usize * PAGE];
+    let mut present = vec![false; chunk_pages as usize];
+    let mut is_data = vec![true; chunk_pages as usize];
+    for rs in &sh.regions {
+        let pages = rs.pages();
+        let mut c0 = 0u64;
+        while c0 < pages {
+            let c1 = (c0 + chunk_pages).min(pages);
+            present.fill(false);
+            if let Some(src) = source {
+                // A page that is a memfd hole now and that this thread then
+                // claims was never released, so it was a hole (zero) at arm.
+                is_data.fill(false);
+                let base = rs.r.file_offset;
+                let ranges = data_ranges(
+                    src,
+                    base + c0 * PAGE_SIZE,
+                    base + c1 * PAGE_SIZE,
+                    "the source memfd",
+                )?;
+                for (d, h) in ranges {
+                    let first = (d - base) / PAGE_SIZE;
+                    let last = (h - base).div_ceil(PAGE_SIZE);
+                    is_data[(first - c0) as usize..(last - c0) as usize].fill(true);
+                }
+            }
+            for w in c0 / WORD_PAGES..c1.div_ceil(WORD_PAGES) {
+                if sh.stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let mask = rs.word_mask(w);
+                let owned = mask & !rs.claimed[w as usize].fetch_or(mask, Ordering::AcqRel);
+                if owned == 0 {
+                    continue;
+                }
+                let mut bits = owned;
+                while bits != 0 {
+                    let page = w * WORD_PAGES + bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let slot = (page - c0) as usize;
+                    if !is_data[slot] {
+                        continue;
+                    }
+                    // SAFETY: this thread claimed the page and has not
+                    // released it, so it is protected and unchanging.
+                    let src = unsafe { rs.page(page) };
+                    if is_zero(src) {
+                        continue;
+                    }
+                    staging[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(src);
+                    present[slot] = true;
+                }
+                rs.captured[w as usize].fetch_or(owned, Ordering::Release);
+                for_each_run(owned, |first, n| {
+                    let addr = rs.page_addr(w * WORD_PAGES + first);
+                    sh.uffd.write_protect(addr, n * PAGE_SIZE, false)?;
+                    Ok(())
+                })?;
+            }
+            // Write the chunk's non-zero runs.
+            let mut i = 0usize;
+            let n = (c1 - c0) as usize;
+            while i < n {
+                if !present[i] {
+                    i += 1;
+                    continue;
+                }
+                let s = i;
+                while i < n && present[i] {
+                    i += 1;
+                }
+                let offset = rs.r.file_offset + (c0 + s as u64) * PAGE_SIZE;
+                sh.write(offset, &staging[s * PAGE..i * PAGE])?;
+            }
+            c0 = c1;
+        }
+    }
+    Ok(())
+}
+
+fn handle_faults(sh: &Shared) -> Result<(), Error> {
+    let mut batch = [WpFault {
+        addr: 0,
+        write: false,
+        wp: false,
+    }; 64];
+    let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    loop {
+        if sh.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let n = sh.uffd.read_events(&mut batch)?;
+        if n == 0 {
+            // Every page is released by the time the bulk copier finishes,
+            // so once it has and the queue is empty no fault can come.
+            if sh.bulk_done.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            wait_readable(sh)?;
+            continue;
+        }
+        let read_at = Instant::now();
+        for f in &batch[..n] {
+            if sh.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            release_fault(sh, f.addr, &mut pending, &mut pool)?;
+            let stall = read_at.elapsed().as_nanos() as u64;
+            sh.max_stall_ns.fetch_max(stall, Ordering::Relaxed);
+            sh.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        for (offset, buf) in pending.drain(..) {
+            sh.write(offset, &buf)?;
+            pool.push(buf);
+        }
+    }
+}
+
+/// Copies (if nobody has) and releases the page at `addr`.
+fn release_fault(
+    sh: &Shared,
+    addr: u64,
+    pending: &mut Vec<(u64, Vec<u8>)>,
+    pool: &mut Vec<Vec<u8>>,
+) -> Result<(), Error> {
+    let Some((rs, page)) = sh.locate(addr) else {
+        // Not ours to copy, but never leave a writer hanging.
+        sh.uffd.write_protect(addr, PAGE_SIZE, false)?;
+        return Ok(());
+    };
+    let w = (page / WORD_PAGES) as usize;
+    let bit = 1u64 << (page % WORD_PAGES);
+    if rs.claimed[w].fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+        // SAFETY: this thread just claimed the page; it stays protected
+        // until the release below.
+        let src = unsafe { rs.page(page) };
+        if !is_zero(src) {
+            let mut buf = pool.pop().unwrap_or_else(|| vec![0u8; PAGE]);
+            buf.copy_from_slice(src);
+            pending.push((rs.r.file_offset + page * PAGE_SIZE, buf));
+        }
+        rs.captured[w].fetch_or(bit, Ordering::Release);
+        sh.fault_copies.fetch_add(1, Ordering::Relaxed);
+    } else {
+        // Its owner releases it right after capturing it (one word's
+        // memcpy at most); release it as soon as it is captured.
+        let mut spins = 0u32;
+        while rs.captured[w].load(Ordering::Acquire) & bit == 0 {
+            if sh.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+    sh.uffd
+        .write_protect(rs.page_addr(page), PAGE_SIZE, false)?;
+    Ok(())
+}
+
+/// Sleeps until the userfaultfd has a fault or the eventfd was signalled.
+fn wait_readable(sh: &Shared) -> Result<(), Error> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sh.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: sh.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfd for the call's duration.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::Uffd(uffd::Error::Read(e)));
+        }
+    }
+    if fds[1].revents & libc::POLLIN != 0 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from our eventfd.
+        let _ = unsafe { libc::read(sh.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::uffd::tests::SharedMem;
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicUsize;
+
+    const MIB: u64 = 1 << 20;
+
+    fn uffd() -> Arc<Uffd> {
+        Arc::new(Uffd::new().unwrap_or_else(|e| panic!("live BRANCH needs uffd-wp on shmem: {e}")))
+    }
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("live-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn fresh_file(&self, name: &str, len: u64) -> (PathBuf, File) {
+            let path = self.0.join(name);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            f.set_len(len).unwrap();
+            (path, f)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Runs `f` on a thread and reports whether it finished within `secs`.
+    fn finishes_within(secs: u64, f: impl FnOnce() + Send + 'static) -> bool {
+        let t = std::thread::spawn(f);
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if t.is_finished() {
+                t.join().unwrap();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn register(uffd: &Uffd, regions: &[Region]) {
+        for r in regions {
+            uffd.register_wp(r.host_addr, r.len).unwrap();
+        }
+    }
+
+    /// Every page of every region can be written without blocking.
+    fn assert_all_writable(regions: &[Region]) {
+        let regions = regions.to_vec();
+        assert!(
+            finishes_within(20, move || {
+                for r in &regions {
+                    for p in (0..r.len).step_by(PAGE) {
+                        let a = (r.host_addr + p) as *mut u8;
+                        // SAFETY: inside a live test mapping.
+                        unsafe { a.write_volatile(a.read_volatile()) };
+                    }
+                }
+            }),
+            "a write blocked: memory was left write-protected"
+        );
+    }
+
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    /// Writers stamping pages (sequence numbers) all over `regions` until stopped.
+    struct Writers {
+        stop: Arc<AtomicBool>,
+        writes: Arc<AtomicUsize>,
+        threads: Vec<JoinHandle<()>>,
+    }
+
+    impl Writers {
+        fn start(n: usize, regions: &[Region], seed: u64) -> Writers {
+            let stop = Arc::new(AtomicBool::new(false));
+            let writes = Arc::new(AtomicUsize::new(0));
+            let threads = (0..n)
+                .map(|t| {
+                    let regions = regions.to_vec();
+                    let (stop, writes) = (stop.clone(), writes.clone());
+                    std::thread::spawn(move || {
+                        let mut s = seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        let mut seq = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            let r = &regions[(xorshift(&mut s) % regions.len() as u64) as usize];
+                            let page = xorshift(&mut s) % (r.len / PAGE_SIZE);
+                            let word = xorshift(&mut s) % (PAGE_SIZE / 8);
+                            seq += 1;
+                            let a = (r.host_addr + page * PAGE_SIZE + word * 8) as *mut u64;
+                            // SAFETY: inside a live test mapping (outlives the writers).
+                            unsafe { a.write_volatile(seq << 8 | t as u64) };
+                            writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                })
+                .collect();
+            Writers {
+                stop,
+                writes,
+                threads,
+            }
+        }
+
+        fn stop(self) -> usize {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.threads {
+                t.join().unwrap();
+            }
+            self.writes.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Fills pages with a pattern: some pages stay memfd holes, some are
+    /// written as explicit zeros, the rest carry (iteration, page) stamps.
+    fn fill(mem: &SharedMem, regions: &[Region], iteration: u64) {
+        for r in regions {
+            for page in 0..r.len / PAGE_SIZE {
+                let kind = (page * 7 + iteration) % 8;
+                if kind == 0 {
+                    continue; // hole
+                }
+                let a = (r.host_addr + page * PAGE_SIZE) as *mut u64;
+                for word in 0..PAGE_SIZE / 8 {
+                    let v = if kind == 1 {
+                        0
+                    } else {
+                        (iteration << 48) ^ (r.file_offset + page * PAGE_SIZE) ^ (word * 0x1111)
+                    };
+                    // SAFETY: inside the live test mapping.
+                    unsafe { a.add(word as usize).write(v) };
+                }
+            }
+        }
+        let _ = mem;
+    }
+
+    /// The content of `regions` now, laid out as the memory file.
+    fn expected_file(regions: &[Region], file_len: u64) -> Vec<u8> {
+        let mut out = vec![0u8; file_len as usize];
+        for r in regions {
+            // SAFETY: a live test mapping; the regions are write-protected
+            // and no writer runs yet, so nothing changes it meanwhile.
+            let src =
+                unsafe { std::slice::from_raw_parts(r.host_addr as *const u8, r.len as usize) };
+            out[r.file_offset as usize..(r.file_offset + r.len) as usize].copy_from_slice(src);
+        }
+        out
+    }
+
+    fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+        a.chunks(PAGE)
+            .zip(b.chunks(PAGE))
+            .position(|(x, y)| x != y)
+            .map(|p| p * PAGE)
+    }
+
+    /// The file equals RAM at the arm instant, byte for byte, while writers
+    /// stamp pages all over both regions during the copy. Ten runs with
+    /// different chunk sizes, with and without the source memfd.
+    #[test]
+    fn copy_equals_memory_at_arm_under_concurrent_writers() {
+        let uffd = uffd();
+        let dir = TempDir::new("consistency");
+        let (mut faults, mut fault_copies) = (0, 0);
+        for iteration in 0..10u64 {
+            let mem = SharedMem::new(130 * MIB);
+            let with_source = iteration % 2 == 0;
+            // Region 1's length is not a multiple of 64 pages (a partial
+            // bitmap word); without a source memfd it also sits at a
+            // different offset in the file than in the memfd.
+            let regions = [
+                Region {
+                    host_addr: mem.addr,
+                    len: 64 * MIB,
+                    file_offset: 0,
+                },
+                Region {
+                    host_addr: mem.addr + 66 * MIB,
+                    len: 64 * MIB - 5 * PAGE_SIZE,
+                    file_offset: if with_source { 66 * MIB } else { 64 * MIB },
+                },
+            ];
+            let file_len = regions[1].file_offset + regions[1].len + 3 * PAGE_SIZE;
+            register(&uffd, &regions);
+            fill(&mem, &regions, iteration);
+            let (path, file) = dir.fresh_file("memory", file_len);
+
+            let armed = arm(&uffd, &regions).unwrap();
+            assert!(armed < Duration::from_secs(1));
+            let expected = expected_file(&regions, file_len);
+            let writers = Writers::start(2, &regions, iteration + 1);
+            let options = LiveCopyOptions {
+                source: with_source.then(|| mem.file.try_clone().unwrap()),
+                chunk_bytes: [256 << 10, 1 << 20, 4 << 20, 8 << 20, 3 << 20]
+                    [iteration as usize % 5],
+            };
+            // SAFETY: `mem` outlives the copy (waited for below).
+            let copy =
+                unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) }.unwrap();
+            let report = copy.wait().unwrap();
+            let writes = writers.stop();
+
+            let got = std::fs::read(&path).unwrap();
+            assert_eq!(got.len(), expected.len());
+            if let Some(at) = first_difference(&got, &expected) {
+                panic!(
+                    "iteration {iteration}: the file differs from memory at the arm instant \
+                     at file offset {at:#x} ({report:?})"
+                );
+            }
+            let data_pages = expected.chunks(PAGE).filter(|p| !is_zero(p)).count() as u64;
+            assert_eq!(report.data_bytes, data_pages * PAGE_SIZE, "{report:?}");
+            assert_eq!(report.bytes_written, report.data_bytes);
+            assert_eq!(report.logical_bytes, regions[0].len + regions[1].len);
+            assert!(writes > 0);
+            faults += report.faults;
+            fault_copies += report.fault_copies;
+            assert_all_writable(&regions);
+            eprintln!(
+                "iteration {iteration}: {report:?}, {writes} writes, arm {:?}",
+                armed
+            );
+            for r in &regions {
+                uffd.unregister(r.host_addr, r.len).unwrap();
+            }
+        }
+        assert!(faults > 0, "the writers never hit a protected page");
+        assert!(fault_copies > 0, "the handler never copied a page first");
+    }
+
+    /// Zero pages and memfd holes become file holes, and with the source
+    /// memfd the copier does not populate the memfd's holes.
+    #[test]
+    fn zero_pages_stay_holes() {
+        let uffd = uffd();
+        let dir = TempDir::new("sparse");
+        for with_source in [true, false] {
+            let mem = SharedMem::new(64 * MIB);
+            let regions = [Region {
+                host_addr: mem.addr,
+                len: mem.len,
+                file_offset: 0,
+            }];
+            register(&uffd, &regions);
+            // 8 data pages, 8 explicitly zeroed pages, the rest never touched.
+            for i in 0..16u64 {
+                let a = (mem.addr + i * 997 * PAGE_SIZE) as *mut u8;
+                // SAFETY: inside the live mapping.
+                unsafe { a.write_volatile(if i % 2 == 0 { 0xa5 } else { 0 }) };
+            }
+            let memfd_blocks = mem.file.metadata().unwrap().blocks();
+            let (path, file) = dir.fresh_file("memory", mem.len);
+            arm(&uffd, &regions).unwrap();
+            let options = LiveCopyOptions {
+                source: with_source.then(|| mem.file.try_clone().unwrap()),
+                ..Default::default()
+            };
+            // SAFETY: `mem` outlives the copy.
+            let copy = unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) };
+            let report = copy.unwrap().wait().unwrap();
+            assert_eq!(report.data_bytes, 8 * PAGE_SIZE, "{report:?}");
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.len(), 64 * MIB);
+            assert!(
+                meta.blocks() * 512 <= 1 << 20,
+                "file uses {} bytes on disk for 32 KiB of data",
+                meta.blocks() * 512
+            );
+            if with_source {
+                assert_eq!(
+                    mem.file.metadata().unwrap().blocks(),
+                    memfd_blocks,
+                    "the copier allocated memfd holes"
+                );
+            }
+            let got = std::fs::read(&path).unwrap();
+            for i in 0..16u64 {
+                let want = if i % 2 == 0 { 0xa5 } else { 0 };
+                assert_eq!(got[(i * 997 * PAGE_SIZE) as usize], want);
+            }
+            assert_eq!(got.iter().filter(|&&b| b != 0).count(), 8);
+        }
+    }
+
+    /// A file that refuses writes: the copy fails with the write error,
+    /// every page is released, and writers blocked on faults finish.
+    #[test]
+    fn write_error_releases_everything() {
+        let uffd = uffd();
+        let dir = TempDir::new("error");
+        let mem = SharedMem::new(32 * MIB);
+        let regions = [
+            Region {
+                host_addr: mem.addr,
+                len: 16 * MIB,
+                file_offset: 0,
+            },
+            Region {
+                host_addr: mem.addr + 16 * MIB,
+                len: 16 * MIB,
+                file_offset: 16 * MIB,
+            },
+        ];
+        register(&uffd, &regions);
+        fill(&mem, &regions, 3);
+        let (path, _) = dir.fresh_file("memory", 32 * MIB);
+        let read_only = File::open(&path).unwrap();
+        arm(&uffd, &regions).unwrap();
+        let writers = Writers::start(2, &regions, 99);
+        // SAFETY: `mem` outlives the copy.
+        let copy = unsafe { LiveCopy::start(uffd.clone(), &regions, read_only) }.unwrap();
+        let err = copy.wait().unwrap_err();
+        assert!(matches!(err, Error::Write { .. }), "{err}");
+        assert!(err.to_string().contains("memory file"), "{err}");
+        assert!(
+            finishes_within(20, move || {
+                writers.stop();
+            }),
+            "writers hang after a failed copy"
+        );
+        assert_all_writable(&regions);
+        assert_eq!(uffd.read_event().unwrap(), None);
+    }
+
+    /// Dropping a running copy releases everything.
+    #[test]
+    fn drop_releases_everything() {
+        let uffd = uffd();
+        let dir = TempDir::new("drop");
+        let mem = SharedMem::new(64 * MIB);
+        let regions = [Region {
+            host_addr: mem.addr,
+            len: mem.len,
+            file_offset: 0,
+        }];
+        register(&uffd, &regions);
+        fill(&mem, &regions, 1);
+        let (_, file) = dir.fresh_file("memory", mem.len);
+        arm(&uffd, &regions).unwrap();
+        // SAFETY: `mem` outlives the copy.
+        let copy = unsafe { LiveCopy::start(uffd.clone(), &regions, file) }.unwrap();
+        drop(copy);
+        assert_all_writable(&regions);
+    }
+
+    /// A write to a protected page blocks until the handler has copied the
+    /// page; the file holds the old content and the stall is recorded.
+    #[test]
+    fn protected_write_waits_until_its_page_is_copied() {
+        let uffd = uffd();
+        let dir = TempDir::new("stall");
+        let mem = SharedMem::new(32 * MIB);
+        let regions = [
+            Region {
+                host_addr: mem.addr,
+                len: 16 * MIB,
+                file_offset: 0,
+            },
+            Region {
+                host_addr: mem.addr + 16 * MIB,
+                len: 16 * MIB,
+                file_offset: 16 * MIB,
+            },
+        ];
+        register(&uffd, &regions);
+        fill(&mem, &regions, 5);
+        let target = regions[1].host_addr + 4000 * PAGE_SIZE;
+        // SAFETY: inside the live mapping.
+        let before = unsafe { (target as *const u64).read_volatile() };
+        let (path, file) = dir.fresh_file("memory", 32 * MIB);
+        arm(&uffd, &regions).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                // SAFETY: inside the live mapping, which outlives the thread.
+                unsafe { (target as *mut u64).write_volatile(!before) };
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "a protected write went through"
+        );
+        // SAFETY: `mem` outlives the copy.
+        let copy = unsafe { LiveCopy::start(uffd.clone(), &regions, file) }.unwrap();
+        let report = copy.wait().unwrap();
+        writer.join().unwrap();
+        assert!(report.faults >= 1, "{report:?}");
+        assert!(report.max_fault_stall > Duration::ZERO, "{report:?}");
+        let got = std::fs::read(&path).unwrap();
+        let off = (regions[1].file_offset + 4000 * PAGE_SIZE) as usize;
+        assert_eq!(
+            u64::from_ne_bytes(got[off..off + 8].try_into().unwrap()),
+            before
+        );
+        // SAFETY: inside the live mapping.
+        assert_eq!(unsafe { (target as *const u64).read_volatile() }, !before);
+    }
+
+    /// A fault on a protected page outside the copied regions is released.
+    #[test]
+    fn faults_outside_the_regions_are_released() {
+        let uffd = uffd();
+        let dir = TempDir::new("outside");
+        let mem = SharedMem::new(8 * MIB);
+        uffd.register_wp(mem.addr, mem.len).unwrap();
+        let regions = [Region {
+            host_addr: mem.addr,
+            len: 4 * MIB,
+            file_offset: 0,
+        }];
+        let outside = mem.addr + 6 * MIB;
+        uffd.write_protect(outside, PAGE_SIZE, true).unwrap();
+        let (_, file) = dir.fresh_file("memory", 4 * MIB);
+        arm(&uffd, &regions).unwrap();
+        // SAFETY: `mem` outlives the copy.
+        let copy = unsafe { LiveCopy::start(uffd.clone(), &regions, file) }.unwrap();
+        assert!(
+            finishes_within(20, move || {
+                // SAFETY: inside the live mapping.
+                unsafe { (outside as *mut u8).write_volatile(1) };
+            }),
+            "a write outside the regions hangs"
+        );
+        copy.wait().unwrap();
+    }
+
+    /// Refusals before the copy starts leave nothing protected.
+    #[test]
+    fn bad_inputs_are_refused_and_release_the_arm() {
+        let uffd = uffd();
+        let dir = TempDir::new("refuse");
+        let mem = SharedMem::new(4 * MIB);
+        let regions = [Region {
+            host_addr: mem.addr,
+            len: mem.len,
+            file_offset: 0,
+        }];
+        register(&uffd, &regions);
+
+        let unaligned = [Region {
+            file_offset: 100,
+            ..regions[0]
+        }];
+        assert!(matches!(
+            arm(&uffd, &unaligned),
+            Err(Error::BadRegion { .. })
+        ));
+        let overlapping = [
+            regions[0],
+            Region {
+                host_addr: mem.addr + PAGE_SIZE,
+                len: PAGE_SIZE,
+                file_offset: 8 * MIB,
+            },
+        ];
+        assert!(matches!(
+            arm(&uffd, &overlapping),
+            Err(Error::Overlap(0, 1))
+        ));
+
+        let (_, short) = dir.fresh_file("short", 2 * MIB);
+        arm(&uffd, &regions).unwrap();
+        // SAFETY: `mem` outlives the attempt.
+        let err = unsafe { LiveCopy::start(uffd.clone(), &regions, short) }
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::FileTooShort { .. }), "{err}");
+        assert_all_writable(&regions);
+
+        let (_, used) = dir.fresh_file("used", 4 * MIB);
+        used.write_all_at(&[1; 4096], 2 * MIB).unwrap();
+        arm(&uffd, &regions).unwrap();
+        // SAFETY: `mem` outlives the attempt.
+        let err = unsafe { LiveCopy::start(uffd.clone(), &regions, used) }
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, Error::FileNotEmpty(o) if o == 2 * MIB),
+            "{err}"
+        );
+        assert_all_writable(&regions);
+    }
+
+    #[test]
+    fn runs_of_bits() {
+        let mut runs = Vec::new();
+        for bits in [0u64, 1, !0, 0b1110_0110, 1 << 63, !0 ^ (1 << 10)] {
+            runs.clear();
+            for_each_run(bits, |a, n| {
+                runs.push((a, n));
+                Ok(())
+            })
+            .unwrap();
+            let mut back = 0u64;
+            for &(a, n) in &runs {
+                back |= if n == 64 { !0 } else { ((1u64 << n) - 1) << a };
+            }
+            assert_eq!(back, bits, "{runs:?}");
+        }
+    }
+}

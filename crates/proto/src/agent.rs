@@ -13,7 +13,9 @@
 //! the final one, and both sides close. vsock connections are cheap, a
 //! connection has no state to resynchronise after an error, and closing the
 //! connection is the cancel signal: when the host goes away during `exec`,
-//! the agent kills the process group.
+//! the agent kills the process group. During `exec` the host must neither
+//! send anything after the request nor shut down its write half: the agent
+//! takes either as a cancel.
 //!
 //! # Frame layout
 //!

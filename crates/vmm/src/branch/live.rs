@@ -658,24 +658,32 @@ fn bulk_copy(sh: &Shared, source: Option<&File>, chunk_pages: u64) -> Result<(),
     let mut is_data = vec![true; chunk_pages as usize];
     for rs in &sh.regions {
         let pages = rs.pages();
+        let base = rs.r.file_offset;
+        // The memfd's data extents, read once per region (SEEK_HOLE scans
+        // to the end of a data extent, so asking per chunk is quadratic on
+        // populated RAM). A page that is a hole now and that this thread
+        // later claims was never released, so it was a hole (zero) at arm.
+        let extents = match source {
+            Some(src) => Some(data_ranges(src, base, base + rs.r.len, "the source memfd")?),
+            None => None,
+        };
+        let mut next_extent = 0usize;
         let mut c0 = 0u64;
         while c0 < pages {
             let c1 = (c0 + chunk_pages).min(pages);
             present.fill(false);
-            if let Some(src) = source {
-                // A page that is a memfd hole now and that this thread then
-                // claims was never released, so it was a hole (zero) at arm.
+            if let Some(extents) = &extents {
                 is_data.fill(false);
-                let base = rs.r.file_offset;
-                let ranges = data_ranges(
-                    src,
-                    base + c0 * PAGE_SIZE,
-                    base + c1 * PAGE_SIZE,
-                    "the source memfd",
-                )?;
-                for (d, h) in ranges {
-                    let first = (d - base) / PAGE_SIZE;
-                    let last = (h - base).div_ceil(PAGE_SIZE);
+                let (lo, hi) = (base + c0 * PAGE_SIZE, base + c1 * PAGE_SIZE);
+                while next_extent < extents.len() && extents[next_extent].1 <= lo {
+                    next_extent += 1;
+                }
+                for &(d, h) in &extents[next_extent..] {
+                    if d >= hi {
+                        break;
+                    }
+                    let first = (d.max(lo) - base) / PAGE_SIZE;
+                    let last = (h.min(hi) - base).div_ceil(PAGE_SIZE);
                     is_data[(first - c0) as usize..(last - c0) as usize].fill(true);
                 }
             }

@@ -94,6 +94,7 @@ impl Vm {
             dir: dir.to_owned(),
             leave_paused: false,
             mode,
+            wait: true,
         };
         match self.client.call(&req).unwrap() {
             ControlResponse::Snapshot {

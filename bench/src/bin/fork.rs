@@ -124,6 +124,7 @@ fn make_snapshot(vmm: &Path, work: &Path, snap: &Path, mem_mib: u64, warm_mib: u
             dir: snap.to_owned(),
             leave_paused: true,
             mode: SnapshotMode::Full,
+            wait: true,
         })
         .unwrap(),
     );

@@ -41,6 +41,11 @@ pub enum ControlRequest {
         /// What the pause holds (default: full).
         #[serde(default)]
         mode: SnapshotMode,
+        /// For live: answer once the copy is done (default); with false,
+        /// answer as soon as the VM runs again, the snapshot `writing` until
+        /// the copy ends.
+        #[serde(default = "default_true")]
+        wait: bool,
     },
     /// Read guest memory (at most [`MAX_PEEK_BYTES`]) without involving the guest.
     Peek {
@@ -49,6 +54,10 @@ pub enum ControlRequest {
         /// Bytes to read.
         len: u64,
     },
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How a snapshot (BRANCH) captures memory.
@@ -61,6 +70,10 @@ pub enum SnapshotMode {
     /// Write the pages changed since the VM's last snapshot (or the snapshot
     /// it was restored from) while paused, over that snapshot.
     Diff,
+    /// Pause only to save CPU state and write-protect RAM (userfaultfd); copy
+    /// RAM in the background while the VM runs, a page a guest writes first
+    /// being copied before its write goes through. Needs memfd RAM.
+    Live,
 }
 
 /// VM run state.

@@ -127,7 +127,8 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
             dir,
             leave_paused,
             mode,
-        } => match machine.snapshot(&dir, leave_paused, mode) {
+            wait,
+        } => match machine.snapshot(&dir, leave_paused, mode, wait) {
             Ok(done) => ControlResponse::Snapshot {
                 meta: serde_json::to_value(done.meta).expect("metadata serialises"),
                 pause_ms: done.pause.map(|d| d.as_secs_f64() * 1e3),

@@ -20,6 +20,7 @@ fn branch(vm: &mut TestVm, dir: &Path, mode: SnapshotMode) -> serde_json::Value 
         dir: dir.to_owned(),
         leave_paused: false,
         mode,
+        wait: true,
     }) {
         ControlResponse::Snapshot { meta, .. } => meta,
         other => panic!("{mode:?} branch failed: {other:?}"),
@@ -48,7 +49,15 @@ fn check_memory_file(dir: &Path) -> (u64, u64) {
 fn branch_many_times(mode: SnapshotMode, rounds: usize) {
     let tmp = TempDir::new(&format!("branch-{mode:?}"));
     let mem = MEM_MIB.to_string();
-    let mut vm = TestVm::start(&["--builtin", "--mem-mib", &mem, "--console", "none"]);
+    let mut vm = TestVm::start(&[
+        "--builtin",
+        "--mem-mib",
+        &mem,
+        "--console",
+        "none",
+        "--memory-backend",
+        "memfd",
+    ]);
     match vm.guest(GuestRequest::StampStart {
         mib: STAMP_MIB,
         offset_mib: 0,
@@ -96,4 +105,88 @@ fn full_branches_are_consistent_under_concurrent_writes() {
 #[test]
 fn diff_branches_are_consistent_under_concurrent_writes() {
     branch_many_times(SnapshotMode::Diff, 8);
+}
+
+#[test]
+fn live_branches_are_consistent_under_concurrent_writes() {
+    branch_many_times(SnapshotMode::Live, 8);
+}
+
+#[test]
+fn a_live_branch_without_wait_is_writing_until_its_copy_ends() {
+    let tmp = TempDir::new("branch-nowait");
+    let mem = MEM_MIB.to_string();
+    let mut vm = TestVm::start(&[
+        "--builtin",
+        "--mem-mib",
+        &mem,
+        "--console",
+        "none",
+        "--memory-backend",
+        "memfd",
+    ]);
+    vm.guest(GuestRequest::StampStart {
+        mib: STAMP_MIB,
+        offset_mib: 0,
+    });
+    let dir = tmp.path().join("live");
+    let meta = match vm.call(ControlRequest::Snapshot {
+        dir: dir.clone(),
+        leave_paused: false,
+        mode: SnapshotMode::Live,
+        wait: false,
+    }) {
+        ControlResponse::Snapshot { meta, pause_ms } => {
+            assert!(pause_ms.is_some());
+            meta
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(meta["status"], "writing");
+    // A second live branch while this one copies is refused.
+    let r = vm.call(ControlRequest::Snapshot {
+        dir: tmp.path().join("second"),
+        leave_paused: false,
+        mode: SnapshotMode::Live,
+        wait: true,
+    });
+    if let ControlResponse::Error { message } = &r {
+        assert!(message.contains("still copying"), "{message}");
+    }
+    // It becomes ready, and is then consistent.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("snapshot.json")).unwrap()).unwrap();
+        match m["status"].as_str().unwrap() {
+            "ready" => break,
+            "writing" => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the live copy never finished"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => panic!("live copy ended {other}"),
+        }
+    }
+    check_memory_file(&dir);
+    vm.shutdown();
+}
+
+#[test]
+fn live_branch_needs_memfd_ram() {
+    let tmp = TempDir::new("branch-anon");
+    let mut vm = TestVm::start(&["--builtin", "--mem-mib", "32", "--console", "none"]);
+    let r = vm.call(ControlRequest::Snapshot {
+        dir: tmp.path().join("x"),
+        leave_paused: false,
+        mode: SnapshotMode::Live,
+        wait: true,
+    });
+    assert!(
+        matches!(r, ControlResponse::Error { ref message } if message.contains("--memory-backend memfd")),
+        "{r:?}"
+    );
+    vm.shutdown();
 }

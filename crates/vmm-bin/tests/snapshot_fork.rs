@@ -52,6 +52,7 @@ fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) 
         dir: dir.to_owned(),
         leave_paused: true,
         mode: SnapshotMode::Full,
+        wait: true,
     }) {
         ControlResponse::Snapshot { meta, .. } => {
             assert_eq!(meta["status"], "ready");
@@ -307,6 +308,7 @@ fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
         dir: snap.clone(),
         leave_paused: false,
         mode: SnapshotMode::Full,
+        wait: true,
     }) {
         ControlResponse::Snapshot { meta, .. } => meta,
         other => panic!("{other:?}"),
@@ -464,6 +466,7 @@ fn snapshot(
         dir: dir.to_owned(),
         leave_paused: false,
         mode,
+        wait: true,
     }) {
         ControlResponse::Snapshot { meta, .. } => meta,
         other => panic!("snapshot failed: {other:?}"),
@@ -497,6 +500,7 @@ fn diff_snapshots_hold_only_changed_pages_and_chain() {
         dir: tmp.path().join("nobase"),
         leave_paused: false,
         mode: SnapshotMode::Diff,
+        wait: true,
     });
     assert!(
         matches!(r, ControlResponse::Error { ref message } if message.contains("full snapshot first")),

@@ -20,11 +20,14 @@ use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{ConsoleOutput, SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::block::DiskStack;
-use crate::devices::virtio::manager::{DeviceState, RestoreBackends, VirtioConfig, VirtioDevices};
+use crate::devices::virtio::manager::{
+    DeviceState, IrqRoute, RestoreBackends, VirtioConfig, VirtioDevices,
+};
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{self, RunControl, VcpuIo};
 use crate::kvm::{cpuid, msrs, vm};
 use crate::machine::Machine;
+use crate::memory::uffd::{self, Uffd};
 use crate::memory::{self, Backend, GuestRam};
 use crate::snapshot::{DeviceStates, GuestKind, ParentRef, PreparedSnapshot};
 
@@ -150,9 +153,10 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         BootSource::Linux(_) => GuestKind::Linux,
     };
     let mut parts = Parts::new(kvm, ram, guest, &cfg.console, None)?;
-    let virtio = VirtioDevices::attach(
+    let virtio = VirtioDevices::attach_routed(
         &cfg.virtio,
         Some(&parts.vm),
+        irq_route(guest),
         parts.ram.memory(),
         &mut parts.mmio,
     )
@@ -203,10 +207,11 @@ pub fn build_from_snapshot(
     let ram = GuestRam::new(state.mem_mib, Backend::File(snapshot.memory_path()))?;
     let mut parts = Parts::new(kvm, ram, state.guest, &cfg.console, Some(&state.devices))?;
     let backends = restore_backends(snapshot, cfg)?;
-    let virtio = VirtioDevices::restore(
+    let virtio = VirtioDevices::restore_routed(
         &state.devices.virtio,
         backends,
         Some(&parts.vm),
+        irq_route(state.guest),
         parts.ram.memory(),
         &mut parts.mmio,
     )
@@ -226,6 +231,16 @@ pub fn build_from_snapshot(
         memory_hash: snapshot.meta.memory_hash.clone(),
     };
     parts.start(state.guest, vcpus, virtio, cfg.paused, Some(base))
+}
+
+/// Where virtio interrupts go: a guest kernel takes them from the irqchip;
+/// the built-in guest, which has no interrupt delivery, is woken through
+/// its channel by a relay (see `Parts::start`).
+fn irq_route(guest: GuestKind) -> IrqRoute {
+    match guest {
+        GuestKind::Builtin => IrqRoute::Relay,
+        GuestKind::Linux => IrqRoute::Irqchip,
+    }
 }
 
 /// A child's own host-side resources for the snapshot's devices: each
@@ -373,8 +388,14 @@ impl Parts {
         paused: bool,
         base: Option<ParentRef>,
     ) -> Result<Machine, BuildError> {
+        let uffd = register_for_live_branch(&self.ram)?;
         let channel = (guest == GuestKind::Builtin)
             .then(|| Arc::new(Channel::new(self.ram.memory().clone())));
+        if let Some(ch) = &channel {
+            let relay_err = |e: std::io::Error| device_err("interrupt relay")(e.to_string());
+            let evts = virtio.interrupt_evts().map_err(relay_err)?;
+            ch.start_relay(evts).map_err(relay_err)?;
+        }
         let control = Arc::new(RunControl::new(channel.clone(), paused));
         let io = VcpuIo {
             pio: Arc::new(self.pio),
@@ -416,7 +437,9 @@ impl Parts {
             serial: self.serial,
             i8042: self.i8042,
             virtio,
-            base: Mutex::new(base),
+            base: Arc::new(Mutex::new(base)),
+            uffd,
+            live: Mutex::new(None),
             guest,
             kvm: self.kvm,
             vm: self.vm,
@@ -424,6 +447,21 @@ impl Parts {
             num_vcpus,
         })
     }
+}
+
+/// Memfd RAM is registered for userfaultfd write-protect when the machine
+/// is built, so a live BRANCH only has to arm it. Other RAM cannot be
+/// live-branched.
+fn register_for_live_branch(ram: &GuestRam) -> Result<Option<Arc<Uffd>>, BuildError> {
+    if *ram.backend() != Backend::Memfd {
+        return Ok(None);
+    }
+    let err = |e: uffd::Error| device_err("userfaultfd for live BRANCH")(e.to_string());
+    let uffd = Uffd::new().map_err(err)?;
+    for (_, host, len) in ram.slots() {
+        uffd.register_wp(host, len).map_err(err)?;
+    }
+    Ok(Some(Arc::new(uffd)))
 }
 
 enum Entry {

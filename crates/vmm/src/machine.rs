@@ -14,12 +14,14 @@ use vmm_sys_util::eventfd::EventFd;
 use kvm_ioctls::Kvm;
 
 use crate::boot::builtin::channel::{self, Channel};
+use crate::branch::live::{self, LiveCopy, LiveCopyOptions, Region};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::manager::VirtioDevices;
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
 use crate::kvm::vm::Vm;
+use crate::memory::uffd::Uffd;
 use crate::memory::GuestRam;
 use crate::snapshot::{
     self, DeviceStates, DriveCapture, GuestKind, MemoryCapture, ParentRef, SnapshotMeta, VmState,
@@ -46,6 +48,17 @@ pub enum Error {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    /// Live BRANCH needs memfd RAM.
+    #[error(
+        "a live snapshot needs guest RAM in a memfd: start the VM with --memory-backend memfd"
+    )]
+    LiveNeedsMemfd,
+    /// One live copy at a time.
+    #[error("a live snapshot of this VM is still copying memory: wait for it to finish")]
+    LiveInFlight,
+    /// The live copy failed to start.
+    #[error("the live copy failed: {0}")]
+    Live(#[from] live::Error),
     /// A diff needs a snapshot to stack on.
     #[error("a diff snapshot needs a base: this VM has neither been restored from a snapshot nor snapshotted since it booted (or its last snapshot failed); take a full snapshot first")]
     NoBase,
@@ -91,7 +104,11 @@ pub struct Machine {
     pub(crate) virtio: VirtioDevices,
     /// The snapshot this VM's memory was last captured as (or restored
     /// from): what a diff snapshot stacks on.
-    pub(crate) base: Mutex<Option<ParentRef>>,
+    pub(crate) base: Arc<Mutex<Option<ParentRef>>>,
+    /// The userfaultfd guest RAM is registered with (memfd RAM only).
+    pub(crate) uffd: Option<Arc<Uffd>>,
+    /// The thread finishing a live copy started with `wait: false`.
+    pub(crate) live: Mutex<Option<JoinHandle<Result<SnapshotMeta, Error>>>>,
     pub(crate) guest: GuestKind,
     pub(crate) kvm: Arc<Kvm>,
     pub(crate) vm: Vm,
@@ -174,30 +191,84 @@ impl Machine {
         dir: &Path,
         leave_paused: bool,
         mode: SnapshotMode,
+        wait: bool,
     ) -> Result<Snapshotted, Error> {
-        if mode == SnapshotMode::Diff
-            && self
-                .base
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-        {
+        let has_base = self
+            .base
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if mode == SnapshotMode::Diff && !has_base {
             return Err(Error::NoBase);
+        }
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.as_ref().is_some_and(|t| !t.is_finished()) {
+            return Err(Error::LiveInFlight);
+        }
+        if mode == SnapshotMode::Live && self.uffd.is_none() {
+            return Err(Error::LiveNeedsMemfd);
         }
         let was_running = !self.control.is_paused();
         let start = std::time::Instant::now();
         if was_running {
             self.pause()?;
         }
-        let result = self.write_snapshot(dir, mode);
+        let captured = self.capture(dir, mode);
         if was_running && !leave_paused {
             self.resume()?;
         }
         let pause = (was_running && !leave_paused).then(|| start.elapsed());
-        result.map(|meta| Snapshotted { meta, pause })
+        let (pending, copy) = captured?;
+        // The VM runs again: make the snapshot durable and visible.
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+        let committed = pending.commit();
+        let meta = match (committed, copy) {
+            (Ok(meta), None) => meta,
+            (Ok(meta), Some(copy)) => {
+                // The copy finishes in the background; the snapshot says
+                // `writing` until then.
+                let finisher = {
+                    let (dir, base) = (dir.clone(), self.base_handle());
+                    std::thread::Builder::new()
+                        .name("live-copy".into())
+                        .spawn(move || finish_live_copy(&dir, copy, &base))
+                        .map_err(|e| {
+                            Error::Disk(format!("cannot start the live copy's thread: {e}"))
+                        })?
+                };
+                if !wait {
+                    *live = Some(finisher);
+                    return Ok(Snapshotted { meta, pause });
+                }
+                finisher
+                    .join()
+                    .map_err(|_| Error::Disk("the live copy's thread panicked".into()))??;
+                snapshot::read_meta(&dir)?
+            }
+            (Err(e), _) => {
+                self.forget_base();
+                return Err(e.into());
+            }
+        };
+        Ok(Snapshotted { meta, pause })
     }
 
-    fn write_snapshot(&self, dir: &Path, mode: SnapshotMode) -> Result<SnapshotMeta, Error> {
+    fn base_handle(&self) -> Arc<Mutex<Option<ParentRef>>> {
+        self.base.clone()
+    }
+
+    fn forget_base(&self) {
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The pause-window part of a snapshot: CPU, device and disk state, and
+    /// memory as `mode` says (for live: the write-protect arm, with the
+    /// copy returned ready to start).
+    fn capture(
+        &self,
+        dir: &Path,
+        mode: SnapshotMode,
+    ) -> Result<(snapshot::Pending, Option<LiveCopy>), Error> {
         // Device workers stand still too: they write guest memory.
         let _quiet = self.virtio.quiesce();
         let kvm = self.kvm.clone();
@@ -211,8 +282,7 @@ impl Machine {
         // What changed since the last snapshot: guest writes (KVM's dirty log)
         // and the VMM's own (devices). Reading both clears them, so until
         // this snapshot is written there is no base to diff against.
-        let mut base = self.base.lock().unwrap_or_else(|e| e.into_inner());
-        let parent = base.take();
+        let parent = self.base.lock().unwrap_or_else(|e| e.into_inner()).take();
         let guest_dirty = self
             .vm
             .take_dirty_log(&self.ram)
@@ -241,17 +311,57 @@ impl Machine {
         };
         let memory = match mode {
             SnapshotMode::Full => MemoryCapture::Full,
+            SnapshotMode::Live => MemoryCapture::Live,
             SnapshotMode::Diff => MemoryCapture::Diff {
                 parent: parent.as_ref().ok_or(Error::NoBase)?,
                 dirty: &dirty,
             },
         };
-        let meta = snapshot::write(dir, self.ram.memory(), &state, &drives, memory)?;
-        *base = Some(ParentRef {
+        let mut pending = snapshot::prepare(dir, self.ram.memory(), &state, &drives, memory)?;
+        let copy = match (mode, &self.uffd) {
+            (SnapshotMode::Live, Some(uffd)) => {
+                let file = pending
+                    .take_memory_file()
+                    .expect("a live snapshot has a memory file");
+                let regions = self.live_regions();
+                live::arm(uffd, &regions)?;
+                let options = LiveCopyOptions {
+                    source: self.ram.file().and_then(|f| f.try_clone().ok()),
+                    ..LiveCopyOptions::default()
+                };
+                // SAFETY: the regions are this machine's guest RAM mappings,
+                // registered with `uffd`; the RAM outlives the copy because
+                // the machine joins the copy's thread before it drops (see Drop).
+                Some(unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) }?)
+            }
+            _ => None,
+        };
+        // The new snapshot is the base of the next diff (for a live one, only
+        // once its copy succeeds: see finish_live_copy).
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(ParentRef {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
-            memory_hash: meta.memory_hash.clone(),
+            memory_hash: pending.meta().memory_hash.clone(),
         });
-        Ok(meta)
+        Ok((pending, copy))
+    }
+
+    /// Guest RAM as the live copy sees it: each region with its offset in
+    /// the memory file (and the memfd).
+    fn live_regions(&self) -> Vec<Region> {
+        let mut offset = 0;
+        self.ram
+            .slots()
+            .into_iter()
+            .map(|(_, host, len)| {
+                let r = Region {
+                    host_addr: host,
+                    len,
+                    file_offset: offset,
+                };
+                offset += len;
+                r
+            })
+            .collect()
     }
 
     /// Freezes every writable drive's layer (the VM continues on a fresh
@@ -303,6 +413,10 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        // A live copy reads guest RAM: it must end before the RAM goes.
+        if let Some(t) = self.live.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
         self.control.stop(ExitReason::Requested);
         for t in self.vcpu_threads.drain(..) {
             let _ = t.join();
@@ -312,6 +426,32 @@ impl Drop for Machine {
             let _ = t.join();
         }
     }
+}
+
+/// Waits for a live copy, then marks the snapshot `ready` (with its content
+/// hash, which becomes the base's) or `failed` (and forgets the base: the
+/// next diff must stack on a snapshot that exists).
+fn finish_live_copy(
+    dir: &Path,
+    copy: LiveCopy,
+    base: &Mutex<Option<ParentRef>>,
+) -> Result<SnapshotMeta, Error> {
+    let copied = copy.wait().map(|_| ()).map_err(|e| e.to_string());
+    let finished = snapshot::finish_live(dir, copied);
+    let mut base = base.lock().unwrap_or_else(|e| e.into_inner());
+    match &finished {
+        Ok(meta) => {
+            if let Some(b) = base.as_mut().filter(|b| b.dir == dir) {
+                b.memory_hash = meta.memory_hash.clone();
+            }
+        }
+        Err(_) => {
+            if base.as_ref().is_some_and(|b| b.dir == dir) {
+                *base = None;
+            }
+        }
+    }
+    Ok(finished?)
 }
 
 /// Resident set size of this process, from /proc/self/statm.

@@ -266,6 +266,10 @@ pub enum MemoryCapture<'a> {
         /// Changed pages per region.
         dirty: &'a [Vec<u64>],
     },
+    /// Nothing yet: an empty `memory` file of the right size that a live
+    /// copy fills after the VM resumes; the snapshot is `writing` until
+    /// [`finish_live`] marks it `ready` or `failed`.
+    Live,
 }
 
 /// The page list of a diff snapshot, over all of RAM (regions back to
@@ -286,16 +290,65 @@ impl DiffMap {
     }
 }
 
-/// Writes a snapshot of a paused machine to `dir` (which must not exist).
-/// Each frozen drive layer is hard-linked into the snapshot (it is never
-/// written again, so the running VM and the snapshot share it).
-pub fn write(
+/// A snapshot whose files are written (to the page cache) but neither
+/// synced nor in place yet: what the pause window produces. [`Pending::commit`]
+/// makes it durable and visible, after the VM is running again.
+pub struct Pending {
+    tmp: PathBuf,
+    dir: PathBuf,
+    meta: SnapshotMeta,
+    memory: Option<File>,
+}
+
+impl Pending {
+    /// The metadata it will be committed with.
+    pub fn meta(&self) -> &SnapshotMeta {
+        &self.meta
+    }
+
+    /// The `memory` file, open for writing (a live copy's destination).
+    pub fn take_memory_file(&mut self) -> Option<File> {
+        self.memory.take()
+    }
+
+    /// Syncs every file, writes `snapshot.json` last and renames the
+    /// directory into place: a crash before this leaves only a temporary
+    /// directory, never one that looks like a snapshot.
+    pub fn commit(self) -> Result<SnapshotMeta, Error> {
+        let result = (|| {
+            for entry in std::fs::read_dir(&self.tmp).map_err(io_err(&self.tmp))? {
+                let path = entry.map_err(io_err(&self.tmp))?.path();
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err(&path))?;
+            }
+            write_meta(&self.tmp, &self.meta)?;
+            sync_dir(&self.tmp)?;
+            std::fs::rename(&self.tmp, &self.dir).map_err(io_err(&self.dir))?;
+            if let Some(parent) = self.dir.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+        result.map(|()| self.meta)
+    }
+}
+
+/// Writes a snapshot of a paused machine: memory as `memory` says, the
+/// vmstate, and each frozen drive layer hard-linked in (it is never written
+/// again, so the running VM and the snapshot share it). Nothing is synced
+/// here: this is the part that must happen while the VM is paused; call
+/// [`Pending::commit`] once it runs again. `dir` must not exist.
+pub fn prepare(
     dir: &Path,
     mem: &GuestMemoryMmap,
     state: &VmState,
     drives: &[DriveCapture],
     memory: MemoryCapture<'_>,
-) -> Result<SnapshotMeta, Error> {
+) -> Result<Pending, Error> {
     if dir.exists() {
         return Err(Error::Exists(dir.to_owned()));
     }
@@ -310,17 +363,18 @@ pub fn write(
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let result = write_into(&tmp, mem, state, drives, memory).and_then(|meta| {
-        std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
+    match write_into(&tmp, mem, state, drives, memory) {
+        Ok((meta, memory)) => Ok(Pending {
+            tmp,
+            dir: dir.to_owned(),
+            meta,
+            memory,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
         }
-        Ok(meta)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
     }
-    result
 }
 
 fn write_into(
@@ -329,18 +383,34 @@ fn write_into(
     state: &VmState,
     drives: &[DriveCapture],
     memory: MemoryCapture<'_>,
-) -> Result<SnapshotMeta, Error> {
+) -> Result<(SnapshotMeta, Option<File>), Error> {
     let disks = drives
         .iter()
         .enumerate()
         .map(|(i, d)| capture_disk(tmp, i, d))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut live_file = None;
+    let mut status = SnapshotStatus::Ready;
     let (kind, parent, (memory_bytes, memory_data_bytes, memory_hash)) = match memory {
         MemoryCapture::Full => (
             SnapshotKind::Full,
             None,
             write_memory(&tmp.join(MEMORY_FILE), mem)?,
         ),
+        MemoryCapture::Live => {
+            let path = tmp.join(MEMORY_FILE);
+            let total: u64 = mem.iter().map(|r| r.len()).sum();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            f.set_len(total).map_err(io_err(&path))?;
+            live_file = Some(f);
+            status = SnapshotStatus::Writing;
+            (SnapshotKind::Full, None, (total, 0, String::new()))
+        }
         MemoryCapture::Diff { parent, dirty } => {
             let (total, data, diff_hash) = write_diff(tmp, mem, dirty)?;
             // A diff's content is its parent's content plus the changed pages.
@@ -359,7 +429,6 @@ fn write_into(
     let vm_path = tmp.join(VMSTATE_FILE);
     let mut f = File::create(&vm_path).map_err(io_err(&vm_path))?;
     f.write_all(&vmstate).map_err(io_err(&vm_path))?;
-    f.sync_all().map_err(io_err(&vm_path))?;
 
     let meta = SnapshotMeta {
         version: META_VERSION,
@@ -373,15 +442,80 @@ fn write_into(
         memory_data_bytes,
         memory_hash,
         vmstate_hash: blake3::hash(&vmstate).to_hex().to_string(),
-        status: SnapshotStatus::Ready,
+        status,
         bootable: true,
         disks,
         kind,
         parent,
     };
-    write_meta(tmp, &meta)?;
-    sync_dir(tmp)?;
-    Ok(meta)
+    Ok((meta, live_file))
+}
+
+/// Ends a live snapshot in `dir`: on success the memory file is synced, its
+/// content hash computed and the snapshot marked `ready`; on failure it is
+/// marked `failed` (and can never be restored).
+pub fn finish_live(dir: &Path, copied: Result<(), String>) -> Result<SnapshotMeta, Error> {
+    let mut meta = read_meta(dir)?;
+    let outcome = copied.and_then(|()| {
+        let path = dir.join(MEMORY_FILE);
+        let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        file.sync_all()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        hash_memory_file(&file).map_err(|e| format!("{}: {e}", path.display()))
+    });
+    match outcome {
+        Ok((data, hash)) => {
+            meta.memory_data_bytes = data;
+            meta.memory_hash = hash;
+            meta.status = SnapshotStatus::Ready;
+            write_meta(dir, &meta)?;
+            Ok(meta)
+        }
+        Err(reason) => {
+            meta.status = SnapshotStatus::Failed;
+            write_meta(dir, &meta)?;
+            Err(Error::Inconsistent {
+                path: dir.to_owned(),
+                reason: format!("the live copy failed: {reason}"),
+            })
+        }
+    }
+}
+
+/// (data bytes, content hash) of a memory file, defined as for
+/// [`write_memory`]: BLAKE3 over (page index, page) of every non-zero page.
+fn hash_memory_file(file: &File) -> std::io::Result<(u64, String)> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    let mut data = 0u64;
+    let mut buf = vec![0u8; MAX_RUN];
+    let mut pos = 0i64;
+    while (pos as u64) < len {
+        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
+        let start = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if start < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
+        let end = if end < 0 { len as i64 } else { end };
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at as u64)?;
+            for (i, page) in buf[..n].chunks_exact(PAGE).enumerate() {
+                if !is_zero(page) {
+                    hasher.update(&((at as u64 + (i * PAGE) as u64) / PAGE as u64).to_le_bytes());
+                    hasher.update(page);
+                    data += PAGE as u64;
+                }
+            }
+            at += n as i64;
+        }
+        pos = end;
+    }
+    Ok((data, hasher.finalize().to_hex().to_string()))
 }
 
 /// Links drive `index`'s frozen layer into the snapshot directory `tmp` as
@@ -505,7 +639,6 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(u64, u64, String)
         }
         file_offset += len as u64;
     }
-    file.sync_all().map_err(io_err(path))?;
     Ok((total, data_bytes, hasher.finalize().to_hex().to_string()))
 }
 
@@ -555,12 +688,10 @@ fn write_diff(
         }
         file_offset += len as u64;
     }
-    file.sync_all().map_err(io_err(&path))?;
     let map_path = tmp.join(DIFF_MAP_FILE);
     let mut f = File::create(&map_path).map_err(io_err(&map_path))?;
     f.write_all(&format::encode(&map))
         .map_err(io_err(&map_path))?;
-    f.sync_all().map_err(io_err(&map_path))?;
     Ok((total, changed, hasher.finalize().to_hex().to_string()))
 }
 

@@ -32,6 +32,7 @@ fn definitions() -> Vec<(&'static str, u64)> {
         ("MB_DOORBELL", MB_DOORBELL),
         ("MB_OP", MB_OP),
         ("MB_ARGS", MB_ARGS),
+        ("MB_NUM_ARGS", MB_NUM_ARGS),
         ("MB_STATUS", MB_STATUS),
         ("MB_RESULTS", MB_RESULTS),
         ("MB_NUM_RESULTS", MB_NUM_RESULTS),
@@ -56,6 +57,25 @@ fn definitions() -> Vec<(&'static str, u64)> {
         ("STATUS_UNKNOWN_OP", STATUS_UNKNOWN_OP),
         ("STATUS_OUT_OF_RANGE", STATUS_OUT_OF_RANGE),
         ("PANIC_BAD_INFO", PANIC_BAD_INFO),
+        ("WAKE_MAILBOX", WAKE_MAILBOX),
+        ("WAKE_DEVICE", WAKE_DEVICE),
+        ("VSOCK_RXQ_ADDR", VSOCK_RXQ_ADDR),
+        ("VSOCK_TXQ_ADDR", VSOCK_TXQ_ADDR),
+        ("VSOCK_EVQ_ADDR", VSOCK_EVQ_ADDR),
+        ("VQ_AVAIL_OFFSET", VQ_AVAIL_OFFSET),
+        ("VQ_USED_OFFSET", VQ_USED_OFFSET),
+        ("VSOCK_EV_BUFS", VSOCK_EV_BUFS),
+        ("VSOCK_RX_BUFS", VSOCK_RX_BUFS),
+        ("VSOCK_TX_BUFS", VSOCK_TX_BUFS),
+        ("VSOCK_RX_NUM", VSOCK_RX_NUM),
+        ("VSOCK_TX_NUM", VSOCK_TX_NUM),
+        ("VSOCK_EV_NUM", VSOCK_EV_NUM),
+        ("VSOCK_BUF_SIZE", VSOCK_BUF_SIZE),
+        ("VIRTIO_MMIO_BASE", VIRTIO_MMIO_BASE),
+        ("VIRTIO_MMIO_WINDOW", VIRTIO_MMIO_WINDOW),
+        ("VIRTIO_MMIO_COUNT", VIRTIO_MMIO_COUNT),
+        ("AGENT_PORT", AGENT_PORT),
+        ("AGENT_MAX_FRAME", AGENT_MAX_FRAME),
     ]
 }
 
@@ -95,6 +115,11 @@ fn main() {
     for (name, value) in definitions() {
         cmd.arg(format!("-D{name}={value:#x}UL"));
     }
+    // What `ping` answers as its version: the VMM's, which embeds it.
+    cmd.arg(format!(
+        "-DGUEST_VERSION=\"{}\"",
+        std::env::var("CARGO_PKG_VERSION").unwrap()
+    ));
     cmd.arg("-o").arg(&out).arg(&source);
     let status = cmd.status().unwrap_or_else(|e| {
         panic!("cannot run the C compiler `{cc}` to build the built-in guest: {e}; install gcc")

@@ -19,6 +19,54 @@ pub const STACK_SIZE: u64 = 0x1000;
 /// First address the fill/verify operations may touch; everything below
 /// belongs to the boot structures and the guest program.
 pub const SCRATCH_START: u64 = 0x20_0000;
+/// The guest program (code, data and zeroed data) must end below this.
+pub const PROGRAM_END_MAX: u64 = VIRTIO_AREA_START;
+
+/// The guest's virtio area: virtqueues and their buffers, owned by the
+/// guest's vsock driver (the device reads and writes it through the rings).
+/// Each queue takes two pages: the descriptor table in the first, the
+/// available ring at the start of the second and the used ring in its
+/// second half.
+pub const VIRTIO_AREA_START: u64 = 0x18_0000;
+/// vsock receive queue (queue 0).
+pub const VSOCK_RXQ_ADDR: u64 = VIRTIO_AREA_START;
+/// vsock transmit queue (queue 1).
+pub const VSOCK_TXQ_ADDR: u64 = VIRTIO_AREA_START + 0x2000;
+/// vsock event queue (queue 2).
+pub const VSOCK_EVQ_ADDR: u64 = VIRTIO_AREA_START + 0x4000;
+/// Offset of the available ring from a queue's address.
+pub const VQ_AVAIL_OFFSET: u64 = 0x1000;
+/// Offset of the used ring from a queue's address.
+pub const VQ_USED_OFFSET: u64 = 0x1800;
+/// Event buffers (8 bytes each).
+pub const VSOCK_EV_BUFS: u64 = VIRTIO_AREA_START + 0x8000;
+/// Receive buffers, `VSOCK_RX_NUM` of `VSOCK_BUF_SIZE` bytes.
+pub const VSOCK_RX_BUFS: u64 = VIRTIO_AREA_START + 0x1_0000;
+/// Transmit buffers, `VSOCK_TX_NUM` of `VSOCK_BUF_SIZE` bytes.
+pub const VSOCK_TX_BUFS: u64 = VSOCK_RX_BUFS + VSOCK_RX_NUM * VSOCK_BUF_SIZE;
+/// One past the virtio area.
+pub const VIRTIO_AREA_END: u64 = VSOCK_TX_BUFS + VSOCK_TX_NUM * VSOCK_BUF_SIZE;
+/// Entries of the receive and transmit queues (and their buffers).
+pub const VSOCK_RX_NUM: u64 = 64;
+pub const VSOCK_TX_NUM: u64 = 32;
+/// Entries of the event queue.
+pub const VSOCK_EV_NUM: u64 = 8;
+/// Size of one receive or transmit buffer: a packet header and its payload.
+pub const VSOCK_BUF_SIZE: u64 = 0x1000;
+
+/// The virtio-mmio windows the guest probes: `VIRTIO_MMIO_COUNT` windows of
+/// `VIRTIO_MMIO_WINDOW` bytes from `VIRTIO_MMIO_BASE` (the same values as
+/// `layout::VIRTIO_MMIO_START`, `layout::VIRTIO_MMIO_SIZE` and the number
+/// of interrupt lines the device manager hands out).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+pub const VIRTIO_MMIO_COUNT: u64 = 19;
+
+/// The vsock port the guest answers the agent protocol on
+/// (`proto::agent::DEFAULT_VSOCK_PORT`).
+pub const AGENT_PORT: u64 = 1024;
+/// Largest agent frame, JSON and binary parts (`proto::agent::MAX_FRAME`).
+pub const AGENT_MAX_FRAME: u64 = 1 << 20;
 
 /// Boot-info field offsets (each a u64).
 pub const INFO_MAGIC: u64 = 0x00;
@@ -66,9 +114,16 @@ pub const MB_TEXT: u64 = 0x58;
 pub const MB_TEXT_MAX: u64 = 0x1000 - MB_TEXT;
 
 /// Port I/O the guest uses to talk to the VMM (IOPL=3 lets it run at CPL3).
-/// `in` (32-bit): block until a request is posted; answers 1 when one is,
-/// 0 when the vCPU was woken for another reason (pause, shutdown): re-check.
+/// `in` (32-bit): block until there is work; answers a mask of `WAKE_*`
+/// bits, 0 when the vCPU was woken for another reason (pause, shutdown):
+/// re-check everything.
 pub const PORT_WAIT: u64 = 0x6f0;
+/// PORT_WAIT bit: a mailbox request is posted.
+pub const WAKE_MAILBOX: u64 = 1;
+/// PORT_WAIT bit: a virtio device raised its interrupt since the last wait
+/// (the guest has no interrupt delivery: the VMM relays the device's
+/// interrupt eventfd to this bit instead of to the irqchip).
+pub const WAKE_DEVICE: u64 = 2;
 /// `out` (32-bit): the response in the mailbox is complete.
 pub const PORT_DONE: u64 = 0x6f1;
 /// `out` (32-bit): the guest hit a fatal error; the value says which.

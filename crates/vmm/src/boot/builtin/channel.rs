@@ -12,12 +12,21 @@
 //! them, and a bus device's lock must never be held across a wait.
 //!
 //! Everything read back from the mailbox is guest-controlled and bounded.
+//!
+//! The same wait also carries device interrupts. The built-in guest has no
+//! interrupt delivery (no IDT, interrupts off), so its virtio devices'
+//! interrupt eventfds are not wired to the irqchip: a relay thread
+//! ([`Channel::start_relay`]) waits on them and wakes `PORT_WAIT` with the
+//! [`abi::WAKE_DEVICE`] bit, and the guest then looks at its rings.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use proto::guest::{GuestRequest, GuestResponse};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::abi;
 use crate::memory::GuestMemoryMmap;
@@ -59,6 +68,8 @@ struct State {
     stopping: bool,
     /// Fatal code the guest reported on PORT_PANIC, if any.
     panic_code: Option<u32>,
+    /// A device raised its interrupt since the guest last waited.
+    device_pending: bool,
 }
 
 /// The host side of the mailbox.
@@ -68,6 +79,8 @@ pub struct Channel {
     changed: Condvar,
     /// Serialises clients: one request in flight.
     client: Mutex<()>,
+    /// Ends the interrupt relay, once there is one.
+    relay_stop: Mutex<Option<EventFd>>,
 }
 
 /// What an `out` to a channel port means for the VM.
@@ -87,7 +100,33 @@ impl Channel {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             client: Mutex::new(()),
+            relay_stop: Mutex::new(None),
         }
+    }
+
+    /// Starts the thread that relays device interrupts (`evts`: each
+    /// device's interrupt eventfd, not registered as an irqfd) to
+    /// `PORT_WAIT`. It ends when the channel stops or is dropped. The guest
+    /// is woken once at the start, so a restored guest looks at its rings
+    /// whatever happened before.
+    pub fn start_relay(self: &Arc<Self>, evts: Vec<EventFd>) -> std::io::Result<JoinHandle<()>> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let theirs = stop.try_clone()?;
+        *self.relay_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop);
+        if self.lock().stopping {
+            let _ = theirs.write(1);
+        }
+        self.device_interrupt();
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("irq-relay".into())
+            .spawn(move || relay(weak, theirs, evts))
+    }
+
+    /// A device raised its interrupt: wake the guest's `PORT_WAIT`.
+    pub fn device_interrupt(&self) {
+        self.lock().device_pending = true;
+        self.changed.notify_all();
     }
 
     /// Whether `port` belongs to the channel.
@@ -108,8 +147,15 @@ impl Channel {
             if state.interrupted || state.stopping {
                 break 0;
             }
-            if port == abi::PORT_WAIT && state.in_flight {
-                break 1;
+            if port == abi::PORT_WAIT && (state.in_flight || state.device_pending) {
+                let mut bits = 0;
+                if state.in_flight {
+                    bits |= abi::WAKE_MAILBOX as u32;
+                }
+                if std::mem::take(&mut state.device_pending) {
+                    bits |= abi::WAKE_DEVICE as u32;
+                }
+                break bits;
             }
             if port != abi::PORT_WAIT && port != abi::PORT_PARK {
                 break 0;
@@ -153,6 +199,13 @@ impl Channel {
     pub fn stop(&self) {
         self.lock().stopping = true;
         self.changed.notify_all();
+        self.stop_relay();
+    }
+
+    fn stop_relay(&self) {
+        if let Some(stop) = &*self.relay_stop.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = stop.write(1);
+        }
     }
 
     /// Sends `request` to the guest and waits up to `timeout` for its answer.
@@ -238,6 +291,54 @@ impl Channel {
         self.mem
             .read_slice(&mut buf, GuestAddress(abi::MAILBOX_ADDR + abi::MB_TEXT))?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.stop_relay();
+    }
+}
+
+/// The relay thread: waits on the device interrupt eventfds (and `stop`)
+/// and turns each interrupt into a wake of the channel.
+fn relay(channel: Weak<Channel>, stop: EventFd, evts: Vec<EventFd>) {
+    let mut fds: Vec<libc::pollfd> = std::iter::once(&stop)
+        .chain(&evts)
+        .map(|e| libc::pollfd {
+            fd: e.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures
+        // whose descriptors stay open (owned by `stop` and `evts`) for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        let mut raised = false;
+        for (fd, evt) in fds[1..].iter_mut().zip(&evts) {
+            if fd.revents != 0 {
+                // Non-blocking: an interrupt already taken reads as EAGAIN.
+                let _ = evt.read();
+                raised = true;
+            }
+            fd.revents = 0;
+        }
+        if raised {
+            match channel.upgrade() {
+                Some(ch) => ch.device_interrupt(),
+                None => return,
+            }
+        }
     }
 }
 

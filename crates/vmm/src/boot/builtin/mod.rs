@@ -56,6 +56,14 @@ pub enum Error {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
+    /// The embedded program overlaps the guest's virtio area.
+    #[error("the built-in guest program ends at {end:#x}, past {max:#x} where its virtio area starts; rebuild it smaller or move the area in abi.rs")]
+    ProgramTooLarge {
+        /// Where the program ends.
+        end: u64,
+        /// Where it must end by.
+        max: u64,
+    },
     /// Too many vCPUs for the stack area.
     #[error("the built-in guest runs on 1 to {max} vCPUs, asked for {asked}")]
     TooManyVcpus {
@@ -74,7 +82,8 @@ pub struct Entry {
 }
 
 /// Loads the program and writes its boot structures: GDT, page tables over
-/// all of RAM, and the boot-info page.
+/// all of RAM and the 32-bit MMIO gap (where the virtio-mmio windows are),
+/// and the boot-info page.
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
@@ -90,10 +99,16 @@ pub fn load(
     }
     let mut image = std::io::Cursor::new(PROGRAM);
     let loaded = Elf::load(mem, None, &mut image, Some(GuestAddress(abi::LOAD_ADDR)))?;
+    if loaded.kernel_end > abi::PROGRAM_END_MAX {
+        return Err(Error::ProgramTooLarge {
+            end: loaded.kernel_end,
+            max: abi::PROGRAM_END_MAX,
+        });
+    }
 
     gdt::write_gdt_and_idt(mem, &gdt_table())?;
-    let tables =
-        paging::write_identity_map(mem, abi::PAGE_TABLES_ADDR, layout::ram_end(mem_bytes), true)?;
+    let top = layout::ram_end(mem_bytes).max(layout::MMIO_GAP_END);
+    let tables = paging::write_identity_map(mem, abi::PAGE_TABLES_ADDR, top, true)?;
     debug_assert!(abi::PAGE_TABLES_ADDR + tables <= lowest_stack());
 
     let ranges = layout::ram_ranges(mem_bytes);
@@ -232,7 +247,7 @@ mod tests {
         assert_eq!(&PROGRAM[..4], b"\x7fELF");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let entry = load(&mem, 16 << 20, 2, 42).unwrap();
-        assert!(entry.rip >= abi::LOAD_ADDR && entry.rip < abi::SCRATCH_START);
+        assert!(entry.rip >= abi::LOAD_ADDR && entry.rip < abi::PROGRAM_END_MAX);
         let magic: u64 = mem.read_obj(GuestAddress(abi::INFO_ADDR)).unwrap();
         assert_eq!(magic, abi::INFO_MAGIC_VALUE);
         let id: u64 = mem
@@ -254,6 +269,30 @@ mod tests {
         assert!(abi::STACKS_TOP <= layout::MPTABLE_START);
         assert!(abi::MAILBOX_ADDR + 4096 <= layout::ZERO_PAGE_START);
         assert!(abi::INFO_ADDR + 4096 <= abi::MAILBOX_ADDR);
+        // The virtio area lies between the program and scratch memory, and
+        // its pieces do not overlap.
+        assert!(abi::LOAD_ADDR < abi::PROGRAM_END_MAX);
+        assert!(abi::VIRTIO_AREA_END <= abi::SCRATCH_START);
+        assert!(abi::VQ_AVAIL_OFFSET >= 16 * abi::VSOCK_RX_NUM);
+        assert!(abi::VQ_USED_OFFSET - abi::VQ_AVAIL_OFFSET >= 6 + 2 * abi::VSOCK_RX_NUM);
+        assert!(0x2000 - abi::VQ_USED_OFFSET >= 6 + 8 * abi::VSOCK_RX_NUM);
+        assert!(abi::VSOCK_RX_NUM >= abi::VSOCK_TX_NUM && abi::VSOCK_RX_NUM >= abi::VSOCK_EV_NUM);
+        assert!(abi::VSOCK_TXQ_ADDR >= abi::VSOCK_RXQ_ADDR + 0x2000);
+        assert!(abi::VSOCK_EVQ_ADDR >= abi::VSOCK_TXQ_ADDR + 0x2000);
+        assert!(abi::VSOCK_EV_BUFS >= abi::VSOCK_EVQ_ADDR + 0x2000);
+        assert!(abi::VSOCK_RX_BUFS >= abi::VSOCK_EV_BUFS + 8 * abi::VSOCK_EV_NUM);
+        // The windows the guest probes are the ones the device manager uses.
+        assert!(abi::VIRTIO_MMIO_BASE == layout::VIRTIO_MMIO_START);
+        assert!(abi::VIRTIO_MMIO_WINDOW == layout::VIRTIO_MMIO_SIZE);
+        assert!(
+            abi::VIRTIO_MMIO_COUNT
+                == (crate::devices::virtio::manager::LAST_IRQ
+                    - crate::devices::virtio::manager::FIRST_IRQ
+                    + 1) as u64
+        );
+        assert!(abi::AGENT_PORT == proto::agent::DEFAULT_VSOCK_PORT as u64);
+        assert!(abi::AGENT_MAX_FRAME == proto::agent::MAX_FRAME as u64);
+        assert!(abi::WAKE_MAILBOX == 1 && abi::WAKE_DEVICE == 2);
     };
 
     #[test]

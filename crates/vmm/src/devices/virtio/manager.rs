@@ -36,6 +36,19 @@ pub const FIRST_IRQ: u32 = 5;
 /// The last usable line: the IOAPIC has 24 pins.
 pub const LAST_IRQ: u32 = 23;
 
+/// Where a VM's virtio interrupts go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqRoute {
+    /// Into the in-kernel irqchip through an irqfd per device (a guest
+    /// kernel takes them).
+    #[default]
+    Irqchip,
+    /// Nowhere in KVM: the interrupt eventfds are left for the VMM to wait
+    /// on ([`VirtioDevices::interrupt_evts`]); the built-in guest, which has
+    /// no interrupt delivery, is woken by a relay instead.
+    Relay,
+}
+
 /// The vsock device's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockConfig {
@@ -196,6 +209,8 @@ pub struct VirtioDevices {
     pub devices: Vec<AttachedDevice>,
     /// The gate every device worker passes through.
     gate: Arc<DeviceGate>,
+    /// Where interrupts go.
+    route: IrqRoute,
 }
 
 impl VirtioDevices {
@@ -209,10 +224,24 @@ impl VirtioDevices {
         mem: &GuestMemoryMmap,
         bus: &mut Bus,
     ) -> Result<Self, AttachError> {
+        Self::attach_routed(cfg, vm, IrqRoute::Irqchip, mem, bus)
+    }
+
+    /// [`VirtioDevices::attach`] with interrupts going where `route` says.
+    pub fn attach_routed(
+        cfg: &VirtioConfig,
+        vm: Option<&Vm>,
+        route: IrqRoute,
+        mem: &GuestMemoryMmap,
+        bus: &mut Bus,
+    ) -> Result<Self, AttachError> {
         let count =
             usize::from(cfg.rng) + cfg.drives.len() + cfg.vsock.iter().count() + cfg.nets.len();
         check_count(count)?;
-        let mut devs = VirtioDevices::default();
+        let mut devs = VirtioDevices {
+            route,
+            ..VirtioDevices::default()
+        };
         if cfg.rng {
             devs.add(
                 DeviceHandle::Rng(Arc::new(Mutex::new(Rng::new()))),
@@ -260,8 +289,20 @@ impl VirtioDevices {
     /// working at once.
     pub fn restore(
         saved: &[AttachedState],
+        backends: RestoreBackends,
+        vm: Option<&Vm>,
+        mem: &GuestMemoryMmap,
+        bus: &mut Bus,
+    ) -> Result<Self, AttachError> {
+        Self::restore_routed(saved, backends, vm, IrqRoute::Irqchip, mem, bus)
+    }
+
+    /// [`VirtioDevices::restore`] with interrupts going where `route` says.
+    pub fn restore_routed(
+        saved: &[AttachedState],
         mut backends: RestoreBackends,
         vm: Option<&Vm>,
+        route: IrqRoute,
         mem: &GuestMemoryMmap,
         bus: &mut Bus,
     ) -> Result<Self, AttachError> {
@@ -285,7 +326,10 @@ impl VirtioDevices {
         }
         let mut disks = backends.drives.drain(..);
         let mut taps = backends.taps.drain(..);
-        let mut devs = VirtioDevices::default();
+        let mut devs = VirtioDevices {
+            route,
+            ..VirtioDevices::default()
+        };
         for (index, s) in saved.iter().enumerate() {
             let err = |source| AttachError::Restore { index, source };
             let handle = match &s.device {
@@ -340,7 +384,7 @@ impl VirtioDevices {
         let (base, irq) = slot(index);
         let kvm_err = |reason: String| AttachError::Kvm { index, reason };
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| kvm_err(e.to_string()))?;
-        if let Some(vm) = vm {
+        if let (Some(vm), IrqRoute::Irqchip) = (vm, self.route) {
             vm.register_irqfd(&evt, irq)
                 .map_err(|e| kvm_err(e.to_string()))?;
         }
@@ -384,6 +428,15 @@ impl VirtioDevices {
             transport,
         });
         Ok(())
+    }
+
+    /// A copy of every device's interrupt eventfd, in attachment order (what
+    /// a relay waits on when the route is [`IrqRoute::Relay`]).
+    pub fn interrupt_evts(&self) -> std::io::Result<Vec<EventFd>> {
+        self.devices
+            .iter()
+            .map(|d| lock(&d.transport).interrupt().eventfd().try_clone())
+            .collect()
     }
 
     /// The `virtio_mmio.device=` fragments for a Linux command line,

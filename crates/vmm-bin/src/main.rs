@@ -36,6 +36,21 @@ enum Command {
     /// Hold a snapshot read and checked, and fork children of it on request
     /// (JSON lines on a Unix socket: `{"op":"fork","n":N,"out_dir":D}`).
     ForkServer(fork::ForkServerArgs),
+    /// Send one JSON request to a control socket and print the JSON
+    /// response (exit status 1 when the response is an error).
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's control socket.
+    #[arg(long)]
+    control_socket: PathBuf,
+    /// Longest wait for the response, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// The request, e.g. '{"op":"status"}'.
+    request: String,
 }
 
 #[derive(Args)]
@@ -192,6 +207,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Fork(args) => fork::fork(args),
         Command::ForkServer(args) => fork::fork_server(args),
+        Command::Ctl(args) => ctl(args),
     };
     match result {
         Ok(code) => code,
@@ -200,6 +216,26 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `forkd-vmm ctl`: one request, its response on stdout.
+fn ctl(args: CtlArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use proto::control::{ControlClient, ControlRequest, ControlResponse};
+    let request: ControlRequest = serde_json::from_str(&args.request)
+        .map_err(|e| format!("the request is not a control request: {e}"))?;
+    let timeout = std::time::Duration::from_secs(args.timeout_secs.max(1));
+    let mut client = ControlClient::connect(&args.control_socket, timeout).map_err(|e| {
+        format!(
+            "cannot connect to the control socket {}: {e}",
+            args.control_socket.display()
+        )
+    })?;
+    let response = client.call(&request)?;
+    println!("{}", serde_json::to_string(&response)?);
+    Ok(match response {
+        ControlResponse::Error { .. } => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 /// Parses `--console`.

@@ -5,6 +5,10 @@
 //! - full: the guest stamps all of its warm memory; every branch writes it all.
 //! - diff: the guest stamps a 10 MiB window (its working set); every branch
 //!   writes what changed since the previous one.
+//! - live (memfd RAM): the guest stamps all of its warm memory; the pause
+//!   holds the CPU state and the write-protect arm, the copy runs after.
+//!   Baseline in the same run: the bare `UFFDIO_WRITEPROTECT` of the same
+//!   amount of populated memfd memory, done by this process.
 //!
 //! Run: cargo build --release --workspace && target/release/branch [--mem-mib 1536] [--rounds 20]
 
@@ -16,6 +20,8 @@ use bench::Stats;
 use clap::Parser;
 use proto::control::{ControlClient, ControlRequest, ControlResponse, SnapshotMode};
 use proto::guest::GuestRequest;
+use vmm::memory::uffd::Uffd;
+use vmm::memory::{Backend, GuestRam};
 
 #[derive(Parser)]
 struct Args {
@@ -45,7 +51,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(vmm: &Path, work: &Path, mem_mib: u64) -> Vm {
+    fn start(vmm: &Path, work: &Path, mem_mib: u64, backend: &str) -> Vm {
         let sock = work.join("vm.sock");
         let child = Command::new(vmm)
             .args([
@@ -55,6 +61,8 @@ impl Vm {
                 "none",
                 "--mem-mib",
                 &mem_mib.to_string(),
+                "--memory-backend",
+                backend,
             ])
             .arg("--control-socket")
             .arg(&sock)
@@ -88,8 +96,9 @@ impl Vm {
         assert!(matches!(r, ControlResponse::Guest { .. }), "{r:?}");
     }
 
-    /// Branches into `dir` and returns the pause window.
-    fn branch(&mut self, dir: &Path, mode: SnapshotMode) -> Duration {
+    /// Branches into `dir`; returns the pause window and, for live, the
+    /// longest write-protect stall of the copy.
+    fn branch(&mut self, dir: &Path, mode: SnapshotMode) -> (Duration, Option<Duration>) {
         let req = ControlRequest::Snapshot {
             dir: dir.to_owned(),
             leave_paused: false,
@@ -98,8 +107,14 @@ impl Vm {
         };
         match self.client.call(&req).unwrap() {
             ControlResponse::Snapshot {
-                pause_ms: Some(ms), ..
-            } => Duration::from_secs_f64(ms / 1e3),
+                pause_ms: Some(ms),
+                meta,
+            } => (
+                Duration::from_secs_f64(ms / 1e3),
+                meta["live_copy"]["max_fault_stall_us"]
+                    .as_u64()
+                    .map(Duration::from_micros),
+            ),
             other => panic!("{mode:?} branch failed: {other:?}"),
         }
     }
@@ -112,12 +127,15 @@ impl Drop for Vm {
     }
 }
 
-fn rounds(vm: &mut Vm, work: &Path, mode: SnapshotMode, n: usize) -> Stats {
+fn rounds(vm: &mut Vm, work: &Path, mode: SnapshotMode, n: usize) -> (Stats, Option<Duration>) {
     let mut pauses = Vec::with_capacity(n);
+    let mut stall: Option<Duration> = None;
     let mut previous: Option<PathBuf> = None;
     for i in 0..n {
         let dir = work.join(format!("{mode:?}-{i}"));
-        pauses.push(vm.branch(&dir, mode));
+        let (pause, s) = vm.branch(&dir, mode);
+        pauses.push(pause);
+        stall = stall.max(s);
         // A diff stacks on the previous branch: keep one generation.
         if let Some(p) = previous.replace(dir) {
             let _ = std::fs::remove_dir_all(p);
@@ -126,7 +144,38 @@ fn rounds(vm: &mut Vm, work: &Path, mode: SnapshotMode, n: usize) -> Stats {
     if let Some(p) = previous {
         let _ = std::fs::remove_dir_all(p);
     }
-    Stats::of(&pauses)
+    (Stats::of(&pauses), stall)
+}
+
+/// The bare write-protect arm of `mib` MiB of populated memfd memory,
+/// `n` times (each undone before the next).
+fn bare_wp_arm(mib: u64, n: usize) -> Stats {
+    use vm_memory::{Bytes, GuestAddress};
+    let ram = GuestRam::new(mib, Backend::Memfd).expect("memfd RAM");
+    let page = [0x5au8; 4096];
+    for (gpa, _, len) in ram.slots() {
+        for off in (0..len).step_by(4096) {
+            ram.memory()
+                .write_slice(&page, GuestAddress(gpa + off))
+                .unwrap();
+        }
+    }
+    let uffd = Uffd::new().expect("userfaultfd write-protect");
+    for (_, host, len) in ram.slots() {
+        uffd.register_wp(host, len).unwrap();
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        for (_, host, len) in ram.slots() {
+            uffd.write_protect(host, len, true).unwrap();
+        }
+        samples.push(start.elapsed());
+        for (_, host, len) in ram.slots() {
+            uffd.write_protect(host, len, false).unwrap();
+        }
+    }
+    Stats::of(&samples)
 }
 
 fn main() {
@@ -145,7 +194,7 @@ fn main() {
         .join(format!("forkd-bench-branch-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
 
-    let mut vm = Vm::start(&vmm, &work, args.mem_mib);
+    let mut vm = Vm::start(&vmm, &work, args.mem_mib, "anonymous");
     vm.guest(GuestRequest::Fill {
         seed: 1,
         seq: 1,
@@ -158,7 +207,7 @@ fn main() {
         mib: args.warm_mib,
         offset_mib: 0,
     });
-    let full = rounds(&mut vm, &work, SnapshotMode::Full, args.rounds);
+    let (full, _) = rounds(&mut vm, &work, SnapshotMode::Full, args.rounds);
     vm.guest(GuestRequest::StampStop);
 
     // diff: the guest's working set is a window; each branch stacks on the last.
@@ -168,9 +217,25 @@ fn main() {
     });
     let base = work.join("diff-base");
     vm.branch(&base, SnapshotMode::Full);
-    let diff = rounds(&mut vm, &work, SnapshotMode::Diff, args.rounds);
+    let (diff, _) = rounds(&mut vm, &work, SnapshotMode::Diff, args.rounds);
     let _ = std::fs::remove_dir_all(&base);
     drop(vm);
+
+    // live: memfd RAM, the guest rewriting all of its warm memory.
+    let mut vm = Vm::start(&vmm, &work, args.mem_mib, "memfd");
+    vm.guest(GuestRequest::Fill {
+        seed: 1,
+        seq: 1,
+        mib: args.warm_mib,
+        offset_mib: 0,
+    });
+    vm.guest(GuestRequest::StampStart {
+        mib: args.warm_mib,
+        offset_mib: 0,
+    });
+    let (live, stall) = rounds(&mut vm, &work, SnapshotMode::Live, args.rounds);
+    drop(vm);
+    let bare = bare_wp_arm(args.warm_mib, args.rounds);
 
     println!(
         "BRANCH pause window, built-in guest, {} MiB RAM ({} MiB warm), {} branches per mode",
@@ -181,6 +246,20 @@ fn main() {
     println!(
         "  diff / full (p50): {:.3}",
         diff.p50.as_secs_f64() / full.p50.as_secs_f64()
+    );
+    println!("  live (guest rewriting {} MiB):  {live}", args.warm_mib);
+    println!(
+        "  live copy: longest write-protect stall {:.3} ms",
+        stall.map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+    println!(
+        "  bare write-protect arm of {} MiB populated memfd: {bare}",
+        args.warm_mib
+    );
+    println!(
+        "  live / bare arm (p50): {:.2}; live / full (p50): {:.4}",
+        live.p50.as_secs_f64() / bare.p50.as_secs_f64(),
+        live.p50.as_secs_f64() / full.p50.as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(&work);
 }

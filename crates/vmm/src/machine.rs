@@ -24,7 +24,8 @@ use crate::kvm::vm::Vm;
 use crate::memory::uffd::Uffd;
 use crate::memory::GuestRam;
 use crate::snapshot::{
-    self, DeviceStates, DriveCapture, GuestKind, MemoryCapture, ParentRef, SnapshotMeta, VmState,
+    self, DeviceStates, DriveCapture, GuestKind, LiveCopyStats, MemoryCapture, ParentRef,
+    SnapshotMeta, VmState,
 };
 
 /// How long a pause may take before it is reported as failed.
@@ -436,7 +437,14 @@ fn finish_live_copy(
     copy: LiveCopy,
     base: &Mutex<Option<ParentRef>>,
 ) -> Result<SnapshotMeta, Error> {
-    let copied = copy.wait().map(|_| ()).map_err(|e| e.to_string());
+    let copied = copy
+        .wait()
+        .map(|r| LiveCopyStats {
+            faults: r.faults,
+            max_fault_stall_us: r.max_fault_stall.as_micros() as u64,
+            duration_ms: r.duration.as_millis() as u64,
+        })
+        .map_err(|e| e.to_string());
     let finished = snapshot::finish_live(dir, copied);
     let mut base = base.lock().unwrap_or_else(|e| e.into_inner());
     match &finished {

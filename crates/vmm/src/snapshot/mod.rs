@@ -188,6 +188,21 @@ pub struct SnapshotMeta {
     /// The snapshot a diff stacks on.
     #[serde(default)]
     pub parent: Option<ParentRef>,
+    /// How a live snapshot's background copy went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_copy: Option<LiveCopyStats>,
+}
+
+/// What a live snapshot's background copy did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveCopyStats {
+    /// Write-protect faults: guest (or device) writes that reached a page
+    /// before the copy was done with it.
+    pub faults: u64,
+    /// The longest a faulting writer waited, in microseconds.
+    pub max_fault_stall_us: u64,
+    /// From the copy's start to the file written and synced, in milliseconds.
+    pub duration_ms: u64,
 }
 
 /// Errors writing or reading a snapshot.
@@ -447,6 +462,7 @@ fn write_into(
         disks,
         kind,
         parent,
+        live_copy: None,
     };
     Ok((meta, live_file))
 }
@@ -454,8 +470,12 @@ fn write_into(
 /// Ends a live snapshot in `dir`: on success the memory file is synced, its
 /// content hash computed and the snapshot marked `ready`; on failure it is
 /// marked `failed` (and can never be restored).
-pub fn finish_live(dir: &Path, copied: Result<(), String>) -> Result<SnapshotMeta, Error> {
+pub fn finish_live(
+    dir: &Path,
+    copied: Result<LiveCopyStats, String>,
+) -> Result<SnapshotMeta, Error> {
     let mut meta = read_meta(dir)?;
+    let copied = copied.map(|stats| meta.live_copy = Some(stats));
     let outcome = copied.and_then(|()| {
         let path = dir.join(MEMORY_FILE);
         let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;

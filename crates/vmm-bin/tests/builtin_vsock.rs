@@ -36,14 +36,15 @@ fn start_vm(tag: &str) -> (TestVm, PathBuf) {
     (vm, uds)
 }
 
-/// Waits until the VMM has bound `path` (its control socket may answer
-/// connections before the machine and its devices exist).
+/// Waits until the VMM listens on `path` (its control socket may answer
+/// connections before the machine and its devices exist, and the socket
+/// file appears a moment before the listen).
 fn wait_for_socket(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
+    while let Err(e) = UnixStream::connect(path) {
         assert!(
             Instant::now() < deadline,
-            "{} never appeared",
+            "{} never accepted a connection: {e}",
             path.display()
         );
         std::thread::sleep(Duration::from_millis(2));

@@ -18,3 +18,23 @@ step() { echo "lab: [$(cut -d' ' -f1 /proc/uptime) s] $*"; }
 expect_line() {
   grep -q -- "$2" "$1" || fail "$3 (no line matching '$2' in the output)"
 }
+
+# now: level 1's uptime in seconds (two decimals).
+now() { cut -d' ' -f1 /proc/uptime; }
+
+# since START: seconds from START (a `now` value) to now.
+since() { awk "BEGIN{printf \"%.2f\", $(now) - $1}"; }
+
+# show_tail FILE [LINES]: the end of a log, for a failure's context.
+show_tail() {
+  [ -f "$1" ] || return 0
+  echo "lab: --- last ${2:-40} lines of $1 ---"
+  tail -n "${2:-40}" "$1"
+  echo "lab: --- end of $1 ---"
+}
+
+# json_field JSON NAME: the value of a top-level string or number field
+# (enough for the flat answers forkd-agent-cli and forkd-vmm ctl print).
+json_field() {
+  printf '%s\n' "$1" | sed -n "s/.*\"$2\":\(\"\([^\"\\\\]\|\\\\.\)*\"\|[^,}]*\).*/\1/p" | sed 's/^"\(.*\)"$/\1/'
+}

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// The scenarios, one test each (checked against `lab/run --list`).
-const SCENARIOS: &[&str] = &["linux-boot", "linux-rootfs"];
+const SCENARIOS: &[&str] = &["linux-boot", "linux-rootfs", "agent"];
 
 /// One lab at a time: each wants most of this machine.
 static LAB: Mutex<()> = Mutex::new(());
@@ -69,6 +69,13 @@ fn lab_linux_boot() {
 #[test]
 fn lab_linux_rootfs() {
     run_scenario("linux-rootfs");
+}
+
+/// forkd-agent as PID 1 over vsock: ping, exec, eval in the warm
+/// interpreter, a file round trip (issues 4 and 5).
+#[test]
+fn lab_agent() {
+    run_scenario("agent");
 }
 
 #[test]

@@ -48,6 +48,44 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// The forkd-vmm binary to benchmark: `arg`, or the one built next to
+/// this benchmark. Panics with what to build when it is missing.
+pub fn vmm_binary(arg: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    let vmm = arg.unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("the benchmark's own path")
+            .with_file_name("forkd-vmm")
+    });
+    assert!(
+        vmm.exists(),
+        "{} not found: build it first (cargo build --release --workspace)",
+        vmm.display()
+    );
+    vmm
+}
+
+/// Connects to a control socket, retrying for up to 20 s while the VMM
+/// starts; calls on the client then wait up to `call_timeout`.
+pub fn connect_control(
+    sock: &std::path::Path,
+    call_timeout: Duration,
+) -> proto::control::ControlClient {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match proto::control::ControlClient::connect(sock, call_timeout) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot connect to {}: {e}",
+                    sock.display()
+                );
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+}
+
 /// A duration in milliseconds.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

@@ -28,14 +28,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let vmm = args
-        .vmm
-        .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("forkd-vmm"));
-    assert!(
-        vmm.exists(),
-        "{} not found: build it first (cargo build --release -p vmm-bin)",
-        vmm.display()
-    );
+    let vmm = bench::vmm_binary(args.vmm);
     let kvm = kvm_ioctls::Kvm::new().expect("this benchmark needs /dev/kvm");
     let dir = std::env::temp_dir().join(format!("forkd-bench-boot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -69,19 +69,7 @@ impl Vm {
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn forkd-vmm");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let client = loop {
-            match ControlClient::connect(&sock, Duration::from_secs(600)) {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "forkd-vmm did not start: {e}"
-                    );
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        };
+        let client = bench::connect_control(&sock, Duration::from_secs(600));
         Vm { child, client }
     }
 
@@ -180,14 +168,7 @@ fn bare_wp_arm(mib: u64, n: usize) -> Stats {
 
 fn main() {
     let args = Args::parse();
-    let vmm = args
-        .vmm
-        .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("forkd-vmm"));
-    assert!(
-        vmm.exists(),
-        "{} not found: cargo build --release --workspace",
-        vmm.display()
-    );
+    let vmm = bench::vmm_binary(args.vmm);
     let work = args
         .work_dir
         .unwrap_or_else(std::env::temp_dir)

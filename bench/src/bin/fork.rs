@@ -37,14 +37,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let vmm = args
-        .vmm
-        .unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("forkd-vmm"));
-    assert!(
-        vmm.exists(),
-        "{} not found: cargo build --release --workspace",
-        vmm.display()
-    );
+    let vmm = bench::vmm_binary(args.vmm);
     let kvm = kvm_ioctls::Kvm::new().expect("this benchmark needs /dev/kvm");
     let work = std::env::temp_dir().join(format!("forkd-bench-fork-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
@@ -105,7 +98,7 @@ fn make_snapshot(vmm: &Path, work: &Path, snap: &Path, mem_mib: u64, warm_mib: u
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn forkd-vmm");
-    let mut c = connect(&sock);
+    let mut c = bench::connect_control(&sock, Duration::from_secs(60));
     let fill = GuestRequest::Fill {
         seed: 1,
         seq: 1,
@@ -213,7 +206,7 @@ fn fork_and_ping(
                 s.spawn(move || {
                     half.into_iter()
                         .map(|(_, sock)| {
-                            let mut c = connect(&sock);
+                            let mut c = bench::connect_control(&sock, Duration::from_secs(60));
                             let r = c
                                 .call(&ControlRequest::Guest {
                                     request: GuestRequest::Ping,
@@ -242,23 +235,6 @@ fn fork_and_ping(
         let _ = c.call(&ControlRequest::Shutdown);
     }
     (wall, children.iter().map(|c| c.0).collect(), clients)
-}
-
-fn connect(sock: &Path) -> ControlClient {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match ControlClient::connect(sock, Duration::from_secs(60)) {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "cannot connect to {}: {e}",
-                    sock.display()
-                );
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        }
-    }
 }
 
 fn expect_ok(r: ControlResponse) {

@@ -198,6 +198,9 @@ enum MemoryBackend {
     Anonymous,
     /// A memfd mapped shared (needed for live BRANCH).
     Memfd,
+    /// A memfd of 2 MiB huge pages mapped shared: live BRANCH arms in
+    /// microseconds; needs huge pages reserved (/proc/sys/vm/nr_hugepages).
+    MemfdHugetlb,
 }
 
 fn main() -> ExitCode {
@@ -309,6 +312,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         backend: match args.memory_backend {
             MemoryBackend::Anonymous => Backend::Anonymous,
             MemoryBackend::Memfd => Backend::Memfd,
+            MemoryBackend::MemfdHugetlb => Backend::HugeMemfd,
         },
         boot,
         console,

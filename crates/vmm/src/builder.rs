@@ -453,7 +453,7 @@ impl Parts {
 /// is built, so a live BRANCH only has to arm it. Other RAM cannot be
 /// live-branched.
 fn register_for_live_branch(ram: &GuestRam) -> Result<Option<Arc<Uffd>>, BuildError> {
-    if *ram.backend() != Backend::Memfd {
+    if !matches!(ram.backend(), Backend::Memfd | Backend::HugeMemfd) {
         return Ok(None);
     }
     let err = |e: uffd::Error| device_err("userfaultfd for live BRANCH")(e.to_string());

@@ -505,37 +505,47 @@ pub fn finish_live(
 /// (data bytes, content hash) of a memory file, defined as for
 /// [`write_memory`]: BLAKE3 over (page index, page) of every non-zero page.
 fn hash_memory_file(file: &File) -> std::io::Result<(u64, String)> {
-    use std::os::fd::AsRawFd;
-    let len = file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
     let mut data = 0u64;
     let mut buf = vec![0u8; MAX_RUN];
-    let mut pos = 0i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
-        let start = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if start < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
-        let end = if end < 0 { len as i64 } else { end };
+    for (start, end) in data_extents(file)? {
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at as u64)?;
+            file.read_exact_at(&mut buf[..n], at)?;
             for (i, page) in buf[..n].chunks_exact(PAGE).enumerate() {
                 if !is_zero(page) {
-                    hasher.update(&((at as u64 + (i * PAGE) as u64) / PAGE as u64).to_le_bytes());
+                    hasher.update(&((at + (i * PAGE) as u64) / PAGE as u64).to_le_bytes());
                     hasher.update(page);
                     data += PAGE as u64;
                 }
             }
-            at += n as i64;
+            at += n as u64;
         }
-        pos = end;
     }
     Ok((data, hasher.finalize().to_hex().to_string()))
+}
+
+/// The `(start, end)` byte ranges of `file` that hold data (everything
+/// else is a hole, which reads as zero), from SEEK_DATA/SEEK_HOLE.
+fn data_extents(file: &File) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len();
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
+        let start = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if start < 0 {
+            break; // ENXIO: only a hole is left.
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
+        let end = if end < 0 { len } else { end as u64 };
+        extents.push((start as u64, end));
+        pos = end;
+    }
+    Ok(extents)
 }
 
 /// Links drive `index`'s frozen layer into the snapshot directory `tmp` as
@@ -791,31 +801,19 @@ pub fn ensure_memory(dir: &Path) -> Result<SnapshotMeta, Error> {
 
 /// Copies `from` to a new file `to`, keeping holes as holes.
 fn copy_sparse(from: &Path, to: &Path) -> Result<(), Error> {
-    use std::os::fd::AsRawFd;
     let src = File::open(from).map_err(io_err(from))?;
     let len = src.metadata().map_err(io_err(from))?.len();
     let dst = File::create(to).map_err(io_err(to))?;
     dst.set_len(len).map_err(io_err(to))?;
     let mut buf = vec![0u8; MAX_RUN];
-    let mut pos = 0i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
-        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole is left.
+    for (start, end) in data_extents(&src).map_err(io_err(from))? {
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at).map_err(io_err(from))?;
+            dst.write_all_at(&buf[..n], at).map_err(io_err(to))?;
+            at += n as u64;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { len as i64 } else { hole };
-        let mut at = data;
-        while at < hole {
-            let n = ((hole - at) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], at as u64)
-                .map_err(io_err(from))?;
-            dst.write_all_at(&buf[..n], at as u64).map_err(io_err(to))?;
-            at += n as i64;
-        }
-        pos = hole;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use kvm_bindings::kvm_mp_state;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::linux::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 use super::{gdt, layout, paging};
 use crate::memory::GuestMemoryMmap;
 
@@ -188,13 +189,6 @@ pub fn setup_vcpu(vcpu: &VcpuFd, id: u8, entry: Entry) -> Result<(), Error> {
 const fn lowest_stack() -> u64 {
     abi::STACKS_TOP - layout::MAX_VCPUS as u64 * abi::STACK_SIZE
 }
-
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 /// The fill pattern's 64-bit word at guest address `addr` for (`seed`, `seq`):
 /// the same function as `pattern_word` in guest/builtin/main.c, so the host

@@ -115,6 +115,13 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> &'static [u32] {
     })
 }
 
+/// The XCRs to save or restore: none when KVM reported none. On a host
+/// without XSAVE, `KVM_GET_XCRS` succeeds with `nr_xcrs == 0` while
+/// `KVM_SET_XCRS` fails with EINVAL, so an empty set is never restored.
+fn xcrs_worth_keeping(xcrs: Option<kvm_xcrs>) -> Option<kvm_xcrs> {
+    xcrs.filter(|x| x.nr_xcrs > 0)
+}
+
 /// Captures vCPU `id`'s state. The vCPU must not be running.
 pub fn save_vcpu(vcpu: &VcpuFd, id: u8, msr_list: &[u32]) -> Result<VcpuState, StateError> {
     let e = |what| vcpu_err(id, what);
@@ -166,7 +173,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, id: u8, msr_list: &[u32]) -> Result<VcpuState, S
         sregs: vcpu.get_sregs().map_err(e("read special registers"))?,
         xsave,
         fpu,
-        xcrs: vcpu.get_xcrs().ok(),
+        xcrs: xcrs_worth_keeping(vcpu.get_xcrs().ok()),
         lapic: vcpu.get_lapic().map_err(e("read the local APIC"))?,
         msrs: msrs.as_slice().iter().map(|m| (m.index, m.data)).collect(),
         mp_state: vcpu.get_mp_state().map_err(e("read the MP state"))?,
@@ -220,8 +227,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> 
         };
         vcpu.set_fpu(&fpu).map_err(e("set the FPU"))?;
     }
-    if let Some(xcrs) = &state.xcrs {
-        vcpu.set_xcrs(xcrs).map_err(e("set XCRs"))?;
+    if let Some(xcrs) = xcrs_worth_keeping(state.xcrs) {
+        vcpu.set_xcrs(&xcrs).map_err(e("set XCRs"))?;
     }
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(e("set debug registers"))?;
@@ -304,6 +311,21 @@ pub fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<(), StateError> {
 mod tests {
     use super::*;
     use crate::kvm::vm::open_kvm;
+
+    #[test]
+    fn empty_xcrs_are_neither_kept_nor_restored() {
+        // What KVM_GET_XCRS answers on a host without XSAVE (the nested lab's
+        // level 1): success, no registers. KVM_SET_XCRS would refuse it.
+        let empty = kvm_xcrs::default();
+        assert_eq!(xcrs_worth_keeping(Some(empty)), None);
+        assert_eq!(xcrs_worth_keeping(None), None);
+        let mut one = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        one.xcrs[0].value = 0x7;
+        assert_eq!(xcrs_worth_keeping(Some(one)), Some(one));
+    }
 
     #[test]
     fn vcpu_and_vm_state_roundtrip_through_kvm() {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// The scenarios, one test each (checked against `lab/run --list`).
-const SCENARIOS: &[&str] = &["linux-boot", "linux-rootfs", "agent"];
+const SCENARIOS: &[&str] = &["linux-boot", "linux-rootfs", "agent", "snapshot-fork"];
 
 /// One lab at a time: each wants most of this machine.
 static LAB: Mutex<()> = Mutex::new(());
@@ -76,6 +76,13 @@ fn lab_linux_rootfs() {
 #[test]
 fn lab_agent() {
     run_scenario("agent");
+}
+
+/// A Linux guest warmed, snapshotted and forked into 5 children that
+/// answer from the warm interpreter and keep their writes apart (issue 6).
+#[test]
+fn lab_snapshot_fork() {
+    run_scenario("snapshot-fork");
 }
 
 #[test]

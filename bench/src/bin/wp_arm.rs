@@ -13,8 +13,15 @@
 //! Run: cargo build --release -p bench && target/release/wp_arm [--mem-mib 1536] [--rounds 20]
 //! (output goes to /dev/shm by default, so the copy is measured without the
 //! disk; `--out-dir` on a disk adds the final fsync, reported separately).
+//!
+//! `--hugetlb` backs the RAM with a hugetlbfs memfd of 2 MiB pages instead
+//! (`MFD_HUGETLB`, one region) and copies with a 2 MiB write-protect
+//! granule. It needs that many huge pages reserved first, e.g. for 1.5 GiB:
+//! `echo 800 > /proc/sys/vm/nr_hugepages` (write the old value back after).
 
 use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bench::{ms, Stats};
 use clap::Parser;
-use vmm::branch::live::{arm, LiveCopy, LiveCopyOptions, Region};
+use vmm::branch::live::{arm, LiveCopy, LiveCopyOptions, Region, HUGE_2M_GRANULE, PAGE_GRANULE};
 use vmm::memory::uffd::Uffd;
 use vmm::memory::{Backend, GuestRam};
 
@@ -50,6 +57,91 @@ struct Args {
     /// Directory for the memory file.
     #[arg(long, default_value = "/dev/shm")]
     out_dir: PathBuf,
+    /// Back the RAM with a hugetlbfs memfd of 2 MiB pages (2 MiB
+    /// write-protect granule) instead of shmem; needs reserved huge pages
+    /// (vm.nr_hugepages).
+    #[arg(long)]
+    hugetlb: bool,
+}
+
+/// The RAM under test: `GuestRam`'s memfd, or a hugetlbfs memfd mapped here.
+enum Ram {
+    Shmem(GuestRam),
+    Huge { file: File, addr: u64, len: u64 },
+}
+
+impl Ram {
+    fn new(mem_mib: u64, hugetlb: bool) -> Ram {
+        if !hugetlb {
+            return Ram::Shmem(GuestRam::new(mem_mib, Backend::Memfd).expect("guest RAM"));
+        }
+        let len = (mem_mib << 20).next_multiple_of(HUGE_2M_GRANULE as u64);
+        let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << libc::MFD_HUGE_SHIFT);
+        // SAFETY: valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"wp-arm-hugetlb".as_ptr(), flags) };
+        assert!(
+            fd >= 0,
+            "memfd_create(MFD_HUGETLB): {}",
+            io::Error::last_os_error()
+        );
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).expect("sizing the hugetlbfs memfd");
+        // SAFETY: a new shared mapping of the whole memfd at an address the
+        // kernel picks (huge page aligned for hugetlbfs); the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap of {} MiB of hugetlbfs: {}; reserve 2 MiB pages first \
+             (echo N > /proc/sys/vm/nr_hugepages)",
+            len >> 20,
+            io::Error::last_os_error()
+        );
+        Ram::Huge {
+            file,
+            addr: p as u64,
+            len,
+        }
+    }
+
+    /// (host address, length) of each stretch.
+    fn slots(&self) -> Vec<(u64, u64)> {
+        match self {
+            Ram::Shmem(ram) => ram
+                .slots()
+                .into_iter()
+                .map(|(_, host, len)| (host, len))
+                .collect(),
+            Ram::Huge { addr, len, .. } => vec![(*addr, *len)],
+        }
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Ram::Shmem(ram) => ram.file().expect("memfd RAM"),
+            Ram::Huge { file, .. } => file,
+        }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        if let Ram::Huge { addr, len, .. } = self {
+            // SAFETY: the mapping made in `Ram::new`; nothing uses it after
+            // the benchmark (the writers and copies are finished).
+            unsafe { libc::munmap(*addr as *mut libc::c_void, *len as usize) };
+        }
+    }
 }
 
 /// Writers that stamp random pages; pausable like vCPUs.
@@ -141,10 +233,15 @@ impl Writers {
 fn main() {
     let args = Args::parse();
     let uffd = Arc::new(Uffd::new().unwrap_or_else(|e| panic!("{e}")));
-    let ram = GuestRam::new(args.mem_mib, Backend::Memfd).expect("guest RAM");
+    let ram = Ram::new(args.mem_mib, args.hugetlb);
+    let granule = if args.hugetlb {
+        HUGE_2M_GRANULE
+    } else {
+        PAGE_GRANULE
+    };
     let mut regions = Vec::new();
     let mut file_offset = 0;
-    for (_, host, len) in ram.slots() {
+    for (host, len) in ram.slots() {
         regions.push(Region {
             host_addr: host,
             len,
@@ -164,13 +261,19 @@ fn main() {
         uffd.register_wp(r.host_addr, r.len).expect("register");
     }
     println!(
-        "wp_arm: {} MiB memfd RAM in {} region(s), fully populated, {} writer(s), chunk {} KiB, \
-         fault block {} KiB, bulk niced {}, output in {}",
+        "wp_arm: {} MiB {} memfd RAM in {} region(s), fully populated, {} writer(s), \
+         chunk {} KiB, fault block {} KiB, granule {} KiB, bulk niced {}, output in {}",
         args.mem_mib,
+        if args.hugetlb {
+            "hugetlbfs (2 MiB pages)"
+        } else {
+            "shmem"
+        },
         regions.len(),
         args.writers,
         args.chunk_kib,
         args.fault_block_kib,
+        granule >> 10,
         !args.no_nice,
         args.out_dir.display()
     );
@@ -210,9 +313,10 @@ fn main() {
         writers.max_store_ns.store(0, Ordering::Relaxed);
         writers.resume();
         let options = LiveCopyOptions {
-            source: Some(ram.file().unwrap().try_clone().unwrap()),
+            source: Some(ram.file().try_clone().unwrap()),
             chunk_bytes: args.chunk_kib << 10,
             fault_block_bytes: args.fault_block_kib << 10,
+            granule_bytes: granule,
             nice_bulk: !args.no_nice,
         };
         let writes0 = writers.writes.load(Ordering::Relaxed);

@@ -7,30 +7,47 @@
 //! [`LiveCopy::wait`]. The file ends up holding RAM exactly as it was at the
 //! arm instant.
 //!
-//! Two threads share the work and coordinate only through two atomic
-//! bitmaps per region (one bit per 4 KiB page, 64 pages per word):
+//! Two threads share the work and coordinate only through atomics per
+//! region: two bitmaps (one bit per 4 KiB page, 64 pages per word) and,
+//! when the write-protect granule is larger than a page, one counter per
+//! granule:
 //!
 //! - `claimed`: set (fetch_or) by whoever takes a page first. Exactly one
 //!   thread owns each page, and only the owner reads it, while it is still
 //!   write-protected, so the content read is the arm-instant content.
 //! - `captured`: set by the owner once the page's content is safe in the
-//!   owner's private buffer. After that the page may be released (write
-//!   protection cleared, blocked writers woken) by anyone.
+//!   owner's private buffer.
+//! - `uncaptured`: per granule, the pages of it not yet captured. Owners
+//!   subtract what they capture; the one that brings it to zero releases
+//!   the granule.
+//!
+//! The granule ([`LiveCopyOptions::granule_bytes`]) is the unit of every
+//! release (write protection cleared, blocked writers woken): 4 KiB on
+//! shmem, 2 MiB on hugetlbfs, where `UFFDIO_WRITEPROTECT` only accepts whole
+//! huge pages. A granule is released only once every page in it is
+//! captured, so claiming and capturing stay per 4 KiB page and the argument
+//! above holds whatever the granule: a page is read only by its owner and
+//! only before its granule is released, and a release never happens before
+//! every page it covers has been read.
 //!
 //! The bulk copier walks the regions in order, a chunk (default 4 MiB) at a
 //! time. Per 64-page word it claims every unclaimed page, copies the
 //! non-zero ones into a staging buffer, marks them captured and releases
-//! them; when the chunk is done it writes its non-zero runs to the file with
-//! large `pwrite`s (zero pages stay holes). A writer that hits a page the
-//! bulk copier owns therefore waits at most one word's memcpy, never a disk
-//! write or the whole chunk.
+//! the granules this completed; when the chunk is done it writes its
+//! non-zero runs to the file with large `pwrite`s (zero pages stay holes).
+//! With 4 KiB granules a writer that hits a page the bulk copier owns
+//! therefore waits at most one word's memcpy, never a disk write or the
+//! whole chunk; with larger granules it waits at most for the granule.
 //!
-//! The fault handler polls the userfaultfd. For a fault on an unclaimed page
-//! it claims it, copies it (4 KiB), marks it captured, releases it, and
-//! writes it to the file after the release; for a page another thread owns
-//! it waits for the `captured` bit (at most one word's memcpy) and releases
-//! it. A page is never read by anyone after it is released, so no copy can
-//! see a write made after the arm. There is no lock on the fault path.
+//! The fault handler polls the userfaultfd. For a fault in granule G it
+//! claims every unclaimed page of the fault block holding it (the aligned
+//! block of `max(fault_block_bytes, granule_bytes)`), copies them, marks
+//! them captured and releases the granules this completed; if G is still
+//! not complete (the bulk copier owns pages of it), it waits until they are
+//! captured (the bulk copier is in the middle of one word of G) and
+//! releases G. Its copies are written to the file after the release. A
+//! page is never read by anyone after its granule is released, so no copy
+//! can see a write made after the arm. There is no lock on the fault path.
 //!
 //! On any error both threads stop and every region is released, so the
 //! guest never stays write-protected; [`LiveCopy`]'s drop does the same.
@@ -48,8 +65,12 @@ use std::time::{Duration, Instant};
 use crate::memory::uffd::{self, Uffd, WpFault, PAGE_SIZE};
 
 const PAGE: usize = PAGE_SIZE as usize;
-/// Pages per bitmap word: the bulk copier's claim-copy-release unit.
+/// Pages per bitmap word: the bulk copier's claim-copy unit.
 const WORD_PAGES: u64 = 64;
+/// The default write-protect granule: one 4 KiB page (shmem).
+pub const PAGE_GRANULE: usize = PAGE;
+/// The write-protect granule of 2 MiB hugetlbfs memory.
+pub const HUGE_2M_GRANULE: usize = 2 << 20;
 
 /// One stretch of guest RAM to copy: a `MAP_SHARED` mapping registered for
 /// write-protect with the [`Uffd`] in use, and where it goes in the file.
@@ -80,7 +101,18 @@ pub struct LiveCopyOptions {
     /// (the aligned block holding it, pages nobody took yet; a power of two
     /// from 4 KiB to 256 KiB; default 256 KiB). Larger blocks mean fewer
     /// faults for a writer with locality, smaller ones a shorter stall.
+    /// The block is never smaller than [`LiveCopyOptions::granule_bytes`].
     pub fault_block_bytes: usize,
+    /// The write-protect granule of the regions' memory: every release
+    /// (write protection cleared, writers woken) covers whole, aligned
+    /// granules, and a granule is released only once every page of it is
+    /// captured. [`PAGE_GRANULE`] (4 KiB, the default) for shmem memfd RAM;
+    /// [`HUGE_2M_GRANULE`] for hugetlbfs (`MFD_HUGETLB`) RAM with 2 MiB
+    /// pages, where the kernel refuses to release part of a huge page. A
+    /// power of two, at least 4 KiB, dividing every region's address,
+    /// length and file offset; [`LiveCopy::start_with`] refuses anything
+    /// else.
+    pub granule_bytes: usize,
     /// Run the bulk copier at a lower CPU priority (nice +10) so the fault
     /// handler, whose latency is a vCPU's stall, wins a contended CPU.
     /// Default true.
@@ -93,6 +125,7 @@ impl Default for LiveCopyOptions {
             source: None,
             chunk_bytes: 4 << 20,
             fault_block_bytes: 256 << 10,
+            granule_bytes: PAGE_GRANULE,
             nice_bulk: true,
         }
     }
@@ -137,6 +170,30 @@ pub enum Error {
         len: u64,
         /// Its file offset.
         file_offset: u64,
+    },
+    /// The write-protect granule is not a power of two of at least 4 KiB.
+    #[error(
+        "write-protect granule of {0} bytes: it must be a power of two of at least 4096 \
+         bytes (4096 for shmem, 2 MiB for 2 MiB hugetlbfs pages)"
+    )]
+    BadGranule(usize),
+    /// A region is not aligned to the write-protect granule.
+    #[error(
+        "region {index} (host {host_addr:#x}, {len:#x} bytes, file offset {file_offset:#x}) \
+         is not aligned to the {granule:#x}-byte write-protect granule: its address, length \
+         and file offset must all be multiples of it (whole huge pages on hugetlbfs)"
+    )]
+    GranuleMisaligned {
+        /// Index in the list.
+        index: usize,
+        /// Its host address.
+        host_addr: u64,
+        /// Its length.
+        len: u64,
+        /// Its file offset.
+        file_offset: u64,
+        /// The granule in bytes.
+        granule: u64,
     },
     /// Two regions overlap in memory or in the file.
     #[error("regions {0} and {1} overlap in memory or in the file")]
@@ -224,6 +281,26 @@ fn validate(regions: &[Region]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks `granule` and that every region is aligned to it.
+fn validate_granule(regions: &[Region], granule: usize) -> Result<(), Error> {
+    if !granule.is_power_of_two() || granule < PAGE {
+        return Err(Error::BadGranule(granule));
+    }
+    let g = granule as u64;
+    for (index, r) in regions.iter().enumerate() {
+        if r.host_addr % g != 0 || r.len % g != 0 || r.file_offset % g != 0 {
+            return Err(Error::GranuleMisaligned {
+                index,
+                host_addr: r.host_addr,
+                len: r.len,
+                file_offset: r.file_offset,
+                granule: g,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Write-protects every region: one `UFFDIO_WRITEPROTECT` per region. Run
 /// it with the vCPUs paused; returns how long the protection took. On
 /// failure nothing is left protected.
@@ -258,17 +335,87 @@ struct RegionState {
     r: Region,
     claimed: Vec<AtomicU64>,
     captured: Vec<AtomicU64>,
+    /// Pages per write-protect granule (a power of two).
+    granule_pages: u64,
+    /// Per granule, its pages not yet captured; empty for one-page
+    /// granules, where a page's `captured` bit says the same.
+    uncaptured: Vec<AtomicU64>,
 }
 
 impl RegionState {
-    fn new(r: Region) -> Self {
+    /// `granule_pages` must be a power of two dividing the region's pages.
+    fn new(r: Region, granule_pages: u64) -> Self {
         let words = (r.len / PAGE_SIZE).div_ceil(WORD_PAGES) as usize;
         let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
+        let granules = if granule_pages > 1 {
+            r.len / PAGE_SIZE / granule_pages
+        } else {
+            0
+        };
         RegionState {
             r,
             claimed: bits(),
             captured: bits(),
+            granule_pages,
+            uncaptured: (0..granules)
+                .map(|_| AtomicU64::new(granule_pages))
+                .collect(),
         }
+    }
+
+    fn granule_bytes(&self) -> u64 {
+        self.granule_pages * PAGE_SIZE
+    }
+
+    /// Marks `owned` (pages of word `w` the caller owns and has copied)
+    /// captured. Returns the granules this capture completed: the index of
+    /// a first granule and a bit mask of granules counted from it, each of
+    /// which the caller must release.
+    fn capture(&self, w: u64, owned: u64) -> (u64, u64) {
+        self.captured[w as usize].fetch_or(owned, Ordering::Release);
+        let gp = self.granule_pages;
+        if gp == 1 {
+            return (w * WORD_PAGES, owned);
+        }
+        // Exactly one owner's subtraction reaches zero: that owner releases
+        // the granule, after every page of it was read (AcqRel orders the
+        // other owners' reads before it).
+        let done_with = |g: u64, n: u64| {
+            n != 0 && self.uncaptured[g as usize].fetch_sub(n, Ordering::AcqRel) == n
+        };
+        if gp >= WORD_PAGES {
+            let g = w * WORD_PAGES / gp;
+            return (g, done_with(g, owned.count_ones() as u64) as u64);
+        }
+        let first = w * WORD_PAGES / gp;
+        let one = (1u64 << gp) - 1;
+        let mut done = 0u64;
+        for k in 0..WORD_PAGES / gp {
+            let n = ((owned >> (k * gp)) & one).count_ones() as u64;
+            if done_with(first + k, n) {
+                done |= 1 << k;
+            }
+        }
+        (first, done)
+    }
+
+    /// Whether every page of granule `g` is captured.
+    fn granule_captured(&self, g: u64) -> bool {
+        if self.granule_pages == 1 {
+            self.captured[(g / WORD_PAGES) as usize].load(Ordering::Acquire)
+                & (1 << (g % WORD_PAGES))
+                != 0
+        } else {
+            self.uncaptured[g as usize].load(Ordering::Acquire) == 0
+        }
+    }
+
+    /// Releases `count` granules from granule `first` (write protection
+    /// off, blocked writers woken).
+    fn release(&self, uffd: &Uffd, first: u64, count: u64) -> Result<(), Error> {
+        let gb = self.granule_bytes();
+        uffd.write_protect(self.r.host_addr + first * gb, count * gb, false)?;
+        Ok(())
     }
 
     fn pages(&self) -> u64 {
@@ -307,6 +454,8 @@ impl RegionState {
 struct Shared {
     uffd: Arc<Uffd>,
     regions: Vec<RegionState>,
+    /// The write-protect granule in bytes.
+    granule_bytes: u64,
     out: File,
     stop: AtomicBool,
     bulk_done: AtomicBool,
@@ -407,11 +556,12 @@ impl LiveCopy {
         options: LiveCopyOptions,
     ) -> Result<LiveCopy, Error> {
         let started = Instant::now();
-        let prepared = Self::prepare(regions, &file);
+        let prepared = Self::prepare(regions, &file, options.granule_bytes);
         if let Err(e) = prepared {
             let _ = disarm(&uffd, regions);
             return Err(e);
         }
+        let granule_pages = options.granule_bytes as u64 / PAGE_SIZE;
         // SAFETY: eventfd takes only flags; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -422,7 +572,11 @@ impl LiveCopy {
         let wake = unsafe { OwnedFd::from_raw_fd(efd) };
         let shared = Arc::new(Shared {
             uffd,
-            regions: regions.iter().copied().map(RegionState::new).collect(),
+            regions: regions
+                .iter()
+                .map(|&r| RegionState::new(r, granule_pages))
+                .collect(),
+            granule_bytes: options.granule_bytes as u64,
             out: file,
             stop: AtomicBool::new(false),
             bulk_done: AtomicBool::new(false),
@@ -442,7 +596,8 @@ impl LiveCopy {
             finished: false,
         };
         let block_pages = ((options.fault_block_bytes as u64 / PAGE_SIZE).clamp(1, WORD_PAGES))
-            .next_power_of_two();
+            .next_power_of_two()
+            .max(granule_pages);
         let sh = shared.clone();
         copy.handler = Some(
             std::thread::Builder::new()
@@ -497,8 +652,9 @@ impl LiveCopy {
         Ok(copy)
     }
 
-    fn prepare(regions: &[Region], file: &File) -> Result<(), Error> {
+    fn prepare(regions: &[Region], file: &File, granule: usize) -> Result<(), Error> {
         validate(regions)?;
+        validate_granule(regions, granule)?;
         let need = regions
             .iter()
             .map(|r| r.file_offset + r.len)
@@ -713,12 +869,8 @@ fn bulk_copy(sh: &Shared, source: Option<&File>, chunk_pages: u64) -> Result<(),
                     staging[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(src);
                     present[slot] = true;
                 }
-                rs.captured[w as usize].fetch_or(owned, Ordering::Release);
-                for_each_run(owned, |first, n| {
-                    let addr = rs.page_addr(w * WORD_PAGES + first);
-                    sh.uffd.write_protect(addr, n * PAGE_SIZE, false)?;
-                    Ok(())
-                })?;
+                let (g0, done) = rs.capture(w, owned);
+                for_each_run(done, |first, n| rs.release(&sh.uffd, g0 + first, n))?;
             }
             // Write the chunk's non-zero runs.
             let mut i = 0usize;
@@ -780,10 +932,12 @@ fn handle_faults(sh: &Shared, block_pages: u64) -> Result<(), Error> {
     }
 }
 
-/// Copies (if nobody has) and releases the page at `addr`, together with
-/// the unclaimed pages of its block (`block_pages`, a power of two up to
-/// 64, aligned): a writer with locality then faults once per block, not
-/// once per page.
+/// Copies (if nobody has) the pages of the aligned block of `block_pages`
+/// (a power of two, at least a granule) holding `addr` and releases the
+/// granules this completes: a writer with locality then faults once per
+/// block, not once per page. The faulting page's granule is released
+/// before returning, once every page of it is captured (by this thread or
+/// by the bulk copier, which is at most one word away from it).
 fn release_fault(
     sh: &Shared,
     addr: u64,
@@ -792,29 +946,36 @@ fn release_fault(
     pool: &mut Vec<Vec<u8>>,
 ) -> Result<(), Error> {
     let Some((rs, page)) = sh.locate(addr) else {
-        // Not ours to copy, but never leave a writer hanging.
-        sh.uffd.write_protect(addr, PAGE_SIZE, false)?;
-        return Ok(());
+        return release_foreign(sh, addr);
     };
-    let w = page / WORD_PAGES;
-    let idx = page % WORD_PAGES;
-    let bit = 1u64 << idx;
-    let block = if block_pages >= WORD_PAGES {
-        !0
-    } else {
-        ((1u64 << block_pages) - 1) << (idx & !(block_pages - 1))
-    };
-    let mask = block & rs.word_mask(w);
-    let owned = mask & !rs.claimed[w as usize].fetch_or(mask, Ordering::AcqRel);
-    if owned != 0 {
-        // Runs of non-zero owned pages, copied while still protected.
-        let mut run: Option<(u64, Vec<u8>)> = None;
+    let g = page / rs.granule_pages;
+    let b0 = page & !(block_pages - 1);
+    let b1 = (b0 + block_pages).min(rs.pages());
+    let mut released = false;
+    let mut copied = false;
+    // The current run of non-zero owned pages, copied while still protected.
+    let mut run: Option<(u64, Vec<u8>)> = None;
+    for w in b0 / WORD_PAGES..b1.div_ceil(WORD_PAGES) {
+        let lo = b0.max(w * WORD_PAGES) - w * WORD_PAGES;
+        let hi = b1.min((w + 1) * WORD_PAGES) - w * WORD_PAGES;
+        let span = if hi - lo == WORD_PAGES {
+            !0
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        let mask = span & rs.word_mask(w);
+        let owned = mask & !rs.claimed[w as usize].fetch_or(mask, Ordering::AcqRel);
+        if owned == 0 {
+            continue;
+        }
+        copied = true;
         let mut bits = owned;
         while bits != 0 {
             let p = w * WORD_PAGES + bits.trailing_zeros() as u64;
             bits &= bits - 1;
-            // SAFETY: this thread just claimed the page; it stays protected
-            // until the release below.
+            // SAFETY: this thread just claimed the page; its granule stays
+            // protected until every page of it is captured, which this page
+            // is not yet.
             let src = unsafe { rs.page(p) };
             let offset = rs.r.file_offset + p * PAGE_SIZE;
             if is_zero(src) {
@@ -835,22 +996,24 @@ fn release_fault(
                 }
             }
         }
-        pending.extend(run);
-        rs.captured[w as usize].fetch_or(owned, Ordering::Release);
-        sh.fault_copies.fetch_add(1, Ordering::Relaxed);
-        for_each_run(owned, |first, n| {
-            sh.uffd
-                .write_protect(rs.page_addr(w * WORD_PAGES + first), n * PAGE_SIZE, false)?;
-            Ok(())
+        let (g0, done) = rs.capture(w, owned);
+        for_each_run(done, |first, n| {
+            released |= (g0 + first..g0 + first + n).contains(&g);
+            rs.release(&sh.uffd, g0 + first, n)
         })?;
-        if owned & bit != 0 {
-            return Ok(());
-        }
     }
-    // Another thread owns the page and releases it right after capturing
-    // it (one word's memcpy at most); release it as soon as it is captured.
+    pending.extend(run);
+    if copied {
+        sh.fault_copies.fetch_add(1, Ordering::Relaxed);
+    }
+    if released {
+        return Ok(());
+    }
+    // The bulk copier owns pages of the granule and releases it right after
+    // capturing the last of them (one word's memcpy at most); release it
+    // as soon as it is captured, whoever gets there first.
     let mut spins = 0u32;
-    while rs.captured[w as usize].load(Ordering::Acquire) & bit == 0 {
+    while !rs.granule_captured(g) {
         if sh.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -861,8 +1024,19 @@ fn release_fault(
             std::thread::yield_now();
         }
     }
-    sh.uffd
-        .write_protect(rs.page_addr(page), PAGE_SIZE, false)?;
+    rs.release(&sh.uffd, g, 1)
+}
+
+/// Releases a fault outside the copied regions: not ours to copy, but never
+/// leave a writer hanging. Tries the aligned granule around it (regions are
+/// granule aligned, so it cannot reach into one; hugetlbfs refuses less),
+/// then the page alone.
+fn release_foreign(sh: &Shared, addr: u64) -> Result<(), Error> {
+    let gb = sh.granule_bytes;
+    if gb > PAGE_SIZE && sh.uffd.write_protect(addr & !(gb - 1), gb, false).is_ok() {
+        return Ok(());
+    }
+    sh.uffd.write_protect(addr, PAGE_SIZE, false)?;
     Ok(())
 }
 
@@ -956,6 +1130,129 @@ mod tests {
     fn register(uffd: &Uffd, regions: &[Region]) {
         for r in regions {
             uffd.register_wp(r.host_addr, r.len).unwrap();
+        }
+    }
+
+    /// A memfd of `len` bytes (hugetlbfs with 2 MiB pages if `huge`, else
+    /// shmem) mapped `MAP_SHARED` at an address aligned to `align`, so that
+    /// memfd offsets and addresses agree modulo `align`.
+    fn aligned_memfd(len: u64, align: u64, huge: bool) -> SharedMem {
+        let flags = if huge {
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << libc::MFD_HUGE_SHIFT)
+        } else {
+            libc::MFD_CLOEXEC
+        };
+        // SAFETY: valid NUL-terminated name; result checked.
+        let fd = unsafe { libc::memfd_create(c"live-test".as_ptr(), flags) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        let span = (len + align) as usize;
+        // SAFETY: reserves address space only (no access, no backing).
+        let hole = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(hole, libc::MAP_FAILED, "{}", io::Error::last_os_error());
+        let addr = (hole as u64).next_multiple_of(align);
+        // SAFETY: replaces part of the reservation just made (nothing else
+        // uses it) with a shared mapping of the whole memfd.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd,
+                0,
+            )
+        };
+        let mapped = io::Error::last_os_error();
+        // SAFETY: unmaps the unused head and tail of our own reservation.
+        unsafe {
+            libc::munmap(hole, (addr - hole as u64) as usize);
+            libc::munmap(
+                (addr + len) as *mut libc::c_void,
+                (hole as u64 + span as u64 - addr - len) as usize,
+            );
+        }
+        assert_ne!(p, libc::MAP_FAILED, "mmap of the memfd: {mapped}");
+        SharedMem { file, addr, len }
+    }
+
+    /// Enough free 2 MiB huge pages for a test, raising vm.nr_hugepages if
+    /// needed; the old value is written back on drop.
+    struct HugePages {
+        restore: Option<u64>,
+    }
+
+    impl HugePages {
+        const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+
+        fn meminfo(key: &str) -> u64 {
+            let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in /proc/meminfo"))
+        }
+
+        /// Huge pages free and not promised to an existing mapping.
+        fn available() -> u64 {
+            Self::meminfo("HugePages_Free").saturating_sub(Self::meminfo("HugePages_Rsvd"))
+        }
+
+        fn total() -> u64 {
+            let v = std::fs::read_to_string(Self::NR).unwrap();
+            v.trim().parse().unwrap()
+        }
+
+        fn reserve(need: u64) -> HugePages {
+            assert_eq!(
+                Self::meminfo("Hugepagesize"),
+                2048,
+                "the default huge page size is not 2 MiB: /proc/sys/vm/nr_hugepages \
+                 does not size the 2 MiB pool"
+            );
+            let have = Self::available();
+            if have >= need {
+                return HugePages { restore: None };
+            }
+            let old = Self::total();
+            let want = old + (need - have);
+            if let Err(e) = std::fs::write(Self::NR, format!("{want}\n")) {
+                panic!(
+                    "cannot raise {} from {old} to {want} for {need} free 2 MiB huge pages \
+                     (only {have} free): {e}; run the tests as root",
+                    Self::NR
+                );
+            }
+            let guard = HugePages { restore: Some(old) };
+            let got = Self::available();
+            assert!(
+                got >= need,
+                "the kernel provides only {got} free 2 MiB huge pages after raising {} from \
+                 {old} to {want} (now {}); the test needs {need}: the host is short of \
+                 contiguous free memory",
+                Self::NR,
+                Self::total()
+            );
+            guard
+        }
+    }
+
+    impl Drop for HugePages {
+        fn drop(&mut self) {
+            if let Some(old) = self.restore {
+                let _ = std::fs::write(Self::NR, format!("{old}\n"));
+            }
         }
     }
 
@@ -1079,15 +1376,45 @@ mod tests {
     /// different chunk sizes, with and without the source memfd.
     #[test]
     fn copy_equals_memory_at_arm_under_concurrent_writers() {
+        consistency(10, PAGE_GRANULE, || SharedMem::new(130 * MIB));
+    }
+
+    /// The same with a 64 KiB write-protect granule on shmem: several
+    /// granules per bitmap word, released only when whole.
+    #[test]
+    fn copy_equals_memory_at_arm_with_sub_word_granules() {
+        let granule = 64 << 10;
+        consistency(4, granule, || {
+            aligned_memfd(130 * MIB, granule as u64, false)
+        });
+    }
+
+    /// The same on hugetlbfs RAM (2 MiB pages) with a 2 MiB granule: the
+    /// kernel refuses any release that is not whole huge pages, so a single
+    /// misaligned release fails the copy.
+    #[test]
+    fn copy_equals_memory_at_arm_on_hugetlbfs() {
+        // 130 MiB of memfd per iteration, one mapping at a time.
+        let _pages = HugePages::reserve(65);
+        consistency(5, HUGE_2M_GRANULE, || {
+            aligned_memfd(130 * MIB, HUGE_2M_GRANULE as u64, true)
+        });
+    }
+
+    /// Runs the consistency check `iterations` times on two regions of a
+    /// 130 MiB memfd from `new_mem` (aligned to `granule`).
+    fn consistency(iterations: u64, granule: usize, new_mem: impl Fn() -> SharedMem) {
         let uffd = uffd();
-        let dir = TempDir::new("consistency");
+        let dir = TempDir::new(&format!("consistency-{granule}"));
+        let g = granule as u64;
         let (mut faults, mut fault_copies) = (0, 0);
-        for iteration in 0..10u64 {
-            let mem = SharedMem::new(130 * MIB);
+        for iteration in 0..iterations {
+            let mem = new_mem();
             let with_source = iteration % 2 == 0;
             // Region 1's length is not a multiple of 64 pages (a partial
-            // bitmap word); without a source memfd it also sits at a
-            // different offset in the file than in the memfd.
+            // bitmap word) unless the granule is a word or more; without a
+            // source memfd it also sits at a different offset in the file
+            // than in the memfd.
             let regions = [
                 Region {
                     host_addr: mem.addr,
@@ -1096,11 +1423,11 @@ mod tests {
                 },
                 Region {
                     host_addr: mem.addr + 66 * MIB,
-                    len: 64 * MIB - 5 * PAGE_SIZE,
+                    len: 64 * MIB - (5 * PAGE_SIZE).next_multiple_of(g),
                     file_offset: if with_source { 66 * MIB } else { 64 * MIB },
                 },
             ];
-            let file_len = regions[1].file_offset + regions[1].len + 3 * PAGE_SIZE;
+            let file_len = regions[1].file_offset + regions[1].len + 3 * g;
             register(&uffd, &regions);
             fill(&mem, &regions, iteration);
             let (path, file) = dir.fresh_file("memory", file_len);
@@ -1114,20 +1441,25 @@ mod tests {
                 chunk_bytes: [256 << 10, 1 << 20, 4 << 20, 8 << 20, 3 << 20]
                     [iteration as usize % 5],
                 fault_block_bytes: [4 << 10, 256 << 10, 32 << 10][iteration as usize % 3],
+                granule_bytes: granule,
                 nice_bulk: iteration % 4 != 3,
             };
             // SAFETY: `mem` outlives the copy (waited for below).
-            let copy =
-                unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) }.unwrap();
-            let report = copy.wait().unwrap();
+            let copy = unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) };
+            let report = copy.and_then(LiveCopy::wait);
+            // Stop the writers before anything can panic: they must not
+            // outlive the mapping.
             let writes = writers.stop();
+            let report = report.unwrap_or_else(|e| {
+                panic!("granule {granule:#x}, iteration {iteration}: the live copy failed: {e}")
+            });
 
             let got = std::fs::read(&path).unwrap();
             assert_eq!(got.len(), expected.len());
             if let Some(at) = first_difference(&got, &expected) {
                 panic!(
-                    "iteration {iteration}: the file differs from memory at the arm instant \
-                     at file offset {at:#x} ({report:?})"
+                    "granule {granule:#x}, iteration {iteration}: the file differs from memory \
+                     at the arm instant at file offset {at:#x} ({report:?})"
                 );
             }
             let data_pages = expected.chunks(PAGE).filter(|p| !is_zero(p)).count() as u64;
@@ -1139,8 +1471,8 @@ mod tests {
             fault_copies += report.fault_copies;
             assert_all_writable(&regions);
             eprintln!(
-                "iteration {iteration}: {report:?}, {writes} writes, arm {:?}",
-                armed
+                "granule {granule:#x}, iteration {iteration}: {report:?}, {writes} writes, \
+                 arm {armed:?}"
             );
             for r in &regions {
                 uffd.unregister(r.host_addr, r.len).unwrap();
@@ -1148,6 +1480,77 @@ mod tests {
         }
         assert!(faults > 0, "the writers never hit a protected page");
         assert!(fault_copies > 0, "the handler never copied a page first");
+    }
+
+    /// A granule that is not a power of two of at least 4 KiB, or regions
+    /// not aligned to it, are refused before the copy starts, with nothing
+    /// left protected.
+    #[test]
+    fn bad_granules_are_refused_and_release_the_arm() {
+        let uffd = uffd();
+        let dir = TempDir::new("granule");
+        let mem = aligned_memfd(8 * MIB, HUGE_2M_GRANULE as u64, false);
+        let aligned = [Region {
+            host_addr: mem.addr,
+            len: 4 * MIB,
+            file_offset: 0,
+        }];
+        let misaligned = [
+            // Length not a whole number of granules.
+            [Region {
+                len: 4 * MIB - PAGE_SIZE,
+                ..aligned[0]
+            }],
+            // Address not on a granule boundary.
+            [Region {
+                host_addr: mem.addr + 64 * PAGE_SIZE,
+                ..aligned[0]
+            }],
+            // File offset not on a granule boundary.
+            [Region {
+                file_offset: PAGE_SIZE,
+                ..aligned[0]
+            }],
+        ];
+        uffd.register_wp(mem.addr, mem.len).unwrap();
+        let start = |regions: &[Region], granule: usize| {
+            let (_, file) = dir.fresh_file("memory", 8 * MIB);
+            arm(&uffd, regions).unwrap();
+            let options = LiveCopyOptions {
+                granule_bytes: granule,
+                ..Default::default()
+            };
+            // SAFETY: `mem` outlives the attempt.
+            let err = unsafe { LiveCopy::start_with(uffd.clone(), regions, file, options) }
+                .err()
+                .expect("the copy started");
+            assert_all_writable(regions);
+            err
+        };
+        for granule in [0, 2048, 3 * 4096, (2 << 20) + 4096] {
+            let err = start(&aligned, granule);
+            assert!(matches!(err, Error::BadGranule(g) if g == granule), "{err}");
+            assert!(err.to_string().contains("power of two"), "{err}");
+        }
+        for (i, regions) in misaligned.iter().enumerate() {
+            let err = start(regions, HUGE_2M_GRANULE);
+            assert!(
+                matches!(err, Error::GranuleMisaligned { index: 0, granule, .. }
+                    if granule == HUGE_2M_GRANULE as u64),
+                "case {i}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("not aligned") && msg.contains("0x200000-byte"),
+                "{msg}"
+            );
+            // The same regions are fine with 4 KiB granules.
+            arm(&uffd, regions).unwrap();
+            let (_, file) = dir.fresh_file("memory", 8 * MIB);
+            // SAFETY: `mem` outlives the copy.
+            let copy = unsafe { LiveCopy::start(uffd.clone(), regions, file) };
+            copy.unwrap().wait().unwrap();
+        }
     }
 
     /// Zero pages and memfd holes become file holes, and with the source

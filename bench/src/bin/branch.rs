@@ -9,6 +9,8 @@
 //!   holds the CPU state and the write-protect arm, the copy runs after.
 //!   Baseline in the same run: the bare `UFFDIO_WRITEPROTECT` of the same
 //!   amount of populated memfd memory, done by this process.
+//! - live on 2 MiB huge pages (memfd-hugetlb RAM; the benchmark reserves the
+//!   huge pages and gives them back): the same, with its own bare arm.
 //!
 //! Run: cargo build --release --workspace && target/release/branch [--mem-mib 1536] [--rounds 20]
 
@@ -135,11 +137,11 @@ fn rounds(vm: &mut Vm, work: &Path, mode: SnapshotMode, n: usize) -> (Stats, Opt
     (Stats::of(&pauses), stall)
 }
 
-/// The bare write-protect arm of `mib` MiB of populated memfd memory,
-/// `n` times (each undone before the next).
-fn bare_wp_arm(mib: u64, n: usize) -> Stats {
+/// The bare write-protect arm of `mib` MiB of populated memfd memory of
+/// `backend`, `n` times (each undone before the next).
+fn bare_wp_arm(mib: u64, n: usize, backend: Backend) -> Stats {
     use vm_memory::{Bytes, GuestAddress};
-    let ram = GuestRam::new(mib, Backend::Memfd).expect("memfd RAM");
+    let ram = GuestRam::new(mib, backend).expect("memfd RAM");
     let page = [0x5au8; 4096];
     for (gpa, _, len) in ram.slots() {
         for off in (0..len).step_by(4096) {
@@ -216,7 +218,28 @@ fn main() {
     });
     let (live, stall) = rounds(&mut vm, &work, SnapshotMode::Live, args.rounds);
     drop(vm);
-    let bare = bare_wp_arm(args.warm_mib, args.rounds);
+    let bare = bare_wp_arm(args.warm_mib, args.rounds, Backend::Memfd);
+
+    // live on 2 MiB huge pages (reserved here, given back at the end).
+    let reserve = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
+    let pages = args.mem_mib / 2 + 64;
+    std::fs::write("/proc/sys/vm/nr_hugepages", pages.to_string())
+        .expect("reserving huge pages needs root");
+    let mut vm = Vm::start(&vmm, &work, args.mem_mib, "memfd-hugetlb");
+    vm.guest(GuestRequest::Fill {
+        seed: 1,
+        seq: 1,
+        mib: args.warm_mib,
+        offset_mib: 0,
+    });
+    vm.guest(GuestRequest::StampStart {
+        mib: args.warm_mib,
+        offset_mib: 0,
+    });
+    let (huge, huge_stall) = rounds(&mut vm, &work, SnapshotMode::Live, args.rounds);
+    drop(vm);
+    let huge_bare = bare_wp_arm(args.warm_mib, args.rounds, Backend::HugeMemfd);
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", reserve.trim());
 
     println!(
         "BRANCH pause window, built-in guest, {} MiB RAM ({} MiB warm), {} branches per mode",
@@ -241,6 +264,17 @@ fn main() {
         "  live / bare arm (p50): {:.2}; live / full (p50): {:.4}",
         live.p50.as_secs_f64() / bare.p50.as_secs_f64(),
         live.p50.as_secs_f64() / full.p50.as_secs_f64()
+    );
+    println!("  live on 2 MiB huge pages:       {huge}");
+    println!(
+        "  live copy on huge pages: longest write-protect stall {:.3} ms",
+        huge_stall.map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    );
+    println!("  bare write-protect arm, huge pages: {huge_bare}");
+    println!(
+        "  huge live / 4 KiB live (p50): {:.4}; huge live / full (p50): {:.5}",
+        huge.p50.as_secs_f64() / live.p50.as_secs_f64(),
+        huge.p50.as_secs_f64() / full.p50.as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -47,7 +47,11 @@ fn check_memory_file(dir: &Path) -> (u64, u64) {
 }
 
 fn branch_many_times(mode: SnapshotMode, rounds: usize) {
-    let tmp = TempDir::new(&format!("branch-{mode:?}"));
+    branch_many_times_on(mode, rounds, "memfd");
+}
+
+fn branch_many_times_on(mode: SnapshotMode, rounds: usize, backend: &str) {
+    let tmp = TempDir::new(&format!("branch-{mode:?}-{backend}"));
     let mem = MEM_MIB.to_string();
     let mut vm = TestVm::start(&[
         "--builtin",
@@ -56,7 +60,7 @@ fn branch_many_times(mode: SnapshotMode, rounds: usize) {
         "--console",
         "none",
         "--memory-backend",
-        "memfd",
+        backend,
     ]);
     match vm.guest(GuestRequest::StampStart {
         mib: STAMP_MIB,
@@ -189,4 +193,43 @@ fn live_branch_needs_memfd_ram() {
         "{r:?}"
     );
     vm.shutdown();
+}
+
+/// Makes sure `pages` 2 MiB huge pages are free, reserving more if needed
+/// (tests run as root); fails saying why when the kernel cannot. Returns
+/// the reserve as it was, to give back with [`restore_huge_pages`].
+fn reserve_huge_pages(pages: u64) -> String {
+    let before = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap();
+    let free = |field: &str| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let have = free("HugePages_Free:");
+    if have < pages {
+        let total = free("HugePages_Total:");
+        std::fs::write(
+            "/proc/sys/vm/nr_hugepages",
+            (total + pages - have).to_string(),
+        )
+        .expect(
+            "this test needs 2 MiB huge pages and root to reserve them (/proc/sys/vm/nr_hugepages)",
+        );
+    }
+    let now = free("HugePages_Free:");
+    assert!(
+        now >= pages,
+        "this test needs {pages} free 2 MiB huge pages, the kernel gave {now}"
+    );
+    before
+}
+
+#[test]
+fn live_branches_on_huge_pages_are_consistent_under_concurrent_writes() {
+    let before = reserve_huge_pages(MEM_MIB / 2);
+    branch_many_times_on(SnapshotMode::Live, 8, "memfd-hugetlb");
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", before.trim());
 }

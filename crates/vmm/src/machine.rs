@@ -23,6 +23,7 @@ use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
 use crate::kvm::vm::Vm;
 use crate::memory::uffd::Uffd;
 use crate::memory::GuestRam;
+use crate::memory::{Backend, HUGE_PAGE};
 use crate::snapshot::{
     self, DeviceStates, DriveCapture, GuestKind, LiveCopyStats, MemoryCapture, ParentRef,
     SnapshotMeta, VmState,
@@ -51,7 +52,7 @@ pub enum Error {
     Snapshot(#[from] snapshot::Error),
     /// Live BRANCH needs memfd RAM.
     #[error(
-        "a live snapshot needs guest RAM in a memfd: start the VM with --memory-backend memfd"
+        "a live snapshot needs guest RAM in a memfd: start the VM with --memory-backend memfd (or memfd-hugetlb)"
     )]
     LiveNeedsMemfd,
     /// One live copy at a time.
@@ -328,6 +329,12 @@ impl Machine {
                 live::arm(uffd, &regions)?;
                 let options = LiveCopyOptions {
                     source: self.ram.file().and_then(|f| f.try_clone().ok()),
+                    // hugetlbfs write-protects whole huge pages only.
+                    granule_bytes: if *self.ram.backend() == Backend::HugeMemfd {
+                        HUGE_PAGE as usize
+                    } else {
+                        LiveCopyOptions::default().granule_bytes
+                    },
                     ..LiveCopyOptions::default()
                 };
                 // SAFETY: the regions are this machine's guest RAM mappings,

@@ -13,7 +13,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// The scenarios, one test each (checked against `lab/run --list`).
-const SCENARIOS: &[&str] = &["linux-boot", "linux-rootfs", "agent", "snapshot-fork"];
+const SCENARIOS: &[&str] = &[
+    "linux-boot",
+    "linux-rootfs",
+    "agent",
+    "snapshot-fork",
+    "branch-live",
+];
 
 /// One lab at a time: each wants most of this machine.
 static LAB: Mutex<()> = Mutex::new(());
@@ -83,6 +89,15 @@ fn lab_agent() {
 #[test]
 fn lab_snapshot_fork() {
     run_scenario("snapshot-fork");
+}
+
+/// A Linux guest on memfd RAM branched live (and then diff) while a
+/// process appends a counter to a file on its disk; 2 children of each
+/// branch continue the count from the branch point, gap-free, while the
+/// source runs on (issue 7).
+#[test]
+fn lab_branch_live() {
+    run_scenario("branch-live");
 }
 
 #[test]

@@ -226,6 +226,18 @@ pub fn build_from_snapshot(
         vcpus.push(fd);
     }
     state::restore_vm(parts.vm.fd(), &state.vm)?;
+    // After kvmclock, so the guest TSC is set against the clock KVM now has.
+    let tsc = state::sync_tsc(parts.vm.fd(), &vcpus, &state.vcpus, &state.vm)?;
+    if let Some(skew) = tsc
+        .worst_skew_ns
+        .filter(|s| s.abs() > state::TSC_SKEW_TOLERANCE_NS)
+    {
+        eprintln!(
+            "forkd-vmm: the restored guest TSC and kvmclock disagree by {skew} ns ({:?}); \
+             a Linux guest may stop using the TSC as its clocksource",
+            tsc.method
+        );
+    }
     let base = ParentRef {
         dir: std::path::absolute(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone()),
         memory_hash: snapshot.meta.memory_hash.clone(),

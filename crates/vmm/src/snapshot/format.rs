@@ -21,8 +21,11 @@ use serde::Serialize;
 
 /// First bytes of every vmstate file.
 pub const MAGIC: [u8; 8] = *b"FORKDVMS";
-/// The version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this build writes and reads. Version 2 added the TSC and
+/// kvmclock pairing (host TSC readings, TSC offsets). The payload is bitcode,
+/// which is not self-describing: a field cannot be added with a serde default,
+/// so a new field means a new version, and an older file is refused by name.
+pub const VERSION: u32 = 2;
 /// Largest vmstate file accepted (vCPU state is a few KiB each).
 pub const MAX_VMSTATE_BYTES: u64 = 16 << 20;
 const HEADER: usize = 24;
@@ -184,11 +187,14 @@ mod tests {
 
     #[test]
     fn other_versions_are_refused_by_name() {
-        let mut v2 = sample();
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let err = decode::<S>(&v2).unwrap_err();
-        assert!(matches!(err, FormatError::UnsupportedVersion { found: 2 }));
-        assert!(err.to_string().contains("version 2"));
+        // Version 1 (before the TSC pairing) and a future version alike.
+        for found in [1u32, VERSION + 1] {
+            let mut other = sample();
+            other[8..12].copy_from_slice(&found.to_le_bytes());
+            let err = decode::<S>(&other).unwrap_err();
+            assert!(matches!(err, FormatError::UnsupportedVersion { found: f } if f == found));
+            assert!(err.to_string().contains(&format!("version {found}")));
+        }
     }
 
     #[test]

@@ -39,15 +39,42 @@ while True:
     time.sleep(0.005)
 '
 
-# last_count CLI...: the last count the guest has written (the line before
-# the last: a read may see the write of the last line half done).
+# complete_lines: stdin without a last line that lacks its newline (a read
+# may see the write of the last line half done).
+complete_lines() {
+  cat >"$LAB_TMP/lines.tmp"
+  if [ -n "$(tail -c 1 "$LAB_TMP/lines.tmp")" ]; then sed '$d' "$LAB_TMP/lines.tmp"; else cat "$LAB_TMP/lines.tmp"; fi
+}
+
+# read_count CLI...: the guest's file, complete lines only.
+read_count() {
+  "$@" exec cat /root/count >"$LAB_TMP/read.tmp" || return 1
+  complete_lines <"$LAB_TMP/read.tmp"
+}
+
+# last_count CLI...: the last count the guest has written.
 last_count() {
-  l=$("$@" exec sh -c 'tail -n 2 /root/count | head -n 1') || return 1
+  "$@" exec tail -n 2 /root/count >"$LAB_TMP/last.tmp" || return 1
+  l=$(complete_lines <"$LAB_TMP/last.tmp" | tail -n 1)
   echo "${l%% *}"
 }
 
-# Reading the file in the guest: all lines but the last (see last_count).
-READ_COUNT="sed '\$d' /root/count"
+# wait_count_above N SECS CLI...: waits until the guest's count passes N;
+# prints the count.
+wait_count_above() {
+  above=$1 secs=$2
+  shift 2
+  t=$(now)
+  while :; do
+    n=$(last_count "$@" 2>/dev/null || true)
+    if [ -n "$n" ] && [ "$n" -gt "$above" ]; then
+      echo "$n"
+      return 0
+    fi
+    [ "$(awk "BEGIN{print ($(now) - $t > $secs)}")" = 0 ] || { echo "${n:-none}"; return 1; }
+    sleep 0.5
+  done
+}
 
 # check_gapless FILE WHAT: FILE's counts are 1, 2, 3, ... without a gap or
 # a torn line; prints the last.
@@ -116,13 +143,11 @@ branch_and_fork() {
     live_stall=$(snap_field "$dir" max_fault_stall_us)
     step "live branch: $(($(snap_field "$dir" memory_data_bytes) / 1024)) KiB of RAM with data, of $(($(snap_field "$dir" memory_bytes) / 1024)) KiB"
   else
-    step "diff branch: $(($(stat -c %s "$dir/memory.diff") / 1024)) KiB of changed pages over the live branch"
+    step "diff branch: $(($(snap_field "$dir" memory_data_bytes) / 1024)) KiB of pages changed since the live branch ($(du -k "$dir/memory.diff" | cut -f1) KiB non-zero in memory.diff)"
   fi
   # The source runs on: its count keeps increasing.
-  sleep 1
-  c=$(last_count pcli) || die_ctx "the source stopped answering after the $mode branch"
-  [ "$c" -gt "$b" ] || die_ctx "the source's count stayed at $b after the $mode branch (now $c)"
-  pcli exec sh -c "$READ_COUNT" >"$LAB_TMP/source.$mode" || die_ctx "cannot read the source's file"
+  c=$(wait_count_above "$b" 60 pcli) || die_ctx "the source's count stayed at $b for 60 s after the $mode branch (last read: $c)"
+  read_count pcli >"$LAB_TMP/source.$mode" || die_ctx "cannot read the source's file"
   sc=$(check_gapless "$LAB_TMP/source.$mode" "the source's file after the $mode branch") || die_ctx "$sc"
   step "source runs on after the $mode branch: count $c, file gap-free to $sc"
 
@@ -133,8 +158,13 @@ branch_and_fork() {
   prev=""
   for i in $(seq 0 $((N - 1))); do
     kcli "$kids" "$i" --wait-ms 60000 ping >/dev/null || die_ctx "$mode child $i's agent did not answer ping"
-    kcli "$kids" "$i" exec sh -c "$READ_COUNT" >"$LAB_TMP/kid.$mode.$i" || die_ctx "cannot read $mode child $i's file"
-    k1=$(check_gapless "$LAB_TMP/kid.$mode.$i" "$mode child $i's file") || die_ctx "$k1"
+    k0=$(last_count kcli "$kids" "$i") || die_ctx "cannot read $mode child $i's count"
+    # Two more lines at least: the child is past a write the branch may
+    # have caught half done.
+    k1=$(wait_count_above $((k0 + 1)) 60 kcli "$kids" "$i") ||
+      die_ctx "$mode child $i's count stayed at $k0 for 60 s (last read: $k1): the work did not continue"
+    read_count kcli "$kids" "$i" >"$LAB_TMP/kid.$mode.$i" || die_ctx "cannot read $mode child $i's file"
+    kf=$(check_gapless "$LAB_TMP/kid.$mode.$i" "$mode child $i's file") || die_ctx "$kf"
     # The branch point: where the child's lines part from the source's.
     p=$(common_prefix "$LAB_TMP/kid.$mode.$i" "$LAB_TMP/source.$mode")
     [ "$p" -ge "$a" ] && [ "$p" -le "$b" ] ||
@@ -143,15 +173,12 @@ branch_and_fork() {
       die_ctx "$mode child $i branched at count $p, child 0 at $prev"
     fi
     prev=$p
-    sleep 1
-    k2=$(last_count kcli "$kids" "$i") || die_ctx "cannot read $mode child $i's count again"
-    [ "$k2" -gt "$k1" ] || die_ctx "$mode child $i's count stayed at $k1 (now $k2): the work did not continue"
-    step "$mode child $i: branched at count $p (source had $a before, $b after), file gap-free to $k1, then $k2: the work continues"
+    step "$mode child $i: branched at count $p (source had $a before, $b after); count $k0 at first, then $k1; file gap-free to $kf: the work continues"
   done
   # Child 0 drops its page cache: its file, read back from its disk (the
   # branch's frozen layer under its own), must still be gap-free.
-  kcli "$kids" 0 exec sh -c "sync && echo 3 >/proc/sys/vm/drop_caches && $READ_COUNT" >"$LAB_TMP/kid.$mode.disk" ||
-    die_ctx "$mode child 0 cannot read its file back from the disk"
+  kcli "$kids" 0 exec sh -c 'sync && echo 3 >/proc/sys/vm/drop_caches' || die_ctx "$mode child 0: sync and drop_caches failed"
+  read_count kcli "$kids" 0 >"$LAB_TMP/kid.$mode.disk" || die_ctx "$mode child 0 cannot read its file back from the disk"
   k3=$(check_gapless "$LAB_TMP/kid.$mode.disk" "$mode child 0's file read back from its disk") || die_ctx "$k3"
   p=$(common_prefix "$LAB_TMP/kid.$mode.disk" "$LAB_TMP/source.$mode")
   [ "$p" = "$prev" ] || die_ctx "$mode child 0's file from its disk parts from the source's at $p, not $prev"
@@ -179,12 +206,7 @@ pcli write "$LAB_TMP/counter.py" /root/counter.py >/dev/null || die_ctx "cannot 
 pcli exec sh -c 'python3 /root/counter.py </dev/null >/dev/null 2>&1 & echo $! >/root/counter.pid' ||
   die_ctx "cannot start the counter"
 tw=$(now)
-while :; do
-  n=$(last_count pcli 2>/dev/null || true)
-  [ -n "$n" ] && [ "$n" -ge 50 ] && break
-  [ "$(awk "BEGIN{print ($(now) - $tw > 120)}")" = 0 ] || die_ctx "the counter did not reach 50 in 120 s (last: '$n')"
-  sleep 0.5
-done
+n=$(wait_count_above 49 120 pcli) || die_ctx "the counter did not reach 50 in 120 s (last: $n)"
 step "source: the counter runs (count $n after $(since "$tw") s)"
 
 branch_and_fork live "$live" "$LAB_TMP/kids-live"

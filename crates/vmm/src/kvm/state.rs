@@ -617,6 +617,55 @@ pub fn sync_tsc(
     saved: &[VcpuState],
     state: &VmKvmState,
 ) -> Result<TscSync, StateError> {
+    let sync = set_tsc(vm, vcpus, saved, state)?;
+    // KVM arms the TSC-deadline timer for the guest TSC at the MSR write:
+    // written by restore_vcpu, before the TSC moved, it would fire when the
+    // new vCPU's TSC reaches the deadline (the source's uptime later) and the
+    // guest's timers would stand still until then. Arm it again.
+    for (fd, v) in vcpus.iter().zip(saved) {
+        let entries = tsc_deadline_entries(v);
+        if entries.is_empty() {
+            continue;
+        }
+        let msrs = Msrs::from_entries(&entries).expect("one MSR entry fits");
+        let set = fd
+            .set_msrs(&msrs)
+            .map_err(vcpu_err(v.id, "re-arm the TSC deadline"))?;
+        if set != entries.len() {
+            return Err(StateError {
+                what: "re-arm the TSC deadline",
+                whom: format!("vCPU {}", v.id),
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
+    }
+    Ok(sync)
+}
+
+/// IA32_TSC_DEADLINE.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The saved TSC deadline to write again once the TSC is set (none when the
+/// timer was not armed: zero disarms, and is what a new vCPU has).
+fn tsc_deadline_entries(v: &VcpuState) -> Vec<kvm_msr_entry> {
+    v.msrs
+        .iter()
+        .filter(|&&(index, data)| index == MSR_IA32_TSC_DEADLINE && data != 0)
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The TSC part of [`sync_tsc`].
+fn set_tsc(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    saved: &[VcpuState],
+    state: &VmKvmState,
+) -> Result<TscSync, StateError> {
     let anchors: Option<Vec<Anchor>> = saved
         .iter()
         .map(|v| {
@@ -848,6 +897,21 @@ mod tests {
             let clock = vm2.get_clock().unwrap().clock;
             assert!(clock >= vm_state.clock.clock, "kvmclock went back");
         }
+    }
+
+    #[test]
+    fn an_armed_tsc_deadline_is_written_again_after_the_tsc() {
+        let mut state: VcpuState = {
+            let kvm = open_kvm().expect("this test needs /dev/kvm");
+            let (_vm, vcpu) = fresh_vm(&kvm);
+            save_vcpu(&vcpu, 0, &[]).unwrap()
+        };
+        state.msrs = vec![(MSR_IA32_TSC, 5), (MSR_IA32_TSC_DEADLINE, 0)];
+        assert!(tsc_deadline_entries(&state).is_empty(), "a disarmed timer");
+        state.msrs = vec![(MSR_IA32_TSC, 5), (MSR_IA32_TSC_DEADLINE, 9_000)];
+        let e = tsc_deadline_entries(&state);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].index, e[0].data), (MSR_IA32_TSC_DEADLINE, 9_000));
     }
 
     #[test]

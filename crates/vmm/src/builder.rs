@@ -406,7 +406,11 @@ impl Parts {
         if let Some(ch) = &channel {
             let relay_err = |e: std::io::Error| device_err("interrupt relay")(e.to_string());
             let evts = virtio.interrupt_evts().map_err(relay_err)?;
-            ch.start_relay(evts).map_err(relay_err)?;
+            // No devices, no interrupts to relay: no thread (every child
+            // of the fork path pays for each thread it starts).
+            if !evts.is_empty() {
+                ch.start_relay(evts).map_err(relay_err)?;
+            }
         }
         let control = Arc::new(RunControl::new(channel.clone(), paused));
         let io = VcpuIo {

@@ -225,6 +225,27 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// The [`VirtioDevice`] accessors every device implements the same way,
+/// over its `acked_features: u64` and `queues: Vec<Queue>` fields. Used
+/// inside each device's `impl VirtioDevice` block.
+macro_rules! virtio_common_accessors {
+    () => {
+        fn acked_features(&self) -> u64 {
+            self.acked_features
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.acked_features = features;
+        }
+        fn queues(&self) -> &[Queue] {
+            &self.queues
+        }
+        fn queues_mut(&mut self) -> &mut [Queue] {
+            &mut self.queues
+        }
+    };
+}
+pub(crate) use virtio_common_accessors;
+
 /// Copies the part of `config` that `[offset, offset + data.len())` covers
 /// into `data`; bytes past the end of `config` read as zero.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

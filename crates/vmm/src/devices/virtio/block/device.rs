@@ -241,18 +241,7 @@ impl VirtioDevice for Block {
     fn avail_features(&self) -> u64 {
         Self::features_for(self.disk.read_only())
     }
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
+    crate::devices::virtio::virtio_common_accessors!();
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
     }

@@ -96,18 +96,7 @@ impl VirtioDevice for Rng {
     fn avail_features(&self) -> u64 {
         Self::AVAIL_FEATURES
     }
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
+    crate::devices::virtio::virtio_common_accessors!();
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }

@@ -168,28 +168,35 @@ fn bare_wp_arm(mib: u64, n: usize, backend: Backend) -> Stats {
     Stats::of(&samples)
 }
 
-fn main() {
-    let args = Args::parse();
-    let vmm = bench::vmm_binary(args.vmm);
-    let work = args
-        .work_dir
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("forkd-bench-branch-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
-
-    let mut vm = Vm::start(&vmm, &work, args.mem_mib, "anonymous");
+/// A VM of `backend` RAM whose guest has filled its warm memory and keeps
+/// rewriting all of it, pass after pass.
+fn warm_vm(vmm: &Path, work: &Path, args: &Args, backend: &str) -> Vm {
+    let mut vm = Vm::start(vmm, work, args.mem_mib, backend);
     vm.guest(GuestRequest::Fill {
         seed: 1,
         seq: 1,
         mib: args.warm_mib,
         offset_mib: 0,
     });
-
-    // full: the guest rewrites all of its warm memory, pass after pass.
     vm.guest(GuestRequest::StampStart {
         mib: args.warm_mib,
         offset_mib: 0,
     });
+    vm
+}
+
+fn main() {
+    let args = Args::parse();
+    let vmm = bench::vmm_binary(args.vmm.clone());
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("forkd-bench-branch-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+
+    // full: the guest rewrites all of its warm memory, pass after pass.
+    let mut vm = warm_vm(&vmm, &work, &args, "anonymous");
     let (full, _) = rounds(&mut vm, &work, SnapshotMode::Full, args.rounds);
     vm.guest(GuestRequest::StampStop);
 
@@ -205,17 +212,7 @@ fn main() {
     drop(vm);
 
     // live: memfd RAM, the guest rewriting all of its warm memory.
-    let mut vm = Vm::start(&vmm, &work, args.mem_mib, "memfd");
-    vm.guest(GuestRequest::Fill {
-        seed: 1,
-        seq: 1,
-        mib: args.warm_mib,
-        offset_mib: 0,
-    });
-    vm.guest(GuestRequest::StampStart {
-        mib: args.warm_mib,
-        offset_mib: 0,
-    });
+    let mut vm = warm_vm(&vmm, &work, &args, "memfd");
     let (live, stall) = rounds(&mut vm, &work, SnapshotMode::Live, args.rounds);
     drop(vm);
     let bare = bare_wp_arm(args.warm_mib, args.rounds, Backend::Memfd);
@@ -225,17 +222,7 @@ fn main() {
     let pages = args.mem_mib / 2 + 64;
     std::fs::write("/proc/sys/vm/nr_hugepages", pages.to_string())
         .expect("reserving huge pages needs root");
-    let mut vm = Vm::start(&vmm, &work, args.mem_mib, "memfd-hugetlb");
-    vm.guest(GuestRequest::Fill {
-        seed: 1,
-        seq: 1,
-        mib: args.warm_mib,
-        offset_mib: 0,
-    });
-    vm.guest(GuestRequest::StampStart {
-        mib: args.warm_mib,
-        offset_mib: 0,
-    });
+    let mut vm = warm_vm(&vmm, &work, &args, "memfd-hugetlb");
     let (huge, huge_stall) = rounds(&mut vm, &work, SnapshotMode::Live, args.rounds);
     drop(vm);
     let huge_bare = bare_wp_arm(args.warm_mib, args.rounds, Backend::HugeMemfd);

@@ -599,7 +599,7 @@ fn fork_children_answer_over_their_own_sockets() {
 /// Ping round trip over vsock against the control socket (the mailbox),
 /// on the same VM. Run with `--ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture (figures in bench/RESULTS.md)"]
 fn bench_ping_round_trip() {
     let (mut vm, uds) = start_vm("vsock-bench");
     let c = client(&uds);

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fork_children, TempDir, TestVm};
+use common::{fork_children, ControlledVm, TempDir, TestVm};
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::stamp_violations;

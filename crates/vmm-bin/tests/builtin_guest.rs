@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_to_exit, wait_for_counter_above, TempDir, TestVm};
+use common::{run_to_exit, wait_for_counter_above, ControlledVm, TempDir, TestVm};
 use proto::control::{ControlRequest, ControlResponse, RunState};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::{abi, pattern_word};

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_client::{Client, ClientConfig, ClientError, Target};
-use common::{fork_children, TempDir, TestVm};
+use common::{fork_children, ControlledVm, TempDir, TestVm};
 use proto::agent::{
     read_frame, write_raw_frame, ErrorCode, ExecRequest, DEFAULT_VSOCK_PORT, MAX_FRAME,
 };

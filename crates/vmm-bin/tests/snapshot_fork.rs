@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{fork_children, run_to_exit, wait_for_counter_above, TempDir, TestVm};
+use common::{fork_children, run_to_exit, wait_for_counter_above, ControlledVm, TempDir, TestVm};
 use proto::control::{ControlRequest, ControlResponse, RunState, SnapshotMode};
 use proto::guest::{GuestRequest, GuestResponse};
 use vmm::boot::builtin::{abi, pattern_word};

@@ -37,11 +37,56 @@ impl Drop for TempDir {
     }
 }
 
+/// A VM reached through its control socket: the requests tests make of
+/// any of them, over one `call`.
+pub trait ControlledVm {
+    /// Sends a request; fails the test when the VMM does not answer.
+    fn call(&mut self, req: ControlRequest) -> ControlResponse;
+
+    /// A request to the guest; fails the test on an error answer.
+    fn guest(&mut self, request: GuestRequest) -> GuestResponse {
+        match self.call(ControlRequest::Guest {
+            request,
+            timeout_ms: None,
+        }) {
+            ControlResponse::Guest { response } => response,
+            other => panic!("guest request failed: {other:?}"),
+        }
+    }
+
+    /// The VM's status.
+    fn status(&mut self) -> VmStatus {
+        match self.call(ControlRequest::Status) {
+            ControlResponse::Status(s) => s,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    /// The little-endian u64 at guest address `addr`.
+    fn peek_u64(&mut self, addr: u64) -> u64 {
+        match self.call(ControlRequest::Peek { addr, len: 8 }) {
+            ControlResponse::Peek { hex } => {
+                let bytes: Vec<u8> = (0..8)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                    .collect();
+                u64::from_le_bytes(bytes.try_into().unwrap())
+            }
+            other => panic!("peek failed: {other:?}"),
+        }
+    }
+}
+
 /// A forkd-vmm process with a connected control client; killed on drop.
 pub struct TestVm {
     pub child: Child,
     pub client: ControlClient,
     pub dir: TempDir,
+}
+
+impl ControlledVm for TestVm {
+    fn call(&mut self, req: ControlRequest) -> ControlResponse {
+        TestVm::call(self, req)
+    }
 }
 
 impl TestVm {
@@ -92,35 +137,6 @@ impl TestVm {
             let _ = e.read_to_string(&mut err);
         }
         panic!("{what}; forkd-vmm status {status:?}, stderr: {err}");
-    }
-
-    pub fn guest(&mut self, request: GuestRequest) -> GuestResponse {
-        match self.call(ControlRequest::Guest {
-            request,
-            timeout_ms: None,
-        }) {
-            ControlResponse::Guest { response } => response,
-            other => panic!("guest request failed: {other:?}"),
-        }
-    }
-
-    pub fn status(&mut self) -> VmStatus {
-        match self.call(ControlRequest::Status) {
-            ControlResponse::Status(s) => s,
-            other => panic!("status failed: {other:?}"),
-        }
-    }
-
-    pub fn peek_u64(&mut self, addr: u64) -> u64 {
-        match self.call(ControlRequest::Peek { addr, len: 8 }) {
-            ControlResponse::Peek { hex } => {
-                let bytes: Vec<u8> = (0..8)
-                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-                    .collect();
-                u64::from_le_bytes(bytes.try_into().unwrap())
-            }
-            other => panic!("peek failed: {other:?}"),
-        }
     }
 
     /// Asks the VMM to shut down and waits for a clean exit.
@@ -198,6 +214,12 @@ pub struct ForkedVm {
     pub dir: PathBuf,
 }
 
+impl ControlledVm for ForkedVm {
+    fn call(&mut self, req: ControlRequest) -> ControlResponse {
+        ForkedVm::call(self, req)
+    }
+}
+
 impl ForkedVm {
     pub fn call(&mut self, req: ControlRequest) -> ControlResponse {
         match self.client.call(&req) {
@@ -209,38 +231,6 @@ impl ForkedVm {
                     self.pid
                 )
             }
-        }
-    }
-
-    pub fn guest(&mut self, request: GuestRequest) -> GuestResponse {
-        match self.call(ControlRequest::Guest {
-            request,
-            timeout_ms: None,
-        }) {
-            ControlResponse::Guest { response } => response,
-            other => panic!("guest request failed: {other:?}"),
-        }
-    }
-
-    pub fn status(&mut self) -> VmStatus {
-        match self.call(ControlRequest::Status) {
-            ControlResponse::Status(s) => s,
-            other => panic!("status failed: {other:?}"),
-        }
-    }
-
-    pub fn peek_u64(&mut self, addr: u64) -> u64 {
-        match self.call(ControlRequest::Peek { addr, len: 8 }) {
-            ControlResponse::Peek { hex } => u64::from_str_radix(
-                &hex.as_bytes()
-                    .chunks(2)
-                    .rev()
-                    .map(|c| std::str::from_utf8(c).unwrap())
-                    .collect::<String>(),
-                16,
-            )
-            .unwrap(),
-            other => panic!("peek failed: {other:?}"),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Types shared across forkd processes.
 //!
+//! - [`api`]: the forkd v1 REST API's bodies (forkd-daemon and the CLI).
 //! - [`agent`]: the guest agent protocol on vsock (length-prefixed JSON frames
 //!   with a binary part), spoken by forkd-agent and the built-in guest.
 //! - [`control`]: forkd-vmm's control socket (one JSON object per line each way).
@@ -7,5 +8,6 @@
 //!   agent protocol on vsock grows from these).
 
 pub mod agent;
+pub mod api;
 pub mod control;
 pub mod guest;

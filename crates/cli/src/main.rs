@@ -1,0 +1,3 @@
+//! forkd: the command-line client of forkd-daemon.
+
+fn main() {}

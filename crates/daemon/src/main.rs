@@ -1,0 +1,3 @@
+//! forkd-daemon: serves the forkd v1 REST API.
+
+fn main() {}

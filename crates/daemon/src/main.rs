@@ -1,3 +1,54 @@
 //! forkd-daemon: serves the forkd v1 REST API.
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use forkd_daemon::serve::{serve, ServeArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "forkd-daemon",
+    version,
+    about = "Serves the forkd v1 REST API over forkd-vmm microVMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API until SIGTERM or SIGINT (sandboxes keep running and
+    /// are re-adopted by the next start).
+    Serve(Box<ServeArgs>),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("forkd-daemon: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(serve(*args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkd-daemon: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

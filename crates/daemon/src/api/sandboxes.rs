@@ -1,0 +1,93 @@
+//! `/v1/sandboxes` routes.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use proto::api::{
+    BranchRequest, EvalRequest, EvalResponse, ExecRequest, ExecResponse, SandboxInfo, SnapshotInfo,
+    SpawnRequest,
+};
+
+use super::Body;
+use crate::daemon::Daemon;
+use crate::error::{ApiError, ApiResult};
+
+/// `POST /v1/sandboxes` → 201.
+pub async fn spawn(
+    State(daemon): State<Arc<Daemon>>,
+    Body(req): Body<SpawnRequest>,
+) -> ApiResult<(StatusCode, Json<Vec<SandboxInfo>>)> {
+    Ok((StatusCode::CREATED, Json(daemon.spawn(req).await?)))
+}
+
+/// `GET /v1/sandboxes`.
+pub async fn list(State(daemon): State<Arc<Daemon>>) -> ApiResult<Json<Vec<SandboxInfo>>> {
+    Ok(Json(daemon.list_sandboxes().await?))
+}
+
+/// `GET /v1/sandboxes/:id`.
+pub async fn get(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(daemon.existing_sandbox(&id)?.info))
+}
+
+/// `DELETE /v1/sandboxes/:id` → 204.
+pub async fn kill(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    daemon.kill(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/sandboxes/:id/ping`.
+pub async fn ping(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<proto::agent::Pong>> {
+    Ok(Json(daemon.ping(&id).await?))
+}
+
+/// `POST /v1/sandboxes/:id/exec`.
+pub async fn exec(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Body(req): Body<ExecRequest>,
+) -> ApiResult<Json<ExecResponse>> {
+    Ok(Json(daemon.exec(&id, req).await?))
+}
+
+/// `POST /v1/sandboxes/:id/eval`.
+pub async fn eval(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Body(req): Body<EvalRequest>,
+) -> ApiResult<Json<EvalResponse>> {
+    Ok(Json(daemon.eval(&id, req).await?))
+}
+
+/// `POST /v1/sandboxes/:id/branch` → 201, or 202 for a live branch still
+/// copying (`wait: false`). An empty body is a full branch.
+pub async fn branch(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
+    let req: BranchRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        BranchRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?
+    };
+    let b = daemon.branch(&id, req).await?;
+    let status = if b.accepted {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(b.info)))
+}

@@ -1,0 +1,72 @@
+//! A memory cap per sandbox: a cgroup holding its VMM process.
+//!
+//! cgroup v2 (a unified hierarchy at /sys/fs/cgroup, `memory.max`) when the
+//! memory controller is there, else cgroup v1's memory hierarchy
+//! (`memory.limit_in_bytes`). Sandboxes go under a `forkd` group.
+
+use std::path::{Path, PathBuf};
+
+/// Which hierarchy holds the memory controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// cgroup v2 at this mount.
+    V2(PathBuf),
+    /// cgroup v1's memory controller at this mount.
+    V1(PathBuf),
+}
+
+impl Hierarchy {
+    /// The memory controller on this host, if any.
+    pub fn detect() -> Option<Hierarchy> {
+        let v2 = Path::new("/sys/fs/cgroup");
+        if std::fs::read_to_string(v2.join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
+        {
+            return Some(Hierarchy::V2(v2.to_owned()));
+        }
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        v1.join("memory.limit_in_bytes")
+            .exists()
+            .then(|| Hierarchy::V1(v1.to_owned()))
+    }
+
+    /// Creates the group for sandbox `id`, caps it at `mib` and moves `pid`
+    /// into it; returns its directory.
+    pub fn confine(&self, id: &str, mib: u64, pid: i32) -> Result<PathBuf, String> {
+        let (root, limit_file) = match self {
+            Hierarchy::V2(root) => (root, "memory.max"),
+            Hierarchy::V1(root) => (root, "memory.limit_in_bytes"),
+        };
+        let parent = root.join("forkd");
+        if let Hierarchy::V2(_) = self {
+            if !parent.exists() {
+                std::fs::create_dir_all(&parent).map_err(|e| cg_err(&parent, e))?;
+            }
+            // Children of `forkd` may use the memory controller.
+            let ctl = parent.join("cgroup.subtree_control");
+            let _ = std::fs::write(&ctl, "+memory");
+        }
+        let dir = parent.join(id);
+        std::fs::create_dir_all(&dir).map_err(|e| cg_err(&dir, e))?;
+        let bytes = mib.saturating_mul(1 << 20);
+        std::fs::write(dir.join(limit_file), bytes.to_string())
+            .map_err(|e| cg_err(&dir.join(limit_file), e))?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| cg_err(&dir.join("cgroup.procs"), e))?;
+        Ok(dir)
+    }
+}
+
+/// Removes a sandbox's group once its processes are gone (best effort: a
+/// group with a process left cannot be removed, and says so in the log).
+pub fn remove(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+        }
+    }
+}
+
+fn cg_err(path: &Path, e: std::io::Error) -> String {
+    format!("cannot set up the memory cgroup at {}: {e}", path.display())
+}

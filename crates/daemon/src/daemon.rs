@@ -1,0 +1,220 @@
+//! The daemon's state and what it shares between requests: the store, the
+//! forkd-vmm binary, the fork servers, the tags being made, the branch cap.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::audit::AuditLog;
+use crate::auth::Auth;
+use crate::cgroup::Hierarchy;
+use crate::driver::{ForkServer, Vmm};
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Where things live under the state directory.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The state directory.
+    pub state: PathBuf,
+    /// `snapshots/<tag>/`.
+    pub snapshots: PathBuf,
+    /// `sandboxes/<batch>/<i>/`.
+    pub sandboxes: PathBuf,
+    /// `run/`: fork server sockets and logs, source VMs being snapshotted.
+    pub run: PathBuf,
+}
+
+impl Paths {
+    /// The layout under `state` (created).
+    pub fn create(state: &Path) -> Result<Paths, String> {
+        let state = std::path::absolute(state)
+            .map_err(|e| format!("state directory {}: {e}", state.display()))?;
+        let paths = Paths {
+            snapshots: state.join("snapshots"),
+            sandboxes: state.join("sandboxes"),
+            run: state.join("run"),
+            state,
+        };
+        for dir in [&paths.state, &paths.snapshots, &paths.sandboxes, &paths.run] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        Ok(paths)
+    }
+
+    /// The directory of snapshot `tag`.
+    pub fn snapshot(&self, tag: &str) -> PathBuf {
+        self.snapshots.join(tag)
+    }
+}
+
+/// What the daemon is configured with.
+pub struct Options {
+    /// The forkd-vmm binary.
+    pub vmm: Vmm,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The token, when auth is on.
+    pub auth: Option<Auth>,
+    /// The audit log, when configured.
+    pub audit: Option<AuditLog>,
+    /// Most branches writing at once.
+    pub branch_concurrency: usize,
+}
+
+/// The daemon.
+pub struct Daemon {
+    /// Its database.
+    pub store: Store,
+    /// forkd-vmm.
+    pub vmm: Vmm,
+    /// Its directories.
+    pub paths: Paths,
+    /// Its metrics.
+    pub metrics: Metrics,
+    /// The token, when auth is on.
+    pub auth: Option<Auth>,
+    /// The audit log, when configured.
+    pub audit: Option<AuditLog>,
+    /// The memory controller for sandbox caps, if the host has one.
+    pub cgroups: Option<Hierarchy>,
+    /// One permit per branch allowed to write at once.
+    pub branch_slots: Arc<Semaphore>,
+    /// The cap, for messages.
+    pub branch_concurrency: usize,
+    fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A tag claimed by a request that is making a snapshot of that name;
+/// released when dropped.
+pub struct TagClaim {
+    tag: String,
+    set: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for TagClaim {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.tag);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// Opens the state directory and store (no re-adoption yet; see
+    /// [`Daemon::recover`]).
+    pub fn open(opts: Options) -> Result<Daemon, String> {
+        let paths = Paths::create(&opts.state_dir)?;
+        let store = Store::open(&paths.state.join("forkd.db")).map_err(|e| e.to_string())?;
+        Ok(Daemon {
+            store,
+            vmm: opts.vmm,
+            paths,
+            metrics: Metrics::new(),
+            auth: opts.auth,
+            audit: opts.audit,
+            cgroups: Hierarchy::detect(),
+            branch_slots: Arc::new(Semaphore::new(opts.branch_concurrency)),
+            branch_concurrency: opts.branch_concurrency,
+            fork_servers: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    /// Claims `tag` for a request that will make a snapshot of that name:
+    /// 409 when the tag exists or another request is making it.
+    pub fn claim_tag(&self, tag: &str) -> ApiResult<TagClaim> {
+        if !proto::api::valid_tag(tag) {
+            return Err(ApiError::bad_request(format!(
+                "tag {tag:?} is not valid: use 1 to 64 of A-Z a-z 0-9 _ -"
+            )));
+        }
+        if self.store.snapshot(tag)?.is_some() {
+            return Err(ApiError::conflict(format!(
+                "snapshot {tag:?} exists; pick another tag or delete it first"
+            )));
+        }
+        if !lock(&self.in_flight).insert(tag.to_owned()) {
+            return Err(ApiError::conflict(format!(
+                "snapshot {tag:?} is being made by another request"
+            )));
+        }
+        // Check again: a request that just finished may have added it.
+        if self.store.snapshot(tag)?.is_some() {
+            lock(&self.in_flight).remove(tag);
+            return Err(ApiError::conflict(format!("snapshot {tag:?} exists")));
+        }
+        Ok(TagClaim {
+            tag: tag.to_owned(),
+            set: self.in_flight.clone(),
+        })
+    }
+
+    /// The fork server of snapshot `tag` (started if it is not running).
+    /// Blocking.
+    pub fn fork_server(&self, tag: &str, dir: &Path) -> Result<Arc<ForkServer>, String> {
+        if let Some(server) = lock(&self.fork_servers).get(tag) {
+            if server.alive() {
+                return Ok(server.clone());
+            }
+        }
+        // Started outside the lock: loading a big snapshot takes a while and
+        // other snapshots' spawns must not wait for it. Two racing starts
+        // for one tag both work; the second replaces the first.
+        let server = Arc::new(ForkServer::start(&self.vmm, dir, &self.paths.run, tag)?);
+        if let Some(old) = lock(&self.fork_servers).insert(tag.to_owned(), server.clone()) {
+            if !Arc::ptr_eq(&old, &server) {
+                old.stop();
+            }
+        }
+        Ok(server)
+    }
+
+    /// Stops the fork server of `tag`, if any.
+    pub fn stop_fork_server(&self, tag: &str) {
+        if let Some(server) = lock(&self.fork_servers).remove(tag) {
+            server.stop();
+        }
+    }
+
+    /// Stops every fork server (at shutdown; sandboxes run on).
+    pub fn stop_fork_servers(&self) {
+        let servers: Vec<_> = lock(&self.fork_servers).drain().collect();
+        for (_, server) in servers {
+            server.stop();
+        }
+    }
+
+    /// Updates the gauges read from the store.
+    pub fn refresh_gauges(&self) {
+        if let Ok(n) = self.store.snapshot_count() {
+            self.metrics.snapshots.set(n as i64);
+        }
+        if let Ok(n) = self.store.sandbox_count() {
+            self.metrics.sandboxes.set(n as i64);
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// `n` random bytes as lower-case hex.
+pub fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("the kernel's random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,416 @@
+//! Driving forkd-vmm processes: a source VM booted to be snapshotted, the
+//! control socket of a running VM, and a fork server per snapshot (the
+//! pre-initialised process that forks children of it).
+//!
+//! Everything here blocks; the API calls it from `spawn_blocking`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_client::{Client, ClientConfig, Target};
+use proto::agent::{Pong, DEFAULT_VSOCK_PORT};
+use proto::control::{ControlClient, ControlRequest, ControlResponse, ForkResponse, ForkedChild};
+
+use crate::procs;
+
+/// The forkd-vmm binary.
+#[derive(Clone, Debug)]
+pub struct Vmm {
+    binary: PathBuf,
+}
+
+impl Vmm {
+    /// `explicit`, or `forkd-vmm` next to this executable, or on `PATH`.
+    pub fn find(explicit: Option<PathBuf>) -> Result<Vmm, String> {
+        if let Some(path) = explicit {
+            if path.is_file() {
+                return Ok(Vmm { binary: path });
+            }
+            return Err(format!("--vmm-binary {}: no such file", path.display()));
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("forkd-vmm")));
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("forkd-vmm"))
+                .find(|p| p.is_file())
+        });
+        beside
+            .filter(|p| p.is_file())
+            .or(on_path)
+            .map(|binary| Vmm { binary })
+            .ok_or_else(|| {
+                "cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into()
+            })
+    }
+
+    /// The binary's path.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+}
+
+/// Sends one control request, waiting at most `timeout`.
+pub fn control(
+    socket: &Path,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, String> {
+    let mut client = ControlClient::connect(socket, timeout)
+        .map_err(|e| format!("cannot reach the VMM at {}: {e}", socket.display()))?;
+    client
+        .call(request)
+        .map_err(|e| format!("the VMM at {} did not answer: {e}", socket.display()))
+}
+
+/// An agent client for the VM whose vsock socket is `uds`.
+pub fn agent(uds: &Path, cfg: ClientConfig) -> Client {
+    Client::with_config(
+        Target::Vsock {
+            uds: uds.to_owned(),
+            port: DEFAULT_VSOCK_PORT,
+        },
+        cfg,
+    )
+}
+
+/// What guest a source VM boots.
+#[derive(Clone, Debug)]
+pub enum SourceGuest {
+    /// The built-in guest.
+    Builtin,
+    /// A Linux kernel with a root filesystem.
+    Linux {
+        /// Kernel image.
+        kernel: PathBuf,
+        /// Root filesystem image (never written: the guest writes a layer).
+        rootfs: PathBuf,
+        /// Mount the root filesystem read-write.
+        rw: bool,
+        /// Extra kernel arguments.
+        extra_args: Option<String>,
+    },
+}
+
+/// A VM booted to be snapshotted, in its own directory.
+pub struct SourceVm {
+    child: Child,
+    dir: PathBuf,
+    control_socket: PathBuf,
+    vsock_socket: PathBuf,
+}
+
+impl SourceVm {
+    /// Boots `guest` with `mem_mib` and `vcpus` in `dir` (created).
+    pub fn boot(
+        vmm: &Vmm,
+        guest: &SourceGuest,
+        mem_mib: u64,
+        vcpus: u8,
+        dir: &Path,
+    ) -> Result<SourceVm, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let control_socket = dir.join("control.sock");
+        let vsock_socket = dir.join("vsock.sock");
+        let log = std::fs::File::create(dir.join("vmm.log"))
+            .map_err(|e| format!("cannot create {}: {e}", dir.join("vmm.log").display()))?;
+        let mut cmd = Command::new(vmm.binary());
+        cmd.arg("run")
+            .arg("--mem-mib")
+            .arg(mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(vcpus.to_string())
+            .arg("--control-socket")
+            .arg(&control_socket)
+            .arg("--vsock-uds")
+            .arg(&vsock_socket)
+            .arg("--console")
+            .arg(dir.join("console.log"));
+        match guest {
+            SourceGuest::Builtin => {
+                cmd.arg("--builtin");
+            }
+            SourceGuest::Linux {
+                kernel,
+                rootfs,
+                rw,
+                extra_args,
+            } => {
+                let mut cmdline = format!(
+                    "console=ttyS0 reboot=k panic=-1 root=/dev/vda {} rootfstype=ext4",
+                    if *rw { "rw" } else { "ro" }
+                );
+                if let Some(extra) = extra_args {
+                    cmdline.push(' ');
+                    cmdline.push_str(extra);
+                }
+                // The image is never written: the guest's writes go to a
+                // layer that the snapshot freezes.
+                let drive = format!(
+                    "{},cow={}",
+                    rootfs.display(),
+                    dir.join("rootfs.cow").display()
+                );
+                cmd.arg("--kernel")
+                    .arg(kernel)
+                    .arg("--drive")
+                    .arg(drive)
+                    .arg("--cmdline")
+                    .arg(cmdline)
+                    .arg("--rng");
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", vmm.binary().display()))?;
+        Ok(SourceVm {
+            child,
+            dir: dir.to_owned(),
+            control_socket,
+            vsock_socket,
+        })
+    }
+
+    /// Waits until the guest agent answers a ping (never a fixed sleep), at
+    /// most `wait`.
+    pub fn wait_for_agent(&mut self, wait: Duration) -> Result<Pong, String> {
+        let deadline = Instant::now() + wait;
+        let client = agent(
+            &self.vsock_socket,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                io_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(2),
+                ..ClientConfig::default()
+            },
+        );
+        let mut last_error = String::from("its vsock socket never appeared");
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "the VM exited ({status}) before its agent answered; {}",
+                    self.context()
+                ));
+            }
+            if self.vsock_socket.exists() {
+                match client.ping() {
+                    Ok(pong) => return Ok(pong),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the guest agent did not answer within {} s (last: {last_error}); {}",
+                    wait.as_secs(),
+                    self.context()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Snapshots the VM into `dst` (which must not exist) and leaves it
+    /// paused; returns the snapshot's metadata.
+    pub fn snapshot(&self, dst: &Path) -> Result<serde_json::Value, String> {
+        let request = ControlRequest::Snapshot {
+            dir: dst.to_owned(),
+            leave_paused: true,
+            mode: Default::default(),
+            wait: true,
+        };
+        match control(&self.control_socket, &request, Duration::from_secs(600))? {
+            ControlResponse::Snapshot { meta, .. } => Ok(meta),
+            ControlResponse::Error { message } => Err(format!("snapshot failed: {message}")),
+            other => Err(format!("snapshot: unexpected answer {other:?}")),
+        }
+    }
+
+    /// A summary of the VM's logs for an error message.
+    pub fn context(&self) -> String {
+        let console = procs::log_tail(&self.dir.join("console.log"), 1500);
+        let log = procs::log_tail(&self.dir.join("vmm.log"), 800);
+        format!("console tail: [{console}] vmm log tail: [{log}]")
+    }
+}
+
+impl Drop for SourceVm {
+    /// Ends the VM (it has served its purpose or failed) and reaps it.
+    fn drop(&mut self) {
+        let _ = control(
+            &self.control_socket,
+            &ControlRequest::Shutdown,
+            Duration::from_secs(2),
+        );
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `forkd-vmm fork-server` holding one snapshot.
+pub struct ForkServer {
+    socket: PathBuf,
+    pid: i32,
+    ticks: u64,
+}
+
+/// Longest a fork server may take to load its snapshot (a diff's memory is
+/// assembled on the first load).
+const FORK_SERVER_START: Duration = Duration::from_secs(300);
+/// Longest a fork batch may take.
+const FORK_BATCH: Duration = Duration::from_secs(300);
+
+impl ForkServer {
+    /// Starts a fork server for the snapshot in `snapshot_dir`, its socket
+    /// and log under `run_dir` named after `name`.
+    pub fn start(
+        vmm: &Vmm,
+        snapshot_dir: &Path,
+        run_dir: &Path,
+        name: &str,
+    ) -> Result<ForkServer, String> {
+        let socket = run_dir.join(format!("{name}.fork.sock"));
+        let log_path = run_dir.join(format!("{name}.fork.log"));
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        let mut child = Command::new(vmm.binary())
+            .arg("fork-server")
+            .arg("--snapshot")
+            .arg(snapshot_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {} fork-server: {e}", vmm.binary().display()))?;
+        let pid = child.id() as i32;
+        let ticks = procs::start_ticks(pid).unwrap_or(0);
+        let deadline = Instant::now() + FORK_SERVER_START;
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the fork server for {} exited ({status}): {}",
+                    snapshot_dir.display(),
+                    procs::log_tail(&log_path, 1500)
+                ));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the fork server for {} did not come up within {} s",
+                    snapshot_dir.display(),
+                    FORK_SERVER_START.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Reaped by a thread of its own; the server itself lives on.
+        std::thread::spawn(move || child.wait());
+        let pidfile = run_dir.join(format!("{name}.fork.pid"));
+        let _ = std::fs::write(&pidfile, format!("{pid} {ticks}\n"));
+        Ok(ForkServer { socket, pid, ticks })
+    }
+
+    /// Whether the server still runs.
+    pub fn alive(&self) -> bool {
+        procs::alive(self.pid, self.ticks)
+    }
+
+    /// Forks `n` children into `out_dir/<i>/`.
+    pub fn fork(
+        &self,
+        n: u32,
+        out_dir: &Path,
+        paused: bool,
+        memfd: bool,
+    ) -> Result<Vec<ForkedChild>, String> {
+        let mut request = serde_json::json!({
+            "op": "fork", "n": n, "out_dir": out_dir, "paused": paused, "console_log": true,
+        });
+        if memfd {
+            request["memfd"] = serde_json::Value::Bool(true);
+        }
+        let stream = UnixStream::connect(&self.socket).map_err(|e| {
+            format!(
+                "cannot reach the fork server {}: {e}",
+                self.socket.display()
+            )
+        })?;
+        stream
+            .set_read_timeout(Some(FORK_BATCH))
+            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
+            .map_err(|e| e.to_string())?;
+        let mut line = serde_json::to_vec(&request).expect("a JSON value serialises");
+        line.push(b'\n');
+        (&stream)
+            .write_all(&line)
+            .map_err(|e| format!("fork server: {e}"))?;
+        let mut answer = Vec::new();
+        BufReader::new(&stream)
+            .take(16 << 20)
+            .read_until(b'\n', &mut answer)
+            .map_err(|e| format!("fork server did not answer: {e}"))?;
+        match serde_json::from_slice::<ForkResponse>(&answer) {
+            Ok(ForkResponse::Forked { children }) if children.len() == n as usize => Ok(children),
+            Ok(ForkResponse::Forked { children }) => Err(format!(
+                "the fork server started {} children of {n}",
+                children.len()
+            )),
+            Ok(ForkResponse::Error { message }) => Err(message),
+            Ok(other) => Err(format!("fork server: unexpected answer {other:?}")),
+            Err(e) => Err(format!(
+                "fork server: unreadable answer ({e}): {}",
+                String::from_utf8_lossy(&answer)
+            )),
+        }
+    }
+
+    /// Stops the server (its children run on).
+    pub fn stop(&self) {
+        procs::kill(self.pid, self.ticks, Duration::from_secs(2));
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Kills fork servers a previous daemon left behind in `run_dir` (their
+/// `.fork.pid` files): a new daemon starts its own when asked to spawn.
+pub fn reap_stale_fork_servers(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if !name.ends_with(".fork.pid") {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut it = text.split_whitespace().map(|s| s.parse::<u64>());
+            if let (Some(Ok(pid)), Some(Ok(ticks))) = (it.next(), it.next()) {
+                procs::kill(pid as i32, ticks, Duration::from_secs(2));
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(run_dir.join(name.replace(".fork.pid", ".fork.sock")));
+    }
+}

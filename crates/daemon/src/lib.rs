@@ -1,0 +1,22 @@
+//! forkd-daemon: the forkd v1 REST API over forkd-vmm processes.
+//!
+//! - [`api`]: routes, auth and audit layer.
+//! - [`daemon`]: shared state; [`snapshots`] and [`sandboxes`]: what the
+//!   routes do.
+//! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
+//!   [`procs`]: tracking them by pid.
+//! - [`auth`], [`audit`], [`metrics`], [`cgroup`].
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod cgroup;
+pub mod daemon;
+pub mod driver;
+pub mod error;
+pub mod metrics;
+pub mod procs;
+pub mod sandboxes;
+pub mod serve;
+pub mod snapshots;
+pub mod store;

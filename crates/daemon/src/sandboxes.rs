@@ -1,0 +1,586 @@
+//! Sandboxes: forked from a snapshot's fork server, driven through their
+//! control socket and guest agent, branched, killed, and re-adopted by a
+//! restarted daemon.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_client::ClientConfig;
+use proto::api::{
+    BranchMode, BranchRequest, EvalResponse, ExecResponse, SandboxInfo, SnapshotInfo,
+    SnapshotStatus, SpawnRequest, MAX_SPAWN,
+};
+use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
+
+use crate::daemon::{now_unix, random_hex, Daemon};
+use crate::error::{ApiError, ApiResult};
+use crate::store::SandboxRow;
+use crate::{driver, procs};
+
+/// Smallest memory cap: below it a VMM cannot even start.
+const MIN_MEMORY_LIMIT_MIB: u64 = 32;
+/// Longest exec or eval a request may ask for.
+const MAX_RUN_SECS: u64 = 3600;
+/// Most output an exec answer carries (stdout and stderr together).
+const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// How long a new child has to create its vsock socket.
+const VSOCK_APPEAR: Duration = Duration::from_secs(5);
+
+/// Answer of a branch: the snapshot, and whether its copy still runs.
+pub struct Branched {
+    /// The new snapshot.
+    pub info: SnapshotInfo,
+    /// True when it is `writing` (the answer is 202).
+    pub accepted: bool,
+}
+
+impl Daemon {
+    /// `POST /v1/sandboxes`.
+    pub async fn spawn(self: &Arc<Self>, req: SpawnRequest) -> ApiResult<Vec<SandboxInfo>> {
+        let started = Instant::now();
+        if !(1..=MAX_SPAWN).contains(&req.n) {
+            return Err(ApiError::bad_request(format!(
+                "n = {} is out of range: spawn 1 to {MAX_SPAWN} sandboxes a request",
+                req.n
+            )));
+        }
+        if req.per_child_netns == Some(true) {
+            return Err(ApiError::bad_request(
+                "per_child_netns needs a snapshot with a network device, and snapshots made through this API have none; leave it out",
+            ));
+        }
+        if let Some(mib) = req.memory_limit_mib {
+            if mib < MIN_MEMORY_LIMIT_MIB {
+                return Err(ApiError::bad_request(format!(
+                    "memory_limit_mib {mib} is too small: at least {MIN_MEMORY_LIMIT_MIB}"
+                )));
+            }
+            if self.cgroups.is_none() {
+                return Err(ApiError::bad_request(
+                    "memory_limit_mib needs the memory cgroup controller, which this host does not have (see `forkd doctor`)",
+                ));
+            }
+        }
+        let snap = self.existing_snapshot(&req.snapshot_tag)?;
+        if snap.info.status != SnapshotStatus::Ready || !snap.info.bootable {
+            return Err(ApiError::conflict(format!(
+                "snapshot {:?} is {}{}; spawn from a ready snapshot",
+                snap.info.tag,
+                snap.info.status.as_str(),
+                snap.info
+                    .warning
+                    .as_deref()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default()
+            )));
+        }
+        let this = self.clone();
+        let rows =
+            tokio::task::spawn_blocking(move || this.fork_children(&req, &snap.info)).await??;
+        self.store.insert_sandboxes(&rows)?;
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.spawn_seconds.observe(secs);
+        self.metrics
+            .spawn_child_seconds
+            .observe(secs / rows.len() as f64);
+        Ok(rows.into_iter().map(|r| r.info).collect())
+    }
+
+    /// Forks the children and confines them (blocking).
+    fn fork_children(&self, req: &SpawnRequest, snap: &SnapshotInfo) -> ApiResult<Vec<SandboxRow>> {
+        let server = self
+            .fork_server(&snap.tag, Path::new(&snap.dir))
+            .map_err(ApiError::internal)?;
+        let batch = random_hex(4);
+        let out_dir = self.paths.sandboxes.join(&batch);
+        let live_fork = req.live_fork.unwrap_or(false);
+        // A capped child starts paused and runs only once it is in its group.
+        let paused = req.memory_limit_mib.is_some();
+        let children = server
+            .fork(req.n, &out_dir, paused, live_fork)
+            .map_err(|e| ApiError::internal(format!("fork failed: {e}")))?;
+        let now = now_unix();
+        let mut rows = Vec::with_capacity(children.len());
+        let mut failure = None;
+        for child in children {
+            let id = format!("{batch}-{}", child.index);
+            let ticks = procs::start_ticks(child.pid).unwrap_or(0);
+            let mut row = SandboxRow {
+                info: SandboxInfo {
+                    id: id.clone(),
+                    snapshot_tag: snap.tag.clone(),
+                    netns: None,
+                    guest_addr: None,
+                    created_at_unix: now,
+                    pid: child.pid,
+                    memory_limit_mib: req.memory_limit_mib,
+                    live_fork,
+                },
+                base_tag: snap.tag.clone(),
+                dir: child.dir,
+                control_socket: child.control_socket,
+                vsock_socket: child.vsock_socket,
+                pid_start_ticks: ticks,
+                cgroup: None,
+            };
+            if let (Some(mib), Some(cg)) = (req.memory_limit_mib, &self.cgroups) {
+                let confined = cg.confine(&id, mib, child.pid).and_then(|dir| {
+                    row.cgroup = Some(dir);
+                    resume(&row.control_socket)
+                });
+                if let Err(e) = confined {
+                    failure.get_or_insert(e);
+                }
+            }
+            rows.push(row);
+        }
+        if let Some(e) = failure {
+            for row in &rows {
+                stop_sandbox(row);
+            }
+            let _ = std::fs::remove_dir_all(&out_dir);
+            return Err(ApiError::internal(e));
+        }
+        Ok(rows)
+    }
+
+    /// `GET /v1/sandboxes`: the live ones (a sandbox whose VMM has ended is
+    /// dropped, its directory removed).
+    pub async fn list_sandboxes(self: &Arc<Self>) -> ApiResult<Vec<SandboxInfo>> {
+        let rows = self.store.sandboxes()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            if procs::alive(row.info.pid, row.pid_start_ticks) {
+                out.push(row.info);
+            } else {
+                self.forget_dead(&row).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a sandbox whose VMM has ended.
+    async fn forget_dead(self: &Arc<Self>, row: &SandboxRow) -> ApiResult<()> {
+        let log = procs::log_tail(&row.dir.join("vmm.log"), 400);
+        tracing::warn!(
+            id = row.info.id,
+            "sandbox's VMM has ended; dropping it: {log}"
+        );
+        self.store.delete_sandbox(&row.info.id)?;
+        let row = row.clone();
+        tokio::task::spawn_blocking(move || stop_sandbox(&row)).await?;
+        Ok(())
+    }
+
+    /// A sandbox by id, or 404.
+    pub fn existing_sandbox(&self, id: &str) -> ApiResult<SandboxRow> {
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ApiError::bad_request(format!("{id:?} is not a sandbox id")));
+        }
+        self.store
+            .sandbox(id)?
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
+    }
+
+    /// A sandbox that is running, or 404 / 409.
+    fn running_sandbox(self: &Arc<Self>, id: &str) -> ApiResult<SandboxRow> {
+        let row = self.existing_sandbox(id)?;
+        if !procs::alive(row.info.pid, row.pid_start_ticks) {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id:?} is not running (its VMM ended: {}); kill it and spawn a new one",
+                procs::log_tail(&row.dir.join("vmm.log"), 300)
+            )));
+        }
+        Ok(row)
+    }
+
+    /// `DELETE /v1/sandboxes/:id`.
+    pub async fn kill(self: &Arc<Self>, id: &str) -> ApiResult<()> {
+        let row = self.existing_sandbox(id)?;
+        self.store.delete_sandbox(id)?;
+        tokio::task::spawn_blocking(move || stop_sandbox(&row)).await?;
+        Ok(())
+    }
+
+    /// The agent client of a running sandbox, its vsock socket there.
+    async fn agent_of(
+        self: &Arc<Self>,
+        id: &str,
+        cfg: ClientConfig,
+    ) -> ApiResult<agent_client::Client> {
+        let row = self.running_sandbox(id)?;
+        let uds = row.vsock_socket.clone().ok_or_else(|| {
+            ApiError::conflict(format!(
+                "sandbox {id:?} has no vsock device, so no guest agent to talk to"
+            ))
+        })?;
+        let path = uds.clone();
+        if !tokio::task::spawn_blocking(move || procs::wait_for_path(&path, VSOCK_APPEAR)).await? {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_GATEWAY,
+                format!(
+                    "sandbox {id:?}: its vsock socket {} never appeared",
+                    uds.display()
+                ),
+            ));
+        }
+        Ok(driver::agent(&uds, cfg))
+    }
+
+    /// `POST /v1/sandboxes/:id/ping`: the agent's answer.
+    pub async fn ping(self: &Arc<Self>, id: &str) -> ApiResult<proto::agent::Pong> {
+        let client = self.agent_of(id, quick_agent()).await?;
+        Ok(tokio::task::spawn_blocking(move || client.ping()).await??)
+    }
+
+    /// `POST /v1/sandboxes/:id/exec`.
+    pub async fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        req: proto::api::ExecRequest,
+    ) -> ApiResult<ExecResponse> {
+        if req.args.is_empty() {
+            return Err(ApiError::bad_request(
+                "args is empty: give the program and its arguments",
+            ));
+        }
+        let secs = run_secs(req.timeout_secs)?;
+        let client = self.agent_of(id, ClientConfig::default()).await?;
+        let agent_req = proto::agent::ExecRequest {
+            args: req.args,
+            env: Default::default(),
+            cwd: None,
+            timeout_ms: secs * 1000,
+        };
+        let stdin = req.stdin.unwrap_or_default().into_bytes();
+        let out = tokio::task::spawn_blocking(move || {
+            client.exec_collect(&agent_req, &stdin, MAX_EXEC_OUTPUT)
+        })
+        .await??;
+        let s = &out.status;
+        let exit_code = match (s.code, s.signal) {
+            _ if s.timed_out => -1,
+            (Some(code), _) => code,
+            (None, Some(sig)) => 128 + sig,
+            (None, None) => -1,
+        };
+        Ok(ExecResponse {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            exit_code,
+        })
+    }
+
+    /// `POST /v1/sandboxes/:id/eval`.
+    pub async fn eval(
+        self: &Arc<Self>,
+        id: &str,
+        req: proto::api::EvalRequest,
+    ) -> ApiResult<EvalResponse> {
+        let secs = run_secs(req.timeout_secs)?;
+        let client = self.agent_of(id, ClientConfig::default()).await?;
+        let r =
+            tokio::task::spawn_blocking(move || client.eval(&req.code, Duration::from_secs(secs)))
+                .await??;
+        Ok(EvalResponse {
+            result: r.result,
+            error: r.error,
+            exit_code: r.exit_code,
+        })
+    }
+
+    /// `POST /v1/sandboxes/:id/branch`.
+    pub async fn branch(self: &Arc<Self>, id: &str, req: BranchRequest) -> ApiResult<Branched> {
+        let started = Instant::now();
+        let mode = req.resolved_mode().map_err(ApiError::bad_request)?;
+        let sandbox = self.running_sandbox(id)?;
+        if let Some(parent) = &req.parent_tag {
+            self.existing_snapshot(parent)?;
+            if mode != BranchMode::Diff {
+                return Err(ApiError::bad_request(
+                    "parent_tag names the base of a diff; give it with mode: diff only",
+                ));
+            }
+            if *parent != sandbox.base_tag {
+                return Err(ApiError::bad_request(format!(
+                    "a diff of sandbox {id:?} is taken against {:?} (its snapshot or its latest branch), not {parent:?}",
+                    sandbox.base_tag
+                )));
+            }
+        }
+        if mode == BranchMode::Live && !sandbox.info.live_fork {
+            return Err(ApiError::bad_request(format!(
+                "a live branch needs the sandbox's RAM in a memfd; sandbox {id:?} was not spawned with live_fork: true (use mode full or diff, or spawn with live_fork)"
+            )));
+        }
+        let wait = req.wait.unwrap_or(true);
+        if !wait && mode != BranchMode::Live {
+            return Err(ApiError::bad_request(
+                "wait: false applies to live branches only (full and diff write while paused)",
+            ));
+        }
+        let tag = req
+            .tag
+            .clone()
+            .unwrap_or_else(|| format!("{id}-{}", random_hex(3)));
+        let claim = self.claim_tag(&tag)?;
+        let permit = self.branch_slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::unavailable(format!(
+                "{} branches are being written (the daemon's --branch-concurrency); retry when one ends",
+                self.branch_concurrency
+            ))
+        })?;
+        self.metrics.branches_in_flight.inc();
+        let in_flight = scopeguard(self.clone());
+        let dir = self.paths.snapshot(&tag);
+        let request = ControlRequest::Snapshot {
+            dir: dir.clone(),
+            leave_paused: false,
+            mode: match mode {
+                BranchMode::Full => SnapshotMode::Full,
+                BranchMode::Diff => SnapshotMode::Diff,
+                BranchMode::Live => SnapshotMode::Live,
+            },
+            wait,
+        };
+        let socket = sandbox.control_socket.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            driver::control(&socket, &request, Duration::from_secs(1800))
+        })
+        .await?
+        .map_err(ApiError::internal)?;
+        let pause_ms = match answer {
+            ControlResponse::Snapshot { pause_ms, .. } => pause_ms,
+            ControlResponse::Error { message } => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the sandbox's VMM refused the branch: {message}"),
+                ))
+            }
+            other => {
+                return Err(ApiError::internal(format!(
+                    "branch: unexpected VMM answer {other:?}"
+                )))
+            }
+        };
+        let mut row = self.row_from_dir(&tag, &dir, Some(id), pause_ms)?;
+        if let Some(ms) = pause_ms {
+            self.metrics.branch_pause_seconds.observe(ms / 1000.0);
+        }
+        let accepted = row.info.status == SnapshotStatus::Writing;
+        if accepted {
+            row.source_pid = Some(sandbox.info.pid);
+        }
+        self.store.insert_snapshot(&row)?;
+        self.store.set_sandbox_base(id, &tag)?;
+        drop(claim);
+        self.metrics
+            .branch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if accepted {
+            // The permit and the in-flight count go with the copy.
+            let this = self.clone();
+            let watched = sandbox.clone();
+            tokio::spawn(async move {
+                this.watch_copy(&tag, &dir, &watched).await;
+                drop(permit);
+                drop(in_flight);
+            });
+        }
+        Ok(Branched {
+            info: row.info,
+            accepted,
+        })
+    }
+
+    /// Follows a live copy until its snapshot is ready or failed, and
+    /// records the outcome.
+    pub async fn watch_copy(self: &Arc<Self>, tag: &str, dir: &Path, source: &SandboxRow) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let status = vmm::snapshot::read_meta(dir).map(|m| m.status);
+            let outcome = match status {
+                Ok(vmm::snapshot::SnapshotStatus::Writing) => {
+                    if procs::alive(source.info.pid, source.pid_start_ticks) {
+                        continue;
+                    }
+                    Err("the source sandbox's VMM ended before the copy did".to_string())
+                }
+                Ok(vmm::snapshot::SnapshotStatus::Ready) => Ok(()),
+                Ok(vmm::snapshot::SnapshotStatus::Failed) => Err(format!(
+                    "the copy failed: {}",
+                    procs::log_tail(&source.dir.join("vmm.log"), 400)
+                )),
+                Err(e) => Err(format!("the snapshot's metadata is unreadable: {e}")),
+            };
+            let recorded = match &outcome {
+                Ok(()) => self.store.set_snapshot_ready(tag),
+                Err(why) => self
+                    .store
+                    .set_snapshot_status(tag, SnapshotStatus::Failed, Some(why)),
+            };
+            if let Err(e) = recorded {
+                tracing::error!(tag, "cannot record the end of a copy: {e}");
+            }
+            return;
+        }
+    }
+
+    /// After a restart: keeps the sandboxes whose VMM still runs and
+    /// answers, drops the rest; settles snapshots left `writing`.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), String> {
+        driver::reap_stale_fork_servers(&self.paths.run);
+        let rows = self.store.sandboxes().map_err(|e| e.to_string())?;
+        let (mut kept, mut dropped) = (0, 0);
+        for row in rows {
+            let probe = row.clone();
+            let answers = tokio::task::spawn_blocking(move || {
+                procs::alive(probe.info.pid, probe.pid_start_ticks)
+                    && matches!(
+                        driver::control(
+                            &probe.control_socket,
+                            &ControlRequest::Status,
+                            Duration::from_secs(2)
+                        ),
+                        Ok(ControlResponse::Status(_))
+                    )
+            })
+            .await
+            .unwrap_or(false);
+            if answers {
+                kept += 1;
+            } else {
+                dropped += 1;
+                self.forget_dead(&row).await.map_err(|e| e.message)?;
+            }
+        }
+        tracing::info!(
+            kept,
+            dropped,
+            "re-adopted the sandboxes of the previous run"
+        );
+        for snap in self.store.snapshots().map_err(|e| e.to_string())? {
+            let dir = PathBuf::from(&snap.info.dir);
+            if !dir.join("snapshot.json").exists() {
+                if snap.info.status != SnapshotStatus::Failed {
+                    let _ = self.store.set_snapshot_status(
+                        &snap.info.tag,
+                        SnapshotStatus::Failed,
+                        Some("its directory is gone"),
+                    );
+                }
+                continue;
+            }
+            if snap.info.status != SnapshotStatus::Writing {
+                continue;
+            }
+            let source = snap
+                .info
+                .branched_from
+                .as_deref()
+                .and_then(|id| self.store.sandbox(id).ok().flatten());
+            match source {
+                Some(source) => {
+                    // Its VMM still copies: follow it as before the restart.
+                    let permit = self.branch_slots.clone().try_acquire_owned().ok();
+                    self.metrics.branches_in_flight.inc();
+                    let guard = scopeguard(self.clone());
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.watch_copy(&snap.info.tag, &dir, &source).await;
+                        drop(permit);
+                        drop(guard);
+                    });
+                }
+                None => {
+                    let status = vmm::snapshot::read_meta(&dir).map(|m| m.status);
+                    let result = if matches!(status, Ok(vmm::snapshot::SnapshotStatus::Ready)) {
+                        self.store.set_snapshot_ready(&snap.info.tag)
+                    } else {
+                        self.store.set_snapshot_status(
+                            &snap.info.tag,
+                            SnapshotStatus::Failed,
+                            Some("the daemon restarted during the copy and the source VMM is gone"),
+                        )
+                    };
+                    result.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+pub struct InFlight(Arc<Daemon>);
+
+fn scopeguard(d: Arc<Daemon>) -> InFlight {
+    InFlight(d)
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.branches_in_flight.dec();
+    }
+}
+
+/// Agent timeouts for a ping.
+fn quick_agent() -> ClientConfig {
+    ClientConfig {
+        request_timeout: Duration::from_secs(10),
+        ..ClientConfig::default()
+    }
+}
+
+/// An exec or eval timeout, checked.
+fn run_secs(asked: Option<u64>) -> ApiResult<u64> {
+    let secs = asked.unwrap_or(60);
+    if !(1..=MAX_RUN_SECS).contains(&secs) {
+        return Err(ApiError::bad_request(format!(
+            "timeout_secs {secs} is out of range: 1 to {MAX_RUN_SECS}"
+        )));
+    }
+    Ok(secs)
+}
+
+/// Lets a paused child run.
+fn resume(socket: &Path) -> Result<(), String> {
+    match driver::control(socket, &ControlRequest::Resume, Duration::from_secs(10))? {
+        ControlResponse::Ok => Ok(()),
+        other => Err(format!("resume: unexpected VMM answer {other:?}")),
+    }
+}
+
+/// Ends a sandbox's VMM (asked, then killed), removes its directory and
+/// cgroup (blocking).
+fn stop_sandbox(row: &SandboxRow) {
+    let (pid, ticks) = (row.info.pid, row.pid_start_ticks);
+    if procs::alive(pid, ticks) {
+        let _ = driver::control(
+            &row.control_socket,
+            &ControlRequest::Shutdown,
+            Duration::from_millis(500),
+        );
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while procs::alive(pid, ticks) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        procs::kill(pid, ticks, Duration::from_secs(5));
+    }
+    if let Err(e) = std::fs::remove_dir_all(&row.dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", row.dir.display());
+        }
+    }
+    // The batch directory goes with its last child.
+    if let Some(batch) = row.dir.parent() {
+        let _ = std::fs::remove_dir(batch);
+    }
+    if let Some(cg) = &row.cgroup {
+        crate::cgroup::remove(cg);
+    }
+}

@@ -1,0 +1,136 @@
+//! `forkd-daemon serve`: configuration checks, re-adoption, the HTTP(S)
+//! server, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::audit::AuditLog;
+use crate::auth::Auth;
+use crate::daemon::{Daemon, Options};
+use crate::driver::Vmm;
+
+/// `forkd-daemon serve` options.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on. A non-loopback address needs --token-file.
+    #[arg(long, default_value = proto::api::DEFAULT_BIND)]
+    pub bind: SocketAddr,
+    /// Where the database, snapshots and sandboxes live.
+    #[arg(long, default_value = "/var/lib/forkd")]
+    pub state_dir: PathBuf,
+    /// A file whose first line is the bearer token every route but
+    /// /healthz requires.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); serve HTTPS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Append a JSON line per request to this file.
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Most branches writing at once; more answer 503.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub branch_concurrency: u32,
+    /// The forkd-vmm binary (default: next to forkd-daemon, else on PATH).
+    #[arg(long)]
+    pub vmm_binary: Option<PathBuf>,
+    /// Longest wait for in-flight requests at shutdown, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(args: ServeArgs) -> Result<(), String> {
+    let auth = args
+        .token_file
+        .as_deref()
+        .map(Auth::from_file)
+        .transpose()?;
+    if auth.is_none() && !args.bind.ip().is_loopback() {
+        return Err(format!(
+            "refusing to listen on {} without a token: anyone who can reach it could run code; pass --token-file, or bind to 127.0.0.1",
+            args.bind
+        ));
+    }
+    let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
+    let vmm = Vmm::find(args.vmm_binary.clone())?;
+    let daemon = Arc::new(Daemon::open(Options {
+        vmm,
+        state_dir: args.state_dir.clone(),
+        auth,
+        audit,
+        branch_concurrency: args.branch_concurrency as usize,
+    })?);
+    daemon.recover().await?;
+    let app =
+        crate::api::router(daemon.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let handle = axum_server::Handle::new();
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: finishing requests in flight");
+            handle.graceful_shutdown(Some(grace));
+        }
+    });
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let listener = std::net::TcpListener::bind(args.bind)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    // The line a supervisor or test waits for.
+    eprintln!(
+        "forkd-daemon: serving the v1 API on {scheme}://{} (state {})",
+        listener.local_addr().map_err(|e| e.to_string())?,
+        daemon.paths.state.display()
+    );
+    let served = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot load the TLS certificate {} and key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            axum_server::from_tcp_rustls(listener, tls)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        _ => {
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    };
+    daemon.stop_fork_servers();
+    served.map_err(|e| format!("the server failed: {e}"))?;
+    tracing::info!("stopped; sandboxes keep running and are re-adopted at the next start");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler can be installed");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,440 @@
+//! Snapshots: made from a booted guest, registered with their chain,
+//! described, compacted and deleted.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::api::{CreateSnapshot, SnapshotDetail, SnapshotInfo, SnapshotStatus};
+use vmm::snapshot::{SnapshotKind, SnapshotMeta};
+
+use crate::daemon::{random_hex, Daemon};
+use crate::driver::{SourceGuest, SourceVm};
+use crate::error::{ApiError, ApiResult};
+use crate::store::SnapshotRow;
+
+/// Guest RAM bounds a snapshot request may ask for.
+const MEM_MIB: std::ops::RangeInclusive<u64> = 16..=65536;
+/// Longest boot wait.
+const MAX_BOOT_WAIT_SECS: u64 = 3600;
+
+/// What a snapshot request asks to boot, checked.
+struct Plan {
+    guest: SourceGuest,
+    mem_mib: u64,
+    vcpus: u8,
+    boot_wait: Duration,
+}
+
+fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
+    let guest = match (req.builtin, &req.kernel, &req.rootfs) {
+        (true, None, None) => SourceGuest::Builtin,
+        (true, _, _) => {
+            return Err(ApiError::bad_request(
+                "builtin: true boots the built-in guest; leave out kernel and rootfs",
+            ))
+        }
+        (false, Some(kernel), Some(rootfs)) => {
+            for (what, path) in [("kernel", kernel), ("rootfs", rootfs)] {
+                if !Path::new(path).is_file() {
+                    return Err(ApiError::bad_request(format!(
+                        "{what} {path:?} is not a file on the daemon's host"
+                    )));
+                }
+            }
+            SourceGuest::Linux {
+                kernel: kernel.into(),
+                rootfs: rootfs.into(),
+                rw: req.rw.unwrap_or(false),
+                extra_args: req.kernel_args.clone(),
+            }
+        }
+        (false, _, _) => {
+            return Err(ApiError::bad_request(
+                "give kernel and rootfs (paths on the daemon's host), or builtin: true",
+            ))
+        }
+    };
+    let default_mem = if req.builtin { 128 } else { 256 };
+    let mem_mib = req.mem_size_mib.unwrap_or(default_mem);
+    if !MEM_MIB.contains(&mem_mib) {
+        return Err(ApiError::bad_request(format!(
+            "mem_size_mib {mem_mib} is out of range: {} to {}",
+            MEM_MIB.start(),
+            MEM_MIB.end()
+        )));
+    }
+    let vcpus = req.vcpus.unwrap_or(1);
+    if vcpus == 0 {
+        return Err(ApiError::bad_request("vcpus must be at least 1"));
+    }
+    let wait = req.boot_wait_secs.unwrap_or(60);
+    if !(1..=MAX_BOOT_WAIT_SECS).contains(&wait) {
+        return Err(ApiError::bad_request(format!(
+            "boot_wait_secs {wait} is out of range: 1 to {MAX_BOOT_WAIT_SECS}"
+        )));
+    }
+    Ok(Plan {
+        guest,
+        mem_mib,
+        vcpus,
+        boot_wait: Duration::from_secs(wait),
+    })
+}
+
+impl Daemon {
+    /// `POST /v1/snapshots`: boots the guest, waits for its agent to
+    /// answer, snapshots it and ends it.
+    pub async fn create_snapshot(self: &Arc<Self>, req: CreateSnapshot) -> ApiResult<SnapshotInfo> {
+        let plan = plan(&req)?;
+        let claim = self.claim_tag(&req.tag)?;
+        let this = self.clone();
+        let tag = req.tag.clone();
+        let row = tokio::task::spawn_blocking(move || -> ApiResult<SnapshotRow> {
+            let build = this
+                .paths
+                .run
+                .join(format!("build-{tag}-{}", random_hex(4)));
+            let dst = this.paths.snapshot(&tag);
+            let result = (|| {
+                let mut vm =
+                    SourceVm::boot(&this.vmm, &plan.guest, plan.mem_mib, plan.vcpus, &build)
+                        .map_err(ApiError::internal)?;
+                let pong = vm
+                    .wait_for_agent(plan.boot_wait)
+                    .map_err(|e| ApiError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, e))?;
+                tracing::info!(tag, guest = pong.guest, "agent answered; snapshotting");
+                vm.snapshot(&dst).map_err(ApiError::internal)?;
+                drop(vm);
+                this.row_from_dir(&tag, &dst, None, None)
+            })();
+            let _ = std::fs::remove_dir_all(&build);
+            result
+        })
+        .await??;
+        self.store.insert_snapshot(&row)?;
+        drop(claim);
+        Ok(row.info)
+    }
+
+    /// A registry row for the snapshot written in `dir`: its dependencies
+    /// come from its metadata (a diff's parent, disk layers of another
+    /// snapshot), named by the tags of the directories they are in.
+    pub fn row_from_dir(
+        &self,
+        tag: &str,
+        dir: &Path,
+        branched_from: Option<&str>,
+        pause_ms: Option<f64>,
+    ) -> ApiResult<SnapshotRow> {
+        let meta = vmm::snapshot::read_meta(dir).map_err(|e| {
+            ApiError::internal(format!("the new snapshot's metadata is unreadable: {e}"))
+        })?;
+        let (parent_tag, parent_hash, depends_on) = self.dependencies(&meta)?;
+        let status = match meta.status {
+            vmm::snapshot::SnapshotStatus::Ready => SnapshotStatus::Ready,
+            vmm::snapshot::SnapshotStatus::Writing => SnapshotStatus::Writing,
+            vmm::snapshot::SnapshotStatus::Failed => SnapshotStatus::Failed,
+        };
+        Ok(SnapshotRow {
+            info: SnapshotInfo {
+                tag: tag.to_owned(),
+                dir: dir.to_string_lossy().into_owned(),
+                created_at_unix: meta.created_at_unix,
+                branched_from: branched_from.map(str::to_owned),
+                pause_ms,
+                status,
+                bootable: meta.bootable && status == SnapshotStatus::Ready,
+                warning: None,
+                kind: Some(
+                    match meta.kind {
+                        SnapshotKind::Full => "full",
+                        SnapshotKind::Diff => "diff",
+                    }
+                    .into(),
+                ),
+                guest: Some(guest_name(&meta)),
+                mem_mib: Some(meta.mem_mib),
+            },
+            parent_tag,
+            parent_content_hash: parent_hash,
+            source_pid: None,
+            depends_on,
+        })
+    }
+
+    /// (parent tag, parent hash, every snapshot `meta` needs files of).
+    #[allow(clippy::type_complexity)]
+    fn dependencies(
+        &self,
+        meta: &SnapshotMeta,
+    ) -> ApiResult<(Option<String>, Option<String>, Vec<String>)> {
+        let mut deps = Vec::new();
+        let mut parent_tag = None;
+        let mut parent_hash = None;
+        if let Some(parent) = &meta.parent {
+            let tag = self.store.snapshot_tag_by_dir(&parent.dir)?;
+            parent_hash = Some(parent.memory_hash.clone());
+            parent_tag = tag.clone();
+            deps.extend(tag);
+        }
+        for disk in &meta.disks {
+            for layer in disk.layers.iter().filter(|l| l.is_absolute()) {
+                if let Some(tag) = self.tag_owning(layer)? {
+                    if !deps.contains(&tag) {
+                        deps.push(tag);
+                    }
+                }
+            }
+        }
+        if parent_tag.is_none() {
+            parent_tag = deps.first().cloned();
+        }
+        Ok((parent_tag, parent_hash, deps))
+    }
+
+    /// The snapshot whose directory holds `file`.
+    fn tag_owning(&self, file: &Path) -> ApiResult<Option<String>> {
+        match file.parent() {
+            Some(dir) => Ok(self.store.snapshot_tag_by_dir(dir)?),
+            None => Ok(None),
+        }
+    }
+
+    /// `GET /v1/snapshots`.
+    pub fn list_snapshots(&self) -> ApiResult<Vec<SnapshotInfo>> {
+        Ok(self
+            .store
+            .snapshots()?
+            .into_iter()
+            .map(|r| r.info)
+            .collect())
+    }
+
+    /// `GET /v1/snapshots/:tag/info`.
+    pub fn snapshot_detail(&self, tag: &str) -> ApiResult<SnapshotDetail> {
+        let row = self.existing_snapshot(tag)?;
+        let dir = PathBuf::from(&row.info.dir);
+        let meta = vmm::snapshot::read_meta(&dir).ok();
+        let own_memory = match meta.as_ref().map(|m| m.kind) {
+            Some(SnapshotKind::Diff) => dir.join("memory.diff"),
+            _ => dir.join("memory"),
+        };
+        let mut ancestors = Vec::new();
+        let mut seen = HashSet::from([tag.to_owned()]);
+        let mut next = row.parent_tag.clone();
+        while let Some(t) = next {
+            if !seen.insert(t.clone()) {
+                break;
+            }
+            next = self.store.snapshot(&t)?.and_then(|r| r.parent_tag);
+            ancestors.push(t);
+        }
+        Ok(SnapshotDetail {
+            memory_logical_bytes: meta.as_ref().map_or(0, |m| m.memory_bytes),
+            memory_physical_bytes: std::fs::metadata(&own_memory).map_or(0, |m| m.blocks() * 512),
+            vmstate_bytes: std::fs::metadata(dir.join("vmstate")).map_or(0, |m| m.len()),
+            parent_tag: row.parent_tag.clone(),
+            parent_content_hash: row.parent_content_hash.clone(),
+            chain_depth: ancestors.len() as u32,
+            ancestors,
+            dependents: self.store.dependents(tag)?,
+            info: row.info,
+        })
+    }
+
+    /// A registered snapshot, or 404.
+    pub fn existing_snapshot(&self, tag: &str) -> ApiResult<SnapshotRow> {
+        if !proto::api::valid_tag(tag) {
+            return Err(ApiError::bad_request(format!(
+                "tag {tag:?} is not valid: use 1 to 64 of A-Z a-z 0-9 _ -"
+            )));
+        }
+        self.store
+            .snapshot(tag)?
+            .ok_or_else(|| ApiError::not_found(format!("no snapshot {tag:?}")))
+    }
+
+    /// `DELETE /v1/snapshots/:tag`: refused while others depend on it,
+    /// unless `cascade` (they go too) or `force` (they are marked failed).
+    pub async fn delete_snapshot(
+        self: &Arc<Self>,
+        tag: &str,
+        cascade: bool,
+        force: bool,
+    ) -> ApiResult<()> {
+        if cascade && force {
+            return Err(ApiError::bad_request(
+                "give cascade or force, not both: cascade deletes the dependents, force leaves them broken",
+            ));
+        }
+        let row = self.existing_snapshot(tag)?;
+        let dependents = self.store.dependents(tag)?;
+        if !dependents.is_empty() && !cascade && !force {
+            return Err(ApiError::conflict(format!(
+                "snapshot {tag:?} has dependents {dependents:?}; delete them first, or pass ?cascade=true (delete them too) or ?force=true (leave them failed)"
+            )));
+        }
+        // Everything to delete, dependents before what they depend on.
+        let mut order = vec![row];
+        if cascade {
+            let mut i = 0;
+            while i < order.len() {
+                for dep in self.store.dependents(&order[i].info.tag)? {
+                    if !order.iter().any(|r| r.info.tag == dep) {
+                        order.extend(self.store.snapshot(&dep)?);
+                    }
+                }
+                i += 1;
+            }
+            order.reverse();
+        }
+        if let Some(busy) = order
+            .iter()
+            .find(|r| r.info.status == SnapshotStatus::Writing)
+        {
+            return Err(ApiError::conflict(format!(
+                "snapshot {:?} is still being written; wait until it is ready or failed",
+                busy.info.tag
+            )));
+        }
+        if force {
+            for dep in &dependents {
+                self.store.set_snapshot_status(
+                    dep,
+                    SnapshotStatus::Failed,
+                    Some(&format!(
+                        "snapshot {tag:?}, which it depends on, was deleted"
+                    )),
+                )?;
+                self.stop_fork_server(dep);
+            }
+        }
+        for r in order {
+            self.stop_fork_server(&r.info.tag);
+            self.store.delete_snapshot(&r.info.tag)?;
+            let dir = PathBuf::from(&r.info.dir);
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
+                .await?
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Ok(()),
+                    _ => Err(ApiError::internal(format!(
+                        "snapshot {:?} is unregistered but its directory could not be removed: {e}",
+                        r.info.tag
+                    ))),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/snapshots/:tag/compact`: a flat, self-contained copy.
+    pub async fn compact(self: &Arc<Self>, tag: &str, to: &str) -> ApiResult<SnapshotInfo> {
+        let src = self.existing_snapshot(tag)?;
+        if src.info.status != SnapshotStatus::Ready {
+            return Err(ApiError::conflict(format!(
+                "snapshot {tag:?} is {}; only a ready snapshot can be compacted",
+                src.info.status.as_str()
+            )));
+        }
+        let claim = self.claim_tag(to)?;
+        let this = self.clone();
+        let to_owned = to.to_owned();
+        let row = tokio::task::spawn_blocking(move || -> ApiResult<SnapshotRow> {
+            let dst = this.paths.snapshot(&to_owned);
+            let out = std::process::Command::new(this.vmm.binary())
+                .arg("compact")
+                .arg("--snapshot")
+                .arg(&src.info.dir)
+                .arg("--to")
+                .arg(&dst)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| ApiError::internal(format!("cannot run forkd-vmm compact: {e}")))?;
+            if !out.status.success() {
+                return Err(ApiError::internal(format!(
+                    "forkd-vmm compact failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            this.row_from_dir(&to_owned, &dst, None, None)
+        })
+        .await??;
+        self.store.insert_snapshot(&row)?;
+        drop(claim);
+        Ok(row.info)
+    }
+}
+
+fn guest_name(meta: &SnapshotMeta) -> String {
+    serde_json::to_value(meta.guest)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_request_is_checked_before_anything_boots() {
+        let ok = plan(&CreateSnapshot {
+            tag: "t".into(),
+            builtin: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ok.mem_mib, 128);
+        for (req, needle) in [
+            (
+                CreateSnapshot {
+                    tag: "t".into(),
+                    ..Default::default()
+                },
+                "give kernel and rootfs",
+            ),
+            (
+                CreateSnapshot {
+                    tag: "t".into(),
+                    builtin: true,
+                    kernel: Some("/k".into()),
+                    ..Default::default()
+                },
+                "leave out kernel",
+            ),
+            (
+                CreateSnapshot {
+                    tag: "t".into(),
+                    kernel: Some("/nonexistent/k".into()),
+                    rootfs: Some("/nonexistent/r".into()),
+                    ..Default::default()
+                },
+                "not a file",
+            ),
+            (
+                CreateSnapshot {
+                    tag: "t".into(),
+                    builtin: true,
+                    mem_size_mib: Some(1 << 20),
+                    ..Default::default()
+                },
+                "out of range",
+            ),
+            (
+                CreateSnapshot {
+                    tag: "t".into(),
+                    builtin: true,
+                    boot_wait_secs: Some(0),
+                    ..Default::default()
+                },
+                "boot_wait_secs",
+            ),
+        ] {
+            let err = plan(&req).err().expect("refused");
+            assert!(err.message.contains(needle), "{}", err.message);
+            assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        }
+    }
+}

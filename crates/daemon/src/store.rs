@@ -1,0 +1,535 @@
+//! The daemon's state: a SQLite database (WAL) under the state directory.
+//!
+//! Snapshots, their dependencies and the sandboxes live here, so a
+//! restarted daemon knows what it had. The schema is versioned with
+//! `PRAGMA user_version`; [`MIGRATIONS`] brings an older file up to date.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use proto::api::{SandboxInfo, SnapshotInfo, SnapshotStatus};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+/// Schema steps, applied in order; a database at `user_version` N has had
+/// the first N applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: snapshots, their dependencies, sandboxes.
+    "CREATE TABLE snapshots (
+        tag TEXT PRIMARY KEY,
+        dir TEXT NOT NULL,
+        created_at_unix INTEGER NOT NULL,
+        branched_from TEXT,
+        pause_ms REAL,
+        status TEXT NOT NULL,
+        bootable INTEGER NOT NULL,
+        warning TEXT,
+        kind TEXT NOT NULL,
+        guest TEXT NOT NULL,
+        mem_mib INTEGER NOT NULL,
+        parent_tag TEXT,
+        parent_content_hash TEXT,
+        source_pid INTEGER
+    );
+    CREATE TABLE snapshot_deps (
+        tag TEXT NOT NULL,
+        depends_on TEXT NOT NULL,
+        PRIMARY KEY (tag, depends_on)
+    );
+    CREATE INDEX snapshot_deps_by_parent ON snapshot_deps (depends_on);
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        snapshot_tag TEXT NOT NULL,
+        base_tag TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        control_socket TEXT NOT NULL,
+        vsock_socket TEXT,
+        pid INTEGER NOT NULL,
+        pid_start_ticks INTEGER NOT NULL,
+        created_at_unix INTEGER NOT NULL,
+        memory_limit_mib INTEGER,
+        cgroup TEXT,
+        live_fork INTEGER NOT NULL
+    );",
+];
+
+/// What the store could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The file is from a newer daemon.
+    #[error("the state database {path} has schema version {found}, newer than this daemon's {known}; run the newer forkd-daemon or move the state directory away")]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+        /// Ours.
+        known: u32,
+    },
+}
+
+/// A snapshot row: the API's view plus what the daemon keeps for itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotRow {
+    /// What the API answers.
+    pub info: SnapshotInfo,
+    /// The snapshot it depends on most directly (a diff's parent, or the
+    /// snapshot whose disk layers it stacks on).
+    pub parent_tag: Option<String>,
+    /// The parent's memory hash when this one was taken (diffs).
+    pub parent_content_hash: Option<String>,
+    /// For a `writing` snapshot: the VMM process doing the copy.
+    pub source_pid: Option<i32>,
+    /// Every snapshot it needs files of.
+    pub depends_on: Vec<String>,
+}
+
+/// A sandbox row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SandboxRow {
+    /// What the API answers.
+    pub info: SandboxInfo,
+    /// The snapshot a diff branch of it is taken against (its snapshot, or
+    /// its latest branch).
+    pub base_tag: String,
+    /// Its directory (control socket, logs, disk layers).
+    pub dir: PathBuf,
+    /// Its VMM's control socket.
+    pub control_socket: PathBuf,
+    /// Its vsock socket (the guest agent).
+    pub vsock_socket: Option<PathBuf>,
+    /// The process start time (clock ticks after boot), which tells the
+    /// VMM from a later process that reused its pid.
+    pub pid_start_ticks: u64,
+    /// Its memory cgroup directory.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// The database. One connection behind a mutex: every statement is short.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as u32;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", (i + 1) as u32)?;
+            tx.commit()?;
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (each
+        // change is a statement or a transaction), so go on.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a snapshot; false when the tag is taken.
+    pub fn insert_snapshot(&self, row: &SnapshotRow) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let i = &row.info;
+        let added = tx.execute(
+            "INSERT OR IGNORE INTO snapshots (tag, dir, created_at_unix, branched_from, pause_ms,
+                status, bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash,
+                source_pid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                i.tag,
+                i.dir,
+                i.created_at_unix as i64,
+                i.branched_from,
+                i.pause_ms,
+                i.status.as_str(),
+                i.bootable,
+                i.warning,
+                i.kind.as_deref().unwrap_or("full"),
+                i.guest.as_deref().unwrap_or("unknown"),
+                i.mem_mib.unwrap_or(0) as i64,
+                row.parent_tag,
+                row.parent_content_hash,
+                row.source_pid,
+            ],
+        )? == 1;
+        if added {
+            for dep in &row.depends_on {
+                tx.execute(
+                    "INSERT OR IGNORE INTO snapshot_deps (tag, depends_on) VALUES (?1, ?2)",
+                    params![i.tag, dep],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// Sets a snapshot's status (and warning, when given).
+    pub fn set_snapshot_status(
+        &self,
+        tag: &str,
+        status: SnapshotStatus,
+        warning: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET status = ?2, warning = COALESCE(?3, warning),
+                bootable = CASE WHEN ?2 = 'ready' THEN bootable ELSE 0 END
+             WHERE tag = ?1",
+            params![tag, status.as_str(), warning],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a snapshot ready and bootable.
+    pub fn set_snapshot_ready(&self, tag: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET status = 'ready', bootable = 1, source_pid = NULL WHERE tag = ?1",
+            params![tag],
+        )?;
+        Ok(())
+    }
+
+    /// One snapshot.
+    pub fn snapshot(&self, tag: &str) -> Result<Option<SnapshotRow>, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                &format!("{SNAPSHOT_SELECT} WHERE tag = ?1"),
+                params![tag],
+                snapshot_row,
+            )
+            .optional()?;
+        row.map(|r| with_deps(&conn, r)).transpose()
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "{SNAPSHOT_SELECT} ORDER BY created_at_unix, rowid"
+        ))?;
+        let rows = stmt
+            .query_map([], snapshot_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|r| with_deps(&conn, r)).collect()
+    }
+
+    /// The snapshot whose directory is `dir`.
+    pub fn snapshot_tag_by_dir(&self, dir: &Path) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT tag FROM snapshots WHERE dir = ?1",
+                params![dir.to_string_lossy()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Snapshots that depend on `tag` directly.
+    pub fn dependents(&self, tag: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT tag FROM snapshot_deps WHERE depends_on = ?1 ORDER BY tag")?;
+        let tags = stmt
+            .query_map(params![tag], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(tags)
+    }
+
+    /// Removes a snapshot row (its dependency edges both ways go too).
+    pub fn delete_snapshot(&self, tag: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM snapshots WHERE tag = ?1", params![tag])?;
+        tx.execute(
+            "DELETE FROM snapshot_deps WHERE tag = ?1 OR depends_on = ?1",
+            params![tag],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds sandboxes, all or none.
+    pub fn insert_sandboxes(&self, rows: &[SandboxRow]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
+                    vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
+                    cgroup, live_fork)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for r in rows {
+                stmt.execute(params![
+                    r.info.id,
+                    r.info.snapshot_tag,
+                    r.base_tag,
+                    r.dir.to_string_lossy(),
+                    r.control_socket.to_string_lossy(),
+                    r.vsock_socket.as_ref().map(|p| p.to_string_lossy()),
+                    r.info.pid,
+                    r.pid_start_ticks as i64,
+                    r.info.created_at_unix as i64,
+                    r.info.memory_limit_mib.map(|m| m as i64),
+                    r.cgroup.as_ref().map(|p| p.to_string_lossy()),
+                    r.info.live_fork,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One sandbox.
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("{SANDBOX_SELECT} WHERE id = ?1"),
+                params![id],
+                sandbox_row,
+            )
+            .optional()?)
+    }
+
+    /// Every sandbox, oldest first.
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare(&format!("{SANDBOX_SELECT} ORDER BY created_at_unix, rowid"))?;
+        let rows = stmt
+            .query_map([], sandbox_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Number of sandboxes.
+    pub fn sandbox_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM sandboxes", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Number of snapshots.
+    pub fn snapshot_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Records the snapshot a sandbox's next diff branch is taken against.
+    pub fn set_sandbox_base(&self, id: &str, base_tag: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET base_tag = ?2 WHERE id = ?1",
+            params![id, base_tag],
+        )?;
+        Ok(())
+    }
+
+    /// Removes a sandbox row.
+    pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+}
+
+const SNAPSHOT_SELECT: &str = "SELECT tag, dir, created_at_unix, branched_from, pause_ms, status,
+    bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash, source_pid
+    FROM snapshots";
+
+fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    let status: String = r.get(5)?;
+    let status = match status.as_str() {
+        "writing" => SnapshotStatus::Writing,
+        "ready" => SnapshotStatus::Ready,
+        _ => SnapshotStatus::Failed,
+    };
+    let mem_mib: i64 = r.get(10)?;
+    Ok(SnapshotRow {
+        info: SnapshotInfo {
+            tag: r.get(0)?,
+            dir: r.get(1)?,
+            created_at_unix: r.get::<_, i64>(2)? as u64,
+            branched_from: r.get(3)?,
+            pause_ms: r.get(4)?,
+            status,
+            bootable: r.get(6)?,
+            warning: r.get(7)?,
+            kind: Some(r.get(8)?),
+            guest: Some(r.get(9)?),
+            mem_mib: (mem_mib > 0).then_some(mem_mib as u64),
+        },
+        parent_tag: r.get(11)?,
+        parent_content_hash: r.get(12)?,
+        source_pid: r.get(13)?,
+        depends_on: Vec::new(),
+    })
+}
+
+fn with_deps(conn: &Connection, mut row: SnapshotRow) -> Result<SnapshotRow, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT depends_on FROM snapshot_deps WHERE tag = ?1 ORDER BY 1")?;
+    row.depends_on = stmt
+        .query_map(params![row.info.tag], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(row)
+}
+
+const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_socket,
+    vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork
+    FROM sandboxes";
+
+fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let path = |s: String| PathBuf::from(s);
+    Ok(SandboxRow {
+        info: SandboxInfo {
+            id: r.get(0)?,
+            snapshot_tag: r.get(1)?,
+            netns: None,
+            guest_addr: None,
+            created_at_unix: r.get::<_, i64>(8)? as u64,
+            pid: r.get(6)?,
+            memory_limit_mib: r.get::<_, Option<i64>>(9)?.map(|m| m as u64),
+            live_fork: r.get(11)?,
+        },
+        base_tag: r.get(2)?,
+        dir: path(r.get(3)?),
+        control_socket: path(r.get(4)?),
+        vsock_socket: r.get::<_, Option<String>>(5)?.map(path),
+        pid_start_ticks: r.get::<_, i64>(7)? as u64,
+        cgroup: r.get::<_, Option<String>>(10)?.map(path),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(tag: &str, deps: &[&str]) -> SnapshotRow {
+        SnapshotRow {
+            info: SnapshotInfo {
+                tag: tag.into(),
+                dir: format!("/s/{tag}"),
+                created_at_unix: 7,
+                branched_from: None,
+                pause_ms: Some(1.5),
+                status: SnapshotStatus::Writing,
+                bootable: false,
+                warning: None,
+                kind: Some("diff".into()),
+                guest: Some("builtin".into()),
+                mem_mib: Some(128),
+            },
+            parent_tag: deps.first().map(|s| s.to_string()),
+            parent_content_hash: None,
+            source_pid: Some(42),
+            depends_on: deps.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn temp_db() -> (PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!(
+            "forkd-store-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("forkd.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn snapshots_roundtrip_with_their_dependencies() {
+        let (dir, store) = temp_db();
+        assert!(store.insert_snapshot(&snap("a", &[])).unwrap());
+        assert!(store.insert_snapshot(&snap("b", &["a"])).unwrap());
+        assert!(
+            !store.insert_snapshot(&snap("b", &[])).unwrap(),
+            "tag taken"
+        );
+        let b = store.snapshot("b").unwrap().unwrap();
+        assert_eq!(b, snap("b", &["a"]));
+        assert_eq!(store.dependents("a").unwrap(), vec!["b".to_string()]);
+        store.set_snapshot_ready("b").unwrap();
+        let b = store.snapshot("b").unwrap().unwrap();
+        assert_eq!(b.info.status, SnapshotStatus::Ready);
+        assert!(b.info.bootable);
+        assert_eq!(b.source_pid, None);
+        store
+            .set_snapshot_status("b", SnapshotStatus::Failed, Some("gone"))
+            .unwrap();
+        let b = store.snapshot("b").unwrap().unwrap();
+        assert!(!b.info.bootable);
+        assert_eq!(b.info.warning.as_deref(), Some("gone"));
+        store.delete_snapshot("a").unwrap();
+        assert!(store.dependents("a").unwrap().is_empty());
+        assert_eq!(store.snapshot_count().unwrap(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn reopening_keeps_rows_and_a_newer_schema_is_refused() {
+        let (dir, store) = temp_db();
+        let row = SandboxRow {
+            info: SandboxInfo {
+                id: "x1".into(),
+                snapshot_tag: "a".into(),
+                netns: None,
+                guest_addr: None,
+                created_at_unix: 3,
+                pid: 99,
+                memory_limit_mib: Some(256),
+                live_fork: true,
+            },
+            base_tag: "a".into(),
+            dir: "/d".into(),
+            control_socket: "/d/control.sock".into(),
+            vsock_socket: None,
+            pid_start_ticks: 1234,
+            cgroup: None,
+        };
+        store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
+        drop(store);
+        let path = dir.join("forkd.db");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.sandbox("x1").unwrap(), Some(row));
+        store.set_sandbox_base("x1", "b").unwrap();
+        assert_eq!(store.sandbox("x1").unwrap().unwrap().base_tag, "b");
+        drop(store);
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,505 @@
+//! The v1 REST API against a real forkd-daemon on loopback, driving real
+//! built-in guest microVMs: every route, its validation and status codes,
+//! auth, the audit log, metrics, TLS, and a restart that re-adopts running
+//! sandboxes.
+
+mod common;
+
+use common::{kill_all, Config, Daemon, TempDir};
+use serde_json::{json, Value};
+
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn error_of(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {v}"))
+}
+
+#[test]
+fn auth_audit_metrics_and_the_system_routes() {
+    let tmp = TempDir::new("auth");
+    let token = "test-token-0123456789abcdef";
+    let audit = tmp.path().join("audit.jsonl");
+    let d = Daemon::start(
+        &tmp.path().join("state"),
+        &Config {
+            token: Some(token.into()),
+            audit_log: Some(audit.clone()),
+            ..Default::default()
+        },
+    );
+    // /healthz needs no token; everything else does.
+    assert_eq!(
+        d.call_with("GET", "/healthz", None, None),
+        (200, json!({"ok": true}))
+    );
+    let (status, body) = d.call_with("GET", "/version", None, None);
+    assert_eq!(status, 401);
+    assert!(error_of(&body).contains("bearer token"), "{body}");
+    let (status, _) = d.call_with(
+        "GET",
+        "/v1/snapshots",
+        None,
+        Some("test-token-0123456789abcdeX"),
+    );
+    assert_eq!(status, 401);
+    let version = d.expect("GET", "/version", None, 200);
+    assert_eq!(version["api"], "v1");
+    assert!(version["version"].as_str().is_some());
+    assert_eq!(d.expect("GET", "/v1/snapshots", None, 200), json!([]));
+    let (status, body) = d.call("GET", "/v1/nothing-here", None);
+    assert_eq!(status, 404);
+    error_of(&body);
+    let (status, body) = d.call("DELETE", "/v1/sandboxes", None);
+    assert_eq!(status, 405);
+    error_of(&body);
+    // A body that is not JSON, or has a field v1 does not know: 400 as JSON.
+    let (status, body) = d.call(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "x", "colour": 1})),
+    );
+    assert_eq!(status, 400);
+    assert!(error_of(&body).contains("colour"), "{body}");
+
+    let (status, text) = d.raw("GET", "/metrics", None, Some(token));
+    assert_eq!(status, 200);
+    for name in [
+        "forkd_snapshots_total 0",
+        "forkd_sandboxes_active 0",
+        "forkd_branches_in_flight 0",
+        "forkd_build_info{version=",
+        "forkd_spawn_duration_seconds_bucket",
+        "forkd_branch_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+
+    // One audit line per request, with the token's id and never the token.
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !log.contains(token),
+        "the audit log holds the token:\n{log}"
+    );
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 9, "{log}");
+    let unauth = &lines[1];
+    assert_eq!(unauth["path"], "/version");
+    assert_eq!(unauth["status"], 401);
+    assert_eq!(unauth["token_id"], Value::Null);
+    let authed = lines
+        .iter()
+        .find(|l| l["path"] == "/version" && l["status"] == 200)
+        .expect("the authorised /version is audited");
+    assert_eq!(authed["method"], "GET");
+    assert!(authed["token_id"].as_str().unwrap().starts_with("tok-"));
+    assert!(authed["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(authed["latency_ms"].as_f64().unwrap() >= 0.0);
+    assert!(authed["time"].as_f64().unwrap() > 1.7e9);
+}
+
+#[test]
+fn a_public_bind_without_a_token_is_refused() {
+    let tmp = TempDir::new("public");
+    let err = Daemon::try_start(
+        tmp.path(),
+        &Config {
+            bind: Some("0.0.0.0:0".into()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("the daemon must refuse");
+    assert!(err.contains("without a token"), "{err}");
+}
+
+#[test]
+fn tls_serves_https_with_the_given_certificate() {
+    let tmp = TempDir::new("tls");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert_path = tmp.path().join("cert.pem");
+    let key_path = tmp.path().join("key.pem");
+    let pem = cert.cert.pem();
+    std::fs::write(&cert_path, &pem).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let d = Daemon::start(
+        &tmp.path().join("state"),
+        &Config {
+            tls: Some((cert_path, key_path, pem)),
+            ..Default::default()
+        },
+    );
+    assert!(d.url.starts_with("https://"), "{}", d.url);
+    assert_eq!(d.expect("GET", "/version", None, 200)["api"], "v1");
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain = d.url.replacen("https://", "http://", 1);
+    let r = ureq::get(&format!("{plain}/healthz")).call();
+    assert!(r.is_err(), "plain HTTP was answered: {r:?}");
+}
+
+#[test]
+fn snapshots_sandboxes_and_branches_end_to_end() {
+    let tmp = TempDir::new("e2e");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+
+    // Snapshot validation.
+    for (body, status, needle) in [
+        (json!({"tag": "bad/tag", "builtin": true}), 400, "not valid"),
+        (
+            json!({"tag": "t", "builtin": true, "kernel": "/k"}),
+            400,
+            "leave out",
+        ),
+        (json!({"tag": "t"}), 400, "kernel and rootfs"),
+        (
+            json!({"tag": "t", "kernel": "/no/k", "rootfs": "/no/r"}),
+            400,
+            "not a file",
+        ),
+    ] {
+        let (s, v) = d.call("POST", "/v1/snapshots", Some(body.clone()));
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(error_of(&v).contains(needle), "{body}: {v}");
+    }
+
+    // The built-in guest, snapshotted once its agent answers.
+    let base = d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "base", "builtin": true, "mem_size_mib": 128})),
+        201,
+    );
+    assert_eq!(base["status"], "ready");
+    assert_eq!(base["bootable"], true);
+    assert_eq!(base["tag"], "base");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "base", "builtin": true})),
+    );
+    assert_eq!(s, 409, "{v}");
+    let list = d.expect("GET", "/v1/snapshots", None, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let info = d.expect("GET", "/v1/snapshots/base/info", None, 200);
+    assert_eq!(info["chain_depth"], 0);
+    assert_eq!(info["memory_logical_bytes"], 128u64 << 20);
+    assert!(info["vmstate_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(d.call("GET", "/v1/snapshots/nope/info", None).0, 404);
+
+    // Spawn validation.
+    for (body, status) in [
+        (json!({"snapshot_tag": "base", "n": 0}), 400),
+        (json!({"snapshot_tag": "base", "n": 1001}), 400),
+        (json!({"snapshot_tag": "nope", "n": 1}), 404),
+        (json!({"snapshot_tag": "bad tag", "n": 1}), 400),
+        (
+            json!({"snapshot_tag": "base", "n": 1, "per_child_netns": true}),
+            400,
+        ),
+        (
+            json!({"snapshot_tag": "base", "n": 1, "memory_limit_mib": 1}),
+            400,
+        ),
+    ] {
+        let (s, v) = d.call("POST", "/v1/sandboxes", Some(body.clone()));
+        assert_eq!(s, status, "{body}: {v}");
+        error_of(&v);
+    }
+
+    let kids = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "base", "n": 3})),
+        201,
+    );
+    let kid_ids = ids(&kids);
+    assert_eq!(kid_ids.len(), 3);
+    for k in kids.as_array().unwrap() {
+        assert_eq!(k["snapshot_tag"], "base");
+        assert!(k["pid"].as_i64().unwrap() > 0);
+    }
+    for id in &kid_ids {
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin", "{pong}");
+    }
+    let a = &kid_ids[0];
+    let out = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{a}/exec"),
+        Some(json!({"args": ["echo", "hello", "fork"]})),
+        200,
+    );
+    assert_eq!(out["stdout"], "hello fork\n", "{out}");
+    assert_eq!(out["exit_code"], 0);
+    let out = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{a}/exec"),
+        Some(json!({"args": ["false"]})),
+        200,
+    );
+    assert_eq!(out["exit_code"], 1, "{out}");
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{a}/exec"),
+        Some(json!({"args": []})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let ev = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{a}/eval"),
+        Some(json!({"code": "6*7"})),
+        200,
+    );
+    assert_eq!(ev["result"], "42", "{ev}");
+    assert_eq!(ev["exit_code"], 0);
+    let one = d.expect("GET", &format!("/v1/sandboxes/{a}"), None, 200);
+    assert_eq!(one["id"], a.as_str());
+    assert_eq!(d.call("GET", "/v1/sandboxes/nope-1", None).0, 404);
+    assert_eq!(d.call("POST", "/v1/sandboxes/nope-1/ping", None).0, 404);
+
+    // Branch validation, then a full branch and a diff on top of it.
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"mode": "diff", "diff": true})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(error_of(&v).contains("not both"), "{v}");
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"mode": "live"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(error_of(&v).contains("live_fork"), "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/sandboxes/nope-1/branch",
+        Some(json!({"tag": "x"})),
+    );
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"tag": "base"})),
+    );
+    assert_eq!(s, 409, "{v}");
+
+    let b1 = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"tag": "b1", "mode": "full"})),
+        201,
+    );
+    assert_eq!(b1["status"], "ready");
+    assert_eq!(b1["branched_from"], a.as_str());
+    assert!(b1["pause_ms"].as_f64().unwrap() > 0.0, "{b1}");
+    // The diff is taken against the sandbox's latest branch.
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"tag": "b2", "mode": "diff", "parent_tag": "base"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let b2 = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"tag": "b2", "diff": true, "parent_tag": "b1"})),
+        201,
+    );
+    assert_eq!(b2["kind"], "diff", "{b2}");
+    let info = d.expect("GET", "/v1/snapshots/b2/info", None, 200);
+    assert_eq!(info["parent_tag"], "b1", "{info}");
+    assert_eq!(info["ancestors"], json!(["b1"]));
+    assert_eq!(info["chain_depth"], 1);
+    assert!(info["parent_content_hash"].as_str().unwrap().len() >= 32);
+    assert!(
+        info["memory_physical_bytes"].as_u64().unwrap() < 32 << 20,
+        "a diff stores only changed pages: {info}"
+    );
+    let b1_info = d.expect("GET", "/v1/snapshots/b1/info", None, 200);
+    assert_eq!(b1_info["dependents"], json!(["b2"]));
+
+    // A child of the diff chain answers.
+    let grand = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "b2", "n": 2})),
+        201,
+    );
+    for id in ids(&grand) {
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin");
+    }
+
+    // Branch of a sandbox whose VMM died: 409, not a hang or a 500.
+    let dead = &kid_ids[1];
+    let pid = kids[1]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: the sandbox's VMM, a process this test started through the daemon.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{dead}/branch"),
+        Some(json!({"tag": "from-dead"})),
+    );
+    assert_eq!(s, 409, "{v}");
+    assert!(error_of(&v).contains("not running"), "{v}");
+    let listed = ids(&d.expect("GET", "/v1/sandboxes", None, 200));
+    assert!(
+        !listed.contains(dead),
+        "a dead sandbox is still listed: {listed:?}"
+    );
+    assert_eq!(listed.len(), 4, "{listed:?}");
+
+    // Deleting a parent: 409 naming the dependents, 400 with both flags,
+    // cascade takes the chain.
+    let (s, v) = d.call("DELETE", "/v1/snapshots/b1", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(error_of(&v).contains("b2"), "{v}");
+    let (s, v) = d.call("DELETE", "/v1/snapshots/b1?cascade=true&force=true", None);
+    assert_eq!(s, 400, "{v}");
+    d.expect("DELETE", "/v1/snapshots/b1?cascade=true", None, 204);
+    assert_eq!(d.call("GET", "/v1/snapshots/b2/info", None).0, 404);
+    assert!(!d.state.join("snapshots/b1").exists());
+    assert!(!d.state.join("snapshots/b2").exists());
+    assert_eq!(d.call("DELETE", "/v1/snapshots/b1", None).0, 404);
+
+    // Kill: 204, then gone.
+    d.expect("DELETE", &format!("/v1/sandboxes/{a}"), None, 204);
+    assert_eq!(
+        d.call("POST", &format!("/v1/sandboxes/{a}/ping"), None).0,
+        404
+    );
+    assert_eq!(d.call("DELETE", &format!("/v1/sandboxes/{a}"), None).0, 404);
+
+    let (_, metrics) = d.raw("GET", "/metrics", None, None);
+    assert!(metrics.contains("forkd_snapshots_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("forkd_spawn_duration_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("forkd_branch_duration_seconds_count 2"),
+        "{metrics}"
+    );
+    kill_all(&d);
+    assert_eq!(d.expect("GET", "/v1/sandboxes", None, 200), json!([]));
+    d.expect("DELETE", "/v1/snapshots/base", None, 204);
+}
+
+#[test]
+fn a_restarted_daemon_keeps_its_sandboxes_reachable() {
+    let tmp = TempDir::new("restart");
+    let state = tmp.path().join("state");
+    let mut d = Daemon::start(&state, &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "r", "builtin": true})),
+        201,
+    );
+    let kids = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "r", "n": 3})),
+        201,
+    );
+    let kid_ids = ids(&kids);
+    assert!(
+        d.stop(),
+        "the daemon did not stop cleanly:\n{}",
+        d.log_text()
+    );
+    // While it is down, one sandbox dies.
+    let pid = kids[2]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: the sandbox's VMM, a process this test started through the daemon.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let d = Daemon::start(&state, &Config::default());
+    let listed = ids(&d.expect("GET", "/v1/sandboxes", None, 200));
+    assert_eq!(listed, kid_ids[..2].to_vec(), "re-adopted: {listed:?}");
+    for id in &listed {
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin");
+    }
+    // Spawning works again (a new fork server) and branching a re-adopted
+    // sandbox too.
+    let more = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "r", "n": 1})),
+        201,
+    );
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{}/ping", ids(&more)[0]),
+        None,
+        200,
+    );
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{}/branch", listed[0]),
+        Some(json!({"tag": "after-restart"})),
+        201,
+    );
+    kill_all(&d);
+}
+
+#[test]
+fn the_branch_cap_answers_503() {
+    let tmp = TempDir::new("cap");
+    let d = Daemon::start(
+        &tmp.path().join("state"),
+        &Config {
+            branch_concurrency: Some(1),
+            ..Default::default()
+        },
+    );
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "big", "builtin": true, "mem_size_mib": 1024})),
+        201,
+    );
+    let kids = ids(&d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "big", "n": 2})),
+        201,
+    ));
+    // Both requests start together; a full branch of 1 GiB holds its
+    // permit for the whole scan of RAM, so they overlap.
+    let d = std::sync::Arc::new(d);
+    let handles: Vec<_> = kids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let d = d.clone();
+            let id = id.clone();
+            std::thread::spawn(move || {
+                d.call(
+                    "POST",
+                    &format!("/v1/sandboxes/{id}/branch"),
+                    Some(json!({"tag": format!("cap{i}")})),
+                )
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap().0).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![201, 503]);
+    kill_all(&d);
+}

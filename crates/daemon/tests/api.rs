@@ -503,3 +503,77 @@ fn the_branch_cap_answers_503() {
     assert_eq!(statuses, vec![201, 503]);
     kill_all(&d);
 }
+
+#[test]
+fn a_copy_interrupted_by_a_restart_is_failed_never_ready() {
+    let tmp = TempDir::new("interrupted");
+    let state = tmp.path().join("state");
+    let mut d = Daemon::start(&state, &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "base", "builtin": true})),
+        201,
+    );
+    let kid = ids(&d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "base", "n": 1})),
+        201,
+    ))
+    .remove(0);
+    for tag in ["w1", "w2"] {
+        d.expect(
+            "POST",
+            &format!("/v1/sandboxes/{kid}/branch"),
+            Some(json!({"tag": tag})),
+            201,
+        );
+    }
+    kill_all(&d);
+    assert!(d.stop());
+    // What a daemon that died during two live copies whose source VMM is
+    // gone leaves: rows `writing`; w1's copy did not finish (its
+    // snapshot.json says writing), w2's did just before the crash.
+    let db = rusqlite::Connection::open(state.join("forkd.db")).unwrap();
+    db.execute(
+        "UPDATE snapshots SET status = 'writing', bootable = 0 WHERE tag IN ('w1', 'w2')",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    let meta_path = state.join("snapshots/w1/snapshot.json");
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["status"] = json!("writing");
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+
+    let d = Daemon::start(&state, &Config::default());
+    let w1 = d.expect("GET", "/v1/snapshots/w1/info", None, 200);
+    assert_eq!(w1["status"], "failed", "{w1}");
+    assert_eq!(w1["bootable"], false);
+    assert!(
+        w1["warning"].as_str().unwrap().contains("restarted"),
+        "{w1}"
+    );
+    let (s, v) = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "w1", "n": 1})),
+    );
+    assert_eq!(s, 409, "{v}");
+    let w2 = d.expect("GET", "/v1/snapshots/w2/info", None, 200);
+    assert_eq!(w2["status"], "ready", "{w2}");
+    let kids = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "w2", "n": 1})),
+        201,
+    );
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{}/ping", ids(&kids)[0]),
+        None,
+        200,
+    );
+    kill_all(&d);
+}

@@ -156,6 +156,13 @@ pub enum ForkRequest {
         /// Keep their consoles in `console.log`.
         #[serde(default)]
         console_log: bool,
+        /// Give each child a copy of the snapshot's memory in a memfd
+        /// instead of mapping the memory file copy-on-write, so the child
+        /// can be live-BRANCHed (costs a copy per child; default false).
+        /// Left out of the request when false: the line is what it was
+        /// before the field existed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        memfd: bool,
     },
     /// Stop serving (the children run on).
     Shutdown,
@@ -268,6 +275,32 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn fork_requests_without_memfd_keep_their_wire_shape() {
+        let old = r#"{"op":"fork","n":2,"out_dir":"/k"}"#;
+        let r: ForkRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            r,
+            ForkRequest::Fork {
+                n: 2,
+                out_dir: "/k".into(),
+                paused: false,
+                console_log: false,
+                memfd: false,
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"fork","n":2,"out_dir":"/k","paused":false,"console_log":false}"#
+        );
+        let r: ForkRequest =
+            serde_json::from_str(r#"{"op":"fork","n":1,"out_dir":"/k","memfd":true}"#).unwrap();
+        assert!(matches!(r, ForkRequest::Fork { memfd: true, .. }));
+        assert!(serde_json::to_string(&r)
+            .unwrap()
+            .contains(r#""memfd":true"#));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! The snapshot is read and checked once (metadata, vmstate checksum and
 //! decode, memory file size); then this process, still single-threaded,
 //! binds each child's control socket and forks. A child only creates its
-//! KVM VM, maps the memory file copy-on-write, restores its vCPUs and
-//! devices from the already-parsed state and starts serving.
+//! KVM VM, maps the memory file copy-on-write (or, with `memfd`, copies it
+//! into a memfd of its own so it can be live-BRANCHed), restores its vCPUs
+//! and devices from the already-parsed state and starts serving.
 //!
 //! - `forkd-vmm fork`: one batch, printed as JSON lines; the command returns
 //!   and the children run on.
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use clap::Args;
 use proto::control::{ForkRequest, ForkResponse, ForkedChild, MAX_REQUEST_BYTES};
-use vmm::builder::{self, RestoreConfig};
+use vmm::builder::{self, RestoreConfig, RestoreRam};
 use vmm::devices::serial::ConsoleOutput;
 use vmm::devices::virtio::manager::DeviceState;
 use vmm::snapshot::PreparedSnapshot;
@@ -50,6 +51,11 @@ pub struct ForkArgs {
     /// Start every child paused: its vCPUs wait for `resume`.
     #[arg(long)]
     paused: bool,
+    /// Give each child a copy of the snapshot's memory in a memfd (mapped
+    /// shared) instead of mapping the memory file copy-on-write, so the
+    /// child can be live-BRANCHed; each child copies the memory's data.
+    #[arg(long)]
+    memfd: bool,
 }
 
 #[derive(Args)]
@@ -68,8 +74,11 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
     let children = forker.spawn(
         args.count,
         &args.out_dir,
-        args.paused,
-        args.console_log,
+        ChildOptions {
+            paused: args.paused,
+            console_log: args.console_log,
+            memfd: args.memfd,
+        },
         &[],
     )?;
     let mut stdout = std::io::stdout().lock();
@@ -115,12 +124,16 @@ fn serve_one(forker: &Forker, stream: UnixStream, listener: RawFd) -> bool {
             out_dir,
             paused,
             console_log,
+            memfd,
         }) => {
             match forker.spawn(
                 n,
                 &out_dir,
-                paused,
-                console_log,
+                ChildOptions {
+                    paused,
+                    console_log,
+                    memfd,
+                },
                 &[listener, stream.as_raw_fd()],
             ) {
                 Ok(children) => (ForkResponse::Forked { children }, false),
@@ -139,6 +152,17 @@ fn serve_one(forker: &Forker, stream: UnixStream, listener: RawFd) -> bool {
     out.push(b'\n');
     let _ = (&stream).write_all(&out);
     stop
+}
+
+/// What every child of one fork request gets.
+#[derive(Clone, Copy)]
+struct ChildOptions {
+    /// Start paused.
+    paused: bool,
+    /// Keep the console in `console.log`.
+    console_log: bool,
+    /// RAM in a memfd holding a copy of the snapshot's memory.
+    memfd: bool,
 }
 
 /// A parsed snapshot, ready to fork children of.
@@ -174,8 +198,7 @@ impl Forker {
         &self,
         n: u32,
         out_dir: &Path,
-        paused: bool,
-        console_log: bool,
+        options: ChildOptions,
         close_in_child: &[RawFd],
     ) -> Result<Vec<ForkedChild>, BoxError> {
         if !(1..=MAX_CHILDREN).contains(&n) {
@@ -186,7 +209,7 @@ impl Forker {
         // Flushed before every fork so no buffered output is written twice.
         std::io::stdout().flush()?;
         (0..n)
-            .map(|index| self.spawn_one(index, out_dir, paused, console_log, close_in_child))
+            .map(|index| self.spawn_one(index, out_dir, options, close_in_child))
             .collect()
     }
 
@@ -194,8 +217,7 @@ impl Forker {
         &self,
         index: u32,
         out_dir: &Path,
-        paused: bool,
-        console_log: bool,
+        options: ChildOptions,
         close_in_child: &[RawFd],
     ) -> Result<ForkedChild, BoxError> {
         let dir = out_dir.join(index.to_string());
@@ -207,16 +229,23 @@ impl Forker {
         let listener = crate::control::bind(&control_socket)?;
         let vsock_socket = self.has_vsock.then(|| dir.join("vsock.sock"));
         let cfg = RestoreConfig {
-            console: if console_log {
+            console: if options.console_log {
                 ConsoleOutput::File(dir.join("console.log"))
             } else {
                 ConsoleOutput::Sink
             },
-            paused,
+            paused: options.paused,
             drive_layers: (0..self.snapshot.meta.disks.len())
                 .map(|j| dir.join(format!("disk{j}.cow")))
                 .collect(),
             vsock_uds: vsock_socket.clone(),
+            // The copy happens in the child, after the fork: children copy
+            // in parallel and the parent stays small.
+            ram: if options.memfd {
+                RestoreRam::Memfd
+            } else {
+                RestoreRam::SnapshotFile
+            },
         };
         // SAFETY: this process is single-threaded (checked when the Forker
         // was made; nothing here starts threads), so the child is a complete

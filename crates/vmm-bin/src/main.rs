@@ -34,8 +34,13 @@ enum Command {
     /// the children keep running until shut down.
     Fork(fork::ForkArgs),
     /// Hold a snapshot read and checked, and fork children of it on request
-    /// (JSON lines on a Unix socket: `{"op":"fork","n":N,"out_dir":D}`).
+    /// (JSON lines on a Unix socket: `{"op":"fork","n":N,"out_dir":D}`,
+    /// optionally with `"paused"`, `"console_log"` and `"memfd"` true).
     ForkServer(fork::ForkServerArgs),
+    /// Flatten a snapshot and the chain it stands on into one
+    /// self-contained full snapshot (memory assembled, every frozen drive
+    /// layer brought in) and print its snapshot.json.
+    Compact(CompactArgs),
     /// Send one JSON request to a control socket and print the JSON
     /// response (exit status 1 when the response is an error).
     Ctl(CtlArgs),
@@ -51,6 +56,16 @@ struct CtlArgs {
     timeout_secs: u64,
     /// The request, e.g. '{"op":"status"}'.
     request: String,
+}
+
+#[derive(Args)]
+struct CompactArgs {
+    /// The snapshot to compact (must be ready; left as it is).
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// The compacted snapshot's directory (must not exist).
+    #[arg(long)]
+    to: PathBuf,
 }
 
 #[derive(Args)]
@@ -74,6 +89,11 @@ struct RestoreArgs {
     /// This VM's vsock socket (needed when the snapshot has a vsock device).
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
+    /// What backs guest RAM. Default: the snapshot's memory file mapped
+    /// copy-on-write (nothing copied). `memfd` or `memfd-hugetlb` copy its
+    /// data into a memfd so the VM can be live-BRANCHed in turn.
+    #[arg(long, value_enum)]
+    memory_backend: Option<MemoryBackend>,
 }
 
 #[derive(Args)]
@@ -210,6 +230,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore(args),
         Command::Fork(args) => fork::fork(args),
         Command::ForkServer(args) => fork::fork_server(args),
+        Command::Compact(args) => compact(args),
         Command::Ctl(args) => ctl(args),
     };
     match result {
@@ -250,13 +271,38 @@ fn console_output(arg: &str) -> ConsoleOutput {
     }
 }
 
+/// `forkd-vmm compact`: the compacted snapshot's metadata on stdout.
+fn compact(args: CompactArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let meta = vmm::snapshot::compact(&args.snapshot, &args.to)?;
+    println!("{}", serde_json::to_string_pretty(&meta)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The RAM `restore --memory-backend` asks for.
+fn restore_ram(backend: Option<MemoryBackend>) -> Result<builder::RestoreRam, String> {
+    match backend {
+        None => Ok(builder::RestoreRam::SnapshotFile),
+        Some(MemoryBackend::Memfd) => Ok(builder::RestoreRam::Memfd),
+        Some(MemoryBackend::MemfdHugetlb) => Ok(builder::RestoreRam::HugeMemfd),
+        Some(MemoryBackend::Anonymous) => Err(
+            "--memory-backend anonymous does not apply to a restore: a restored VM's RAM is the \
+             snapshot's memory file mapped copy-on-write (leave --memory-backend out) or a copy \
+             of it in a memfd (memfd, memfd-hugetlb)"
+                .into(),
+        ),
+    }
+}
+
 fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    // Checked before the snapshot is read: a bad flag is the first thing to hear of.
+    let ram = restore_ram(args.memory_backend)?;
     let snapshot = vmm::snapshot::PreparedSnapshot::load(&args.snapshot)?;
     let cfg = builder::RestoreConfig {
         console: console_output(&args.console),
         paused: args.paused,
         drive_layers: args.cow_layers,
         vsock_uds: args.vsock_uds,
+        ram,
     };
     let listener = args
         .control_socket

@@ -10,6 +10,11 @@
 //! Whatever the backend, RAM is laid out by [`layout::ram_ranges`]: one region
 //! below the 32-bit MMIO gap and, for large guests, one above 4 GiB. A file
 //! or memfd backs both regions back to back (low region at offset 0).
+//!
+//! A restored child whose RAM must be memfd (so it can be live-BRANCHed in
+//! turn) gets a fresh memfd holding a copy of the snapshot's memory file
+//! ([`GuestRam::copy_of_file`]): only the file's data extents are copied, so
+//! its holes stay holes of the memfd (no memory used for never-touched RAM).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -126,6 +131,25 @@ pub enum Error {
     /// The regions do not form a valid guest memory.
     #[error("guest memory regions are invalid: {0}")]
     Regions(#[from] vm_memory::GuestRegionCollectionError),
+    /// A memory file can be copied into memfd RAM only.
+    #[error(
+        "guest memory file {path} can be copied into memfd RAM only, not {backend} RAM: choose \
+         memfd or memfd-hugetlb, or map the file itself"
+    )]
+    CopyBackend {
+        /// The file.
+        path: PathBuf,
+        /// The backend asked for.
+        backend: &'static str,
+    },
+    /// Copying the memory file into memfd RAM failed.
+    #[error("cannot copy guest memory file {path} into memfd RAM: {source}")]
+    Copy {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Guest RAM: the mapped regions and what backs them.
@@ -200,6 +224,84 @@ impl GuestRam {
         })
     }
 
+    /// Maps `mib` MiB of fresh memfd RAM (`backend`: [`Backend::Memfd`] or
+    /// [`Backend::HugeMemfd`]) holding a copy of the memory file at `path`
+    /// (a snapshot's `memory`: regions back to back, as this type lays them
+    /// out). Only the file's data extents are copied (SEEK_DATA/SEEK_HOLE):
+    /// its holes stay memfd holes, which read as zero and use no memory.
+    ///
+    /// Shmem memfds are filled with `sendfile(2)` (page cache to memfd in
+    /// the kernel; `copy_file_range(2)` refuses to cross file systems),
+    /// huge-page memfds, which take no `write`, by reading into the mapping.
+    /// Neither goes through the dirty bitmap of [`GuestRam::take_vmm_dirty`]
+    /// nor, the VM not existing yet, KVM's dirty log: a diff BRANCH of the
+    /// machine holds only what changed after the copy.
+    pub fn copy_of_file(mib: u64, backend: Backend, path: &Path) -> Result<Self, Error> {
+        if !matches!(backend, Backend::Memfd | Backend::HugeMemfd) {
+            return Err(Error::CopyBackend {
+                path: path.to_owned(),
+                backend: backend.kind(),
+            });
+        }
+        let src = open_memory_file(path, mib << 20)?;
+        let ram = GuestRam::new(mib, backend)?;
+        let copy_err = |source| Error::Copy {
+            path: path.to_owned(),
+            source,
+        };
+        let size = ram.size;
+        let extents: Vec<(u64, u64)> = data_extents(&src)
+            .map_err(copy_err)?
+            .into_iter()
+            .filter(|&(start, _)| start < size)
+            .map(|(start, end)| (start, end.min(size)))
+            .collect();
+        let copied = match ram.backend {
+            Backend::Memfd => {
+                let memfd = ram.file.as_ref().expect("memfd RAM has its memfd");
+                match sendfile_extents(&src, memfd, &extents) {
+                    // A kernel whose shmem takes no splice: copy by hand.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                        ram.read_extents_into(&src, &extents)
+                    }
+                    other => other,
+                }
+            }
+            _ => ram.read_extents_into(&src, &extents),
+        };
+        copied.map_err(copy_err)?;
+        Ok(ram)
+    }
+
+    /// Reads the file ranges `extents` of `src` straight into the mapped
+    /// regions at the same offsets of the RAM layout. Only for RAM that no
+    /// VM, vCPU or device uses yet (see the SAFETY note).
+    fn read_extents_into(&self, src: &File, extents: &[(u64, u64)]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut region_offset = 0u64;
+        for region in self.memory.iter() {
+            let len = region.len();
+            let (lo, hi) = (region_offset, region_offset + len);
+            // SAFETY: the region is a live mapping of `len` bytes owned by
+            // `self`; the machine does not exist yet (no vCPU, no device, no
+            // KVM memory slot), so nothing else reads or writes it while this
+            // exclusive view exists.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), len as usize) };
+            for &(start, end) in extents {
+                let (start, end) = (start.max(lo), end.min(hi));
+                let mut at = start;
+                while at < end {
+                    let n = (end - at).min(COPY_CHUNK);
+                    let from = (at - lo) as usize;
+                    src.read_exact_at(&mut bytes[from..from + n as usize], at)?;
+                    at += n;
+                }
+            }
+            region_offset = hi;
+        }
+        Ok(())
+    }
+
     /// The mapped guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
@@ -241,6 +343,76 @@ impl GuestRam {
 
 /// Size of a hugetlbfs page of [`Backend::HugeMemfd`].
 pub const HUGE_PAGE: u64 = 2 << 20;
+/// Longest single read or `sendfile` of a memory-file copy.
+const COPY_CHUNK: u64 = 64 << 20;
+
+/// The `(start, end)` byte ranges of `file` that hold data (everything
+/// else is a hole, which reads as zero), from SEEK_DATA/SEEK_HOLE.
+pub fn data_extents(file: &File) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len();
+    let seek = |pos: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match std::io::Error::last_os_error() {
+            // ENXIO: only a hole is left past `pos`.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        extents.push((start, end));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// Copies the byte ranges `extents` of `src` to the same offsets of `dst`
+/// with `sendfile(2)`, which writes at `dst`'s file position.
+fn sendfile_extents(src: &File, dst: &File, extents: &[(u64, u64)]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for &(start, end) in extents {
+        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
+        if unsafe { libc::lseek(dst.as_raw_fd(), start as libc::off_t, libc::SEEK_SET) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut offset = start as libc::off_t;
+        while (offset as u64) < end {
+            let n = (end - offset as u64).min(COPY_CHUNK) as usize;
+            // SAFETY: both descriptors are open; `offset` is a valid
+            // off_t the kernel reads and advances.
+            let sent = unsafe { libc::sendfile(dst.as_raw_fd(), src.as_raw_fd(), &mut offset, n) };
+            match sent {
+                0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was copied",
+                    ))
+                }
+                n if n > 0 => {}
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 fn create_memfd(size: u64, mib: u64, huge: bool) -> Result<File, Error> {
     use std::os::fd::FromRawFd;
@@ -395,6 +567,100 @@ mod tests {
         assert!(err.to_string().contains("nr_hugepages"), "{err}");
         let err = GuestRam::new(9, Backend::HugeMemfd).err().unwrap();
         assert!(matches!(err, Error::HugeSize { mib: 9 }), "{err}");
+    }
+
+    /// A sparse 4 GiB memory file (both regions) with data in the low
+    /// region, across the region boundary in the file, and at the end.
+    fn sparse_memory_file(dir: &Path) -> (PathBuf, Vec<(u64, Vec<u8>)>) {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join("memory");
+        let f = File::create(&path).unwrap();
+        f.set_len(4 << 30).unwrap();
+        let low = layout::MMIO_GAP_START;
+        let writes: Vec<(u64, Vec<u8>)> = vec![
+            (0x5000, vec![0x11; 4096]),
+            (8 << 20, (0..3 << 20).map(|i| (i % 253) as u8).collect()),
+            (low - 4096, vec![0x22; 8192]),
+            ((4 << 30) - 4096, vec![0x33; 4096]),
+        ];
+        for (off, bytes) in &writes {
+            f.write_all_at(bytes, *off).unwrap();
+        }
+        (path, writes)
+    }
+
+    /// Checks that `ram` holds `writes` (file offsets) and zero elsewhere
+    /// around them, and that its memfd kept the file's holes.
+    fn check_copy(ram: &GuestRam, writes: &[(u64, Vec<u8>)]) {
+        use std::os::unix::fs::MetadataExt;
+        let low = layout::MMIO_GAP_START;
+        let guest = |off: u64| {
+            if off < low {
+                off
+            } else {
+                off - low + layout::MMIO_GAP_END
+            }
+        };
+        for (off, bytes) in writes {
+            let mut got = vec![0u8; bytes.len()];
+            // Split where the file crosses from the low region to the high one.
+            let split = (low.saturating_sub(*off) as usize).min(got.len());
+            let (a, b) = got.split_at_mut(split);
+            ram.memory()
+                .read_slice(a, GuestAddress(guest(*off)))
+                .unwrap();
+            ram.memory()
+                .read_slice(b, GuestAddress(guest(off + split as u64)))
+                .unwrap();
+            assert_eq!(&got, bytes, "at file offset {off:#x}");
+        }
+        assert_eq!(
+            ram.memory().read_obj::<u64>(GuestAddress(0x4ff8)).unwrap(),
+            0
+        );
+        // Holes stay holes: a few MiB of the 4 GiB are allocated.
+        let memfd = ram.file().unwrap();
+        assert!(memfd.metadata().unwrap().blocks() * 512 < 16 << 20);
+        assert!(ram.take_vmm_dirty().iter().flatten().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn a_memory_file_copied_into_memfd_ram_keeps_content_and_holes() {
+        let dir = std::env::temp_dir().join(format!("forkd-mem-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, writes) = sparse_memory_file(&dir);
+        let ram = GuestRam::copy_of_file(4096, Backend::Memfd, &path).unwrap();
+        assert_eq!(ram.backend(), &Backend::Memfd);
+        assert_eq!(ram.slots().len(), 2);
+        check_copy(&ram, &writes);
+        // A copy, not a mapping: writes stay in the memfd.
+        ram.memory()
+            .write_obj(0x77u8, GuestAddress(0x5000))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        use std::os::unix::fs::FileExt;
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut buf, 0x5000)
+            .unwrap();
+        assert_eq!(buf[0], 0x11);
+
+        // The path huge-page RAM takes (reads into the mapping), on shmem.
+        let ram = GuestRam::new(4096, Backend::Memfd).unwrap();
+        let src = File::open(&path).unwrap();
+        ram.read_extents_into(&src, &data_extents(&src).unwrap())
+            .unwrap();
+        check_copy(&ram, &writes);
+
+        let err = GuestRam::copy_of_file(4096, Backend::Anonymous, &path)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("memfd"), "{err}");
+        let err = GuestRam::copy_of_file(2048, Backend::Memfd, &path)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::FileSize { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //!
 //! A snapshot is written into a temporary sibling directory and renamed into
 //! place only when complete and synced, so a crash never leaves a directory
-//! that looks like a snapshot.
+//! that looks like a snapshot. [`compact`] flattens a snapshot and the chain
+//! it stands on into a self-contained full one, written the same way.
 
+mod compact;
 pub mod format;
+
+pub use compact::compact;
 
 use std::fs::File;
 use std::io::Write;
@@ -26,7 +30,7 @@ use crate::devices::serial::SerialConsoleState;
 use crate::devices::virtio::block::{DiskConfig, Frozen};
 use crate::devices::virtio::manager::AttachedState;
 use crate::kvm::state::{VcpuState, VmKvmState};
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{data_extents, GuestMemoryMmap};
 
 /// Version of the snapshot directory layout and metadata.
 pub const META_VERSION: u32 = 1;
@@ -340,8 +344,11 @@ impl Pending {
             write_meta(&self.tmp, &self.meta)?;
             sync_dir(&self.tmp)?;
             std::fs::rename(&self.tmp, &self.dir).map_err(io_err(&self.dir))?;
-            if let Some(parent) = self.dir.parent() {
-                sync_dir(parent)?;
+            // A bare relative name's parent is "": the current directory.
+            match self.dir.parent() {
+                Some(p) if p.as_os_str().is_empty() => sync_dir(Path::new("."))?,
+                Some(p) => sync_dir(p)?,
+                None => {}
             }
             Ok(())
         })();
@@ -364,6 +371,25 @@ pub fn prepare(
     drives: &[DriveCapture],
     memory: MemoryCapture<'_>,
 ) -> Result<Pending, Error> {
+    let tmp = temp_dir_beside(dir)?;
+    match write_into(&tmp, mem, state, drives, memory) {
+        Ok((meta, memory)) => Ok(Pending {
+            tmp,
+            dir: dir.to_owned(),
+            meta,
+            memory,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Creates the empty temporary directory a snapshot for `dir` is written
+/// in (a hidden sibling of `dir`, on the same file system, so the final
+/// rename is atomic). `dir` must not exist.
+fn temp_dir_beside(dir: &Path) -> Result<PathBuf, Error> {
     if dir.exists() {
         return Err(Error::Exists(dir.to_owned()));
     }
@@ -378,18 +404,7 @@ pub fn prepare(
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    match write_into(&tmp, mem, state, drives, memory) {
-        Ok((meta, memory)) => Ok(Pending {
-            tmp,
-            dir: dir.to_owned(),
-            meta,
-            memory,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    Ok(tmp)
 }
 
 fn write_into(
@@ -524,28 +539,6 @@ fn hash_memory_file(file: &File) -> std::io::Result<(u64, String)> {
         }
     }
     Ok((data, hasher.finalize().to_hex().to_string()))
-}
-
-/// The `(start, end)` byte ranges of `file` that hold data (everything
-/// else is a hole, which reads as zero), from SEEK_DATA/SEEK_HOLE.
-fn data_extents(file: &File) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let len = file.metadata()?.len();
-    let mut extents = Vec::new();
-    let mut pos = 0u64;
-    while pos < len {
-        // SAFETY: lseek on an open descriptor has no memory-safety preconditions.
-        let start = unsafe { libc::lseek(file.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
-        if start < 0 {
-            break; // ENXIO: only a hole is left.
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(file.as_raw_fd(), start, libc::SEEK_HOLE) };
-        let end = if end < 0 { len } else { end as u64 };
-        extents.push((start as u64, end));
-        pos = end;
-    }
-    Ok(extents)
 }
 
 /// Links drive `index`'s frozen layer into the snapshot directory `tmp` as

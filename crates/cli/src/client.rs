@@ -196,6 +196,10 @@ impl Client {
             detail,
         };
         match e {
+            ureq::Error::Io(io) if tls_error(&io).is_some() => CliError::Tls {
+                url: self.base.clone(),
+                detail: tls_error(&io).expect("checked").to_string(),
+            },
             ureq::Error::Io(io) => match io.kind() {
                 ErrorKind::ConnectionRefused
                 | ErrorKind::ConnectionReset
@@ -227,12 +231,21 @@ impl Client {
                 url: self.base.clone(),
                 detail: r.to_string(),
             },
+            ureq::Error::Protocol(p) => CliError::Other(format!(
+                "{} answered something that is not HTTP ({p}); if the daemon serves TLS, use an https:// URL",
+                self.base
+            )),
             ureq::Error::BadUri(u) => CliError::Usage(format!(
                 "bad daemon URL {u:?}: give one like http://127.0.0.1:8889"
             )),
             other => CliError::Other(format!("talking to {}: {other}", self.base)),
         }
     }
+}
+
+/// The TLS error inside an I/O error, if that is what it is.
+fn tls_error(io: &std::io::Error) -> Option<&rustls::Error> {
+    io.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// The certificates in a PEM file, as the only roots to trust.

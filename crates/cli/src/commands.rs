@@ -353,7 +353,21 @@ pub fn kill(ctx: &mut Ctx, a: &KillArgs) -> Outcome {
 pub fn rmi(ctx: &mut Ctx, a: &RmiArgs) -> Outcome {
     let answer = ctx
         .client
-        .delete(&routes::snapshot(&a.tag, a.cascade, a.force))?;
+        .delete(&routes::snapshot(&a.tag, a.cascade, a.force))
+        .map_err(|e| match e {
+            CliError::Api {
+                status: 409,
+                message,
+            } if !a.cascade && !a.force => CliError::Api {
+                status: 409,
+                message: format!(
+                    "{message}; with forkd: `forkd rmi {} --cascade` (delete them too) or \
+                     `--force`",
+                    a.tag
+                ),
+            },
+            e => e,
+        })?;
     if ctx.json {
         if answer.raw.trim().is_empty() {
             let v = serde_json::json!({ "deleted": a.tag });
@@ -739,7 +753,11 @@ mod tests {
         };
         let (r, _, _) = run(d.client(None), false, |c| rmi(c, &a));
         let e = r.unwrap_err();
-        assert_eq!(e.to_string(), "snapshot base has dependents: b1 (HTTP 409)");
+        assert_eq!(
+            e.to_string(),
+            "snapshot base has dependents: b1; with forkd: `forkd rmi base --cascade` (delete \
+             them too) or `--force` (HTTP 409)"
+        );
     }
 
     #[test]

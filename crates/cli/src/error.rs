@@ -80,7 +80,7 @@ impl fmt::Display for CliError {
             }
             CliError::Api { status, message } => {
                 write!(f, "{message} (HTTP {status})")?;
-                if *status == 401 {
+                if *status == 401 && !message.contains("FORKD_TOKEN") {
                     write!(f, "; {TOKEN_HINT}")?;
                 }
                 Ok(())
@@ -169,6 +169,18 @@ mod tests {
         assert!(s.starts_with("missing bearer token (HTTP 401); "), "{s}");
         assert!(s.contains("--daemon-token"), "{s}");
         assert!(s.contains("FORKD_TOKEN"), "{s}");
+    }
+
+    #[test]
+    fn the_token_hint_is_not_repeated() {
+        let e = CliError::Api {
+            status: 401,
+            message: "wrong bearer token (forkd: --daemon-token or FORKD_TOKEN)".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "wrong bearer token (forkd: --daemon-token or FORKD_TOKEN) (HTTP 401)"
+        );
     }
 
     #[test]

@@ -64,11 +64,11 @@ fn doctor(g: &args::Global, a: &args::DoctorArgs, out: &mut dyn Write) -> Outcom
 }
 
 fn run(cli: Cli) -> Outcome {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    let progress = stderr.is_terminal();
-    let mut out = stdout.lock();
-    let mut err = stderr.lock();
+    // Unlocked handles: progress bars draw to standard error from their own
+    // thread, which must not wait for a lock this one holds.
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let progress = err.is_terminal();
     let g = &cli.global;
     match &cli.command {
         Command::Doctor(a) => return doctor(g, a, &mut out),

@@ -177,7 +177,8 @@ fn fork_and_ping(
         n: 1,
         out_dir: out.join("warm"),
         paused: false,
-        console_log: false
+        console_log: false,
+        memfd: false,
     })
     .is_ok());
     let start = Instant::now();
@@ -186,6 +187,7 @@ fn fork_and_ping(
         out_dir: out.to_owned(),
         paused: false,
         console_log: false,
+        memfd: false,
     };
     let children: Vec<(i32, PathBuf)> = match ask(&request) {
         ForkResponse::Forked { children } => children

@@ -168,25 +168,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Runs `run` once more when the daemon refused a spawn because the fork
-/// server it had just started was not listening yet: forkd-daemon's
-/// `ForkServer::start` waits for the socket file to exist, and the file
-/// exists between the fork server's bind() and listen(), so on a busy
-/// machine the first spawn of a snapshot is sometimes refused. Returns the
-/// output and whether it ran twice. Remove once the daemon waits for a
-/// socket it can connect to.
-fn retry_fork_server_race(mut run: impl FnMut() -> Output) -> (Output, bool) {
-    let o = run();
-    if o.status.code() == Some(1) && stderr(&o).contains("cannot reach the fork server") {
-        eprintln!(
-            "note: the daemon refused a first spawn (its fork server was not listening yet): {}",
-            stderr(&o).trim()
-        );
-        return (run(), true);
-    }
-    (o, false)
-}
-
 /// Asserts `forkd` exited with `code`, showing its output otherwise.
 #[track_caller]
 fn expect_code(o: &Output, code: i32, what: &str) {
@@ -212,7 +193,7 @@ fn the_commands_drive_a_real_daemon() {
         stdout(&o)
     );
 
-    let (o, _) = retry_fork_server_race(|| d.forkd(&["spawn", "--tag", "t", "-n", "3", "-q"]));
+    let o = d.forkd(&["spawn", "--tag", "t", "-n", "3", "-q"]);
     expect_code(&o, 0, "spawn");
     let ids: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
     assert_eq!(ids.len(), 3, "{}", stdout(&o));
@@ -298,12 +279,10 @@ fn the_commands_drive_a_real_daemon() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
 
-    let (o, again) = retry_fork_server_race(|| d.forkd(&["quickstart", "-n", "10"]));
+    let o = d.forkd(&["quickstart", "-n", "10"]);
     expect_code(&o, 0, "quickstart -n 10");
     let out = stdout(&o);
-    if !again {
-        assert!(out.contains("snapshot quickstart-builtin made in"), "{out}");
-    }
+    assert!(out.contains("snapshot quickstart-builtin made in"), "{out}");
     assert!(out.contains("10/10 answered"), "{out}");
     assert!(!out.contains("started for this run"), "{out}");
     let o = d.forkd(&["quickstart", "-n", "10", "--json"]);
@@ -369,12 +348,12 @@ fn quickstart_starts_and_stops_its_own_daemon() {
         ("FORKD_URL", format!("http://127.0.0.1:{}", free_port())),
         ("FORKD_STATE_DIR", state.path().display().to_string()),
     ];
-    let (o, again) = retry_fork_server_race(|| forkd(&["quickstart", "-n", "10", "--json"], &env));
+    let o = forkd(&["quickstart", "-n", "10", "--json"], &env);
     expect_code(&o, 0, "quickstart with its own daemon");
     assert!(stderr(&o).contains("starting"), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["daemon_started"], true);
-    assert_eq!(v["snapshot_reused"], again);
+    assert_eq!(v["snapshot_reused"], false);
     assert_eq!(v["answered"], 10);
     // The daemon it started is gone.
     let url = v["daemon_url"].as_str().unwrap();
@@ -382,7 +361,7 @@ fn quickstart_starts_and_stops_its_own_daemon() {
     assert!(TcpStream::connect(addr).is_err(), "{url} still answers");
 
     // A second run reuses the snapshot in the same state directory.
-    let (o, _) = retry_fork_server_race(|| forkd(&["quickstart", "-n", "10"], &env));
+    let o = forkd(&["quickstart", "-n", "10"], &env);
     expect_code(&o, 0, "second quickstart");
     let out = stdout(&o);
     assert!(out.contains("snapshot quickstart-builtin reused"), "{out}");

@@ -305,7 +305,11 @@ impl ForkServer {
         let pid = child.id() as i32;
         let ticks = procs::start_ticks(pid).unwrap_or(0);
         let deadline = Instant::now() + FORK_SERVER_START;
-        while !socket.exists() {
+        // Ready when a connection is accepted: the socket file appears at
+        // bind(), a moment before listen(), and a connect in between is
+        // refused. The probe connection sends nothing; the server answers
+        // it with an error and goes on.
+        while UnixStream::connect(&socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!(
                     "the fork server for {} exited ({status}): {}",

@@ -89,6 +89,7 @@ pub struct Daemon {
     pub branch_concurrency: usize,
     fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
     in_flight: Arc<Mutex<HashSet<String>>>,
+    agents_seen: Mutex<HashSet<String>>,
 }
 
 /// A tag claimed by a request that is making a snapshot of that name;
@@ -126,6 +127,7 @@ impl Daemon {
             branch_concurrency: opts.branch_concurrency,
             fork_servers: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
+            agents_seen: Mutex::new(HashSet::new()),
         })
     }
 
@@ -191,6 +193,21 @@ impl Daemon {
         for (_, server) in servers {
             server.stop();
         }
+    }
+
+    /// Whether sandbox `id`'s agent has answered since this daemon started.
+    pub fn agent_seen(&self, id: &str) -> bool {
+        lock(&self.agents_seen).contains(id)
+    }
+
+    /// Records that sandbox `id`'s agent has answered.
+    pub fn mark_agent_seen(&self, id: &str) {
+        lock(&self.agents_seen).insert(id.to_owned());
+    }
+
+    /// Forgets sandbox `id` (killed or gone).
+    pub fn forget_agent(&self, id: &str) {
+        lock(&self.agents_seen).remove(id);
     }
 
     /// Updates the gauges read from the store.

@@ -46,6 +46,12 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
+    /// The same error with `context` in front of its message.
+    pub fn with_context(mut self, context: &str) -> ApiError {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
     /// 500: the daemon or a VMM failed.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)

@@ -168,6 +168,7 @@ impl Daemon {
             "sandbox's VMM has ended; dropping it: {log}"
         );
         self.store.delete_sandbox(&row.info.id)?;
+        self.forget_agent(&row.info.id);
         let row = row.clone();
         tokio::task::spawn_blocking(move || stop_sandbox(&row)).await?;
         Ok(())
@@ -202,6 +203,7 @@ impl Daemon {
     pub async fn kill(self: &Arc<Self>, id: &str) -> ApiResult<()> {
         let row = self.existing_sandbox(id)?;
         self.store.delete_sandbox(id)?;
+        self.forget_agent(id);
         tokio::task::spawn_blocking(move || stop_sandbox(&row)).await?;
         Ok(())
     }
@@ -228,7 +230,26 @@ impl Daemon {
                 ),
             ));
         }
-        Ok(driver::agent(&uds, cfg))
+        let client = driver::agent(&uds, cfg);
+        if !self.agent_seen(id) {
+            // A restored guest resets its vsock connections when it notices
+            // the device's transport reset; a connection made just before
+            // that is dropped unanswered. Pings are safe to repeat, so the
+            // first contact with a sandbox is a ping retried until the agent
+            // answers; only then does a request that is not safe to repeat
+            // go out.
+            let probe = driver::agent(&uds, quick_agent());
+            tokio::task::spawn_blocking(move || wait_for_agent(&probe, AGENT_SETTLE))
+                .await?
+                .map_err(|e| {
+                    ApiError::from(e).with_context(&format!(
+                        "sandbox {id:?}'s agent did not answer within {} s",
+                        AGENT_SETTLE.as_secs()
+                    ))
+                })?;
+            self.mark_agent_seen(id);
+        }
+        Ok(client)
     }
 
     /// `POST /v1/sandboxes/:id/ping`: the agent's answer.
@@ -525,6 +546,27 @@ fn scopeguard(d: Arc<Daemon>) -> InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.metrics.branches_in_flight.dec();
+    }
+}
+
+/// Longest a new sandbox's agent may take to answer its first ping.
+const AGENT_SETTLE: Duration = Duration::from_secs(30);
+
+/// Pings until the agent answers; a timeout or the agent's own error ends
+/// the wait at once, a refused or dropped connection is retried.
+fn wait_for_agent(
+    client: &agent_client::Client,
+    wait: Duration,
+) -> Result<(), agent_client::ClientError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match client.ping() {
+            Ok(_) => return Ok(()),
+            Err(e @ agent_client::ClientError::Timeout { .. })
+            | Err(e @ agent_client::ClientError::Agent { .. }) => return Err(e),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 

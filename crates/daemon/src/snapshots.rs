@@ -219,8 +219,8 @@ impl Daemon {
         let dir = PathBuf::from(&row.info.dir);
         let meta = vmm::snapshot::read_meta(&dir).ok();
         let own_memory = match meta.as_ref().map(|m| m.kind) {
-            Some(SnapshotKind::Diff) => dir.join("memory.diff"),
-            _ => dir.join("memory"),
+            Some(SnapshotKind::Diff) => dir.join(vmm::snapshot::DIFF_FILE),
+            _ => dir.join(vmm::snapshot::MEMORY_FILE),
         };
         let mut ancestors = Vec::new();
         let mut seen = HashSet::from([tag.to_owned()]);
@@ -235,7 +235,8 @@ impl Daemon {
         Ok(SnapshotDetail {
             memory_logical_bytes: meta.as_ref().map_or(0, |m| m.memory_bytes),
             memory_physical_bytes: std::fs::metadata(&own_memory).map_or(0, |m| m.blocks() * 512),
-            vmstate_bytes: std::fs::metadata(dir.join("vmstate")).map_or(0, |m| m.len()),
+            vmstate_bytes: std::fs::metadata(dir.join(vmm::snapshot::VMSTATE_FILE))
+                .map_or(0, |m| m.len()),
             parent_tag: row.parent_tag.clone(),
             parent_content_hash: row.parent_content_hash.clone(),
             chain_depth: ancestors.len() as u32,

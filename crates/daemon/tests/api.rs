@@ -577,3 +577,113 @@ fn a_copy_interrupted_by_a_restart_is_failed_never_ready() {
     );
     kill_all(&d);
 }
+
+#[test]
+fn live_branches_and_compaction() {
+    let tmp = TempDir::new("live");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "base", "builtin": true})),
+        201,
+    );
+    let kid = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "base", "n": 1, "live_fork": true})),
+        201,
+    );
+    assert_eq!(kid[0]["live_fork"], true, "{kid}");
+    let id = kid[0]["id"].as_str().unwrap().to_string();
+    // wait: false applies to live branches only.
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"mode": "diff", "wait": false})),
+    );
+    assert_eq!(s, 400, "{v}");
+
+    // Live, answered once the sandbox runs again; the copy finishes behind.
+    let (s, live) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"tag": "l1", "mode": "live", "wait": false})),
+    );
+    assert!(s == 202 || s == 201, "{s}: {live}");
+    if s == 202 {
+        assert_eq!(live["status"], "writing", "{live}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let info = d.expect("GET", "/v1/snapshots/l1/info", None, 200);
+        match info["status"].as_str().unwrap() {
+            "ready" => break,
+            "writing" => {}
+            other => panic!("the live copy ended {other}: {info}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still writing: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (_, metrics) = d.raw("GET", "/metrics", None, None);
+    assert!(metrics.contains("forkd_branches_in_flight 0"), "{metrics}");
+    // A diff on top of the live branch: a chain l1 <- l2 (l1 holds all of
+    // RAM and the built-in guest has no disk, so l1 needs nothing of base).
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"tag": "l2", "mode": "diff"})),
+        201,
+    );
+    let l2 = d.expect("GET", "/v1/snapshots/l2/info", None, 200);
+    assert_eq!(l2["ancestors"], json!(["l1"]), "{l2}");
+    assert_eq!(l2["chain_depth"], 1);
+
+    // Compact the head: a flat snapshot that outlives the chain.
+    let (s, v) = d.call(
+        "POST",
+        "/v1/snapshots/l2/compact",
+        Some(json!({"to": "l2"})),
+    );
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/snapshots/nope/compact",
+        Some(json!({"to": "flat"})),
+    );
+    assert_eq!(s, 404, "{v}");
+    let flat = d.expect(
+        "POST",
+        "/v1/snapshots/l2/compact",
+        Some(json!({"to": "flat"})),
+        201,
+    );
+    assert_eq!(flat["kind"], "full", "{flat}");
+    let info = d.expect("GET", "/v1/snapshots/flat/info", None, 200);
+    assert_eq!(info["chain_depth"], 0, "{info}");
+    assert_eq!(info["parent_tag"], Value::Null);
+    kill_all(&d);
+    d.expect("DELETE", "/v1/snapshots/l1?cascade=true", None, 204);
+    let left: Vec<String> = d
+        .expect("GET", "/v1/snapshots", None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tag"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, vec!["base".to_string(), "flat".to_string()]);
+    let kids = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "flat", "n": 2})),
+        201,
+    );
+    for id in ids(&kids) {
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin");
+    }
+    kill_all(&d);
+}

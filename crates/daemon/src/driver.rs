@@ -181,8 +181,9 @@ impl SourceVm {
         })
     }
 
-    /// Waits until the guest agent answers a ping (never a fixed sleep), at
-    /// most `wait`.
+    /// Waits until the guest agent answers a ping (never a fixed sleep) and
+    /// its warm interpreter is ready or has failed, at most `wait`. The
+    /// built-in guest has no interpreter: its first answer is enough.
     pub fn wait_for_agent(&mut self, wait: Duration) -> Result<Pong, String> {
         let deadline = Instant::now() + wait;
         let client = agent(
@@ -204,7 +205,10 @@ impl SourceVm {
             }
             if self.vsock_socket.exists() {
                 match client.ping() {
-                    Ok(pong) => return Ok(pong),
+                    Ok(pong) if settled(&pong) => return Ok(pong),
+                    Ok(_) => {
+                        last_error = "the agent answers; its interpreter is still warming up".into()
+                    }
                     Err(e) => last_error = e.to_string(),
                 }
             }
@@ -261,6 +265,13 @@ impl Drop for SourceVm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether a guest is ready to be snapshotted: the built-in guest at once,
+/// a Linux guest once its agent's warm interpreter is up (or has failed,
+/// which the snapshot reports as a warning).
+fn settled(pong: &Pong) -> bool {
+    pong.guest == "guest: builtin" || pong.interpreter_ready || pong.interpreter_error.is_some()
 }
 
 /// A `forkd-vmm fork-server` holding one snapshot.

@@ -108,7 +108,13 @@ impl Daemon {
                 tracing::info!(tag, guest = pong.guest, "agent answered; snapshotting");
                 vm.snapshot(&dst).map_err(ApiError::internal)?;
                 drop(vm);
-                this.row_from_dir(&tag, &dst, None, None)
+                let mut row = this.row_from_dir(&tag, &dst, None, None)?;
+                row.info.warning = pong.interpreter_error.map(|e| {
+                    format!(
+                        "the guest's warm interpreter failed to start, so eval will not work: {e}"
+                    )
+                });
+                Ok(row)
             })();
             let _ = std::fs::remove_dir_all(&build);
             result

@@ -19,6 +19,7 @@ const SCENARIOS: &[&str] = &[
     "agent",
     "snapshot-fork",
     "branch-live",
+    "daemon",
 ];
 
 /// One lab at a time: each wants most of this machine.
@@ -48,11 +49,23 @@ fn run_scenario(name: &str) {
     eprintln!("lab test {name}: lab/run {name} (streams the lab's output; minutes)");
     // The lab's output goes straight to this process's stdout/stderr, so it
     // shows as it happens (cargo captures only the test's own prints).
-    let status = Command::new(repo().join("lab/run"))
-        .arg(name)
-        .env("FORKD_VMM", env!("CARGO_BIN_EXE_forkd-vmm"))
-        .status()
-        .expect("cannot start lab/run");
+    let mut lab = Command::new(repo().join("lab/run"));
+    lab.arg(name)
+        .env("FORKD_VMM", env!("CARGO_BIN_EXE_forkd-vmm"));
+    if name == "daemon" {
+        // The daemon and the CLI of this build, beside forkd-vmm.
+        let dir = Path::new(env!("CARGO_BIN_EXE_forkd-vmm")).parent().unwrap();
+        for (var, bin) in [("FORKD_DAEMON", "forkd-daemon"), ("FORKD_CLI", "forkd")] {
+            let path = dir.join(bin);
+            assert!(
+                path.is_file(),
+                "{} is missing: the daemon lab test needs it; run `cargo test --workspace`, which builds it",
+                path.display()
+            );
+            lab.env(var, path);
+        }
+    }
+    let status = lab.status().expect("cannot start lab/run");
     let secs = start.elapsed().as_secs();
     let what = match status.code() {
         Some(0) => {
@@ -98,6 +111,14 @@ fn lab_snapshot_fork() {
 #[test]
 fn lab_branch_live() {
     run_scenario("branch-live");
+}
+
+/// forkd-daemon inside the lab serves a Linux snapshot over the v1 REST
+/// API through the forkd CLI: snapshot once the agent answers, spawn,
+/// exec, eval, a diff branch and a child of it (issue 8).
+#[test]
+fn lab_daemon() {
+    run_scenario("daemon");
 }
 
 #[test]

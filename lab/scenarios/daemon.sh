@@ -1,0 +1,95 @@
+#!/bin/sh
+# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers, spawn children, exec and eval in them, branch one (diff) and fork from the branch, kill, stop
+# needs: kernel agent-rootfs daemon
+set -eu -o pipefail
+
+state=$LAB_TMP/state
+dlog=$LAB_TMP/daemon.log
+export FORKD_URL=http://127.0.0.1:8889
+context() {
+  show_tail "$dlog" 40
+  for f in "$state"/run/build-*/console.log "$state"/sandboxes/*/*/console.log; do
+    [ -f "$f" ] && show_tail "$f" 25
+  done
+  for f in "$state"/run/build-*/vmm.log "$state"/sandboxes/*/*/vmm.log "$state"/run/*.fork.log; do
+    [ -f "$f" ] && show_tail "$f" 10
+  done
+  return 0
+}
+die_ctx() { context; fail "$@"; }
+# ids JSON: the "id" fields of a JSON array of sandboxes, one per line.
+ids() { printf '%s\n' "$1" | tr -d ' \n' | grep -o '"id":"[^"]*"' | cut -d'"' -f4 || true; }
+
+step "forkd-daemon serve --state-dir <tmpfs> (forkd-vmm beside it)"
+t0=$(now)
+forkd-daemon serve --state-dir "$state" >"$dlog" 2>&1 &
+dpid=$!
+up="" err=""
+for _ in $(seq 1 200); do
+  if err=$(forkd --json version 2>&1); then up=1; break; fi
+  sleep 0.1
+done
+[ -n "$up" ] || die_ctx "the daemon did not answer within 20 s: $err"
+step "daemon up: $(forkd --json version | tr -d '\n ')"
+
+step "forkd snapshot linux --kernel vmlinux --rootfs rootfs-agent.ext4 --rw --mem-mib 512"
+t=$(now)
+snap=$(forkd --json snapshot linux --kernel "$LAB_IMAGES/vmlinux" --rootfs "$LAB_IMAGES/rootfs-agent.ext4" \
+  --rw --mem-mib 512 --boot-wait-secs 300 2>&1) || die_ctx "snapshot failed: $snap"
+step "snapshot made in $(since "$t") s (boot, agent ping, snapshot): $(printf '%s' "$snap" | tr -d '\n ')"
+[ "$(json_field "$(printf '%s' "$snap" | tr -d '\n ')" status)" = ready ] || die_ctx "the snapshot is not ready: $snap"
+
+step "forkd spawn --tag linux -n 2"
+t=$(now)
+kids=$(forkd --json spawn --tag linux -n 2 2>&1) || die_ctx "spawn failed: $kids"
+k0=$(ids "$kids" | sed -n 1p)
+k1=$(ids "$kids" | sed -n 2p)
+[ -n "$k0" ] && [ -n "$k1" ] || die_ctx "spawn answered no ids: $kids"
+step "spawned $k0 and $k1 in $(since "$t") s"
+
+for k in "$k0" "$k1"; do
+  pong=$(forkd --json ping "$k" 2>&1 | tr -d '\n ') || die_ctx "ping $k failed: $pong"
+  [ "$(json_field "$pong" guest)" = "guest:linux" ] || die_ctx "ping $k answered $pong, not guest: linux"
+  out=$(forkd exec "$k" -- uname -a 2>&1) || die_ctx "exec uname in $k failed: $out"
+  case "$out" in Linux*forkd*) ;; *) die_ctx "uname -a in $k answered '$out', not our kernel" ;; esac
+  ev=$(forkd --json eval "$k" 'numpy.zeros(5).sum()' 2>&1 | tr -d '\n ') || die_ctx "eval in $k failed: $ev"
+  case "$(json_field "$ev" result)" in *0.0*) ;; *) die_ctx "eval in $k answered $ev, not 0.0 (numpy warmed before the snapshot)" ;; esac
+done
+step "both children answer ping, exec uname -a and eval with the warm numpy"
+
+rc=0
+forkd exec "$k0" -- sh -c 'exit 7' >/dev/null 2>&1 || rc=$?
+[ "$rc" = 7 ] || die_ctx "exec of 'exit 7' gave status $rc through the CLI"
+
+# Writes in one child stay its own; a branch carries them.
+forkd exec "$k0" -- sh -c 'echo branch-mark-42 >/root/mark && sync' >/dev/null || die_ctx "writing /root/mark in $k0 failed"
+forkd eval "$k0" 'marker = 6 * 7' >/dev/null || die_ctx "setting an interpreter variable in $k0 failed"
+if forkd exec "$k1" -- cat /root/mark >/dev/null 2>&1; then die_ctx "$k1 sees $k0's file: the children share a disk layer"; fi
+
+step "forkd snapshot b1 --from-sandbox $k0 --diff"
+b1=$(forkd --json snapshot b1 --from-sandbox "$k0" --diff 2>&1 | tr -d '\n ') || die_ctx "diff branch failed: $b1"
+[ "$(json_field "$b1" status)" = ready ] || die_ctx "the branch is not ready: $b1"
+[ "$(json_field "$b1" kind)" = diff ] || die_ctx "the branch is not a diff: $b1"
+step "branch b1: pause $(json_field "$b1" pause_ms) ms"
+info=$(forkd --json snapshot-info b1 | tr -d '\n ')
+[ "$(json_field "$info" parent_tag)" = linux ] || die_ctx "b1's parent is not linux: $info"
+
+gk=$(forkd --json spawn --tag b1 -n 1 2>&1) || die_ctx "spawn from b1 failed: $gk"
+g=$(ids "$gk" | sed -n 1p)
+mark=$(forkd exec "$g" -- cat /root/mark 2>&1) || die_ctx "reading /root/mark in the branch's child failed: $mark"
+[ "$mark" = branch-mark-42 ] || die_ctx "the branch's child read '$mark', not the source's file"
+ev=$(forkd --json eval "$g" 'marker' 2>&1 | tr -d '\n ') || die_ctx "eval in $g failed: $ev"
+[ "$(json_field "$ev" result)" = 42 ] || die_ctx "the branch's child's interpreter has marker=$ev, not 42"
+step "the branch's child has the source's file and interpreter state"
+
+step "forkd kill --all; forkd rmi linux --cascade"
+forkd kill --all >/dev/null || die_ctx "kill --all failed"
+[ "$(forkd --json ls | tr -d '\n ')" = "[]" ] || die_ctx "sandboxes left after kill --all: $(forkd --json ls)"
+forkd rmi linux --cascade >/dev/null || die_ctx "rmi --cascade failed"
+[ "$(forkd --json images | tr -d '\n ')" = "[]" ] || die_ctx "snapshots left after rmi --cascade: $(forkd --json images)"
+
+kill -TERM "$dpid"
+rc=0
+wait "$dpid" || rc=$?
+[ "$rc" = 0 ] || die_ctx "forkd-daemon exited with status $rc after SIGTERM"
+step "daemon scenario done in $(since "$t0") s"

@@ -687,3 +687,38 @@ fn live_branches_and_compaction() {
     }
     kill_all(&d);
 }
+
+#[test]
+fn one_tag_is_made_by_one_request() {
+    let tmp = TempDir::new("same-tag");
+    let d = std::sync::Arc::new(Daemon::start(&tmp.path().join("state"), &Config::default()));
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                d.call(
+                    "POST",
+                    "/v1/snapshots",
+                    Some(json!({"tag": "same", "builtin": true, "mem_size_mib": 512})),
+                )
+            })
+        })
+        .collect();
+    let mut answers: Vec<(u16, Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    answers.sort_by_key(|a| a.0);
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, vec![201, 409, 409], "{answers:?}");
+    for (_, v) in &answers[1..] {
+        let e = error_of(v);
+        assert!(e.contains("being made") || e.contains("exists"), "{e}");
+    }
+    let list = d.expect("GET", "/v1/snapshots", None, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    // Nothing half-made is left beside it.
+    let left: Vec<_> = std::fs::read_dir(d.state.join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("build-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -722,3 +722,55 @@ fn one_tag_is_made_by_one_request() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_memory_limit_puts_each_child_in_its_own_capped_cgroup() {
+    let tmp = TempDir::new("cgroup");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "base", "builtin": true})),
+        201,
+    );
+    let kids = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "base", "n": 2, "memory_limit_mib": 256})),
+        201,
+    );
+    let mut groups = Vec::new();
+    for k in kids.as_array().unwrap() {
+        assert_eq!(k["memory_limit_mib"], 256);
+        let id = k["id"].as_str().unwrap();
+        let pid = k["pid"].as_i64().unwrap();
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let line = cgroups
+            .lines()
+            .find(|l| l.contains(&format!("/forkd/{id}")))
+            .unwrap_or_else(|| {
+                panic!("sandbox {id} (pid {pid}) is in no forkd cgroup:\n{cgroups}")
+            });
+        let rel = line.rsplit(':').next().unwrap();
+        let dir = if line.contains(":memory:") {
+            format!("/sys/fs/cgroup/memory{rel}")
+        } else {
+            format!("/sys/fs/cgroup{rel}")
+        };
+        let limit = std::fs::read_to_string(format!("{dir}/memory.limit_in_bytes"))
+            .or_else(|_| std::fs::read_to_string(format!("{dir}/memory.max")))
+            .unwrap();
+        assert_eq!(limit.trim(), (256u64 << 20).to_string(), "{dir}");
+        // It was resumed after the move: the guest answers.
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin");
+        groups.push(dir);
+    }
+    kill_all(&d);
+    for dir in groups {
+        assert!(
+            !std::path::Path::new(&dir).exists(),
+            "{dir} is left after the kill"
+        );
+    }
+}

@@ -45,7 +45,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(serve(*args)) {
+    let result = runtime.block_on(serve(*args));
+    // A request still booting a guest for a snapshot is not waited for
+    // past this; its half-made snapshot never reaches the registry.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forkd-daemon: {e}");

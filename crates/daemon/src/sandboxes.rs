@@ -208,54 +208,63 @@ impl Daemon {
         Ok(())
     }
 
-    /// The agent client of a running sandbox, its vsock socket there.
+    /// The agent client of a running sandbox, and, on the first contact
+    /// since this daemon started, the answer to the ping that settled it.
+    ///
+    /// A restored guest resets its vsock connections when it notices the
+    /// device's transport reset; a connection made just before that is
+    /// dropped unanswered. Pings are safe to repeat, so the first contact
+    /// with a sandbox is a ping retried until the agent answers; only then
+    /// does a request that is not safe to repeat go out.
     async fn agent_of(
         self: &Arc<Self>,
         id: &str,
         cfg: ClientConfig,
-    ) -> ApiResult<agent_client::Client> {
+    ) -> ApiResult<(agent_client::Client, Option<proto::agent::Pong>)> {
         let row = self.running_sandbox(id)?;
         let uds = row.vsock_socket.clone().ok_or_else(|| {
             ApiError::conflict(format!(
                 "sandbox {id:?} has no vsock device, so no guest agent to talk to"
             ))
         })?;
-        let path = uds.clone();
-        if !tokio::task::spawn_blocking(move || procs::wait_for_path(&path, VSOCK_APPEAR)).await? {
-            return Err(ApiError::new(
-                axum::http::StatusCode::BAD_GATEWAY,
-                format!(
-                    "sandbox {id:?}: its vsock socket {} never appeared",
-                    uds.display()
-                ),
-            ));
-        }
-        let client = driver::agent(&uds, cfg);
-        if !self.agent_seen(id) {
-            // A restored guest resets its vsock connections when it notices
-            // the device's transport reset; a connection made just before
-            // that is dropped unanswered. Pings are safe to repeat, so the
-            // first contact with a sandbox is a ping retried until the agent
-            // answers; only then does a request that is not safe to repeat
-            // go out.
-            let probe = driver::agent(&uds, quick_agent());
-            tokio::task::spawn_blocking(move || wait_for_agent(&probe, AGENT_SETTLE))
-                .await?
+        let settle = !self.agent_seen(id);
+        let (probe, sid) = (uds.clone(), id.to_owned());
+        let pong = tokio::task::spawn_blocking(move || {
+            if !procs::wait_for_path(&probe, VSOCK_APPEAR) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    format!(
+                        "sandbox {sid:?}: its vsock socket {} never appeared",
+                        probe.display()
+                    ),
+                ));
+            }
+            if !settle {
+                return Ok(None);
+            }
+            let client = driver::agent(&probe, quick_agent());
+            wait_for_agent(&client, AGENT_SETTLE)
+                .map(Some)
                 .map_err(|e| {
                     ApiError::from(e).with_context(&format!(
-                        "sandbox {id:?}'s agent did not answer within {} s",
+                        "sandbox {sid:?}'s agent did not answer within {} s",
                         AGENT_SETTLE.as_secs()
                     ))
-                })?;
+                })
+        })
+        .await??;
+        if pong.is_some() {
             self.mark_agent_seen(id);
         }
-        Ok(client)
+        Ok((driver::agent(&uds, cfg), pong))
     }
 
     /// `POST /v1/sandboxes/:id/ping`: the agent's answer.
     pub async fn ping(self: &Arc<Self>, id: &str) -> ApiResult<proto::agent::Pong> {
-        let client = self.agent_of(id, quick_agent()).await?;
-        Ok(tokio::task::spawn_blocking(move || client.ping()).await??)
+        match self.agent_of(id, quick_agent()).await? {
+            (_, Some(pong)) => Ok(pong),
+            (client, None) => Ok(tokio::task::spawn_blocking(move || client.ping()).await??),
+        }
     }
 
     /// `POST /v1/sandboxes/:id/exec`.
@@ -270,7 +279,7 @@ impl Daemon {
             ));
         }
         let secs = run_secs(req.timeout_secs)?;
-        let client = self.agent_of(id, ClientConfig::default()).await?;
+        let (client, _) = self.agent_of(id, ClientConfig::default()).await?;
         let agent_req = proto::agent::ExecRequest {
             args: req.args,
             env: Default::default(),
@@ -303,7 +312,7 @@ impl Daemon {
         req: proto::api::EvalRequest,
     ) -> ApiResult<EvalResponse> {
         let secs = run_secs(req.timeout_secs)?;
-        let client = self.agent_of(id, ClientConfig::default()).await?;
+        let (client, _) = self.agent_of(id, ClientConfig::default()).await?;
         let r =
             tokio::task::spawn_blocking(move || client.eval(&req.code, Duration::from_secs(secs)))
                 .await??;
@@ -557,11 +566,11 @@ const AGENT_SETTLE: Duration = Duration::from_secs(30);
 fn wait_for_agent(
     client: &agent_client::Client,
     wait: Duration,
-) -> Result<(), agent_client::ClientError> {
+) -> Result<proto::agent::Pong, agent_client::ClientError> {
     let deadline = Instant::now() + wait;
     loop {
         match client.ping() {
-            Ok(_) => return Ok(()),
+            Ok(pong) => return Ok(pong),
             Err(e @ agent_client::ClientError::Timeout { .. })
             | Err(e @ agent_client::ClientError::Agent { .. }) => return Err(e),
             Err(e) if Instant::now() >= deadline => return Err(e),

@@ -1,0 +1,265 @@
+//! What the daemon adds to the fork path: N sandboxes spawned through
+//! `POST /v1/sandboxes` and each pinged through `POST /v1/sandboxes/:id/ping`,
+//! next to the same N children forked by a `forkd-vmm fork-server` of the
+//! same snapshot and pinged straight on their vsock sockets, in the same
+//! run. Both count from the request until every guest agent has answered a
+//! ping, one ping at a time from one client thread.
+//!
+//! ```sh
+//! cargo build --release --workspace
+//! target/release/api_spawn --children 100 --rounds 5
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_client::{Client, Target};
+use bench::{ms, Stats};
+use clap::Parser;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "Spawn through the daemon's REST API vs straight from a fork server")]
+struct Args {
+    /// Sandboxes per round.
+    #[arg(long, default_value_t = 100)]
+    children: u32,
+    /// Rounds of each.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Directory holding forkd-daemon and forkd-vmm (default: next to this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let bin_dir = args.bin_dir.unwrap_or_else(|| {
+        std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_owned()
+    });
+    for b in ["forkd-daemon", "forkd-vmm"] {
+        assert!(
+            bin_dir.join(b).is_file(),
+            "{} not found: build it first (cargo build --release --workspace)",
+            bin_dir.join(b).display()
+        );
+    }
+    let tmp = std::env::temp_dir().join(format!("forkd-api-spawn-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let daemon = Daemon::start(&bin_dir, &tmp.join("state"));
+    let snap = daemon.call(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "bench", "builtin": true})),
+    );
+    let snap_dir = PathBuf::from(snap["dir"].as_str().expect("snapshot made"));
+    // Warm both paths (fork server started, page cache filled).
+    api_round(&daemon, 1);
+    let server = ForkServer::start(&bin_dir, &snap_dir, &tmp.join("fork.sock"));
+    direct_round(&server, &tmp.join("warm"), 1);
+
+    let (mut api, mut direct) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        api.push(api_round(&daemon, args.children));
+        direct.push(direct_round(
+            &server,
+            &tmp.join(format!("r{round}")),
+            args.children,
+        ));
+    }
+    let (a, d) = (Stats::of(&api), Stats::of(&direct));
+    println!(
+        "{} sandboxes of the built-in guest (128 MiB), request to every agent answering, {} rounds:",
+        args.children, args.rounds
+    );
+    println!("  daemon REST API    {a}");
+    println!("  fork server direct {d}");
+    println!(
+        "  ratio (p50): {:.2}x; daemon overhead {:.3} ms per sandbox",
+        ms(a.p50) / ms(d.p50),
+        (ms(a.p50) - ms(d.p50)) / args.children as f64
+    );
+    drop(server);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// One round through the API: spawn, ping each, then kill (not timed).
+fn api_round(d: &Daemon, n: u32) -> Duration {
+    let start = Instant::now();
+    let kids = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "bench", "n": n})),
+    );
+    let ids: Vec<String> = kids
+        .as_array()
+        .unwrap_or_else(|| panic!("spawn failed: {kids}"))
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect();
+    for id in &ids {
+        let pong = d.call("POST", &format!("/v1/sandboxes/{id}/ping"), None);
+        assert_eq!(pong["guest"], "guest: builtin", "{pong}");
+    }
+    let took = start.elapsed();
+    for id in &ids {
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+    }
+    took
+}
+
+/// One round straight from the fork server: fork, ping each agent on its
+/// vsock socket, then shut them down (not timed).
+fn direct_round(server: &ForkServer, out: &Path, n: u32) -> Duration {
+    let start = Instant::now();
+    let children = server.fork(n, out);
+    for (_, _, vsock) in &children {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !vsock.exists() {
+            assert!(Instant::now() < deadline, "{} never appeared", vsock.display());
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let client = Client::new(Target::Vsock {
+            uds: vsock.clone(),
+            port: proto::agent::DEFAULT_VSOCK_PORT,
+        });
+        let pong = client.ping().expect("the child's agent answers");
+        assert_eq!(pong.guest, "guest: builtin");
+    }
+    let took = start.elapsed();
+    for (pid, control, _) in &children {
+        let _ = proto::control::ControlClient::connect(control, Duration::from_secs(2))
+            .and_then(|mut c| c.call(&proto::control::ControlRequest::Shutdown));
+        // SAFETY: the child is ours; SIGKILL after a shutdown request is harmless.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_dir_all(out);
+    took
+}
+
+struct Daemon {
+    child: Child,
+    url: String,
+}
+
+impl Daemon {
+    fn start(bin_dir: &Path, state: &Path) -> Daemon {
+        std::fs::create_dir_all(state).unwrap();
+        let log = state.join("daemon.log");
+        let child = Command::new(bin_dir.join("forkd-daemon"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start forkd-daemon");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(rest) = text.split("serving the v1 API on ").nth(1) {
+                let url = rest.split_whitespace().next().unwrap().to_owned();
+                return Daemon { child, url };
+            }
+            assert!(Instant::now() < deadline, "the daemon did not start:\n{text}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// One request on a fresh connection; the answer's JSON (Null when empty).
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let json = answer.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        if json.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {answer}"))
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+struct ForkServer {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl ForkServer {
+    fn start(bin_dir: &Path, snapshot: &Path, socket: &Path) -> ForkServer {
+        let child = Command::new(bin_dir.join("forkd-vmm"))
+            .arg("fork-server")
+            .arg("--snapshot")
+            .arg(snapshot)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the fork server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "the fork server did not start");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        ForkServer {
+            child,
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// (pid, control socket, vsock socket) of `n` new children.
+    fn fork(&self, n: u32, out: &Path) -> Vec<(i32, PathBuf, PathBuf)> {
+        let s = UnixStream::connect(&self.socket).unwrap();
+        let request = json!({"op": "fork", "n": n, "out_dir": out, "console_log": true});
+        (&s).write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        answer["children"]
+            .as_array()
+            .unwrap_or_else(|| panic!("fork failed: {answer}"))
+            .iter()
+            .map(|c| {
+                (
+                    c["pid"].as_i64().unwrap() as i32,
+                    PathBuf::from(c["control_socket"].as_str().unwrap()),
+                    PathBuf::from(c["vsock_socket"].as_str().expect("a vsock device")),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

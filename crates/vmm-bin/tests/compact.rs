@@ -7,58 +7,21 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{fork_children, ControlledVm, TempDir, TestVm};
-use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
-use proto::guest::{GuestRequest, GuestResponse};
+use common::{fork_children, snapshot, ControlledVm, Pattern, TempDir, TestVm};
+use proto::control::SnapshotMode;
 use vmm::devices::virtio::block::{DiskConfig, DiskStack};
 
 const DISK_BYTES: usize = 4 << 20;
 
-fn snapshot(vm: &mut impl ControlledVm, dir: &Path, mode: SnapshotMode) -> serde_json::Value {
-    match vm.call(ControlRequest::Snapshot {
-        dir: dir.to_owned(),
-        leave_paused: false,
-        mode,
-        wait: true,
-    }) {
-        ControlResponse::Snapshot { meta, .. } => meta,
-        other => panic!("{mode:?} snapshot of {} failed: {other:?}", dir.display()),
-    }
-}
-
-fn fill(seq: u64, mib: u64, offset_mib: u64) -> GuestRequest {
-    GuestRequest::Fill {
-        seed: 9,
-        seq,
-        mib,
-        offset_mib,
-    }
-}
-
-/// Fails the test unless the guest's scratch memory holds `seq`'s pattern
-/// on `mib` MiB from `offset_mib`.
-fn verify(vm: &mut impl ControlledVm, seq: u64, mib: u64, offset_mib: u64) {
-    match vm.guest(GuestRequest::Verify {
-        seed: 9,
-        seq,
-        mib,
-        offset_mib,
-    }) {
-        GuestResponse::Verified { bad_words, .. } => assert_eq!(
-            bad_words, 0,
-            "pattern {seq} on {mib} MiB at {offset_mib} MiB"
-        ),
-        other => panic!("{other:?}"),
-    }
-}
+const PATTERN: Pattern = Pattern { seed: 9 };
 
 /// What each snapshot of the chain holds, and the VMs carry from one to the next.
 fn verify_chain(vm: &mut impl ControlledVm) {
-    verify(vm, 1, 4, 0);
-    verify(vm, 2, 2, 4);
-    verify(vm, 1, 2, 6);
-    verify(vm, 3, 1, 8);
-    verify(vm, 1, 7, 9);
+    PATTERN.verify(vm, 1, 4, 0);
+    PATTERN.verify(vm, 2, 2, 4);
+    PATTERN.verify(vm, 1, 2, 6);
+    PATTERN.verify(vm, 3, 1, 8);
+    PATTERN.verify(vm, 1, 7, 9);
 }
 
 /// Writes `bytes` at `offset` into the CoW layer `cow` over `frozen` (what
@@ -149,7 +112,7 @@ fn a_compacted_chain_restores_without_its_ancestors() {
         "--drive",
         &drive,
     ]);
-    vm.guest(fill(1, 16, 0));
+    vm.guest(PATTERN.fill(1, 16, 0));
     let m0 = snapshot(&mut vm, &t("s0"), SnapshotMode::Full);
     vm.shutdown();
 
@@ -163,8 +126,8 @@ fn a_compacted_chain_restores_without_its_ancestors() {
         b"B",
     );
     let mut kid = restore(&t("s0"), &t("kid1.cow"));
-    verify(&mut kid, 1, 16, 0);
-    kid.guest(fill(2, 2, 4));
+    PATTERN.verify(&mut kid, 1, 16, 0);
+    kid.guest(PATTERN.fill(2, 2, 4));
     let m1 = snapshot(&mut kid, &t("s1"), SnapshotMode::Diff);
     kid.shutdown();
     assert_eq!(m1["kind"], "diff");
@@ -180,7 +143,7 @@ fn a_compacted_chain_restores_without_its_ancestors() {
         &[b'C'; 100],
     );
     let mut kid = restore(&t("s1"), &t("kid2.cow"));
-    kid.guest(fill(3, 1, 8));
+    kid.guest(PATTERN.fill(3, 1, 8));
     let m2 = snapshot(&mut kid, &t("s2"), SnapshotMode::Diff);
     kid.shutdown();
     assert_eq!(m2["kind"], "diff");
@@ -246,17 +209,17 @@ fn a_compacted_chain_restores_without_its_ancestors() {
     // A child of it has the chain's memory, and a diff over it chains.
     let mut kid = restore(&t("flat"), &t("kid3.cow"));
     verify_chain(&mut kid);
-    kid.guest(fill(4, 1, 12));
+    kid.guest(PATTERN.fill(4, 1, 12));
     let m3 = snapshot(&mut kid, &t("s3"), SnapshotMode::Diff);
     kid.shutdown();
     assert_eq!(m3["parent"]["dir"], t("flat").to_str().unwrap());
     assert_eq!(m3["parent"]["memory_hash"], flat["memory_hash"]);
     let mut grandkids = fork_children(&t("s3"), 1, &t("k3"), &[]);
     let g = &mut grandkids[0];
-    verify(g, 1, 4, 0);
-    verify(g, 2, 2, 4);
-    verify(g, 3, 1, 8);
-    verify(g, 4, 1, 12);
+    PATTERN.verify(g, 1, 4, 0);
+    PATTERN.verify(g, 2, 2, 4);
+    PATTERN.verify(g, 3, 1, 8);
+    PATTERN.verify(g, 4, 1, 12);
     grandkids.pop().unwrap().shutdown();
 
     // A full snapshot compacts to the same content hash.

@@ -8,53 +8,18 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{fork_children, run_to_exit, ControlledVm, ForkedVm, TempDir, TestVm};
+use common::{
+    fork_children, run_to_exit, snapshot, ControlledVm, ForkedVm, Pattern, TempDir, TestVm,
+};
 use proto::control::{ControlClient, ControlRequest, ControlResponse, SnapshotMode};
-use proto::guest::{GuestRequest, GuestResponse};
 
-fn snapshot(vm: &mut impl ControlledVm, dir: &Path, mode: SnapshotMode) -> serde_json::Value {
-    match vm.call(ControlRequest::Snapshot {
-        dir: dir.to_owned(),
-        leave_paused: false,
-        mode,
-        wait: true,
-    }) {
-        ControlResponse::Snapshot { meta, .. } => meta,
-        other => panic!("{mode:?} snapshot of {} failed: {other:?}", dir.display()),
-    }
-}
-
-fn fill(seq: u64, mib: u64, offset_mib: u64) -> GuestRequest {
-    GuestRequest::Fill {
-        seed: 11,
-        seq,
-        mib,
-        offset_mib,
-    }
-}
-
-/// Fails the test unless the guest's scratch memory holds `seq`'s pattern
-/// on `mib` MiB from `offset_mib`.
-fn verify(vm: &mut impl ControlledVm, seq: u64, mib: u64, offset_mib: u64) {
-    match vm.guest(GuestRequest::Verify {
-        seed: 11,
-        seq,
-        mib,
-        offset_mib,
-    }) {
-        GuestResponse::Verified { bad_words, .. } => assert_eq!(
-            bad_words, 0,
-            "pattern {seq} on {mib} MiB at {offset_mib} MiB"
-        ),
-        other => panic!("{other:?}"),
-    }
-}
+const PATTERN: Pattern = Pattern { seed: 11 };
 
 /// Boots a built-in guest of `mem_mib`, fills 16 MiB with pattern 1 and
 /// takes a full snapshot of it in `dir`.
 fn base_snapshot(dir: &Path, mem_mib: &str) -> serde_json::Value {
     let mut vm = TestVm::start(&["--builtin", "--mem-mib", mem_mib, "--console", "none"]);
-    vm.guest(fill(1, 16, 0));
+    vm.guest(PATTERN.fill(1, 16, 0));
     let meta = snapshot(&mut vm, dir, SnapshotMode::Full);
     vm.shutdown();
     meta
@@ -86,11 +51,11 @@ fn a_memfd_child_branches_live_and_by_diff() {
 
     let mut kid = restore_memfd(&t("s0"), "memfd");
     assert_eq!(kid.status().memory_backend, "memfd");
-    verify(&mut kid, 1, 16, 0);
+    PATTERN.verify(&mut kid, 1, 16, 0);
 
     // A diff stacks on the snapshot the child came from, and holds only
     // what the child changed (the copy into the memfd is not a change).
-    kid.guest(fill(2, 2, 4));
+    kid.guest(PATTERN.fill(2, 2, 4));
     let d1 = snapshot(&mut kid, &t("d1"), SnapshotMode::Diff);
     assert_eq!(d1["kind"], "diff");
     assert_eq!(d1["parent"]["dir"], t("s0").to_str().unwrap());
@@ -102,52 +67,52 @@ fn a_memfd_child_branches_live_and_by_diff() {
     );
 
     // A live branch, while the child runs on; then a diff over it.
-    kid.guest(fill(3, 1, 8));
+    kid.guest(PATTERN.fill(3, 1, 8));
     let l1 = snapshot(&mut kid, &t("l1"), SnapshotMode::Live);
     assert_eq!(l1["status"], "ready");
     assert!(l1["live_copy"].is_object());
     // Its content hash is the one a full snapshot of that content has.
     let flat = vmm::snapshot::compact(&t("l1"), &t("l1-flat")).unwrap();
     assert_eq!(flat.memory_hash, l1["memory_hash"].as_str().unwrap());
-    kid.guest(fill(4, 1, 10));
+    kid.guest(PATTERN.fill(4, 1, 10));
     let d2 = snapshot(&mut kid, &t("d2"), SnapshotMode::Diff);
     assert_eq!(d2["parent"]["dir"], t("l1").to_str().unwrap());
     assert_eq!(d2["parent"]["memory_hash"], l1["memory_hash"]);
     assert!(changed_bytes(&d2) < (1 << 20) + (256 << 10));
-    verify(&mut kid, 4, 1, 10);
+    PATTERN.verify(&mut kid, 4, 1, 10);
     kid.shutdown();
 
     // Grandchildren of each branch see it as it was.
     let mut g = fork_children(&t("d1"), 1, &t("gd1"), &[]).remove(0);
-    verify(&mut g, 1, 4, 0);
-    verify(&mut g, 2, 2, 4);
-    verify(&mut g, 1, 10, 6);
+    PATTERN.verify(&mut g, 1, 4, 0);
+    PATTERN.verify(&mut g, 2, 2, 4);
+    PATTERN.verify(&mut g, 1, 10, 6);
     g.shutdown();
     let mut g = fork_children(&t("l1"), 1, &t("gl1"), &[]).remove(0);
-    verify(&mut g, 1, 4, 0);
-    verify(&mut g, 2, 2, 4);
-    verify(&mut g, 1, 2, 6);
-    verify(&mut g, 3, 1, 8);
-    verify(&mut g, 1, 7, 9);
+    PATTERN.verify(&mut g, 1, 4, 0);
+    PATTERN.verify(&mut g, 2, 2, 4);
+    PATTERN.verify(&mut g, 1, 2, 6);
+    PATTERN.verify(&mut g, 3, 1, 8);
+    PATTERN.verify(&mut g, 1, 7, 9);
     g.shutdown();
     let mut g = fork_children(&t("d2"), 1, &t("gd2"), &[]).remove(0);
-    verify(&mut g, 2, 2, 4);
-    verify(&mut g, 3, 1, 8);
-    verify(&mut g, 4, 1, 10);
+    PATTERN.verify(&mut g, 2, 2, 4);
+    PATTERN.verify(&mut g, 3, 1, 8);
+    PATTERN.verify(&mut g, 4, 1, 10);
     g.shutdown();
 
     // A grandchild of the live branch forked with memfd RAM branches live too.
     let mut g = fork_children(&t("l1"), 1, &t("gl1m"), &["--memfd"]).remove(0);
     assert_eq!(g.status().memory_backend, "memfd");
-    verify(&mut g, 3, 1, 8);
-    g.guest(fill(5, 1, 12));
+    PATTERN.verify(&mut g, 3, 1, 8);
+    g.guest(PATTERN.fill(5, 1, 12));
     let l2 = snapshot(&mut g, &t("l2"), SnapshotMode::Live);
     assert_eq!(l2["status"], "ready");
     g.shutdown();
     let mut gg = fork_children(&t("l2"), 1, &t("gl2"), &[]).remove(0);
-    verify(&mut gg, 2, 2, 4);
-    verify(&mut gg, 3, 1, 8);
-    verify(&mut gg, 5, 1, 12);
+    PATTERN.verify(&mut gg, 2, 2, 4);
+    PATTERN.verify(&mut gg, 3, 1, 8);
+    PATTERN.verify(&mut gg, 5, 1, 12);
     gg.shutdown();
 }
 
@@ -216,16 +181,16 @@ fn a_fork_server_gives_memfd_ram_on_request() {
     );
     let mut memfd = child(&ask(request("b", true)));
     assert_eq!(memfd.status().memory_backend, "memfd");
-    verify(&mut memfd, 1, 16, 0);
-    memfd.guest(fill(2, 1, 16));
+    PATTERN.verify(&mut memfd, 1, 16, 0);
+    memfd.guest(PATTERN.fill(2, 1, 16));
     snapshot(&mut memfd, &t("live"), SnapshotMode::Live);
     assert_eq!(ask(r#"{"op":"shutdown"}"#.into())["result"], "ok");
     assert!(server.wait().unwrap().success());
     mapped.shutdown();
     memfd.shutdown();
     let mut g = fork_children(&t("live"), 1, &t("g"), &[]).remove(0);
-    verify(&mut g, 1, 16, 0);
-    verify(&mut g, 2, 1, 16);
+    PATTERN.verify(&mut g, 1, 16, 0);
+    PATTERN.verify(&mut g, 2, 1, 16);
     g.shutdown();
 }
 
@@ -284,14 +249,14 @@ fn a_child_on_huge_page_memfd_ram_branches_live() {
     let before = reserve_huge_pages(16);
     let mut kid = restore_memfd(&t("s0"), "memfd-hugetlb");
     assert_eq!(kid.status().memory_backend, "memfd-hugetlb");
-    verify(&mut kid, 1, 16, 0);
-    kid.guest(fill(2, 1, 16));
+    PATTERN.verify(&mut kid, 1, 16, 0);
+    kid.guest(PATTERN.fill(2, 1, 16));
     let l1 = snapshot(&mut kid, &t("l1"), SnapshotMode::Live);
     assert_eq!(l1["status"], "ready");
     kid.shutdown();
     let _ = std::fs::write("/proc/sys/vm/nr_hugepages", before.trim());
     let mut g = fork_children(&t("l1"), 1, &t("g"), &[]).remove(0);
-    verify(&mut g, 1, 16, 0);
-    verify(&mut g, 2, 1, 16);
+    PATTERN.verify(&mut g, 1, 16, 0);
+    PATTERN.verify(&mut g, 2, 1, 16);
     g.shutdown();
 }

@@ -314,3 +314,56 @@ pub fn wait_for_counter_above(mut read: impl FnMut() -> u64, above: u64) -> u64 
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Writes a snapshot of `vm` into `dir` (the VM runs on); its metadata.
+pub fn snapshot(
+    vm: &mut impl ControlledVm,
+    dir: &Path,
+    mode: proto::control::SnapshotMode,
+) -> serde_json::Value {
+    match vm.call(ControlRequest::Snapshot {
+        dir: dir.to_owned(),
+        leave_paused: false,
+        mode,
+        wait: true,
+    }) {
+        ControlResponse::Snapshot { meta, .. } => meta,
+        other => panic!("{mode:?} snapshot of {} failed: {other:?}", dir.display()),
+    }
+}
+
+/// A seeded memory pattern of the built-in guest: `fill` writes pattern
+/// `seq` over `mib` MiB of its scratch memory from `offset_mib`, `verify`
+/// checks it is there.
+pub struct Pattern {
+    /// The seed every `seq` derives from.
+    pub seed: u64,
+}
+
+impl Pattern {
+    /// The request that writes pattern `seq`.
+    pub fn fill(&self, seq: u64, mib: u64, offset_mib: u64) -> GuestRequest {
+        GuestRequest::Fill {
+            seed: self.seed,
+            seq,
+            mib,
+            offset_mib,
+        }
+    }
+
+    /// Fails the test unless the guest holds pattern `seq` there.
+    pub fn verify(&self, vm: &mut impl ControlledVm, seq: u64, mib: u64, offset_mib: u64) {
+        match vm.guest(GuestRequest::Verify {
+            seed: self.seed,
+            seq,
+            mib,
+            offset_mib,
+        }) {
+            proto::guest::GuestResponse::Verified { bad_words, .. } => assert_eq!(
+                bad_words, 0,
+                "pattern {seq} on {mib} MiB at {offset_mib} MiB"
+            ),
+            other => panic!("verify: {other:?}"),
+        }
+    }
+}

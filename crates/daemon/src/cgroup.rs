@@ -57,12 +57,26 @@ impl Hierarchy {
     }
 }
 
-/// Removes a sandbox's group once its processes are gone (best effort: a
-/// group with a process left cannot be removed, and says so in the log).
+/// Removes a sandbox's group once its processes are gone. A process that
+/// has just been killed leaves the group a moment after it stops running
+/// (EBUSY until then), so this retries for up to a second; a group that
+/// still holds a process after that stays, and the log says so.
 pub fn remove(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => {
+                tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                return;
+            }
         }
     }
 }

@@ -22,6 +22,26 @@ fn error_of(v: &Value) -> &str {
         .unwrap_or_else(|| panic!("not an error body: {v}"))
 }
 
+/// Makes a snapshot of the built-in guest (201 expected).
+fn builtin_snapshot(d: &Daemon, tag: &str) -> Value {
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": tag, "builtin": true})),
+        201,
+    )
+}
+
+/// Spawns `n` sandboxes of `tag` (201 expected); the answer.
+fn spawn(d: &Daemon, tag: &str, n: u32) -> Value {
+    d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": tag, "n": n})),
+        201,
+    )
+}
+
 #[test]
 fn auth_audit_metrics_and_the_system_routes() {
     let tmp = TempDir::new("auth");
@@ -217,12 +237,7 @@ fn snapshots_sandboxes_and_branches_end_to_end() {
         error_of(&v);
     }
 
-    let kids = d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "base", "n": 3})),
-        201,
-    );
+    let kids = spawn(&d, "base", 3);
     let kid_ids = ids(&kids);
     assert_eq!(kid_ids.len(), 3);
     for k in kids.as_array().unwrap() {
@@ -332,12 +347,7 @@ fn snapshots_sandboxes_and_branches_end_to_end() {
     assert_eq!(b1_info["dependents"], json!(["b2"]));
 
     // A child of the diff chain answers.
-    let grand = d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "b2", "n": 2})),
-        201,
-    );
+    let grand = spawn(&d, "b2", 2);
     for id in ids(&grand) {
         let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
         assert_eq!(pong["guest"], "guest: builtin");
@@ -404,18 +414,8 @@ fn a_restarted_daemon_keeps_its_sandboxes_reachable() {
     let tmp = TempDir::new("restart");
     let state = tmp.path().join("state");
     let mut d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "r", "builtin": true})),
-        201,
-    );
-    let kids = d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "r", "n": 3})),
-        201,
-    );
+    builtin_snapshot(&d, "r");
+    let kids = spawn(&d, "r", 3);
     let kid_ids = ids(&kids);
     assert!(
         d.stop(),
@@ -437,12 +437,7 @@ fn a_restarted_daemon_keeps_its_sandboxes_reachable() {
     }
     // Spawning works again (a new fork server) and branching a re-adopted
     // sandbox too.
-    let more = d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "r", "n": 1})),
-        201,
-    );
+    let more = spawn(&d, "r", 1);
     d.expect(
         "POST",
         &format!("/v1/sandboxes/{}/ping", ids(&more)[0]),
@@ -474,12 +469,7 @@ fn the_branch_cap_answers_503() {
         Some(json!({"tag": "big", "builtin": true, "mem_size_mib": 1024})),
         201,
     );
-    let kids = ids(&d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "big", "n": 2})),
-        201,
-    ));
+    let kids = ids(&spawn(&d, "big", 2));
     // Both requests start together; a full branch of 1 GiB holds its
     // permit for the whole scan of RAM, so they overlap.
     let d = std::sync::Arc::new(d);
@@ -509,19 +499,8 @@ fn a_copy_interrupted_by_a_restart_is_failed_never_ready() {
     let tmp = TempDir::new("interrupted");
     let state = tmp.path().join("state");
     let mut d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "base", "builtin": true})),
-        201,
-    );
-    let kid = ids(&d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "base", "n": 1})),
-        201,
-    ))
-    .remove(0);
+    builtin_snapshot(&d, "base");
+    let kid = ids(&spawn(&d, "base", 1)).remove(0);
     for tag in ["w1", "w2"] {
         d.expect(
             "POST",
@@ -563,12 +542,7 @@ fn a_copy_interrupted_by_a_restart_is_failed_never_ready() {
     assert_eq!(s, 409, "{v}");
     let w2 = d.expect("GET", "/v1/snapshots/w2/info", None, 200);
     assert_eq!(w2["status"], "ready", "{w2}");
-    let kids = d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "w2", "n": 1})),
-        201,
-    );
+    let kids = spawn(&d, "w2", 1);
     d.expect(
         "POST",
         &format!("/v1/sandboxes/{}/ping", ids(&kids)[0]),
@@ -582,12 +556,7 @@ fn a_copy_interrupted_by_a_restart_is_failed_never_ready() {
 fn live_branches_and_compaction() {
     let tmp = TempDir::new("live");
     let d = Daemon::start(&tmp.path().join("state"), &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "base", "builtin": true})),
-        201,
-    );
+    builtin_snapshot(&d, "base");
     let kid = d.expect(
         "POST",
         "/v1/sandboxes",
@@ -675,12 +644,7 @@ fn live_branches_and_compaction() {
         .map(|s| s["tag"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(left, vec!["base".to_string(), "flat".to_string()]);
-    let kids = d.expect(
-        "POST",
-        "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "flat", "n": 2})),
-        201,
-    );
+    let kids = spawn(&d, "flat", 2);
     for id in ids(&kids) {
         let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
         assert_eq!(pong["guest"], "guest: builtin");
@@ -727,12 +691,7 @@ fn one_tag_is_made_by_one_request() {
 fn a_memory_limit_puts_each_child_in_its_own_capped_cgroup() {
     let tmp = TempDir::new("cgroup");
     let d = Daemon::start(&tmp.path().join("state"), &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "base", "builtin": true})),
-        201,
-    );
+    builtin_snapshot(&d, "base");
     let kids = d.expect(
         "POST",
         "/v1/sandboxes",

@@ -335,6 +335,7 @@ fn main() {
         fault_copies += report.fault_copies;
         println!(
             "round {round:>2}: arm {:>7.3} ms (bare {:>7.3} ms)  copy {:>8.1} ms (sync {:>6.1} ms) \
+            before_release: None,
              {:>6.2} GiB/s  faults {:>6} (copied first {:>6})  stall: handler {:>7.3} ms, \
              store {:>7.3} ms  writes {}",
             ms(armed),

@@ -117,6 +117,23 @@ pub struct LiveCopyOptions {
     /// handler, whose latency is a vCPU's stall, wins a contended CPU.
     /// Default true.
     pub nice_bulk: bool,
+    /// Called before pages are released (their write protection cleared)
+    /// for the first time, by whichever copier thread releases them; a
+    /// failure fails the copy. The machine resets KVM's dirty log of the
+    /// pages here, so the log holds exactly the writes made after the arm:
+    /// none can have reached a page before its release.
+    pub before_release: Option<ReleaseHook>,
+}
+
+/// A hook called with (region index, first page of the region, page count)
+/// before those pages are released; see [`LiveCopyOptions::before_release`].
+#[derive(Clone)]
+pub struct ReleaseHook(pub Arc<dyn Fn(usize, u64, u64) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for ReleaseHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReleaseHook")
+    }
 }
 
 impl Default for LiveCopyOptions {
@@ -127,6 +144,7 @@ impl Default for LiveCopyOptions {
             fault_block_bytes: 256 << 10,
             granule_bytes: PAGE_GRANULE,
             nice_bulk: true,
+            before_release: None,
         }
     }
 }
@@ -246,6 +264,9 @@ pub enum Error {
     /// A copier thread panicked.
     #[error("the live copy {0} thread panicked")]
     Panicked(&'static str),
+    /// The release hook failed.
+    #[error("cannot prepare pages for release: {0}")]
+    BeforeRelease(String),
 }
 
 fn validate(regions: &[Region]) -> Result<(), Error> {
@@ -333,6 +354,8 @@ pub fn disarm(uffd: &Uffd, regions: &[Region]) -> Result<(), Error> {
 
 struct RegionState {
     r: Region,
+    /// Index of the region in the copy's list.
+    index: usize,
     claimed: Vec<AtomicU64>,
     captured: Vec<AtomicU64>,
     /// Pages per write-protect granule (a power of two).
@@ -340,11 +363,15 @@ struct RegionState {
     /// Per granule, its pages not yet captured; empty for one-page
     /// granules, where a page's `captured` bit says the same.
     uncaptured: Vec<AtomicU64>,
+    /// One bit per granule, set by the one release that releases it: the
+    /// bulk copier and a fault handler waiting on it may both try, and the
+    /// release hook must run once, before the granule is first writable.
+    released: Vec<AtomicU64>,
 }
 
 impl RegionState {
     /// `granule_pages` must be a power of two dividing the region's pages.
-    fn new(r: Region, granule_pages: u64) -> Self {
+    fn new(r: Region, index: usize, granule_pages: u64) -> Self {
         let words = (r.len / PAGE_SIZE).div_ceil(WORD_PAGES) as usize;
         let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
         let granules = if granule_pages > 1 {
@@ -354,11 +381,15 @@ impl RegionState {
         };
         RegionState {
             r,
+            index,
             claimed: bits(),
             captured: bits(),
             granule_pages,
             uncaptured: (0..granules)
                 .map(|_| AtomicU64::new(granule_pages))
+                .collect(),
+            released: (0..(r.len / PAGE_SIZE / granule_pages).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
                 .collect(),
         }
     }
@@ -411,10 +442,33 @@ impl RegionState {
     }
 
     /// Releases `count` granules from granule `first` (write protection
-    /// off, blocked writers woken).
-    fn release(&self, uffd: &Uffd, first: u64, count: u64) -> Result<(), Error> {
-        let gb = self.granule_bytes();
-        uffd.write_protect(self.r.host_addr + first * gb, count * gb, false)?;
+    /// off, blocked writers woken), calling `hook` on their pages first;
+    /// granules another thread released (or is releasing) are skipped: its
+    /// release wakes their writers.
+    fn release(
+        &self,
+        uffd: &Uffd,
+        hook: Option<&ReleaseHook>,
+        first: u64,
+        count: u64,
+    ) -> Result<(), Error> {
+        let (gp, gb) = (self.granule_pages, self.granule_bytes());
+        let mut g = first;
+        while g < first + count {
+            let (w, lo) = (g / 64, g % 64);
+            let n = (64 - lo).min(first + count - g);
+            let span = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
+            let ours = span & !self.released[w as usize].fetch_or(span, Ordering::AcqRel);
+            for_each_run(ours, |a, k| {
+                let g0 = w * 64 + a;
+                if let Some(hook) = hook {
+                    (hook.0)(self.index, g0 * gp, k * gp).map_err(Error::BeforeRelease)?;
+                }
+                uffd.write_protect(self.r.host_addr + g0 * gb, k * gb, false)?;
+                Ok(())
+            })?;
+            g += n;
+        }
         Ok(())
     }
 
@@ -456,6 +510,8 @@ struct Shared {
     regions: Vec<RegionState>,
     /// The write-protect granule in bytes.
     granule_bytes: u64,
+    /// Called before each first release (see [`LiveCopyOptions`]).
+    before_release: Option<ReleaseHook>,
     out: File,
     stop: AtomicBool,
     bulk_done: AtomicBool,
@@ -574,9 +630,11 @@ impl LiveCopy {
             uffd,
             regions: regions
                 .iter()
-                .map(|&r| RegionState::new(r, granule_pages))
+                .enumerate()
+                .map(|(i, &r)| RegionState::new(r, i, granule_pages))
                 .collect(),
             granule_bytes: options.granule_bytes as u64,
+            before_release: options.before_release,
             out: file,
             stop: AtomicBool::new(false),
             bulk_done: AtomicBool::new(false),
@@ -870,7 +928,9 @@ fn bulk_copy(sh: &Shared, source: Option<&File>, chunk_pages: u64) -> Result<(),
                     present[slot] = true;
                 }
                 let (g0, done) = rs.capture(w, owned);
-                for_each_run(done, |first, n| rs.release(&sh.uffd, g0 + first, n))?;
+                for_each_run(done, |first, n| {
+                    rs.release(&sh.uffd, sh.before_release.as_ref(), g0 + first, n)
+                })?;
             }
             // Write the chunk's non-zero runs.
             let mut i = 0usize;
@@ -999,7 +1059,7 @@ fn release_fault(
         let (g0, done) = rs.capture(w, owned);
         for_each_run(done, |first, n| {
             released |= (g0 + first..g0 + first + n).contains(&g);
-            rs.release(&sh.uffd, g0 + first, n)
+            rs.release(&sh.uffd, sh.before_release.as_ref(), g0 + first, n)
         })?;
     }
     pending.extend(run);
@@ -1024,7 +1084,7 @@ fn release_fault(
             std::thread::yield_now();
         }
     }
-    rs.release(&sh.uffd, g, 1)
+    rs.release(&sh.uffd, sh.before_release.as_ref(), g, 1)
 }
 
 /// Releases a fault outside the copied regions: not ours to copy, but never
@@ -1075,7 +1135,7 @@ mod tests {
     use super::*;
     use crate::memory::uffd::tests::SharedMem;
     use std::path::PathBuf;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicU8, AtomicUsize};
 
     const MIB: u64 = 1 << 20;
 
@@ -1436,6 +1496,26 @@ mod tests {
             assert!(armed < Duration::from_secs(1));
             let expected = expected_file(&regions, file_len);
             let writers = Writers::start(2, &regions, iteration + 1);
+            // The release hook runs once per page, whichever thread
+            // releases it (the bulk copier and a fault handler waiting on
+            // it may both try).
+            let hooked: Arc<Vec<Vec<AtomicU8>>> = Arc::new(
+                regions
+                    .iter()
+                    .map(|r| (0..r.len / PAGE_SIZE).map(|_| AtomicU8::new(0)).collect())
+                    .collect(),
+            );
+            let hook = {
+                let hooked = hooked.clone();
+                ReleaseHook(Arc::new(move |r, first, count| {
+                    for p in first..first + count {
+                        if hooked[r][p as usize].fetch_add(1, Ordering::SeqCst) != 0 {
+                            return Err(format!("page {p} of region {r} released twice"));
+                        }
+                    }
+                    Ok(())
+                }))
+            };
             let options = LiveCopyOptions {
                 source: with_source.then(|| mem.file.try_clone().unwrap()),
                 chunk_bytes: [256 << 10, 1 << 20, 4 << 20, 8 << 20, 3 << 20]
@@ -1443,6 +1523,7 @@ mod tests {
                 fault_block_bytes: [4 << 10, 256 << 10, 32 << 10][iteration as usize % 3],
                 granule_bytes: granule,
                 nice_bulk: iteration % 4 != 3,
+                before_release: Some(hook),
             };
             // SAFETY: `mem` outlives the copy (waited for below).
             let copy = unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) };
@@ -1467,6 +1548,11 @@ mod tests {
             assert_eq!(report.bytes_written, report.data_bytes);
             assert_eq!(report.logical_bytes, regions[0].len + regions[1].len);
             assert!(writes > 0);
+            for (r, pages) in hooked.iter().enumerate() {
+                if let Some(p) = pages.iter().position(|n| n.load(Ordering::SeqCst) != 1) {
+                    panic!("page {p} of region {r} was never released through the hook");
+                }
+            }
             faults += report.faults;
             fault_copies += report.fault_copies;
             assert_all_writable(&regions);

@@ -18,6 +18,11 @@
 //! (`MFD_HUGETLB`, one region) and copies with a 2 MiB write-protect
 //! granule. It needs that many huge pages reserved first, e.g. for 1.5 GiB:
 //! `echo 800 > /proc/sys/vm/nr_hugepages` (write the old value back after).
+//!
+//! `--kvm` measures instead what this host's KVM adds to the arm: the RAM
+//! of a built-in guest VM run in this process (memfd RAM, or huge pages with
+//! `--hugetlb`, reserved by the benchmark and given back), that the guest
+//! has filled and keeps stamping, so KVM maps every page. See [`kvm_floor`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -62,6 +67,14 @@ struct Args {
     /// (vm.nr_hugepages).
     #[arg(long)]
     hugetlb: bool,
+    /// Measure the arm of a running VM's RAM (KVM-mapped, guest-touched)
+    /// next to the bare arm of unmapped RAM, and KVM's dirty-log
+    /// operations, instead of the copy engine.
+    #[arg(long)]
+    kvm: bool,
+    /// With --kvm: MiB the guest fills and keeps stamping.
+    #[arg(long, default_value_t = 1400)]
+    warm_mib: u64,
 }
 
 /// The RAM under test: `GuestRam`'s memfd, or a hugetlbfs memfd mapped here.
@@ -232,6 +245,10 @@ impl Writers {
 
 fn main() {
     let args = Args::parse();
+    if args.kvm {
+        kvm_floor(&args);
+        return;
+    }
     let uffd = Arc::new(Uffd::new().unwrap_or_else(|e| panic!("{e}")));
     let ram = Ram::new(args.mem_mib, args.hugetlb);
     let granule = if args.hugetlb {
@@ -318,6 +335,7 @@ fn main() {
             fault_block_bytes: args.fault_block_kib << 10,
             granule_bytes: granule,
             nice_bulk: !args.no_nice,
+            before_release: None,
         };
         let writes0 = writers.writes.load(Ordering::Relaxed);
         // SAFETY: `ram` outlives the copy (waited for right here).
@@ -335,7 +353,6 @@ fn main() {
         fault_copies += report.fault_copies;
         println!(
             "round {round:>2}: arm {:>7.3} ms (bare {:>7.3} ms)  copy {:>8.1} ms (sync {:>6.1} ms) \
-            before_release: None,
              {:>6.2} GiB/s  faults {:>6} (copied first {:>6})  stall: handler {:>7.3} ms, \
              store {:>7.3} ms  writes {}",
             ms(armed),
@@ -371,4 +388,233 @@ fn main() {
         ms(max_stall),
         ms(max_store)
     );
+}
+
+/// Gives the huge-page reserve back as it was when dropped.
+struct HugePageReserve(Option<String>);
+
+impl HugePageReserve {
+    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    /// Makes sure `pages` 2 MiB pages are free, reserving more if needed.
+    fn at_least(pages: u64) -> HugePageReserve {
+        let meminfo = |field: &str| -> u64 {
+            std::fs::read_to_string("/proc/meminfo")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let free = meminfo("HugePages_Free:");
+        if free >= pages {
+            return HugePageReserve(None);
+        }
+        let before = std::fs::read_to_string(Self::PATH).unwrap_or_default();
+        let total = meminfo("HugePages_Total:");
+        std::fs::write(Self::PATH, (total + pages - free).to_string())
+            .expect("reserving huge pages needs root (/proc/sys/vm/nr_hugepages)");
+        HugePageReserve(Some(before))
+    }
+}
+
+impl Drop for HugePageReserve {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            let _ = std::fs::write(Self::PATH, before.trim());
+        }
+    }
+}
+
+/// The guest's stamp count (pages stamped since `stamp_start`).
+fn stamp_count(machine: &vmm::machine::Machine) -> u64 {
+    use vmm::boot::builtin::abi;
+    let b = machine
+        .peek(abi::INFO_ADDR + abi::INFO_STAMP_COUNT, 8)
+        .expect("peek the stamp count");
+    u64::from_le_bytes(b.try_into().unwrap())
+}
+
+/// Waits until the guest has stamped `pages` more pages (one full pass:
+/// every page written, so KVM maps each one writable again); returns the
+/// time it took.
+fn wait_for_pass(machine: &vmm::machine::Machine, pages: u64) -> Duration {
+    let start = Instant::now();
+    let from = stamp_count(machine);
+    while stamp_count(machine) < from + pages {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the guest stopped stamping"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    start.elapsed()
+}
+
+/// The floor this host's KVM puts under a live BRANCH pause, measured on
+/// the RAM of a running built-in guest that stamps `--warm-mib` MiB pass
+/// after pass. Before each round the guest completes a full pass, so
+/// KVM's MMU maps every warm page writable (and its dirty bit is set).
+/// Then, with the vCPU paused:
+///
+/// - round A: the write-protect arm of all RAM (`UFFDIO_WRITEPROTECT`),
+///   then KVM's dirty log read and cleared after it, then the release;
+/// - round B: the dirty log read (with manual protection a copy of KVM's
+///   bitmap), cleared (KVM write-protects every page in its MMU), then the
+///   arm, then the release;
+///
+/// alternating, next to the bare arm of the same amount of populated memfd
+/// memory that no VM maps (this process, same run). Also printed: the
+/// guest's pass time right after an arm (every page refaults into KVM)
+/// against its steady pass time.
+fn kvm_floor(args: &Args) {
+    use vmm::builder::{build_for_boot, MachineConfig};
+    let _reserve = args
+        .hugetlb
+        .then(|| HugePageReserve::at_least(args.mem_mib / 2 + 8));
+    let mut cfg = MachineConfig::builtin(args.mem_mib);
+    cfg.backend = if args.hugetlb {
+        Backend::HugeMemfd
+    } else {
+        Backend::Memfd
+    };
+    let machine = build_for_boot(&cfg).unwrap_or_else(|e| panic!("cannot start the VM: {e}"));
+    let long = Duration::from_secs(600);
+    let fill = proto::guest::GuestRequest::Fill {
+        seed: 1,
+        seq: 1,
+        mib: args.warm_mib,
+        offset_mib: 0,
+    };
+    machine.guest_request(&fill, long).expect("fill");
+    let stamp = proto::guest::GuestRequest::StampStart {
+        mib: args.warm_mib,
+        offset_mib: 0,
+    };
+    machine.guest_request(&stamp, long).expect("stamp");
+    let pages = args.warm_mib << 8;
+    let uffd = machine.live_uffd().expect("memfd RAM is registered");
+    let vm = machine.vm();
+    let slots = machine.ram().slots();
+    println!(
+        "wp_arm --kvm: {} MiB {} RAM of a built-in guest stamping {} MiB; manual dirty-log \
+         protection {}",
+        args.mem_mib,
+        if args.hugetlb {
+            "hugetlbfs (2 MiB pages)"
+        } else {
+            "shmem"
+        },
+        args.warm_mib,
+        if vm.manual_dirty_log() { "on" } else { "off" }
+    );
+    let arm_all = |on: bool| {
+        let t = Instant::now();
+        for &(_, host, len) in &slots {
+            uffd.write_protect(host, len, on).expect("write-protect");
+        }
+        t.elapsed()
+    };
+    let read_and_clear = || {
+        let t = Instant::now();
+        let logs = vm.read_dirty_log(machine.ram()).expect("dirty log");
+        let read = t.elapsed();
+        let dirty: u64 = logs.iter().flatten().map(|w| w.count_ones() as u64).sum();
+        let t = Instant::now();
+        if vm.manual_dirty_log() {
+            for (slot, (bits, &(_, _, len))) in logs.iter().zip(&slots).enumerate() {
+                vm.clear_dirty_log(slot as u32, 0, len / 4096, bits)
+                    .expect("clear");
+            }
+        }
+        (read, t.elapsed(), dirty)
+    };
+    let steady = wait_for_pass(&machine, pages);
+    let (mut arm_a, mut log_a, mut read_b, mut clear_b, mut arm_b, mut refault) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut dirty_seen = 0;
+    for round in 0..args.rounds * 2 {
+        wait_for_pass(&machine, pages);
+        machine.pause().expect("pause");
+        if round % 2 == 0 {
+            arm_a.push(arm_all(true));
+            let (read, clear, dirty) = read_and_clear();
+            log_a.push(read + clear);
+            dirty_seen = dirty_seen.max(dirty);
+        } else {
+            let (read, clear, dirty) = read_and_clear();
+            read_b.push(read);
+            clear_b.push(clear);
+            dirty_seen = dirty_seen.max(dirty);
+            arm_b.push(arm_all(true));
+        }
+        arm_all(false);
+        machine.resume().expect("resume");
+        refault.push(wait_for_pass(&machine, pages));
+    }
+    machine.shutdown();
+    machine.wait_for_exit();
+    drop(machine);
+    let bare = bare_arm(args, args.rounds);
+    println!("dirty pages per round (max)                   {dirty_seen}");
+    println!(
+        "A: arm of the VM's mapped RAM                 {}",
+        Stats::of(&arm_a)
+    );
+    println!(
+        "A: dirty log read + clear after the arm       {}",
+        Stats::of(&log_a)
+    );
+    println!(
+        "B: dirty log read                             {}",
+        Stats::of(&read_b)
+    );
+    println!(
+        "B: dirty log clear (KVM re-protects)          {}",
+        Stats::of(&clear_b)
+    );
+    println!(
+        "B: arm after the clear                        {}",
+        Stats::of(&arm_b)
+    );
+    println!("bare arm of unmapped populated memfd          {bare}");
+    println!(
+        "guest pass over {} MiB: steady {:.1} ms; right after an arm or clear {}",
+        args.warm_mib,
+        ms(steady),
+        Stats::of(&refault)
+    );
+    println!(
+        "A arm / bare arm (p50): {:.1}x",
+        Stats::of(&arm_a).p50.as_secs_f64() / bare.p50.as_secs_f64()
+    );
+}
+
+/// The bare `UFFDIO_WRITEPROTECT` of `args.warm_mib` MiB of populated
+/// memfd memory (huge pages with `--hugetlb`) that no VM maps, `n` times.
+fn bare_arm(args: &Args, n: usize) -> Stats {
+    let uffd = Uffd::new().expect("userfaultfd");
+    let ram = Ram::new(args.warm_mib, args.hugetlb);
+    let slots = ram.slots();
+    for &(host, len) in &slots {
+        for off in (0..len).step_by(4096) {
+            // SAFETY: inside the mapping `ram` owns.
+            unsafe { ((host + off) as *mut u64).write_volatile(off | 1) };
+        }
+        uffd.register_wp(host, len).expect("register");
+    }
+    let samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            for &(host, len) in &slots {
+                uffd.write_protect(host, len, true).unwrap();
+            }
+            let took = t.elapsed();
+            for &(host, len) in &slots {
+                uffd.write_protect(host, len, false).unwrap();
+            }
+            took
+        })
+        .collect();
+    Stats::of(&samples)
 }

@@ -154,6 +154,12 @@ impl Machine {
         &self.vm
     }
 
+    /// The userfaultfd guest RAM is registered with for live BRANCH (memfd
+    /// RAM only), for benchmarks that measure the bare arm of a VM's RAM.
+    pub fn live_uffd(&self) -> Option<&Uffd> {
+        self.uffd.as_deref()
+    }
+
     /// What the machine is doing.
     pub fn status(&self) -> VmStatus {
         let exit_reason = self.control.exit_reason();

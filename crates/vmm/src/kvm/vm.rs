@@ -45,7 +45,6 @@ pub enum Error {
     },
 }
 
-/// Opens /dev/kvm with an error that says what to do when it is missing.
 /// Resets ranges of a VM's dirty log; see [`Vm::dirty_log_clearer`].
 #[derive(Debug)]
 pub struct DirtyLogClearer {
@@ -132,6 +131,7 @@ fn enable_manual_dirty_log(fd: &VmFd) -> bool {
     fd.enable_cap(&cap).is_ok()
 }
 
+/// Opens /dev/kvm with an error that says what to do when it is missing.
 pub fn open_kvm() -> Result<Kvm, Error> {
     Kvm::new().map_err(Error::OpenKvm)
 }
@@ -139,12 +139,11 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 /// A KVM VM with its RAM registered and its interrupt controllers created.
 pub struct Vm {
     fd: VmFd,
-}
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: reading the dirty log
     /// leaves it as it is, and [`Vm::clear_dirty_log`] re-protects pages.
     manual_dirty_log: bool,
+}
 
-impl Vm {
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`, bit 0 of the capability's argument.
 const DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
 /// `KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`:
@@ -154,6 +153,7 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
     | (0xAE << 8)
     | 0xc0;
 
+impl Vm {
     /// Creates the VM, registers every RAM region as a memory slot, then
     /// creates the in-kernel irqchip and, when `with_pit`, the PIT.
     ///
@@ -167,8 +167,8 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
     /// 7 ms against about 20 us before it, and this is on the fork path.
     pub fn new(kvm: &Kvm, ram: &GuestRam, with_pit: bool) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
-        for (slot, (gpa, hva, len)) in ram.slots().into_iter().enumerate() {
         let manual_dirty_log = enable_manual_dirty_log(&fd);
+        for (slot, (gpa, hva, len)) in ram.slots().into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 // Guest writes are logged from the start, so a diff BRANCH
@@ -219,7 +219,6 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
     /// KVM's log (write-protecting those pages again, so their next write
     /// is logged).
     pub fn take_dirty_log(&self, ram: &GuestRam) -> Result<Vec<Vec<u64>>, Error> {
-        ram.slots()
         let logs = self.read_dirty_log(ram)?;
         if self.manual_dirty_log {
             for (slot, (bits, (_, _, len))) in logs.iter().zip(ram.slots()).enumerate() {
@@ -242,6 +241,7 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
     /// bitmaps; without it KVM clears the log and write-protects the pages,
     /// as [`Vm::take_dirty_log`] does.
     pub fn read_dirty_log(&self, ram: &GuestRam) -> Result<Vec<Vec<u64>>, Error> {
+        ram.slots()
             .iter()
             .enumerate()
             .map(|(slot, &(_, _, len))| {
@@ -255,7 +255,6 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
             .collect()
     }
 
-    /// Routes writes to `evt` to interrupt line `gsi` of the in-kernel irqchip.
     /// Clears the dirty bits set in `bits` (bit i: page `first_page + i` of
     /// `slot`, for `num_pages` pages) and write-protects those pages, so the
     /// guest's next write to each is logged again (KVM_CLEAR_DIRTY_LOG;
@@ -287,6 +286,7 @@ const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30)
         Ok(DirtyLogClearer { fd })
     }
 
+    /// Routes writes to `evt` to interrupt line `gsi` of the in-kernel irqchip.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
         self.fd
             .register_irqfd(evt, gsi)

@@ -14,14 +14,15 @@ use vmm_sys_util::eventfd::EventFd;
 use kvm_ioctls::Kvm;
 
 use crate::boot::builtin::channel::{self, Channel};
-use crate::branch::live::{self, LiveCopy, LiveCopyOptions, Region};
+use crate::branch::live::{self, LiveCopy, LiveCopyOptions, Region, ReleaseHook};
+use crate::branch::precopy::{self, Precopy, PrecopyOptions, Residue};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::manager::VirtioDevices;
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{ControlError, ExitReason, RunControl};
 use crate::kvm::vm::Vm;
-use crate::memory::uffd::Uffd;
+use crate::memory::uffd::{self, Uffd};
 use crate::memory::GuestRam;
 use crate::memory::{Backend, HUGE_PAGE};
 use crate::snapshot::{
@@ -61,6 +62,9 @@ pub enum Error {
     /// The live copy failed to start.
     #[error("the live copy failed: {0}")]
     Live(#[from] live::Error),
+    /// The pre-copy of a live snapshot failed.
+    #[error("the live pre-copy failed: {0}")]
+    Precopy(#[from] precopy::Error),
     /// A diff needs a snapshot to stack on.
     #[error("a diff snapshot needs a base: this VM has neither been restored from a snapshot nor snapshotted since it booted (or its last snapshot failed); take a full snapshot first")]
     NoBase,
@@ -216,17 +220,23 @@ impl Machine {
         if mode == SnapshotMode::Live && self.uffd.is_none() {
             return Err(Error::LiveNeedsMemfd);
         }
+        // A caller that waits gets the snapshot as of a pause inside its
+        // request either way: pre-copy makes that pause short and spares
+        // the guest write-protect faults.
+        if mode == SnapshotMode::Live && wait && self.vm.manual_dirty_log() {
+            return self.snapshot_precopy(dir, leave_paused);
+        }
         let was_running = !self.control.is_paused();
         let start = std::time::Instant::now();
         if was_running {
             self.pause()?;
         }
-        let captured = self.capture(dir, mode);
+        let captured = self.capture(dir, mode, None);
         if was_running && !leave_paused {
             self.resume()?;
         }
         let pause = (was_running && !leave_paused).then(|| start.elapsed());
-        let (pending, copy) = captured?;
+        let (pending, copy, _) = captured?;
         // The VM runs again: make the snapshot durable and visible.
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         let committed = pending.commit();
@@ -261,6 +271,60 @@ impl Machine {
         Ok(Snapshotted { meta, pause })
     }
 
+    /// A live snapshot for a caller that waits: RAM is copied while the
+    /// guest runs, round after round of the pages it dirtied, then the
+    /// pause holds CPU, device and disk state and the pages written since
+    /// the last round (see [`crate::branch::precopy`]). The snapshot is the
+    /// VM as it was in that pause, which lies inside the request; its
+    /// directory appears complete and `ready`, or not at all.
+    fn snapshot_precopy(&self, dir: &Path, leave_paused: bool) -> Result<Snapshotted, Error> {
+        let started = std::time::Instant::now();
+        // The rounds consume KVM's dirty log: until this snapshot is
+        // written there is no base a diff could stack on.
+        self.forget_base();
+        let staged = snapshot::stage(dir, self.ram.memory())?;
+        let mut precopy = Precopy::new(
+            &self.vm,
+            &self.ram,
+            staged.memory_file()?,
+            PrecopyOptions::default(),
+        )?;
+        precopy.run()?;
+        let was_running = !self.control.is_paused();
+        let start = std::time::Instant::now();
+        if was_running {
+            self.pause()?;
+        }
+        let captured = self.capture(dir, SnapshotMode::Live, Some((&mut precopy, staged)));
+        if was_running && !leave_paused {
+            self.resume()?;
+        }
+        let pause = (was_running && !leave_paused).then(|| start.elapsed());
+        let (mut pending, _, residue) = captured?;
+        let sealed = (|| {
+            let residue = residue.expect("a pre-copy capture returns its residue");
+            let report = precopy.finish(residue)?;
+            let stats = LiveCopyStats {
+                method: Some("precopy".into()),
+                precopy_round_pages: report.round_pages,
+                residue_pages: Some(report.residue_pages),
+                ..LiveCopyStats::default()
+            };
+            pending.seal_memory(started, stats)?;
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = sealed {
+            pending.discard();
+            return Err(e);
+        }
+        let meta = pending.commit()?;
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(ParentRef {
+            dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
+            memory_hash: meta.memory_hash.clone(),
+        });
+        Ok(Snapshotted { meta, pause })
+    }
+
     fn base_handle(&self) -> Arc<Mutex<Option<ParentRef>>> {
         self.base.clone()
     }
@@ -270,13 +334,15 @@ impl Machine {
     }
 
     /// The pause-window part of a snapshot: CPU, device and disk state, and
-    /// memory as `mode` says (for live: the write-protect arm, with the
-    /// copy returned ready to start).
+    /// memory as `mode` says. For live: with `precopy` (the pre-copy and
+    /// the snapshot it fills), the residue copied to memory; without, the
+    /// write-protect arm, with the copy returned started.
     fn capture(
         &self,
         dir: &Path,
         mode: SnapshotMode,
-    ) -> Result<(snapshot::Pending, Option<LiveCopy>), Error> {
+        precopy: Option<(&mut Precopy<'_>, snapshot::Staged)>,
+    ) -> Result<(snapshot::Pending, Option<LiveCopy>, Option<Residue>), Error> {
         // Device workers stand still too: they write guest memory.
         let _quiet = self.virtio.quiesce();
         let kvm = self.kvm.clone();
@@ -291,13 +357,26 @@ impl Machine {
         // and the VMM's own (devices). Reading both clears them, so until
         // this snapshot is written there is no base to diff against.
         let parent = self.base.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let guest_dirty = self
-            .vm
-            .take_dirty_log(&self.ram)
-            .map_err(|e| Error::DirtyLog(e.to_string()))?;
+        // A write-protected live copy resets KVM's log page by page, each
+        // page just before its first release, out of the pause (see
+        // `live_copy_options`).
+        let wp_live = mode == SnapshotMode::Live && precopy.is_none();
+        let guest_dirty = if wp_live && self.vm.manual_dirty_log() {
+            Vec::new()
+        } else {
+            self.vm
+                .take_dirty_log(&self.ram)
+                .map_err(|e| Error::DirtyLog(e.to_string()))?
+        };
+        let vmm_dirty = self.ram.take_vmm_dirty();
+        let guest_dirty = if guest_dirty.is_empty() {
+            vmm_dirty.iter().map(|v| vec![0; v.len()]).collect()
+        } else {
+            guest_dirty
+        };
         let dirty: Vec<Vec<u64>> = guest_dirty
             .into_iter()
-            .zip(self.ram.take_vmm_dirty())
+            .zip(vmm_dirty)
             .map(|(g, v)| {
                 g.iter()
                     .zip(v.iter().chain(std::iter::repeat(&0)))
@@ -317,32 +396,41 @@ impl Machine {
                 virtio: self.virtio.save(),
             },
         };
-        let memory = match mode {
-            SnapshotMode::Full => MemoryCapture::Full,
-            SnapshotMode::Live => MemoryCapture::Live,
-            SnapshotMode::Diff => MemoryCapture::Diff {
-                parent: parent.as_ref().ok_or(Error::NoBase)?,
-                dirty: &dirty,
-            },
+        let (memory, precopy) = match (mode, precopy) {
+            (SnapshotMode::Live, Some((precopy, staged))) => {
+                (MemoryCapture::Staged(staged), Some(precopy))
+            }
+            (SnapshotMode::Full, _) => (MemoryCapture::Full, None),
+            (SnapshotMode::Live, None) => (MemoryCapture::Live, None),
+            (SnapshotMode::Diff, _) => (
+                MemoryCapture::Diff {
+                    parent: parent.as_ref().ok_or(Error::NoBase)?,
+                    dirty: &dirty,
+                },
+                None,
+            ),
         };
         let mut pending = snapshot::prepare(dir, self.ram.memory(), &state, &drives, memory)?;
+        if let Some(precopy) = precopy {
+            // The pages dirtied since the last round are what the pause
+            // copies; the caller writes them and sets the base once the
+            // memory is complete.
+            return match precopy.capture_residue(&dirty) {
+                Ok(residue) => Ok((pending, None, Some(residue))),
+                Err(e) => {
+                    pending.discard();
+                    Err(e.into())
+                }
+            };
+        }
         let copy = match (mode, &self.uffd) {
             (SnapshotMode::Live, Some(uffd)) => {
                 let file = pending
                     .take_memory_file()
                     .expect("a live snapshot has a memory file");
                 let regions = self.live_regions();
+                let options = self.live_copy_options()?;
                 live::arm(uffd, &regions)?;
-                let options = LiveCopyOptions {
-                    source: self.ram.file().and_then(|f| f.try_clone().ok()),
-                    // hugetlbfs write-protects whole huge pages only.
-                    granule_bytes: if *self.ram.backend() == Backend::HugeMemfd {
-                        HUGE_PAGE as usize
-                    } else {
-                        LiveCopyOptions::default().granule_bytes
-                    },
-                    ..LiveCopyOptions::default()
-                };
                 // SAFETY: the regions are this machine's guest RAM mappings,
                 // registered with `uffd`; the RAM outlives the copy because
                 // the machine joins the copy's thread before it drops (see Drop).
@@ -356,7 +444,46 @@ impl Machine {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
             memory_hash: pending.meta().memory_hash.clone(),
         });
-        Ok((pending, copy))
+        Ok((pending, copy, None))
+    }
+
+    /// How this machine's write-protected live copy runs: from the memfd,
+    /// in huge-page granules on hugetlbfs, and, with manual dirty-log
+    /// protection, resetting KVM's log of each page just before its first
+    /// release. No write reaches a page before its release, so the log
+    /// then holds exactly the writes after the arm (the next diff's pages)
+    /// and the pause never pays for the reset.
+    fn live_copy_options(&self) -> Result<LiveCopyOptions, Error> {
+        let before_release = if self.vm.manual_dirty_log() {
+            let clearer = self
+                .vm
+                .dirty_log_clearer()
+                .map_err(|e| Error::DirtyLog(e.to_string()))?;
+            let slot_pages: Vec<u64> = self
+                .ram
+                .slots()
+                .iter()
+                .map(|&(_, _, len)| len / uffd::PAGE_SIZE)
+                .collect();
+            Some(ReleaseHook(Arc::new(move |region, first, count| {
+                clearer
+                    .clear_pages(region as u32, slot_pages[region], first, count)
+                    .map_err(|e| e.to_string())
+            })))
+        } else {
+            None
+        };
+        Ok(LiveCopyOptions {
+            source: self.ram.file().and_then(|f| f.try_clone().ok()),
+            // hugetlbfs write-protects whole huge pages only.
+            granule_bytes: if *self.ram.backend() == Backend::HugeMemfd {
+                HUGE_PAGE as usize
+            } else {
+                LiveCopyOptions::default().granule_bytes
+            },
+            before_release,
+            ..LiveCopyOptions::default()
+        })
     }
 
     /// Guest RAM as the live copy sees it: each region with its offset in
@@ -456,6 +583,8 @@ fn finish_live_copy(
             faults: r.faults,
             max_fault_stall_us: r.max_fault_stall.as_micros() as u64,
             duration_ms: r.duration.as_millis() as u64,
+            method: Some("write_protect".into()),
+            ..LiveCopyStats::default()
         })
         .map_err(|e| e.to_string());
     let finished = snapshot::finish_live(dir, copied);

@@ -197,16 +197,27 @@ pub struct SnapshotMeta {
     pub live_copy: Option<LiveCopyStats>,
 }
 
-/// What a live snapshot's background copy did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a live snapshot's copy did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveCopyStats {
     /// Write-protect faults: guest (or device) writes that reached a page
-    /// before the copy was done with it.
+    /// before the copy was done with it (none for a pre-copy).
     pub faults: u64,
     /// The longest a faulting writer waited, in microseconds.
     pub max_fault_stall_us: u64,
     /// From the copy's start to the file written and synced, in milliseconds.
     pub duration_ms: u64,
+    /// How memory was copied: `precopy` (while the guest ran, before the
+    /// pause, for a caller that waits) or `write_protect` (after the pause,
+    /// under write protection). Absent in older snapshots: write_protect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Pre-copy: pages copied in each round while the guest ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub precopy_round_pages: Vec<u64>,
+    /// Pre-copy: pages copied in the pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residue_pages: Option<u64>,
 }
 
 /// Errors writing or reading a snapshot.
@@ -289,6 +300,59 @@ pub enum MemoryCapture<'a> {
     /// copy fills after the VM resumes; the snapshot is `writing` until
     /// [`finish_live`] marks it `ready` or `failed`.
     Live,
+    /// A memory file made by [`stage`] before the pause, which a live
+    /// pre-copy fills; its caller finishes it and calls
+    /// [`Pending::seal_memory`] before [`Pending::commit`], so the
+    /// snapshot appears only complete, `ready`.
+    Staged(Staged),
+}
+
+/// A snapshot started before its pause: the temporary directory and an
+/// empty `memory` file sized to guest RAM (holes everywhere), for a live
+/// pre-copy to fill while the VM runs. [`prepare`] with
+/// [`MemoryCapture::Staged`] adds the rest in the pause; dropped unused,
+/// it removes its directory.
+pub struct Staged {
+    tmp: PathBuf,
+    memory: Option<File>,
+}
+
+impl Staged {
+    /// The memory file, open for reading and writing (a new descriptor).
+    pub fn memory_file(&self) -> Result<File, Error> {
+        let path = self.tmp.join(MEMORY_FILE);
+        self.memory
+            .as_ref()
+            .expect("a staged snapshot has its memory file")
+            .try_clone()
+            .map_err(io_err(&path))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Starts a snapshot for `dir` (which must not exist) before the pause:
+/// see [`Staged`].
+pub fn stage(dir: &Path, mem: &GuestMemoryMmap) -> Result<Staged, Error> {
+    let tmp = temp_dir_beside(dir)?;
+    let mut staged = Staged { tmp, memory: None };
+    let path = staged.tmp.join(MEMORY_FILE);
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    f.set_len(total).map_err(io_err(&path))?;
+    staged.memory = Some(f);
+    Ok(staged)
 }
 
 /// The page list of a diff snapshot, over all of RAM (regions back to
@@ -328,6 +392,31 @@ impl Pending {
     /// The `memory` file, open for writing (a live copy's destination).
     pub fn take_memory_file(&mut self) -> Option<File> {
         self.memory.take()
+    }
+
+    /// For a snapshot whose memory was staged ([`stage`]) and is now
+    /// complete: syncs the memory file, records its data size and content
+    /// hash and how the copy went (`duration_ms` from `started` to the file
+    /// synced). Call before [`Pending::commit`].
+    pub fn seal_memory(
+        &mut self,
+        started: std::time::Instant,
+        mut copied: LiveCopyStats,
+    ) -> Result<(), Error> {
+        let path = self.tmp.join(MEMORY_FILE);
+        let file = File::open(&path).map_err(io_err(&path))?;
+        file.sync_all().map_err(io_err(&path))?;
+        copied.duration_ms = started.elapsed().as_millis() as u64;
+        let (data, hash) = hash_memory_file(&file).map_err(io_err(&path))?;
+        self.meta.memory_data_bytes = data;
+        self.meta.memory_hash = hash;
+        self.meta.live_copy = Some(copied);
+        Ok(())
+    }
+
+    /// Gives the snapshot up: removes its temporary directory.
+    pub fn discard(self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 
     /// Syncs every file, writes `snapshot.json` last and renames the
@@ -371,7 +460,19 @@ pub fn prepare(
     drives: &[DriveCapture],
     memory: MemoryCapture<'_>,
 ) -> Result<Pending, Error> {
-    let tmp = temp_dir_beside(dir)?;
+    let tmp = match &memory {
+        MemoryCapture::Staged(_) => PathBuf::new(),
+        _ => temp_dir_beside(dir)?,
+    };
+    let (tmp, memory) = match memory {
+        // The staged directory is now this snapshot's: its drop no longer
+        // removes it (a failure below does).
+        MemoryCapture::Staged(mut staged) => {
+            let tmp = std::mem::take(&mut staged.tmp);
+            (tmp, MemoryCapture::Staged(staged))
+        }
+        other => (tmp, other),
+    };
     match write_into(&tmp, mem, state, drives, memory) {
         Ok((meta, memory)) => Ok(Pending {
             tmp,
@@ -439,6 +540,12 @@ fn write_into(
             f.set_len(total).map_err(io_err(&path))?;
             live_file = Some(f);
             status = SnapshotStatus::Writing;
+            (SnapshotKind::Full, None, (total, 0, String::new()))
+        }
+        MemoryCapture::Staged(mut staged) => {
+            let total: u64 = mem.iter().map(|r| r.len()).sum();
+            live_file = staged.memory.take();
+            // Complete and hashed before commit (Pending::seal_memory).
             (SnapshotKind::Full, None, (total, 0, String::new()))
         }
         MemoryCapture::Diff { parent, dirty } => {

@@ -1,0 +1,516 @@
+//! Pre-copy: the live BRANCH of a caller that waits for its snapshot.
+//!
+//! The guest keeps running while its RAM is copied into the snapshot's
+//! `memory` file. KVM's dirty log (read without resetting it: manual
+//! dirty-log protection) and the VMM's own dirty bitmap (device writes)
+//! say which pages changed behind the copy; those are copied again, round
+//! after round, until what is left is small or stops shrinking. Then the
+//! machine pauses, and in the pause the pages written since the last round
+//! (the residue) are copied to memory, vCPU and device state saved, and the
+//! guest resumes; the residue goes to the file after. The snapshot is RAM
+//! as it was in that final pause.
+//!
+//! Why every page ends up as it was in the pause: a page's bit is cleared
+//! in KVM's log (and the page write-protected in KVM's MMU) just before the
+//! page is read, so a guest write after or during the read sets the bit
+//! again and the page is read again, in a later round or in the pause. KVM
+//! sets a page's bit whenever it maps the page writable, and a page it does
+//! not map writable cannot be written by the guest. Device writes land in
+//! the VMM's bitmap (after the data), which is taken at the start of every
+//! round and in the pause, where device workers stand still.
+//!
+//! There is no write protection and no fault for the VMM to serve, so the
+//! guest never waits for the copier. It pays KVM's dirty logging instead:
+//! its first write to a page after the page's bit was cleared exits to KVM
+//! (about 10 us on the PVM development hosts), and each reset holds KVM's
+//! MMU lock for one chunk of pages.
+//!
+//! The machine reads and resets the dirty log in the pause as for any other
+//! snapshot (KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of what it read:
+//! cheap, as only the residue is dirty) and hands the result to
+//! [`Precopy::capture_residue`], so the next diff snapshot stacks on this one.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use crate::kvm::vm::Vm;
+use crate::memory::{data_extents, Backend, GuestRam};
+
+const PAGE: usize = 4096;
+const PAGE_SIZE: u64 = PAGE as u64;
+
+/// Errors of a pre-copy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM cannot read its dirty log without resetting it.
+    #[error(
+        "pre-copy needs KVM's manual dirty-log protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), \
+         which this host's KVM does not offer"
+    )]
+    NoManualDirtyLog,
+    /// Reading or resetting KVM's dirty log failed.
+    #[error("cannot read or reset KVM's dirty log: {0}")]
+    DirtyLog(String),
+    /// Finding the guest memfd's data failed.
+    #[error("cannot find which parts of the guest memfd hold data: {0}")]
+    Extents(#[source] io::Error),
+    /// Writing the memory file failed.
+    #[error("writing {len} bytes at offset {offset:#x} of the memory file failed: {source}")]
+    Write {
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The dirty bitmaps do not match guest RAM.
+    #[error("the dirty bitmaps cover {got} regions but guest RAM has {want}")]
+    Bitmaps {
+        /// Bitmaps given.
+        got: usize,
+        /// Regions of RAM.
+        want: usize,
+    },
+}
+
+/// When the rounds stop.
+#[derive(Clone, Copy, Debug)]
+pub struct PrecopyOptions {
+    /// Stop once at most this many pages are dirty: the pause copies them
+    /// (default 1024 pages, 4 MiB, about a millisecond of memcpy).
+    pub residue_pages: u64,
+    /// Rounds at most, the first (all of RAM) included (default 12).
+    pub max_rounds: u32,
+    /// Stop when a round's dirty set is more than this percentage of the
+    /// previous round's: the guest dirties memory about as fast as it is
+    /// copied, and more rounds would not shorten the pause (default 80).
+    pub max_ratio_percent: u64,
+    /// Pages per KVM_CLEAR_DIRTY_LOG and per staged file write (a multiple
+    /// of 64; default 1024, 4 MiB).
+    pub chunk_pages: u64,
+}
+
+impl Default for PrecopyOptions {
+    fn default() -> Self {
+        PrecopyOptions {
+            residue_pages: 1024,
+            max_rounds: 12,
+            max_ratio_percent: 80,
+            chunk_pages: 1024,
+        }
+    }
+}
+
+/// What a pre-copy did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrecopyReport {
+    /// Pages copied by each round while the guest ran (the first round
+    /// copies every page that holds data).
+    pub round_pages: Vec<u64>,
+    /// Pages copied in the pause.
+    pub residue_pages: u64,
+    /// The rounds, before the pause.
+    pub rounds: Duration,
+    /// Copying the residue to memory, in the pause.
+    pub residue_copy: Duration,
+}
+
+/// One KVM memory slot of guest RAM.
+struct Slot {
+    host_addr: u64,
+    pages: u64,
+    file_offset: u64,
+}
+
+/// The pages copied in the pause, waiting to be written.
+pub struct Residue {
+    /// (slot, page) of each, in order.
+    pages: Vec<(usize, u64)>,
+    /// Their content, a page each, in the same order.
+    data: Vec<u8>,
+}
+
+impl Residue {
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Whether it holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+/// A pre-copy of a machine's RAM into a snapshot's memory file.
+pub struct Precopy<'a> {
+    vm: &'a Vm,
+    ram: &'a GuestRam,
+    out: File,
+    slots: Vec<Slot>,
+    /// Per slot, the pages written to the file with non-zero data: a page
+    /// that is zero when copied again must then be written as zeros.
+    in_file: Vec<Vec<u64>>,
+    /// Per slot, pages the VMM wrote (taken from its bitmap) that are not
+    /// copied yet.
+    carry: Vec<Vec<u64>>,
+    staging: Vec<u8>,
+    options: PrecopyOptions,
+    report: PrecopyReport,
+}
+
+fn words(pages: u64) -> usize {
+    pages.div_ceil(64) as usize
+}
+
+fn count(bits: &[Vec<u64>]) -> u64 {
+    bits.iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+fn or_into(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+impl<'a> Precopy<'a> {
+    /// A pre-copy of `ram` (the RAM of `vm`, one KVM slot per region, as
+    /// [`Vm::new`] registers it) into `out`, a fresh memory file sized to
+    /// all of RAM (holes everywhere).
+    pub fn new(
+        vm: &'a Vm,
+        ram: &'a GuestRam,
+        out: File,
+        options: PrecopyOptions,
+    ) -> Result<Self, Error> {
+        if !vm.manual_dirty_log() {
+            return Err(Error::NoManualDirtyLog);
+        }
+        let mut file_offset = 0;
+        let slots: Vec<Slot> = ram
+            .slots()
+            .into_iter()
+            .map(|(_, host_addr, len)| {
+                let s = Slot {
+                    host_addr,
+                    pages: len / PAGE_SIZE,
+                    file_offset,
+                };
+                file_offset += len;
+                s
+            })
+            .collect();
+        let zeros = || slots.iter().map(|s| vec![0u64; words(s.pages)]).collect();
+        let chunk_pages = options.chunk_pages.next_multiple_of(64).max(64);
+        Ok(Precopy {
+            vm,
+            ram,
+            out,
+            in_file: zeros(),
+            carry: zeros(),
+            staging: vec![0u8; chunk_pages as usize * PAGE],
+            options: PrecopyOptions {
+                chunk_pages,
+                ..options
+            },
+            slots,
+            report: PrecopyReport::default(),
+        })
+    }
+
+    /// Copies RAM while the guest runs: first every page that holds data,
+    /// then, round after round, the pages dirtied since they were copied,
+    /// until few are left or their number stops shrinking (see
+    /// [`PrecopyOptions`]). Call [`Precopy::capture_residue`] in the pause
+    /// that follows.
+    pub fn run(&mut self) -> Result<(), Error> {
+        let start = Instant::now();
+        // Device writes from now on are caught by the bitmap; everything
+        // before is data in the memfd.
+        let vmm = self.ram.take_vmm_dirty();
+        let mut set = self.data_pages()?;
+        or_into(&mut set, &vmm);
+        let mut previous = count(&set);
+        self.copy_round(&set)?;
+        self.report.round_pages.push(previous);
+        loop {
+            let mut set = self.read_kvm_log()?;
+            let vmm = self.ram.take_vmm_dirty();
+            or_into(&mut self.carry, &vmm);
+            or_into(&mut set, &self.carry);
+            let n = count(&set);
+            let rounds = self.report.round_pages.len() as u32;
+            if n <= self.options.residue_pages
+                || rounds >= self.options.max_rounds
+                || n * 100 > previous * self.options.max_ratio_percent
+            {
+                break;
+            }
+            for c in &mut self.carry {
+                c.fill(0);
+            }
+            self.copy_round(&set)?;
+            self.report.round_pages.push(n);
+            previous = n;
+        }
+        self.report.rounds = start.elapsed();
+        Ok(())
+    }
+
+    /// In the pause (vCPUs stopped, device workers quiesced): copies to
+    /// memory the pages in `dirty` (per slot; the machine's reset of KVM's
+    /// dirty log and the VMM's bitmap, taken in this pause) and the device
+    /// writes taken earlier but not copied yet. Write them with
+    /// [`Precopy::finish`] once the guest runs again.
+    pub fn capture_residue(&mut self, dirty: &[Vec<u64>]) -> Result<Residue, Error> {
+        if dirty.len() != self.slots.len() {
+            return Err(Error::Bitmaps {
+                got: dirty.len(),
+                want: self.slots.len(),
+            });
+        }
+        let start = Instant::now();
+        let mut set = std::mem::take(&mut self.carry);
+        or_into(&mut set, dirty);
+        let n = count(&set) as usize;
+        let mut residue = Residue {
+            pages: Vec::with_capacity(n),
+            data: vec![0u8; n * PAGE],
+        };
+        for (si, (slot, bits)) in self.slots.iter().zip(&set).enumerate() {
+            for (w, &word) in bits.iter().enumerate() {
+                let mut b = word;
+                while b != 0 {
+                    let page = w as u64 * 64 + u64::from(b.trailing_zeros());
+                    b &= b - 1;
+                    if page >= slot.pages {
+                        continue;
+                    }
+                    let at = residue.pages.len() * PAGE;
+                    read_page(slot, page, &mut residue.data[at..at + PAGE]);
+                    residue.pages.push((si, page));
+                }
+            }
+        }
+        residue.data.truncate(residue.pages.len() * PAGE);
+        self.report.residue_pages = residue.pages.len() as u64;
+        self.report.residue_copy = start.elapsed();
+        Ok(residue)
+    }
+
+    /// Writes the residue into the memory file (the guest running again)
+    /// and says what the pre-copy did. The file then holds RAM as it was
+    /// in the pause; the caller syncs it.
+    pub fn finish(mut self, residue: Residue) -> Result<PrecopyReport, Error> {
+        let mut i = 0;
+        while i < residue.pages.len() {
+            // A run of consecutive pages of one slot.
+            let (si, first) = residue.pages[i];
+            let mut j = i + 1;
+            while j < residue.pages.len() && residue.pages[j] == (si, first + (j - i) as u64) {
+                j += 1;
+            }
+            self.write_pages(si, first, &residue.data[i * PAGE..j * PAGE])?;
+            i = j;
+        }
+        Ok(self.report)
+    }
+
+    /// Per slot, the pages the guest memfd holds data for (all of them when
+    /// RAM is not a memfd). A hole reads as zero, so it needs no copy; a
+    /// hole the guest fills later is in KVM's log, whose bits for it this
+    /// round does not reset.
+    fn data_pages(&self) -> Result<Vec<Vec<u64>>, Error> {
+        let all = || {
+            self.slots
+                .iter()
+                .map(|s| {
+                    let mut v = vec![!0u64; words(s.pages)];
+                    if s.pages % 64 != 0 {
+                        *v.last_mut().expect("a slot has pages") = (1 << (s.pages % 64)) - 1;
+                    }
+                    v
+                })
+                .collect()
+        };
+        // A file-backed (MAP_PRIVATE) machine's own pages are not in its file.
+        let memfd = match self.ram.backend() {
+            Backend::Memfd | Backend::HugeMemfd => self.ram.file(),
+            _ => None,
+        };
+        let Some(memfd) = memfd else {
+            return Ok(all());
+        };
+        let extents = data_extents(memfd).map_err(Error::Extents)?;
+        let mut set: Vec<Vec<u64>> = self
+            .slots
+            .iter()
+            .map(|s| vec![0u64; words(s.pages)])
+            .collect();
+        for (slot, bits) in self.slots.iter().zip(&mut set) {
+            let (lo, hi) = (slot.file_offset, slot.file_offset + slot.pages * PAGE_SIZE);
+            for &(start, end) in &extents {
+                let (start, end) = (start.max(lo), end.min(hi));
+                if start >= end {
+                    continue;
+                }
+                let first = (start - lo) / PAGE_SIZE;
+                let last = (end - lo).div_ceil(PAGE_SIZE);
+                for p in first..last {
+                    bits[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    fn read_kvm_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+        self.vm
+            .read_dirty_log(self.ram)
+            .map_err(|e| Error::DirtyLog(e.to_string()))
+    }
+
+    /// Copies the pages of `set` (per slot), a chunk at a time: the chunk's
+    /// bits are reset in KVM's log (its pages write-protected in KVM's MMU)
+    /// just before its pages are read.
+    fn copy_round(&mut self, set: &[Vec<u64>]) -> Result<(), Error> {
+        let chunk = self.options.chunk_pages;
+        for (si, bits) in set.iter().enumerate() {
+            let pages = self.slots[si].pages;
+            let mut c0 = 0;
+            while c0 < pages {
+                let c1 = (c0 + chunk).min(pages);
+                let masks = &bits[(c0 / 64) as usize..words(c1)];
+                if masks.iter().any(|&m| m != 0) {
+                    self.vm
+                        .clear_dirty_log(si as u32, c0, c1 - c0, masks)
+                        .map_err(|e| Error::DirtyLog(e.to_string()))?;
+                    self.copy_chunk(si, c0, c1, masks)?;
+                }
+                c0 = c1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the pages of `masks` (bit i: page `c0 + i`) in `[c0, c1)` of
+    /// slot `si` into the staging buffer and writes them.
+    fn copy_chunk(&mut self, si: usize, c0: u64, c1: u64, masks: &[u64]) -> Result<(), Error> {
+        let slot = &self.slots[si];
+        let selected = |p: u64| masks[((p - c0) / 64) as usize] & (1 << ((p - c0) % 64)) != 0;
+        for p in (c0..c1).filter(|&p| selected(p)) {
+            let at = ((p - c0) as usize) * PAGE;
+            read_page(slot, p, &mut self.staging[at..at + PAGE]);
+        }
+        // Write runs of consecutive selected pages.
+        let mut p = c0;
+        while p < c1 {
+            if !selected(p) {
+                p += 1;
+                continue;
+            }
+            let s = p;
+            while p < c1 && selected(p) {
+                p += 1;
+            }
+            let (a, b) = (((s - c0) as usize) * PAGE, ((p - c0) as usize) * PAGE);
+            let staged = std::mem::take(&mut self.staging);
+            let written = self.write_pages(si, s, &staged[a..b]);
+            self.staging = staged;
+            written?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (whole pages, the content of pages `first..` of slot
+    /// `si`) into the file: runs of non-zero pages, and zeros over pages
+    /// that held data in the file; zero pages over holes stay holes.
+    fn write_pages(&mut self, si: usize, first: u64, data: &[u8]) -> Result<(), Error> {
+        let base = self.slots[si].file_offset;
+        let in_file = &mut self.in_file[si];
+        let n = (data.len() / PAGE) as u64;
+        let mut run: Option<u64> = None;
+        let flush = |start: u64, end: u64| -> Result<(), Error> {
+            let bytes = &data[((start - first) as usize) * PAGE..((end - first) as usize) * PAGE];
+            let offset = base + start * PAGE_SIZE;
+            self.out
+                .write_all_at(bytes, offset)
+                .map_err(|source| Error::Write {
+                    offset,
+                    len: bytes.len() as u64,
+                    source,
+                })
+        };
+        for p in first..first + n {
+            let page = &data[((p - first) as usize) * PAGE..((p - first) as usize + 1) * PAGE];
+            let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+            let zero = is_zero(page);
+            let write = !zero || in_file[w] & bit != 0;
+            if zero {
+                in_file[w] &= !bit;
+            } else {
+                in_file[w] |= bit;
+            }
+            match (write, run) {
+                (true, None) => run = Some(p),
+                (false, Some(s)) => {
+                    flush(s, p)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run {
+            flush(s, first + n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies page `page` of `slot` into `into` (one page long).
+fn read_page(slot: &Slot, page: u64, into: &mut [u8]) {
+    debug_assert!(page < slot.pages && into.len() == PAGE);
+    let src = (slot.host_addr + page * PAGE_SIZE) as *const u8;
+    // SAFETY: `src` is inside the slot's mapping, which the machine keeps
+    // for as long as the pre-copy borrows its RAM; `into` is a distinct
+    // buffer of one page. The guest may write the page meanwhile (behind
+    // the compiler's back, as a device's DMA would): this is a plain byte
+    // copy out of the mapping, no Rust reference to guest memory is made,
+    // and a copy torn by a write is copied again (the write set the page's
+    // dirty bit after the bit was reset).
+    unsafe { std::ptr::copy_nonoverlapping(src, into.as_mut_ptr(), PAGE) };
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: any bit pattern is a valid u64; align_to handles the edges.
+    let (head, body, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_helpers() {
+        assert_eq!(words(1), 1);
+        assert_eq!(words(64), 1);
+        assert_eq!(words(65), 2);
+        let mut a = vec![vec![1u64, 0], vec![4]];
+        or_into(&mut a, &[vec![2, 8], vec![1]]);
+        assert_eq!(a, vec![vec![3, 8], vec![5]]);
+        assert_eq!(count(&a), 5);
+        assert!(is_zero(&[0u8; PAGE]));
+        let mut p = [0u8; PAGE];
+        p[PAGE - 1] = 1;
+        assert!(!is_zero(&p));
+    }
+}

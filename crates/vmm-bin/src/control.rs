@@ -1,13 +1,20 @@
 //! The control socket: one JSON request per line in, one JSON response per
 //! line out, a thread per connection. Requests are bounded in size.
+//!
+//! The listener is served by the thread that waits for the machine (the
+//! main thread), in one poll with the machine's own events (the guest's
+//! reset line, its stop): a VM process runs its vCPU threads, this thread,
+//! and a thread per open connection, nothing else.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use proto::control::{ControlRequest, ControlResponse, MAX_REQUEST_BYTES};
+use vmm::kvm::vcpu::ExitReason;
 use vmm::machine::Machine;
 
 /// Default wait for a guest answer.
@@ -28,19 +35,77 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     })
 }
 
-/// Serves `listener` on a background thread for as long as the process lives.
-pub fn serve(listener: UnixListener, machine: Arc<Machine>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let machine = machine.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control-conn".into())
-                    .spawn(move || connection(stream, &machine));
+/// Serves `listener` (when there is one) on the calling thread until the
+/// machine stops, acting on its events meanwhile; returns why it stopped.
+/// Each connection is served on a thread of its own. When the listener
+/// fails, the machine is shut down and the reason says so.
+pub fn serve_until_exit(listener: Option<UnixListener>, machine: &Arc<Machine>) -> ExitReason {
+    let Some(listener) = listener else {
+        return machine.wait_for_exit();
+    };
+    if let Err(e) = listener.set_nonblocking(true) {
+        return fail(machine, format!("cannot serve the control socket: {e}"));
+    }
+    let [reset, exit] = machine.event_fds();
+    loop {
+        if let Some(reason) = machine.handle_events() {
+            return reason;
+        }
+        let mut fds = [listener.as_raw_fd(), reset, exit].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of pollfd of the length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-        })?;
-    Ok(())
+            return fail(machine, format!("cannot wait for the control socket: {e}"));
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    // Accepted sockets do not inherit O_NONBLOCK on Linux.
+                    let machine = machine.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || connection(stream, &machine));
+                    if let Err(e) = spawned {
+                        eprintln!("forkd-vmm: cannot serve a control connection: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // A client that went away before its turn: next one.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO)) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of descriptors or memory for now: the pending clients
+                // wait in the backlog; try again shortly rather than spin.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+                Err(e) => return fail(machine, format!("cannot serve the control socket: {e}")),
+            }
+        }
+    }
+}
+
+/// Shuts the machine down because its control socket cannot be served.
+fn fail(machine: &Machine, message: String) -> ExitReason {
+    eprintln!("forkd-vmm: {message}");
+    machine.shutdown();
+    machine.wait_for_exit()
 }
 
 fn connection(stream: UnixStream, machine: &Machine) {

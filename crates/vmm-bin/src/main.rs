@@ -324,13 +324,7 @@ fn serve_until_exit(
     listener: Option<std::os::unix::net::UnixListener>,
     socket: Option<&std::path::Path>,
 ) -> ExitCode {
-    if let Some(listener) = listener {
-        if let Err(e) = control::serve(listener, machine.clone()) {
-            eprintln!("forkd-vmm: cannot serve the control socket: {e}");
-            machine.shutdown();
-        }
-    }
-    let reason = machine.wait_for_exit();
+    let reason = control::serve_until_exit(listener, &machine);
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }

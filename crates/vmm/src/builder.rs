@@ -177,7 +177,7 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         BootSource::Builtin => GuestKind::Builtin,
         BootSource::Linux(_) => GuestKind::Linux,
     };
-    let mut parts = Parts::new(kvm, ram, guest, &cfg.console, None)?;
+    let mut parts = Parts::new(Arc::new(kvm), ram, guest, &cfg.console, None)?;
     let virtio = VirtioDevices::attach_routed(
         &cfg.virtio,
         Some(&parts.vm),
@@ -228,9 +228,35 @@ pub fn build_from_snapshot(
     snapshot: &PreparedSnapshot,
     cfg: &RestoreConfig,
 ) -> Result<Machine, BuildError> {
+    prepare_restore(snapshot, Arc::new(vm::open_kvm()?), cfg.ram)?.finish(cfg)
+}
+
+/// The part of a restore that is the same for every child of a snapshot
+/// and takes most of its time: guest RAM mapped, the KVM VM with its memory
+/// slots and interrupt controller, and the vCPUs created with their saved
+/// state. A fork server's pooled child makes this ahead of any request and
+/// waits; [`PreparedRestore::finish`] then adds what is the child's own
+/// (devices with its console, drive layers and vsock socket, a new VM
+/// generation, the clock) and starts it.
+pub struct PreparedRestore<'a> {
+    snapshot: &'a PreparedSnapshot,
+    kvm: Arc<Kvm>,
+    ram: GuestRam,
+    vm: vm::Vm,
+    vcpus: Vec<VcpuFd>,
+}
+
+/// The shared part of a restore of `snapshot` with RAM as `ram` says, on
+/// the open /dev/kvm `kvm` (a fork server opens it once for all its
+/// children). The VM must be created in the process that will run it: KVM
+/// ties a VM to the address space of its creator.
+pub fn prepare_restore(
+    snapshot: &PreparedSnapshot,
+    kvm: Arc<Kvm>,
+    ram: RestoreRam,
+) -> Result<PreparedRestore<'_>, BuildError> {
     let state = &snapshot.state;
-    let kvm = vm::open_kvm()?;
-    let ram = match cfg.ram {
+    let ram = match ram {
         RestoreRam::SnapshotFile => {
             GuestRam::new(state.mem_mib, Backend::File(snapshot.memory_path()))?
         }
@@ -243,44 +269,68 @@ pub fn build_from_snapshot(
             GuestRam::copy_of_file(state.mem_mib, Backend::HugeMemfd, &snapshot.memory_path())?
         }
     };
-    let mut parts = Parts::new(kvm, ram, state.guest, &cfg.console, Some(&state.devices))?;
-    let backends = restore_backends(snapshot, cfg)?;
-    let virtio = VirtioDevices::restore_routed(
-        &state.devices.virtio,
-        backends,
-        Some(&parts.vm),
-        irq_route(state.guest),
-        parts.ram.memory(),
-        &mut parts.mmio,
-    )
-    .map_err(|e| device_err("virtio devices")(e.to_string()))?;
-    if state.guest == GuestKind::Builtin {
-        builtin::set_generation(parts.ram.memory(), random_u64())?;
-    }
+    let vm = vm::Vm::new(&kvm, &ram, state.guest.needs_pit())?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for saved in &state.vcpus {
-        let fd = parts.create_vcpu(saved.id)?;
+        let fd = create_vcpu(&vm, saved.id)?;
+        // Everything but the clock, which restarts when the child does
+        // (`finish`), as after a pause.
         state::restore_vcpu(&fd, saved)?;
         vcpus.push(fd);
     }
-    state::restore_vm(parts.vm.fd(), &state.vm)?;
-    // After kvmclock, so the guest TSC is set against the clock KVM now has.
-    let tsc = state::sync_tsc(parts.vm.fd(), &vcpus, &state.vcpus, &state.vm)?;
-    if let Some(skew) = tsc
-        .worst_skew_ns
-        .filter(|s| s.abs() > state::TSC_SKEW_TOLERANCE_NS)
-    {
-        eprintln!(
-            "forkd-vmm: the restored guest TSC and kvmclock disagree by {skew} ns ({:?}); \
-             a Linux guest may stop using the TSC as its clocksource",
-            tsc.method
-        );
+    Ok(PreparedRestore {
+        snapshot,
+        kvm,
+        ram,
+        vm,
+        vcpus,
+    })
+}
+
+impl PreparedRestore<'_> {
+    /// Completes the restore with the child's own resources and starts it.
+    pub fn finish(self, cfg: &RestoreConfig) -> Result<Machine, BuildError> {
+        let PreparedRestore {
+            snapshot,
+            kvm,
+            ram,
+            vm,
+            vcpus,
+        } = self;
+        let state = &snapshot.state;
+        let mut parts = Parts::with_vm(kvm, ram, vm, &cfg.console, Some(&state.devices))?;
+        let backends = restore_backends(snapshot, cfg)?;
+        let virtio = VirtioDevices::restore_routed(
+            &state.devices.virtio,
+            backends,
+            Some(&parts.vm),
+            irq_route(state.guest),
+            parts.ram.memory(),
+            &mut parts.mmio,
+        )
+        .map_err(|e| device_err("virtio devices")(e.to_string()))?;
+        if state.guest == GuestKind::Builtin {
+            builtin::set_generation(parts.ram.memory(), random_u64())?;
+        }
+        state::restore_vm(parts.vm.fd(), &state.vm)?;
+        // After kvmclock, so the guest TSC is set against the clock KVM now has.
+        let tsc = state::sync_tsc(parts.vm.fd(), &vcpus, &state.vcpus, &state.vm)?;
+        if let Some(skew) = tsc
+            .worst_skew_ns
+            .filter(|s| s.abs() > state::TSC_SKEW_TOLERANCE_NS)
+        {
+            eprintln!(
+                "forkd-vmm: the restored guest TSC and kvmclock disagree by {skew} ns ({:?}); \
+                 a Linux guest may stop using the TSC as its clocksource",
+                tsc.method
+            );
+        }
+        let base = ParentRef {
+            dir: std::path::absolute(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone()),
+            memory_hash: snapshot.meta.memory_hash.clone(),
+        };
+        parts.start(state.guest, vcpus, virtio, cfg.paused, Some(base))
     }
-    let base = ParentRef {
-        dir: std::path::absolute(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone()),
-        memory_hash: snapshot.meta.memory_hash.clone(),
-    };
-    parts.start(state.guest, vcpus, virtio, cfg.paused, Some(base))
 }
 
 /// Where virtio interrupts go: a guest kernel takes them from the irqchip;
@@ -361,17 +411,28 @@ struct Parts {
 }
 
 impl Parts {
-    /// Creates the VM over `ram` and the legacy devices (fresh, or from
-    /// saved state): the serial console on COM1 with its interrupt through
-    /// an irqfd, and the i8042 whose reset line ends the machine.
+    /// Creates the VM over `ram` and the legacy devices (see [`Parts::with_vm`]).
     fn new(
-        kvm: Kvm,
+        kvm: Arc<Kvm>,
         ram: GuestRam,
         guest: GuestKind,
         console: &ConsoleOutput,
         saved: Option<&DeviceStates>,
     ) -> Result<Self, BuildError> {
         let vm = vm::Vm::new(&kvm, &ram, guest.needs_pit())?;
+        Self::with_vm(kvm, ram, vm, console, saved)
+    }
+
+    /// Adds the legacy devices (fresh, or from saved state) to `vm`: the
+    /// serial console on COM1 with its interrupt through an irqfd, and the
+    /// i8042 whose reset line ends the machine.
+    fn with_vm(
+        kvm: Arc<Kvm>,
+        ram: GuestRam,
+        vm: vm::Vm,
+        console: &ConsoleOutput,
+        saved: Option<&DeviceStates>,
+    ) -> Result<Self, BuildError> {
         let serial_err = device_err("serial console");
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| serial_err(e.to_string()))?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
@@ -382,7 +443,9 @@ impl Parts {
             None => SerialConsole::new(irq, out),
         };
         let i8042_err = device_err("i8042");
-        let reset_evt = EventFd::new(0).map_err(|e| i8042_err(e.to_string()))?;
+        // Non-blocking: polled by whoever waits for the machine (see
+        // `Machine::event_fds`).
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| i8042_err(e.to_string()))?;
         let line = reset_evt
             .try_clone()
             .map_err(|e| i8042_err(e.to_string()))?;
@@ -407,7 +470,7 @@ impl Parts {
         )
         .map_err(bus_err)?;
         Ok(Parts {
-            kvm: Arc::new(kvm),
+            kvm,
             ram,
             vm,
             pio,
@@ -419,17 +482,15 @@ impl Parts {
     }
 
     fn create_vcpu(&self, id: u8) -> Result<VcpuFd, BuildError> {
-        self.vm
-            .fd()
-            .create_vcpu(u64::from(id))
-            .map_err(|e| BuildError::Vcpu {
-                id,
-                reason: format!("KVM_CREATE_VCPU: {e}"),
-            })
+        create_vcpu(&self.vm, id)
     }
 
-    /// Starts a thread per vCPU and the reset watcher, and hands over the
-    /// running machine once every vCPU thread is in its loop.
+    /// Starts a thread per vCPU and hands over the machine. Its vCPU
+    /// threads count as running from their spawn: nothing waits for them
+    /// to be scheduled, but a VM started paused is handed over once all
+    /// have parked. The guest's reset line is watched by whoever waits
+    /// for the machine ([`Machine::wait_for_exit`] or a poll on
+    /// [`Machine::event_fds`]), not by a thread of its own.
     fn start(
         self,
         guest: GuestKind,
@@ -450,7 +511,10 @@ impl Parts {
                 ch.start_relay(evts).map_err(relay_err)?;
             }
         }
-        let control = Arc::new(RunControl::new(channel.clone(), paused));
+        let control = Arc::new(
+            RunControl::new(channel.clone(), paused)
+                .map_err(|e| device_err("vCPU run control")(e.to_string()))?,
+        );
         let io = VcpuIo {
             pio: Arc::new(self.pio),
             mmio: Arc::new(self.mmio),
@@ -458,33 +522,27 @@ impl Parts {
         };
         let num_vcpus = vcpus.len() as u8;
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+        control.expect_vcpus(vcpus.len());
         for (id, fd) in vcpus.into_iter().enumerate() {
-            let (io, control) = (io.clone(), control.clone());
-            let thread = std::thread::Builder::new()
+            let (io, run) = (io.clone(), control.clone());
+            let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_vcpu(fd, id as u8, io, control))
-                .map_err(BuildError::Thread)?;
-            vcpu_threads.push(thread);
+                .spawn(move || vcpu::run_vcpu(fd, id as u8, io, run));
+            match spawned {
+                Ok(thread) => vcpu_threads.push(thread),
+                Err(e) => {
+                    // The threads already running stop; the rest never will.
+                    control.spawn_failed(usize::from(num_vcpus) - id);
+                    control.stop(vcpu::ExitReason::Error(format!(
+                        "cannot start vCPU thread {id}: {e}"
+                    )));
+                    return Err(BuildError::Thread(e));
+                }
+            }
         }
-        control.wait_until_started(vcpu_threads.len());
-        let reset_watcher = {
-            let evt = self
-                .reset_evt
-                .try_clone()
-                .map_err(|e| device_err("i8042")(e.to_string()))?;
-            let control = control.clone();
-            std::thread::Builder::new()
-                .name("reset".into())
-                .spawn(move || {
-                    // Blocks until the guest pulls the reset line or the machine is dropped.
-                    let _ = evt.read();
-                    control.stop(vcpu::ExitReason::GuestReset);
-                })
-                .map_err(BuildError::Thread)?
-        };
+        control.wait_until_parked();
         Ok(Machine {
             vcpu_threads,
-            reset_watcher: Some(reset_watcher),
             reset_evt: self.reset_evt,
             control,
             channel,
@@ -501,6 +559,16 @@ impl Parts {
             num_vcpus,
         })
     }
+}
+
+/// Creates vCPU `id` of `vm`.
+fn create_vcpu(vm: &vm::Vm, id: u8) -> Result<VcpuFd, BuildError> {
+    vm.fd()
+        .create_vcpu(u64::from(id))
+        .map_err(|e| BuildError::Vcpu {
+            id,
+            reason: format!("KVM_CREATE_VCPU: {e}"),
+        })
 }
 
 /// Memfd RAM is registered for userfaultfd write-protect when the machine
@@ -565,4 +633,94 @@ pub fn linux_boot(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: Option<Stri
         initrd,
         cmdline: cmdline.unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_owned()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use crate::kvm::vcpu::ExitReason;
+    use proto::control::{RunState, SnapshotMode};
+    use proto::guest::{GuestRequest, GuestResponse};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "forkd-builder-{tag}-{}-{}",
+                std::process::id(),
+                random_u64()
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ping(machine: &Machine) {
+        let r = machine
+            .guest_request(&GuestRequest::Ping, std::time::Duration::from_secs(10))
+            .unwrap();
+        assert!(matches!(r, GuestResponse::Pong { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_guest_reset_ends_the_machine_with_no_watcher_thread() {
+        let machine = build_for_boot(&MachineConfig::builtin(16)).unwrap();
+        ping(&machine);
+        assert_eq!(machine.handle_events(), None, "a running machine");
+        // What the guest's `out 0x64, 0xfe` does.
+        machine
+            .i8042
+            .lock()
+            .unwrap()
+            .write(u64::from(0x64 - I8042_BASE), &[0xfe]);
+        assert_eq!(machine.wait_for_exit(), ExitReason::GuestReset);
+    }
+
+    #[test]
+    fn a_prepared_restore_finishes_paused_or_running() {
+        let tmp = TempDir::new("prepared");
+        let parent = build_for_boot(&MachineConfig::builtin(16)).unwrap();
+        ping(&parent);
+        parent
+            .snapshot(&tmp.0.join("snap"), false, SnapshotMode::Full, true)
+            .unwrap();
+        parent.shutdown();
+        assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
+        let snap = PreparedSnapshot::load(&tmp.0.join("snap")).unwrap();
+        let kvm = Arc::new(vm::open_kvm().unwrap());
+        for paused in [true, false] {
+            let prepared = prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
+            let child = prepared
+                .finish(&RestoreConfig {
+                    console: ConsoleOutput::Sink,
+                    paused,
+                    drive_layers: Vec::new(),
+                    vsock_uds: None,
+                    ram: RestoreRam::SnapshotFile,
+                })
+                .unwrap();
+            if paused {
+                // Handed over once its vCPU has parked.
+                assert_eq!(child.status().state, RunState::Paused);
+                child.resume().unwrap();
+            }
+            ping(&child);
+            // Counted from its spawn, the vCPU thread is reached by a pause.
+            child.pause().unwrap();
+            assert_eq!(child.status().state, RunState::Paused);
+            child.resume().unwrap();
+            ping(&child);
+            child.shutdown();
+            assert_eq!(child.wait_for_exit(), ExitReason::Requested);
+        }
+    }
 }

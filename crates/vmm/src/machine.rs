@@ -1,6 +1,7 @@
 //! A running microVM: its RAM, KVM VM, devices and vCPU threads, and the
 //! operations the control socket offers on it.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -101,7 +102,8 @@ pub struct Machine {
     // Field order is drop order: vCPU threads are joined (in Drop) before the
     // VM and then the RAM that its memory slots point into go away.
     pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
-    pub(crate) reset_watcher: Option<JoinHandle<()>>,
+    /// The i8042's reset line (non-blocking): watched by whoever waits for
+    /// the machine (see [`Machine::event_fds`]), not by a thread of its own.
     pub(crate) reset_evt: EventFd,
     pub(crate) control: Arc<RunControl>,
     pub(crate) channel: Option<Arc<Channel>>,
@@ -138,9 +140,45 @@ impl Machine {
         self.control.stop(ExitReason::Requested);
     }
 
-    /// Blocks until the machine has stopped, and says why.
+    /// Blocks until the machine has stopped, and says why. Acts on the
+    /// guest's reset line meanwhile.
     pub fn wait_for_exit(&self) -> ExitReason {
-        self.control.wait_for_exit()
+        loop {
+            if let Some(reason) = self.handle_events() {
+                return reason;
+            }
+            let mut fds = self.event_fds().map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: `fds` is a valid array of pollfd of the length given.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        }
+    }
+
+    /// What a thread that waits for the machine along with descriptors of
+    /// its own (the control socket's listener) polls for readability: the
+    /// guest's reset line and the machine's stop notice. When one is
+    /// readable, call [`Machine::handle_events`]. Polling these instead of
+    /// a watcher thread per machine saves every forked child a thread.
+    pub fn event_fds(&self) -> [RawFd; 2] {
+        [
+            self.reset_evt.as_raw_fd(),
+            self.control.exit_evt().as_raw_fd(),
+        ]
+    }
+
+    /// Stops the machine if the guest pulled its reset line; once it has
+    /// stopped (for any reason), waits for its vCPU threads to end and says
+    /// why. Never blocks on a running machine.
+    pub fn handle_events(&self) -> Option<ExitReason> {
+        if self.reset_evt.read().is_ok() {
+            self.control.stop(ExitReason::GuestReset);
+        }
+        self.control
+            .exit_reason()
+            .map(|_| self.control.wait_for_exit())
     }
 
     /// Why the machine stopped, once it has.
@@ -560,10 +598,6 @@ impl Drop for Machine {
         }
         self.control.stop(ExitReason::Requested);
         for t in self.vcpu_threads.drain(..) {
-            let _ = t.join();
-        }
-        let _ = self.reset_evt.write(1);
-        if let Some(t) = self.reset_watcher.take() {
             let _ = t.join();
         }
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::builtin::channel::{Channel, OutEffect};
 use crate::devices::bus::Bus;
@@ -67,9 +68,13 @@ struct Shared {
     task_results: Vec<Option<Box<dyn Any + Send>>>,
     /// vCPU threads parked in the pause loop.
     paused: usize,
-    /// vCPU threads still alive.
+    /// vCPU threads alive: counted from their spawn
+    /// ([`RunControl::expect_vcpus`]), not from when they first run, so
+    /// nobody has to wait for a new thread to be scheduled before a pause
+    /// reaches it.
     alive: usize,
-    /// pthread ids of live vCPU threads, for kicking.
+    /// pthread ids of vCPU threads in their run loop, for kicking. A thread
+    /// not in the list yet has not read [`RunControl`]'s wish: it will.
     threads: Vec<libc::pthread_t>,
     exit_reason: Option<ExitReason>,
 }
@@ -101,22 +106,33 @@ pub struct RunControl {
     shared: Mutex<Shared>,
     changed: Condvar,
     channel: Option<Arc<Channel>>,
+    /// Written once the VM stops (see [`RunControl::exit_evt`]).
+    exit_evt: EventFd,
 }
 
 impl RunControl {
     /// A run control for a VM whose vCPUs may block in `channel`'s ports;
     /// its vCPUs park before their first instruction when `paused`.
-    pub fn new(channel: Option<Arc<Channel>>, paused: bool) -> Self {
+    pub fn new(channel: Option<Arc<Channel>>, paused: bool) -> std::io::Result<Self> {
         install_kick_handler();
         if let (Some(ch), true) = (&channel, paused) {
             ch.set_interrupted(true);
         }
-        RunControl {
+        Ok(RunControl {
             wanted: AtomicU8::new(if paused { WANT_PAUSE } else { WANT_RUN }),
             shared: Mutex::new(Shared::default()),
             changed: Condvar::new(),
             channel,
-        }
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Readable once the VM has been told to stop (for whatever reason): a
+    /// thread that polls other descriptors too can wait for the end of the
+    /// VM with them, then call [`RunControl::wait_for_exit`], which returns
+    /// as soon as the vCPU threads are gone.
+    pub fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -192,6 +208,8 @@ impl RunControl {
         }
         self.kick_all(&shared);
         self.changed.notify_all();
+        // Cannot fail short of a counter overflow, which a stop never reaches.
+        let _ = self.exit_evt.write(1);
     }
 
     /// Whether every vCPU is parked in the pause loop.
@@ -216,22 +234,39 @@ impl RunControl {
         }
     }
 
-    /// Registers a vCPU thread about to run (call from that thread).
-    fn enter(&self) {
+    /// Counts `n` vCPU threads about to be spawned as alive, before they
+    /// run: a pause from now on waits for them to park, so the spawner
+    /// need not wait for them to start. Each must then run [`run_vcpu`];
+    /// when fewer were spawned, [`RunControl::spawn_failed`] takes the
+    /// others back.
+    pub fn expect_vcpus(&self, n: usize) {
+        self.lock().alive += n;
+    }
+
+    /// Takes back `n` vCPU threads counted by [`RunControl::expect_vcpus`]
+    /// that could not be spawned.
+    pub fn spawn_failed(&self, n: usize) {
         let mut shared = self.lock();
-        shared.alive += 1;
-        // SAFETY: pthread_self has no preconditions.
-        shared.threads.push(unsafe { libc::pthread_self() });
+        shared.alive -= n;
         self.changed.notify_all();
     }
 
-    /// Blocks until `n` vCPU threads have registered (and, when the VM
-    /// starts paused, parked), or the VM stopped, so a pause or a paused
-    /// task issued after this reaches every vCPU.
-    pub fn wait_until_started(&self, n: usize) {
+    /// Registers a vCPU thread about to run (call from that thread) for kicks.
+    fn enter(&self) {
         let mut shared = self.lock();
-        let paused = self.wanted.load(Ordering::SeqCst) == WANT_PAUSE;
-        while (shared.alive < n || (paused && shared.paused < n)) && shared.exit_reason.is_none() {
+        // SAFETY: pthread_self has no preconditions.
+        shared.threads.push(unsafe { libc::pthread_self() });
+    }
+
+    /// When the VM starts paused, blocks until every vCPU thread has parked
+    /// (or the VM stopped), so the VM reports `paused` from then on. A
+    /// running VM does not wait: its threads were counted at spawn.
+    pub fn wait_until_parked(&self) {
+        if self.wanted.load(Ordering::SeqCst) != WANT_PAUSE {
+            return;
+        }
+        let mut shared = self.lock();
+        while shared.paused < shared.alive && shared.exit_reason.is_none() {
             shared = self.changed.wait(shared).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -342,7 +377,10 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     }
 }
 
-fn install_kick_handler() {
+/// Installs the handler of [`kick_signal`] (once per process; every VM
+/// does it when it starts). A process that forks VMs calls it before
+/// forking, so its children inherit it.
+pub fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)

@@ -12,23 +12,53 @@
 //! - `forkd-vmm fork-server`: keeps the parsed snapshot and forks a batch
 //!   per request on its socket, for as long as it lives (the daemon keeps
 //!   one per snapshot).
+//!
+//! ## The pool (`fork-server --pool N`)
+//!
+//! Most of a child's start does not depend on the request: the KVM VM,
+//! its memory slots (whose cost grows with guest RAM), the interrupt
+//! controller, the vCPUs with their saved state, the mapping of the memory
+//! file. A KVM VM belongs to the address space of the process that created
+//! it, so this cannot be done once in the server; but it can be done ahead
+//! of time in a child forked for the purpose. With `--pool N` the server
+//! keeps up to N such children parked (their name `forkd-pooled` while
+//! they wait). A fork request hands them out first: the server creates the
+//! child's directory and binds its control socket, and sends both (the
+//! socket as a descriptor) over the child's link, a `SOCK_SEQPACKET`
+//! socket pair; the child then adds what is its own (console, drive
+//! layers, vsock socket, new VM generation, the clock), starts its vCPU and
+//! serves. The pool refills after the answer, one fork at a time between
+//! requests. A pooled child prepares at `SCHED_IDLE` priority (when it can
+//! be raised back, as root) and is raised to normal when handed out: the
+//! refill after an answer runs on CPU time nothing else wants, and does
+//! not slow the children just handed out on their way to answering. A
+//! parked child whose server goes away (exits, is killed) sees its link
+//! closed and exits. Requests for memfd RAM are forked cold.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use proto::control::{ForkRequest, ForkResponse, ForkedChild, MAX_REQUEST_BYTES};
-use vmm::builder::{self, RestoreConfig, RestoreRam};
+use vmm::builder::{self, PreparedRestore, RestoreConfig, RestoreRam};
 use vmm::devices::serial::ConsoleOutput;
 use vmm::devices::virtio::manager::DeviceState;
 use vmm::snapshot::PreparedSnapshot;
 
 /// Most children one request starts.
 pub const MAX_CHILDREN: u32 = 1000;
+
+/// The name (`comm`) of a pooled child while it waits, restore prepared,
+/// for a request: what `ps` shows, and what tests and the benchmark look
+/// for to know a pool is full.
+pub const POOLED_NAME: &str = "forkd-pooled";
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -66,6 +96,14 @@ pub struct ForkServerArgs {
     /// Unix socket to take fork requests on (created; removed on exit).
     #[arg(long)]
     socket: PathBuf,
+    /// Keep up to N children ready ahead of requests: forked, their KVM VM,
+    /// memory mapping, memory slots and vCPUs made, parked until a request
+    /// hands them out (they then add their own devices, identity and clock,
+    /// and run). Each parked child is an idle process holding a KVM VM
+    /// (kernel memory for its memory slots grows with guest RAM). 0: none,
+    /// every child is forked when asked for.
+    #[arg(long, default_value_t = 0)]
+    pool: u32,
 }
 
 /// `forkd-vmm fork`.
@@ -80,6 +118,7 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
             memfd: args.memfd,
         },
         &[],
+        None,
     )?;
     let mut stdout = std::io::stdout().lock();
     for child in children {
@@ -90,17 +129,70 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
 }
 
 /// `forkd-vmm fork-server`: one request per connection, served in order on
-/// the main thread (forking needs a single-threaded process).
+/// the main thread (forking needs a single-threaded process); between
+/// requests, the pool is refilled one child at a time.
 pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
+    if args.pool > MAX_CHILDREN {
+        return Err(format!(
+            "a pool of {} is out of range: keep 0 to {MAX_CHILDREN} children",
+            args.pool
+        )
+        .into());
+    }
     let forker = Forker::new(&args.snapshot)?;
     // Children are reaped by the kernel: nobody waits for them here.
     // SAFETY: setting a signal disposition has no memory-safety preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let listener = crate::control::bind(&args.socket)?;
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if serve_one(&forker, stream, listener.as_raw_fd()) {
-            break;
+    listener.set_nonblocking(true)?;
+    let mut pool = Pool::new(args.pool as usize);
+    loop {
+        // While the pool is short, only look for a request; otherwise wait
+        // for one, or for a parked child to die.
+        let refill = pool.refill_wanted();
+        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(pool.parked.iter().map(|p| p.link.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let timeout = match refill {
+            Refill::Now => 0,
+            Refill::After(wait) => wait.as_millis().clamp(1, 1000) as libc::c_int,
+            Refill::No => -1,
+        };
+        // SAFETY: `fds` is a valid array of pollfd of the length given.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if ready < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("fork server: cannot wait for requests: {e}").into());
+        }
+        // A parked child sends nothing: its link turning readable means it died.
+        let dead: Vec<usize> = fds[1..]
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.revents != 0)
+            .map(|(i, _)| i)
+            .collect();
+        pool.forget(&dead);
+        if fds[0].revents != 0 {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    // Accepted sockets do not inherit O_NONBLOCK on Linux.
+                    if serve_one(&forker, &mut pool, stream, listener.as_raw_fd()) {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => eprintln!("forkd-vmm fork-server: cannot accept a request: {e}"),
+            }
+        } else if matches!(refill, Refill::Now) {
+            pool.add_one(&forker, &[listener.as_raw_fd()]);
         }
     }
     let _ = std::fs::remove_file(&args.socket);
@@ -109,7 +201,7 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
 
 /// Answers one request; true when the server should stop. The children
 /// close the server's listening socket (`listener`) and this connection.
-fn serve_one(forker: &Forker, stream: UnixStream, listener: RawFd) -> bool {
+fn serve_one(forker: &Forker, pool: &mut Pool, stream: UnixStream, listener: RawFd) -> bool {
     // A client that sends nothing must not stall the server.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = Vec::new();
@@ -135,6 +227,7 @@ fn serve_one(forker: &Forker, stream: UnixStream, listener: RawFd) -> bool {
                     memfd,
                 },
                 &[listener, stream.as_raw_fd()],
+                Some(pool),
             ) {
                 Ok(children) => (ForkResponse::Forked { children }, false),
                 Err(e) => (
@@ -165,10 +258,15 @@ struct ChildOptions {
     memfd: bool,
 }
 
-/// A parsed snapshot, ready to fork children of.
+/// A parsed snapshot, ready to fork children of, and what every child
+/// would otherwise open for itself.
 struct Forker {
     snapshot: PreparedSnapshot,
     has_vsock: bool,
+    /// /dev/kvm, opened once: children create their VMs through it.
+    kvm: Arc<vmm::kvm::vm::Kvm>,
+    /// /dev/null, opened once: children's stdin and stdout.
+    null: std::fs::File,
 }
 
 impl Forker {
@@ -180,6 +278,8 @@ impl Forker {
             );
         }
         let snapshot = PreparedSnapshot::load(dir)?;
+        vmm::kvm::vcpu::install_kick_handler();
+        warm_up_threads();
         let has_vsock = snapshot
             .state
             .devices
@@ -189,46 +289,18 @@ impl Forker {
         Ok(Forker {
             snapshot,
             has_vsock,
+            kvm: Arc::new(vmm::kvm::vm::open_kvm()?),
+            null: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map_err(|e| format!("cannot open /dev/null: {e}"))?,
         })
     }
 
-    /// Forks `n` children under `out_dir`; each closes `close_in_child`
-    /// (descriptors of the parent's that are none of a child's business).
-    fn spawn(
-        &self,
-        n: u32,
-        out_dir: &Path,
-        options: ChildOptions,
-        close_in_child: &[RawFd],
-    ) -> Result<Vec<ForkedChild>, BoxError> {
-        if !(1..=MAX_CHILDREN).contains(&n) {
-            return Err(format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into());
-        }
-        std::fs::create_dir_all(out_dir)
-            .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-        // Flushed before every fork so no buffered output is written twice.
-        std::io::stdout().flush()?;
-        (0..n)
-            .map(|index| self.spawn_one(index, out_dir, options, close_in_child))
-            .collect()
-    }
-
-    fn spawn_one(
-        &self,
-        index: u32,
-        out_dir: &Path,
-        options: ChildOptions,
-        close_in_child: &[RawFd],
-    ) -> Result<ForkedChild, BoxError> {
-        let dir = out_dir.join(index.to_string());
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let control_socket = dir.join("control.sock");
-        // Bound here, before the fork: the socket exists when the caller
-        // hears of the child, and early clients wait in its backlog.
-        let listener = crate::control::bind(&control_socket)?;
-        let vsock_socket = self.has_vsock.then(|| dir.join("vsock.sock"));
-        let cfg = RestoreConfig {
+    /// What the child in `dir` gets of its own.
+    fn child_config(&self, dir: &Path, options: ChildOptions) -> RestoreConfig {
+        RestoreConfig {
             console: if options.console_log {
                 ConsoleOutput::File(dir.join("console.log"))
             } else {
@@ -238,7 +310,7 @@ impl Forker {
             drive_layers: (0..self.snapshot.meta.disks.len())
                 .map(|j| dir.join(format!("disk{j}.cow")))
                 .collect(),
-            vsock_uds: vsock_socket.clone(),
+            vsock_uds: self.has_vsock.then(|| dir.join("vsock.sock")),
             // The copy happens in the child, after the fork: children copy
             // in parallel and the parent stays small.
             ram: if options.memfd {
@@ -246,50 +318,527 @@ impl Forker {
             } else {
                 RestoreRam::SnapshotFile
             },
-        };
+        }
+    }
+
+    /// Forks `n` children under `out_dir`, or hands out parked children
+    /// of `pool` for as many as it has and the options allow; each new
+    /// child closes `close_in_child` (descriptors of the parent's that are
+    /// none of a child's business) and the pool's links.
+    fn spawn(
+        &self,
+        n: u32,
+        out_dir: &Path,
+        options: ChildOptions,
+        close_in_child: &[RawFd],
+        mut pool: Option<&mut Pool>,
+    ) -> Result<Vec<ForkedChild>, BoxError> {
+        if !(1..=MAX_CHILDREN).contains(&n) {
+            return Err(format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into());
+        }
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+        // Flushed before every fork so no buffered output is written twice.
+        std::io::stdout().flush()?;
+        let mut children = Vec::with_capacity(n as usize);
+        for index in 0..n {
+            let dir = out_dir.join(index.to_string());
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let control_socket = dir.join("control.sock");
+            // Bound here, before the fork or the hand-out: the socket exists
+            // when the caller hears of the child, and early clients wait in
+            // its backlog.
+            let listener = crate::control::bind(&control_socket)?;
+            let pooled = match pool.as_deref_mut() {
+                Some(pool) if !options.memfd => pool.hand_out(&dir, options, &listener),
+                _ => None,
+            };
+            let pid = match pooled {
+                Some(pid) => pid,
+                None => {
+                    let links: Vec<RawFd> = pool.as_deref().map_or_else(Vec::new, Pool::links);
+                    let close: Vec<RawFd> = close_in_child.iter().copied().chain(links).collect();
+                    self.fork_cold(&dir, options, listener, &close)?
+                }
+            };
+            children.push(ForkedChild {
+                index,
+                pid,
+                vsock_socket: self.has_vsock.then(|| dir.join("vsock.sock")),
+                dir,
+                control_socket,
+            });
+        }
+        Ok(children)
+    }
+
+    /// Forks a child that restores from scratch and serves on `listener`.
+    fn fork_cold(
+        &self,
+        dir: &Path,
+        options: ChildOptions,
+        listener: UnixListener,
+        close_in_child: &[RawFd],
+    ) -> Result<i32, BoxError> {
+        let cfg = self.child_config(dir, options);
         // SAFETY: this process is single-threaded (checked when the Forker
         // was made; nothing here starts threads), so the child is a complete
         // copy of it and may go on running Rust code.
         match unsafe { libc::fork() } {
             -1 => Err(format!("fork failed: {}", std::io::Error::last_os_error()).into()),
             0 => {
-                for &fd in close_in_child {
-                    // SAFETY: the descriptor is the parent's, inherited and unused here.
-                    unsafe { libc::close(fd) };
-                }
-                std::process::exit(child(&self.snapshot, &dir, listener, &control_socket, &cfg))
+                close_all(close_in_child);
+                std::process::exit(child(self, dir, listener, &cfg, None))
             }
-            pid => Ok(ForkedChild {
-                index,
-                pid,
-                dir,
-                control_socket,
-                vsock_socket,
-            }),
+            pid => Ok(pid),
         }
     }
 }
 
-/// The child: detach from the parent's session and standard streams,
-/// restore, serve until the VM ends.
-fn child(
-    snapshot: &PreparedSnapshot,
+/// Starts and joins two threads, once, before any fork: what the first
+/// threads of a process set up (glibc's cache of thread stacks and its
+/// per-thread malloc arenas, Rust's lookup of optional libc symbols,
+/// stdio locking) is then inherited by every child, which starts its own
+/// threads (a vCPU, a control connection) without doing it again. The
+/// process is single-threaded again when this returns.
+fn warm_up_threads() {
+    let threads: Vec<_> = (0..2)
+        .map(|i| {
+            std::thread::Builder::new()
+                .name(format!("warm-up{i}"))
+                .spawn(|| std::hint::black_box(vec![0u8; 64]).len())
+        })
+        .collect();
+    for t in threads.into_iter().flatten() {
+        let _ = t.join();
+    }
+}
+
+/// Closes descriptors a child inherited from the server and has no use for.
+fn close_all(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: the descriptor is the parent's, inherited and unused here.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Children forked ahead of requests, each parked with its restore prepared.
+struct Pool {
+    /// How many to keep.
+    target: usize,
+    /// Oldest first (the likeliest to be ready).
+    parked: VecDeque<Parked>,
+    /// When a parked child last died without being handed out: refills
+    /// slow down after that, so a restore that cannot succeed (its
+    /// snapshot gone, KVM refusing) does not turn into a fork loop.
+    last_loss: Option<Instant>,
+    /// Pooled children prepare at `SCHED_IDLE` (this process may raise a
+    /// thread back from it).
+    idle_prepare: bool,
+}
+
+/// One parked child.
+struct Parked {
+    pid: i32,
+    /// The server's end of the child's link: the order goes here, and its
+    /// closing (the server gone) tells a parked child to exit.
+    link: OwnedFd,
+}
+
+/// What the pool wants of the server's loop.
+enum Refill {
+    /// A child now.
+    Now,
+    /// A child, but not before this wait (a parked child died lately).
+    After(Duration),
+    /// Nothing: the pool is full.
+    No,
+}
+
+/// Pause between refills after a parked child died unasked.
+const REFILL_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Pool {
+    fn new(target: usize) -> Self {
+        Pool {
+            target,
+            parked: VecDeque::with_capacity(target),
+            last_loss: None,
+            idle_prepare: target > 0 && idle_is_reversible(),
+        }
+    }
+
+    fn refill_wanted(&self) -> Refill {
+        if self.parked.len() >= self.target {
+            return Refill::No;
+        }
+        match self.last_loss.map(|t| t.elapsed()) {
+            Some(since) if since < REFILL_BACKOFF => Refill::After(REFILL_BACKOFF - since),
+            _ => Refill::Now,
+        }
+    }
+
+    /// The server's ends of every link, for a new child to close.
+    fn links(&self) -> Vec<RawFd> {
+        self.parked.iter().map(|p| p.link.as_raw_fd()).collect()
+    }
+
+    /// Drops the parked children at `indices` (of `parked`, ascending):
+    /// they died.
+    fn forget(&mut self, indices: &[usize]) {
+        for &i in indices.iter().rev() {
+            if let Some(gone) = self.parked.remove(i) {
+                eprintln!(
+                    "forkd-vmm fork-server: pooled child {} ended before it was asked for",
+                    gone.pid
+                );
+                self.last_loss = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Forks one more parked child (whose restore is prepared in the
+    /// child, in parallel with whatever the server does next).
+    fn add_one(&mut self, forker: &Forker, close_in_child: &[RawFd]) {
+        let (ours, theirs) = match link_pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                eprintln!("forkd-vmm fork-server: cannot make a pooled child's link: {e}");
+                self.last_loss = Some(Instant::now());
+                return;
+            }
+        };
+        // SAFETY: this process is single-threaded (checked when the Forker
+        // was made), so the child is a complete copy of it and may go on
+        // running Rust code.
+        match unsafe { libc::fork() } {
+            -1 => {
+                eprintln!(
+                    "forkd-vmm fork-server: cannot fork a pooled child: {}",
+                    std::io::Error::last_os_error()
+                );
+                self.last_loss = Some(Instant::now());
+            }
+            0 => {
+                close_all(close_in_child);
+                close_all(&self.links());
+                drop(ours);
+                std::process::exit(pooled_child(forker, theirs, self.idle_prepare))
+            }
+            pid => self.parked.push_back(Parked { pid, link: ours }),
+        }
+    }
+
+    /// Hands the oldest parked child that is still alive the child
+    /// directory `dir` and its control socket `listener`; its pid, or None
+    /// when the pool is empty.
+    fn hand_out(
+        &mut self,
+        dir: &Path,
+        options: ChildOptions,
+        listener: &UnixListener,
+    ) -> Option<i32> {
+        while let Some(parked) = self.parked.pop_front() {
+            if self.idle_prepare {
+                // A child still preparing finishes at normal priority (it
+                // raises itself when it reads the order, too late for that).
+                let _ = set_scheduler(parked.pid, libc::SCHED_OTHER);
+            }
+            match send_order(&parked.link, dir, options, listener.as_fd()) {
+                // The link closes here: the child has its order.
+                Ok(()) => return Some(parked.pid),
+                // It died since the last look (EPIPE, ECONNRESET): the next one.
+                Err(e) => eprintln!(
+                    "forkd-vmm fork-server: pooled child {} cannot take a request: {e}",
+                    parked.pid
+                ),
+            }
+        }
+        None
+    }
+}
+
+/// A `SOCK_SEQPACKET` pair (one order is one message; a closed end reads
+/// as end of file), close-on-exec: (the server's end, the child's end).
+fn link_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is a valid array of two ints for the new descriptors.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair succeeded: both descriptors are new and ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Option bits of an order.
+const ORDER_PAUSED: u8 = 1;
+const ORDER_CONSOLE_LOG: u8 = 2;
+/// Longest order: an option byte and a directory path.
+const MAX_ORDER: usize = 1 + libc::PATH_MAX as usize;
+
+/// Sends a parked child its order: one message of an option byte and the
+/// directory's path, carrying the control socket's listener.
+fn send_order(
+    link: &OwnedFd,
     dir: &Path,
-    listener: UnixListener,
-    socket: &Path,
-    cfg: &RestoreConfig,
-) -> i32 {
+    options: ChildOptions,
+    listener: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let path = dir.as_os_str().as_bytes();
+    if path.len() + 1 > MAX_ORDER {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the child directory {} is too long a path", dir.display()),
+        ));
+    }
+    let mut data = Vec::with_capacity(1 + path.len());
+    data.push(
+        if options.paused { ORDER_PAUSED } else { 0 }
+            | if options.console_log {
+                ORDER_CONSOLE_LOG
+            } else {
+                0
+            },
+    );
+    data.extend_from_slice(path);
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let fd = listener.as_raw_fd();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain old data; every field used is set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `control`, which has room for one cmsghdr
+    // carrying one descriptor (CMSG_SPACE above); CMSG_FIRSTHDR is non-null
+    // for a control buffer that large, and CMSG_DATA points inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    // SAFETY: `msg` and what it points at are valid for the call; MSG_NOSIGNAL
+    // turns a dead peer into EPIPE instead of a signal.
+    let sent = unsafe { libc::sendmsg(link.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits for this parked child's order: `None` when the server closed the
+/// link without one (it is gone), else the child's directory, options and
+/// control socket listener.
+fn receive_order(link: &OwnedFd) -> std::io::Result<Option<(PathBuf, ChildOptions, UnixListener)>> {
+    let mut data = vec![0u8; MAX_ORDER];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is plain old data; every field used is set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` points at buffers that live across the call.
+        let n = unsafe { libc::recvmsg(link.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        // SAFETY: recvmsg filled `msg`; CMSG_FIRSTHDR/CMSG_DATA stay within
+        // `control` (msg_controllen says how much of it is valid).
+        let fd = unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null()
+                || (*cmsg).cmsg_level != libc::SOL_SOCKET
+                || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+            {
+                None
+            } else {
+                Some(std::ptr::read_unaligned(
+                    libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                ))
+            }
+        };
+        let Some(fd) = fd else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "an order without its control socket",
+            ));
+        };
+        // SAFETY: the descriptor arrived with the message: it is new in this
+        // process and ours alone.
+        let listener = unsafe { UnixListener::from_raw_fd(fd) };
+        let n = n as usize;
+        if msg.msg_flags & libc::MSG_TRUNC != 0 || n < 2 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a malformed order",
+            ));
+        }
+        let options = ChildOptions {
+            paused: data[0] & ORDER_PAUSED != 0,
+            console_log: data[0] & ORDER_CONSOLE_LOG != 0,
+            memfd: false,
+        };
+        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&data[1..n]));
+        return Ok(Some((dir, options, listener)));
+    }
+}
+
+/// Sets the scheduling policy of thread `tid` (0: the calling thread),
+/// with static priority 0 (what `SCHED_OTHER` and `SCHED_IDLE` take).
+fn set_scheduler(tid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether a thread of this process that went to `SCHED_IDLE` may come
+/// back to `SCHED_OTHER` (CAP_SYS_NICE or a high enough RLIMIT_NICE):
+/// tried on the calling thread, which ends where it started.
+fn idle_is_reversible() -> bool {
+    // SAFETY: sched_getscheduler has no memory-safety preconditions.
+    if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+        return false;
+    }
+    if set_scheduler(0, libc::SCHED_IDLE).is_err() {
+        return false;
+    }
+    if set_scheduler(0, libc::SCHED_OTHER).is_ok() {
+        return true;
+    }
+    eprintln!(
+        "forkd-vmm fork-server: this process cannot raise a thread back from SCHED_IDLE \
+         (no CAP_SYS_NICE) and stays there; run it as root"
+    );
+    false
+}
+
+/// A pooled child: prepares its restore (at `SCHED_IDLE` when `idle`),
+/// parks until the server hands it a request (or goes away), then becomes
+/// that request's child, at normal priority.
+fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool) -> i32 {
     // SAFETY: restoring the default disposition has no preconditions; a
     // fork server ignores SIGCHLD and its children must not inherit that.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-    if let Err(e) = detach(dir) {
+    // Whoever reads the server's stdout must not wait for parked children;
+    // stderr stays the server's until the child has a directory, so a
+    // restore that cannot be prepared is reported in the server's log.
+    for to in [0, 1] {
+        // SAFETY: both descriptors are open; dup2 replaces `to` atomically.
+        unsafe { libc::dup2(forker.null.as_raw_fd(), to) };
+    }
+    if idle {
+        // Lowering one's own priority is always allowed.
+        let _ = set_scheduler(0, libc::SCHED_IDLE);
+    }
+    let prepared = match builder::prepare_restore(
+        &forker.snapshot,
+        forker.kvm.clone(),
+        RestoreRam::SnapshotFile,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "forkd-vmm pooled child: cannot prepare a restore of {}: {e}",
+                forker.snapshot.dir.display()
+            );
+            return 2;
+        }
+    };
+    set_name(POOLED_NAME);
+    let order = receive_order(&link);
+    drop(link);
+    if idle {
+        if let Err(e) = set_scheduler(0, libc::SCHED_OTHER) {
+            eprintln!("forkd-vmm pooled child: cannot leave SCHED_IDLE: {e}");
+        }
+    }
+    set_name("forkd-vmm");
+    match order {
+        Ok(Some((dir, options, listener))) => {
+            let cfg = forker.child_config(&dir, options);
+            child(forker, &dir, listener, &cfg, Some(prepared))
+        }
+        // The server is gone: nobody will ask for this child.
+        Ok(None) => 0,
+        Err(e) => {
+            eprintln!("forkd-vmm pooled child: cannot take its order: {e}");
+            2
+        }
+    }
+}
+
+/// Sets this process's name (`comm`, at most 15 bytes).
+fn set_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let len = name.len().min(15);
+    buf[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes, which `buf` is.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+}
+
+/// The child: detach from the parent's session and standard streams,
+/// restore (finishing `prepared` when it was made ahead), serve until the
+/// VM ends.
+fn child(
+    forker: &Forker,
+    dir: &Path,
+    listener: UnixListener,
+    cfg: &RestoreConfig,
+    prepared: Option<PreparedRestore<'_>>,
+) -> i32 {
+    let snapshot = &forker.snapshot;
+    let socket = dir.join("control.sock");
+    // SAFETY: restoring the default disposition has no preconditions; a
+    // fork server ignores SIGCHLD and its children must not inherit that.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    if let Err(e) = detach(dir, &forker.null) {
         eprintln!("forkd-vmm child: {e}");
         return 2;
     }
-    match builder::build_from_snapshot(snapshot, cfg) {
+    let built = match prepared {
+        Some(p) => p.finish(cfg),
+        None => builder::prepare_restore(snapshot, forker.kvm.clone(), cfg.ram)
+            .and_then(|p| p.finish(cfg)),
+    };
+    match built {
         Ok(machine) => {
-            let code =
-                crate::serve_until_exit(std::sync::Arc::new(machine), Some(listener), Some(socket));
+            let code = crate::serve_until_exit(Arc::new(machine), Some(listener), Some(&socket));
             if code == ExitCode::SUCCESS {
                 0
             } else {
@@ -301,7 +850,7 @@ fn child(
                 "forkd-vmm child: cannot restore {}: {e}",
                 snapshot.dir.display()
             );
-            let _ = std::fs::remove_file(socket);
+            let _ = std::fs::remove_file(&socket);
             2
         }
     }
@@ -310,18 +859,14 @@ fn child(
 /// New session (the parent's terminal signals no longer reach the child);
 /// stdin and stdout to /dev/null, stderr to `<dir>/vmm.log`, so whoever reads
 /// the parent's output sees its end when the parent returns.
-fn detach(dir: &Path) -> std::io::Result<()> {
+fn detach(dir: &Path, null: &std::fs::File) -> std::io::Result<()> {
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("vmm.log"))?;
-    for (from, to) in [(&null, 0), (&null, 1), (&log, 2)] {
+    for (from, to) in [(null, 0), (null, 1), (&log, 2)] {
         // SAFETY: both descriptors are open; dup2 replaces `to` atomically.
         if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
             return Err(std::io::Error::last_os_error());

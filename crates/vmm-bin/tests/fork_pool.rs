@@ -1,0 +1,349 @@
+//! Host tests: a fork server's pool of children prepared ahead of requests
+//! (`forkd-vmm fork-server --pool N`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{process_alive, ControlledVm, ForkedVm, Pattern, TempDir, TestVm};
+use proto::agent;
+use proto::control::{ControlClient, ControlRequest, ControlResponse, RunState, SnapshotMode};
+use proto::guest::{GuestRequest, GuestResponse};
+use serde_json::{json, Value};
+
+/// What a parked pooled child calls itself (`comm`).
+const POOLED: &str = "forkd-pooled";
+
+/// A built-in guest with a vsock device, 16 MiB of pattern 1 written and
+/// snapshotted into `snap` (the parent is shut down); its identity.
+fn make_snapshot(snap: &Path, vsock_dir: &Path) -> (u64, u64) {
+    let uds = vsock_dir.join("parent-vsock.sock");
+    let mut vm = TestVm::start(&[
+        "--builtin",
+        "--mem-mib",
+        "64",
+        "--console",
+        "none",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    vm.guest(Pattern { seed: 7 }.fill(1, 16, 0));
+    let id = identity(vm.guest(GuestRequest::Identity));
+    common::snapshot(&mut vm, snap, SnapshotMode::Full);
+    vm.shutdown();
+    id
+}
+
+fn identity(r: GuestResponse) -> (u64, u64) {
+    match r {
+        GuestResponse::Identity {
+            boot_id,
+            generation,
+        } => (boot_id, generation),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A running `forkd-vmm fork-server`; killed on drop.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    /// Children it handed out: a pooled child is still called
+    /// `forkd-pooled` until it has read its order.
+    handed: std::cell::RefCell<Vec<i32>>,
+}
+
+impl Server {
+    fn start(snap: &Path, socket: PathBuf, pool: u32) -> Server {
+        let child = Command::new(common::vmm_bin())
+            .args(["fork-server", "--snapshot"])
+            .arg(snap)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--pool", &pool.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn forkd-vmm fork-server");
+        Server {
+            child,
+            socket,
+            handed: Default::default(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// One request line, its answer.
+    fn ask(&self, request: &Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("the fork server did not start: {e}"),
+            }
+        };
+        let mut line = serde_json::to_vec(request).unwrap();
+        line.push(b'\n');
+        s.write_all(&line).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// Forks `n` children into `out` (`extra`: more request fields) and
+    /// connects to each.
+    fn fork(&self, n: u32, out: &Path, extra: Value) -> Vec<ForkedVm> {
+        let mut request = json!({"op": "fork", "n": n, "out_dir": out});
+        if let Value::Object(more) = extra {
+            request.as_object_mut().unwrap().extend(more);
+        }
+        let r = self.ask(&request);
+        assert_eq!(r["result"], "forked", "{r}");
+        let kids = r["children"].as_array().unwrap();
+        assert_eq!(kids.len(), n as usize);
+        self.handed
+            .borrow_mut()
+            .extend(kids.iter().map(|k| k["pid"].as_i64().unwrap() as i32));
+        kids.iter()
+            .map(|k| {
+                let sock = PathBuf::from(k["control_socket"].as_str().unwrap());
+                let dir = PathBuf::from(k["dir"].as_str().unwrap());
+                assert_eq!(sock, dir.join("control.sock"));
+                let client = ControlClient::connect(&sock, Duration::from_secs(30))
+                    .expect("the control socket exists when the answer comes");
+                ForkedVm {
+                    pid: k["pid"].as_i64().unwrap() as i32,
+                    client,
+                    dir,
+                }
+            })
+            .collect()
+    }
+
+    /// The server's children that are parked in the pool.
+    fn parked(&self) -> Vec<i32> {
+        let handed = self.handed.borrow();
+        children_of(self.pid())
+            .into_iter()
+            .filter(|p| !handed.contains(p) && comm(*p).as_deref() == Some(POOLED))
+            .collect()
+    }
+
+    /// Waits (up to 30 s: the machine may be busy) until `n` children are
+    /// parked; returns them.
+    fn wait_parked(&self, n: usize) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let parked = self.parked();
+            if parked.len() == n {
+                return parked;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} children parked, expected {n}",
+                parked.len()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn wait_gone(pids: &[i32], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &p in pids {
+        while process_alive(p) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: process {p} lives on ({}, in {})",
+                std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default(),
+                std::fs::read_to_string(format!("/proc/{p}/wchan")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Asks the child's guest over its own vsock socket who it is.
+fn vsock_identity(uds: &Path) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{}: {e}", uds.display());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(format!("CONNECT {}\n", agent::DEFAULT_VSOCK_PORT).as_bytes())
+        .unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        s.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    agent::write_raw_frame(&mut s, br#"{"op":"identity"}"#, b"").unwrap();
+    let frame = agent::read_frame(&mut s, agent::MAX_FRAME).unwrap();
+    identity(serde_json::from_slice(&frame.json).unwrap())
+}
+
+#[test]
+fn pooled_children_are_distinct_isolated_and_answer_and_the_pool_refills() {
+    let tmp = TempDir::new("pool");
+    let snap = tmp.path().join("snap");
+    let (boot_id, parent_gen) = make_snapshot(&snap, tmp.path());
+    let server = Server::start(&snap, tmp.path().join("fork.sock"), 3);
+    let first = server.wait_parked(3);
+
+    // Two of three pooled children: they are the parked processes.
+    let mut kids = server.fork(2, &tmp.path().join("a"), json!({}));
+    for kid in &mut kids {
+        assert!(first.contains(&kid.pid), "{} was not parked", kid.pid);
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+        // Serving: no longer parked, and detached into its own directory.
+        assert_eq!(comm(kid.pid).as_deref(), Some("forkd-vmm"));
+        assert!(kid.dir.join("vmm.log").exists());
+    }
+    assert_ne!(kids[0].pid, kids[1].pid);
+    // Each answers as itself: a new generation, the boot id and memory of
+    // the snapshot, over its own control and vsock sockets.
+    let pattern = Pattern { seed: 7 };
+    let mut generations = vec![parent_gen];
+    for kid in &mut kids {
+        assert_eq!(kid.status().memory_backend, "file");
+        let (kid_boot, kid_gen) = identity(kid.guest(GuestRequest::Identity));
+        assert_eq!(kid_boot, boot_id);
+        assert!(!generations.contains(&kid_gen), "generations repeat");
+        generations.push(kid_gen);
+        assert_eq!(
+            vsock_identity(&kid.dir.join("vsock.sock")),
+            (kid_boot, kid_gen),
+            "the child's vsock socket reaches the child"
+        );
+        pattern.verify(kid, 1, 16, 0);
+    }
+    // Copy-on-write: one child's writes are its own.
+    kids[0].guest(pattern.fill(2, 4, 0));
+    pattern.verify(&mut kids[0], 2, 4, 0);
+    pattern.verify(&mut kids[1], 1, 16, 0);
+
+    // The pool refills after the answer, with new processes.
+    let refilled = server.wait_parked(3);
+    assert!(
+        refilled.iter().all(|p| !kids.iter().any(|k| k.pid == *p)),
+        "a handed-out child is still in the pool"
+    );
+
+    // More than the pool holds: the rest are forked cold, and all answer;
+    // a paused request is honoured by pooled children too.
+    let mut more = server.fork(5, &tmp.path().join("b"), json!({"paused": true}));
+    let pooled = more.iter().filter(|k| refilled.contains(&k.pid)).count();
+    assert_eq!(pooled, 3, "the pool's children go first");
+    for kid in &mut more {
+        assert_eq!(kid.status().state, RunState::Paused);
+        assert_eq!(kid.call(ControlRequest::Resume), ControlResponse::Ok);
+        let (_, g) = identity(kid.guest(GuestRequest::Identity));
+        assert!(!generations.contains(&g), "generations repeat");
+        generations.push(g);
+        pattern.verify(kid, 1, 16, 0);
+    }
+    // The snapshot's memory is unchanged by any of them.
+    pattern.verify(&mut kids[1], 1, 16, 0);
+
+    // A memfd request is forked cold, leaving the pool alone.
+    let parked = server.wait_parked(3);
+    let mut memfd = server.fork(1, &tmp.path().join("c"), json!({"memfd": true}));
+    assert!(!parked.contains(&memfd[0].pid));
+    assert_eq!(memfd[0].status().memory_backend, "memfd");
+    assert_eq!(server.parked().len(), 3);
+
+    for kid in kids.into_iter().chain(more).chain(memfd) {
+        kid.shutdown();
+    }
+}
+
+#[test]
+fn parked_children_exit_with_their_server() {
+    let tmp = TempDir::new("pool-exit");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+
+    // Killed outright: the parked children see their links close.
+    let mut server = Server::start(&snap, tmp.path().join("a.sock"), 2);
+    let parked = server.wait_parked(2);
+    let mut handed = server.fork(1, &tmp.path().join("a"), json!({}));
+    server.wait_parked(2);
+    let parked_now = server.parked();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    wait_gone(&parked_now, "a parked child of a killed server");
+    // A child already handed out is no longer the pool's: it runs on.
+    assert!(parked.contains(&handed[0].pid));
+    assert!(matches!(
+        handed[0].guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    handed.pop().unwrap().shutdown();
+
+    // Asked to stop: the same.
+    let mut server = Server::start(&snap, tmp.path().join("b.sock"), 2);
+    let parked = server.wait_parked(2);
+    assert_eq!(server.ask(&json!({"op": "shutdown"}))["result"], "ok");
+    assert!(server.child.wait().unwrap().success());
+    wait_gone(&parked, "a parked child of a stopped server");
+}
+
+#[test]
+fn a_pool_out_of_range_is_refused() {
+    let tmp = TempDir::new("pool-range");
+    let out = Command::new(common::vmm_bin())
+        .args(["fork-server", "--snapshot"])
+        .arg(tmp.path())
+        .arg("--socket")
+        .arg(tmp.path().join("s.sock"))
+        .args(["--pool", "1001"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pool of 1001 is out of range"), "{err}");
+}

@@ -6,7 +6,15 @@
 //! (N VMs created one after another in one thread: create VM, memslot,
 //! irqchip, vCPU, set registers).
 //!
-//! Run: cargo build --release --workspace && target/release/fork [--children 100] [--mem-mib 128 1024]
+//! Two figures per size: cold (every child forked on request) and pooled
+//! (`fork-server --pool N`, full when the request comes: the children's
+//! KVM VMs, memory slots and vCPUs were made ahead; the request hands them
+//! out). For the pool it also reports how long it takes to refill after
+//! the answer and what a parked child holds while it waits. Each run
+//! measures the floor, cold and pooled in turn; with `--runs R` the medians
+//! follow.
+//!
+//! Run: cargo build --release --workspace && target/release/fork [--children 100] [--mem-mib 128 1024] [--runs 5]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,52 +41,185 @@ struct Args {
     /// forkd-vmm binary (default: next to this benchmark).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// Runs per size (each: floor, cold, pooled); medians are printed after.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
+    /// Skip the pooled measurement.
+    #[arg(long)]
+    no_pool: bool,
+    /// Where the children's directories (control socket, log) go: a
+    /// directory under this one (default: the system temp dir). Each child
+    /// creates a directory, a socket and a log file, so the file system's
+    /// cost of creating files is part of the figure.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+}
+
+/// One run's figures.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    floor: Duration,
+    cold: Duration,
+    pooled: Option<Duration>,
+    refill: Option<Duration>,
+}
+
+/// CPU time spent on a request, from the kernel's per-thread accounting:
+/// a figure the other processes on a shared machine move much less than
+/// the wall clock (they take CPUs away, not add work).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// The fork server, from the request to its answer.
+    server: Duration,
+    /// The children, from the request (or, pooled, from parking) until
+    /// all answered.
+    children: Duration,
 }
 
 fn main() {
     let args = Args::parse();
     let vmm = bench::vmm_binary(args.vmm);
     let kvm = kvm_ioctls::Kvm::new().expect("this benchmark needs /dev/kvm");
-    let work = std::env::temp_dir().join(format!("forkd-bench-fork-{}", std::process::id()));
+    let name = format!("forkd-bench-fork-{}", std::process::id());
+    // Snapshots stay on the temp dir's file system whatever --out-dir says:
+    // children map their memory file.
+    let work = std::env::temp_dir().join(&name);
+    let kids_root = args
+        .out_dir
+        .as_ref()
+        .map_or_else(|| work.clone(), |d| d.join(&name));
+    std::fs::create_dir_all(&kids_root).unwrap();
     std::fs::create_dir_all(&work).unwrap();
 
     for &mem_mib in &args.mem_mib {
         let snap = work.join(format!("snap-{mem_mib}"));
         make_snapshot(&vmm, &work, &snap, mem_mib, args.warm_mib);
-
-        let floor = floor(&kvm, args.children, mem_mib);
-        let out = work.join(format!("kids-{mem_mib}"));
-        let (wall, pids, clients) = fork_and_ping(&vmm, &snap, args.children, &out);
-        let private: Vec<u64> = pids.iter().map(|&p| private_bytes(p)).collect();
-        let avg = private.iter().sum::<u64>() as f64 / private.len() as f64;
-        let max = *private.iter().max().unwrap();
-        for mut c in clients {
-            let _ = c.call(&ControlRequest::Shutdown);
-        }
-
         println!(
-            "fork {} children, built-in guest, {mem_mib} MiB ({} MiB warm)",
-            args.children, args.warm_mib
-        );
-        println!(
-            "  bare-KVM floor, {} VMs in one thread:   {:>9.1} ms",
+            "fork {} children, built-in guest, {mem_mib} MiB ({} MiB warm), children's directories in {}",
             args.children,
-            ms(floor)
+            args.warm_mib,
+            kids_root.display()
         );
-        println!(
-            "  fork-server request to all answering:  {:>9.1} ms",
-            ms(wall)
-        );
-        println!("  ratio: {:.2}x the floor", ms(wall) / ms(floor));
-        println!(
-            "  private memory per child: avg {:.0} KiB, max {} KiB",
-            avg / 1024.0,
-            max / 1024
-        );
-        let _ = std::fs::remove_dir_all(&out);
+        let mut runs = Vec::new();
+        for run in 0..args.runs.max(1) {
+            let (floor, floor_cpu) = floor(&kvm, args.children, mem_mib);
+            let out = kids_root.join(format!("kids-{mem_mib}-{run}"));
+
+            let server = Server::start(&vmm, &snap, &out.with_extension("fork.sock"), 0);
+            server.warm_up(&out.join("warm"));
+            let (cold, cold_cpu, pids, clients) =
+                server.fork_and_ping(args.children, &out.join("cold"));
+            let private: Vec<u64> = pids.iter().map(|&p| private_bytes(p)).collect();
+            server.stop();
+            shut_down(clients);
+            let avg = private.iter().sum::<u64>() as f64 / private.len() as f64;
+            let max = *private.iter().max().unwrap();
+
+            let mut this = Run {
+                floor,
+                cold,
+                ..Run::default()
+            };
+            let n = f64::from(args.children);
+            println!(
+                "  run {}: bare-KVM floor, {} VMs in one thread: {:>8.1} ms (CPU {:.0} us a VM)",
+                run + 1,
+                args.children,
+                ms(floor),
+                ms(floor_cpu) * 1e3 / n
+            );
+            let cpu_line = |c: Cpu| {
+                format!(
+                    "CPU a child: server {:.0} us + child {:.0} us",
+                    ms(c.server) * 1e3 / n,
+                    ms(c.children) * 1e3 / n
+                )
+            };
+            println!(
+                "    cold:   request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
+                ms(cold),
+                ms(cold) / ms(floor),
+                cpu_line(cold_cpu)
+            );
+            if !args.no_pool {
+                let before = kernel_memory_bytes();
+                let server =
+                    Server::start(&vmm, &snap, &out.with_extension("pool.sock"), args.children);
+                let parked = server.wait_parked(args.children as usize, &[]);
+                // Settle: the last parked child may still be finishing up.
+                std::thread::sleep(Duration::from_millis(200));
+                let kernel = kernel_memory_bytes().saturating_sub(before);
+                let parked_private: u64 = parked.iter().map(|&p| private_bytes(p)).sum();
+                let (pooled, pooled_cpu, pids, clients) =
+                    server.fork_and_ping(args.children, &out.join("pooled"));
+                let refill_from = server.last_answer.get();
+                server.wait_parked(args.children as usize, &pids);
+                let refill = refill_from.map(|t| t.elapsed());
+                server.stop();
+                shut_down(clients);
+                this.pooled = Some(pooled);
+                this.refill = refill;
+                println!(
+                    "    pooled: request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
+                    ms(pooled),
+                    ms(pooled) / ms(floor),
+                    cpu_line(pooled_cpu)
+                );
+                if let Some(r) = refill {
+                    println!(
+                        "    pool refilled ({} children) {:.1} ms after the answer",
+                        args.children,
+                        ms(r)
+                    );
+                }
+                println!(
+                    "    a parked child holds {:.0} KiB private memory and about {:.0} KiB of kernel memory (VM, memory slot, vCPU, page tables)",
+                    parked_private as f64 / parked.len() as f64 / 1024.0,
+                    kernel as f64 / parked.len() as f64 / 1024.0
+                );
+            }
+            println!(
+                "    private memory per running child: avg {:.0} KiB, max {} KiB",
+                avg / 1024.0,
+                max / 1024
+            );
+            runs.push(this);
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        if runs.len() > 1 {
+            let median = |f: &dyn Fn(&Run) -> Option<Duration>| -> Option<Duration> {
+                let mut v: Vec<Duration> = runs.iter().filter_map(f).collect();
+                v.sort();
+                (!v.is_empty()).then(|| v[v.len() / 2])
+            };
+            let floor = median(&|r| Some(r.floor)).unwrap();
+            let ratios = |f: &dyn Fn(&Run) -> Option<Duration>| -> Option<f64> {
+                let mut v: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| f(r).map(|d| ms(d) / ms(r.floor)))
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                (!v.is_empty()).then(|| v[v.len() / 2])
+            };
+            println!("  medians of {} runs:", runs.len());
+            println!("    floor  {:>8.1} ms", ms(floor));
+            let cold = median(&|r| Some(r.cold)).unwrap();
+            println!(
+                "    cold   {:>8.1} ms  (median ratio {:.2}x)",
+                ms(cold),
+                ratios(&|r| Some(r.cold)).unwrap()
+            );
+            if let (Some(p), Some(ratio)) = (median(&|r| r.pooled), ratios(&|r| r.pooled)) {
+                println!("    pooled {:>8.1} ms  (median ratio {ratio:.2}x)", ms(p));
+            }
+            if let Some(r) = median(&|r| r.refill) {
+                println!("    refill {:>8.1} ms", ms(r));
+            }
+        }
         let _ = std::fs::remove_dir_all(&snap);
     }
     let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&kids_root);
 }
 
 /// Boots a parent, writes `warm_mib` of memory, snapshots it paused.
@@ -126,38 +267,76 @@ fn make_snapshot(vmm: &Path, work: &Path, snap: &Path, mem_mib: u64, warm_mib: u
 }
 
 /// N bare VMs of `mem_mib`, created one after another and kept until all exist.
-fn floor(kvm: &kvm_ioctls::Kvm, n: u32, mem_mib: u64) -> Duration {
+/// Returns the wall clock and this thread's CPU time.
+fn floor(kvm: &kvm_ioctls::Kvm, n: u32, mem_mib: u64) -> (Duration, Duration) {
     // Warm-up VM, not counted.
     drop(bare_kvm_vm(kvm, (mem_mib as usize) << 20));
     let start = Instant::now();
+    let cpu = thread_cpu();
     let vms: Vec<_> = (0..n)
         .map(|_| bare_kvm_vm(kvm, (mem_mib as usize) << 20).1)
         .collect();
-    let elapsed = start.elapsed();
+    let (elapsed, cpu) = (start.elapsed(), thread_cpu() - cpu);
     drop(vms);
-    elapsed
+    (elapsed, cpu)
 }
 
-fn fork_and_ping(
-    vmm: &Path,
-    snap: &Path,
-    n: u32,
-    out: &Path,
-) -> (Duration, Vec<i32>, Vec<ControlClient>) {
-    use std::io::{BufRead, BufReader, Write};
-    let sock = out.with_extension("fork.sock");
-    let mut server = Command::new(vmm)
-        .args(["fork-server", "--snapshot"])
-        .arg(snap)
-        .arg("--socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn forkd-vmm fork-server");
-    let ask = |req: &ForkRequest| -> ForkResponse {
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// CPU time of every live thread of process `pid` (from schedstat).
+fn process_cpu(pid: i32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// A `forkd-vmm fork-server` on the benchmark's snapshot.
+struct Server {
+    child: std::process::Child,
+    sock: PathBuf,
+    /// When the last answer came.
+    last_answer: std::cell::Cell<Option<Instant>>,
+}
+
+impl Server {
+    fn start(vmm: &Path, snap: &Path, sock: &Path, pool: u32) -> Server {
+        let child = Command::new(vmm)
+            .args(["fork-server", "--snapshot"])
+            .arg(snap)
+            .arg("--socket")
+            .arg(sock)
+            // Left out when 0: the option is new, older binaries refuse it.
+            .args((pool > 0).then(|| format!("--pool={pool}")))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn forkd-vmm fork-server");
+        Server {
+            child,
+            sock: sock.to_owned(),
+            last_answer: std::cell::Cell::new(None),
+        }
+    }
+
+    fn ask(&self, req: &ForkRequest) -> ForkResponse {
+        use std::io::{BufRead, BufReader, Write};
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut s = loop {
-            match std::os::unix::net::UnixStream::connect(&sock) {
+            match std::os::unix::net::UnixStream::connect(&self.sock) {
                 Ok(s) => break s,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "fork server did not start: {e}");
@@ -170,73 +349,162 @@ fn fork_and_ping(
         s.write_all(&line).unwrap();
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).unwrap();
+        self.last_answer.set(Some(Instant::now()));
         serde_json::from_str(&answer).unwrap()
-    };
-    // The server is up (its snapshot parsed) before the clock starts.
-    assert!(ask(&ForkRequest::Fork {
-        n: 1,
-        out_dir: out.join("warm"),
-        paused: false,
-        console_log: false,
-        memfd: false,
-    })
-    .is_ok());
-    let start = Instant::now();
-    let request = ForkRequest::Fork {
+    }
+
+    /// One child, so the server is up (its snapshot parsed) before a clock
+    /// starts; shut down at once.
+    fn warm_up(&self, out: &Path) {
+        match self.ask(&fork_request(1, out)) {
+            ForkResponse::Forked { children } => {
+                let mut c =
+                    bench::connect_control(&children[0].control_socket, Duration::from_secs(10));
+                let _ = c.call(&ControlRequest::Shutdown);
+            }
+            other => panic!("fork failed: {other:?}"),
+        }
+    }
+
+    /// Forks `n` children under `out` and pings each (two client threads,
+    /// one per core): the time from the request until all answered, the
+    /// CPU it took, the children's pids, and their open control connections.
+    fn fork_and_ping(&self, n: u32, out: &Path) -> (Duration, Cpu, Vec<i32>, Vec<ControlClient>) {
+        // A pooled child did part of its work before the request.
+        let server_pid = self.child.id() as i32;
+        let before: std::collections::HashMap<i32, Duration> = children_of(server_pid)
+            .into_iter()
+            .map(|p| (p, process_cpu(p)))
+            .collect();
+        let server_before = process_cpu(server_pid);
+        let start = Instant::now();
+        let answer = self.ask(&fork_request(n, out));
+        // Before the pool's refill adds to it.
+        let server_cpu = process_cpu(server_pid).saturating_sub(server_before);
+        let children: Vec<(i32, PathBuf)> = match answer {
+            ForkResponse::Forked { children } => children
+                .into_iter()
+                .map(|c| (c.pid, c.control_socket))
+                .collect(),
+            other => panic!("fork failed: {other:?}"),
+        };
+        let halves: Vec<Vec<(i32, PathBuf)>> = vec![
+            children.iter().step_by(2).cloned().collect(),
+            children.iter().skip(1).step_by(2).cloned().collect(),
+        ];
+        let clients: Vec<ControlClient> = std::thread::scope(|s| {
+            let handles: Vec<_> = halves
+                .into_iter()
+                .map(|half| {
+                    s.spawn(move || {
+                        half.into_iter()
+                            .map(|(_, sock)| {
+                                let mut c = bench::connect_control(&sock, Duration::from_secs(60));
+                                let r = c
+                                    .call(&ControlRequest::Guest {
+                                        request: GuestRequest::Ping,
+                                        timeout_ms: Some(10_000),
+                                    })
+                                    .unwrap();
+                                assert!(matches!(r, ControlResponse::Guest { .. }), "{r:?}");
+                                c
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let wall = start.elapsed();
+        let children_cpu = children
+            .iter()
+            .map(|&(p, _)| {
+                process_cpu(p).saturating_sub(before.get(&p).copied().unwrap_or_default())
+            })
+            .sum();
+        let cpu = Cpu {
+            server: server_cpu,
+            children: children_cpu,
+        };
+        (wall, cpu, children.iter().map(|c| c.0).collect(), clients)
+    }
+
+    /// Waits until `n` of the server's children (other than `handed`) are
+    /// parked in its pool; returns their pids.
+    fn wait_parked(&self, n: usize, handed: &[i32]) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let parked: Vec<i32> = children_of(self.child.id() as i32)
+                .into_iter()
+                .filter(|p| !handed.contains(p))
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "forkd-pooled")
+                })
+                .collect();
+            if parked.len() >= n {
+                return parked;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool did not fill: {} of {n} parked",
+                parked.len()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Stops the server (a pool's parked children exit with it; the
+    /// children it handed out run on).
+    fn stop(mut self) {
+        let _ = self.ask(&ForkRequest::Shutdown);
+        let _ = self.child.wait();
+    }
+}
+
+/// The child processes of `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn fork_request(n: u32, out: &Path) -> ForkRequest {
+    ForkRequest::Fork {
         n,
         out_dir: out.to_owned(),
         paused: false,
         console_log: false,
         memfd: false,
-    };
-    let children: Vec<(i32, PathBuf)> = match ask(&request) {
-        ForkResponse::Forked { children } => children
-            .into_iter()
-            .map(|c| (c.pid, c.control_socket))
-            .collect(),
-        other => panic!("fork failed: {other:?}"),
-    };
-    // Ping from two threads, one per core.
-    let halves: Vec<Vec<(i32, PathBuf)>> = vec![
-        children.iter().step_by(2).cloned().collect(),
-        children.iter().skip(1).step_by(2).cloned().collect(),
-    ];
-    let clients: Vec<ControlClient> = std::thread::scope(|s| {
-        let handles: Vec<_> = halves
-            .into_iter()
-            .map(|half| {
-                s.spawn(move || {
-                    half.into_iter()
-                        .map(|(_, sock)| {
-                            let mut c = bench::connect_control(&sock, Duration::from_secs(60));
-                            let r = c
-                                .call(&ControlRequest::Guest {
-                                    request: GuestRequest::Ping,
-                                    timeout_ms: Some(10_000),
-                                })
-                                .unwrap();
-                            assert!(matches!(r, ControlResponse::Guest { .. }), "{r:?}");
-                            c
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
-    let wall = start.elapsed();
-    let _ = ask(&ForkRequest::Shutdown);
-    let _ = server.wait();
-    // The warm-up child.
-    if let Ok(mut c) =
-        ControlClient::connect(&out.join("warm/0/control.sock"), Duration::from_secs(5))
-    {
+    }
+}
+
+fn shut_down(clients: Vec<ControlClient>) {
+    for mut c in clients {
         let _ = c.call(&ControlRequest::Shutdown);
     }
-    (wall, children.iter().map(|c| c.0).collect(), clients)
+}
+
+/// Kernel memory in use machine-wide (slab, vmalloc, page tables, kernel
+/// stacks), from /proc/meminfo: what a KVM VM, its memory slots and vCPUs
+/// take lives there, not in any process's smaps. Machine-wide, so the
+/// difference across a pool fill is an estimate (other processes move it).
+fn kernel_memory_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            ["Slab:", "VmallocUsed:", "PageTables:", "KernelStack:"]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
 }
 
 fn expect_ok(r: ControlResponse) {

@@ -336,6 +336,7 @@ fn main() {
             granule_bytes: granule,
             nice_bulk: !args.no_nice,
             before_release: None,
+            only: None,
         };
         let writes0 = writers.writes.load(Ordering::Relaxed);
         // SAFETY: `ram` outlives the copy (waited for right here).

@@ -16,7 +16,7 @@ use kvm_ioctls::Kvm;
 
 use crate::boot::builtin::channel::{self, Channel};
 use crate::branch::live::{self, LiveCopy, LiveCopyOptions, Region, ReleaseHook};
-use crate::branch::precopy::{self, Precopy, PrecopyOptions, Residue};
+use crate::branch::precopy::{self, Ending, Precopy, PrecopyOptions, Residue};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::manager::VirtioDevices;
@@ -325,9 +325,9 @@ impl Machine {
             &self.vm,
             &self.ram,
             staged.memory_file()?,
-            PrecopyOptions::default(),
+            PrecopyOptions::from_env(),
         )?;
-        precopy.run()?;
+        precopy::niced("live-precopy", || precopy.run())?;
         let was_running = !self.control.is_paused();
         let start = std::time::Instant::now();
         if was_running {
@@ -338,19 +338,28 @@ impl Machine {
             self.resume()?;
         }
         let pause = (was_running && !leave_paused).then(|| start.elapsed());
-        let (mut pending, _, residue) = captured?;
-        let sealed = (|| {
-            let residue = residue.expect("a pre-copy capture returns its residue");
-            let report = precopy.finish(residue)?;
-            let stats = LiveCopyStats {
+        let (mut pending, copy, residue) = captured?;
+        let sealed = precopy::niced("live-precopy", || {
+            let mut stats = LiveCopyStats {
                 method: Some("precopy".into()),
-                precopy_round_pages: report.round_pages,
-                residue_pages: Some(report.residue_pages),
                 ..LiveCopyStats::default()
             };
+            let report = match (residue, copy) {
+                (Some(residue), _) => precopy.finish(residue)?,
+                (None, Some(copy)) => {
+                    let copied = copy.wait()?;
+                    stats.faults = copied.faults;
+                    stats.max_fault_stall_us = copied.max_fault_stall.as_micros() as u64;
+                    stats.residue_write_protected = true;
+                    precopy.report()
+                }
+                (None, None) => unreachable!("a pre-copy ends with a residue or a copy"),
+            };
+            stats.precopy_round_pages = report.round_pages;
+            stats.residue_pages = Some(report.residue_pages);
             pending.seal_memory(started, stats)?;
             Ok::<_, Error>(())
-        })();
+        });
         if let Err(e) = sealed {
             pending.discard();
             return Err(e);
@@ -397,9 +406,9 @@ impl Machine {
         let parent = self.base.lock().unwrap_or_else(|e| e.into_inner()).take();
         // A write-protected live copy resets KVM's log page by page, each
         // page just before its first release, out of the pause (see
-        // `live_copy_options`).
+        // `live_copy_options`); a pre-copy reads and resets it itself.
         let wp_live = mode == SnapshotMode::Live && precopy.is_none();
-        let guest_dirty = if wp_live && self.vm.manual_dirty_log() {
+        let guest_dirty = if (wp_live && self.vm.manual_dirty_log()) || precopy.is_some() {
             Vec::new()
         } else {
             self.vm
@@ -450,14 +459,31 @@ impl Machine {
         };
         let mut pending = snapshot::prepare(dir, self.ram.memory(), &state, &drives, memory)?;
         if let Some(precopy) = precopy {
-            // The pages dirtied since the last round are what the pause
-            // copies; the caller writes them and sets the base once the
-            // memory is complete.
-            return match precopy.capture_residue(&dirty) {
-                Ok(residue) => Ok((pending, None, Some(residue))),
+            // The pages dirtied since the last round: copied here, or, too
+            // many for the pause, write-protected and copied after it. The
+            // caller finishes the file and sets the base once it is complete.
+            let ended = (|| match precopy.end_in_pause(&dirty)? {
+                Ending::Copied(residue) => Ok((None, Some(residue))),
+                Ending::Protect(only) => {
+                    let uffd = self.uffd.as_ref().ok_or(Error::LiveNeedsMemfd)?;
+                    let file = pending
+                        .take_memory_file()
+                        .expect("a staged snapshot has a memory file");
+                    let regions = self.live_regions();
+                    let mut options = self.live_copy_options()?;
+                    live::arm_pages(uffd, &regions, options.granule_bytes, &only)?;
+                    options.only = Some(only);
+                    // SAFETY: as for the write-protected copy below.
+                    let copy =
+                        unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) }?;
+                    Ok((Some(copy), None))
+                }
+            })();
+            return match ended {
+                Ok((copy, residue)) => Ok((pending, copy, residue)),
                 Err(e) => {
                     pending.discard();
-                    Err(e.into())
+                    Err(e)
                 }
             };
         }

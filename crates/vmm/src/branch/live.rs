@@ -123,6 +123,12 @@ pub struct LiveCopyOptions {
     /// pages here, so the log holds exactly the writes made after the arm:
     /// none can have reached a page before its release.
     pub before_release: Option<ReleaseHook>,
+    /// Copy only these pages (per region, bit i: page i of the region):
+    /// the file already holds every other page as the copy must leave it,
+    /// from a pre-copy. Arm with [`arm_pages`] and the same bitmaps. A
+    /// selected page that is zero is written as zeros (the file may hold
+    /// older data there), and the file need not be empty.
+    pub only: Option<Vec<Vec<u64>>>,
 }
 
 /// A hook called with (region index, first page of the region, page count)
@@ -145,6 +151,7 @@ impl Default for LiveCopyOptions {
             granule_bytes: PAGE_GRANULE,
             nice_bulk: true,
             before_release: None,
+            only: None,
         }
     }
 }
@@ -337,6 +344,55 @@ pub fn arm(uffd: &Uffd, regions: &[Region]) -> Result<Duration, Error> {
     Ok(start.elapsed())
 }
 
+/// Write-protects the granules of `regions` that hold a page set in `only`
+/// (per region, bit i: page i), for a copy with [`LiveCopyOptions::only`]:
+/// one `UFFDIO_WRITEPROTECT` per run of such granules. Run it with the
+/// vCPUs paused; returns how long the protection took. On failure nothing
+/// is left protected.
+pub fn arm_pages(
+    uffd: &Uffd,
+    regions: &[Region],
+    granule_bytes: usize,
+    only: &[Vec<u64>],
+) -> Result<Duration, Error> {
+    validate(regions)?;
+    validate_granule(regions, granule_bytes)?;
+    let start = Instant::now();
+    let g = granule_bytes as u64;
+    for (r, bits) in regions.iter().zip(only) {
+        let granules = r.len / g;
+        let selected = |k: u64| granule_selected(bits, k, g / PAGE_SIZE);
+        let mut k = 0;
+        while k < granules {
+            if !selected(k) {
+                k += 1;
+                continue;
+            }
+            let first = k;
+            while k < granules && selected(k) {
+                k += 1;
+            }
+            if let Err(e) = uffd.write_protect(r.host_addr + first * g, (k - first) * g, true) {
+                let _ = disarm(uffd, regions);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// Whether granule `k` (of `gp` pages, a power of two) holds a page set in
+/// `bits` (bit i: page i).
+fn granule_selected(bits: &[u64], k: u64, gp: u64) -> bool {
+    let word = |w: u64| bits.get(w as usize).copied().unwrap_or(0);
+    if gp >= WORD_PAGES {
+        (k * gp / WORD_PAGES..(k + 1) * gp / WORD_PAGES).any(|w| word(w) != 0)
+    } else {
+        let first = k * gp;
+        (word(first / WORD_PAGES) >> (first % WORD_PAGES)) & ((1 << gp) - 1) != 0
+    }
+}
+
 /// Releases every region and wakes every blocked writer: for a caller that
 /// armed but cannot start the copy. Tries every region even if one fails.
 pub fn disarm(uffd: &Uffd, regions: &[Region]) -> Result<(), Error> {
@@ -371,26 +427,66 @@ struct RegionState {
 
 impl RegionState {
     /// `granule_pages` must be a power of two dividing the region's pages.
-    fn new(r: Region, index: usize, granule_pages: u64) -> Self {
-        let words = (r.len / PAGE_SIZE).div_ceil(WORD_PAGES) as usize;
-        let bits = || (0..words).map(|_| AtomicU64::new(0)).collect();
-        let granules = if granule_pages > 1 {
-            r.len / PAGE_SIZE / granule_pages
-        } else {
-            0
+    /// With `only`, the pages it does not select start claimed and captured
+    /// (nothing to copy), and granules without a selected page start
+    /// released (they were never protected).
+    fn new(r: Region, index: usize, granule_pages: u64, only: Option<&[u64]>) -> Self {
+        let pages = r.len / PAGE_SIZE;
+        let words = pages.div_ceil(WORD_PAGES);
+        // The pages of word `w`, and those of them to copy: all, or those
+        // `only` selects. The others start claimed and captured.
+        let in_region = |w: u64| {
+            let n = (pages - w * WORD_PAGES).min(WORD_PAGES);
+            if n == WORD_PAGES {
+                !0
+            } else {
+                (1u64 << n) - 1
+            }
         };
+        let selected =
+            |w: u64| in_region(w) & only.map_or(!0, |b| b.get(w as usize).copied().unwrap_or(0));
+        let bits = || {
+            (0..words)
+                .map(|w| AtomicU64::new(in_region(w) & !selected(w)))
+                .collect()
+        };
+        let granules = pages / granule_pages;
+        // Pages of granule `g` to copy.
+        let pending = |g: u64| -> u64 {
+            let first = g * granule_pages;
+            if granule_pages >= WORD_PAGES {
+                (first / WORD_PAGES..(first + granule_pages) / WORD_PAGES)
+                    .map(|w| u64::from(selected(w).count_ones()))
+                    .sum()
+            } else {
+                let w = selected(first / WORD_PAGES) >> (first % WORD_PAGES);
+                u64::from((w & ((1 << granule_pages) - 1)).count_ones())
+            }
+        };
+        let uncaptured = if granule_pages > 1 {
+            (0..granules).map(|g| AtomicU64::new(pending(g))).collect()
+        } else {
+            Vec::new()
+        };
+        let released = (0..granules.div_ceil(64))
+            .map(|w| {
+                let mut b = 0u64;
+                for g in w * 64..(w * 64 + 64).min(granules) {
+                    if pending(g) == 0 {
+                        b |= 1 << (g % 64);
+                    }
+                }
+                AtomicU64::new(b)
+            })
+            .collect();
         RegionState {
             r,
             index,
             claimed: bits(),
             captured: bits(),
             granule_pages,
-            uncaptured: (0..granules)
-                .map(|_| AtomicU64::new(granule_pages))
-                .collect(),
-            released: (0..(r.len / PAGE_SIZE / granule_pages).div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            uncaptured,
+            released,
         }
     }
 
@@ -512,6 +608,9 @@ struct Shared {
     granule_bytes: u64,
     /// Called before each first release (see [`LiveCopyOptions`]).
     before_release: Option<ReleaseHook>,
+    /// Zero pages are written too (the file is not empty: see
+    /// [`LiveCopyOptions::only`]).
+    write_zeros: bool,
     out: File,
     stop: AtomicBool,
     bulk_done: AtomicBool,
@@ -612,7 +711,12 @@ impl LiveCopy {
         options: LiveCopyOptions,
     ) -> Result<LiveCopy, Error> {
         let started = Instant::now();
-        let prepared = Self::prepare(regions, &file, options.granule_bytes);
+        let prepared = Self::prepare(
+            regions,
+            &file,
+            options.granule_bytes,
+            options.only.is_none(),
+        );
         if let Err(e) = prepared {
             let _ = disarm(&uffd, regions);
             return Err(e);
@@ -631,10 +735,14 @@ impl LiveCopy {
             regions: regions
                 .iter()
                 .enumerate()
-                .map(|(i, &r)| RegionState::new(r, i, granule_pages))
+                .map(|(i, &r)| {
+                    let only = options.only.as_ref().and_then(|o| o.get(i));
+                    RegionState::new(r, i, granule_pages, only.map(Vec::as_slice))
+                })
                 .collect(),
             granule_bytes: options.granule_bytes as u64,
             before_release: options.before_release,
+            write_zeros: options.only.is_some(),
             out: file,
             stop: AtomicBool::new(false),
             bulk_done: AtomicBool::new(false),
@@ -710,7 +818,7 @@ impl LiveCopy {
         Ok(copy)
     }
 
-    fn prepare(regions: &[Region], file: &File, granule: usize) -> Result<(), Error> {
+    fn prepare(regions: &[Region], file: &File, granule: usize, empty: bool) -> Result<(), Error> {
         validate(regions)?;
         validate_granule(regions, granule)?;
         let need = regions
@@ -729,7 +837,7 @@ impl LiveCopy {
             });
         }
         // A fresh set_len file has no blocks; if it has some, ask where data is.
-        if meta.blocks() > 0 {
+        if empty && meta.blocks() > 0 {
             if let Some((start, _)) = data_ranges(file, 0, meta.len(), "the memory file")?.first() {
                 return Err(Error::FileNotEmpty(*start));
             }
@@ -915,16 +1023,22 @@ fn bulk_copy(sh: &Shared, source: Option<&File>, chunk_pages: u64) -> Result<(),
                     let page = w * WORD_PAGES + bits.trailing_zeros() as u64;
                     bits &= bits - 1;
                     let slot = (page - c0) as usize;
+                    let dst = &mut staging[slot * PAGE..(slot + 1) * PAGE];
                     if !is_data[slot] {
+                        // A memfd hole reads as zero.
+                        if sh.write_zeros {
+                            dst.fill(0);
+                            present[slot] = true;
+                        }
                         continue;
                     }
                     // SAFETY: this thread claimed the page and has not
                     // released it, so it is protected and unchanging.
                     let src = unsafe { rs.page(page) };
-                    if is_zero(src) {
+                    if is_zero(src) && !sh.write_zeros {
                         continue;
                     }
-                    staging[slot * PAGE..(slot + 1) * PAGE].copy_from_slice(src);
+                    dst.copy_from_slice(src);
                     present[slot] = true;
                 }
                 let (g0, done) = rs.capture(w, owned);
@@ -1038,7 +1152,7 @@ fn release_fault(
             // is not yet.
             let src = unsafe { rs.page(p) };
             let offset = rs.r.file_offset + p * PAGE_SIZE;
-            if is_zero(src) {
+            if is_zero(src) && !sh.write_zeros {
                 continue;
             }
             match &mut run {
@@ -1524,6 +1638,7 @@ mod tests {
                 granule_bytes: granule,
                 nice_bulk: iteration % 4 != 3,
                 before_release: Some(hook),
+                only: None,
             };
             // SAFETY: `mem` outlives the copy (waited for below).
             let copy = unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) };
@@ -1566,6 +1681,73 @@ mod tests {
         }
         assert!(faults > 0, "the writers never hit a protected page");
         assert!(fault_copies > 0, "the handler never copied a page first");
+    }
+
+    /// A copy of selected pages only (the rest of the file is already
+    /// right, as after a pre-copy): only their granules are protected, and
+    /// the file ends up equal to memory at the arm instant, zero pages
+    /// among them overwriting older data.
+    #[test]
+    fn a_copy_of_selected_pages_completes_a_file_that_holds_the_rest() {
+        let uffd = uffd();
+        let dir = TempDir::new("only");
+        for granule in [PAGE_GRANULE, 64 << 10] {
+            let mem = SharedMem::new(64 * MIB);
+            let regions = [
+                Region {
+                    host_addr: mem.addr,
+                    len: 32 * MIB,
+                    file_offset: 0,
+                },
+                Region {
+                    host_addr: mem.addr + 32 * MIB,
+                    len: 32 * MIB,
+                    file_offset: 32 * MIB,
+                },
+            ];
+            register(&uffd, &regions);
+            fill(&mem, &regions, 1);
+            // The "pre-copy": the file holds memory as it is now.
+            let (path, file) = dir.fresh_file("memory", 64 * MIB);
+            file.write_all_at(&expected_file(&regions, 64 * MIB), 0)
+                .unwrap();
+            // Then some pages change (some to zero): those are selected.
+            let mut only = vec![vec![0u64; (32 * MIB / PAGE_SIZE / 64) as usize]; 2];
+            for (r, bits) in regions.iter().zip(&mut only) {
+                for page in (0..r.len / PAGE_SIZE).filter(|p| p % 7 == 3 || p % 11 == 5) {
+                    let a = (r.host_addr + page * PAGE_SIZE) as *mut u64;
+                    let v = if page % 11 == 5 { 0 } else { page ^ 0xabcd };
+                    for i in 0..PAGE / 8 {
+                        // SAFETY: inside the live test mapping.
+                        unsafe { a.add(i).write_volatile(v) };
+                    }
+                    bits[(page / 64) as usize] |= 1 << (page % 64);
+                }
+            }
+            let expected = expected_file(&regions, 64 * MIB);
+            arm_pages(&uffd, &regions, granule, &only).unwrap();
+            let writers = Writers::start(2, &regions, 9);
+            let options = LiveCopyOptions {
+                granule_bytes: granule,
+                only: Some(only),
+                ..Default::default()
+            };
+            // SAFETY: `mem` outlives the copy (waited for below).
+            let copy = unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) };
+            let report = copy.and_then(LiveCopy::wait);
+            let writes = writers.stop();
+            let report = report.unwrap();
+            let got = std::fs::read(&path).unwrap();
+            if let Some(at) = first_difference(&got, &expected) {
+                panic!("granule {granule:#x}: the file differs at {at:#x} ({report:?})");
+            }
+            assert!(writes > 0);
+            assert_all_writable(&regions);
+            for r in &regions {
+                uffd.unregister(r.host_addr, r.len).unwrap();
+            }
+            eprintln!("granule {granule:#x}: {report:?}, {writes} writes");
+        }
     }
 
     /// A granule that is not a power of two of at least 4 KiB, or regions

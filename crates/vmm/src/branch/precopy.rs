@@ -8,7 +8,10 @@
 //! machine pauses, and in the pause the pages written since the last round
 //! (the residue) are copied to memory, vCPU and device state saved, and the
 //! guest resumes; the residue goes to the file after. The snapshot is RAM
-//! as it was in that final pause.
+//! as it was in that final pause. When the guest dirties memory about as
+//! fast as it is copied, the residue can be too large for a short pause:
+//! then the pause write-protects just those pages and they are copied
+//! after it, under write protection ([`Ending::Protect`]).
 //!
 //! Why every page ends up as it was in the pause: a page's bit is cleared
 //! in KVM's log (and the page write-protected in KVM's MMU) just before the
@@ -25,10 +28,10 @@
 //! (about 10 us on the PVM development hosts), and each reset holds KVM's
 //! MMU lock for one chunk of pages.
 //!
-//! The machine reads and resets the dirty log in the pause as for any other
-//! snapshot (KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of what it read:
-//! cheap, as only the residue is dirty) and hands the result to
-//! [`Precopy::capture_residue`], so the next diff snapshot stacks on this one.
+//! In the pause, [`Precopy::end_in_pause`] reads KVM's log (a bitmap copy)
+//! and resets the residue's bits, cheap as only the residue is dirty, so
+//! the next diff snapshot stacks on this one; a residue left to the
+//! write-protected copy has its bits reset page by page before release.
 
 use std::fs::File;
 use std::io;
@@ -82,6 +85,9 @@ pub struct PrecopyOptions {
     /// Stop once at most this many pages are dirty: the pause copies them
     /// (default 1024 pages, 4 MiB, about a millisecond of memcpy).
     pub residue_pages: u64,
+    /// The most pages the pause copies; a larger residue is left to a
+    /// write-protected copy after the pause (default 4096 pages, 16 MiB).
+    pub pause_copy_pages: u64,
     /// Rounds at most, the first (all of RAM) included (default 12).
     pub max_rounds: u32,
     /// Stop when a round's dirty set is more than this percentage of the
@@ -93,10 +99,37 @@ pub struct PrecopyOptions {
     pub chunk_pages: u64,
 }
 
+impl PrecopyOptions {
+    /// The defaults, with any of `residue_pages`, `pause_copy_pages`,
+    /// `max_rounds`, `max_ratio_percent` and `chunk_pages` overridden by
+    /// the environment variable `FORKD_PRECOPY` (comma-separated
+    /// `name=value` pairs, e.g. `pause_copy_pages=0,max_rounds=1`), for
+    /// tuning and for tests. Unknown names and bad values are ignored.
+    pub fn from_env() -> Self {
+        let mut o = PrecopyOptions::default();
+        let spec = std::env::var("FORKD_PRECOPY").unwrap_or_default();
+        for (name, value) in spec.split(',').filter_map(|kv| kv.split_once('=')) {
+            let Ok(v) = value.trim().parse::<u64>() else {
+                continue;
+            };
+            match name.trim() {
+                "residue_pages" => o.residue_pages = v,
+                "pause_copy_pages" => o.pause_copy_pages = v,
+                "max_rounds" => o.max_rounds = v.clamp(1, 1000) as u32,
+                "max_ratio_percent" => o.max_ratio_percent = v,
+                "chunk_pages" => o.chunk_pages = v.max(64),
+                _ => {}
+            }
+        }
+        o
+    }
+}
+
 impl Default for PrecopyOptions {
     fn default() -> Self {
         PrecopyOptions {
             residue_pages: 1024,
+            pause_copy_pages: 4096,
             max_rounds: 12,
             max_ratio_percent: 80,
             chunk_pages: 1024,
@@ -110,7 +143,8 @@ pub struct PrecopyReport {
     /// Pages copied by each round while the guest ran (the first round
     /// copies every page that holds data).
     pub round_pages: Vec<u64>,
-    /// Pages copied in the pause.
+    /// Pages dirty at the pause: copied in it, or after it under write
+    /// protection when more than [`PrecopyOptions::pause_copy_pages`].
     pub residue_pages: u64,
     /// The rounds, before the pause.
     pub rounds: Duration,
@@ -123,6 +157,18 @@ struct Slot {
     host_addr: u64,
     pages: u64,
     file_offset: u64,
+}
+
+/// How the pause ends a pre-copy.
+pub enum Ending {
+    /// The residue, copied to memory: write it with [`Precopy::finish`].
+    Copied(Residue),
+    /// A residue too large to copy in the pause: these pages (per slot,
+    /// bit i: page i) must be copied after it under write protection
+    /// ([`crate::branch::live::LiveCopyOptions::only`], armed with
+    /// [`crate::branch::live::arm_pages`]). Their dirty-log bits are left
+    /// set: reset each page's just before its first release.
+    Protect(Vec<Vec<u64>>),
 }
 
 /// The pages copied in the pause, waiting to be written.
@@ -158,6 +204,9 @@ pub struct Precopy<'a> {
     /// copied yet.
     carry: Vec<Vec<u64>>,
     staging: Vec<u8>,
+    /// Memory for the residue, touched before the pause so that copying
+    /// into it takes no page faults there.
+    residue_buf: Vec<u8>,
     options: PrecopyOptions,
     report: PrecopyReport,
 }
@@ -217,6 +266,7 @@ impl<'a> Precopy<'a> {
             in_file: zeros(),
             carry: zeros(),
             staging: vec![0u8; chunk_pages as usize * PAGE],
+            residue_buf: Vec::new(),
             options: PrecopyOptions {
                 chunk_pages,
                 ..options
@@ -229,7 +279,7 @@ impl<'a> Precopy<'a> {
     /// Copies RAM while the guest runs: first every page that holds data,
     /// then, round after round, the pages dirtied since they were copied,
     /// until few are left or their number stops shrinking (see
-    /// [`PrecopyOptions`]). Call [`Precopy::capture_residue`] in the pause
+    /// [`PrecopyOptions`]). Call [`Precopy::end_in_pause`] in the pause
     /// that follows.
     pub fn run(&mut self) -> Result<(), Error> {
         let start = Instant::now();
@@ -241,7 +291,7 @@ impl<'a> Precopy<'a> {
         let mut previous = count(&set);
         self.copy_round(&set)?;
         self.report.round_pages.push(previous);
-        loop {
+        let left = loop {
             let mut set = self.read_kvm_log()?;
             let vmm = self.ram.take_vmm_dirty();
             or_into(&mut self.carry, &vmm);
@@ -252,7 +302,7 @@ impl<'a> Precopy<'a> {
                 || rounds >= self.options.max_rounds
                 || n * 100 > previous * self.options.max_ratio_percent
             {
-                break;
+                break n;
             }
             for c in &mut self.carry {
                 c.fill(0);
@@ -260,30 +310,56 @@ impl<'a> Precopy<'a> {
             self.copy_round(&set)?;
             self.report.round_pages.push(n);
             previous = n;
+        };
+        // Room for about twice what is dirty now, within what the pause copies.
+        let pages = (left * 2)
+            .max(self.options.residue_pages)
+            .min(self.options.pause_copy_pages);
+        self.residue_buf = vec![0u8; pages as usize * PAGE];
+        for page in self.residue_buf.chunks_mut(PAGE) {
+            // SAFETY: a plain write into our own buffer; volatile so that
+            // the page is really touched (faulted in) now.
+            unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
         }
         self.report.rounds = start.elapsed();
         Ok(())
     }
 
-    /// In the pause (vCPUs stopped, device workers quiesced): copies to
-    /// memory the pages in `dirty` (per slot; the machine's reset of KVM's
-    /// dirty log and the VMM's bitmap, taken in this pause) and the device
-    /// writes taken earlier but not copied yet. Write them with
-    /// [`Precopy::finish`] once the guest runs again.
-    pub fn capture_residue(&mut self, dirty: &[Vec<u64>]) -> Result<Residue, Error> {
-        if dirty.len() != self.slots.len() {
+    /// In the pause (vCPUs stopped, device workers quiesced): the residue
+    /// is what KVM logged since the last round plus the VMM's writes
+    /// (`vmm_dirty`, its bitmap taken in this pause, and those taken
+    /// earlier but not copied yet). Up to
+    /// [`PrecopyOptions::pause_copy_pages`], its log is reset and it is
+    /// copied to memory, to write with [`Precopy::finish`] once the guest
+    /// runs again; beyond, it is left to a write-protected copy.
+    pub fn end_in_pause(&mut self, vmm_dirty: &[Vec<u64>]) -> Result<Ending, Error> {
+        if vmm_dirty.len() != self.slots.len() {
             return Err(Error::Bitmaps {
-                got: dirty.len(),
+                got: vmm_dirty.len(),
                 want: self.slots.len(),
             });
         }
         let start = Instant::now();
-        let mut set = std::mem::take(&mut self.carry);
-        or_into(&mut set, dirty);
+        let mut set = self.read_kvm_log()?;
+        or_into(&mut set, &std::mem::take(&mut self.carry));
+        or_into(&mut set, vmm_dirty);
         let n = count(&set) as usize;
+        self.report.residue_pages = n as u64;
+        if n as u64 > self.options.pause_copy_pages {
+            return Ok(Ending::Protect(set));
+        }
+        for (si, (slot, bits)) in self.slots.iter().zip(&set).enumerate() {
+            self.vm
+                .clear_dirty_log(si as u32, 0, slot.pages, bits)
+                .map_err(|e| Error::DirtyLog(e.to_string()))?;
+        }
+        let mut data = std::mem::take(&mut self.residue_buf);
+        if data.len() < n * PAGE {
+            data.resize(n * PAGE, 0);
+        }
         let mut residue = Residue {
             pages: Vec::with_capacity(n),
-            data: vec![0u8; n * PAGE],
+            data,
         };
         for (si, (slot, bits)) in self.slots.iter().zip(&set).enumerate() {
             for (w, &word) in bits.iter().enumerate() {
@@ -301,9 +377,14 @@ impl<'a> Precopy<'a> {
             }
         }
         residue.data.truncate(residue.pages.len() * PAGE);
-        self.report.residue_pages = residue.pages.len() as u64;
         self.report.residue_copy = start.elapsed();
-        Ok(residue)
+        Ok(Ending::Copied(residue))
+    }
+
+    /// What the pre-copy did, for a residue left to a write-protected copy
+    /// (which writes the file itself).
+    pub fn report(&self) -> PrecopyReport {
+        self.report.clone()
     }
 
     /// Writes the residue into the memory file (the guest running again)
@@ -472,6 +553,37 @@ impl<'a> Precopy<'a> {
             flush(s, first + n)?;
         }
         Ok(())
+    }
+}
+
+/// Runs `f` on a thread of its own named `name` at a lower CPU priority
+/// (nice +10) and returns its result: the pre-copy and the file work after
+/// the pause compete for the CPUs with the guest's vCPU threads, which
+/// should win (on a host with few cores a vCPU kept off the CPU is a guest
+/// that stalls). A thread that cannot be started runs `f` here instead.
+pub fn niced<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let mut f = Some(f);
+    let ran = std::thread::scope(|scope| {
+        let job = &mut f;
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn_scoped(scope, move || {
+                // SAFETY: setpriority on the calling thread (its tid);
+                // lowering priority needs no privilege, and failure only
+                // leaves the default priority.
+                unsafe {
+                    let tid = libc::gettid() as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+                }
+                (job.take().expect("the job runs once"))()
+            })
+            .ok()
+            .map(|t| t.join())
+    });
+    match ran {
+        Some(Ok(v)) => v,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => (f.take().expect("the thread never started"))(),
     }
 }
 

@@ -215,9 +215,14 @@ pub struct LiveCopyStats {
     /// Pre-copy: pages copied in each round while the guest ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub precopy_round_pages: Vec<u64>,
-    /// Pre-copy: pages copied in the pause.
+    /// Pre-copy: pages dirty at the pause (the residue), copied in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residue_pages: Option<u64>,
+    /// Pre-copy: the residue was too large for the pause and was copied
+    /// after it under write protection (`faults` and `max_fault_stall_us`
+    /// are that copy's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub residue_write_protected: bool,
 }
 
 /// Errors writing or reading a snapshot.

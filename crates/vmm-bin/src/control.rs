@@ -1,16 +1,20 @@
 //! The control socket: one JSON request per line in, one JSON response per
-//! line out, a thread per connection. Requests are bounded in size.
+//! line out, a thread per open connection. Requests are bounded in size.
 //!
 //! The listener is served by the thread that waits for the machine (the
 //! main thread), in one poll with the machine's own events (the guest's
 //! reset line, its stop): a VM process runs its vCPU threads, this thread,
-//! and a thread per open connection, nothing else.
+//! and a thread per open connection, nothing else. A connection's thread
+//! waits for the next connection when its own closes ([`Workers`]): clients
+//! that connect again and again do not pay for a thread each time, and a
+//! process can start one before it serves (a fork server's pooled child).
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use proto::control::{ControlRequest, ControlResponse, MAX_REQUEST_BYTES};
@@ -35,14 +39,129 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     })
 }
 
+/// The threads that serve control connections, one connection at a time
+/// each; one that is done with a connection waits for the next.
+pub struct Workers {
+    shared: Arc<WorkersShared>,
+}
+
+struct WorkersShared {
+    state: Mutex<WorkersState>,
+    more: Condvar,
+    /// The machine they serve: set when serving starts (a worker may be
+    /// started before the machine exists).
+    machine: OnceLock<Arc<Machine>>,
+}
+
+#[derive(Default)]
+struct WorkersState {
+    /// Accepted connections no worker has taken yet.
+    queue: VecDeque<UnixStream>,
+    /// Workers waiting for a connection.
+    idle: usize,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Workers {
+    /// No worker yet: the first connection starts one.
+    pub fn new() -> Self {
+        Workers {
+            shared: Arc::new(WorkersShared {
+                state: Mutex::new(WorkersState::default()),
+                more: Condvar::new(),
+                machine: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Starts a worker that waits for a connection; returns its kernel
+    /// thread id once it runs (it inherits the caller's scheduling, which
+    /// a caller that changes its own afterwards may set back through it).
+    pub fn start_one(&self) -> std::io::Result<libc::pid_t> {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        self.spawn(Some(tid_tx))?;
+        tid_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("a control worker ended as it started"))
+    }
+
+    fn spawn(&self, tid: Option<std::sync::mpsc::Sender<libc::pid_t>>) -> std::io::Result<()> {
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                if let Some(tid) = tid {
+                    // SAFETY: gettid has no preconditions.
+                    let _ = tid.send(unsafe { libc::gettid() });
+                }
+                shared.work();
+            })
+            .map(drop)
+    }
+
+    /// Hands `stream` to an idle worker, or to a new one.
+    fn dispatch(&self, stream: UnixStream) -> std::io::Result<()> {
+        let mut state = self.shared.lock();
+        state.queue.push_back(stream);
+        let spawn = state.queue.len() > state.idle;
+        drop(state);
+        self.shared.more.notify_one();
+        if spawn {
+            if let Err(e) = self.spawn(None) {
+                // Nobody will take it: drop it rather than leave the client waiting.
+                self.shared.lock().queue.pop_back();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WorkersShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WorkersState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker's life: take a connection, serve it, wait for the next.
+    fn work(&self) {
+        loop {
+            let mut state = self.lock();
+            let stream = loop {
+                if let Some(s) = state.queue.pop_front() {
+                    break s;
+                }
+                state.idle += 1;
+                state = self.more.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.idle -= 1;
+            };
+            drop(state);
+            match self.machine.get() {
+                Some(machine) => connection(stream, machine),
+                // Dispatch comes after the machine is set: not reached.
+                None => drop(stream),
+            }
+        }
+    }
+}
+
 /// Serves `listener` (when there is one) on the calling thread until the
 /// machine stops, acting on its events meanwhile; returns why it stopped.
-/// Each connection is served on a thread of its own. When the listener
-/// fails, the machine is shut down and the reason says so.
-pub fn serve_until_exit(listener: Option<UnixListener>, machine: &Arc<Machine>) -> ExitReason {
+/// Connections are served by `workers`. When the listener fails, the
+/// machine is shut down and the reason says so.
+pub fn serve_until_exit(
+    listener: Option<UnixListener>,
+    machine: &Arc<Machine>,
+    workers: &Workers,
+) -> ExitReason {
     let Some(listener) = listener else {
         return machine.wait_for_exit();
     };
+    let _ = workers.shared.machine.set(machine.clone());
     if let Err(e) = listener.set_nonblocking(true) {
         return fail(machine, format!("cannot serve the control socket: {e}"));
     }
@@ -72,11 +191,7 @@ pub fn serve_until_exit(listener: Option<UnixListener>, machine: &Arc<Machine>) 
             match listener.accept() {
                 Ok((stream, _)) => {
                     // Accepted sockets do not inherit O_NONBLOCK on Linux.
-                    let machine = machine.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("control-conn".into())
-                        .spawn(move || connection(stream, &machine));
-                    if let Err(e) = spawned {
+                    if let Err(e) = workers.dispatch(stream) {
                         eprintln!("forkd-vmm: cannot serve a control connection: {e}");
                     }
                 }

@@ -389,7 +389,14 @@ impl Forker {
             -1 => Err(format!("fork failed: {}", std::io::Error::last_os_error()).into()),
             0 => {
                 close_all(close_in_child);
-                std::process::exit(child(self, dir, listener, &cfg, None))
+                std::process::exit(child(
+                    self,
+                    dir,
+                    listener,
+                    &cfg,
+                    None,
+                    &crate::control::Workers::new(),
+                ))
             }
             pid => Ok(pid),
         }
@@ -765,11 +772,24 @@ fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool) -> i32 {
         // Lowering one's own priority is always allowed.
         let _ = set_scheduler(0, libc::SCHED_IDLE);
     }
-    let prepared = match builder::prepare_restore(
+    // Everything the request does not decide, threads included: a vCPU
+    // thread per vCPU (which makes its first KVM_RUN now) and a control
+    // connection worker, so the request path starts none.
+    let workers = crate::control::Workers::new();
+    let prepared = builder::prepare_restore(
         &forker.snapshot,
         forker.kvm.clone(),
         RestoreRam::SnapshotFile,
-    ) {
+    )
+    .and_then(|mut p| p.start_vcpu_threads().map(|()| p))
+    .map_err(|e| e.to_string())
+    .and_then(|p| {
+        let worker = workers
+            .start_one()
+            .map_err(|e| format!("cannot start a control worker: {e}"))?;
+        Ok((p, worker))
+    });
+    let (prepared, worker) = match prepared {
         Ok(p) => p,
         Err(e) => {
             eprintln!(
@@ -783,15 +803,19 @@ fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool) -> i32 {
     let order = receive_order(&link);
     drop(link);
     if idle {
-        if let Err(e) = set_scheduler(0, libc::SCHED_OTHER) {
-            eprintln!("forkd-vmm pooled child: cannot leave SCHED_IDLE: {e}");
+        // This thread first, then the threads it started while idle.
+        let threads = prepared.vcpu_thread_ids().into_iter().chain([worker]);
+        for tid in std::iter::once(0).chain(threads) {
+            if let Err(e) = set_scheduler(tid, libc::SCHED_OTHER) {
+                eprintln!("forkd-vmm pooled child: cannot leave SCHED_IDLE: {e}");
+            }
         }
     }
     set_name("forkd-vmm");
     match order {
         Ok(Some((dir, options, listener))) => {
             let cfg = forker.child_config(&dir, options);
-            child(forker, &dir, listener, &cfg, Some(prepared))
+            child(forker, &dir, listener, &cfg, Some(prepared), &workers)
         }
         // The server is gone: nobody will ask for this child.
         Ok(None) => 0,
@@ -821,6 +845,7 @@ fn child(
     listener: UnixListener,
     cfg: &RestoreConfig,
     prepared: Option<PreparedRestore<'_>>,
+    workers: &crate::control::Workers,
 ) -> i32 {
     let snapshot = &forker.snapshot;
     let socket = dir.join("control.sock");
@@ -838,7 +863,8 @@ fn child(
     };
     match built {
         Ok(machine) => {
-            let code = crate::serve_until_exit(Arc::new(machine), Some(listener), Some(&socket));
+            let code =
+                crate::serve_until_exit(Arc::new(machine), Some(listener), Some(&socket), workers);
             if code == ExitCode::SUCCESS {
                 0
             } else {

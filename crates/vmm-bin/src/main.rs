@@ -314,17 +314,20 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         machine,
         listener,
         args.control_socket.as_deref(),
+        &control::Workers::new(),
     ))
 }
 
-/// Serves the control socket (if any) until the machine stops; removes the
-/// socket and turns the exit reason into the process exit code.
+/// Serves the control socket (if any) with `workers` until the machine
+/// stops; removes the socket and turns the exit reason into the process
+/// exit code.
 fn serve_until_exit(
     machine: std::sync::Arc<vmm::machine::Machine>,
     listener: Option<std::os::unix::net::UnixListener>,
     socket: Option<&std::path::Path>,
+    workers: &control::Workers,
 ) -> ExitCode {
-    let reason = control::serve_until_exit(listener, &machine);
+    let reason = control::serve_until_exit(listener, &machine, workers);
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
@@ -369,5 +372,6 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         machine,
         listener,
         args.control_socket.as_deref(),
+        &control::Workers::new(),
     ))
 }

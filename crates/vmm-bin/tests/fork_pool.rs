@@ -347,3 +347,49 @@ fn a_pool_out_of_range_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pool of 1001 is out of range"), "{err}");
 }
+
+#[test]
+fn a_pooled_child_serves_connections_that_come_and_go() {
+    let tmp = TempDir::new("pool-conns");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let server = Server::start(&snap, tmp.path().join("fork.sock"), 1);
+    server.wait_parked(1);
+    let mut kid = server.fork(1, &tmp.path().join("a"), json!({})).remove(0);
+    let sock = kid.dir.join("control.sock");
+    let connect = || ControlClient::connect(&sock, Duration::from_secs(30)).unwrap();
+    // Several at once (the one started ahead and new ones), each answered.
+    let mut open: Vec<ControlClient> = (0..4).map(|_| connect()).collect();
+    for c in open.iter_mut().rev() {
+        match c.call(&ControlRequest::Status).unwrap() {
+            ControlResponse::Status(s) => assert_eq!(s.state, RunState::Running),
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(open);
+    // One after another: the connections' threads take the next ones.
+    for _ in 0..30 {
+        let r = connect()
+            .call(&ControlRequest::Guest {
+                request: GuestRequest::Ping,
+                timeout_ms: None,
+            })
+            .unwrap();
+        assert!(matches!(r, ControlResponse::Guest { .. }), "{r:?}");
+    }
+    let threads = std::fs::read_dir(format!("/proc/{}/task", kid.pid))
+        .unwrap()
+        .count();
+    // A client that reconnects at once may beat the thread of its last
+    // connection back to waiting, which then starts another: a few more
+    // than were ever open at once, never one per connection.
+    assert!(
+        threads < 2 + 30 / 2,
+        "{threads} threads after 30 connections: the connections' threads are not reused"
+    );
+    assert!(matches!(
+        kid.guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    kid.shutdown();
+}

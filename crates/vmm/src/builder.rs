@@ -244,6 +244,20 @@ pub struct PreparedRestore<'a> {
     ram: GuestRam,
     vm: vm::Vm,
     vcpus: Vec<VcpuFd>,
+    /// vCPU threads started ahead ([`PreparedRestore::start_vcpu_threads`]),
+    /// one per vCPU in order, or none.
+    waiting: Vec<WaitingVcpuThread>,
+}
+
+/// What a vCPU thread started ahead of its machine waits for.
+type VcpuStart = (VcpuFd, VcpuIo, Arc<RunControl>);
+
+/// A vCPU thread started ahead of its machine: it has made its vCPU's first
+/// `KVM_RUN` (without entering the guest) and waits for the machine.
+struct WaitingVcpuThread {
+    go: std::sync::mpsc::SyncSender<VcpuStart>,
+    handle: std::thread::JoinHandle<()>,
+    tid: libc::pid_t,
 }
 
 /// The shared part of a restore of `snapshot` with RAM as `ram` says, on
@@ -284,10 +298,70 @@ pub fn prepare_restore(
         ram,
         vm,
         vcpus,
+        waiting: Vec::new(),
     })
 }
 
 impl PreparedRestore<'_> {
+    /// Starts the vCPU threads now, before the machine: each makes its
+    /// vCPU's first `KVM_RUN` without entering the guest (KVM's per-thread
+    /// and once-per-VM work on a first run, see
+    /// [`vcpu::adopt_without_running`]) and then waits, so `finish` only
+    /// hands them their machine. For a process that prepares a restore
+    /// ahead of time (a fork server's pooled child): thread creation leaves
+    /// the path from a request to a running child.
+    pub fn start_vcpu_threads(&mut self) -> Result<(), BuildError> {
+        if !self.waiting.is_empty() {
+            return Ok(());
+        }
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<(usize, libc::pid_t, VcpuFd)>();
+        let mut started = Vec::with_capacity(self.vcpus.len());
+        for (id, mut fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let (go, wait) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
+            let back = back_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    vcpu::adopt_without_running(&mut fd);
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    let sent = back.send((id, tid, fd));
+                    // The receiver counts senders: this one is done.
+                    drop(back);
+                    if sent.is_err() {
+                        return;
+                    }
+                    // No message: the prepared restore was dropped.
+                    if let Ok((fd, io, control)) = wait.recv() {
+                        vcpu::run_vcpu(fd, id as u8, io, control);
+                    }
+                })
+                .map_err(BuildError::Thread)?;
+            started.push((go, handle));
+        }
+        drop(back_tx);
+        let mut back: Vec<(usize, libc::pid_t, VcpuFd)> = back_rx.iter().collect();
+        if back.len() != started.len() {
+            return Err(BuildError::Thread(std::io::Error::other(
+                "a vCPU thread ended before it took its vCPU",
+            )));
+        }
+        back.sort_by_key(|(id, _, _)| *id);
+        for ((_, tid, fd), (go, handle)) in back.into_iter().zip(started) {
+            self.vcpus.push(fd);
+            self.waiting.push(WaitingVcpuThread { go, handle, tid });
+        }
+        Ok(())
+    }
+
+    /// The kernel thread ids of the vCPU threads started ahead (empty
+    /// before [`PreparedRestore::start_vcpu_threads`]): a caller that
+    /// changed their scheduling before they run (they inherit the policy
+    /// of the thread that started them) sets it back through these.
+    pub fn vcpu_thread_ids(&self) -> Vec<libc::pid_t> {
+        self.waiting.iter().map(|w| w.tid).collect()
+    }
+
     /// Completes the restore with the child's own resources and starts it.
     pub fn finish(self, cfg: &RestoreConfig) -> Result<Machine, BuildError> {
         let PreparedRestore {
@@ -296,6 +370,7 @@ impl PreparedRestore<'_> {
             ram,
             vm,
             vcpus,
+            waiting,
         } = self;
         let state = &snapshot.state;
         let mut parts = Parts::with_vm(kvm, ram, vm, &cfg.console, Some(&state.devices))?;
@@ -329,7 +404,7 @@ impl PreparedRestore<'_> {
             dir: std::path::absolute(&snapshot.dir).unwrap_or_else(|_| snapshot.dir.clone()),
             memory_hash: snapshot.meta.memory_hash.clone(),
         };
-        parts.start(state.guest, vcpus, virtio, cfg.paused, Some(base))
+        parts.start_with(state.guest, vcpus, waiting, virtio, cfg.paused, Some(base))
     }
 }
 
@@ -499,6 +574,20 @@ impl Parts {
         paused: bool,
         base: Option<ParentRef>,
     ) -> Result<Machine, BuildError> {
+        self.start_with(guest, vcpus, Vec::new(), virtio, paused, base)
+    }
+
+    /// [`Parts::start`], handing the vCPUs to `waiting` threads (started
+    /// ahead, one per vCPU) when there are any instead of spawning threads.
+    fn start_with(
+        self,
+        guest: GuestKind,
+        vcpus: Vec<VcpuFd>,
+        waiting: Vec<WaitingVcpuThread>,
+        virtio: VirtioDevices,
+        paused: bool,
+        base: Option<ParentRef>,
+    ) -> Result<Machine, BuildError> {
         let uffd = register_for_live_branch(&self.ram)?;
         let channel = (guest == GuestKind::Builtin)
             .then(|| Arc::new(Channel::new(self.ram.memory().clone())));
@@ -523,6 +612,22 @@ impl Parts {
         let num_vcpus = vcpus.len() as u8;
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
         control.expect_vcpus(vcpus.len());
+        // Handed to the waiting threads, or else each to a new thread.
+        let mut vcpus = vcpus;
+        if !waiting.is_empty() {
+            assert_eq!(waiting.len(), vcpus.len(), "one waiting thread per vCPU");
+            for (fd, thread) in std::mem::take(&mut vcpus).into_iter().zip(waiting) {
+                // A thread gone (it cannot be: it waits for this) would
+                // leave the VM counting it: stop the VM.
+                if thread.go.send((fd, io.clone(), control.clone())).is_err() {
+                    control.spawn_failed(1);
+                    control.stop(vcpu::ExitReason::Error(
+                        "a vCPU thread started ahead ended before its VM started".into(),
+                    ));
+                }
+                vcpu_threads.push(thread.handle);
+            }
+        }
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (io, run) = (io.clone(), control.clone());
             let spawned = std::thread::Builder::new()
@@ -697,8 +802,26 @@ mod tests {
         assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
         let snap = PreparedSnapshot::load(&tmp.0.join("snap")).unwrap();
         let kvm = Arc::new(vm::open_kvm().unwrap());
-        for paused in [true, false] {
-            let prepared = prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
+        // Dropped unfinished, threads started ahead end with it.
+        let mut dropped = prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
+        dropped.start_vcpu_threads().unwrap();
+        let tid = dropped.vcpu_thread_ids()[0];
+        drop(dropped);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/self/task/{tid}")).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "thread {tid} lives on"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for (paused, ahead) in [(true, false), (false, false), (true, true), (false, true)] {
+            let mut prepared =
+                prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
+            if ahead {
+                prepared.start_vcpu_threads().unwrap();
+                assert_eq!(prepared.vcpu_thread_ids().len(), snap.state.vcpus.len());
+            }
             let child = prepared
                 .finish(&RestoreConfig {
                     console: ConsoleOutput::Sink,

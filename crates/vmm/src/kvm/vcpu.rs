@@ -414,6 +414,15 @@ pub fn run_vcpu(mut vcpu: VcpuFd, id: u8, io: VcpuIo, control: Arc<RunControl>) 
     control.leave();
 }
 
+/// Makes the calling thread `vcpu`'s runner without running guest code: a
+/// `KVM_RUN` that returns at once. KVM does per-thread work on the first
+/// `KVM_RUN` of a vCPU from a new thread, and once per VM on the first run
+/// of any of its vCPUs (it starts the VM's huge page recovery kernel
+/// thread); a thread started ahead of the VM's start pays for it then.
+pub fn adopt_without_running(vcpu: &mut VcpuFd) {
+    complete_pending_io(vcpu);
+}
+
 /// Lets KVM finish an exit it is waiting on (the result of a port read,
 /// say) without running guest code, so the registers read while paused are
 /// the ones the guest will resume with.

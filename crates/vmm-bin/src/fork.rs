@@ -22,12 +22,18 @@
 //! it, so this cannot be done once in the server; but it can be done ahead
 //! of time in a child forked for the purpose. With `--pool N` the server
 //! keeps up to N such children parked (their name `forkd-pooled` while
-//! they wait). A fork request hands them out first: the server creates the
-//! child's directory and binds its control socket, and sends both (the
-//! socket as a descriptor) over the child's link, a `SOCK_SEQPACKET`
-//! socket pair; the child then adds what is its own (console, drive
-//! layers, vsock socket, new VM generation, the clock), starts its vCPU and
-//! serves. The pool refills after the answer, one fork at a time between
+//! they wait). Each also makes its directory ahead, under the server's
+//! staging directory (`<socket>.pool/<pid>/`): its control socket bound
+//! and its `vmm.log` open. A fork request hands them out first: the server
+//! renames the child's staged directory to the one the request names (a
+//! rename allocates no inode: creating a directory, a socket and a log per
+//! child is the dearest part of a request on some file systems) and tells
+//! the child where it now is over its link, a `SOCK_SEQPACKET` socket
+//! pair. When the rename cannot be done (another file system, a directory
+//! in the way) or the child is not ready yet, the server makes the
+//! directory and control socket itself and sends the socket along. The
+//! child then adds what is its own (console, drive layers, vsock socket,
+//! new VM generation, the clock), starts its vCPU and serves. The pool refills after the answer, one fork at a time between
 //! requests. A pooled child prepares at `SCHED_IDLE` priority (when it can
 //! be raised back, as root) and is raised to normal when handed out: the
 //! refill after an answer runs on CPU time nothing else wants, and does
@@ -145,7 +151,9 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     let listener = crate::control::bind(&args.socket)?;
     listener.set_nonblocking(true)?;
-    let mut pool = Pool::new(args.pool as usize);
+    let mut staging = args.socket.clone().into_os_string();
+    staging.push(".pool");
+    let mut pool = Pool::new(args.pool as usize, PathBuf::from(staging))?;
     loop {
         // While the pool is short, only look for a request; otherwise wait
         // for one, or for a parked child to die.
@@ -172,14 +180,15 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
             }
             return Err(format!("fork server: cannot wait for requests: {e}").into());
         }
-        // A parked child sends nothing: its link turning readable means it died.
-        let dead: Vec<usize> = fds[1..]
+        // A parked child says when it is ready, and nothing else: a link
+        // that reads as closed means the child died.
+        let readable: Vec<usize> = fds[1..]
             .iter()
             .enumerate()
             .filter(|(_, f)| f.revents != 0)
             .map(|(i, _)| i)
             .collect();
-        pool.forget(&dead);
+        pool.check(&readable);
         if fds[0].revents != 0 {
             match listener.accept() {
                 Ok((stream, _)) => {
@@ -196,6 +205,7 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
         }
     }
     let _ = std::fs::remove_file(&args.socket);
+    pool.remove_staging();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -343,20 +353,15 @@ impl Forker {
         let mut children = Vec::with_capacity(n as usize);
         for index in 0..n {
             let dir = out_dir.join(index.to_string());
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let control_socket = dir.join("control.sock");
-            // Bound here, before the fork or the hand-out: the socket exists
-            // when the caller hears of the child, and early clients wait in
-            // its backlog.
-            let listener = crate::control::bind(&control_socket)?;
             let pooled = match pool.as_deref_mut() {
-                Some(pool) if !options.memfd => pool.hand_out(&dir, options, &listener),
+                Some(pool) if !options.memfd => pool.hand_out(&dir, options)?,
                 _ => None,
             };
             let pid = match pooled {
                 Some(pid) => pid,
                 None => {
+                    let listener = make_child_dir(&dir)?;
                     let links: Vec<RawFd> = pool.as_deref().map_or_else(Vec::new, Pool::links);
                     let close: Vec<RawFd> = close_in_child.iter().copied().chain(links).collect();
                     self.fork_cold(&dir, options, listener, &close)?
@@ -393,6 +398,7 @@ impl Forker {
                     self,
                     dir,
                     listener,
+                    None,
                     &cfg,
                     None,
                     &crate::control::Workers::new(),
@@ -422,6 +428,14 @@ fn warm_up_threads() {
     }
 }
 
+/// Creates a child's directory `dir` and binds its control socket there,
+/// before the child runs: the socket exists when the caller hears of the
+/// child, and early clients wait in its backlog.
+fn make_child_dir(dir: &Path) -> Result<UnixListener, BoxError> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(crate::control::bind(&dir.join("control.sock"))?)
+}
+
 /// Closes descriptors a child inherited from the server and has no use for.
 fn close_all(fds: &[RawFd]) {
     for &fd in fds {
@@ -434,6 +448,8 @@ fn close_all(fds: &[RawFd]) {
 struct Pool {
     /// How many to keep.
     target: usize,
+    /// Where pooled children make their directories ahead (`<pid>/`).
+    staging: PathBuf,
     /// Oldest first (the likeliest to be ready).
     parked: VecDeque<Parked>,
     /// When a parked child last died without being handed out: refills
@@ -451,6 +467,8 @@ struct Parked {
     /// The server's end of the child's link: the order goes here, and its
     /// closing (the server gone) tells a parked child to exit.
     link: OwnedFd,
+    /// It said it is ready: restore prepared, directory staged.
+    ready: bool,
 }
 
 /// What the pool wants of the server's loop.
@@ -467,12 +485,42 @@ enum Refill {
 const REFILL_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Pool {
-    fn new(target: usize) -> Self {
-        Pool {
+    /// A pool of `target` children staging their directories in `staging`
+    /// (made afresh; whatever a server before this one left there goes).
+    fn new(target: usize, staging: PathBuf) -> Result<Self, BoxError> {
+        if target > 0 {
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging).map_err(|e| {
+                format!(
+                    "cannot create the pool's staging directory {}: {e}",
+                    staging.display()
+                )
+            })?;
+        }
+        Ok(Pool {
             target,
+            staging,
             parked: VecDeque::with_capacity(target),
             last_loss: None,
             idle_prepare: target > 0 && idle_is_reversible(),
+        })
+    }
+
+    /// Lets the parked children go (their links close: they remove their
+    /// staged directories and exit) and removes the staging directory,
+    /// trying for a while: a child may still be making its directory,
+    /// which it cannot do once the staging directory is gone.
+    fn remove_staging(&mut self) {
+        self.parked.clear();
+        if self.target == 0 {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::fs::remove_dir_all(&self.staging).is_err()
+            && self.staging.exists()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -491,18 +539,41 @@ impl Pool {
         self.parked.iter().map(|p| p.link.as_raw_fd()).collect()
     }
 
-    /// Drops the parked children at `indices` (of `parked`, ascending):
-    /// they died.
-    fn forget(&mut self, indices: &[usize]) {
+    /// Reads what the parked children at `indices` (of `parked`,
+    /// ascending) said: that they are ready, or (their link closed) that
+    /// they died, which drops them.
+    fn check(&mut self, indices: &[usize]) {
         for &i in indices.iter().rev() {
+            if self.parked[i].ready || link_says_ready(&self.parked[i].link) {
+                self.parked[i].ready = true;
+                continue;
+            }
             if let Some(gone) = self.parked.remove(i) {
                 eprintln!(
                     "forkd-vmm fork-server: pooled child {} ended before it was asked for",
                     gone.pid
                 );
+                let _ = std::fs::remove_dir_all(self.staging.join(gone.pid.to_string()));
                 self.last_loss = Some(Instant::now());
             }
         }
+    }
+
+    /// Updates every parked child's readiness from its link, without waiting.
+    fn refresh(&mut self) {
+        let quiet: Vec<usize> = (0..self.parked.len())
+            .filter(|&i| !self.parked[i].ready)
+            .filter(|&i| {
+                let mut fd = libc::pollfd {
+                    fd: self.parked[i].link.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; no wait.
+                unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+            })
+            .collect();
+        self.check(&quiet);
     }
 
     /// Forks one more parked child (whose restore is prepared in the
@@ -516,10 +587,22 @@ impl Pool {
                 return;
             }
         };
+        // The fork itself and the child from its first instruction run
+        // where nothing else wants the CPU: a refill right after an answer
+        // must not slow the children just handed out.
+        if self.idle_prepare {
+            let _ = set_scheduler(0, libc::SCHED_IDLE);
+        }
         // SAFETY: this process is single-threaded (checked when the Forker
         // was made), so the child is a complete copy of it and may go on
         // running Rust code.
-        match unsafe { libc::fork() } {
+        let pid = unsafe { libc::fork() };
+        if self.idle_prepare && pid != 0 {
+            if let Err(e) = set_scheduler(0, libc::SCHED_OTHER) {
+                eprintln!("forkd-vmm fork-server: cannot leave SCHED_IDLE: {e}");
+            }
+        }
+        match pid {
             -1 => {
                 eprintln!(
                     "forkd-vmm fork-server: cannot fork a pooled child: {}",
@@ -531,39 +614,80 @@ impl Pool {
                 close_all(close_in_child);
                 close_all(&self.links());
                 drop(ours);
-                std::process::exit(pooled_child(forker, theirs, self.idle_prepare))
+                std::process::exit(pooled_child(
+                    forker,
+                    theirs,
+                    self.idle_prepare,
+                    &self.staging,
+                ))
             }
-            pid => self.parked.push_back(Parked { pid, link: ours }),
+            pid => self.parked.push_back(Parked {
+                pid,
+                link: ours,
+                ready: false,
+            }),
         }
     }
 
-    /// Hands the oldest parked child that is still alive the child
-    /// directory `dir` and its control socket `listener`; its pid, or None
-    /// when the pool is empty.
-    fn hand_out(
-        &mut self,
-        dir: &Path,
-        options: ChildOptions,
-        listener: &UnixListener,
-    ) -> Option<i32> {
-        while let Some(parked) = self.parked.pop_front() {
+    /// Hands a parked child the child directory `dir`: the oldest ready
+    /// one, whose staged directory becomes `dir` by a rename, or else the
+    /// oldest one, for which `dir` and its control socket are made here.
+    /// Its pid, or None when the pool is empty.
+    fn hand_out(&mut self, dir: &Path, options: ChildOptions) -> Result<Option<i32>, BoxError> {
+        self.refresh();
+        while !self.parked.is_empty() {
+            let at = self.parked.iter().position(|p| p.ready).unwrap_or(0);
+            let parked = self.parked.remove(at).expect("an index of parked");
             if self.idle_prepare {
                 // A child still preparing finishes at normal priority (it
                 // raises itself when it reads the order, too late for that).
                 let _ = set_scheduler(parked.pid, libc::SCHED_OTHER);
             }
-            match send_order(&parked.link, dir, options, listener.as_fd()) {
+            let staged = self.staging.join(parked.pid.to_string());
+            // An empty directory in the way is replaced; anything else
+            // (files in it, another file system) takes the slower way.
+            let renamed = parked.ready && std::fs::rename(&staged, dir).is_ok();
+            let listener = if renamed {
+                None
+            } else {
+                Some(make_child_dir(dir)?)
+            };
+            match send_order(
+                &parked.link,
+                dir,
+                options,
+                listener.as_ref().map(|l| l.as_fd()),
+            ) {
                 // The link closes here: the child has its order.
-                Ok(()) => return Some(parked.pid),
+                Ok(()) => return Ok(Some(parked.pid)),
                 // It died since the last look (EPIPE, ECONNRESET): the next one.
-                Err(e) => eprintln!(
-                    "forkd-vmm fork-server: pooled child {} cannot take a request: {e}",
-                    parked.pid
-                ),
+                Err(e) => {
+                    eprintln!(
+                        "forkd-vmm fork-server: pooled child {} cannot take a request: {e}",
+                        parked.pid
+                    );
+                    let _ = std::fs::remove_dir_all(if renamed { dir } else { &staged });
+                }
             }
         }
-        None
+        Ok(None)
     }
+}
+
+/// Whether a parked child's link holds its one-byte "ready" message (read
+/// here); false when the link is closed or holds nothing yet.
+fn link_says_ready(link: &OwnedFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a valid one-byte buffer; no wait.
+    let n = unsafe {
+        libc::recv(
+            link.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    n == 1
 }
 
 /// A `SOCK_SEQPACKET` pair (one order is one message; a closed end reads
@@ -593,12 +717,13 @@ const ORDER_CONSOLE_LOG: u8 = 2;
 const MAX_ORDER: usize = 1 + libc::PATH_MAX as usize;
 
 /// Sends a parked child its order: one message of an option byte and the
-/// directory's path, carrying the control socket's listener.
+/// directory's path, carrying the control socket's listener when the
+/// server made it (the child's own staged one otherwise).
 fn send_order(
     link: &OwnedFd,
     dir: &Path,
     options: ChildOptions,
-    listener: std::os::fd::BorrowedFd<'_>,
+    listener: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> std::io::Result<()> {
     let path = dir.as_os_str().as_bytes();
     if path.len() + 1 > MAX_ORDER {
@@ -621,7 +746,6 @@ fn send_order(
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
-    let fd = listener.as_raw_fd();
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
     let mut control = vec![0u8; space];
@@ -629,17 +753,20 @@ fn send_order(
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: `msg` points at `control`, which has room for one cmsghdr
-    // carrying one descriptor (CMSG_SPACE above); CMSG_FIRSTHDR is non-null
-    // for a control buffer that large, and CMSG_DATA points inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    if let Some(listener) = listener {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: `msg` points at `control`, which has room for one cmsghdr
+        // carrying one descriptor (CMSG_SPACE above); CMSG_FIRSTHDR is
+        // non-null for a control buffer that large, and CMSG_DATA points
+        // inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), listener.as_raw_fd());
+        }
     }
     // SAFETY: `msg` and what it points at are valid for the call; MSG_NOSIGNAL
     // turns a dead peer into EPIPE instead of a signal.
@@ -650,10 +777,19 @@ fn send_order(
     Ok(())
 }
 
+/// An order as a parked child reads it.
+struct Order {
+    /// The child's directory.
+    dir: PathBuf,
+    options: ChildOptions,
+    /// The control socket the server made, when it did not rename the
+    /// child's staged directory.
+    listener: Option<UnixListener>,
+}
+
 /// Waits for this parked child's order: `None` when the server closed the
-/// link without one (it is gone), else the child's directory, options and
-/// control socket listener.
-fn receive_order(link: &OwnedFd) -> std::io::Result<Option<(PathBuf, ChildOptions, UnixListener)>> {
+/// link without one (it is gone).
+fn receive_order(link: &OwnedFd) -> std::io::Result<Option<Order>> {
     let mut data = vec![0u8; MAX_ORDER];
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
@@ -696,15 +832,9 @@ fn receive_order(link: &OwnedFd) -> std::io::Result<Option<(PathBuf, ChildOption
                 ))
             }
         };
-        let Some(fd) = fd else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "an order without its control socket",
-            ));
-        };
         // SAFETY: the descriptor arrived with the message: it is new in this
         // process and ours alone.
-        let listener = unsafe { UnixListener::from_raw_fd(fd) };
+        let listener = fd.map(|fd| unsafe { UnixListener::from_raw_fd(fd) });
         let n = n as usize;
         if msg.msg_flags & libc::MSG_TRUNC != 0 || n < 2 {
             return Err(std::io::Error::new(
@@ -718,7 +848,11 @@ fn receive_order(link: &OwnedFd) -> std::io::Result<Option<(PathBuf, ChildOption
             memfd: false,
         };
         let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&data[1..n]));
-        return Ok(Some((dir, options, listener)));
+        return Ok(Some(Order {
+            dir,
+            options,
+            listener,
+        }));
     }
 }
 
@@ -754,10 +888,12 @@ fn idle_is_reversible() -> bool {
     false
 }
 
-/// A pooled child: prepares its restore (at `SCHED_IDLE` when `idle`),
-/// parks until the server hands it a request (or goes away), then becomes
-/// that request's child, at normal priority.
-fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool) -> i32 {
+/// A pooled child: prepares its restore (at `SCHED_IDLE`, from its fork,
+/// when `idle`) and
+/// its directory under `staging`, says it is ready, parks until the server
+/// hands it a request (or goes away), then becomes that request's child,
+/// at normal priority.
+fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool, staging: &Path) -> i32 {
     // SAFETY: restoring the default disposition has no preconditions; a
     // fork server ignores SIGCHLD and its children must not inherit that.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
@@ -768,43 +904,39 @@ fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool) -> i32 {
         // SAFETY: both descriptors are open; dup2 replaces `to` atomically.
         unsafe { libc::dup2(forker.null.as_raw_fd(), to) };
     }
-    if idle {
-        // Lowering one's own priority is always allowed.
-        let _ = set_scheduler(0, libc::SCHED_IDLE);
-    }
-    // Everything the request does not decide, threads included: a vCPU
-    // thread per vCPU (which makes its first KVM_RUN now) and a control
-    // connection worker, so the request path starts none.
-    let workers = crate::control::Workers::new();
-    let prepared = builder::prepare_restore(
-        &forker.snapshot,
-        forker.kvm.clone(),
-        RestoreRam::SnapshotFile,
-    )
-    .and_then(|mut p| p.start_vcpu_threads().map(|()| p))
-    .map_err(|e| e.to_string())
-    .and_then(|p| {
-        let worker = workers
-            .start_one()
-            .map_err(|e| format!("cannot start a control worker: {e}"))?;
-        Ok((p, worker))
-    });
-    let (prepared, worker) = match prepared {
+    // Its own session now: the server's terminal signals do not reach it.
+    // SAFETY: setsid has no memory-safety preconditions.
+    unsafe { libc::setsid() };
+    // SAFETY: getpid has no preconditions.
+    let staged = staging.join(unsafe { libc::getpid() }.to_string());
+    let ahead = match prepare_pooled(forker, &staged) {
         Ok(p) => p,
         Err(e) => {
             eprintln!(
                 "forkd-vmm pooled child: cannot prepare a restore of {}: {e}",
                 forker.snapshot.dir.display()
             );
+            let _ = std::fs::remove_dir_all(&staged);
             return 2;
         }
     };
     set_name(POOLED_NAME);
+    // A closed link (the server gone) fails the send; the wait below sees it.
+    // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a closed peer into EPIPE.
+    unsafe {
+        libc::send(
+            link.as_raw_fd(),
+            b"R".as_ptr().cast(),
+            1,
+            libc::MSG_NOSIGNAL,
+        )
+    };
     let order = receive_order(&link);
     drop(link);
     if idle {
         // This thread first, then the threads it started while idle.
-        let threads = prepared.vcpu_thread_ids().into_iter().chain([worker]);
+        let threads = ahead.prepared.vcpu_thread_ids().into_iter();
+        let threads = threads.chain([ahead.worker]);
         for tid in std::iter::once(0).chain(threads) {
             if let Err(e) = set_scheduler(tid, libc::SCHED_OTHER) {
                 eprintln!("forkd-vmm pooled child: cannot leave SCHED_IDLE: {e}");
@@ -813,17 +945,89 @@ fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool) -> i32 {
     }
     set_name("forkd-vmm");
     match order {
-        Ok(Some((dir, options, listener))) => {
-            let cfg = forker.child_config(&dir, options);
-            child(forker, &dir, listener, &cfg, Some(prepared), &workers)
+        Ok(Some(order)) => {
+            let cfg = forker.child_config(&order.dir, order.options);
+            let (listener, log) = match order.listener {
+                // The server renamed the staged directory to `order.dir`.
+                None => (ahead.listener, Some(ahead.log)),
+                // The server made the directory and socket: ours go.
+                Some(listener) => {
+                    drop(ahead.listener);
+                    let _ = std::fs::remove_dir_all(&staged);
+                    (listener, None)
+                }
+            };
+            child(
+                forker,
+                &order.dir,
+                listener,
+                log,
+                &cfg,
+                Some(ahead.prepared),
+                &ahead.workers,
+            )
         }
         // The server is gone: nobody will ask for this child.
-        Ok(None) => 0,
+        Ok(None) => {
+            let _ = std::fs::remove_dir_all(&staged);
+            0
+        }
         Err(e) => {
             eprintln!("forkd-vmm pooled child: cannot take its order: {e}");
+            let _ = std::fs::remove_dir_all(&staged);
             2
         }
     }
+}
+
+/// What a pooled child makes ahead.
+struct Ahead<'a> {
+    /// Its restore, with its vCPU threads started (each has made its first
+    /// KVM_RUN).
+    prepared: PreparedRestore<'a>,
+    /// Its control connection workers, one started.
+    workers: crate::control::Workers,
+    /// The kernel thread id of that worker.
+    worker: libc::pid_t,
+    /// Its control socket, bound in its staged directory.
+    listener: UnixListener,
+    /// Its `vmm.log`, open in its staged directory.
+    log: std::fs::File,
+}
+
+/// Makes what a pooled child makes ahead, its directory as `staged`.
+fn prepare_pooled<'a>(forker: &'a Forker, staged: &Path) -> Result<Ahead<'a>, String> {
+    let mut prepared = builder::prepare_restore(
+        &forker.snapshot,
+        forker.kvm.clone(),
+        RestoreRam::SnapshotFile,
+    )
+    .map_err(|e| e.to_string())?;
+    prepared.start_vcpu_threads().map_err(|e| e.to_string())?;
+    let workers = crate::control::Workers::new();
+    let worker = workers
+        .start_one()
+        .map_err(|e| format!("cannot start a control worker: {e}"))?;
+    // Not create_dir_all: once the server has removed the staging
+    // directory (it is stopping), no child makes it again.
+    std::fs::create_dir(staged).map_err(|e| format!("cannot create {}: {e}", staged.display()))?;
+    let listener = crate::control::bind(&staged.join("control.sock")).map_err(|e| e.to_string())?;
+    let log = open_log(staged).map_err(|e| format!("cannot create its vmm.log: {e}"))?;
+    Ok(Ahead {
+        prepared,
+        workers,
+        worker,
+        listener,
+        log,
+    })
+}
+
+/// Opens (creating) `<dir>/vmm.log` for appending.
+fn open_log(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("vmm.log"))
 }
 
 /// Sets this process's name (`comm`, at most 15 bytes).
@@ -843,6 +1047,7 @@ fn child(
     forker: &Forker,
     dir: &Path,
     listener: UnixListener,
+    log: Option<std::fs::File>,
     cfg: &RestoreConfig,
     prepared: Option<PreparedRestore<'_>>,
     workers: &crate::control::Workers,
@@ -852,7 +1057,7 @@ fn child(
     // SAFETY: restoring the default disposition has no preconditions; a
     // fork server ignores SIGCHLD and its children must not inherit that.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-    if let Err(e) = detach(dir, &forker.null) {
+    if let Err(e) = detach(dir, &forker.null, log) {
         eprintln!("forkd-vmm child: {e}");
         return 2;
     }
@@ -883,15 +1088,17 @@ fn child(
 }
 
 /// New session (the parent's terminal signals no longer reach the child);
-/// stdin and stdout to /dev/null, stderr to `<dir>/vmm.log`, so whoever reads
-/// the parent's output sees its end when the parent returns.
-fn detach(dir: &Path, null: &std::fs::File) -> std::io::Result<()> {
-    // SAFETY: setsid has no memory-safety preconditions.
+/// stdin and stdout to /dev/null, stderr to `<dir>/vmm.log` (`log` when it
+/// is open already), so whoever reads the parent's output sees its end
+/// when the parent returns.
+fn detach(dir: &Path, null: &std::fs::File, log: Option<std::fs::File>) -> std::io::Result<()> {
+    // SAFETY: setsid has no memory-safety preconditions (a pooled child is
+    // a session leader already, and this fails harmlessly).
     unsafe { libc::setsid() };
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("vmm.log"))?;
+    let log = match log {
+        Some(log) => log,
+        None => open_log(dir)?,
+    };
     for (from, to) in [(null, 0), (null, 1), (&log, 2)] {
         // SAFETY: both descriptors are open; dup2 replaces `to` atomically.
         if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {

@@ -393,3 +393,81 @@ fn a_pooled_child_serves_connections_that_come_and_go() {
     ));
     kid.shutdown();
 }
+
+#[test]
+fn a_pooled_child_takes_its_staged_directory_or_one_made_for_it() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = TempDir::new("pool-dirs");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let sock = tmp.path().join("fork.sock");
+    let staging = tmp.path().join("fork.sock.pool");
+    let server = Server::start(&snap, sock, 2);
+    let parked = server.wait_parked(2);
+    // Each parked child has its directory ready: socket bound, log open.
+    let staged_inode = |pid: i32| {
+        let dir = staging.join(pid.to_string());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("vmm.log").exists() {
+            assert!(Instant::now() < deadline, "{} is not staged", dir.display());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(dir.join("control.sock").exists());
+        std::fs::metadata(&dir).unwrap().ino()
+    };
+    let inodes: Vec<u64> = parked.iter().map(|&p| staged_inode(p)).collect();
+
+    // Same file system: the staged directory is renamed into place.
+    let mut a = server.fork(1, &tmp.path().join("a"), json!({}));
+    let a_ino = std::fs::metadata(&a[0].dir).unwrap().ino();
+    assert!(inodes.contains(&a_ino), "not a staged directory");
+    assert!(!staging.join(a[0].pid.to_string()).exists());
+
+    // Another file system (when there is one): made for it; its staged
+    // directory goes.
+    let shm = Path::new("/dev/shm");
+    let elsewhere = TempDir(shm.join(format!("forkd-test-pool-{}", std::process::id())));
+    let mut b = Vec::new();
+    if shm.is_dir()
+        && std::fs::metadata(shm).unwrap().dev() != std::fs::metadata(tmp.path()).unwrap().dev()
+    {
+        server.wait_parked(2);
+        b = server.fork(1, &elsewhere.0.join("b"), json!({}));
+        assert!(matches!(
+            b[0].guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+        assert!(b[0].dir.join("vmm.log").exists());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while staging.join(b[0].pid.to_string()).exists() {
+            assert!(Instant::now() < deadline, "the staged directory stays");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    // A directory in the way, not empty: made for it, what was there stays.
+    server.wait_parked(2);
+    let c_dir = tmp.path().join("c").join("0");
+    std::fs::create_dir_all(&c_dir).unwrap();
+    std::fs::write(c_dir.join("keep"), b"x").unwrap();
+    let mut c = server.fork(1, &tmp.path().join("c"), json!({}));
+    assert_eq!(std::fs::read(c_dir.join("keep")).unwrap(), b"x");
+    for kid in a.iter_mut().chain(b.iter_mut()).chain(c.iter_mut()) {
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+        assert!(kid.dir.join("vmm.log").exists());
+    }
+
+    // The staging directory goes with the server.
+    assert_eq!(server.ask(&json!({"op": "shutdown"}))["result"], "ok");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while staging.exists() {
+        assert!(Instant::now() < deadline, "{} stays", staging.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for kid in a.into_iter().chain(b).chain(c) {
+        kid.shutdown();
+    }
+}

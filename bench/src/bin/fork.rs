@@ -74,6 +74,9 @@ struct Cpu {
     /// The children, from the request (or, pooled, from parking) until
     /// all answered.
     children: Duration,
+    /// When the fork server's answer came (the rest is the children
+    /// starting and answering their pings).
+    answer: Duration,
 }
 
 fn main() {
@@ -130,7 +133,8 @@ fn main() {
             );
             let cpu_line = |c: Cpu| {
                 format!(
-                    "CPU a child: server {:.0} us + child {:.0} us",
+                    "answer at {:.1} ms; CPU a child: server {:.0} us + child {:.0} us",
+                    ms(c.answer),
                     ms(c.server) * 1e3 / n,
                     ms(c.children) * 1e3 / n
                 )
@@ -379,6 +383,7 @@ impl Server {
         let server_before = process_cpu(server_pid);
         let start = Instant::now();
         let answer = self.ask(&fork_request(n, out));
+        let answered = start.elapsed();
         // Before the pool's refill adds to it.
         let server_cpu = process_cpu(server_pid).saturating_sub(server_before);
         let children: Vec<(i32, PathBuf)> = match answer {
@@ -428,6 +433,7 @@ impl Server {
         let cpu = Cpu {
             server: server_cpu,
             children: children_cpu,
+            answer: answered,
         };
         (wall, cpu, children.iter().map(|c| c.0).collect(), clients)
     }

@@ -29,7 +29,9 @@
 //! rename allocates no inode: creating a directory, a socket and a log per
 //! child is the dearest part of a request on some file systems) and tells
 //! the child where it now is over its link, a `SOCK_SEQPACKET` socket
-//! pair. When the rename cannot be done (another file system, a directory
+//! pair. (A child's `console.log` is made ahead too when the last request
+//! asked for one; a child that is not asked for one removes it.) When
+//! the rename cannot be done (another file system, a directory
 //! in the way) or the child is not ready yet, the server makes the
 //! directory and control socket itself and sends the socket along. The
 //! child then adds what is its own (console, drive layers, vsock socket,
@@ -60,6 +62,9 @@ use vmm::snapshot::PreparedSnapshot;
 
 /// Most children one request starts.
 pub const MAX_CHILDREN: u32 = 1000;
+
+/// A child's console log in its directory.
+const CONSOLE_LOG: &str = "console.log";
 
 /// The name (`comm`) of a pooled child while it waits, restore prepared,
 /// for a request: what `ps` shows, and what tests and the benchmark look
@@ -312,7 +317,7 @@ impl Forker {
     fn child_config(&self, dir: &Path, options: ChildOptions) -> RestoreConfig {
         RestoreConfig {
             console: if options.console_log {
-                ConsoleOutput::File(dir.join("console.log"))
+                ConsoleOutput::File(dir.join(CONSOLE_LOG))
             } else {
                 ConsoleOutput::Sink
             },
@@ -459,6 +464,9 @@ struct Pool {
     /// Pooled children prepare at `SCHED_IDLE` (this process may raise a
     /// thread back from it).
     idle_prepare: bool,
+    /// New pooled children make their `console.log` ahead too: the last
+    /// request that took pooled children asked for one (the daemon's do).
+    stage_console: bool,
 }
 
 /// One parked child.
@@ -503,6 +511,7 @@ impl Pool {
             parked: VecDeque::with_capacity(target),
             last_loss: None,
             idle_prepare: target > 0 && idle_is_reversible(),
+            stage_console: false,
         })
     }
 
@@ -619,6 +628,7 @@ impl Pool {
                     theirs,
                     self.idle_prepare,
                     &self.staging,
+                    self.stage_console,
                 ))
             }
             pid => self.parked.push_back(Parked {
@@ -634,6 +644,7 @@ impl Pool {
     /// oldest one, for which `dir` and its control socket are made here.
     /// Its pid, or None when the pool is empty.
     fn hand_out(&mut self, dir: &Path, options: ChildOptions) -> Result<Option<i32>, BoxError> {
+        self.stage_console = options.console_log;
         self.refresh();
         while !self.parked.is_empty() {
             let at = self.parked.iter().position(|p| p.ready).unwrap_or(0);
@@ -893,7 +904,13 @@ fn idle_is_reversible() -> bool {
 /// its directory under `staging`, says it is ready, parks until the server
 /// hands it a request (or goes away), then becomes that request's child,
 /// at normal priority.
-fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool, staging: &Path) -> i32 {
+fn pooled_child(
+    forker: &Forker,
+    link: OwnedFd,
+    idle: bool,
+    staging: &Path,
+    stage_console: bool,
+) -> i32 {
     // SAFETY: restoring the default disposition has no preconditions; a
     // fork server ignores SIGCHLD and its children must not inherit that.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
@@ -909,7 +926,7 @@ fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool, staging: &Path) -> i
     unsafe { libc::setsid() };
     // SAFETY: getpid has no preconditions.
     let staged = staging.join(unsafe { libc::getpid() }.to_string());
-    let ahead = match prepare_pooled(forker, &staged) {
+    let ahead = match prepare_pooled(forker, &staged, stage_console) {
         Ok(p) => p,
         Err(e) => {
             eprintln!(
@@ -949,7 +966,12 @@ fn pooled_child(forker: &Forker, link: OwnedFd, idle: bool, staging: &Path) -> i
             let cfg = forker.child_config(&order.dir, order.options);
             let (listener, log) = match order.listener {
                 // The server renamed the staged directory to `order.dir`.
-                None => (ahead.listener, Some(ahead.log)),
+                None => {
+                    if stage_console && !order.options.console_log {
+                        let _ = std::fs::remove_file(order.dir.join(CONSOLE_LOG));
+                    }
+                    (ahead.listener, Some(ahead.log))
+                }
                 // The server made the directory and socket: ours go.
                 Some(listener) => {
                     drop(ahead.listener);
@@ -995,8 +1017,13 @@ struct Ahead<'a> {
     log: std::fs::File,
 }
 
-/// Makes what a pooled child makes ahead, its directory as `staged`.
-fn prepare_pooled<'a>(forker: &'a Forker, staged: &Path) -> Result<Ahead<'a>, String> {
+/// Makes what a pooled child makes ahead, its directory as `staged` (with
+/// an empty `console.log` when `stage_console`).
+fn prepare_pooled<'a>(
+    forker: &'a Forker,
+    staged: &Path,
+    stage_console: bool,
+) -> Result<Ahead<'a>, String> {
     let mut prepared = builder::prepare_restore(
         &forker.snapshot,
         forker.kvm.clone(),
@@ -1013,6 +1040,10 @@ fn prepare_pooled<'a>(forker: &'a Forker, staged: &Path) -> Result<Ahead<'a>, St
     std::fs::create_dir(staged).map_err(|e| format!("cannot create {}: {e}", staged.display()))?;
     let listener = crate::control::bind(&staged.join("control.sock")).map_err(|e| e.to_string())?;
     let log = open_log(staged).map_err(|e| format!("cannot create its vmm.log: {e}"))?;
+    if stage_console {
+        std::fs::File::create(staged.join(CONSOLE_LOG))
+            .map_err(|e| format!("cannot create its {CONSOLE_LOG}: {e}"))?;
+    }
     Ok(Ahead {
         prepared,
         workers,

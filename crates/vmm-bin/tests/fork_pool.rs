@@ -471,3 +471,35 @@ fn a_pooled_child_takes_its_staged_directory_or_one_made_for_it() {
         kid.shutdown();
     }
 }
+
+#[test]
+fn pooled_children_keep_a_console_log_when_asked_and_only_then() {
+    let tmp = TempDir::new("pool-console");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let server = Server::start(&snap, tmp.path().join("fork.sock"), 2);
+    server.wait_parked(2);
+    let mut kids = Vec::new();
+    // Asked for, then (made ahead by the refill) not, then asked for again.
+    for (batch, console) in [("a", true), ("b", false), ("c", true)] {
+        server.wait_parked(2);
+        // Let the refill's children stage what the last request asked for.
+        std::thread::sleep(Duration::from_millis(200));
+        server.wait_parked(2);
+        for mut kid in server.fork(2, &tmp.path().join(batch), json!({"console_log": console})) {
+            assert!(matches!(
+                kid.guest(GuestRequest::Ping),
+                GuestResponse::Pong { .. }
+            ));
+            assert_eq!(
+                kid.dir.join("console.log").exists(),
+                console,
+                "{batch}: console.log with console_log {console}"
+            );
+            kids.push(kid);
+        }
+    }
+    for kid in kids {
+        kid.shutdown();
+    }
+}

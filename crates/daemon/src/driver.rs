@@ -21,6 +21,8 @@ use crate::procs;
 #[derive(Clone, Debug)]
 pub struct Vmm {
     binary: PathBuf,
+    /// Children each fork server keeps ready (`fork-server --pool`).
+    fork_pool: u32,
 }
 
 impl Vmm {
@@ -28,7 +30,10 @@ impl Vmm {
     pub fn find(explicit: Option<PathBuf>) -> Result<Vmm, String> {
         if let Some(path) = explicit {
             if path.is_file() {
-                return Ok(Vmm { binary: path });
+                return Ok(Vmm {
+                    binary: path,
+                    fork_pool: 0,
+                });
             }
             return Err(format!("--vmm-binary {}: no such file", path.display()));
         }
@@ -43,10 +48,19 @@ impl Vmm {
         beside
             .filter(|p| p.is_file())
             .or(on_path)
-            .map(|binary| Vmm { binary })
+            .map(|binary| Vmm {
+                binary,
+                fork_pool: 0,
+            })
             .ok_or_else(|| {
                 "cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into()
             })
+    }
+
+    /// Fork servers keep `n` children ready ahead of requests (0: none).
+    pub fn with_fork_pool(mut self, n: u32) -> Vmm {
+        self.fork_pool = n;
+        self
     }
 
     /// The binary's path.
@@ -307,6 +321,8 @@ impl ForkServer {
             .arg(snapshot_dir)
             .arg("--socket")
             .arg(&socket)
+            // Left out when 0, as before the option existed.
+            .args((vmm.fork_pool > 0).then(|| format!("--pool={}", vmm.fork_pool)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -400,11 +416,21 @@ impl ForkServer {
         }
     }
 
-    /// Stops the server (its children run on).
+    /// Stops the server (its children run on; the children of its pool,
+    /// if any, exit with it).
     pub fn stop(&self) {
         procs::kill(self.pid, self.ticks, Duration::from_secs(2));
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir_all(pool_staging(&self.socket));
     }
+}
+
+/// Where a fork server with a pool stages its children's directories
+/// (`forkd-vmm fork-server --pool`: next to its socket).
+fn pool_staging(socket: &Path) -> PathBuf {
+    let mut staging = socket.as_os_str().to_owned();
+    staging.push(".pool");
+    PathBuf::from(staging)
 }
 
 /// Kills fork servers a previous daemon left behind in `run_dir` (their
@@ -426,6 +452,8 @@ pub fn reap_stale_fork_servers(run_dir: &Path) {
             }
         }
         let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(run_dir.join(name.replace(".fork.pid", ".fork.sock")));
+        let socket = run_dir.join(name.replace(".fork.pid", ".fork.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_dir_all(pool_staging(&socket));
     }
 }

@@ -44,6 +44,14 @@ pub struct ServeArgs {
     /// Longest wait for in-flight requests at shutdown, in seconds.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Children each snapshot's fork server keeps ready ahead of spawn
+    /// requests (`forkd-vmm fork-server --pool`): their KVM VMs, memory
+    /// slots and vCPUs made, parked until a spawn hands them out. Each
+    /// parked child is an idle process holding a VM, for every snapshot
+    /// spawned from since the daemon started (what that costs:
+    /// bench/RESULTS.md, fork). 0 (the default): none.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub fork_pool: u32,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -60,7 +68,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         ));
     }
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
-    let vmm = Vmm::find(args.vmm_binary.clone())?;
+    let vmm = Vmm::find(args.vmm_binary.clone())?.with_fork_pool(args.fork_pool);
     let daemon = Arc::new(Daemon::open(Options {
         vmm,
         state_dir: args.state_dir.clone(),

@@ -16,6 +16,7 @@ use kvm_ioctls::Kvm;
 
 use crate::boot::builtin::channel::{self, Channel};
 use crate::branch::live::{self, LiveCopy, LiveCopyOptions, Region, ReleaseHook};
+use crate::branch::prearm::Prearm;
 use crate::branch::precopy::{self, Ending, Precopy, PrecopyOptions, Residue};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
@@ -30,6 +31,11 @@ use crate::snapshot::{
     self, DeviceStates, DriveCapture, GuestKind, LiveCopyStats, MemoryCapture, ParentRef,
     SnapshotMeta, VmState,
 };
+
+/// What a write-protect fault before the pause releases: the aligned
+/// block around it (a writer with locality faults once per block; the
+/// pause re-protects whole blocks).
+const PREARM_BLOCK: usize = 256 << 10;
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -198,8 +204,8 @@ impl Machine {
 
     /// The userfaultfd guest RAM is registered with for live BRANCH (memfd
     /// RAM only), for benchmarks that measure the bare arm of a VM's RAM.
-    pub fn live_uffd(&self) -> Option<&Uffd> {
-        self.uffd.as_deref()
+    pub fn live_uffd(&self) -> Option<Arc<Uffd>> {
+        self.uffd.clone()
     }
 
     /// What the machine is doing.
@@ -264,12 +270,23 @@ impl Machine {
         if mode == SnapshotMode::Live && wait && self.vm.manual_dirty_log() {
             return self.snapshot_precopy(dir, leave_paused);
         }
+        // A write-protected copy is armed before the pause, the guest
+        // running; the pause re-protects what the guest wrote meanwhile.
+        let prearm = match (mode, &self.uffd) {
+            (SnapshotMode::Live, Some(uffd)) => Some(Prearm::start(
+                uffd.clone(),
+                &self.live_regions(),
+                self.live_granule(),
+                PREARM_BLOCK,
+            )?),
+            _ => None,
+        };
         let was_running = !self.control.is_paused();
         let start = std::time::Instant::now();
         if was_running {
             self.pause()?;
         }
-        let captured = self.capture(dir, mode, None);
+        let captured = self.capture(dir, mode, None, prearm);
         if was_running && !leave_paused {
             self.resume()?;
         }
@@ -333,7 +350,7 @@ impl Machine {
         if was_running {
             self.pause()?;
         }
-        let captured = self.capture(dir, SnapshotMode::Live, Some((&mut precopy, staged)));
+        let captured = self.capture(dir, SnapshotMode::Live, Some((&mut precopy, staged)), None);
         if was_running && !leave_paused {
             self.resume()?;
         }
@@ -383,12 +400,14 @@ impl Machine {
     /// The pause-window part of a snapshot: CPU, device and disk state, and
     /// memory as `mode` says. For live: with `precopy` (the pre-copy and
     /// the snapshot it fills), the residue copied to memory; without, the
-    /// write-protect arm, with the copy returned started.
+    /// write-protect arm (the re-arm of `prearm`, when given), with the
+    /// copy returned started.
     fn capture(
         &self,
         dir: &Path,
         mode: SnapshotMode,
         precopy: Option<(&mut Precopy<'_>, snapshot::Staged)>,
+        prearm: Option<Prearm>,
     ) -> Result<(snapshot::Pending, Option<LiveCopy>, Option<Residue>), Error> {
         // Device workers stand still too: they write guest memory.
         let _quiet = self.virtio.quiesce();
@@ -494,7 +513,14 @@ impl Machine {
                     .expect("a live snapshot has a memory file");
                 let regions = self.live_regions();
                 let options = self.live_copy_options()?;
-                live::arm(uffd, &regions)?;
+                match prearm {
+                    Some(prearm) => {
+                        prearm.rearm()?;
+                    }
+                    None => {
+                        live::arm(uffd, &regions)?;
+                    }
+                }
                 // SAFETY: the regions are this machine's guest RAM mappings,
                 // registered with `uffd`; the RAM outlives the copy because
                 // the machine joins the copy's thread before it drops (see Drop).
@@ -509,6 +535,16 @@ impl Machine {
             memory_hash: pending.meta().memory_hash.clone(),
         });
         Ok((pending, copy, None))
+    }
+
+    /// The write-protect granule of this machine's RAM: hugetlbfs
+    /// write-protects whole huge pages only.
+    fn live_granule(&self) -> usize {
+        if *self.ram.backend() == Backend::HugeMemfd {
+            HUGE_PAGE as usize
+        } else {
+            LiveCopyOptions::default().granule_bytes
+        }
     }
 
     /// How this machine's write-protected live copy runs: from the memfd,
@@ -539,12 +575,7 @@ impl Machine {
         };
         Ok(LiveCopyOptions {
             source: self.ram.file().and_then(|f| f.try_clone().ok()),
-            // hugetlbfs write-protects whole huge pages only.
-            granule_bytes: if *self.ram.backend() == Backend::HugeMemfd {
-                HUGE_PAGE as usize
-            } else {
-                LiveCopyOptions::default().granule_bytes
-            },
+            granule_bytes: self.live_granule(),
             before_release,
             ..LiveCopyOptions::default()
         })

@@ -276,7 +276,7 @@ pub enum Error {
     BeforeRelease(String),
 }
 
-fn validate(regions: &[Region]) -> Result<(), Error> {
+pub(crate) fn validate(regions: &[Region]) -> Result<(), Error> {
     let aligned = |v: u64| v % PAGE_SIZE == 0;
     for (index, r) in regions.iter().enumerate() {
         if r.len == 0 || !aligned(r.host_addr) || !aligned(r.len) || !aligned(r.file_offset) {
@@ -310,7 +310,7 @@ fn validate(regions: &[Region]) -> Result<(), Error> {
 }
 
 /// Checks `granule` and that every region is aligned to it.
-fn validate_granule(regions: &[Region], granule: usize) -> Result<(), Error> {
+pub(crate) fn validate_granule(regions: &[Region], granule: usize) -> Result<(), Error> {
     if !granule.is_power_of_two() || granule < PAGE {
         return Err(Error::BadGranule(granule));
     }
@@ -1206,24 +1206,35 @@ fn release_fault(
 /// granule aligned, so it cannot reach into one; hugetlbfs refuses less),
 /// then the page alone.
 fn release_foreign(sh: &Shared, addr: u64) -> Result<(), Error> {
-    let gb = sh.granule_bytes;
-    if gb > PAGE_SIZE && sh.uffd.write_protect(addr & !(gb - 1), gb, false).is_ok() {
+    release_outside(&sh.uffd, sh.granule_bytes, addr)
+}
+
+/// [`release_foreign`] for any user of `uffd` with write-protect granule
+/// `gb` bytes.
+pub(crate) fn release_outside(uffd: &Uffd, gb: u64, addr: u64) -> Result<(), Error> {
+    if gb > PAGE_SIZE && uffd.write_protect(addr & !(gb - 1), gb, false).is_ok() {
         return Ok(());
     }
-    sh.uffd.write_protect(addr, PAGE_SIZE, false)?;
+    uffd.write_protect(addr, PAGE_SIZE, false)?;
     Ok(())
 }
 
 /// Sleeps until the userfaultfd has a fault or the eventfd was signalled.
 fn wait_readable(sh: &Shared) -> Result<(), Error> {
+    wait_for_fault(&sh.uffd, &sh.wake)
+}
+
+/// Sleeps (at most a second) until `uffd` has a fault or the eventfd
+/// `wake` was signalled, and consumes the signal.
+pub(crate) fn wait_for_fault(uffd: &Uffd, wake: &OwnedFd) -> Result<(), Error> {
     let mut fds = [
         libc::pollfd {
-            fd: sh.uffd.as_raw_fd(),
+            fd: uffd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         },
         libc::pollfd {
-            fd: sh.wake.as_raw_fd(),
+            fd: wake.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         },
@@ -1239,7 +1250,7 @@ fn wait_readable(sh: &Shared) -> Result<(), Error> {
     if fds[1].revents & libc::POLLIN != 0 {
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from our eventfd.
-        let _ = unsafe { libc::read(sh.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        let _ = unsafe { libc::read(wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
     }
     Ok(())
 }

@@ -96,10 +96,17 @@ fn branch_many_times_stamping(
         branch_waiting(&mut vm, &dir, mode, wait);
         seen.push(check_memory_file(&dir));
     }
-    // The stamper kept running between branches.
+    // Each branch is at or after the one before (never an older instant),
+    // and the stamper ran across the series. Two branches in a row may
+    // see the same instant: a vCPU resumed by one branch need not get a
+    // core before the next pauses it on a loaded host.
     assert!(
-        seen.windows(2).all(|w| w[0] != w[1]),
-        "the guest did not run between branches: {seen:?}"
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "a branch went back in time: {seen:?}"
+    );
+    assert!(
+        seen.first() < seen.last(),
+        "the guest did not run across {rounds} branches: {seen:?}"
     );
     // A child of the last branch sees the same instant, and carries on.
     let last = tmp.path().join(format!("b{}", rounds - 1));

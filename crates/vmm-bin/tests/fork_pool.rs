@@ -503,3 +503,37 @@ fn pooled_children_keep_a_console_log_when_asked_and_only_then() {
         kid.shutdown();
     }
 }
+
+#[test]
+fn a_pooled_child_continues_exactly_where_the_parent_paused() {
+    use vmm::boot::builtin::abi;
+    const COUNTER: u64 = abi::INFO_ADDR + abi::INFO_COUNTER;
+    let tmp = TempDir::new("pool-counter");
+    let snap = tmp.path().join("snap");
+    let mut vm = TestVm::start(&["--builtin", "--mem-mib", "32", "--console", "none"]);
+    vm.guest(GuestRequest::CounterStart);
+    common::wait_for_counter_above(|| vm.peek_u64(COUNTER), 0);
+    assert_eq!(vm.call(ControlRequest::Pause), ControlResponse::Ok);
+    let counter = vm.peek_u64(COUNTER);
+    match vm.call(ControlRequest::Snapshot {
+        dir: snap.clone(),
+        leave_paused: true,
+        mode: SnapshotMode::Full,
+        wait: true,
+    }) {
+        ControlResponse::Snapshot { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    vm.shutdown();
+    let server = Server::start(&snap, tmp.path().join("fork.sock"), 2);
+    server.wait_parked(2);
+    // Parked children made their vCPUs' first KVM_RUN without running the
+    // guest: the counter is where the parent left it.
+    for mut kid in server.fork(2, &tmp.path().join("a"), json!({"paused": true})) {
+        assert_eq!(kid.status().state, RunState::Paused);
+        assert_eq!(kid.peek_u64(COUNTER), counter);
+        assert_eq!(kid.call(ControlRequest::Resume), ControlResponse::Ok);
+        common::wait_for_counter_above(|| kid.peek_u64(COUNTER), counter);
+        kid.shutdown();
+    }
+}

@@ -314,7 +314,8 @@ impl PreparedRestore<'_> {
         if !self.waiting.is_empty() {
             return Ok(());
         }
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<(usize, libc::pid_t, VcpuFd)>();
+        type Back = (usize, libc::pid_t, VcpuFd, Result<(), String>);
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Back>();
         let mut started = Vec::with_capacity(self.vcpus.len());
         for (id, mut fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (go, wait) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
@@ -322,10 +323,10 @@ impl PreparedRestore<'_> {
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    vcpu::adopt_without_running(&mut fd);
+                    let adopted = vcpu::adopt_without_running(&mut fd);
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
-                    let sent = back.send((id, tid, fd));
+                    let sent = back.send((id, tid, fd, adopted));
                     // The receiver counts senders: this one is done.
                     drop(back);
                     if sent.is_err() {
@@ -340,18 +341,25 @@ impl PreparedRestore<'_> {
             started.push((go, handle));
         }
         drop(back_tx);
-        let mut back: Vec<(usize, libc::pid_t, VcpuFd)> = back_rx.iter().collect();
+        let mut back: Vec<Back> = back_rx.iter().collect();
         if back.len() != started.len() {
             return Err(BuildError::Thread(std::io::Error::other(
                 "a vCPU thread ended before it took its vCPU",
             )));
         }
-        back.sort_by_key(|(id, _, _)| *id);
-        for ((_, tid, fd), (go, handle)) in back.into_iter().zip(started) {
+        back.sort_by_key(|(id, _, _, _)| *id);
+        let mut refused = None;
+        for ((id, tid, fd, adopted), (go, handle)) in back.into_iter().zip(started) {
+            if let Err(reason) = adopted {
+                refused.get_or_insert(BuildError::Vcpu {
+                    id: id as u8,
+                    reason: format!("cannot take it over ahead of its start: {reason}"),
+                });
+            }
             self.vcpus.push(fd);
             self.waiting.push(WaitingVcpuThread { go, handle, tid });
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     /// The kernel thread ids of the vCPU threads started ahead (empty

@@ -414,13 +414,115 @@ pub fn run_vcpu(mut vcpu: VcpuFd, id: u8, io: VcpuIo, control: Arc<RunControl>) 
     control.leave();
 }
 
-/// Makes the calling thread `vcpu`'s runner without running guest code: a
-/// `KVM_RUN` that returns at once. KVM does per-thread work on the first
-/// `KVM_RUN` of a vCPU from a new thread, and once per VM on the first run
-/// of any of its vCPUs (it starts the VM's huge page recovery kernel
-/// thread); a thread started ahead of the VM's start pays for it then.
-pub fn adopt_without_running(vcpu: &mut VcpuFd) {
-    complete_pending_io(vcpu);
+/// Makes the calling thread `vcpu`'s runner, and has KVM do the work of a
+/// first entry into the guest, without running guest code. A thread
+/// started ahead of its VM's start (a pooled fork child's) pays for it
+/// then instead of on the way to the guest's first answer.
+///
+/// KVM does per-thread work on the first `KVM_RUN` of a vCPU from a new
+/// thread, once per VM on the first run of any of its vCPUs (it starts the
+/// VM's huge page recovery kernel thread), and loads the vCPU's MMU (with
+/// shadow paging, as on PVM, it allocates and fills its caches and builds
+/// the roots for the guest's page tables) just before it would enter the
+/// guest. This `KVM_RUN` carries a signal that is pending for it only
+/// (blocked in the thread, let through by the vCPU's own signal mask):
+/// KVM sees it at its last check before entering and returns `EINTR`, the
+/// way a vCPU kicked just before entry does. The guest's registers are
+/// compared before and after: an error says the guest ran, which no KVM
+/// with the entry checks of Linux 5.11 and later does.
+pub fn adopt_without_running(vcpu: &mut VcpuFd) -> Result<(), String> {
+    let before = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    let sig = kick_signal();
+    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise.
+    let mut only_kick: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the sets are valid sigset_t values owned here; pthread_kill
+    // targets this very thread; the kick handler does nothing on a thread
+    // that does not run a vCPU yet.
+    unsafe {
+        libc::sigemptyset(&mut only_kick);
+        libc::sigaddset(&mut only_kick, sig);
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &only_kick, &mut old);
+        libc::pthread_kill(libc::pthread_self(), sig);
+    }
+    let ran = set_kvm_signal_mask(vcpu, Some(&none))
+        .map_err(|e| format!("KVM_SET_SIGNAL_MASK: {e}"))
+        .map(|()| vcpu.run().map(|_| ()));
+    let _ = set_kvm_signal_mask(vcpu, None);
+    // SAFETY: `only_kick` and `old` are valid sets; a zero timeout makes
+    // sigtimedwait take the pending signal without waiting.
+    unsafe {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        libc::sigtimedwait(&only_kick, std::ptr::null_mut(), &zero);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    let after = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    match ran? {
+        Err(e) if e.errno() == libc::EINTR && before.rip == after.rip => Ok(()),
+        Err(e) if e.errno() != libc::EINTR => Err(format!("KVM_RUN: {e}")),
+        _ => Err(format!(
+            "the guest ran (rip {:#x} to {:#x}) on a KVM_RUN meant to stop before entry",
+            before.rip, after.rip
+        )),
+    }
+}
+
+/// `KVM_SET_SIGNAL_MASK = _IOW(KVMIO, 0x8b, struct kvm_signal_mask)`:
+/// direction 1 in bits 30-31, size 4 (a u32 `len`, then the set) in bits
+/// 16-29, type 0xAE, number 0x8b.
+const KVM_SET_SIGNAL_MASK: libc::c_ulong = (1 << 30) | (4 << 16) | (0xAE << 8) | 0x8b;
+
+/// Sets the signal mask the vCPU's thread has while in `KVM_RUN`
+/// (`None`: its own).
+fn set_kvm_signal_mask(vcpu: &VcpuFd, mask: Option<&libc::sigset_t>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    /// `struct kvm_signal_mask` with the kernel's 8-byte sigset of x86-64.
+    #[repr(C)]
+    struct KvmSignalMask {
+        len: u32,
+        sigset: [u8; 8],
+    }
+    let rc = match mask {
+        None => {
+            // SAFETY: a null argument turns the vCPU's own mask off.
+            unsafe {
+                libc::ioctl(
+                    vcpu.as_raw_fd(),
+                    KVM_SET_SIGNAL_MASK,
+                    std::ptr::null::<u8>(),
+                )
+            }
+        }
+        Some(set) => {
+            let mut arg = KvmSignalMask {
+                len: 8,
+                sigset: [0; 8],
+            };
+            // SAFETY: glibc's sigset_t is at least 8 bytes, its first 8 the
+            // kernel's set on x86-64; both are plain data.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (set as *const libc::sigset_t).cast::<u8>(),
+                    arg.sigset.as_mut_ptr(),
+                    8,
+                )
+            };
+            // SAFETY: KVM reads `len` and then `len` bytes of set from `arg`,
+            // which holds exactly that, alive for the call.
+            unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_SET_SIGNAL_MASK, &arg) }
+        }
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Lets KVM finish an exit it is waiting on (the result of a port read,

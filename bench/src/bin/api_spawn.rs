@@ -124,7 +124,11 @@ fn direct_round(server: &ForkServer, out: &Path, n: u32) -> Duration {
     for (_, _, vsock) in &children {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !vsock.exists() {
-            assert!(Instant::now() < deadline, "{} never appeared", vsock.display());
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                vsock.display()
+            );
             std::thread::sleep(Duration::from_micros(100));
         }
         let client = Client::new(Target::Vsock {
@@ -151,10 +155,12 @@ struct Daemon {
 }
 
 impl Daemon {
+    // The child is waited for by `Daemon`'s Drop, or here when it does not start.
+    #[allow(clippy::zombie_processes)]
     fn start(bin_dir: &Path, state: &Path) -> Daemon {
         std::fs::create_dir_all(state).unwrap();
         let log = state.join("daemon.log");
-        let child = Command::new(bin_dir.join("forkd-daemon"))
+        let mut child = Command::new(bin_dir.join("forkd-daemon"))
             .args(["serve", "--bind", "127.0.0.1:0", "--state-dir"])
             .arg(state)
             .stdin(Stdio::null())
@@ -169,7 +175,11 @@ impl Daemon {
                 let url = rest.split_whitespace().next().unwrap().to_owned();
                 return Daemon { child, url };
             }
-            assert!(Instant::now() < deadline, "the daemon did not start:\n{text}");
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the daemon did not start:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }

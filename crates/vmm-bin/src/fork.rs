@@ -553,25 +553,30 @@ impl Pool {
     /// they died, which drops them.
     fn check(&mut self, indices: &[usize]) {
         for &i in indices.iter().rev() {
-            if self.parked[i].ready || link_says_ready(&self.parked[i].link) {
-                self.parked[i].ready = true;
-                continue;
-            }
-            if let Some(gone) = self.parked.remove(i) {
-                eprintln!(
-                    "forkd-vmm fork-server: pooled child {} ended before it was asked for",
-                    gone.pid
-                );
-                let _ = std::fs::remove_dir_all(self.staging.join(gone.pid.to_string()));
-                self.last_loss = Some(Instant::now());
+            // Everything there is: its "ready" may be followed by its end.
+            loop {
+                match read_link(&self.parked[i].link) {
+                    LinkNews::Ready => self.parked[i].ready = true,
+                    LinkNews::Nothing => break,
+                    LinkNews::Closed => {
+                        let gone = self.parked.remove(i).expect("an index of parked");
+                        eprintln!(
+                            "forkd-vmm fork-server: pooled child {} ended before it was asked for",
+                            gone.pid
+                        );
+                        let _ = std::fs::remove_dir_all(self.staging.join(gone.pid.to_string()));
+                        self.last_loss = Some(Instant::now());
+                        break;
+                    }
+                }
             }
         }
     }
 
-    /// Updates every parked child's readiness from its link, without waiting.
+    /// Reads what every parked child said since the last look, without
+    /// waiting.
     fn refresh(&mut self) {
-        let quiet: Vec<usize> = (0..self.parked.len())
-            .filter(|&i| !self.parked[i].ready)
+        let said: Vec<usize> = (0..self.parked.len())
             .filter(|&i| {
                 let mut fd = libc::pollfd {
                     fd: self.parked[i].link.as_raw_fd(),
@@ -582,7 +587,7 @@ impl Pool {
                 unsafe { libc::poll(&mut fd, 1, 0) > 0 }
             })
             .collect();
-        self.check(&quiet);
+        self.check(&said);
     }
 
     /// Forks one more parked child (whose restore is prepared in the
@@ -685,9 +690,17 @@ impl Pool {
     }
 }
 
-/// Whether a parked child's link holds its one-byte "ready" message (read
-/// here); false when the link is closed or holds nothing yet.
-fn link_says_ready(link: &OwnedFd) -> bool {
+/// What a parked child's link holds, read without waiting.
+enum LinkNews {
+    /// Its one-byte "ready" message.
+    Ready,
+    /// Its end: the child is gone.
+    Closed,
+    /// Nothing (more) yet.
+    Nothing,
+}
+
+fn read_link(link: &OwnedFd) -> LinkNews {
     let mut byte = 0u8;
     // SAFETY: `byte` is a valid one-byte buffer; no wait.
     let n = unsafe {
@@ -698,7 +711,14 @@ fn link_says_ready(link: &OwnedFd) -> bool {
             libc::MSG_DONTWAIT,
         )
     };
-    n == 1
+    match n {
+        1.. => LinkNews::Ready,
+        0 => LinkNews::Closed,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => LinkNews::Nothing,
+            _ => LinkNews::Closed,
+        },
+    }
 }
 
 /// A `SOCK_SEQPACKET` pair (one order is one message; a closed end reads

@@ -537,3 +537,50 @@ fn a_pooled_child_continues_exactly_where_the_parent_paused() {
         kid.shutdown();
     }
 }
+
+#[test]
+fn a_parked_child_that_dies_is_replaced() {
+    let tmp = TempDir::new("pool-loss");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let server = Server::start(&snap, tmp.path().join("fork.sock"), 2);
+    let parked = server.wait_parked(2);
+    let server_cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit_once(") ")
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    let cpu_before = server_cpu();
+    // SAFETY: SIGKILL to a child of the server this test started.
+    unsafe { libc::kill(parked[0], libc::SIGKILL) };
+    wait_gone(&parked[..1], "a killed parked child");
+    // Noticed and replaced (after the pause that follows a loss).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = server.parked();
+        if now.len() == 2 && !now.contains(&parked[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not replaced: {now:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The server waited rather than spun (clock ticks of 10 ms).
+    assert!(
+        server_cpu() - cpu_before < 50,
+        "the fork server spun after the loss"
+    );
+    let mut kid = server.fork(1, &tmp.path().join("a"), json!({})).remove(0);
+    assert!(matches!(
+        kid.guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    kid.shutdown();
+}

@@ -355,6 +355,10 @@ impl Forker {
             .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
         // Flushed before every fork so no buffered output is written twice.
         std::io::stdout().flush()?;
+        if let Some(pool) = pool.as_deref_mut() {
+            // Which parked children are ready, once for the whole request.
+            pool.refresh();
+        }
         let mut children = Vec::with_capacity(n as usize);
         for index in 0..n {
             let dir = out_dir.join(index.to_string());
@@ -650,7 +654,6 @@ impl Pool {
     /// Its pid, or None when the pool is empty.
     fn hand_out(&mut self, dir: &Path, options: ChildOptions) -> Result<Option<i32>, BoxError> {
         self.stage_console = options.console_log;
-        self.refresh();
         while !self.parked.is_empty() {
             let at = self.parked.iter().position(|p| p.ready).unwrap_or(0);
             let parked = self.parked.remove(at).expect("an index of parked");

@@ -641,6 +641,28 @@ impl Shared {
         disarm(&self.uffd, &regions)
     }
 
+    /// Releases the granules no copier thread released (none after a
+    /// complete copy). Not all of RAM at once: a write-protect change makes
+    /// KVM drop its mappings of the range and hold the guest's faults in it
+    /// until the change is done, so a release of all of RAM would stall
+    /// the guest for the whole page walk and then make it refault every
+    /// page.
+    fn release_rest(&self) -> Result<(), Error> {
+        for rs in &self.regions {
+            let granules = rs.r.len / rs.granule_bytes();
+            let mut g = 0;
+            while g < granules {
+                let (w, lo) = (g / 64, g % 64);
+                let n = (64 - lo).min(granules - g);
+                let span = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
+                let rest = span & !rs.released[w as usize].load(Ordering::Acquire);
+                for_each_run(rest, |a, k| rs.release(&self.uffd, None, w * 64 + a, k))?;
+                g += n;
+            }
+        }
+        Ok(())
+    }
+
     fn signal(&self) {
         let one = 1u64;
         // SAFETY: writes 8 bytes from a live u64 to our eventfd.
@@ -860,17 +882,20 @@ impl LiveCopy {
         (done, total)
     }
 
-    /// Waits for the copy to finish, releases all RAM (also on error) and
-    /// fsyncs the file.
+    /// Waits for the copy to finish, makes sure all RAM is released (every
+    /// granule was, one by one, unless the copy failed) and fsyncs the file.
     pub fn wait(mut self) -> Result<LiveCopyReport, Error> {
         self.join();
         self.finished = true;
         let sh = &self.shared;
-        let released = sh.release_all();
         if let Some(e) = sh.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = sh.release_all();
             return Err(e);
         }
-        released?;
+        if let Err(e) = sh.release_rest() {
+            let _ = sh.release_all();
+            return Err(e);
+        }
         let sync_start = Instant::now();
         sh.out.sync_all().map_err(Error::Sync)?;
         let sync = sync_start.elapsed();

@@ -38,3 +38,27 @@ show_tail() {
 json_field() {
   printf '%s\n' "$1" | sed -n "s/.*\"$2\":\(\"\([^\"\\\\]\|\\\\.\)*\"\|[^,}]*\).*/\1/p" | sed 's/^"\(.*\)"$/\1/'
 }
+
+# lab_diagnose: level 1's state for a hang: memory, every process with its
+# state and what it waits on (kernel stacks of forkd's threads), the end of
+# the kernel log and of every log under /tmp.
+lab_diagnose() {
+  echo "lab: --- memory ---"
+  grep -E '^(MemTotal|MemFree|MemAvailable|Shmem|AnonPages|Cached):' /proc/meminfo
+  echo "lab: --- processes (pid state wchan command) ---"
+  for d in /proc/[0-9]*; do
+    [ -r "$d/stat" ] || continue
+    printf '%s %s %s %s\n' "${d#/proc/}" "$(cut -d' ' -f3 "$d/stat" 2>/dev/null)" \
+      "$(cat "$d/wchan" 2>/dev/null)" "$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null | cut -c1-160)"
+  done
+  for d in /proc/[0-9]*; do
+    case "$(cat "$d/comm" 2>/dev/null)" in forkd*) ;; *) continue ;; esac
+    for t in "$d"/task/*; do
+      echo "lab: --- thread ${t##*/} of ${d#/proc/} ($(cat "$t/comm" 2>/dev/null), state $(cut -d' ' -f3 "$t/stat" 2>/dev/null)) ---"
+      cat "$t/stack" 2>/dev/null | head -n 12
+    done
+  done
+  echo "lab: --- kernel log ---"
+  dmesg | tail -n 40
+  find /tmp -name '*.log' -type f 2>/dev/null | while read -r f; do show_tail "$f" 30; done
+}

@@ -6,6 +6,9 @@ set -eu -o pipefail
 state=$LAB_TMP/state
 dlog=$LAB_TMP/daemon.log
 export FORKD_URL=http://127.0.0.1:8889
+# Each answer within two minutes (longer only where the CLI asks for more:
+# a snapshot's boot wait), so a stuck request fails here with its context.
+export FORKD_TIMEOUT=120
 context() {
   show_tail "$dlog" 40
   for f in "$state"/run/build-*/console.log "$state"/sandboxes/*/*/console.log; do
@@ -81,6 +84,7 @@ mark=$(forkd exec "$g" -- cat /root/mark 2>&1) || die_ctx "reading /root/mark in
 ev=$(forkd --json eval "$g" 'marker' 2>&1 | tr -d '\n ') || die_ctx "eval in $g failed: $ev"
 [ "$(json_field "$ev" result)" = 42 ] || die_ctx "the branch's child's interpreter has marker=$ev, not 42"
 step "the branch's child has the source's file and interpreter state"
+step "level 1 memory: $(grep -E '^(MemAvailable|Shmem|AnonPages):' /proc/meminfo | tr -s ' \n' ' ')"
 
 step "forkd kill --all; forkd rmi linux --cascade"
 forkd kill --all >/dev/null || die_ctx "kill --all failed"

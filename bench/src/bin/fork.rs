@@ -47,6 +47,10 @@ struct Args {
     /// Skip the pooled measurement.
     #[arg(long)]
     no_pool: bool,
+    /// Skip the cold measurement (the floor and the pool only: quicker,
+    /// and a profile of the run sees only pooled children).
+    #[arg(long, conflicts_with = "no_pool")]
+    no_cold: bool,
     /// Where the children's directories (control socket, log) go: a
     /// directory under this one (default: the system temp dir). Each child
     /// creates a directory, a socket and a log file, so the file system's
@@ -59,7 +63,7 @@ struct Args {
 #[derive(Clone, Copy, Default)]
 struct Run {
     floor: Duration,
-    cold: Duration,
+    cold: Option<Duration>,
     pooled: Option<Duration>,
     refill: Option<Duration>,
 }
@@ -108,21 +112,6 @@ fn main() {
             let (floor, floor_cpu) = floor(&kvm, args.children, mem_mib);
             let out = kids_root.join(format!("kids-{mem_mib}-{run}"));
 
-            let server = Server::start(&vmm, &snap, &out.with_extension("fork.sock"), 0);
-            server.warm_up(&out.join("warm"));
-            let (cold, cold_cpu, pids, clients) =
-                server.fork_and_ping(args.children, &out.join("cold"));
-            let private: Vec<u64> = pids.iter().map(|&p| private_bytes(p)).collect();
-            server.stop();
-            shut_down(clients);
-            let avg = private.iter().sum::<u64>() as f64 / private.len() as f64;
-            let max = *private.iter().max().unwrap();
-
-            let mut this = Run {
-                floor,
-                cold,
-                ..Run::default()
-            };
             let n = f64::from(args.children);
             println!(
                 "  run {}: bare-KVM floor, {} VMs in one thread: {:>8.1} ms (CPU {:.0} us a VM)",
@@ -139,12 +128,28 @@ fn main() {
                     ms(c.children) * 1e3 / n
                 )
             };
-            println!(
-                "    cold:   request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
-                ms(cold),
-                ms(cold) / ms(floor),
-                cpu_line(cold_cpu)
-            );
+            let mut this = Run {
+                floor,
+                ..Run::default()
+            };
+            // Private memory of running children: the cold ones', else the pooled ones'.
+            let mut private: Vec<u64> = Vec::new();
+            if !args.no_cold {
+                let server = Server::start(&vmm, &snap, &out.with_extension("fork.sock"), 0);
+                server.warm_up(&out.join("warm"));
+                let (cold, cold_cpu, pids, clients) =
+                    server.fork_and_ping(args.children, &out.join("cold"));
+                private = pids.iter().map(|&p| private_bytes(p)).collect();
+                server.stop();
+                shut_down(clients);
+                this.cold = Some(cold);
+                println!(
+                    "    cold:   request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
+                    ms(cold),
+                    ms(cold) / ms(floor),
+                    cpu_line(cold_cpu)
+                );
+            }
             if !args.no_pool {
                 let before = kernel_memory_bytes();
                 let server =
@@ -156,6 +161,9 @@ fn main() {
                 let parked_private: u64 = parked.iter().map(|&p| private_bytes(p)).sum();
                 let (pooled, pooled_cpu, pids, clients) =
                     server.fork_and_ping(args.children, &out.join("pooled"));
+                if private.is_empty() {
+                    private = pids.iter().map(|&p| private_bytes(p)).collect();
+                }
                 let refill_from = server.last_answer.get();
                 server.wait_parked(args.children as usize, &pids);
                 let refill = refill_from.map(|t| t.elapsed());
@@ -182,11 +190,14 @@ fn main() {
                     kernel as f64 / parked.len() as f64 / 1024.0
                 );
             }
-            println!(
-                "    private memory per running child: avg {:.0} KiB, max {} KiB",
-                avg / 1024.0,
-                max / 1024
-            );
+            if let Some(&max) = private.iter().max() {
+                let avg = private.iter().sum::<u64>() as f64 / private.len() as f64;
+                println!(
+                    "    private memory per running child: avg {:.0} KiB, max {} KiB",
+                    avg / 1024.0,
+                    max / 1024
+                );
+            }
             runs.push(this);
             let _ = std::fs::remove_dir_all(&out);
         }
@@ -207,12 +218,9 @@ fn main() {
             };
             println!("  medians of {} runs:", runs.len());
             println!("    floor  {:>8.1} ms", ms(floor));
-            let cold = median(&|r| Some(r.cold)).unwrap();
-            println!(
-                "    cold   {:>8.1} ms  (median ratio {:.2}x)",
-                ms(cold),
-                ratios(&|r| Some(r.cold)).unwrap()
-            );
+            if let (Some(c), Some(ratio)) = (median(&|r| r.cold), ratios(&|r| r.cold)) {
+                println!("    cold   {:>8.1} ms  (median ratio {ratio:.2}x)", ms(c));
+            }
             if let (Some(p), Some(ratio)) = (median(&|r| r.pooled), ratios(&|r| r.pooled)) {
                 println!("    pooled {:>8.1} ms  (median ratio {ratio:.2}x)", ms(p));
             }

@@ -194,6 +194,7 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
             .map(|(i, _)| i)
             .collect();
         pool.check(&readable);
+        pool.check_started();
         if fds[0].revents != 0 {
             match listener.accept() {
                 Ok((stream, _)) => {
@@ -471,6 +472,15 @@ struct Pool {
     /// New pooled children make their `console.log` ahead too: the last
     /// request that took pooled children asked for one (the daemon's do).
     stage_console: bool,
+    /// The links of children handed out that do not run yet (each closes
+    /// its end once its machine runs), and since when the oldest waits.
+    starting: Vec<OwnedFd>,
+    starting_since: Option<Instant>,
+    /// No refill before this: the children handed out last are up and
+    /// taking their first requests.
+    settle_until: Option<Instant>,
+    /// Children handed out since the pool last refilled.
+    handed_out: usize,
 }
 
 /// One parked child.
@@ -496,6 +506,20 @@ enum Refill {
 /// Pause between refills after a parked child died unasked.
 const REFILL_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Longest a refill waits for the children handed out to run.
+const STARTING_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the server looks whether the children handed out run.
+const STARTING_LOOK: Duration = Duration::from_millis(5);
+
+/// How long a refill waits after those children run, per child: about
+/// what a child's first answer costs in CPU on the development machine
+/// (0.3-0.4 ms), halved for its two cores.
+const SETTLE_PER_CHILD: Duration = Duration::from_micros(200);
+
+/// Most a refill waits after the children handed out run.
+const MAX_SETTLE: Duration = Duration::from_millis(200);
+
 impl Pool {
     /// A pool of `target` children staging their directories in `staging`
     /// (made afresh; whatever a server before this one left there goes).
@@ -516,6 +540,10 @@ impl Pool {
             last_loss: None,
             idle_prepare: target > 0 && idle_is_reversible(),
             stage_console: false,
+            starting: Vec::new(),
+            starting_since: None,
+            settle_until: None,
+            handed_out: 0,
         })
     }
 
@@ -541,6 +569,24 @@ impl Pool {
         if self.parked.len() >= self.target {
             return Refill::No;
         }
+        // A refill waits for the children just handed out: the forks, KVM
+        // VMs and files it makes run at SCHED_IDLE but in long stretches of
+        // kernel code that a kernel without preemption does not cut short,
+        // so they would delay those children on their way to answering.
+        // Their links are looked at every STARTING_LOOK, not waited on: one
+        // wake-up of the server per child would cost the children CPU.
+        if let Some(since) = self.starting_since {
+            let waited = since.elapsed();
+            if waited < STARTING_WAIT {
+                return Refill::After((STARTING_WAIT - waited).min(STARTING_LOOK));
+            }
+        }
+        if let Some(until) = self.settle_until {
+            let now = Instant::now();
+            if now < until {
+                return Refill::After(until - now);
+            }
+        }
         match self.last_loss.map(|t| t.elapsed()) {
             Some(since) if since < REFILL_BACKOFF => Refill::After(REFILL_BACKOFF - since),
             _ => Refill::Now,
@@ -549,7 +595,61 @@ impl Pool {
 
     /// The server's ends of every link, for a new child to close.
     fn links(&self) -> Vec<RawFd> {
-        self.parked.iter().map(|p| p.link.as_raw_fd()).collect()
+        self.parked
+            .iter()
+            .map(|p| p.link.as_raw_fd())
+            .chain(self.starting.iter().map(|l| l.as_raw_fd()))
+            .collect()
+    }
+
+    /// Drops the links of children handed out that closed them (they run,
+    /// or died), in one poll without waiting; when none is left, the
+    /// refill waits a little longer, for the first requests those children
+    /// take (the daemon's first ping follows the answer at once).
+    fn check_started(&mut self) {
+        if self.starting.is_empty() {
+            return;
+        }
+        let mut fds: Vec<libc::pollfd> = self
+            .starting
+            .iter()
+            .map(|l| libc::pollfd {
+                fd: l.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd of the length given; no wait.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        if n > 0 {
+            for i in (0..fds.len()).rev() {
+                if fds[i].revents != 0 && matches!(read_link(&self.starting[i]), LinkNews::Closed) {
+                    self.starting.swap_remove(i);
+                }
+            }
+        }
+        self.update_starting();
+    }
+
+    /// After a change to `starting`: start or end the wait for it.
+    fn update_starting(&mut self) {
+        if !self.starting.is_empty() {
+            if self
+                .starting_since
+                .is_some_and(|t| t.elapsed() >= STARTING_WAIT)
+            {
+                // Stuck children do not hold the pool empty for ever.
+                self.starting.clear();
+            } else {
+                self.starting_since.get_or_insert_with(Instant::now);
+                return;
+            }
+        }
+        if self.starting_since.take().is_some() {
+            let settle = SETTLE_PER_CHILD * self.handed_out.min(MAX_CHILDREN as usize) as u32;
+            self.settle_until = Some(Instant::now() + settle.min(MAX_SETTLE));
+            self.handed_out = 0;
+        }
     }
 
     /// Reads what the parked children at `indices` (of `parked`,
@@ -677,8 +777,13 @@ impl Pool {
                 options,
                 listener.as_ref().map(|l| l.as_fd()),
             ) {
-                // The link closes here: the child has its order.
-                Ok(()) => return Ok(Some(parked.pid)),
+                // The child closes its end once it runs.
+                Ok(()) => {
+                    self.starting.push(parked.link);
+                    self.handed_out += 1;
+                    self.update_starting();
+                    return Ok(Some(parked.pid));
+                }
                 // It died since the last look (EPIPE, ECONNRESET): the next one.
                 Err(e) => {
                     eprintln!(
@@ -972,7 +1077,6 @@ fn pooled_child(
         )
     };
     let order = receive_order(&link);
-    drop(link);
     if idle {
         // This thread first, then the threads it started while idle.
         let threads = ahead.prepared.vcpu_thread_ids().into_iter();
@@ -1008,7 +1112,10 @@ fn pooled_child(
                 listener,
                 log,
                 &cfg,
-                Some(ahead.prepared),
+                Some(Handed {
+                    prepared: ahead.prepared,
+                    link,
+                }),
                 &ahead.workers,
             )
         }
@@ -1094,16 +1201,25 @@ fn set_name(name: &str) {
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
+/// What a pooled child brings to [`child`] from its wait.
+struct Handed<'a> {
+    /// Its restore, made ahead.
+    prepared: PreparedRestore<'a>,
+    /// Its link to the server, closed once the machine runs: the server
+    /// waits for that before it refills its pool.
+    link: OwnedFd,
+}
+
 /// The child: detach from the parent's session and standard streams,
-/// restore (finishing `prepared` when it was made ahead), serve until the
-/// VM ends.
+/// restore (finishing the restore `handed` over when it was made ahead),
+/// serve until the VM ends.
 fn child(
     forker: &Forker,
     dir: &Path,
     listener: UnixListener,
     log: Option<std::fs::File>,
     cfg: &RestoreConfig,
-    prepared: Option<PreparedRestore<'_>>,
+    handed: Option<Handed<'_>>,
     workers: &crate::control::Workers,
 ) -> i32 {
     let snapshot = &forker.snapshot;
@@ -1115,6 +1231,10 @@ fn child(
         eprintln!("forkd-vmm child: {e}");
         return 2;
     }
+    let (prepared, link) = match handed {
+        Some(h) => (Some(h.prepared), Some(h.link)),
+        None => (None, None),
+    };
     let built = match prepared {
         Some(p) => p.finish(cfg),
         None => builder::prepare_restore(snapshot, forker.kvm.clone(), cfg.ram)
@@ -1122,6 +1242,7 @@ fn child(
     };
     match built {
         Ok(machine) => {
+            drop(link);
             let code =
                 crate::serve_until_exit(Arc::new(machine), Some(listener), Some(&socket), workers);
             if code == ExitCode::SUCCESS {

@@ -1090,12 +1090,17 @@ fn pooled_child(
     set_name("forkd-vmm");
     match order {
         Ok(Some(order)) => {
-            let cfg = forker.child_config(&order.dir, order.options);
+            let mut cfg = forker.child_config(&order.dir, order.options);
             let (listener, log) = match order.listener {
                 // The server renamed the staged directory to `order.dir`.
                 None => {
                     if stage_console && !order.options.console_log {
                         let _ = std::fs::remove_file(order.dir.join(CONSOLE_LOG));
+                    }
+                    if stage_console && order.options.console_log {
+                        // The console opened ahead, in the directory now
+                        // at `order.dir`: said so by naming it as it was.
+                        cfg.console = ahead.console.clone();
                     }
                     (ahead.listener, Some(ahead.log))
                 }
@@ -1135,8 +1140,11 @@ fn pooled_child(
 /// What a pooled child makes ahead.
 struct Ahead<'a> {
     /// Its restore, with its vCPU threads started (each has made its first
-    /// KVM_RUN).
+    /// KVM_RUN) and its devices made ([`PreparedRestore::make_ahead`]).
     prepared: PreparedRestore<'a>,
+    /// The console its devices were made with: its staged `console.log`
+    /// or nowhere.
+    console: ConsoleOutput,
     /// Its control connection workers, one started.
     workers: crate::control::Workers,
     /// The kernel thread id of that worker.
@@ -1170,12 +1178,16 @@ fn prepare_pooled<'a>(
     std::fs::create_dir(staged).map_err(|e| format!("cannot create {}: {e}", staged.display()))?;
     let listener = crate::control::bind(&staged.join("control.sock")).map_err(|e| e.to_string())?;
     let log = open_log(staged).map_err(|e| format!("cannot create its vmm.log: {e}"))?;
-    if stage_console {
-        std::fs::File::create(staged.join(CONSOLE_LOG))
-            .map_err(|e| format!("cannot create its {CONSOLE_LOG}: {e}"))?;
-    }
+    // Creates the console log when staged.
+    let console = if stage_console {
+        ConsoleOutput::File(staged.join(CONSOLE_LOG))
+    } else {
+        ConsoleOutput::Sink
+    };
+    let prepared = prepared.make_ahead(&console).map_err(|e| e.to_string())?;
     Ok(Ahead {
         prepared,
+        console,
         workers,
         worker,
         listener,

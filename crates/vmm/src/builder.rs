@@ -240,13 +240,35 @@ pub fn build_from_snapshot(
 /// generation, the clock) and starts it.
 pub struct PreparedRestore<'a> {
     snapshot: &'a PreparedSnapshot,
-    kvm: Arc<Kvm>,
-    ram: GuestRam,
-    vm: vm::Vm,
+    /// The VM, bare or with its legacy devices made ahead.
+    core: Core,
     vcpus: Vec<VcpuFd>,
     /// vCPU threads started ahead ([`PreparedRestore::start_vcpu_threads`]),
     /// one per vCPU in order, or none.
     waiting: Vec<WaitingVcpuThread>,
+}
+
+/// A prepared restore's VM.
+enum Core {
+    /// RAM and the VM, nothing more yet.
+    Bare {
+        kvm: Arc<Kvm>,
+        ram: GuestRam,
+        vm: vm::Vm,
+    },
+    /// With what [`PreparedRestore::make_ahead`] adds.
+    Ahead(Box<MadeAhead>),
+}
+
+/// What [`PreparedRestore::make_ahead`] made.
+struct MadeAhead {
+    /// The VM with its legacy devices (restored) and the irqchip's and
+    /// PIT's state set.
+    parts: Parts,
+    /// Where the serial console writes.
+    console: ConsoleOutput,
+    /// The TSC method that held on a sync ahead.
+    tsc: state::TscMethod,
 }
 
 /// What a vCPU thread started ahead of its machine waits for.
@@ -294,9 +316,7 @@ pub fn prepare_restore(
     }
     Ok(PreparedRestore {
         snapshot,
-        kvm,
-        ram,
-        vm,
+        core: Core::Bare { kvm, ram, vm },
         vcpus,
         waiting: Vec::new(),
     })
@@ -362,6 +382,34 @@ impl PreparedRestore<'_> {
         refused.map_or(Ok(()), Err)
     }
 
+    /// Makes ahead what does not depend on the moment of the start nor on
+    /// the child's own files (for a process that prepares a restore ahead
+    /// of time, a fork server's pooled child): the legacy devices with
+    /// their saved state and the serial console writing to `console`, the
+    /// irqchip's and PIT's state, a new VM generation (each prepared
+    /// restore is a new child, whenever it starts), and a first clock and
+    /// TSC sync, which tells [`PreparedRestore::finish`] the method that
+    /// holds on this host. The clock itself is set again at the start.
+    pub fn make_ahead(mut self, console: &ConsoleOutput) -> Result<Self, BuildError> {
+        let Core::Bare { kvm, ram, vm } = self.core else {
+            return Ok(self);
+        };
+        let state = &self.snapshot.state;
+        let parts = Parts::with_vm(kvm, ram, vm, console, Some(&state.devices))?;
+        if state.guest == GuestKind::Builtin {
+            builtin::set_generation(parts.ram.memory(), random_u64())?;
+        }
+        state::restore_vm_chips(parts.vm.fd(), &state.vm)?;
+        state::restore_vm_clock(parts.vm.fd(), &state.vm)?;
+        let tsc = state::sync_tsc(parts.vm.fd(), &self.vcpus, &state.vcpus, &state.vm)?;
+        self.core = Core::Ahead(Box::new(MadeAhead {
+            parts,
+            console: console.clone(),
+            tsc: tsc.method,
+        }));
+        Ok(self)
+    }
+
     /// The kernel thread ids of the vCPU threads started ahead (empty
     /// before [`PreparedRestore::start_vcpu_threads`]): a caller that
     /// changed their scheduling before they run (they inherit the policy
@@ -371,17 +419,38 @@ impl PreparedRestore<'_> {
     }
 
     /// Completes the restore with the child's own resources and starts it.
+    /// When the devices were made ahead ([`PreparedRestore::make_ahead`]),
+    /// the console is the one made then if `cfg.console` equals it, and
+    /// is opened again otherwise.
     pub fn finish(self, cfg: &RestoreConfig) -> Result<Machine, BuildError> {
         let PreparedRestore {
             snapshot,
-            kvm,
-            ram,
-            vm,
+            core,
             vcpus,
             waiting,
         } = self;
         let state = &snapshot.state;
-        let mut parts = Parts::with_vm(kvm, ram, vm, &cfg.console, Some(&state.devices))?;
+        let (mut parts, tsc_first) = match core {
+            Core::Bare { kvm, ram, vm } => {
+                let parts = Parts::with_vm(kvm, ram, vm, &cfg.console, Some(&state.devices))?;
+                if state.guest == GuestKind::Builtin {
+                    builtin::set_generation(parts.ram.memory(), random_u64())?;
+                }
+                state::restore_vm_chips(parts.vm.fd(), &state.vm)?;
+                (parts, None)
+            }
+            Core::Ahead(ahead) => {
+                let MadeAhead {
+                    parts,
+                    console,
+                    tsc,
+                } = *ahead;
+                if console != cfg.console {
+                    parts.reopen_console(&cfg.console, &state.devices)?;
+                }
+                (parts, Some(tsc))
+            }
+        };
         let backends = restore_backends(snapshot, cfg)?;
         let virtio = VirtioDevices::restore_routed(
             &state.devices.virtio,
@@ -392,12 +461,9 @@ impl PreparedRestore<'_> {
             &mut parts.mmio,
         )
         .map_err(|e| device_err("virtio devices")(e.to_string()))?;
-        if state.guest == GuestKind::Builtin {
-            builtin::set_generation(parts.ram.memory(), random_u64())?;
-        }
-        state::restore_vm(parts.vm.fd(), &state.vm)?;
+        state::restore_vm_clock(parts.vm.fd(), &state.vm)?;
         // After kvmclock, so the guest TSC is set against the clock KVM now has.
-        let tsc = state::sync_tsc(parts.vm.fd(), &vcpus, &state.vcpus, &state.vm)?;
+        let tsc = state::sync_tsc_from(parts.vm.fd(), &vcpus, &state.vcpus, &state.vm, tsc_first)?;
         if let Some(skew) = tsc
             .worst_skew_ns
             .filter(|s| s.abs() > state::TSC_SKEW_TOLERANCE_NS)
@@ -489,6 +555,8 @@ struct Parts {
     /// The MMIO bus (virtio devices).
     mmio: Bus,
     serial: Arc<Mutex<SerialConsole>>,
+    /// The serial console's interrupt line (a copy of the UART's).
+    serial_irq: EventFd,
     i8042: Arc<Mutex<I8042>>,
     reset_evt: EventFd,
 }
@@ -520,6 +588,7 @@ impl Parts {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| serial_err(e.to_string()))?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
         let out = console.open().map_err(|e| serial_err(e.to_string()))?;
+        let serial_irq = irq.try_clone().map_err(|e| serial_err(e.to_string()))?;
         let serial = match saved {
             Some(s) => SerialConsole::restore(&s.serial, irq, out)
                 .map_err(|e| serial_err(e.to_string()))?,
@@ -559,6 +628,7 @@ impl Parts {
             pio,
             mmio: Bus::new(),
             serial,
+            serial_irq,
             i8042,
             reset_evt,
         })
@@ -566,6 +636,26 @@ impl Parts {
 
     fn create_vcpu(&self, id: u8) -> Result<VcpuFd, BuildError> {
         create_vcpu(&self.vm, id)
+    }
+
+    /// Replaces the serial console (made with another output, not yet
+    /// run) by one restored from `saved` again, writing to `console`, on
+    /// the same interrupt line.
+    fn reopen_console(
+        &self,
+        console: &ConsoleOutput,
+        saved: &DeviceStates,
+    ) -> Result<(), BuildError> {
+        let serial_err = device_err("serial console");
+        let out = console.open().map_err(|e| serial_err(e.to_string()))?;
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let irq = self
+            .serial_irq
+            .try_clone()
+            .map_err(|e| serial_err(e.to_string()))?;
+        *serial = SerialConsole::restore(&saved.serial, irq, out)
+            .map_err(|e| serial_err(e.to_string()))?;
+        Ok(())
     }
 
     /// Starts a thread per vCPU and hands over the machine. Its vCPU
@@ -850,6 +940,82 @@ mod tests {
             assert_eq!(child.status().state, RunState::Paused);
             child.resume().unwrap();
             ping(&child);
+            child.shutdown();
+            assert_eq!(child.wait_for_exit(), ExitReason::Requested);
+        }
+    }
+
+    /// The guest's VM generation and boot id, asked of the guest.
+    fn identity(machine: &Machine) -> (u64, u64) {
+        match machine
+            .guest_request(&GuestRequest::Identity, std::time::Duration::from_secs(10))
+            .unwrap()
+        {
+            GuestResponse::Identity {
+                boot_id,
+                generation,
+            } => (boot_id, generation),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn devices_made_ahead_serve_the_console_asked_for_and_a_generation_of_their_own() {
+        let tmp = TempDir::new("ahead");
+        let parent = build_for_boot(&MachineConfig::builtin(16)).unwrap();
+        let (boot_id, parent_gen) = identity(&parent);
+        parent
+            .snapshot(&tmp.0.join("snap"), false, SnapshotMode::Full, true)
+            .unwrap();
+        parent.shutdown();
+        assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
+        let snap = PreparedSnapshot::load(&tmp.0.join("snap")).unwrap();
+        let kvm = Arc::new(vm::open_kvm().unwrap());
+        let file = |name: &str| ConsoleOutput::File(tmp.0.join(name));
+        // (console made ahead, console asked for at the start)
+        let cases = [
+            (ConsoleOutput::Sink, ConsoleOutput::Sink),
+            (ConsoleOutput::Sink, file("late.log")),
+            (file("ahead.log"), file("ahead.log")),
+            (file("unwanted.log"), ConsoleOutput::Sink),
+            (file("moved-from.log"), file("moved-to.log")),
+        ];
+        let mut generations = vec![parent_gen];
+        for (i, (ahead, asked)) in cases.into_iter().enumerate() {
+            let mut prepared =
+                prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
+            prepared.start_vcpu_threads().unwrap();
+            let prepared = prepared.make_ahead(&ahead).unwrap();
+            let child = prepared
+                .finish(&RestoreConfig {
+                    console: asked.clone(),
+                    paused: false,
+                    drive_layers: Vec::new(),
+                    vsock_uds: None,
+                    ram: RestoreRam::SnapshotFile,
+                })
+                .unwrap();
+            let (kid_boot, kid_gen) = identity(&child);
+            assert_eq!(kid_boot, boot_id, "case {i}: the boot id is inherited");
+            assert!(
+                !generations.contains(&kid_gen),
+                "case {i}: generations repeat"
+            );
+            generations.push(kid_gen);
+            // What the guest's UART driver does to send a byte (THR at COM1).
+            let byte = b'a' + i as u8;
+            child.serial.lock().unwrap().write(0, &[byte]);
+            if let ConsoleOutput::File(path) = &asked {
+                let text = std::fs::read(path).unwrap();
+                assert_eq!(text, [byte], "case {i}: the console asked for has the byte");
+            }
+            if let (ConsoleOutput::File(path), true) = (&ahead, ahead != asked) {
+                let text = std::fs::read(path).unwrap_or_default();
+                assert!(
+                    text.is_empty(),
+                    "case {i}: the console made ahead stays empty"
+                );
+            }
             child.shutdown();
             assert_eq!(child.wait_for_exit(), ExitReason::Requested);
         }

@@ -466,12 +466,24 @@ pub fn save_vm(vm: &VmFd, with_pit: bool) -> Result<VmKvmState, StateError> {
 
 /// Restores the VM-wide state (after the irqchip and PIT exist).
 pub fn restore_vm(vm: &VmFd, state: &VmKvmState) -> Result<(), StateError> {
+    restore_vm_chips(vm, state)?;
+    restore_vm_clock(vm, state)
+}
+
+/// The irqchip and PIT part of [`restore_vm`]: what does not depend on
+/// the moment (a prepared restore sets it ahead of its start).
+pub fn restore_vm_chips(vm: &VmFd, state: &VmKvmState) -> Result<(), StateError> {
     for chip in &state.irqchips {
         vm.set_irqchip(chip).map_err(vm_err("set the irqchip"))?;
     }
     if let Some(pit) = &state.pit {
         vm.set_pit2(pit).map_err(vm_err("set the PIT"))?;
     }
+    Ok(())
+}
+
+/// The kvmclock part of [`restore_vm`].
+pub fn restore_vm_clock(vm: &VmFd, state: &VmKvmState) -> Result<(), StateError> {
     let clock = kvm_clock_data {
         clock: state.clock.clock,
         // Only the value is restored: flags such as KVM_CLOCK_TSC_STABLE
@@ -617,7 +629,21 @@ pub fn sync_tsc(
     saved: &[VcpuState],
     state: &VmKvmState,
 ) -> Result<TscSync, StateError> {
-    let sync = set_tsc(vm, vcpus, saved, state)?;
+    sync_tsc_from(vm, vcpus, saved, state, None)
+}
+
+/// [`sync_tsc`], starting from method `first` (the one that held on an
+/// earlier sync of the same VM: a prepared restore syncs ahead, and on
+/// this PVM host the two methods before `ClockFollowsTsc` cost about as
+/// much again as the one that holds).
+pub fn sync_tsc_from(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    saved: &[VcpuState],
+    state: &VmKvmState,
+    first: Option<TscMethod>,
+) -> Result<TscSync, StateError> {
+    let sync = set_tsc(vm, vcpus, saved, state, first)?;
     // KVM arms the TSC-deadline timer for the guest TSC at the MSR write:
     // written by restore_vcpu, before the TSC moved, it would fire when the
     // new vCPU's TSC reaches the deadline (the source's uptime later) and the
@@ -665,7 +691,10 @@ fn set_tsc(
     vcpus: &[VcpuFd],
     saved: &[VcpuState],
     state: &VmKvmState,
+    first: Option<TscMethod>,
 ) -> Result<TscSync, StateError> {
+    let try_offset = matches!(first, None | Some(TscMethod::Offset));
+    let try_msr = try_offset || first == Some(TscMethod::Msr);
     let anchors: Option<Vec<Anchor>> = saved
         .iter()
         .map(|v| {
@@ -701,7 +730,7 @@ fn set_tsc(
     // The offset attribute: guest TSC = host TSC + offset, so one
     // (kvmclock, host TSC) pair gives every offset, however long the
     // writes take. A scaled TSC fails the check below and falls through.
-    if vcpus.iter().all(has_tsc_offset) {
+    if try_offset && vcpus.iter().all(has_tsc_offset) {
         let (now, host) = clock.sample()?;
         for (i, (fd, &a)) in vcpus.iter().zip(&anchors).enumerate() {
             let offset = clock.target(a, now).wrapping_sub(host);
@@ -716,14 +745,16 @@ fn set_tsc(
     // Without the attribute (before Linux 5.16): IA32_TSC for the host TSC
     // just before each write, off by the write's own latency. KVM keeps the
     // first vCPU's offset for the others when their values match in time.
-    let pair = clock.sample()?;
-    for (i, (fd, &a)) in vcpus.iter().zip(&anchors).enumerate() {
-        let value = clock.target(a, clock.at(pair, host_tsc(), a.khz));
-        write_tsc(fd, value).map_err(vcpu_err(i as u8, "set the TSC"))?;
-    }
-    let worst = clock.worst_skew(vcpus, &anchors)?;
-    if worst.abs() <= TSC_SKEW_TOLERANCE_NS {
-        return Ok(done(TscMethod::Msr, worst));
+    if try_msr {
+        let pair = clock.sample()?;
+        for (i, (fd, &a)) in vcpus.iter().zip(&anchors).enumerate() {
+            let value = clock.target(a, clock.at(pair, host_tsc(), a.khz));
+            write_tsc(fd, value).map_err(vcpu_err(i as u8, "set the TSC"))?;
+        }
+        let worst = clock.worst_skew(vcpus, &anchors)?;
+        if worst.abs() <= TSC_SKEW_TOLERANCE_NS {
+            return Ok(done(TscMethod::Msr, worst));
+        }
     }
 
     // KVM ignored both writes: the guest TSC is the host's. Move kvmclock

@@ -1162,17 +1162,6 @@ fn prepare_pooled<'a>(
     staged: &Path,
     stage_console: bool,
 ) -> Result<Ahead<'a>, String> {
-    let mut prepared = builder::prepare_restore(
-        &forker.snapshot,
-        forker.kvm.clone(),
-        RestoreRam::SnapshotFile,
-    )
-    .map_err(|e| e.to_string())?;
-    prepared.start_vcpu_threads().map_err(|e| e.to_string())?;
-    let workers = crate::control::Workers::new();
-    let worker = workers
-        .start_one()
-        .map_err(|e| format!("cannot start a control worker: {e}"))?;
     // Not create_dir_all: once the server has removed the staging
     // directory (it is stopping), no child makes it again.
     std::fs::create_dir(staged).map_err(|e| format!("cannot create {}: {e}", staged.display()))?;
@@ -1184,7 +1173,20 @@ fn prepare_pooled<'a>(
     } else {
         ConsoleOutput::Sink
     };
-    let prepared = prepared.make_ahead(&console).map_err(|e| e.to_string())?;
+    // Devices and identity first: the vCPU threads may run the guest
+    // ahead to its first wait, which must see them.
+    let mut prepared = builder::prepare_restore(
+        &forker.snapshot,
+        forker.kvm.clone(),
+        RestoreRam::SnapshotFile,
+    )
+    .and_then(|p| p.make_ahead(&console))
+    .map_err(|e| e.to_string())?;
+    prepared.start_vcpu_threads().map_err(|e| e.to_string())?;
+    let workers = crate::control::Workers::new();
+    let worker = workers
+        .start_one()
+        .map_err(|e| format!("cannot start a control worker: {e}"))?;
     Ok(Ahead {
         prepared,
         console,

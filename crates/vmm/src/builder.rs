@@ -337,13 +337,18 @@ impl PreparedRestore<'_> {
         type Back = (usize, libc::pid_t, VcpuFd, Result<(), String>);
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Back>();
         let mut started = Vec::with_capacity(self.vcpus.len());
+        let run_ahead = self.runs_ahead();
         for (id, mut fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (go, wait) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
             let back = back_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let adopted = vcpu::adopt_without_running(&mut fd);
+                    let mut adopted = vcpu::adopt_without_running(&mut fd);
+                    if adopted.is_ok() && run_ahead {
+                        adopted = vcpu::run_ahead_to_wait(&mut fd, builtin_port_ahead)
+                            .map_err(|e| format!("cannot run it ahead to its wait: {e}"));
+                    }
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
                     let sent = back.send((id, tid, fd, adopted));
@@ -408,6 +413,33 @@ impl PreparedRestore<'_> {
             tsc: tsc.method,
         }));
         Ok(self)
+    }
+
+    /// Whether the vCPU threads started ahead run the guest ahead to its
+    /// first wait ([`vcpu::run_ahead_to_wait`]): only the built-in guest,
+    /// whose idle loop reads neither the clock nor a device, once its
+    /// devices and identity are made ([`PreparedRestore::make_ahead`]),
+    /// and only when every vCPU was idle at the snapshot (it had just
+    /// read a wait port: `in (%dx), %eax`, 0xED, with the port in DX; the
+    /// built-in guest's memory is identity-mapped). A guest that was
+    /// running (a counter, say) is not run ahead: it would run on.
+    fn runs_ahead(&self) -> bool {
+        let state = &self.snapshot.state;
+        let Core::Ahead(ahead) = &self.core else {
+            return false;
+        };
+        let mem = ahead.parts.ram.memory();
+        state.guest == GuestKind::Builtin
+            && state.vcpus.iter().all(|v| {
+                let port = v.regs.rdx & 0xffff;
+                (port == builtin::abi::PORT_WAIT || port == builtin::abi::PORT_PARK)
+                    && v.regs.rip > 0
+                    && vm_memory::Bytes::read_obj::<u8>(
+                        mem,
+                        vm_memory::GuestAddress(v.regs.rip - 1),
+                    )
+                    .is_ok_and(|op| op == 0xED)
+            })
     }
 
     /// The kernel thread ids of the vCPU threads started ahead (empty
@@ -479,6 +511,18 @@ impl PreparedRestore<'_> {
             memory_hash: snapshot.meta.memory_hash.clone(),
         };
         parts.start_with(state.guest, vcpus, waiting, virtio, cfg.paused, Some(base))
+    }
+}
+
+/// What the built-in guest's port accesses are to a run ahead of its
+/// start: its waits end it; its completion signal (a request in flight at
+/// the snapshot, served again) has no effect on a channel nobody has used.
+fn builtin_port_ahead(port: u16, read: bool) -> vcpu::AheadPort {
+    let port = u64::from(port);
+    match (port, read) {
+        (builtin::abi::PORT_WAIT | builtin::abi::PORT_PARK, true) => vcpu::AheadPort::Wait,
+        (builtin::abi::PORT_DONE, false) => vcpu::AheadPort::NoEffect,
+        _ => vcpu::AheadPort::Refuse,
     }
 }
 
@@ -956,6 +1000,62 @@ mod tests {
                 generation,
             } => (boot_id, generation),
             r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn an_idle_builtin_guest_runs_ahead_to_its_wait_and_a_busy_one_does_not() {
+        let tmp = TempDir::new("run-ahead");
+        let kvm = Arc::new(vm::open_kvm().unwrap());
+        for busy in [false, true] {
+            let parent = build_for_boot(&MachineConfig::builtin(16)).unwrap();
+            ping(&parent);
+            // The guest goes back to its wait after it answers: let it get
+            // there (caught on its way, it would not be run ahead).
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if busy {
+                parent
+                    .guest_request(
+                        &GuestRequest::CounterStart,
+                        std::time::Duration::from_secs(10),
+                    )
+                    .unwrap();
+            }
+            let dir = tmp.0.join(format!("snap-{busy}"));
+            parent
+                .snapshot(&dir, false, SnapshotMode::Full, true)
+                .unwrap();
+            parent.shutdown();
+            assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
+            let snap = PreparedSnapshot::load(&dir).unwrap();
+            for paused in [true, false] {
+                let prepared = prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile)
+                    .unwrap()
+                    .make_ahead(&ConsoleOutput::Sink)
+                    .unwrap();
+                assert_eq!(prepared.runs_ahead(), !busy, "busy {busy}");
+                let mut prepared = prepared;
+                prepared.start_vcpu_threads().unwrap();
+                let child = prepared
+                    .finish(&RestoreConfig {
+                        console: ConsoleOutput::Sink,
+                        paused,
+                        drive_layers: Vec::new(),
+                        vsock_uds: None,
+                        ram: RestoreRam::SnapshotFile,
+                    })
+                    .unwrap();
+                if paused {
+                    assert_eq!(child.status().state, RunState::Paused);
+                    child.resume().unwrap();
+                }
+                ping(&child);
+                child.pause().unwrap();
+                child.resume().unwrap();
+                ping(&child);
+                child.shutdown();
+                assert_eq!(child.wait_for_exit(), ExitReason::Requested);
+            }
         }
     }
 

@@ -474,6 +474,113 @@ pub fn adopt_without_running(vcpu: &mut VcpuFd) -> Result<(), String> {
     }
 }
 
+/// What [`run_ahead_to_wait`] does with a port access of the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AheadPort {
+    /// A read that waits for work: the guest is idle; the run ahead ends
+    /// here, the read answered "nothing" (zero), which the guest takes as
+    /// a wake-up without work.
+    Wait,
+    /// A write with no effect on a machine that has not started (a
+    /// completion signal nobody waits for): the guest goes on.
+    NoEffect,
+    /// Anything else: the guest cannot be run ahead.
+    Refuse,
+}
+
+/// Longest a guest may run ahead before it waits: a guest still running
+/// then was not idle, and the run ahead fails.
+const AHEAD_LIMIT: Duration = Duration::from_millis(200);
+
+/// Runs a restored guest ahead of its machine's start until it waits for
+/// work, so that its first entry (with shadow paging, the faults that map
+/// the pages of its idle loop) is paid ahead instead of on the way to its
+/// first answer. For a guest that was idle at its snapshot (the caller
+/// checks) and whose idle loop depends on nothing the start changes (the
+/// clock, devices): the built-in guest's. `port(port, is_read)` says what
+/// each port access is; the run ends at the first [`AheadPort::Wait`],
+/// whose read is left answered zero, to be completed by the vCPU's next
+/// `KVM_RUN` (a pause completes it too, as for any wait it interrupts).
+/// An error says the guest did something else, or ran on past
+/// [`AHEAD_LIMIT`] (stopped by the kick signal, which must be installed).
+pub fn run_ahead_to_wait(
+    vcpu: &mut VcpuFd,
+    port: impl Fn(u16, bool) -> AheadPort,
+) -> Result<(), String> {
+    install_kick_handler();
+    let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+    let timer = KickTimer::arm(AHEAD_LIMIT);
+    let result = loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(p, data)) => match port(p, true) {
+                AheadPort::Wait => {
+                    data.fill(0);
+                    break Ok(());
+                }
+                _ => break Err(format!("the guest read port {p:#x} on its way to a wait")),
+            },
+            Ok(VcpuExit::IoOut(p, _)) => match port(p, false) {
+                AheadPort::NoEffect => {}
+                _ => break Err(format!("the guest wrote port {p:#x} on its way to a wait")),
+            },
+            Ok(other) => break Err(format!("the guest exited ({other:?}) on its way to a wait")),
+            Err(e) if e.errno() == libc::EINTR => {
+                break Err(format!(
+                    "the guest did not wait within {} ms",
+                    AHEAD_LIMIT.as_millis()
+                ))
+            }
+            Err(e) => break Err(format!("KVM_RUN: {e}")),
+        }
+    };
+    drop(timer);
+    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    vcpu.set_kvm_immediate_exit(0);
+    result
+}
+
+/// A one-shot timer that sends the kick signal to the calling thread.
+struct KickTimer(Option<libc::timer_t>);
+
+impl KickTimer {
+    fn arm(after: Duration) -> Self {
+        // SAFETY: sigevent is plain data; the fields used are set below.
+        let mut ev: libc::sigevent = unsafe { std::mem::zeroed() };
+        ev.sigev_notify = libc::SIGEV_THREAD_ID;
+        ev.sigev_signo = kick_signal();
+        // SAFETY: gettid has no preconditions.
+        ev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `ev` and `timer` are valid for the call.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) } < 0 {
+            return KickTimer(None);
+        }
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `timer` was just created; `spec` is valid.
+        unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) };
+        KickTimer(Some(timer))
+    }
+}
+
+impl Drop for KickTimer {
+    fn drop(&mut self) {
+        if let Some(timer) = self.0 {
+            // SAFETY: the timer is ours and deleted once.
+            unsafe { libc::timer_delete(timer) };
+        }
+    }
+}
+
 /// `KVM_SET_SIGNAL_MASK = _IOW(KVMIO, 0x8b, struct kvm_signal_mask)`:
 /// direction 1 in bits 30-31, size 4 (a u32 `len`, then the set) in bits
 /// 16-29, type 0xAE, number 0x8b.

@@ -791,6 +791,7 @@ impl LiveCopy {
             std::thread::Builder::new()
                 .name("live-wp-faults".into())
                 .spawn(move || {
+                    super::nice_this_thread(super::FAULT_THREAD_NICE, "live write-protect faults");
                     match std::panic::catch_unwind(AssertUnwindSafe(|| {
                         handle_faults(&sh, block_pages)
                     })) {
@@ -815,13 +816,7 @@ impl LiveCopy {
                 .name("live-bulk-copy".into())
                 .spawn(move || {
                     if nice_bulk {
-                        // SAFETY: setpriority on the calling thread (its tid);
-                        // lowering priority needs no privilege, and failure
-                        // only leaves the default priority.
-                        unsafe {
-                            let tid = libc::gettid() as libc::id_t;
-                            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-                        }
+                        super::nice_this_thread(super::COPY_THREAD_NICE, "live bulk copy");
                     }
                     let run = || bulk_copy(&sh, source.as_ref(), chunk_pages);
                     match std::panic::catch_unwind(AssertUnwindSafe(run)) {

@@ -568,13 +568,7 @@ pub fn niced<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
         std::thread::Builder::new()
             .name(name.to_owned())
             .spawn_scoped(scope, move || {
-                // SAFETY: setpriority on the calling thread (its tid);
-                // lowering priority needs no privilege, and failure only
-                // leaves the default priority.
-                unsafe {
-                    let tid = libc::gettid() as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-                }
+                super::nice_this_thread(super::COPY_THREAD_NICE, name);
                 (job.take().expect("the job runs once"))()
             })
             .ok()

@@ -1047,6 +1047,33 @@ mod tests {
                     .unwrap();
                 if paused {
                     assert_eq!(child.status().state, RunState::Paused);
+                    // Its wait, reached ahead, completes in the pause: a
+                    // snapshot of it restores to a guest that answers (and
+                    // is idle in turn, so runs ahead itself).
+                    let grand = tmp.0.join(format!("grand-{busy}"));
+                    child
+                        .snapshot(&grand, true, SnapshotMode::Full, true)
+                        .unwrap();
+                    let grand = PreparedSnapshot::load(&grand).unwrap();
+                    let prepared = prepare_restore(&grand, kvm.clone(), RestoreRam::SnapshotFile)
+                        .unwrap()
+                        .make_ahead(&ConsoleOutput::Sink)
+                        .unwrap();
+                    assert_eq!(prepared.runs_ahead(), !busy, "grandchild, busy {busy}");
+                    let mut prepared = prepared;
+                    prepared.start_vcpu_threads().unwrap();
+                    let grandchild = prepared
+                        .finish(&RestoreConfig {
+                            console: ConsoleOutput::Sink,
+                            paused: false,
+                            drive_layers: Vec::new(),
+                            vsock_uds: None,
+                            ram: RestoreRam::SnapshotFile,
+                        })
+                        .unwrap();
+                    ping(&grandchild);
+                    grandchild.shutdown();
+                    assert_eq!(grandchild.wait_for_exit(), ExitReason::Requested);
                     child.resume().unwrap();
                 }
                 ping(&child);

@@ -488,8 +488,10 @@ pub enum AheadPort {
     Refuse,
 }
 
-/// Longest a guest may run ahead before it waits: a guest still running
-/// then was not idle, and the run ahead fails.
+/// Longest a guest may run ahead before it waits, in CPU time of the
+/// vCPU's thread (a pooled child prepares at `SCHED_IDLE` and may wait
+/// long for a CPU): a guest still running then was not idle, and the run
+/// ahead fails.
 const AHEAD_LIMIT: Duration = Duration::from_millis(200);
 
 /// Runs a restored guest ahead of its machine's start until it waits for
@@ -502,7 +504,7 @@ const AHEAD_LIMIT: Duration = Duration::from_millis(200);
 /// whose read is left answered zero, to be completed by the vCPU's next
 /// `KVM_RUN` (a pause completes it too, as for any wait it interrupts).
 /// An error says the guest did something else, or ran on past
-/// [`AHEAD_LIMIT`] (stopped by the kick signal, which must be installed).
+/// [`AHEAD_LIMIT`] of CPU time (stopped by the kick signal).
 pub fn run_ahead_to_wait(
     vcpu: &mut VcpuFd,
     port: impl Fn(u16, bool) -> AheadPort,
@@ -540,7 +542,8 @@ pub fn run_ahead_to_wait(
     result
 }
 
-/// A one-shot timer that sends the kick signal to the calling thread.
+/// A one-shot timer that sends the kick signal to the calling thread once
+/// it has used `after` of CPU time.
 struct KickTimer(Option<libc::timer_t>);
 
 impl KickTimer {
@@ -553,7 +556,7 @@ impl KickTimer {
         ev.sigev_notify_thread_id = unsafe { libc::gettid() };
         let mut timer: libc::timer_t = std::ptr::null_mut();
         // SAFETY: `ev` and `timer` are valid for the call.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut timer) } < 0 {
+        if unsafe { libc::timer_create(libc::CLOCK_THREAD_CPUTIME_ID, &mut ev, &mut timer) } < 0 {
             return KickTimer(None);
         }
         let spec = libc::itimerspec {
@@ -729,4 +732,41 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
     set(LVT_LINT0, DELIVERY_EXTINT);
     set(LVT_LINT1, DELIVERY_NMI);
     vcpu.set_lapic(&lapic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kick_timer_counts_the_threads_cpu_time_and_kicks_it() {
+        install_kick_handler();
+        let mut flag: u8 = 0;
+        IMMEDIATE_EXIT.with(|c| c.set(&mut flag));
+        let cpu = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `t` is a valid timespec for the call.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+            Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        };
+        let start = cpu();
+        let timer = KickTimer::arm(Duration::from_millis(20));
+        assert!(timer.0.is_some(), "a CPU-time timer can be made");
+        // A sleep uses no CPU: no kick.
+        std::thread::sleep(Duration::from_millis(50));
+        // SAFETY: `flag` is a live local this thread's handler writes.
+        assert_eq!(unsafe { std::ptr::read_volatile(&flag) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: as above.
+        while unsafe { std::ptr::read_volatile(&flag) } == 0 {
+            assert!(Instant::now() < deadline, "no kick");
+            std::hint::spin_loop();
+        }
+        assert!(cpu() - start >= Duration::from_millis(20));
+        drop(timer);
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
 }

@@ -138,6 +138,7 @@ impl Vm {
             fault_stall: copy["max_fault_stall_us"]
                 .as_u64()
                 .map(Duration::from_micros),
+            takeovers: copy["takeovers"].as_u64().unwrap_or(0),
             residue_pages: copy["residue_pages"].as_u64(),
             rounds: copy["precopy_round_pages"].as_array().map(Vec::len),
         }
@@ -173,6 +174,8 @@ struct Branch {
     answered: Duration,
     /// Live: the longest write-protect stall the copy recorded.
     fault_stall: Option<Duration>,
+    /// Live: faults where the handler took pages over from the bulk copier.
+    takeovers: u64,
     /// Live pre-copy: pages copied in the pause, and rounds before it.
     residue_pages: Option<u64>,
     rounds: Option<usize>,
@@ -289,8 +292,10 @@ struct Rounds {
     pause: Stats,
     /// Request to answer.
     answered: Stats,
-    /// Live: the longest write-protect stall the copies recorded.
-    fault_stall: Option<Duration>,
+    /// Live: per branch, the longest write-protect stall its copy recorded;
+    /// and the takeovers of all of them.
+    fault_stall: Option<Stats>,
+    takeovers: u64,
     /// Live: per branch, the longest the guest's counter stood still during
     /// the request, seen from outside (includes the pause).
     guest_stall: Option<Stats>,
@@ -303,8 +308,12 @@ impl std::fmt::Display for Rounds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "pause {}", self.pause)?;
         write!(f, "\n      answered after: {}", self.answered)?;
-        if let Some(s) = self.fault_stall {
-            write!(f, "\n      longest write-protect stall: {:.3} ms", ms(s))?;
+        if let Some(s) = &self.fault_stall {
+            write!(
+                f,
+                "\n      longest write-protect stall per branch: {s}; takeovers from the bulk copier: {}",
+                self.takeovers
+            )?;
         }
         if let Some(s) = &self.guest_stall {
             write!(
@@ -375,7 +384,11 @@ fn rounds(
     Rounds {
         pause: Stats::of(&pauses),
         answered: Stats::of(&answered),
-        fault_stall: branches.iter().filter_map(|b| b.fault_stall).max(),
+        fault_stall: {
+            let stalls: Vec<Duration> = branches.iter().filter_map(|b| b.fault_stall).collect();
+            (!stalls.is_empty()).then(|| Stats::of(&stalls))
+        },
+        takeovers: branches.iter().map(|b| b.takeovers).sum(),
         guest_stall: (!guest_stalls.is_empty()).then(|| Stats::of(&guest_stalls)),
         residue: (!residue.is_empty())
             .then(|| (residue[residue.len() / 2], residue[residue.len() - 1])),

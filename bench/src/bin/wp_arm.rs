@@ -338,6 +338,7 @@ fn main() {
             nice_bulk: !args.no_nice,
             before_release: None,
             only: None,
+            bulk_hold: Duration::ZERO,
         };
         let writes0 = writers.writes.load(Ordering::Relaxed);
         // SAFETY: `ram` outlives the copy (waited for right here).

@@ -367,6 +367,7 @@ impl Machine {
                     let copied = copy.wait()?;
                     stats.faults = copied.faults;
                     stats.max_fault_stall_us = copied.max_fault_stall.as_micros() as u64;
+                    stats.takeovers = copied.takeovers;
                     stats.residue_write_protected = true;
                     precopy.report()
                 }
@@ -673,6 +674,7 @@ fn finish_live_copy(
         .map(|r| LiveCopyStats {
             faults: r.faults,
             max_fault_stall_us: r.max_fault_stall.as_micros() as u64,
+            takeovers: r.takeovers,
             duration_ms: r.duration.as_millis() as u64,
             method: Some("write_protect".into()),
             ..LiveCopyStats::default()

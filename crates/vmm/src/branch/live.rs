@@ -42,12 +42,20 @@
 //! The fault handler polls the userfaultfd. For a fault in granule G it
 //! claims every unclaimed page of the fault block holding it (the aligned
 //! block of `max(fault_block_bytes, granule_bytes)`), copies them, marks
-//! them captured and releases the granules this completed; if G is still
-//! not complete (the bulk copier owns pages of it), it waits until they are
-//! captured (the bulk copier is in the middle of one word of G) and
-//! releases G. Its copies are written to the file after the release. A
-//! page is never read by anyone after its granule is released, so no copy
-//! can see a write made after the arm. There is no lock on the fault path.
+//! them captured and releases the granules this completed. If G is still
+//! not complete, the bulk copier claimed pages of it and has not captured
+//! them yet: it is in the middle of one word, or was preempted there (it
+//! runs at a low priority, so on a busy host that can last milliseconds).
+//! The handler does not wait for it: it copies those pages too, which are
+//! still protected (G is not released before all of them are captured),
+//! and captures them itself. `captured` is set with `fetch_or`, so exactly
+//! one thread captures each page, and only the capturer's copy is written:
+//! the bulk copier drops the pages taken from under it, whose content it
+//! may have read after the release. The handler's copies go to the file
+//! after the release. A page's copy is written only if its reader captured
+//! it, and a granule is released only after every page of it was captured,
+//! so no written copy can hold a write made after the arm. There is no
+//! lock on the fault path, and no wait for the bulk copier.
 //!
 //! On any error both threads stop and every region is released, so the
 //! guest never stays write-protected; [`LiveCopy`]'s drop does the same.
@@ -129,6 +137,9 @@ pub struct LiveCopyOptions {
     /// selected page that is zero is written as zeros (the file may hold
     /// older data there), and the file need not be empty.
     pub only: Option<Vec<Vec<u64>>>,
+    /// For tests: the bulk copier sleeps this long between claiming a word
+    /// and capturing it, as a preempted copier would (default zero).
+    pub bulk_hold: Duration,
 }
 
 /// A hook called with (region index, first page of the region, page count)
@@ -152,6 +163,7 @@ impl Default for LiveCopyOptions {
             nice_bulk: true,
             before_release: None,
             only: None,
+            bulk_hold: Duration::ZERO,
         }
     }
 }
@@ -172,6 +184,10 @@ pub struct LiveCopyReport {
     pub fault_copies: u64,
     /// Longest time between the handler reading a fault and releasing it.
     pub max_fault_stall: Duration,
+    /// Faults whose granule the bulk copier had claimed pages of without
+    /// capturing them yet: the handler copied those pages itself instead
+    /// of waiting for it.
+    pub takeovers: u64,
     /// From start until the file was written and synced.
     pub duration: Duration,
     /// Of `duration`, the final fsync.
@@ -494,15 +510,21 @@ impl RegionState {
         self.granule_pages * PAGE_SIZE
     }
 
-    /// Marks `owned` (pages of word `w` the caller owns and has copied)
-    /// captured. Returns the granules this capture completed: the index of
-    /// a first granule and a bit mask of granules counted from it, each of
-    /// which the caller must release.
-    fn capture(&self, w: u64, owned: u64) -> (u64, u64) {
-        self.captured[w as usize].fetch_or(owned, Ordering::Release);
+    /// Marks `copied` (pages of word `w` the caller read while they were
+    /// protected) captured. Returns the pages this call captured (those of
+    /// `copied` nobody captured before: only their copies may be written,
+    /// the others may have been read after their release) and the granules
+    /// it completed: the index of a first granule and a bit mask of
+    /// granules counted from it, each of which the caller must release.
+    fn capture(&self, w: u64, copied: u64) -> Captured {
+        let owned = copied & !self.captured[w as usize].fetch_or(copied, Ordering::AcqRel);
         let gp = self.granule_pages;
         if gp == 1 {
-            return (w * WORD_PAGES, owned);
+            return Captured {
+                pages: owned,
+                first_granule: w * WORD_PAGES,
+                granules: owned,
+            };
         }
         // Exactly one owner's subtraction reaches zero: that owner releases
         // the granule, after every page of it was read (AcqRel orders the
@@ -512,7 +534,11 @@ impl RegionState {
         };
         if gp >= WORD_PAGES {
             let g = w * WORD_PAGES / gp;
-            return (g, done_with(g, owned.count_ones() as u64) as u64);
+            return Captured {
+                pages: owned,
+                first_granule: g,
+                granules: done_with(g, owned.count_ones() as u64) as u64,
+            };
         }
         let first = w * WORD_PAGES / gp;
         let one = (1u64 << gp) - 1;
@@ -523,7 +549,23 @@ impl RegionState {
                 done |= 1 << k;
             }
         }
-        (first, done)
+        Captured {
+            pages: owned,
+            first_granule: first,
+            granules: done,
+        }
+    }
+
+    /// Releases the granules a [`RegionState::capture`] completed.
+    fn release_captured(&self, sh: &Shared, c: &Captured) -> Result<(), Error> {
+        for_each_run(c.granules, |first, n| {
+            self.release(
+                &sh.uffd,
+                sh.before_release.as_ref(),
+                c.first_granule + first,
+                n,
+            )
+        })
     }
 
     /// Whether every page of granule `g` is captured.
@@ -599,6 +641,38 @@ impl RegionState {
         // slice does not alias a concurrent write.
         unsafe { std::slice::from_raw_parts(self.page_addr(page) as *const u8, PAGE) }
     }
+
+    /// Copies page `page` into `into` (one page long) without assuming it
+    /// stays protected: another thread may capture and release it during
+    /// the copy (see the module's notes), in which case the caller's
+    /// [`RegionState::capture`] does not count the page and the copy is
+    /// dropped.
+    fn copy_page(&self, page: u64, into: &mut [u8]) {
+        assert!(page < self.pages() && into.len() == PAGE);
+        // SAFETY: the region's mapping is live and readable for the whole
+        // copy (the contract of `LiveCopy::start`) and `page` is in range;
+        // `into` is a distinct page-long buffer of ours. No reference to
+        // guest memory is made: the guest may write the page concurrently
+        // once it is released, and then the bytes read are plain data that
+        // the capture rule discards.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.page_addr(page) as *const u8,
+                into.as_mut_ptr(),
+                PAGE,
+            )
+        }
+    }
+}
+
+/// What a [`RegionState::capture`] did.
+struct Captured {
+    /// The pages of the word this call captured.
+    pages: u64,
+    /// The granules it completed: `granules` bit i is granule
+    /// `first_granule + i`.
+    first_granule: u64,
+    granules: u64,
 }
 
 struct Shared {
@@ -619,7 +693,10 @@ struct Shared {
     error: Mutex<Option<Error>>,
     faults: AtomicU64,
     fault_copies: AtomicU64,
+    takeovers: AtomicU64,
     max_stall_ns: AtomicU64,
+    /// See [`LiveCopyOptions::bulk_hold`].
+    bulk_hold: Duration,
     bytes_written: AtomicU64,
     data_bytes: AtomicU64,
 }
@@ -772,7 +849,9 @@ impl LiveCopy {
             error: Mutex::new(None),
             faults: AtomicU64::new(0),
             fault_copies: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
             max_stall_ns: AtomicU64::new(0),
+            bulk_hold: options.bulk_hold,
             bytes_written: AtomicU64::new(0),
             data_bytes: AtomicU64::new(0),
         });
@@ -901,6 +980,7 @@ impl LiveCopy {
             faults: sh.faults.load(Ordering::Relaxed),
             fault_copies: sh.fault_copies.load(Ordering::Relaxed),
             max_fault_stall: Duration::from_nanos(sh.max_stall_ns.load(Ordering::Relaxed)),
+            takeovers: sh.takeovers.load(Ordering::Relaxed),
             duration: self.started.elapsed(),
             sync,
         })
@@ -1052,19 +1132,23 @@ fn bulk_copy(sh: &Shared, source: Option<&File>, chunk_pages: u64) -> Result<(),
                         }
                         continue;
                     }
-                    // SAFETY: this thread claimed the page and has not
-                    // released it, so it is protected and unchanging.
-                    let src = unsafe { rs.page(page) };
-                    if is_zero(src) && !sh.write_zeros {
-                        continue;
-                    }
-                    dst.copy_from_slice(src);
-                    present[slot] = true;
+                    // The fault handler may take the page over meanwhile
+                    // (see the module's notes): copy, do not borrow.
+                    rs.copy_page(page, dst);
+                    present[slot] = sh.write_zeros || !is_zero(dst);
                 }
-                let (g0, done) = rs.capture(w, owned);
-                for_each_run(done, |first, n| {
-                    rs.release(&sh.uffd, sh.before_release.as_ref(), g0 + first, n)
-                })?;
+                if !sh.bulk_hold.is_zero() {
+                    std::thread::sleep(sh.bulk_hold);
+                }
+                let captured = rs.capture(w, owned);
+                // Pages the fault handler captured first are its to write.
+                let mut taken = owned & !captured.pages;
+                while taken != 0 {
+                    let page = w * WORD_PAGES + taken.trailing_zeros() as u64;
+                    taken &= taken - 1;
+                    present[(page - c0) as usize] = false;
+                }
+                rs.release_captured(sh, &captured)?;
             }
             // Write the chunk's non-zero runs.
             let mut i = 0usize;
@@ -1130,8 +1214,8 @@ fn handle_faults(sh: &Shared, block_pages: u64) -> Result<(), Error> {
 /// (a power of two, at least a granule) holding `addr` and releases the
 /// granules this completes: a writer with locality then faults once per
 /// block, not once per page. The faulting page's granule is released
-/// before returning, once every page of it is captured (by this thread or
-/// by the bulk copier, which is at most one word away from it).
+/// before returning: pages of it that the bulk copier claimed and has not
+/// captured yet are copied and captured here ([`take_over`]).
 fn release_fault(
     sh: &Shared,
     addr: u64,
@@ -1145,19 +1229,11 @@ fn release_fault(
     let g = page / rs.granule_pages;
     let b0 = page & !(block_pages - 1);
     let b1 = (b0 + block_pages).min(rs.pages());
-    let mut released = false;
     let mut copied = false;
     // The current run of non-zero owned pages, copied while still protected.
     let mut run: Option<(u64, Vec<u8>)> = None;
     for w in b0 / WORD_PAGES..b1.div_ceil(WORD_PAGES) {
-        let lo = b0.max(w * WORD_PAGES) - w * WORD_PAGES;
-        let hi = b1.min((w + 1) * WORD_PAGES) - w * WORD_PAGES;
-        let span = if hi - lo == WORD_PAGES {
-            !0
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
-        let mask = span & rs.word_mask(w);
+        let mask = span_mask(w, b0, b1) & rs.word_mask(w);
         let owned = mask & !rs.claimed[w as usize].fetch_or(mask, Ordering::AcqRel);
         if owned == 0 {
             continue;
@@ -1169,7 +1245,8 @@ fn release_fault(
             bits &= bits - 1;
             // SAFETY: this thread just claimed the page; its granule stays
             // protected until every page of it is captured, which this page
-            // is not yet.
+            // is not yet (only its claimer captures it, and the bulk copier
+            // never takes pages over).
             let src = unsafe { rs.page(p) };
             let offset = rs.r.file_offset + p * PAGE_SIZE;
             if is_zero(src) && !sh.write_zeros {
@@ -1190,35 +1267,82 @@ fn release_fault(
                 }
             }
         }
-        let (g0, done) = rs.capture(w, owned);
-        for_each_run(done, |first, n| {
-            released |= (g0 + first..g0 + first + n).contains(&g);
-            rs.release(&sh.uffd, sh.before_release.as_ref(), g0 + first, n)
-        })?;
+        let captured = rs.capture(w, owned);
+        debug_assert_eq!(captured.pages, owned, "only the claimer captures its pages");
+        rs.release_captured(sh, &captured)?;
     }
     pending.extend(run);
     if copied {
         sh.fault_copies.fetch_add(1, Ordering::Relaxed);
     }
-    if released {
-        return Ok(());
+    if !rs.granule_captured(g) {
+        take_over(sh, rs, g, pending, pool)?;
     }
-    // The bulk copier owns pages of the granule and releases it right after
-    // capturing the last of them (one word's memcpy at most); release it
-    // as soon as it is captured, whoever gets there first.
-    let mut spins = 0u32;
-    while !rs.granule_captured(g) {
-        if sh.stop.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        spins += 1;
-        if spins < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
+    // Every page of the granule is captured now, by this thread or the bulk
+    // copier. Releasing it again is skipped if the bulk copier did (the
+    // `released` bit makes the release hook run once).
     rs.release(&sh.uffd, sh.before_release.as_ref(), g, 1)
+}
+
+/// Copies and captures the pages of granule `g` that the bulk copier
+/// claimed but has not captured (it is in the middle of a word there, or
+/// was preempted in it), so the faulting writer does not wait for that
+/// low-priority thread. They are still protected: `g` is released only
+/// once all its pages are captured. The pages the bulk copier captures
+/// meanwhile stay its own and this thread's copies of them are dropped.
+fn take_over(
+    sh: &Shared,
+    rs: &RegionState,
+    g: u64,
+    pending: &mut Vec<(u64, Vec<u8>)>,
+    pool: &mut Vec<Vec<u8>>,
+) -> Result<(), Error> {
+    let (p0, p1) = (g * rs.granule_pages, (g + 1) * rs.granule_pages);
+    let mut took = false;
+    for w in p0 / WORD_PAGES..p1.div_ceil(WORD_PAGES) {
+        let want = span_mask(w, p0, p1)
+            & rs.word_mask(w)
+            & !rs.captured[w as usize].load(Ordering::Acquire);
+        if want == 0 {
+            continue;
+        }
+        took = true;
+        let mut copies: Vec<(u64, Vec<u8>)> = Vec::with_capacity(want.count_ones() as usize);
+        let mut bits = want;
+        while bits != 0 {
+            let p = w * WORD_PAGES + bits.trailing_zeros() as u64;
+            bits &= bits - 1;
+            let mut buf = pool.pop().unwrap_or_default();
+            buf.resize(PAGE, 0);
+            rs.copy_page(p, &mut buf);
+            copies.push((p, buf));
+        }
+        let captured = rs.capture(w, want);
+        for (p, buf) in copies {
+            let ours = captured.pages & (1 << (p % WORD_PAGES)) != 0;
+            if ours && (sh.write_zeros || !is_zero(&buf)) {
+                pending.push((rs.r.file_offset + p * PAGE_SIZE, buf));
+            } else {
+                pool.push(buf);
+            }
+        }
+        rs.release_captured(sh, &captured)?;
+    }
+    if took {
+        sh.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// The bits of word `w` for pages `first..end`.
+fn span_mask(w: u64, first: u64, end: u64) -> u64 {
+    let lo = first.max(w * WORD_PAGES) - w * WORD_PAGES;
+    let hi = end.min((w + 1) * WORD_PAGES) - w * WORD_PAGES;
+    if hi - lo == WORD_PAGES {
+        !0
+    } else {
+        ((1u64 << (hi - lo)) - 1) << lo
+    }
 }
 
 /// Releases a fault outside the copied regions: not ours to copy, but never
@@ -1612,7 +1736,7 @@ mod tests {
         let uffd = uffd();
         let dir = TempDir::new(&format!("consistency-{granule}"));
         let g = granule as u64;
-        let (mut faults, mut fault_copies) = (0, 0);
+        let (mut faults, mut fault_copies, mut takeovers) = (0, 0, 0);
         for iteration in 0..iterations {
             let mem = new_mem();
             let with_source = iteration % 2 == 0;
@@ -1670,6 +1794,13 @@ mod tests {
                 nice_bulk: iteration % 4 != 3,
                 before_release: Some(hook),
                 only: None,
+                // Some copies with a copier that stalls in every word, so
+                // the writers' faults take its pages over.
+                bulk_hold: if iteration % 3 == 2 {
+                    Duration::from_micros(200)
+                } else {
+                    Duration::ZERO
+                },
             };
             // SAFETY: `mem` outlives the copy (waited for below).
             let copy = unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) };
@@ -1701,6 +1832,7 @@ mod tests {
             }
             faults += report.faults;
             fault_copies += report.fault_copies;
+            takeovers += report.takeovers;
             assert_all_writable(&regions);
             eprintln!(
                 "granule {granule:#x}, iteration {iteration}: {report:?}, {writes} writes, \
@@ -1712,6 +1844,10 @@ mod tests {
         }
         assert!(faults > 0, "the writers never hit a protected page");
         assert!(fault_copies > 0, "the handler never copied a page first");
+        assert!(
+            takeovers > 0,
+            "the handler never took pages over from the bulk copier"
+        );
     }
 
     /// A copy of selected pages only (the rest of the file is already
@@ -2021,6 +2157,61 @@ mod tests {
         );
         // SAFETY: inside the live mapping.
         assert_eq!(unsafe { (target as *const u64).read_volatile() }, !before);
+    }
+
+    /// A writer that hits a word the bulk copier claimed and has not
+    /// captured (here it sleeps there, as a preempted copier would) does
+    /// not wait for it: the handler copies those pages itself. The file
+    /// still holds memory as it was at the arm, every page written once.
+    #[test]
+    fn a_writer_never_waits_for_a_stalled_bulk_copier() {
+        for granule in [PAGE_GRANULE, 64 << 10] {
+            let uffd = uffd();
+            let dir = TempDir::new(&format!("takeover-{granule}"));
+            let mem = SharedMem::new(4 * MIB);
+            let regions = [Region {
+                host_addr: mem.addr,
+                len: 4 * MIB,
+                file_offset: 0,
+            }];
+            register(&uffd, &regions);
+            fill(&mem, &regions, 11);
+            let expected = expected_file(&regions, 4 * MIB);
+            let (path, file) = dir.fresh_file("memory", 4 * MIB);
+            arm(&uffd, &regions).unwrap();
+            let hold = Duration::from_millis(300);
+            let options = LiveCopyOptions {
+                chunk_bytes: 256 << 10,
+                fault_block_bytes: 4 << 10,
+                granule_bytes: granule,
+                bulk_hold: hold,
+                ..LiveCopyOptions::default()
+            };
+            // SAFETY: `mem` outlives the copy (waited for below).
+            let copy =
+                unsafe { LiveCopy::start_with(uffd.clone(), &regions, file, options) }.unwrap();
+            // The copier claims word 0 (pages 0-63) first and then holds.
+            std::thread::sleep(Duration::from_millis(50));
+            let target = mem.addr + 17 * PAGE_SIZE;
+            let t0 = Instant::now();
+            // SAFETY: inside the live mapping.
+            unsafe { (target as *mut u64).write_volatile(0x5151) };
+            let waited = t0.elapsed();
+            let report = copy.wait().unwrap();
+            assert!(
+                waited < hold / 3,
+                "granule {granule:#x}: the writer waited {waited:?} behind the bulk copier's \
+                 {hold:?} hold ({report:?})"
+            );
+            assert!(report.takeovers >= 1, "{report:?}");
+            let got = std::fs::read(&path).unwrap();
+            assert_eq!(first_difference(&got, &expected), None, "{report:?}");
+            assert_eq!(report.bytes_written, report.data_bytes);
+            let data_pages = expected.chunks(PAGE).filter(|p| !is_zero(p)).count() as u64;
+            assert_eq!(report.data_bytes, data_pages * PAGE_SIZE, "{report:?}");
+            uffd.unregister(regions[0].host_addr, regions[0].len)
+                .unwrap();
+        }
     }
 
     /// A fault on a protected page outside the copied regions is released.

@@ -205,6 +205,10 @@ pub struct LiveCopyStats {
     pub faults: u64,
     /// The longest a faulting writer waited, in microseconds.
     pub max_fault_stall_us: u64,
+    /// Faults whose page the bulk copier had claimed and not yet copied:
+    /// the fault handler copied it instead of waiting for the copier.
+    #[serde(default, skip_serializing_if = "no_takeovers")]
+    pub takeovers: u64,
     /// From the copy's start to the file written and synced, in milliseconds.
     pub duration_ms: u64,
     /// How memory was copied: `precopy` (while the guest ran, before the
@@ -223,6 +227,10 @@ pub struct LiveCopyStats {
     /// are that copy's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub residue_write_protected: bool,
+}
+
+fn no_takeovers(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Errors writing or reading a snapshot.

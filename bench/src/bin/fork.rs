@@ -140,8 +140,8 @@ fn main() {
                 let (cold, cold_cpu, pids, clients) =
                     server.fork_and_ping(args.children, &out.join("cold"));
                 private = pids.iter().map(|&p| private_bytes(p)).collect();
+                shut_down(clients, &pids);
                 server.stop();
-                shut_down(clients);
                 this.cold = Some(cold);
                 println!(
                     "    cold:   request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
@@ -167,8 +167,8 @@ fn main() {
                 let refill_from = server.last_answer.get();
                 server.wait_parked(args.children as usize, &pids);
                 let refill = refill_from.map(|t| t.elapsed());
+                shut_down(clients, &pids);
                 server.stop();
-                shut_down(clients);
                 this.pooled = Some(pooled);
                 this.refill = refill;
                 println!(
@@ -471,11 +471,15 @@ impl Server {
         }
     }
 
-    /// Stops the server (a pool's parked children exit with it; the
-    /// children it handed out run on).
+    /// Stops the server and waits until the children it still has (a
+    /// pool's parked children, which exit with it) are gone: the next
+    /// measurement must not share the machine with 100 VMs' teardown.
+    /// Children handed out run on (shut them down first).
     fn stop(mut self) {
+        let parked = children_of(self.child.id() as i32);
         let _ = self.ask(&ForkRequest::Shutdown);
         let _ = self.child.wait();
+        wait_gone(&parked);
     }
 }
 
@@ -498,9 +502,23 @@ fn fork_request(n: u32, out: &Path) -> ForkRequest {
     }
 }
 
-fn shut_down(clients: Vec<ControlClient>) {
+/// Shuts the children down and waits until they are gone.
+fn shut_down(clients: Vec<ControlClient>, pids: &[i32]) {
     for mut c in clients {
         let _ = c.call(&ControlRequest::Shutdown);
+    }
+    wait_gone(pids);
+}
+
+/// Waits (up to 10 s) until none of `pids` exists any more.
+fn wait_gone(pids: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

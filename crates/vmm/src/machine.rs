@@ -103,6 +103,15 @@ pub struct Snapshotted {
     pub pause: Option<std::time::Duration>,
 }
 
+/// How a pre-copy ended.
+enum PrecopyOutcome {
+    /// The snapshot is made.
+    Done(Box<Snapshotted>),
+    /// The rounds did not converge; nothing was written and the VM never
+    /// paused. The pages each round copied, for the record.
+    Abandoned { rounds: Vec<u64> },
+}
+
 /// A running microVM.
 pub struct Machine {
     // Field order is drop order: vCPU threads are joined (in Drop) before the
@@ -267,8 +276,14 @@ impl Machine {
         // A caller that waits gets the snapshot as of a pause inside its
         // request either way: pre-copy makes that pause short and spares
         // the guest write-protect faults.
+        let mut precopy_rounds = Vec::new();
         if mode == SnapshotMode::Live && wait && self.vm.manual_dirty_log() {
-            return self.snapshot_precopy(dir, leave_paused);
+            match self.snapshot_precopy(dir, leave_paused)? {
+                PrecopyOutcome::Done(s) => return Ok(*s),
+                // The guest dirties memory as fast as it is copied: the
+                // write-protected copy below, armed before the pause.
+                PrecopyOutcome::Abandoned { rounds } => precopy_rounds = rounds,
+            }
         }
         // A write-protected copy is armed before the pause, the guest
         // running; the pause re-protects what the guest wrote meanwhile.
@@ -304,7 +319,7 @@ impl Machine {
                     let (dir, base) = (dir.clone(), self.base_handle());
                     std::thread::Builder::new()
                         .name("live-copy".into())
-                        .spawn(move || finish_live_copy(&dir, copy, &base))
+                        .spawn(move || finish_live_copy(&dir, copy, &base, precopy_rounds))
                         .map_err(|e| {
                             Error::Disk(format!("cannot start the live copy's thread: {e}"))
                         })?
@@ -331,8 +346,9 @@ impl Machine {
     /// pause holds CPU, device and disk state and the pages written since
     /// the last round (see [`crate::branch::precopy`]). The snapshot is the
     /// VM as it was in that pause, which lies inside the request; its
-    /// directory appears complete and `ready`, or not at all.
-    fn snapshot_precopy(&self, dir: &Path, leave_paused: bool) -> Result<Snapshotted, Error> {
+    /// directory appears complete and `ready`, or not at all. Abandoned
+    /// (nothing written, no pause) when the rounds do not converge.
+    fn snapshot_precopy(&self, dir: &Path, leave_paused: bool) -> Result<PrecopyOutcome, Error> {
         let started = std::time::Instant::now();
         // The rounds consume KVM's dirty log: until this snapshot is
         // written there is no base a diff could stack on.
@@ -345,6 +361,12 @@ impl Machine {
             PrecopyOptions::from_env(),
         )?;
         precopy::niced("live-precopy", || precopy.run())?;
+        if !precopy.converged() {
+            // Dropping the staged snapshot removes it.
+            return Ok(PrecopyOutcome::Abandoned {
+                rounds: precopy.rounds().to_vec(),
+            });
+        }
         let was_running = !self.control.is_paused();
         let start = std::time::Instant::now();
         if was_running {
@@ -387,7 +409,7 @@ impl Machine {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
             memory_hash: meta.memory_hash.clone(),
         });
-        Ok(Snapshotted { meta, pause })
+        Ok(PrecopyOutcome::Done(Box::new(Snapshotted { meta, pause })))
     }
 
     fn base_handle(&self) -> Arc<Mutex<Option<ParentRef>>> {
@@ -663,11 +685,13 @@ impl Drop for Machine {
 
 /// Waits for a live copy, then marks the snapshot `ready` (with its content
 /// hash, which becomes the base's) or `failed` (and forgets the base: the
-/// next diff must stack on a snapshot that exists).
+/// next diff must stack on a snapshot that exists). `precopy_rounds`: the
+/// rounds of a pre-copy abandoned for this copy, recorded in the stats.
 fn finish_live_copy(
     dir: &Path,
     copy: LiveCopy,
     base: &Mutex<Option<ParentRef>>,
+    precopy_rounds: Vec<u64>,
 ) -> Result<SnapshotMeta, Error> {
     let copied = copy
         .wait()
@@ -677,6 +701,7 @@ fn finish_live_copy(
             takeovers: r.takeovers,
             duration_ms: r.duration.as_millis() as u64,
             method: Some("write_protect".into()),
+            precopy_round_pages: precopy_rounds,
             ..LiveCopyStats::default()
         })
         .map_err(|e| e.to_string());

@@ -97,8 +97,18 @@ impl TestVm {
         Self::start_subcommand("run", args)
     }
 
+    /// [`TestVm::start`] with more environment variables for the VMM.
+    #[allow(dead_code)] // not every test binary sets any
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TestVm {
+        Self::start_subcommand_with_env("run", args, env)
+    }
+
     /// Starts `forkd-vmm <subcommand> <args> --control-socket ...` and connects.
     pub fn start_subcommand(subcommand: &str, args: &[&str]) -> TestVm {
+        Self::start_subcommand_with_env(subcommand, args, &[])
+    }
+
+    fn start_subcommand_with_env(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> TestVm {
         assert!(
             Path::new("/dev/kvm").exists(),
             "this test needs /dev/kvm (a KVM host, run as root); it is missing here"
@@ -110,6 +120,7 @@ impl TestVm {
             .args(args)
             .arg("--control-socket")
             .arg(&sock)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -9,9 +9,11 @@
 //! (the residue) are copied to memory, vCPU and device state saved, and the
 //! guest resumes; the residue goes to the file after. The snapshot is RAM
 //! as it was in that final pause. When the guest dirties memory about as
-//! fast as it is copied, the residue can be too large for a short pause:
-//! then the pause write-protects just those pages and they are copied
-//! after it, under write protection ([`Ending::Protect`]).
+//! fast as it is copied, the rounds leave too much for a short pause: the
+//! machine then gives the pre-copy up before pausing
+//! ([`Precopy::converged`]) for a write-protect arm made while the guest
+//! runs. A residue that still grows too large by the pause is
+//! write-protected in it and copied after it ([`Ending::Protect`]).
 //!
 //! Why every page ends up as it was in the pause: a page's bit is cleared
 //! in KVM's log (and the page write-protected in KVM's MMU) just before the
@@ -97,19 +99,40 @@ pub struct PrecopyOptions {
     /// Pages per KVM_CLEAR_DIRTY_LOG and per staged file write (a multiple
     /// of 64; default 1024, 4 MiB).
     pub chunk_pages: u64,
+    /// Give the pre-copy up when the rounds leave more than
+    /// `pause_copy_pages` dirty (see [`Precopy::converged`]; default true).
+    /// Off, such a residue is write-protected in the pause (tests).
+    pub abandon: bool,
 }
 
 impl PrecopyOptions {
     /// The defaults, with any of `residue_pages`, `pause_copy_pages`,
-    /// `max_rounds`, `max_ratio_percent` and `chunk_pages` overridden by
-    /// the environment variable `FORKD_PRECOPY` (comma-separated
-    /// `name=value` pairs, e.g. `pause_copy_pages=0,max_rounds=1`), for
-    /// tuning and for tests. Unknown names and bad values are ignored.
+    /// `max_rounds`, `max_ratio_percent`, `chunk_pages` and `abandon` (as
+    /// 0 or 1) overridden by the environment variable `FORKD_PRECOPY`
+    /// (comma-separated `name=value` pairs, e.g.
+    /// `pause_copy_pages=0,max_rounds=1`), for tuning and for tests. An
+    /// unknown name or a bad value is reported on stderr and ignored.
     pub fn from_env() -> Self {
-        let mut o = PrecopyOptions::default();
         let spec = std::env::var("FORKD_PRECOPY").unwrap_or_default();
-        for (name, value) in spec.split(',').filter_map(|kv| kv.split_once('=')) {
+        let (o, errors) = Self::parse(&spec);
+        for e in errors {
+            eprintln!("forkd-vmm: FORKD_PRECOPY: {e}; ignored");
+        }
+        o
+    }
+
+    /// The defaults overridden by `spec` (see [`PrecopyOptions::from_env`]),
+    /// and what in it was not understood.
+    fn parse(spec: &str) -> (Self, Vec<String>) {
+        let mut o = PrecopyOptions::default();
+        let mut errors = Vec::new();
+        for kv in spec.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let Some((name, value)) = kv.split_once('=') else {
+                errors.push(format!("'{kv}' is not name=value"));
+                continue;
+            };
             let Ok(v) = value.trim().parse::<u64>() else {
+                errors.push(format!("'{kv}': the value is not a number"));
                 continue;
             };
             match name.trim() {
@@ -118,10 +141,11 @@ impl PrecopyOptions {
                 "max_rounds" => o.max_rounds = v.clamp(1, 1000) as u32,
                 "max_ratio_percent" => o.max_ratio_percent = v,
                 "chunk_pages" => o.chunk_pages = v.max(64),
-                _ => {}
+                "abandon" => o.abandon = v != 0,
+                other => errors.push(format!("unknown setting '{other}'")),
             }
         }
-        o
+        (o, errors)
     }
 }
 
@@ -133,6 +157,7 @@ impl Default for PrecopyOptions {
             max_rounds: 12,
             max_ratio_percent: 80,
             chunk_pages: 1024,
+            abandon: true,
         }
     }
 }
@@ -209,6 +234,8 @@ pub struct Precopy<'a> {
     residue_buf: Vec<u8>,
     options: PrecopyOptions,
     report: PrecopyReport,
+    /// Pages dirty when the rounds stopped.
+    left: u64,
 }
 
 fn words(pages: u64) -> usize {
@@ -273,6 +300,7 @@ impl<'a> Precopy<'a> {
             },
             slots,
             report: PrecopyReport::default(),
+            left: 0,
         })
     }
 
@@ -311,6 +339,7 @@ impl<'a> Precopy<'a> {
             self.report.round_pages.push(n);
             previous = n;
         };
+        self.left = left;
         // Room for about twice what is dirty now, within what the pause copies.
         let pages = (left * 2)
             .max(self.options.residue_pages)
@@ -379,6 +408,21 @@ impl<'a> Precopy<'a> {
         residue.data.truncate(residue.pages.len() * PAGE);
         self.report.residue_copy = start.elapsed();
         Ok(Ending::Copied(residue))
+    }
+
+    /// Whether the rounds left few enough dirty pages for the pause to copy
+    /// them ([`PrecopyOptions::pause_copy_pages`]). When not, the guest
+    /// dirties memory about as fast as it is copied, and the residue would
+    /// be write-protected in the pause, which on a shadow-paging host costs
+    /// KVM a walk of its mappings of every page: better abandon the
+    /// pre-copy for a write-protect arm made before the pause.
+    pub fn converged(&self) -> bool {
+        !self.options.abandon || self.left <= self.options.pause_copy_pages
+    }
+
+    /// What the pre-copy did so far.
+    pub fn rounds(&self) -> &[u64] {
+        &self.report.round_pages
     }
 
     /// What the pre-copy did, for a residue left to a write-protected copy
@@ -604,6 +648,18 @@ fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_from_a_spec() {
+        let (o, errors) = PrecopyOptions::parse("max_rounds=1, pause_copy_pages=0,abandon=0");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((o.max_rounds, o.pause_copy_pages, o.abandon), (1, 0, false));
+        assert_eq!(o.residue_pages, PrecopyOptions::default().residue_pages);
+        let (o, errors) = PrecopyOptions::parse("rounds=3,max_rounds=x,chunk_pages");
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(o.max_rounds, PrecopyOptions::default().max_rounds);
+        assert!(PrecopyOptions::parse("").1.is_empty());
+    }
 
     #[test]
     fn bit_helpers() {

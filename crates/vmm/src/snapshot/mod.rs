@@ -216,7 +216,10 @@ pub struct LiveCopyStats {
     /// under write protection). Absent in older snapshots: write_protect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
-    /// Pre-copy: pages copied in each round while the guest ran.
+    /// Pre-copy: pages copied in each round while the guest ran. With
+    /// `method` `write_protect`, a pre-copy that did not converge (the
+    /// guest dirtied memory as fast as it was copied) and was abandoned
+    /// for a write-protected copy armed before the pause.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub precopy_round_pages: Vec<u64>,
     /// Pre-copy: pages dirty at the pause (the residue), copied in it.

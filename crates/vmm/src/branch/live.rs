@@ -1859,7 +1859,9 @@ mod tests {
         let uffd = uffd();
         let dir = TempDir::new("only");
         for granule in [PAGE_GRANULE, 64 << 10] {
-            let mem = SharedMem::new(64 * MIB);
+            // Granule-aligned: a 64 KiB granule needs a 64 KiB aligned
+            // mapping, which a plain mmap gives only by chance.
+            let mem = aligned_memfd(64 * MIB, granule as u64, false);
             let regions = [
                 Region {
                     host_addr: mem.addr,

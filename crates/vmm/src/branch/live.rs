@@ -2170,7 +2170,7 @@ mod tests {
         for granule in [PAGE_GRANULE, 64 << 10] {
             let uffd = uffd();
             let dir = TempDir::new(&format!("takeover-{granule}"));
-            let mem = SharedMem::new(4 * MIB);
+            let mem = aligned_memfd(4 * MIB, granule as u64, false);
             let regions = [Region {
                 host_addr: mem.addr,
                 len: 4 * MIB,

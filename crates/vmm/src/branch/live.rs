@@ -2,10 +2,12 @@
 //! of guest RAM into the snapshot's `memory` file while the guest runs.
 //!
 //! Sequence (the machine drives it): pause the vCPUs, save CPU and device
-//! state, [`arm`] (write-protect every region: the only memory work in the
-//! pause window), resume, then [`LiveCopy::start`] and later
-//! [`LiveCopy::wait`]. The file ends up holding RAM exactly as it was at the
-//! arm instant.
+//! state, write-protect RAM, resume, then [`LiveCopy::start`] and later
+//! [`LiveCopy::wait`]. The protection is either [`arm`] in the pause (or
+//! [`arm_pages`] for a pre-copy's residue), or armed before the pause with
+//! the guest running and completed in it ([`super::prearm`]), which keeps
+//! KVM's walk of its mappings out of the pause. The file ends up holding
+//! RAM exactly as it was at the instant the protection was complete.
 //!
 //! Two threads share the work and coordinate only through atomics per
 //! region: two bitmaps (one bit per 4 KiB page, 64 pages per word) and,

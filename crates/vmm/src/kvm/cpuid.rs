@@ -50,7 +50,7 @@ const TOPOLOGY_SUBLEAVES: u32 = 3;
 ///   calibrates its APIC timer against the PIT at boot, ~100 ms, and drops
 ///   the APIC timer altogether when that calibration fails); EDX HTT set iff
 ///   `num_vcpus > 1`;
-/// - leaf 0x4: EAX[31:26] (addressable core IDs - 1) = `num_vcpus` rounded up
+/// - leaf 0x4: EAX\[31:26\] (addressable core IDs - 1) = `num_vcpus` rounded up
 ///   to a power of two, minus 1, on every valid cache subleaf;
 /// - leaf 0x6: zeroed (no thermal or power management in a VM);
 /// - leaves 0xB and 0x1F (each only if `supported` has it): subleaf 0 is the

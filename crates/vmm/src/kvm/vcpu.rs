@@ -504,7 +504,7 @@ const AHEAD_LIMIT: Duration = Duration::from_millis(200);
 /// whose read is left answered zero, to be completed by the vCPU's next
 /// `KVM_RUN` (a pause completes it too, as for any wait it interrupts).
 /// An error says the guest did something else, or ran on past
-/// [`AHEAD_LIMIT`] of CPU time (stopped by the kick signal).
+/// `AHEAD_LIMIT` (200 ms) of CPU time (stopped by the kick signal).
 pub fn run_ahead_to_wait(
     vcpu: &mut VcpuFd,
     port: impl Fn(u16, bool) -> AheadPort,

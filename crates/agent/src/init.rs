@@ -1,5 +1,5 @@
 //! PID 1 duties: standard file descriptors, mounts, volumes from the kernel
-//! command line, loopback, and a clean power-off. Every failure is logged
+//! command line, network interfaces, and a clean power-off. Every failure is logged
 //! and survived: PID 1 exiting would panic the kernel.
 
 use std::ffi::CString;
@@ -147,39 +147,10 @@ fn console_output() {
     }
 }
 
-/// Brings the loopback interface up (Python and many tools expect it).
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: plain socket(2), checked.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: ifreq is plain data; zero is a valid start. The name fits
-    // (3 bytes + NUL in IFNAMSIZ), and both ioctls get a valid ifreq.
-    let r = unsafe {
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            ifr.ifr_name[i] = *b as libc::c_char;
-        }
-        let mut r = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr);
-        if r == 0 {
-            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            r = libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr);
-        }
-        let e = io::Error::last_os_error();
-        libc::close(s);
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    };
-    r
-}
-
-/// Sets up the machine as PID 1: mounts, console, volumes, loopback, env.
-/// Call before any thread exists (it sets environment variables).
-pub fn setup(volumes: &[Volume]) {
+/// Sets up the machine as PID 1: mounts, console, volumes, loopback, the
+/// network interface of `forkd.net=`, env. Call before any thread exists
+/// (it sets environment variables).
+pub fn setup(volumes: &[Volume], net: Option<&crate::net::NetConfig>) {
     let base: [(&str, &str, &str, u64, &str); 6] = [
         (
             "proc",
@@ -232,8 +203,20 @@ pub fn setup(volumes: &[Volume]) {
             Err(e) => log!("volume {} on {} ({}): {e}", v.source, v.dest, v.fstype),
         }
     }
-    if let Err(e) = loopback_up() {
+    if let Err(e) = crate::net::loopback_up() {
         log!("loopback: {e}");
+    }
+    if let Some(n) = net {
+        match crate::net::configure(n) {
+            Ok(()) => log!(
+                "{}: {}/{}{}",
+                n.ifname,
+                n.addr,
+                n.prefix,
+                n.gateway.map(|g| format!(" via {g}")).unwrap_or_default()
+            ),
+            Err(e) => log!("network {}: {e}", n.ifname),
+        }
     }
     if std::env::var_os("PATH").is_none() {
         std::env::set_var(

@@ -13,6 +13,9 @@
 //!
 //! - `forkd.port=N`: vsock port (default 1024)
 //! - `forkd.volumes=SRC:DEST[:FSTYPE[:OPT+OPT]],...` (see [`init::Volume`])
+//! - `forkd.net=ADDR/PREFIX[,GATEWAY[,IFNAME]]`: an IPv4 address (and
+//!   default route) for the interface, `eth0` unless named (see
+//!   [`net::NetConfig`])
 //! - `forkd.warm=FILE`: Python warm-up recipe file (default `/etc/forkd/warm.py` if present)
 //! - `forkd.python=PATH`, `forkd.interpreter=0` (no warm interpreter)
 //! - `forkd.shutdown=reboot|poweroff`: how `poweroff` leaves (default
@@ -27,6 +30,7 @@ mod files;
 mod init;
 mod interp;
 mod log;
+mod net;
 mod server;
 
 use std::path::PathBuf;
@@ -50,6 +54,7 @@ pub struct Config {
     guest: String,
     init: bool,
     volumes: Vec<init::Volume>,
+    net: Option<net::NetConfig>,
 }
 
 const USAGE: &str = "usage: forkd-agent [--unix PATH | --vsock-port N] [--python PYTHON] [--no-interpreter] [--warm CODE]... [--warm-file FILE] [--shutdown reboot|poweroff] [--guest NAME] [--init]";
@@ -75,6 +80,7 @@ impl Config {
             guest: "guest: linux".into(),
             init: pid1,
             volumes: Vec::new(),
+            net: None,
         };
         let mut explicit = Vec::new();
         let mut it = args.iter();
@@ -127,6 +133,10 @@ impl Config {
                 "volumes" => match init::parse_volumes(&v) {
                     Ok(vols) => self.volumes = vols,
                     Err(e) => log!("forkd.volumes: {e}"),
+                },
+                "net" => match net::parse(&v) {
+                    Ok(n) => self.net = Some(n),
+                    Err(e) => log!("forkd.net: {e}"),
                 },
                 "warm" if !set("--warm-file") => self.warm_file = Some(v.into()),
                 "python" if !set("--python") => self.python = v,
@@ -242,7 +252,7 @@ fn main() {
     };
     if cfg.init {
         // Before any thread: setup sets environment variables.
-        init::setup(&cfg.volumes);
+        init::setup(&cfg.volumes, cfg.net.as_ref());
     }
     children::block_signals();
     if let Err(e) = children::start_signal_thread(pid1, exit_not_pid1) {
@@ -292,12 +302,14 @@ mod tests {
 
         let mut c = Config::parse(&["--vsock-port".into(), "5".into()], false).unwrap();
         c.apply_cmdline(
-            "forkd.port=9 forkd.shutdown=poweroff forkd.interpreter=0 forkd.volumes=/dev/vdb:/d",
+            "forkd.port=9 forkd.shutdown=poweroff forkd.interpreter=0 forkd.volumes=/dev/vdb:/d forkd.net=172.16.0.2/30,172.16.0.1",
             &["--vsock-port".into()],
         );
         assert_eq!(c.vsock_port, 5, "the command line wins");
         assert_eq!(c.shutdown, ShutdownMode::Poweroff);
         assert!(!c.interpreter);
         assert_eq!(c.volumes.len(), 1);
+        let net = c.net.expect("forkd.net= is taken");
+        assert_eq!((net.ifname.as_str(), net.prefix), ("eth0", 30));
     }
 }

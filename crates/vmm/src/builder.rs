@@ -24,6 +24,7 @@ use crate::devices::virtio::block::DiskStack;
 use crate::devices::virtio::manager::{
     DeviceState, IrqRoute, RestoreBackends, VirtioConfig, VirtioDevices,
 };
+use crate::devices::virtio::net::Tap;
 use crate::kvm::state::{self, StateError};
 use crate::kvm::vcpu::{self, RunControl, VcpuIo};
 use crate::kvm::{cpuid, msrs, vm};
@@ -85,6 +86,12 @@ pub struct RestoreConfig {
     pub drive_layers: Vec<PathBuf>,
     /// The child's vsock socket, when the snapshot has a vsock device.
     pub vsock_uds: Option<PathBuf>,
+    /// The network namespace (a name under /var/run/netns) in which each
+    /// of the snapshot's network interfaces attaches to the tap its
+    /// `snapshot.json` names: a tap made there beforehand (persistent,
+    /// with its address), never created here. `None`: this process's
+    /// namespace. Siblings need a namespace each: a tap serves one VM.
+    pub netns: Option<String>,
     /// What the child's RAM is.
     pub ram: RestoreRam,
 }
@@ -538,7 +545,8 @@ fn irq_route(guest: GuestKind) -> IrqRoute {
 
 /// A child's own host-side resources for the snapshot's devices: each
 /// drive opens the snapshot's frozen layers under a CoW layer of the
-/// child's, and vsock listens on the child's own socket.
+/// child's, vsock listens on the child's own socket, and each network
+/// interface attaches to its tap in the child's namespace.
 fn restore_backends(
     snapshot: &PreparedSnapshot,
     cfg: &RestoreConfig,
@@ -570,24 +578,37 @@ fn restore_backends(
             "the snapshot has a vsock device: give the child a vsock socket path".into(),
         ));
     }
-    let has_net = snapshot
-        .state
-        .devices
-        .virtio
+    // The count matches the vmstate's (checked when the snapshot was loaded).
+    let taps = snapshot
+        .meta
+        .nets
         .iter()
-        .any(|d| matches!(d.device, DeviceState::Net(_)));
-    if has_net {
-        return Err(device_err("virtio-net")(
-            "restoring network interfaces needs a tap per child, which restore does not set up \
-             yet: snapshot VMs without --tap"
-                .into(),
-        ));
-    }
+        .enumerate()
+        .map(|(i, net)| {
+            Tap::attach(&net.tap, cfg.netns.as_deref()).map_err(|e| net_err(i, &net.tap, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(RestoreBackends {
         drives,
         vsock_uds: cfg.vsock_uds.clone(),
-        taps: Vec::new(),
+        taps,
     })
+}
+
+fn net_err(index: usize, tap: &str, e: crate::devices::virtio::net::TapError) -> BuildError {
+    device_err("virtio-net device")(format!("network interface {index} on tap {tap:?}: {e}"))
+}
+
+/// Checks, without opening anything, that every tap the children of
+/// `snapshot` will attach to exists in network namespace `netns` (this
+/// process's when `None`): what a parent that forks children checks
+/// before the first fork, so a missing tap is its caller's error rather
+/// than a child's that already started.
+pub fn check_taps(snapshot: &PreparedSnapshot, netns: Option<&str>) -> Result<(), BuildError> {
+    for (i, net) in snapshot.meta.nets.iter().enumerate() {
+        Tap::check_present(&net.tap, netns).map_err(|e| net_err(i, &net.tap, e))?;
+    }
+    Ok(())
 }
 
 /// A machine being assembled: what both doors build the same way.
@@ -970,6 +991,7 @@ mod tests {
                     paused,
                     drive_layers: Vec::new(),
                     vsock_uds: None,
+                    netns: None,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();
@@ -987,6 +1009,128 @@ mod tests {
             child.shutdown();
             assert_eq!(child.wait_for_exit(), ExitReason::Requested);
         }
+    }
+
+    /// A network namespace made for one test, deleted (with the taps in
+    /// it) when dropped.
+    struct Netns(String);
+
+    impl Netns {
+        fn new(tag: &str) -> Self {
+            let ns = Netns(format!("forkd-b{tag}-{}", std::process::id()));
+            ip(&["netns", "add", &ns.0]);
+            ns
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .output();
+        }
+    }
+
+    fn ip(args: &[&str]) {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("this test needs the `ip` command (apt-get install iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn a_child_attaches_to_the_tap_its_snapshot_names_in_the_namespace_it_is_given() {
+        use crate::devices::virtio::net::{NetConfig, TapError};
+        use crate::snapshot::SnapshotNet;
+        assert!(
+            std::path::Path::new("/dev/net/tun").exists(),
+            "this test needs /dev/net/tun (modprobe tun) and root"
+        );
+        let tmp = TempDir::new("net");
+        let mac = [6, 0, 0xac, 0x10, 0, 2];
+        let parent_ns = Netns::new("p");
+        let mut cfg = MachineConfig::builtin(16);
+        cfg.virtio.nets.push(NetConfig {
+            tap: "forkd0".into(),
+            netns: Some(parent_ns.0.clone()),
+            mac,
+        });
+        let parent = build_for_boot(&cfg).unwrap();
+        ping(&parent);
+        let dir = tmp.0.join("snap");
+        let taken = parent
+            .snapshot(&dir, false, SnapshotMode::Full, true)
+            .unwrap();
+        parent.shutdown();
+        assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
+        let recorded = vec![SnapshotNet {
+            tap: "forkd0".into(),
+            mac: "06:00:ac:10:00:02".into(),
+        }];
+        assert_eq!(taken.meta.nets, recorded);
+        let snap = PreparedSnapshot::load(&dir).unwrap();
+        assert_eq!(snap.meta.nets, recorded);
+        let child_cfg = |netns: &Netns| RestoreConfig {
+            console: ConsoleOutput::Sink,
+            paused: false,
+            drive_layers: Vec::new(),
+            vsock_uds: None,
+            netns: Some(netns.0.clone()),
+            ram: RestoreRam::SnapshotFile,
+        };
+
+        // A namespace without the tap: refused, naming both and what to
+        // make, and nothing made in its place.
+        let empty = Netns::new("e");
+        for err in [
+            check_taps(&snap, Some(&empty.0)).unwrap_err(),
+            build_from_snapshot(&snap, &child_cfg(&empty))
+                .err()
+                .unwrap(),
+        ] {
+            let text = err.to_string();
+            assert!(
+                text.contains("\"forkd0\"")
+                    && text.contains(&empty.0)
+                    && text.contains("tuntap add dev forkd0 mode tap"),
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            Tap::check_present("forkd0", Some(&empty.0)),
+            Err(TapError::Missing { .. })
+        ));
+
+        // A namespace with a persistent tap of that name: the child
+        // attaches to it, and holds it (a second attach is refused).
+        let kid_ns = Netns::new("k");
+        ip(&[
+            "-n", &kid_ns.0, "tuntap", "add", "dev", "forkd0", "mode", "tap",
+        ]);
+        check_taps(&snap, Some(&kid_ns.0)).unwrap();
+        let child = build_from_snapshot(&snap, &child_cfg(&kid_ns)).unwrap();
+        ping(&child);
+        match Tap::attach("forkd0", Some(&kid_ns.0)) {
+            Err(TapError::Attach { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EBUSY), "{source}")
+            }
+            other => panic!("a second attach to the child's tap: {other:?}"),
+        }
+        // The child's own snapshot names the same tap.
+        let grand = child
+            .snapshot(&tmp.0.join("grand"), false, SnapshotMode::Full, true)
+            .unwrap();
+        assert_eq!(grand.meta.nets, recorded);
+        child.shutdown();
+        assert_eq!(child.wait_for_exit(), ExitReason::Requested);
+        drop(child);
+        // Let go with the child: free for the next one.
+        Tap::attach("forkd0", Some(&kid_ns.0)).unwrap();
     }
 
     /// The guest's VM generation and boot id, asked of the guest.
@@ -1042,6 +1186,7 @@ mod tests {
                         paused,
                         drive_layers: Vec::new(),
                         vsock_uds: None,
+                        netns: None,
                         ram: RestoreRam::SnapshotFile,
                     })
                     .unwrap();
@@ -1068,6 +1213,7 @@ mod tests {
                             paused: false,
                             drive_layers: Vec::new(),
                             vsock_uds: None,
+                            netns: None,
                             ram: RestoreRam::SnapshotFile,
                         })
                         .unwrap();
@@ -1119,6 +1265,7 @@ mod tests {
                     paused: false,
                     drive_layers: Vec::new(),
                     vsock_uds: None,
+                    netns: None,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();

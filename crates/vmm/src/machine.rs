@@ -29,7 +29,7 @@ use crate::memory::GuestRam;
 use crate::memory::{Backend, HUGE_PAGE};
 use crate::snapshot::{
     self, DeviceStates, DriveCapture, GuestKind, LiveCopyStats, MemoryCapture, ParentRef,
-    SnapshotMeta, VmState,
+    SnapshotMeta, SnapshotNet, VmState,
 };
 
 /// What a write-protect fault before the pause releases: the aligned
@@ -499,7 +499,14 @@ impl Machine {
                 None,
             ),
         };
-        let mut pending = snapshot::prepare(dir, self.ram.memory(), &state, &drives, memory)?;
+        let nets: Vec<SnapshotNet> = self
+            .virtio
+            .nets()
+            .iter()
+            .map(|(tap, mac)| SnapshotNet::new(tap, mac))
+            .collect();
+        let mut pending =
+            snapshot::prepare(dir, self.ram.memory(), &state, &drives, &nets, memory)?;
         if let Some(precopy) = precopy {
             // The pages dirtied since the last round: copied here, or, too
             // many for the pause, write-protected and copied after it. The

@@ -28,7 +28,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialConsoleState;
 use crate::devices::virtio::block::{DiskConfig, Frozen};
-use crate::devices::virtio::manager::AttachedState;
+use crate::devices::virtio::manager::{AttachedState, DeviceState};
+use crate::devices::virtio::net::{self, format_mac, parse_mac};
 use crate::kvm::state::{VcpuState, VmKvmState};
 use crate::memory::{data_extents, GuestMemoryMmap};
 
@@ -104,6 +105,28 @@ impl SnapshotDisk {
             frozen: self.layers.iter().map(|l| dir.join(l)).collect(),
             cow: (!self.read_only).then_some(cow),
             read_only: self.read_only,
+        }
+    }
+}
+
+/// One network interface of a snapshot: the tap the VM used, which every
+/// child attaches to by the same name, each in a network namespace of its
+/// own (see `RestoreConfig::netns` in the builder).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotNet {
+    /// The tap device's name.
+    pub tap: String,
+    /// The guest's MAC address, `06:00:ac:10:00:02` (the guest has it
+    /// cached; a child keeps it).
+    pub mac: String,
+}
+
+impl SnapshotNet {
+    /// What a snapshot records of an interface on tap `tap`.
+    pub fn new(tap: &str, mac: &[u8; 6]) -> Self {
+        SnapshotNet {
+            tap: tap.to_owned(),
+            mac: format_mac(mac),
         }
     }
 }
@@ -186,6 +209,10 @@ pub struct SnapshotMeta {
     /// The drives, in order.
     #[serde(default)]
     pub disks: Vec<SnapshotDisk>,
+    /// The network interfaces, in order (left out when there are none:
+    /// older snapshots read unchanged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<SnapshotNet>,
     /// Full or diff.
     #[serde(default)]
     pub kind: SnapshotKind,
@@ -474,6 +501,7 @@ pub fn prepare(
     mem: &GuestMemoryMmap,
     state: &VmState,
     drives: &[DriveCapture],
+    nets: &[SnapshotNet],
     memory: MemoryCapture<'_>,
 ) -> Result<Pending, Error> {
     let tmp = match &memory {
@@ -489,7 +517,7 @@ pub fn prepare(
         }
         other => (tmp, other),
     };
-    match write_into(&tmp, mem, state, drives, memory) {
+    match write_into(&tmp, mem, state, drives, nets, memory) {
         Ok((meta, memory)) => Ok(Pending {
             tmp,
             dir: dir.to_owned(),
@@ -529,6 +557,7 @@ fn write_into(
     mem: &GuestMemoryMmap,
     state: &VmState,
     drives: &[DriveCapture],
+    nets: &[SnapshotNet],
     memory: MemoryCapture<'_>,
 ) -> Result<(SnapshotMeta, Option<File>), Error> {
     let disks = drives
@@ -598,6 +627,7 @@ fn write_into(
         status,
         bootable: true,
         disks,
+        nets: nets.to_vec(),
         kind,
         parent,
         live_copy: None,
@@ -730,7 +760,60 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, Error> {
             ),
         });
     }
+    check_nets(&meta.nets).map_err(|reason| Error::Meta {
+        path: dir.to_owned(),
+        reason,
+    })?;
     Ok(meta)
+}
+
+/// `nets` of an untrusted `snapshot.json`: every tap name one that
+/// [`net::Tap`] opens, every MAC six hex pairs.
+fn check_nets(nets: &[SnapshotNet]) -> Result<(), String> {
+    for (i, n) in nets.iter().enumerate() {
+        net::tap::check_name(&n.tap).map_err(|e| format!("network interface {i}: {e}"))?;
+        if parse_mac(&n.mac).is_none() {
+            return Err(format!(
+                "network interface {i}: MAC {:?} is not six hex pairs (aa:bb:cc:dd:ee:ff)",
+                n.mac
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `nets` (from `snapshot.json`) describes the vmstate's network
+/// devices `saved`: one each, in order, with the same MAC.
+fn nets_match(nets: &[SnapshotNet], saved: &[AttachedState]) -> Result<(), String> {
+    let macs: Vec<[u8; 6]> = saved
+        .iter()
+        .filter_map(|d| match &d.device {
+            DeviceState::Net(n) => Some(n.mac),
+            _ => None,
+        })
+        .collect();
+    if macs.len() != nets.len() {
+        return Err(format!(
+            "the vmstate has {} network interfaces but snapshot.json names a tap for {}{}",
+            macs.len(),
+            nets.len(),
+            if nets.is_empty() {
+                " (a snapshot taken before taps were recorded: take it again)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for (i, (n, mac)) in nets.iter().zip(&macs).enumerate() {
+        if parse_mac(&n.mac) != Some(*mac) {
+            return Err(format!(
+                "network interface {i}: snapshot.json says MAC {} but the vmstate has {}",
+                n.mac,
+                format_mac(mac)
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
@@ -978,6 +1061,7 @@ impl PreparedSnapshot {
                 "vmstate and snapshot.json disagree on memory size or vCPU count".into(),
             ));
         }
+        nets_match(&meta.nets, &state.devices.virtio).map_err(inconsistent)?;
         if state.vcpus.is_empty()
             || state
                 .vcpus
@@ -1015,7 +1099,130 @@ impl PreparedSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::net::NetState;
+    use crate::devices::virtio::persist::VirtioState;
     use vm_memory::{Bytes, GuestAddress};
+
+    fn meta_with_nets(nets: Vec<SnapshotNet>) -> SnapshotMeta {
+        SnapshotMeta {
+            version: META_VERSION,
+            created_at_unix: 1,
+            guest: GuestKind::Builtin,
+            mem_mib: 16,
+            vcpus: 1,
+            memory_bytes: 16 << 20,
+            memory_data_bytes: 0,
+            memory_hash: String::new(),
+            vmstate_hash: String::new(),
+            status: SnapshotStatus::Ready,
+            bootable: true,
+            disks: Vec::new(),
+            nets,
+            kind: SnapshotKind::Full,
+            parent: None,
+            live_copy: None,
+        }
+    }
+
+    /// `snapshot.json` with `nets` replaced by `value`, read back.
+    fn read_with_nets(tag: &str, value: serde_json::Value) -> Result<SnapshotMeta, Error> {
+        let dir = std::env::temp_dir().join(format!("forkd-snapnets-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut json = serde_json::to_value(meta_with_nets(Vec::new())).unwrap();
+        json["nets"] = value;
+        std::fs::write(dir.join(META_FILE), json.to_string()).unwrap();
+        let read = read_meta(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        read
+    }
+
+    #[test]
+    fn nets_are_left_out_when_there_are_none_and_round_trip_otherwise() {
+        let none = serde_json::to_value(meta_with_nets(Vec::new())).unwrap();
+        assert!(none.get("nets").is_none(), "{none}");
+        // An older snapshot.json (no such key) reads with no interfaces.
+        let old: SnapshotMeta = serde_json::from_value(none).unwrap();
+        assert!(old.nets.is_empty());
+        let one = meta_with_nets(vec![SnapshotNet::new("forkd0", &[6, 0, 0xac, 0x10, 0, 2])]);
+        let json = serde_json::to_value(&one).unwrap();
+        assert_eq!(
+            json["nets"],
+            serde_json::json!([{"tap": "forkd0", "mac": "06:00:ac:10:00:02"}])
+        );
+        assert_eq!(serde_json::from_value::<SnapshotMeta>(json).unwrap(), one);
+    }
+
+    #[test]
+    fn read_meta_refuses_tap_names_a_tap_cannot_have_and_bad_macs() {
+        let good = serde_json::json!([{"tap": "forkd0", "mac": "06:00:ac:10:00:02"}]);
+        let meta = read_with_nets("good", good).unwrap();
+        assert_eq!(meta.nets[0].tap, "forkd0");
+        for (tag, tap, mac, says) in [
+            ("slash", "../eth0", "06:00:ac:10:00:02", "tap name"),
+            ("long", "abcdefghijklmnop", "06:00:ac:10:00:02", "tap name"),
+            ("empty", "", "06:00:ac:10:00:02", "tap name"),
+            ("space", "a b", "06:00:ac:10:00:02", "tap name"),
+            ("mac", "forkd0", "06:00:ac:10:00", "MAC"),
+            ("machex", "forkd0", "06:00:ac:10:00:zz", "MAC"),
+        ] {
+            let err =
+                read_with_nets(tag, serde_json::json!([{"tap": tap, "mac": mac}])).expect_err(tag);
+            assert!(matches!(err, Error::Meta { .. }), "{tag}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("network interface 0") && text.contains(says),
+                "{tag}: {text}"
+            );
+        }
+        // Not a list of interfaces at all.
+        assert!(matches!(
+            read_with_nets("shape", serde_json::json!("forkd0")),
+            Err(Error::Meta { .. })
+        ));
+    }
+
+    #[test]
+    fn nets_must_name_one_tap_per_network_device_of_the_vmstate() {
+        let device = |device: DeviceState| AttachedState {
+            base: 0,
+            irq: 5,
+            mmio: Default::default(),
+            device,
+        };
+        let net = |mac: [u8; 6]| {
+            device(DeviceState::Net(NetState {
+                virtio: VirtioState {
+                    device_type: 1,
+                    avail_features: 0,
+                    acked_features: 0,
+                    queues: Vec::new(),
+                },
+                mac,
+            }))
+        };
+        let (a, b) = ([6, 0, 0, 0, 0, 1], [6, 0, 0, 0, 0, 2]);
+        let saved = vec![net(a), net(b)];
+        let recorded = |macs: &[[u8; 6]]| -> Vec<SnapshotNet> {
+            macs.iter()
+                .enumerate()
+                .map(|(i, m)| SnapshotNet::new(&format!("tap{i}"), m))
+                .collect()
+        };
+        assert_eq!(nets_match(&recorded(&[a, b]), &saved), Ok(()));
+        assert_eq!(nets_match(&[], &[]), Ok(()));
+        let missing = nets_match(&[], &saved).unwrap_err();
+        assert!(
+            missing.contains("has 2 network interfaces") && missing.contains("take it again"),
+            "{missing}"
+        );
+        assert!(nets_match(&recorded(&[a]), &saved).is_err());
+        assert!(nets_match(&recorded(&[a, b, a]), &saved).is_err());
+        assert!(nets_match(&recorded(&[a]), &[]).is_err());
+        // In order: swapped MACs are another machine.
+        let swapped = nets_match(&recorded(&[b, a]), &saved).unwrap_err();
+        assert!(swapped.contains("network interface 0"), "{swapped}");
+    }
 
     #[test]
     fn memory_file_is_sparse_and_exact() {

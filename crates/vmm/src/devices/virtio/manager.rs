@@ -485,6 +485,21 @@ impl VirtioDevices {
             .collect()
     }
 
+    /// The network interfaces, in order: each one's tap name and the
+    /// guest's MAC address.
+    pub fn nets(&self) -> Vec<(String, [u8; 6])> {
+        self.devices
+            .iter()
+            .filter_map(|d| match &d.handle {
+                DeviceHandle::Net(n) => {
+                    let n = lock(n);
+                    Some((n.tap().name().to_owned(), n.mac()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Freezes every drive's CoW layer (drive `i` continues on
     /// `new_tops[i]`); what a snapshot or BRANCH keeps of the disks. Call
     /// with the vCPUs paused.

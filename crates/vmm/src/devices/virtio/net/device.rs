@@ -57,6 +57,14 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
+/// Writes `mac` as [`parse_mac`] reads it: `06:00:ac:10:00:02`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// A virtio network device.
 pub struct Net {
     pub(super) tap: Tap,
@@ -96,6 +104,11 @@ impl Net {
     /// The tap device.
     pub fn tap(&self) -> &Tap {
         &self.tap
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
     }
 
     fn watch_tap(&mut self, on: bool) {
@@ -285,6 +298,9 @@ mod tests {
         assert_eq!(parse_mac("02:00:00:0a:ff:01:02"), None);
         assert_eq!(parse_mac("2:00:00:0a:ff:01"), None);
         assert_eq!(parse_mac("zz:00:00:0a:ff:01"), None);
+        let mac = [6, 0, 0xac, 0x10, 0, 2];
+        assert_eq!(format_mac(&mac), "06:00:ac:10:00:02");
+        assert_eq!(parse_mac(&format_mac(&mac)), Some(mac));
     }
 
     /// The guest asks who has the host's address (ARP) through the TX

@@ -4,6 +4,6 @@ mod device;
 mod persist;
 pub mod tap;
 
-pub use device::{parse_mac, Net, NetConfig};
+pub use device::{format_mac, parse_mac, Net, NetConfig};
 pub use persist::NetState;
-pub use tap::{Tap, TapError};
+pub use tap::{check_netns_name, Tap, TapError};

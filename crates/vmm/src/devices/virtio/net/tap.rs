@@ -1,6 +1,13 @@
 //! A tap device: the host end of a VM's network interface, optionally
-//! created inside a network namespace.
+//! inside a network namespace.
+//!
+//! A booted VM opens its tap by name, creating it when missing
+//! ([`Tap::open`]). A restored child attaches to a tap someone made for it
+//! beforehand ([`Tap::attach`]), typically a persistent one in a namespace
+//! of the child's own, and never creates one: a tap made on the spot would
+//! have none of the addresses and routes the guest expects.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -12,6 +19,8 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 /// Longest interface name (IFNAMSIZ less the terminating NUL).
 pub const MAX_NAME_LEN: usize = 15;
+/// Longest network namespace name accepted.
+pub const MAX_NETNS_LEN: usize = 64;
 
 /// `struct ifreq` as TUNSETIFF reads it: a name and the flags.
 #[repr(C)]
@@ -27,6 +36,9 @@ pub enum TapError {
     /// A name the kernel will not take.
     #[error("tap name {0:?} is invalid: use 1 to 15 letters, digits, '-' or '_'")]
     Name(String),
+    /// A namespace name that is not a plain name under /var/run/netns.
+    #[error("network namespace name {0:?} is invalid: use 1 to 64 letters, digits, '_', '.' or '-' (not . or ..)")]
+    NetnsName(String),
     /// /dev/net/tun is missing or cannot be opened.
     #[error("cannot open /dev/net/tun: {0}; load the tun module (modprobe tun) and run as root or with CAP_NET_ADMIN")]
     Tun(io::Error),
@@ -46,9 +58,96 @@ pub enum TapError {
         /// Why.
         source: io::Error,
     },
+    /// A tap to attach to is not there.
+    #[error(
+        "there is no tap {name:?} in {}: create it first ({})",
+        where_(netns),
+        create_hint(name, netns)
+    )]
+    Missing {
+        /// The device name.
+        name: String,
+        /// The namespace looked in (`None`: this process's).
+        netns: Option<String>,
+    },
+    /// TUNSETIFF on an existing device failed.
+    #[error(
+        "cannot attach to tap {name:?} in {}: {source}; {}",
+        where_(netns),
+        attach_hint(source)
+    )]
+    Attach {
+        /// The device name.
+        name: String,
+        /// The namespace (`None`: this process's).
+        netns: Option<String>,
+        /// Why.
+        source: io::Error,
+    },
     /// The helper thread could not run.
     #[error("cannot start a thread to open the tap device: {0}")]
     Thread(io::Error),
+}
+
+fn where_(netns: &Option<String>) -> String {
+    match netns {
+        Some(ns) => format!("network namespace {ns:?}"),
+        None => "this process's network namespace".into(),
+    }
+}
+
+fn create_hint(name: &str, netns: &Option<String>) -> String {
+    let ip = match netns {
+        Some(ns) => format!("ip -n {ns}"),
+        None => "ip".into(),
+    };
+    format!(
+        "{ip} tuntap add dev {name} mode tap, then give it its address and \
+         `{ip} link set {name} up`"
+    )
+}
+
+fn attach_hint(source: &io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::EBUSY) => "another process has it open: each VM needs a tap of its own",
+        Some(libc::EPERM) => {
+            "run as root or with CAP_NET_ADMIN, or make the tap owned by this user"
+        }
+        _ => {
+            "it must be a tap device without packet information or multiple queues \
+              (ip tuntap add dev NAME mode tap)"
+        }
+    }
+}
+
+/// Checks a tap name as the kernel will take it (and no more: letters,
+/// digits, '-' and '_').
+pub fn check_name(name: &str) -> Result<(), TapError> {
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(TapError::Name(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks a network namespace name: a plain file name under
+/// /var/run/netns, 1 to [`MAX_NETNS_LEN`] letters, digits, '_', '.' or '-'.
+pub fn check_netns_name(ns: &str) -> Result<(), TapError> {
+    if ns.is_empty()
+        || ns.len() > MAX_NETNS_LEN
+        || ns == "."
+        || ns == ".."
+        || !ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(TapError::NetnsName(ns.to_owned()));
+    }
+    Ok(())
 }
 
 /// An open tap device (non-blocking), frames without a packet-info header.
@@ -62,41 +161,38 @@ impl Tap {
     /// Opens (creating if needed) tap `name`, inside network namespace
     /// `netns` (a name under /var/run/netns) when given.
     pub fn open(name: &str, netns: Option<&str>) -> Result<Self, TapError> {
-        if name.is_empty()
-            || name.len() > MAX_NAME_LEN
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(TapError::Name(name.to_owned()));
-        }
-        let Some(ns) = netns else {
-            return open_here(name);
-        };
-        // setns(2) moves only the calling thread: do it on a thread of its
-        // own. The tap stays in the namespace it was created in.
-        let (name, ns) = (name.to_owned(), ns.to_owned());
-        std::thread::Builder::new()
-            .name("tap-open".into())
-            .spawn(move || {
-                let path = format!("/var/run/netns/{ns}");
-                let f = File::open(&path).map_err(|source| TapError::Netns {
-                    name: ns.clone(),
+        check_name(name)?;
+        let name = name.to_owned();
+        in_netns(netns, move || open_here(&name))
+    }
+
+    /// Attaches to the existing tap `name` (a persistent one, made
+    /// beforehand) inside network namespace `netns` when given, in this
+    /// process's otherwise. Never creates one: a missing tap is an error
+    /// that says how to make it.
+    pub fn attach(name: &str, netns: Option<&str>) -> Result<Self, TapError> {
+        check_name(name)?;
+        let (name, ns) = (name.to_owned(), netns.map(str::to_owned));
+        in_netns(netns, move || {
+            present_here(&name, &ns)?;
+            open_here(&name).map_err(|e| match e {
+                TapError::Create { name, source } => TapError::Attach {
+                    name,
+                    netns: ns,
                     source,
-                })?;
-                // SAFETY: setns on a namespace file descriptor we own, for
-                // this thread only; no memory is involved.
-                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(TapError::Netns {
-                        name: ns,
-                        source: io::Error::last_os_error(),
-                    });
-                }
-                open_here(&name)
+                },
+                other => other,
             })
-            .map_err(TapError::Thread)?
-            .join()
-            .unwrap_or_else(|_| Err(TapError::Thread(io::Error::other("the thread panicked"))))
+        })
+    }
+
+    /// Checks that tap `name` exists in `netns` (this process's when
+    /// `None`), without opening it: what [`Tap::attach`] needs before it
+    /// runs.
+    pub fn check_present(name: &str, netns: Option<&str>) -> Result<(), TapError> {
+        check_name(name)?;
+        let (name, ns) = (name.to_owned(), netns.map(str::to_owned));
+        in_netns(netns, move || present_here(&name, &ns))
     }
 
     /// The interface name.
@@ -110,6 +206,60 @@ impl Tap {
     }
 }
 
+/// Runs `f` inside network namespace `netns` (a name under
+/// /var/run/netns), or here when `None`. setns(2) moves only the calling
+/// thread, so `f` runs on a thread of its own; what it opens (a tap, a
+/// socket) stays in the namespace it was opened in.
+fn in_netns<T: Send + 'static>(
+    netns: Option<&str>,
+    f: impl FnOnce() -> Result<T, TapError> + Send + 'static,
+) -> Result<T, TapError> {
+    let Some(ns) = netns else {
+        return f();
+    };
+    check_netns_name(ns)?;
+    let ns = ns.to_owned();
+    std::thread::Builder::new()
+        .name("tap-open".into())
+        .spawn(move || {
+            let path = format!("/var/run/netns/{ns}");
+            let file = File::open(&path).map_err(|source| TapError::Netns {
+                name: ns.clone(),
+                source,
+            })?;
+            // SAFETY: setns on a namespace file descriptor we own, for
+            // this thread only; no memory is involved.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(TapError::Netns {
+                    name: ns,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            f()
+        })
+        .map_err(TapError::Thread)?
+        .join()
+        .unwrap_or_else(|_| Err(TapError::Thread(io::Error::other("the thread panicked"))))
+}
+
+/// Whether interface `name` exists in the calling thread's network
+/// namespace (an error saying how to make it when not).
+fn present_here(name: &str, netns: &Option<String>) -> Result<(), TapError> {
+    let c = CString::new(name).map_err(|_| TapError::Name(name.to_owned()))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call;
+    // if_nametoindex asks the kernel through a socket it opens in the
+    // calling thread's network namespace.
+    if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+        return Err(TapError::Missing {
+            name: name.to_owned(),
+            netns: netns.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// TUNSETIFF for tap `name` in the calling thread's network namespace:
+/// creates it when missing, attaches to it when it is a free tap.
 fn open_here(name: &str) -> Result<Tap, TapError> {
     let file = OpenOptions::new()
         .read(true)
@@ -136,4 +286,49 @@ fn open_here(name: &str) -> Result<Tap, TapError> {
         file,
         name: name.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["forkd0", "a", "tap-1_x", "abcdefghijklmno"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "abcdefghijklmnop", "a b", "a/b", "a.b", "é"] {
+            assert!(matches!(check_name(bad), Err(TapError::Name(_))), "{bad:?}");
+        }
+        for ok in ["n", "forkd-kid.1_A", &"x".repeat(64), "..."] {
+            assert!(check_netns_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "../x", "a/b", "a b", &"x".repeat(65), "ns\n"] {
+            assert!(
+                matches!(check_netns_name(bad), Err(TapError::NetnsName(_))),
+                "{bad:?}"
+            );
+        }
+        // Checked before anything is entered or opened.
+        assert!(matches!(
+            Tap::attach("forkd0", Some("../../proc/1/ns/net")),
+            Err(TapError::NetnsName(_))
+        ));
+    }
+
+    #[test]
+    fn a_missing_tap_is_not_created_by_attach() {
+        let name = format!("fkm{}", std::process::id() % 100_000);
+        let err = Tap::attach(&name, None).unwrap_err();
+        assert!(matches!(err, TapError::Missing { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&name) && text.contains("ip tuntap add dev"),
+            "{text}"
+        );
+        assert!(
+            !std::path::Path::new("/sys/class/net").join(&name).exists(),
+            "attach made {name}"
+        );
+    }
 }

@@ -115,6 +115,11 @@ pub struct SnapshotArgs {
     /// Extra kernel command line arguments.
     #[arg(long, value_name = "ARGS", requires = "kernel")]
     pub kernel_args: Option<String>,
+    /// Give the guest a network interface (172.16.0.2, the host side
+    /// 172.16.0.1 in a network namespace); its children each get a
+    /// namespace of their own with the same addresses.
+    #[arg(long, conflicts_with = "from_sandbox")]
+    pub network: bool,
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MIB", conflicts_with = "from_sandbox")]
     pub mem_mib: Option<u64>,
@@ -160,7 +165,8 @@ pub struct SpawnArgs {
     /// Memory cap for each child (cgroup), in MiB.
     #[arg(long, value_name = "MIB")]
     pub memory_limit_mib: Option<u64>,
-    /// Give every child its own network namespace.
+    /// Give every child its own network namespace (the default, and a
+    /// must, for a snapshot with a network interface).
     #[arg(long)]
     pub per_child_netns: bool,
     /// Print only the sandbox ids, one a line.

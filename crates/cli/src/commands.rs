@@ -139,6 +139,7 @@ pub fn snapshot(ctx: &mut Ctx, a: &SnapshotArgs) -> Outcome {
             vcpus: a.vcpus,
             builtin: a.builtin,
             kernel_args: a.kernel_args.clone(),
+            network: a.network,
         };
         let guest = if a.builtin {
             "the built-in guest"
@@ -820,6 +821,7 @@ mod tests {
             rootfs: None,
             rw: false,
             kernel_args: None,
+            network: false,
             mem_mib: None,
             vcpus: None,
             boot_wait_secs: None,
@@ -852,6 +854,7 @@ mod tests {
             rootfs: None,
             rw: false,
             kernel_args: None,
+            network: false,
             mem_mib: Some(128),
             vcpus: None,
             boot_wait_secs: None,

@@ -116,6 +116,7 @@ pub fn sandbox_table(sandboxes: &[SandboxInfo], now: u64) -> String {
         "MEM LIMIT",
         "LIVE FORK",
         "NETNS",
+        "GUEST ADDR",
     ]);
     for s in sandboxes {
         t.row(vec![
@@ -126,6 +127,7 @@ pub fn sandbox_table(sandboxes: &[SandboxInfo], now: u64) -> String {
             or_dash(s.memory_limit_mib.map(|m| format!("{m} MiB"))),
             if s.live_fork { "yes" } else { "no" }.into(),
             or_dash(s.netns.as_deref()),
+            or_dash(s.guest_addr.as_deref()),
         ]);
     }
     t.render()
@@ -274,6 +276,7 @@ mod tests {
             kind: kind.map(str::to_string),
             guest: None,
             mem_mib: None,
+            network: false,
         }
     }
 
@@ -306,8 +309,8 @@ mod tests {
         };
         assert_eq!(
             sandbox_table(&[sb], 100),
-            "ID    SNAPSHOT  PID   CREATED  MEM LIMIT  LIVE FORK  NETNS\n\
-             sb-1  base      4242  5s ago   256 MiB    no         -\n"
+            "ID    SNAPSHOT  PID   CREATED  MEM LIMIT  LIVE FORK  NETNS  GUEST ADDR\n\
+             sb-1  base      4242  5s ago   256 MiB    no         -      -\n"
         );
     }
 

@@ -120,13 +120,16 @@ pub struct SourceVm {
 }
 
 impl SourceVm {
-    /// Boots `guest` with `mem_mib` and `vcpus` in `dir` (created).
+    /// Boots `guest` with `mem_mib` and `vcpus` in `dir` (created); with
+    /// `netns`, a network interface on that namespace's tap
+    /// ([`crate::netns`]), which a Linux guest's agent configures.
     pub fn boot(
         vmm: &Vmm,
         guest: &SourceGuest,
         mem_mib: u64,
         vcpus: u8,
         dir: &Path,
+        netns: Option<&str>,
     ) -> Result<SourceVm, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -146,6 +149,10 @@ impl SourceVm {
             .arg(&vsock_socket)
             .arg("--console")
             .arg(dir.join("console.log"));
+        if let Some(ns) = netns {
+            cmd.args(["--tap", crate::netns::TAP, "--netns", ns])
+                .args(["--mac", crate::netns::GUEST_MAC]);
+        }
         match guest {
             SourceGuest::Builtin => {
                 cmd.arg("--builtin");
@@ -160,6 +167,10 @@ impl SourceVm {
                     "console=ttyS0 reboot=k panic=-1 root=/dev/vda {} rootfstype=ext4",
                     if *rw { "rw" } else { "ro" }
                 );
+                if netns.is_some() {
+                    cmdline.push(' ');
+                    cmdline.push_str(&crate::netns::guest_kernel_arg());
+                }
                 if let Some(extra) = extra_args {
                     cmdline.push(' ');
                     cmdline.push_str(extra);
@@ -367,19 +378,24 @@ impl ForkServer {
         procs::alive(self.pid, self.ticks)
     }
 
-    /// Forks `n` children into `out_dir/<i>/`.
+    /// Forks `n` children into `out_dir/<i>/`, child `i` with its network
+    /// interface in namespace `netns[i]` when given.
     pub fn fork(
         &self,
         n: u32,
         out_dir: &Path,
         paused: bool,
         memfd: bool,
+        netns: &[String],
     ) -> Result<Vec<ForkedChild>, String> {
         let mut request = serde_json::json!({
             "op": "fork", "n": n, "out_dir": out_dir, "paused": paused, "console_log": true,
         });
         if memfd {
             request["memfd"] = serde_json::Value::Bool(true);
+        }
+        if !netns.is_empty() {
+            request["netns"] = serde_json::json!(netns);
         }
         let stream = UnixStream::connect(&self.socket).map_err(|e| {
             format!(

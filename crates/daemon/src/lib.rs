@@ -5,7 +5,8 @@
 //!   routes do.
 //! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
 //!   [`procs`]: tracking them by pid.
-//! - [`auth`], [`audit`], [`metrics`], [`cgroup`].
+//! - [`auth`], [`audit`], [`metrics`], [`cgroup`], [`netns`] (a network
+//!   namespace per guest with a network interface).
 
 pub mod api;
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod driver;
 pub mod error;
 pub mod metrics;
+pub mod netns;
 pub mod procs;
 pub mod sandboxes;
 pub mod serve;

@@ -16,7 +16,7 @@ use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 use crate::daemon::{now_unix, random_hex, Daemon};
 use crate::error::{ApiError, ApiResult};
 use crate::store::SandboxRow;
-use crate::{driver, procs};
+use crate::{driver, netns, procs};
 
 /// Smallest memory cap: below it a VMM cannot even start.
 const MIN_MEMORY_LIMIT_MIB: u64 = 32;
@@ -45,11 +45,6 @@ impl Daemon {
                 req.n
             )));
         }
-        if req.per_child_netns == Some(true) {
-            return Err(ApiError::bad_request(
-                "per_child_netns needs a snapshot with a network device, and snapshots made through this API have none; leave it out",
-            ));
-        }
         if let Some(mib) = req.memory_limit_mib {
             if mib < MIN_MEMORY_LIMIT_MIB {
                 return Err(ApiError::bad_request(format!(
@@ -75,9 +70,12 @@ impl Daemon {
                     .unwrap_or_default()
             )));
         }
+        let per_child_netns = per_child_netns(req.per_child_netns, &snap.info)?;
         let this = self.clone();
-        let rows =
-            tokio::task::spawn_blocking(move || this.fork_children(&req, &snap.info)).await??;
+        let rows = tokio::task::spawn_blocking(move || {
+            this.fork_children(&req, &snap.info, per_child_netns)
+        })
+        .await??;
         self.store.insert_sandboxes(&rows)?;
         let secs = started.elapsed().as_secs_f64();
         self.metrics.spawn_seconds.observe(secs);
@@ -87,18 +85,33 @@ impl Daemon {
         Ok(rows.into_iter().map(|r| r.info).collect())
     }
 
-    /// Forks the children and confines them (blocking).
-    fn fork_children(&self, req: &SpawnRequest, snap: &SnapshotInfo) -> ApiResult<Vec<SandboxRow>> {
+    /// Forks the children, each in a network namespace of its own when
+    /// asked, and confines them (blocking).
+    fn fork_children(
+        &self,
+        req: &SpawnRequest,
+        snap: &SnapshotInfo,
+        per_child_netns: bool,
+    ) -> ApiResult<Vec<SandboxRow>> {
         let server = self
             .fork_server(&snap.tag, Path::new(&snap.dir))
             .map_err(ApiError::internal)?;
         let batch = random_hex(4);
+        // Removed again if the fork fails; the sandboxes own them after.
+        let mut namespaces = netns::Namespaces::default();
+        if per_child_netns {
+            for i in 0..req.n {
+                namespaces
+                    .add(format!("forkd-{batch}-{i}"))
+                    .map_err(ApiError::internal)?;
+            }
+        }
         let out_dir = self.paths.sandboxes.join(&batch);
         let live_fork = req.live_fork.unwrap_or(false);
         // A capped child starts paused and runs only once it is in its group.
         let paused = req.memory_limit_mib.is_some();
         let children = server
-            .fork(req.n, &out_dir, paused, live_fork)
+            .fork(req.n, &out_dir, paused, live_fork, namespaces.names())
             .map_err(|e| ApiError::internal(format!("fork failed: {e}")))?;
         let now = now_unix();
         let mut rows = Vec::with_capacity(children.len());
@@ -106,12 +119,13 @@ impl Daemon {
         for child in children {
             let id = format!("{batch}-{}", child.index);
             let ticks = procs::start_ticks(child.pid).unwrap_or(0);
+            let netns = namespaces.names().get(child.index as usize).cloned();
             let mut row = SandboxRow {
                 info: SandboxInfo {
                     id: id.clone(),
                     snapshot_tag: snap.tag.clone(),
-                    netns: None,
-                    guest_addr: None,
+                    guest_addr: netns.as_ref().map(|_| proto::api::GUEST_ADDR.to_owned()),
+                    netns,
                     created_at_unix: now,
                     pid: child.pid,
                     memory_limit_mib: req.memory_limit_mib,
@@ -142,6 +156,7 @@ impl Daemon {
             let _ = std::fs::remove_dir_all(&out_dir);
             return Err(ApiError::internal(e));
         }
+        namespaces.keep();
         Ok(rows)
     }
 
@@ -633,5 +648,26 @@ fn stop_sandbox(row: &SandboxRow) {
     }
     if let Some(cg) = &row.cgroup {
         crate::cgroup::remove(cg);
+    }
+    if let Some(ns) = &row.info.netns {
+        netns::remove(ns);
+    }
+}
+
+/// Whether a spawn's children each get a network namespace: what the
+/// request says, or, left out, whether the snapshot has a network
+/// interface (its children cannot share one tap).
+fn per_child_netns(asked: Option<bool>, snap: &SnapshotInfo) -> ApiResult<bool> {
+    match (asked, snap.network) {
+        (None, network) => Ok(network),
+        (Some(a), network) if a == network => Ok(a),
+        (Some(_), true) => Err(ApiError::bad_request(format!(
+            "snapshot {:?} has a network interface, and each child needs a network namespace of its own for it (every child keeps the parent's addresses): leave per_child_netns out or set it true",
+            snap.tag
+        ))),
+        (Some(_), false) => Err(ApiError::bad_request(format!(
+            "snapshot {:?} has no network interface to put in a namespace: make one with network: true (forkd snapshot --network), or leave per_child_netns out",
+            snap.tag
+        ))),
     }
 }

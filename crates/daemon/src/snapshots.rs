@@ -26,6 +26,7 @@ struct Plan {
     mem_mib: u64,
     vcpus: u8,
     boot_wait: Duration,
+    network: bool,
 }
 
 fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
@@ -81,6 +82,7 @@ fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
         mem_mib,
         vcpus,
         boot_wait: Duration::from_secs(wait),
+        network: req.network,
     })
 }
 
@@ -99,9 +101,23 @@ impl Daemon {
                 .join(format!("build-{tag}-{}", random_hex(4)));
             let dst = this.paths.snapshot(&tag);
             let result = (|| {
-                let mut vm =
-                    SourceVm::boot(&this.vmm, &plan.guest, plan.mem_mib, plan.vcpus, &build)
+                // The source VM's namespace goes when it does (the guard
+                // is dropped after the VM).
+                let mut netns = crate::netns::Namespaces::default();
+                if plan.network {
+                    netns
+                        .add(format!("forkd-b-{}", random_hex(4)))
                         .map_err(ApiError::internal)?;
+                }
+                let mut vm = SourceVm::boot(
+                    &this.vmm,
+                    &plan.guest,
+                    plan.mem_mib,
+                    plan.vcpus,
+                    &build,
+                    netns.names().first().map(String::as_str),
+                )
+                .map_err(ApiError::internal)?;
                 let pong = vm
                     .wait_for_agent(plan.boot_wait)
                     .map_err(|e| ApiError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, e))?;
@@ -163,6 +179,7 @@ impl Daemon {
                 ),
                 guest: Some(guest_name(&meta)),
                 mem_mib: Some(meta.mem_mib),
+                network: !meta.nets.is_empty(),
             },
             parent_tag,
             parent_content_hash: parent_hash,

@@ -50,6 +50,10 @@ const MIGRATIONS: &[&str] = &[
         cgroup TEXT,
         live_fork INTEGER NOT NULL
     );",
+    // 2: network interfaces (a snapshot's, a sandbox's namespace and address).
+    "ALTER TABLE snapshots ADD COLUMN network INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN netns TEXT;
+    ALTER TABLE sandboxes ADD COLUMN guest_addr TEXT;",
 ];
 
 /// What the store could not do.
@@ -154,8 +158,8 @@ impl Store {
         let added = tx.execute(
             "INSERT OR IGNORE INTO snapshots (tag, dir, created_at_unix, branched_from, pause_ms,
                 status, bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash,
-                source_pid)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                source_pid, network)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 i.tag,
                 i.dir,
@@ -171,6 +175,7 @@ impl Store {
                 row.parent_tag,
                 row.parent_content_hash,
                 row.source_pid,
+                i.network,
             ],
         )? == 1;
         if added {
@@ -279,8 +284,8 @@ impl Store {
             let mut stmt = tx.prepare(
                 "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
                     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
-                    cgroup, live_fork)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    cgroup, live_fork, netns, guest_addr)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
             for r in rows {
                 stmt.execute(params![
@@ -296,6 +301,8 @@ impl Store {
                     r.info.memory_limit_mib.map(|m| m as i64),
                     r.cgroup.as_ref().map(|p| p.to_string_lossy()),
                     r.info.live_fork,
+                    r.info.netns,
+                    r.info.guest_addr,
                 ])?;
             }
         }
@@ -360,7 +367,7 @@ impl Store {
 }
 
 const SNAPSHOT_SELECT: &str = "SELECT tag, dir, created_at_unix, branched_from, pause_ms, status,
-    bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash, source_pid
+    bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash, source_pid, network
     FROM snapshots";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
@@ -384,6 +391,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
             kind: Some(r.get(8)?),
             guest: Some(r.get(9)?),
             mem_mib: (mem_mib > 0).then_some(mem_mib as u64),
+            network: r.get(14)?,
         },
         parent_tag: r.get(11)?,
         parent_content_hash: r.get(12)?,
@@ -402,7 +410,8 @@ fn with_deps(conn: &Connection, mut row: SnapshotRow) -> Result<SnapshotRow, Sto
 }
 
 const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_socket,
-    vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork
+    vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork,
+    netns, guest_addr
     FROM sandboxes";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
@@ -411,8 +420,8 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         info: SandboxInfo {
             id: r.get(0)?,
             snapshot_tag: r.get(1)?,
-            netns: None,
-            guest_addr: None,
+            netns: r.get(12)?,
+            guest_addr: r.get(13)?,
             created_at_unix: r.get::<_, i64>(8)? as u64,
             pid: r.get(6)?,
             memory_limit_mib: r.get::<_, Option<i64>>(9)?.map(|m| m as u64),
@@ -445,6 +454,7 @@ mod tests {
                 kind: Some("diff".into()),
                 guest: Some("builtin".into()),
                 mem_mib: Some(128),
+                network: true,
             },
             parent_tag: deps.first().map(|s| s.to_string()),
             parent_content_hash: None,
@@ -496,6 +506,35 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A database made by the first schema is brought up to date, its
+    /// rows kept.
+    #[test]
+    fn an_older_schema_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("forkd-store-mig-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("forkd.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO sandboxes VALUES ('old', 'a', 'a', '/d', '/d/c', NULL, 5, 6, 7, NULL, NULL, 0)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        let row = store.sandbox("old").unwrap().expect("the old row is kept");
+        assert_eq!((row.info.pid, row.info.netns), (5, None));
+        let conn = Connection::open(&path).unwrap();
+        let v: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        drop((store, conn));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn reopening_keeps_rows_and_a_newer_schema_is_refused() {
         let (dir, store) = temp_db();
@@ -503,8 +542,8 @@ mod tests {
             info: SandboxInfo {
                 id: "x1".into(),
                 snapshot_tag: "a".into(),
-                netns: None,
-                guest_addr: None,
+                netns: Some("forkd-x1".into()),
+                guest_addr: Some("172.16.0.2".into()),
                 created_at_unix: 3,
                 pid: 99,
                 memory_limit_mib: Some(256),

@@ -78,7 +78,21 @@ pub struct CreateSnapshot {
     /// Extension: extra kernel command line arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// Extension: give the guest a network interface (virtio-net on a tap
+    /// in a namespace of its own, the guest at [`GUEST_ADDR`], the host
+    /// side at [`HOST_ADDR`]). Its children each get a namespace of their
+    /// own with the same addresses (`per_child_netns`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
+
+/// The guest's address on a snapshot made with `network: true`, and on
+/// every child of it (each in its own network namespace).
+pub const GUEST_ADDR: &str = "172.16.0.2";
+/// The host side of the guest's link (the tap in the namespace).
+pub const HOST_ADDR: &str = "172.16.0.1";
+/// Prefix length of the guest's link.
+pub const NET_PREFIX: u8 = 30;
 
 /// Status of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +148,10 @@ pub struct SnapshotInfo {
     /// Extension: guest RAM in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem_mib: Option<u64>,
+    /// Extension: the guest has a network interface; its children each get
+    /// a network namespace of their own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// `GET /v1/snapshots/:tag/info`: [`SnapshotInfo`] and its place in a chain.
@@ -177,7 +195,9 @@ pub struct SpawnRequest {
     /// How many (1 to [`MAX_SPAWN`]).
     #[serde(default = "one")]
     pub n: u32,
-    /// Give every child its own network namespace.
+    /// Give every child its own network namespace holding the tap its
+    /// network interface is attached to. Left out, it follows the
+    /// snapshot: on when it has a network interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_child_netns: Option<bool>,
     /// Memory cap for each child's VMM process (cgroup), in MiB.
@@ -200,10 +220,10 @@ pub struct SandboxInfo {
     pub id: String,
     /// The snapshot it was forked from.
     pub snapshot_tag: String,
-    /// Its network namespace.
+    /// Its network namespace (a name under /var/run/netns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
-    /// Its guest network address.
+    /// Its guest's network address, reachable from inside `netns`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_addr: Option<String>,
     /// When it was spawned.
@@ -366,6 +386,7 @@ mod tests {
                 kind: None,
                 guest: None,
                 mem_mib: None,
+                network: false,
             },
             memory_logical_bytes: 4096,
             memory_physical_bytes: 0,

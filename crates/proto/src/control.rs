@@ -163,6 +163,15 @@ pub enum ForkRequest {
         /// before the field existed.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         memfd: bool,
+        /// One network namespace per child, in order (exactly `n` when
+        /// given; names under /var/run/netns, 1 to 64 of `A-Za-z0-9_.-`):
+        /// each child attaches its network interfaces to the taps its
+        /// snapshot names inside its own namespace. Needed when the
+        /// snapshot has network interfaces and `n` > 1. Left out of the
+        /// request when empty: the line is what it was before the field
+        /// existed.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        netns: Vec<String>,
     },
     /// Stop serving (the children run on).
     Shutdown,
@@ -278,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn fork_requests_without_memfd_keep_their_wire_shape() {
+    fn fork_requests_without_memfd_or_netns_keep_their_wire_shape() {
         let old = r#"{"op":"fork","n":2,"out_dir":"/k"}"#;
         let r: ForkRequest = serde_json::from_str(old).unwrap();
         assert_eq!(
@@ -289,6 +298,7 @@ mod tests {
                 paused: false,
                 console_log: false,
                 memfd: false,
+                netns: Vec::new(),
             }
         );
         assert_eq!(
@@ -301,6 +311,13 @@ mod tests {
         assert!(serde_json::to_string(&r)
             .unwrap()
             .contains(r#""memfd":true"#));
+        let line = r#"{"op":"fork","n":2,"out_dir":"/k","paused":false,"console_log":false,"netns":["a","b"]}"#;
+        let r: ForkRequest = serde_json::from_str(line).unwrap();
+        assert!(
+            matches!(&r, ForkRequest::Fork { netns, .. } if netns == &["a", "b"]),
+            "{r:?}"
+        );
+        assert_eq!(serde_json::to_string(&r).unwrap(), line);
     }
 
     #[test]

@@ -58,6 +58,7 @@ use proto::control::{ForkRequest, ForkResponse, ForkedChild, MAX_REQUEST_BYTES};
 use vmm::builder::{self, PreparedRestore, RestoreConfig, RestoreRam};
 use vmm::devices::serial::ConsoleOutput;
 use vmm::devices::virtio::manager::DeviceState;
+use vmm::devices::virtio::net::tap::MAX_NETNS_LEN;
 use vmm::snapshot::PreparedSnapshot;
 
 /// Most children one request starts.
@@ -97,6 +98,14 @@ pub struct ForkArgs {
     /// child can be live-BRANCHed; each child copies the memory's data.
     #[arg(long)]
     memfd: bool,
+    /// A network namespace (under /var/run/netns) per child: give it once
+    /// per child, in order. Child i attaches each network interface of
+    /// the snapshot to the tap of the name `snapshot.json` records, made
+    /// beforehand in the i-th namespace. Needed with -n above 1 when the
+    /// snapshot has network interfaces (a tap serves one VM); without it,
+    /// a single child attaches in this process's namespace.
+    #[arg(long = "netns", value_name = "NS")]
+    netns: Vec<String>,
 }
 
 #[derive(Args)]
@@ -128,6 +137,7 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
             console_log: args.console_log,
             memfd: args.memfd,
         },
+        &args.netns,
         &[],
         None,
     )?;
@@ -233,6 +243,7 @@ fn serve_one(forker: &Forker, pool: &mut Pool, stream: UnixStream, listener: Raw
             paused,
             console_log,
             memfd,
+            netns,
         }) => {
             match forker.spawn(
                 n,
@@ -242,6 +253,7 @@ fn serve_one(forker: &Forker, pool: &mut Pool, stream: UnixStream, listener: Raw
                     console_log,
                     memfd,
                 },
+                &netns,
                 &[listener, stream.as_raw_fd()],
                 Some(pool),
             ) {
@@ -314,8 +326,13 @@ impl Forker {
         })
     }
 
-    /// What the child in `dir` gets of its own.
-    fn child_config(&self, dir: &Path, options: ChildOptions) -> RestoreConfig {
+    /// What the child in `dir` gets of its own, its taps in `netns`.
+    fn child_config(
+        &self,
+        dir: &Path,
+        options: ChildOptions,
+        netns: Option<&str>,
+    ) -> RestoreConfig {
         RestoreConfig {
             console: if options.console_log {
                 ConsoleOutput::File(dir.join(CONSOLE_LOG))
@@ -327,6 +344,7 @@ impl Forker {
                 .map(|j| dir.join(format!("disk{j}.cow")))
                 .collect(),
             vsock_uds: self.has_vsock.then(|| dir.join("vsock.sock")),
+            netns: netns.map(str::to_owned),
             // The copy happens in the child, after the fork: children copy
             // in parallel and the parent stays small.
             ram: if options.memfd {
@@ -338,20 +356,24 @@ impl Forker {
     }
 
     /// Forks `n` children under `out_dir`, or hands out parked children
-    /// of `pool` for as many as it has and the options allow; each new
-    /// child closes `close_in_child` (descriptors of the parent's that are
-    /// none of a child's business) and the pool's links.
+    /// of `pool` for as many as it has and the options allow; child i
+    /// attaches its network interfaces in `netns[i]` (none given: in this
+    /// process's namespace, for one child only). Each new child closes
+    /// `close_in_child` (descriptors of the parent's that are none of a
+    /// child's business) and the pool's links.
     fn spawn(
         &self,
         n: u32,
         out_dir: &Path,
         options: ChildOptions,
+        netns: &[String],
         close_in_child: &[RawFd],
         mut pool: Option<&mut Pool>,
     ) -> Result<Vec<ForkedChild>, BoxError> {
         if !(1..=MAX_CHILDREN).contains(&n) {
             return Err(format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into());
         }
+        crate::net::check_namespaces(&self.snapshot, n, netns)?;
         std::fs::create_dir_all(out_dir)
             .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
         // Flushed before every fork so no buffered output is written twice.
@@ -364,8 +386,9 @@ impl Forker {
         for index in 0..n {
             let dir = out_dir.join(index.to_string());
             let control_socket = dir.join("control.sock");
+            let ns = netns.get(index as usize).map(String::as_str);
             let pooled = match pool.as_deref_mut() {
-                Some(pool) if !options.memfd => pool.hand_out(&dir, options)?,
+                Some(pool) if !options.memfd => pool.hand_out(&dir, options, ns)?,
                 _ => None,
             };
             let pid = match pooled {
@@ -374,7 +397,7 @@ impl Forker {
                     let listener = make_child_dir(&dir)?;
                     let links: Vec<RawFd> = pool.as_deref().map_or_else(Vec::new, Pool::links);
                     let close: Vec<RawFd> = close_in_child.iter().copied().chain(links).collect();
-                    self.fork_cold(&dir, options, listener, &close)?
+                    self.fork_cold(&dir, options, ns, listener, &close)?
                 }
             };
             children.push(ForkedChild {
@@ -393,10 +416,11 @@ impl Forker {
         &self,
         dir: &Path,
         options: ChildOptions,
+        netns: Option<&str>,
         listener: UnixListener,
         close_in_child: &[RawFd],
     ) -> Result<i32, BoxError> {
-        let cfg = self.child_config(dir, options);
+        let cfg = self.child_config(dir, options, netns);
         // SAFETY: this process is single-threaded (checked when the Forker
         // was made; nothing here starts threads), so the child is a complete
         // copy of it and may go on running Rust code.
@@ -752,7 +776,12 @@ impl Pool {
     /// one, whose staged directory becomes `dir` by a rename, or else the
     /// oldest one, for which `dir` and its control socket are made here.
     /// Its pid, or None when the pool is empty.
-    fn hand_out(&mut self, dir: &Path, options: ChildOptions) -> Result<Option<i32>, BoxError> {
+    fn hand_out(
+        &mut self,
+        dir: &Path,
+        options: ChildOptions,
+        netns: Option<&str>,
+    ) -> Result<Option<i32>, BoxError> {
         self.stage_console = options.console_log;
         while !self.parked.is_empty() {
             let at = self.parked.iter().position(|p| p.ready).unwrap_or(0);
@@ -775,6 +804,7 @@ impl Pool {
                 &parked.link,
                 dir,
                 options,
+                netns,
                 listener.as_ref().map(|l| l.as_fd()),
             ) {
                 // The child closes its end once it runs.
@@ -852,26 +882,37 @@ fn link_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 /// Option bits of an order.
 const ORDER_PAUSED: u8 = 1;
 const ORDER_CONSOLE_LOG: u8 = 2;
-/// Longest order: an option byte and a directory path.
-const MAX_ORDER: usize = 1 + libc::PATH_MAX as usize;
+/// An order's header: the option byte and the length of the namespace name.
+const ORDER_HEADER: usize = 2;
+/// Longest order: its header, a network namespace name and a directory path.
+const MAX_ORDER: usize = ORDER_HEADER + MAX_NETNS_LEN + libc::PATH_MAX as usize;
 
-/// Sends a parked child its order: one message of an option byte and the
+/// Sends a parked child its order: one message of an option byte, the
+/// length of the network namespace's name (0: none), the name, and the
 /// directory's path, carrying the control socket's listener when the
 /// server made it (the child's own staged one otherwise).
 fn send_order(
     link: &OwnedFd,
     dir: &Path,
     options: ChildOptions,
+    netns: Option<&str>,
     listener: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> std::io::Result<()> {
     let path = dir.as_os_str().as_bytes();
-    if path.len() + 1 > MAX_ORDER {
+    let ns = netns.unwrap_or("").as_bytes();
+    if ns.len() > MAX_NETNS_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the network namespace name {netns:?} is too long"),
+        ));
+    }
+    if ORDER_HEADER + ns.len() + path.len() > MAX_ORDER {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("the child directory {} is too long a path", dir.display()),
         ));
     }
-    let mut data = Vec::with_capacity(1 + path.len());
+    let mut data = Vec::with_capacity(ORDER_HEADER + ns.len() + path.len());
     data.push(
         if options.paused { ORDER_PAUSED } else { 0 }
             | if options.console_log {
@@ -880,6 +921,8 @@ fn send_order(
                 0
             },
     );
+    data.push(ns.len() as u8);
+    data.extend_from_slice(ns);
     data.extend_from_slice(path);
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
@@ -921,6 +964,8 @@ struct Order {
     /// The child's directory.
     dir: PathBuf,
     options: ChildOptions,
+    /// The network namespace its taps are in (`None`: the server's).
+    netns: Option<String>,
     /// The control socket the server made, when it did not rename the
     /// child's staged directory.
     listener: Option<UnixListener>,
@@ -975,21 +1020,29 @@ fn receive_order(link: &OwnedFd) -> std::io::Result<Option<Order>> {
         // process and ours alone.
         let listener = fd.map(|fd| unsafe { UnixListener::from_raw_fd(fd) });
         let n = n as usize;
-        if msg.msg_flags & libc::MSG_TRUNC != 0 || n < 2 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "a malformed order",
-            ));
+        let malformed =
+            || std::io::Error::new(std::io::ErrorKind::InvalidData, "a malformed order");
+        if msg.msg_flags & libc::MSG_TRUNC != 0 || n < ORDER_HEADER {
+            return Err(malformed());
         }
         let options = ChildOptions {
             paused: data[0] & ORDER_PAUSED != 0,
             console_log: data[0] & ORDER_CONSOLE_LOG != 0,
             memfd: false,
         };
-        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&data[1..n]));
+        let path_at = ORDER_HEADER + usize::from(data[1]);
+        if path_at >= n {
+            return Err(malformed());
+        }
+        let netns = match &data[ORDER_HEADER..path_at] {
+            [] => None,
+            name => Some(String::from_utf8(name.to_vec()).map_err(|_| malformed())?),
+        };
+        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&data[path_at..n]));
         return Ok(Some(Order {
             dir,
             options,
+            netns,
             listener,
         }));
     }
@@ -1090,7 +1143,7 @@ fn pooled_child(
     set_name("forkd-vmm");
     match order {
         Ok(Some(order)) => {
-            let mut cfg = forker.child_config(&order.dir, order.options);
+            let mut cfg = forker.child_config(&order.dir, order.options, order.netns.as_deref());
             let (listener, log) = match order.listener {
                 // The server renamed the staged directory to `order.dir`.
                 None => {

@@ -2,6 +2,7 @@
 
 mod control;
 mod fork;
+mod net;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,7 +36,8 @@ enum Command {
     Fork(fork::ForkArgs),
     /// Hold a snapshot read and checked, and fork children of it on request
     /// (JSON lines on a Unix socket: `{"op":"fork","n":N,"out_dir":D}`,
-    /// optionally with `"paused"`, `"console_log"` and `"memfd"` true).
+    /// optionally with `"paused"`, `"console_log"` and `"memfd"` true, and
+    /// `"netns"`, a network namespace per child).
     ForkServer(fork::ForkServerArgs),
     /// Flatten a snapshot and the chain it stands on into one
     /// self-contained full snapshot (memory assembled, every frozen drive
@@ -94,6 +96,12 @@ struct RestoreArgs {
     /// data into a memfd so the VM can be live-BRANCHed in turn.
     #[arg(long, value_enum)]
     memory_backend: Option<MemoryBackend>,
+    /// Network namespace (under /var/run/netns) holding the taps this VM
+    /// attaches to: one per network interface of the snapshot, of the name
+    /// its `snapshot.json` records, made beforehand (`ip -n NS tuntap add
+    /// dev NAME mode tap`). Default: this process's namespace.
+    #[arg(long, value_name = "NS")]
+    netns: Option<String>,
 }
 
 #[derive(Args)]
@@ -296,12 +304,16 @@ fn restore_ram(backend: Option<MemoryBackend>) -> Result<builder::RestoreRam, St
 fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // Checked before the snapshot is read: a bad flag is the first thing to hear of.
     let ram = restore_ram(args.memory_backend)?;
+    if let Some(ns) = &args.netns {
+        vmm::devices::virtio::net::check_netns_name(ns).map_err(|e| format!("--netns: {e}"))?;
+    }
     let snapshot = vmm::snapshot::PreparedSnapshot::load(&args.snapshot)?;
     let cfg = builder::RestoreConfig {
         console: console_output(&args.console),
         paused: args.paused,
         drive_layers: args.cow_layers,
         vsock_uds: args.vsock_uds,
+        netns: args.netns,
         ram,
     };
     let listener = args

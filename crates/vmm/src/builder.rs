@@ -1133,6 +1133,65 @@ mod tests {
         Tap::attach("forkd0", Some(&kid_ns.0)).unwrap();
     }
 
+    #[test]
+    fn every_way_a_snapshot_is_written_names_the_taps() {
+        use crate::devices::virtio::net::NetConfig;
+        use crate::snapshot::{self, SnapshotNet, SnapshotStatus};
+        assert!(
+            std::path::Path::new("/dev/net/tun").exists(),
+            "this test needs /dev/net/tun (modprobe tun) and root"
+        );
+        let tmp = TempDir::new("net-kinds");
+        let ns = Netns::new("w");
+        let mut cfg = MachineConfig::builtin(16);
+        cfg.backend = Backend::Memfd;
+        for (i, tap) in ["forkd0", "forkd1"].iter().enumerate() {
+            cfg.virtio.nets.push(NetConfig {
+                tap: tap.to_string(),
+                netns: Some(ns.0.clone()),
+                mac: [6, 0, 0xac, 0x10, 0, 2 + i as u8],
+            });
+        }
+        let recorded = vec![
+            SnapshotNet {
+                tap: "forkd0".into(),
+                mac: "06:00:ac:10:00:02".into(),
+            },
+            SnapshotNet {
+                tap: "forkd1".into(),
+                mac: "06:00:ac:10:00:03".into(),
+            },
+        ];
+        let vm = build_for_boot(&cfg).unwrap();
+        ping(&vm);
+        let dir = |name: &str| tmp.0.join(name);
+        let taken = |name: &str, mode: SnapshotMode, wait: bool| {
+            vm.snapshot(&dir(name), false, mode, wait).unwrap().meta
+        };
+        assert_eq!(taken("full", SnapshotMode::Full, true).nets, recorded);
+        assert_eq!(taken("diff", SnapshotMode::Diff, true).nets, recorded);
+        // Waiting: pre-copied where KVM allows, else write-protected.
+        assert_eq!(taken("live-wait", SnapshotMode::Live, true).nets, recorded);
+        // Not waiting: `writing` first, rewritten `ready` by the copy.
+        assert_eq!(taken("live", SnapshotMode::Live, false).nets, recorded);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while snapshot::read_meta(&dir("live")).unwrap().status != SnapshotStatus::Ready {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the live copy did not end"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let compacted = snapshot::compact(&dir("diff"), &dir("compact")).unwrap();
+        assert_eq!(compacted.nets, recorded);
+        vm.shutdown();
+        assert_eq!(vm.wait_for_exit(), ExitReason::Requested);
+        for name in ["full", "diff", "live-wait", "live", "compact"] {
+            let loaded = PreparedSnapshot::load(&dir(name)).unwrap();
+            assert_eq!(loaded.meta.nets, recorded, "{name}");
+        }
+    }
+
     /// The guest's VM generation and boot id, asked of the guest.
     fn identity(machine: &Machine) -> (u64, u64) {
         match machine

@@ -35,7 +35,9 @@
 //! in the way) or the child is not ready yet, the server makes the
 //! directory and control socket itself and sends the socket along. The
 //! child then adds what is its own (console, drive layers, vsock socket,
-//! new VM generation, the clock), starts its vCPU and serves. The pool refills after the answer, one fork at a time between
+//! its network interfaces attached to the taps in the network namespace
+//! its order names, new VM generation, the clock), starts its vCPU and
+//! serves. The pool refills after the answer, one fork at a time between
 //! requests. A pooled child prepares at `SCHED_IDLE` priority (when it can
 //! be raised back, as root) and is raised to normal when handed out: the
 //! refill after an answer runs on CPU time nothing else wants, and does

@@ -733,3 +733,99 @@ fn a_memory_limit_puts_each_child_in_its_own_capped_cgroup() {
         );
     }
 }
+
+/// The link state of the tap `forkd0` inside namespace `ns` (`ip -o link`).
+fn tap_in(ns: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", "forkd0"])
+        .output()
+        .expect("this test needs the `ip` command (iproute2)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_networked_snapshot_gives_each_child_its_own_namespace() {
+    let tmp = TempDir::new("netns");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    let snap = d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "net", "builtin": true, "network": true})),
+        201,
+    );
+    assert_eq!(snap["network"], true, "{snap}");
+    // The source VM's namespace went with it.
+    let leftover: Vec<_> = std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("forkd-b-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftover.is_empty(), "build namespaces left: {leftover:?}");
+
+    // Its children cannot share a tap.
+    let (s, v) = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "net", "n": 1, "per_child_netns": false})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(error_of(&v).contains("namespace of its own"), "{v}");
+
+    // Left out, per_child_netns follows the snapshot.
+    let kids = spawn(&d, "net", 2);
+    let mut namespaces = Vec::new();
+    for k in kids.as_array().unwrap() {
+        let id = k["id"].as_str().unwrap();
+        let ns = k["netns"].as_str().expect("a namespace").to_string();
+        assert_eq!(k["guest_addr"], "172.16.0.2", "{k}");
+        let link = tap_in(&ns);
+        // The child's VMM holds the tap open: it has a carrier.
+        assert!(
+            link.contains("LOWER_UP") && !link.contains("NO-CARRIER"),
+            "{ns}: {link}"
+        );
+        assert!(link.contains("06:00:ac:10:00:01"), "{ns}: {link}");
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin");
+        namespaces.push((id.to_string(), ns));
+    }
+    assert_ne!(namespaces[0].1, namespaces[1].1);
+    let listed = d.expect(
+        "GET",
+        &format!("/v1/sandboxes/{}", namespaces[0].0),
+        None,
+        200,
+    );
+    assert_eq!(listed["netns"], namespaces[0].1.as_str());
+
+    // A branch keeps the interface; its children get namespaces too.
+    let b = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{}/branch", namespaces[0].0),
+        Some(json!({"tag": "net-b", "mode": "diff"})),
+        201,
+    );
+    assert_eq!(b["network"], true, "{b}");
+    let grandkid = spawn(&d, "net-b", 1);
+    let gns = grandkid[0]["netns"].as_str().unwrap().to_string();
+    assert!(tap_in(&gns).contains("LOWER_UP"));
+
+    // A kill removes the namespace with the sandbox.
+    d.expect(
+        "DELETE",
+        &format!("/v1/sandboxes/{}", namespaces[0].0),
+        None,
+        204,
+    );
+    assert!(!std::path::Path::new(&format!("/var/run/netns/{}", namespaces[0].1)).exists());
+    kill_all(&d);
+    for ns in namespaces.iter().map(|(_, ns)| ns).chain([&gns]) {
+        assert!(
+            !std::path::Path::new(&format!("/var/run/netns/{ns}")).exists(),
+            "{ns} is left after the kill"
+        );
+    }
+}

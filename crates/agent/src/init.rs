@@ -113,6 +113,17 @@ pub fn mount(source: &str, dest: &str, fstype: &str, flags: u64, data: &str) -> 
     Ok(())
 }
 
+/// Mounts proc on /proc (already mounted is fine).
+pub fn mount_proc() -> io::Result<()> {
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )
+}
+
 /// Makes sure fds 0, 1 and 2 are open (a kernel without /dev/console in
 /// the initial rootfs starts init with none), so no socket ever becomes
 /// "stderr".
@@ -151,14 +162,10 @@ fn console_output() {
 /// network interface of `forkd.net=`, env. Call before any thread exists
 /// (it sets environment variables).
 pub fn setup(volumes: &[Volume], net: Option<&crate::net::NetConfig>) {
-    let base: [(&str, &str, &str, u64, &str); 6] = [
-        (
-            "proc",
-            "/proc",
-            "proc",
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            "",
-        ),
+    if let Err(e) = mount_proc() {
+        log!("mount proc on /proc: {e}");
+    }
+    let base: [(&str, &str, &str, u64, &str); 5] = [
         (
             "sysfs",
             "/sys",

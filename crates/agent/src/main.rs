@@ -238,6 +238,11 @@ fn main() {
     let pid1 = unsafe { libc::getpid() } == 1;
     if pid1 {
         init::ensure_std_fds();
+        // The forkd.* parameters are read from /proc/cmdline (the kernel
+        // hands init no parameter with a dot in it): mount /proc first.
+        if let Err(e) = init::mount_proc() {
+            log!("mount proc on /proc: {e}; the forkd.* kernel parameters cannot be read");
+        }
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match Config::parse(&args, pid1) {

@@ -294,4 +294,36 @@ mod tests {
             "no default route through 127.0.0.2 on lo:\n{routes}"
         );
     }
+
+    /// The configuration forkd-daemon gives its guests, on an interface
+    /// named eth0 (a tap, made in a private namespace).
+    #[test]
+    fn configures_eth0_as_the_daemon_asks() {
+        let handle = std::thread::spawn(|| -> Result<String, String> {
+            // SAFETY: unshare moves only this thread into a new network
+            // namespace; the thread ends with the test.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("needs root: {}", io::Error::last_os_error()));
+            }
+            // A child process forked from this thread starts in its namespace.
+            let made = std::process::Command::new("ip")
+                .args(["tuntap", "add", "dev", "eth0", "mode", "tap"])
+                .status()
+                .map_err(|e| format!("this test needs iproute2's ip: {e}"))?;
+            if !made.success() {
+                return Err("ip tuntap add dev eth0 mode tap failed".into());
+            }
+            configure(&parse("172.16.0.2/30,172.16.0.1")?).map_err(|e| e.to_string())?;
+            std::fs::read_to_string("/proc/thread-self/net/route").map_err(|e| e.to_string())
+        });
+        let routes = handle.join().unwrap().unwrap();
+        let has = |dst: &str, gw: &str| {
+            routes
+                .lines()
+                .any(|l| l.split_whitespace().take(3).eq(["eth0", dst, gw]))
+        };
+        // 172.16.0.0/30 on the link, and the default route through .1.
+        assert!(has("000010AC", "00000000"), "{routes}");
+        assert!(has("00000000", "010010AC"), "{routes}");
+    }
 }

@@ -1,5 +1,5 @@
 #!/bin/sh
-# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers, spawn children, exec and eval in them, branch one (diff) and fork from the branch, kill, stop
+# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers (with a network interface), spawn children (each in its own network namespace), exec, eval and the network in them, branch one (diff) and fork from the branch, kill, stop
 # needs: kernel agent-rootfs daemon
 set -eu -o pipefail
 
@@ -22,6 +22,33 @@ context() {
 die_ctx() { context; fail "$@"; }
 # ids JSON: the "id" fields of a JSON array of sandboxes, one per line.
 ids() { printf '%s\n' "$1" | tr -d ' \n' | grep -o '"id":"[^"]*"' | cut -d'"' -f4 || true; }
+# netns JSON: the "netns" fields, the same way.
+netns_of() { printf '%s\n' "$1" | tr -d ' \n' | grep -o '"netns":"[^"]*"' | cut -d'"' -f4 || true; }
+# What the guest gets connecting to the host side of its link: "refused"
+# (the namespace's kernel answered with a reset) shows both ways work.
+probe='import socket
+s = socket.socket()
+s.settimeout(10)
+try:
+    s.connect(("172.16.0.1", 9))
+    r = "connected"
+except ConnectionRefusedError:
+    r = "refused"
+except OSError as e:
+    r = repr(e)
+r'
+# check_net ID NS: the sandbox's guest and its namespace reach each other
+# (iproute2's ip by its path: the shell would take busybox's applet).
+check_net() {
+  [ -e "/var/run/netns/$2" ] || die_ctx "sandbox $1's namespace $2 does not exist"
+  got=$(forkd --json eval "$1" "$probe" 2>&1 | tr -d '\n ') || die_ctx "the network probe in $1 failed: $got"
+  if [ "$(json_field "$got" result)" != "'refused'" ]; then
+    echo "lab: $1's network: $(forkd exec "$1" -- cat /proc/cmdline /proc/net/dev /proc/net/route 2>&1)"
+    echo "lab: namespace $2: $(/lab/bin/ip -n "$2" addr 2>&1)"
+    die_ctx "$1 connecting to 172.16.0.1:9 got $got, not a refusal from its namespace"
+  fi
+  out=$(/lab/bin/ip netns exec "$2" ping -c 1 -W 10 172.16.0.2 2>&1) || die_ctx "ping 172.16.0.2 from namespace $2 failed: $out"
+}
 
 step "forkd-daemon serve --state-dir <tmpfs> (forkd-vmm beside it)"
 t0=$(now)
@@ -35,10 +62,10 @@ done
 [ -n "$up" ] || die_ctx "the daemon did not answer within 20 s: $err"
 step "daemon up: $(forkd --json version | tr -d '\n ')"
 
-step "forkd snapshot linux --kernel vmlinux --rootfs rootfs-agent.ext4 --rw --mem-mib 512"
+step "forkd snapshot linux --kernel vmlinux --rootfs rootfs-agent.ext4 --rw --mem-mib 512 --network"
 t=$(now)
 snap=$(forkd --json snapshot linux --kernel "$LAB_IMAGES/vmlinux" --rootfs "$LAB_IMAGES/rootfs-agent.ext4" \
-  --rw --mem-mib 512 --boot-wait-secs 300 2>&1) || die_ctx "snapshot failed: $snap"
+  --rw --mem-mib 512 --boot-wait-secs 300 --network 2>&1) || die_ctx "snapshot failed: $snap"
 step "snapshot made in $(since "$t") s (boot, agent ping, snapshot): $(printf '%s' "$snap" | tr -d '\n ')"
 [ "$(json_field "$(printf '%s' "$snap" | tr -d '\n ')" status)" = ready ] || die_ctx "the snapshot is not ready: $snap"
 
@@ -48,7 +75,10 @@ kids=$(forkd --json spawn --tag linux -n 2 2>&1) || die_ctx "spawn failed: $kids
 k0=$(ids "$kids" | sed -n 1p)
 k1=$(ids "$kids" | sed -n 2p)
 [ -n "$k0" ] && [ -n "$k1" ] || die_ctx "spawn answered no ids: $kids"
-step "spawned $k0 and $k1 in $(since "$t") s"
+n0=$(netns_of "$kids" | sed -n 1p)
+n1=$(netns_of "$kids" | sed -n 2p)
+[ -n "$n0" ] && [ -n "$n1" ] && [ "$n0" != "$n1" ] || die_ctx "the children have no namespaces of their own: $kids"
+step "spawned $k0 (namespace $n0) and $k1 (namespace $n1) in $(since "$t") s"
 
 for k in "$k0" "$k1"; do
   pong=$(forkd --json ping "$k" 2>&1 | tr -d '\n ') || die_ctx "ping $k failed: $pong"
@@ -59,6 +89,9 @@ for k in "$k0" "$k1"; do
   case "$(json_field "$ev" result)" in *0.0*) ;; *) die_ctx "eval in $k answered $ev, not 0.0 (numpy warmed before the snapshot)" ;; esac
 done
 step "both children answer ping, exec uname -a and eval with the warm numpy"
+check_net "$k0" "$n0"
+check_net "$k1" "$n1"
+step "both children, with the same address, reach the host side of their own link and answer a ping from it"
 
 rc=0
 forkd exec "$k0" -- sh -c 'exit 7' >/dev/null 2>&1 || rc=$?
@@ -79,6 +112,7 @@ info=$(forkd --json snapshot-info b1 | tr -d '\n ')
 
 gk=$(forkd --json spawn --tag b1 -n 1 2>&1) || die_ctx "spawn from b1 failed: $gk"
 g=$(ids "$gk" | sed -n 1p)
+check_net "$g" "$(netns_of "$gk" | sed -n 1p)"
 mark=$(forkd exec "$g" -- cat /root/mark 2>&1) || die_ctx "reading /root/mark in the branch's child failed: $mark"
 [ "$mark" = branch-mark-42 ] || die_ctx "the branch's child read '$mark', not the source's file"
 ev=$(forkd --json eval "$g" 'marker' 2>&1 | tr -d '\n ') || die_ctx "eval in $g failed: $ev"
@@ -89,6 +123,8 @@ step "level 1 memory: $(grep -E '^(MemAvailable|Shmem|AnonPages):' /proc/meminfo
 step "forkd kill --all; forkd rmi linux --cascade"
 forkd kill --all >/dev/null || die_ctx "kill --all failed"
 [ "$(forkd --json ls | tr -d '\n ')" = "[]" ] || die_ctx "sandboxes left after kill --all: $(forkd --json ls)"
+left=$(ls /var/run/netns 2>/dev/null | tr '\n' ' ')
+[ -z "$left" ] || die_ctx "network namespaces left after kill --all: $left"
 forkd rmi linux --cascade >/dev/null || die_ctx "rmi --cascade failed"
 [ "$(forkd --json images | tr -d '\n ')" = "[]" ] || die_ctx "snapshots left after rmi --cascade: $(forkd --json images)"
 

@@ -1,9 +1,5 @@
 //! The guest's network interfaces: loopback up, and one interface given an
-//! IPv4 address and a default route from `forkd.net=`.
-//!
-//! Written with the four classic interface ioctls rather than a netlink
-//! crate: the agent is a small static PID 1, and an address, a netmask, the
-//! up flag and one route are all it sets.
+//! IPv4 address and a default route from `forkd.net=` (through [`netif`]).
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -44,13 +40,7 @@ pub fn parse(s: &str) -> Result<NetConfig, String> {
         Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|_| bad())?),
     };
     let ifname = parts.next().unwrap_or("eth0").to_string();
-    if ifname.is_empty()
-        || ifname.len() >= libc::IFNAMSIZ
-        || !ifname
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        || parts.next().is_some()
-    {
+    if netif::check_ifname(&ifname).is_err() || parts.next().is_some() {
         return Err(bad());
     }
     if let Some(g) = gateway {
@@ -68,143 +58,24 @@ pub fn parse(s: &str) -> Result<NetConfig, String> {
     })
 }
 
-fn mask(prefix: u8) -> Ipv4Addr {
-    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
-}
-
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
-    let m = u32::from(mask(prefix));
+    let m = u32::from(netif::iface::netmask(prefix));
     u32::from(a) & m == u32::from(b) & m
-}
-
-/// An AF_INET datagram socket to issue interface ioctls on.
-struct Ctl(libc::c_int);
-
-impl Ctl {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2), checked.
-        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if s < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Ctl(s))
-    }
-
-    /// An `ifreq` naming `ifname` (checked by the caller to fit IFNAMSIZ).
-    fn ifreq(ifname: &str) -> libc::ifreq {
-        // SAFETY: ifreq is plain data; all zeroes is a valid value.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (i, b) in ifname.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
-            ifr.ifr_name[i] = b as libc::c_char;
-        }
-        ifr
-    }
-
-    fn ioctl<T>(&self, req: libc::c_ulong, arg: &mut T, what: &str) -> io::Result<()> {
-        // SAFETY: every request passed here takes a pointer to `T` (an
-        // ifreq or an rtentry) that lives across the call.
-        if unsafe { libc::ioctl(self.0, req as _, arg as *mut T) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
-        }
-        Ok(())
-    }
-
-    fn set_up(&self, ifname: &str) -> io::Result<()> {
-        let mut ifr = Self::ifreq(ifname);
-        self.ioctl(libc::SIOCGIFFLAGS, &mut ifr, "read the flags")?;
-        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-        unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-        self.ioctl(libc::SIOCSIFFLAGS, &mut ifr, "set it up")
-    }
-
-    fn set_ipv4(
-        &self,
-        ifname: &str,
-        req: libc::c_ulong,
-        addr: Ipv4Addr,
-        what: &str,
-    ) -> io::Result<()> {
-        let mut ifr = Self::ifreq(ifname);
-        // The ifreq union holds a struct sockaddr; write a sockaddr_in
-        // into it (both are 16 bytes).
-        let sin = sockaddr_in(addr);
-        // SAFETY: the union is at least as large as sockaddr_in, and
-        // sockaddr_in is plain data.
-        unsafe {
-            std::ptr::write_unaligned(
-                std::ptr::addr_of_mut!(ifr.ifr_ifru).cast::<libc::sockaddr_in>(),
-                sin,
-            )
-        };
-        self.ioctl(req, &mut ifr, what)
-    }
-
-    fn add_default_route(&self, gateway: Ipv4Addr) -> io::Result<()> {
-        // SAFETY: rtentry is plain data; all zeroes is a valid value.
-        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-        // SAFETY: each sockaddr member of rtentry is 16 bytes, the size
-        // of sockaddr_in.
-        unsafe {
-            std::ptr::write_unaligned(
-                std::ptr::addr_of_mut!(rt.rt_gateway).cast::<libc::sockaddr_in>(),
-                sockaddr_in(gateway),
-            );
-            std::ptr::write_unaligned(
-                std::ptr::addr_of_mut!(rt.rt_dst).cast::<libc::sockaddr_in>(),
-                sockaddr_in(Ipv4Addr::UNSPECIFIED),
-            );
-            std::ptr::write_unaligned(
-                std::ptr::addr_of_mut!(rt.rt_genmask).cast::<libc::sockaddr_in>(),
-                sockaddr_in(Ipv4Addr::UNSPECIFIED),
-            );
-        }
-        match self.ioctl(libc::SIOCADDRT, &mut rt, "add the default route") {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            r => r,
-        }
-    }
-}
-
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        // SAFETY: closes the socket this value owns.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
 }
 
 /// Brings the loopback interface up (Python and many tools expect it).
 pub fn loopback_up() -> io::Result<()> {
-    Ctl::open()?.set_up("lo")
+    netif::iface::set_up("lo")
 }
 
 /// Gives the interface its address and netmask, brings it up and adds the
 /// default route.
 pub fn configure(cfg: &NetConfig) -> io::Result<()> {
-    let ctl = Ctl::open()?;
     let name = cfg.ifname.as_str();
-    ctl.set_ipv4(name, libc::SIOCSIFADDR, cfg.addr, "set the address")?;
-    ctl.set_ipv4(
-        name,
-        libc::SIOCSIFNETMASK,
-        mask(cfg.prefix),
-        "set the netmask",
-    )?;
-    ctl.set_up(name)?;
+    netif::iface::set_ipv4(name, cfg.addr, cfg.prefix)?;
+    netif::iface::set_up(name)?;
     if let Some(g) = cfg.gateway {
-        ctl.add_default_route(g)?;
+        netif::iface::add_default_route(g)?;
     }
     Ok(())
 }
@@ -241,13 +112,6 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
         }
-    }
-
-    #[test]
-    fn masks() {
-        assert_eq!(mask(30), Ipv4Addr::new(255, 255, 255, 252));
-        assert_eq!(mask(32), Ipv4Addr::new(255, 255, 255, 255));
-        assert_eq!(mask(1), Ipv4Addr::new(128, 0, 0, 0));
     }
 
     /// Configures loopback in a fresh network namespace of the test's own

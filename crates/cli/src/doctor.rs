@@ -474,44 +474,37 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn writable(p: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: a NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
-}
-
-/// Whether network namespaces can be made: `ip` (iproute2) found, and the
-/// netns directory (or where it would be made) writable.
-pub fn check_netns(ip: Option<&Path>, netns_dir: &Path) -> Check {
-    let Some(ip) = ip else {
-        return Check::warn(
-            "netns",
-            "ip (iproute2) not found: no per-child network namespaces",
-            "apt-get install iproute2",
-        );
-    };
-    let dir_ok = if netns_dir.exists() {
-        writable(netns_dir)
-    } else {
-        netns_dir.parent().is_some_and(writable)
-    };
-    if dir_ok {
-        Check::ok(
-            "netns",
-            format!("{} and a writable {}", ip.display(), netns_dir.display()),
-        )
-    } else {
-        Check::warn(
+/// Whether a network namespace holding a tap can be made, as the daemon
+/// makes one per sandbox of a snapshot with a network interface (`probe`:
+/// the outcome of making and removing one).
+pub fn check_netns(probe: Result<(), String>) -> Check {
+    match probe {
+        Ok(()) => Check::ok(
             "netns",
             format!(
-                "{} is not writable: no per-child network namespaces",
-                netns_dir.display()
+                "a network namespace with a tap can be made (in {})",
+                netif::netns::RUN_DIR
             ),
-            "run forkd-daemon as root",
-        )
+        ),
+        Err(e) => Check::warn(
+            "netns",
+            format!("cannot make a network namespace with a tap: {e}: no networked sandboxes"),
+            "run forkd-daemon as root (or with CAP_NET_ADMIN and CAP_SYS_ADMIN), with /dev/net/tun",
+        ),
     }
+}
+
+/// Makes (and removes) a network namespace with loopback up and a
+/// persistent tap, what the daemon does for a networked sandbox.
+fn probe_netns() -> Result<(), String> {
+    let name = format!("forkd-doctor-{}", std::process::id());
+    netif::netns::create(&name, || {
+        netif::iface::set_up("lo")?;
+        netif::tun::create_persistent_tap("forkd-doctor")?;
+        netif::iface::set_up("forkd-doctor")
+    })
+    .map_err(|e| e.to_string())?;
+    netif::netns::remove(&name).map_err(|e| e.to_string())
 }
 
 /// QEMU for the nested lab (Linux guests on a PVM host).
@@ -646,11 +639,6 @@ pub fn run_all(state_dir: &Path, client: &Client) -> Vec<Check> {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let netns_dir = if Path::new("/var/run").exists() {
-        PathBuf::from("/var/run/netns")
-    } else {
-        PathBuf::from("/run/netns")
-    };
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -676,7 +664,7 @@ pub fn run_all(state_dir: &Path, client: &Client) -> Vec<Check> {
             std::fs::read_to_string(Path::new(mp).join("cgroup.controllers")).ok()
         }),
         check_tun(Path::new("/dev/net/tun")),
-        check_netns(which("ip").as_deref(), &netns_dir),
+        check_netns(probe_netns()),
         check_qemu(which("qemu-system-x86_64").as_deref()),
         check_disk(state_dir, free_space(state_dir)),
         check_binaries(&exe_dir),
@@ -810,25 +798,24 @@ cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
     }
 
     #[test]
-    fn missing_tun_and_ip_warn() {
+    fn missing_tun_warns() {
         assert_eq!(check_tun(Path::new("/nonexistent/tun")).level, Level::Warn);
         assert!(check_tun(Path::new("/nonexistent/tun"))
             .fix
             .unwrap()
             .contains("modprobe tun"));
-        let c = check_netns(None, Path::new("/var/run/netns"));
-        assert_eq!(c.level, Level::Warn);
-        assert!(c.fix.unwrap().contains("iproute2"));
     }
 
+    /// The probe makes a real namespace (as root, like the tests) and
+    /// leaves none behind; a failed one warns with what to do.
     #[test]
-    fn netns_needs_a_writable_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let ip = Path::new("/usr/sbin/ip");
-        let c = check_netns(Some(ip), &dir.path().join("netns"));
+    fn netns_is_probed_for_real() {
+        let c = check_netns(probe_netns());
         assert_eq!(c.level, Level::Ok, "{}", c.detail);
-        let c = check_netns(Some(ip), Path::new("/nonexistent/a/netns"));
+        assert!(!netif::netns::path(&format!("forkd-doctor-{}", std::process::id())).exists());
+        let c = check_netns(Err("operation not permitted".into()));
         assert_eq!(c.level, Level::Warn);
+        assert!(c.fix.unwrap().contains("root"));
     }
 
     #[test]

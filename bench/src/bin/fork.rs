@@ -499,6 +499,7 @@ fn fork_request(n: u32, out: &Path) -> ForkRequest {
         paused: false,
         console_log: false,
         memfd: false,
+        netns: Vec::new(),
     }
 }
 

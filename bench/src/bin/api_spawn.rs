@@ -3,11 +3,13 @@
 //! next to the same N children forked by a `forkd-vmm fork-server` of the
 //! same snapshot and pinged straight on their vsock sockets, in the same
 //! run. Both count from the request until every guest agent has answered a
-//! ping, one ping at a time from one client thread.
+//! ping, one ping at a time from one client thread. With `--network`, a
+//! third series spawns children of a snapshot with a network interface
+//! (a network namespace and tap made per child) next to the plain ones.
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! target/release/api_spawn --children 100 --rounds 5
+//! target/release/api_spawn --children 100 --rounds 5 [--network]
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,6 +35,10 @@ struct Args {
     /// Directory holding forkd-daemon and forkd-vmm (default: next to this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Also spawn children of a snapshot with a network interface (a
+    /// namespace each); needs iproute2 and /dev/net/tun.
+    #[arg(long)]
+    network: bool,
 }
 
 fn main() {
@@ -60,14 +66,26 @@ fn main() {
         Some(json!({"tag": "bench", "builtin": true})),
     );
     let snap_dir = PathBuf::from(snap["dir"].as_str().expect("snapshot made"));
+    if args.network {
+        let net = daemon.call(
+            "POST",
+            "/v1/snapshots",
+            Some(json!({"tag": "bench-net", "builtin": true, "network": true})),
+        );
+        assert_eq!(net["network"], true, "networked snapshot: {net}");
+        api_round(&daemon, "bench-net", 1);
+    }
     // Warm both paths (fork server started, page cache filled).
-    api_round(&daemon, 1);
+    api_round(&daemon, "bench", 1);
     let server = ForkServer::start(&bin_dir, &snap_dir, &tmp.join("fork.sock"));
     direct_round(&server, &tmp.join("warm"), 1);
 
-    let (mut api, mut direct) = (Vec::new(), Vec::new());
+    let (mut api, mut direct, mut networked) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
-        api.push(api_round(&daemon, args.children));
+        if args.network {
+            networked.push(api_round(&daemon, "bench-net", args.children));
+        }
+        api.push(api_round(&daemon, "bench", args.children));
         direct.push(direct_round(
             &server,
             &tmp.join(format!("r{round}")),
@@ -86,18 +104,28 @@ fn main() {
         ms(a.p50) / ms(d.p50),
         (ms(a.p50) - ms(d.p50)) / args.children as f64
     );
+    if args.network {
+        let n = Stats::of(&networked);
+        println!("  daemon REST API, a network namespace per child {n}");
+        println!(
+            "  ratio to the daemon without (p50): {:.2}x; {:.3} ms more per sandbox",
+            ms(n.p50) / ms(a.p50),
+            (ms(n.p50) - ms(a.p50)) / args.children as f64
+        );
+    }
     drop(server);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
-/// One round through the API: spawn, ping each, then kill (not timed).
-fn api_round(d: &Daemon, n: u32) -> Duration {
+/// One round through the API: spawn `n` of `tag`, ping each, then kill
+/// (not timed).
+fn api_round(d: &Daemon, tag: &str, n: u32) -> Duration {
     let start = Instant::now();
     let kids = d.call(
         "POST",
         "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "bench", "n": n})),
+        Some(json!({"snapshot_tag": tag, "n": n})),
     );
     let ids: Vec<String> = kids
         .as_array()

@@ -10,6 +10,8 @@ use std::net::Ipv4Addr;
 
 use proto::api::{GUEST_ADDR, HOST_ADDR, NET_PREFIX};
 
+use crate::store::Store;
+
 /// The tap in every namespace (the name the snapshot's interface records).
 pub const TAP: &str = "forkd0";
 /// The guest's MAC address (kept by every child: the guest has it).
@@ -25,54 +27,89 @@ pub fn guest_kernel_arg() -> String {
 }
 
 /// Makes namespace `name` with loopback up and the tap [`TAP`] holding the
-/// host side of the guest's link, up. A half-made namespace is removed.
-pub fn create(name: &str) -> Result<(), String> {
+/// host side of the guest's link, up; recorded in `store` first, so a
+/// restart after a crash finds it ([`remove_orphans`]). A half-made
+/// namespace is removed.
+pub fn create(store: &Store, name: &str) -> Result<(), String> {
+    if !store.add_netns(name).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "network namespace {name} is already this daemon's (a clash of random names; retry)"
+        ));
+    }
     let host: Ipv4Addr = HOST_ADDR.parse().expect("a valid constant");
-    netif::netns::create(name, || {
+    let made = netif::netns::create(name, || {
         netif::iface::set_up("lo")?;
         netif::tun::create_persistent_tap(TAP)?;
         netif::iface::set_mac(TAP, HOST_MAC)?;
         netif::iface::set_ipv4(TAP, host, NET_PREFIX)?;
         netif::iface::set_up(TAP)
     })
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string());
+    if made.is_err() {
+        let _ = store.remove_netns(name);
+    }
+    made
 }
 
-/// Removes namespace `name` and its tap; one already gone is fine, a
-/// failure is logged.
-pub fn remove(name: &str) {
+/// Removes namespace `name` and its tap, and its record; one already gone
+/// is fine, a failure is logged (and the record kept for the next start).
+pub fn remove(store: &Store, name: &str) {
     if let Err(e) = netif::netns::remove(name) {
         tracing::warn!("cannot remove network namespace {name}: {e}");
+        return;
+    }
+    if let Err(e) = store.remove_netns(name) {
+        tracing::warn!("cannot forget network namespace {name}: {e}");
     }
 }
 
-/// Namespaces, all or none: removed when dropped unless kept.
-#[derive(Default)]
-pub struct Namespaces(Vec<String>);
+/// Removes the namespaces this daemon made that no sandbox names (left by
+/// a crash in the middle of a spawn or a snapshot); how many.
+pub fn remove_orphans(store: &Store) -> Result<usize, String> {
+    let orphans = store.orphan_netns().map_err(|e| e.to_string())?;
+    for name in &orphans {
+        remove(store, name);
+    }
+    Ok(orphans.len())
+}
 
-impl Namespaces {
+/// Namespaces, all or none: removed when dropped unless kept.
+pub struct Namespaces<'a> {
+    store: &'a Store,
+    names: Vec<String>,
+}
+
+impl<'a> Namespaces<'a> {
+    /// None yet, recorded in `store`.
+    pub fn new(store: &'a Store) -> Self {
+        Namespaces {
+            store,
+            names: Vec::new(),
+        }
+    }
+
     /// Creates `name`, removed with the rest if this set is dropped.
     pub fn add(&mut self, name: String) -> Result<(), String> {
-        create(&name)?;
-        self.0.push(name);
+        create(self.store, &name)?;
+        self.names.push(name);
         Ok(())
     }
 
     /// The names, in order.
     pub fn names(&self) -> &[String] {
-        &self.0
+        &self.names
     }
 
     /// Keeps them: their owners remove them.
     pub fn keep(mut self) -> Vec<String> {
-        std::mem::take(&mut self.0)
+        std::mem::take(&mut self.names)
     }
 }
 
-impl Drop for Namespaces {
+impl Drop for Namespaces<'_> {
     fn drop(&mut self) {
-        for name in &self.0 {
-            remove(name);
+        for name in &self.names {
+            remove(self.store, name);
         }
     }
 }
@@ -82,14 +119,24 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    /// A state database of its own for one test.
+    fn store(tag: &str) -> (std::path::PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!("forkd-netns-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("forkd.db")).unwrap();
+        (dir, store)
+    }
+
     /// A namespace holds the tap with the host's address and MAC, up;
-    /// removing it takes the tap along; a second one of the same name is
-    /// refused with what to do.
+    /// removing it takes the tap along and forgets it; a second one of the
+    /// same name is refused, and the refusal leaves the first recorded.
     #[test]
     fn a_namespace_holds_the_configured_tap() {
+        let (dir, store) = store("tap");
         let name = format!("forkd-test-ns-{}", std::process::id());
-        remove(&name);
-        create(&name).expect("root with iproute2 and /dev/net/tun");
+        let _ = netif::netns::remove(&name);
+        create(&store, &name).expect("root and /dev/net/tun");
         let show = Command::new("ip")
             .args(["-n", &name, "-o", "addr", "show", "dev", TAP])
             .output()
@@ -100,8 +147,9 @@ mod tests {
             .output()
             .unwrap();
         let link = String::from_utf8_lossy(&link.stdout).into_owned();
-        let again = create(&name);
-        remove(&name);
+        let again = create(&store, &name);
+        let recorded = store.orphan_netns().unwrap();
+        remove(&store, &name);
         assert!(
             addrs.contains(&format!("{HOST_ADDR}/{NET_PREFIX}")),
             "{addrs}"
@@ -110,19 +158,60 @@ mod tests {
             link.contains("06:00:ac:10:00:01") && link.contains(",UP"),
             "{link}"
         );
-        assert!(again.unwrap_err().contains("already exists"));
+        assert!(again.is_err());
+        assert_eq!(recorded, std::slice::from_ref(&name));
         assert!(!netif::netns::path(&name).exists());
+        assert!(store.orphan_netns().unwrap().is_empty());
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A namespace made outside this daemon under a name it would use is
+    /// refused, and not recorded.
+    #[test]
+    fn a_foreign_namespace_of_the_same_name_is_refused() {
+        let (dir, store) = store("foreign");
+        let name = format!("forkd-test-foreign-{}", std::process::id());
+        netif::netns::create(&name, || Ok(())).unwrap();
+        let err = create(&store, &name).unwrap_err();
+        let recorded = store.orphan_netns().unwrap();
+        netif::netns::remove(&name).unwrap();
+        assert!(err.contains("already exists"), "{err}");
+        assert!(recorded.is_empty(), "{recorded:?}");
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// What a crash leaves (made and recorded, named by no sandbox) is
+    /// removed by [`remove_orphans`].
+    #[test]
+    fn orphans_are_removed() {
+        let (dir, store) = store("orphans");
+        let name = format!("forkd-test-orphan-{}", std::process::id());
+        let _ = netif::netns::remove(&name);
+        // Made and recorded, and then the daemon "crashed": no guard
+        // removed it and no sandbox names it.
+        create(&store, &name).unwrap();
+        assert_eq!(remove_orphans(&store).unwrap(), 1);
+        assert!(!netif::netns::path(&name).exists());
+        assert!(store.orphan_netns().unwrap().is_empty());
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_failed_set_of_namespaces_leaves_none() {
+        let (dir, store) = store("set");
         let base = format!("forkd-test-set-{}", std::process::id());
-        let mut set = Namespaces::default();
+        let mut set = Namespaces::new(&store);
         set.add(format!("{base}-a")).unwrap();
         // An invalid name: a slash.
         assert!(set.add(format!("{base}/b")).is_err());
         assert_eq!(set.names().len(), 1);
         drop(set);
         assert!(!netif::netns::path(&format!("{base}-a")).exists());
+        assert!(store.orphan_netns().unwrap().is_empty());
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

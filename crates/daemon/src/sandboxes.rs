@@ -98,7 +98,7 @@ impl Daemon {
             .map_err(ApiError::internal)?;
         let batch = random_hex(4);
         // Removed again if the fork fails; the sandboxes own them after.
-        let mut namespaces = netns::Namespaces::default();
+        let mut namespaces = netns::Namespaces::new(&self.store);
         if per_child_netns {
             for i in 0..req.n {
                 namespaces
@@ -151,7 +151,7 @@ impl Daemon {
         }
         if let Some(e) = failure {
             for row in &rows {
-                stop_sandbox(row);
+                stop_sandbox(&self.store, row);
             }
             let _ = std::fs::remove_dir_all(&out_dir);
             return Err(ApiError::internal(e));
@@ -184,8 +184,8 @@ impl Daemon {
         );
         self.store.delete_sandbox(&row.info.id)?;
         self.forget_agent(&row.info.id);
-        let row = row.clone();
-        tokio::task::spawn_blocking(move || stop_sandbox(&row)).await?;
+        let (this, row) = (self.clone(), row.clone());
+        tokio::task::spawn_blocking(move || stop_sandbox(&this.store, &row)).await?;
         Ok(())
     }
 
@@ -219,7 +219,8 @@ impl Daemon {
         let row = self.existing_sandbox(id)?;
         self.store.delete_sandbox(id)?;
         self.forget_agent(id);
-        tokio::task::spawn_blocking(move || stop_sandbox(&row)).await?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || stop_sandbox(&this.store, &row)).await?;
         Ok(())
     }
 
@@ -503,9 +504,16 @@ impl Daemon {
                 self.forget_dead(&row).await.map_err(|e| e.message)?;
             }
         }
+        let orphans = {
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || netns::remove_orphans(&this.store))
+                .await
+                .map_err(|e| e.to_string())??
+        };
         tracing::info!(
             kept,
             dropped,
+            orphan_namespaces = orphans,
             "re-adopted the sandboxes of the previous run"
         );
         for snap in self.store.snapshots().map_err(|e| e.to_string())? {
@@ -621,9 +629,9 @@ fn resume(socket: &Path) -> Result<(), String> {
     }
 }
 
-/// Ends a sandbox's VMM (asked, then killed), removes its directory and
-/// cgroup (blocking).
-fn stop_sandbox(row: &SandboxRow) {
+/// Ends a sandbox's VMM (asked, then killed), removes its directory,
+/// cgroup and network namespace (blocking).
+fn stop_sandbox(store: &crate::store::Store, row: &SandboxRow) {
     let (pid, ticks) = (row.info.pid, row.pid_start_ticks);
     if procs::alive(pid, ticks) {
         let _ = driver::control(
@@ -650,7 +658,7 @@ fn stop_sandbox(row: &SandboxRow) {
         crate::cgroup::remove(cg);
     }
     if let Some(ns) = &row.info.netns {
-        netns::remove(ns);
+        netns::remove(store, ns);
     }
 }
 

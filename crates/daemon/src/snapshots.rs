@@ -103,7 +103,7 @@ impl Daemon {
             let result = (|| {
                 // The source VM's namespace goes when it does (the guard
                 // is dropped after the VM).
-                let mut netns = crate::netns::Namespaces::default();
+                let mut netns = crate::netns::Namespaces::new(&this.store);
                 if plan.network {
                     netns
                         .add(format!("forkd-b-{}", random_hex(4)))

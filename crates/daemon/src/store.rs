@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE snapshots ADD COLUMN network INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE sandboxes ADD COLUMN netns TEXT;
     ALTER TABLE sandboxes ADD COLUMN guest_addr TEXT;",
+    // 3: every network namespace the daemon made and has not removed, so a
+    // restart finds those a crash left behind.
+    "CREATE TABLE netns (name TEXT PRIMARY KEY);",
 ];
 
 /// What the store could not do.
@@ -364,6 +367,36 @@ impl Store {
             .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
         Ok(())
     }
+
+    /// Records a network namespace about to be made; false if it is
+    /// recorded already.
+    pub fn add_netns(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "INSERT OR IGNORE INTO netns (name) VALUES (?1)",
+            params![name],
+        )? == 1)
+    }
+
+    /// Forgets a network namespace that is gone.
+    pub fn remove_netns(&self, name: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM netns WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
+    /// The network namespaces made and not removed that no sandbox names.
+    pub fn orphan_netns(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name FROM netns WHERE name NOT IN
+                (SELECT netns FROM sandboxes WHERE netns IS NOT NULL)
+             ORDER BY name",
+        )?;
+        let names = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(names)
+    }
 }
 
 const SNAPSHOT_SELECT: &str = "SELECT tag, dir, created_at_unix, branched_from, pause_ms, status,
@@ -503,6 +536,42 @@ mod tests {
         store.delete_snapshot("a").unwrap();
         assert!(store.dependents("a").unwrap().is_empty());
         assert_eq!(store.snapshot_count().unwrap(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn namespaces_no_sandbox_names_are_orphans() {
+        let (dir, store) = temp_db();
+        for n in ["forkd-a-0", "forkd-a-1", "forkd-b-x"] {
+            assert!(store.add_netns(n).unwrap());
+        }
+        assert!(!store.add_netns("forkd-a-0").unwrap(), "recorded twice");
+        let mut row = SandboxRow {
+            info: SandboxInfo {
+                id: "a-0".into(),
+                snapshot_tag: "s".into(),
+                netns: Some("forkd-a-0".into()),
+                guest_addr: Some("172.16.0.2".into()),
+                created_at_unix: 1,
+                pid: 1,
+                memory_limit_mib: None,
+                live_fork: false,
+            },
+            base_tag: "s".into(),
+            dir: "/d".into(),
+            control_socket: "/d/c".into(),
+            vsock_socket: None,
+            pid_start_ticks: 1,
+            cgroup: None,
+        };
+        store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
+        row.info.id = "c-0".into();
+        row.info.netns = None;
+        store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
+        assert_eq!(store.orphan_netns().unwrap(), ["forkd-a-1", "forkd-b-x"]);
+        store.remove_netns("forkd-a-1").unwrap();
+        assert_eq!(store.orphan_netns().unwrap(), ["forkd-b-x"]);
+        drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -754,16 +754,14 @@ fn a_networked_snapshot_gives_each_child_its_own_namespace() {
         201,
     );
     assert_eq!(snap["network"], true, "{snap}");
-    // The source VM's namespace went with it.
-    let leftover: Vec<_> = std::fs::read_dir("/var/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("forkd-b-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(leftover.is_empty(), "build namespaces left: {leftover:?}");
+    // The source VM's namespace went with it (the daemon records each
+    // namespace it makes until it has removed it).
+    let state = tmp.path().join("state");
+    let recorded: i64 = rusqlite::Connection::open(state.join("forkd.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM netns", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(recorded, 0, "the build namespace is left");
 
     // Its children cannot share a tap.
     let (s, v) = d.call(
@@ -781,6 +779,10 @@ fn a_networked_snapshot_gives_each_child_its_own_namespace() {
         let id = k["id"].as_str().unwrap();
         let ns = k["netns"].as_str().expect("a namespace").to_string();
         assert_eq!(k["guest_addr"], "172.16.0.2", "{k}");
+        // Running (a spawn answers once the children are forked; they
+        // finish restoring on their own).
+        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert_eq!(pong["guest"], "guest: builtin");
         let link = tap_in(&ns);
         // The child's VMM holds the tap open: it has a carrier.
         assert!(
@@ -788,8 +790,6 @@ fn a_networked_snapshot_gives_each_child_its_own_namespace() {
             "{ns}: {link}"
         );
         assert!(link.contains("06:00:ac:10:00:01"), "{ns}: {link}");
-        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
-        assert_eq!(pong["guest"], "guest: builtin");
         namespaces.push((id.to_string(), ns));
     }
     assert_ne!(namespaces[0].1, namespaces[1].1);
@@ -811,7 +811,9 @@ fn a_networked_snapshot_gives_each_child_its_own_namespace() {
     assert_eq!(b["network"], true, "{b}");
     let grandkid = spawn(&d, "net-b", 1);
     let gns = grandkid[0]["netns"].as_str().unwrap().to_string();
-    assert!(tap_in(&gns).contains("LOWER_UP"));
+    let gid = grandkid[0]["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{gid}/ping"), None, 200);
+    assert!(tap_in(&gns).contains("LOWER_UP"), "{}", tap_in(&gns));
 
     // A kill removes the namespace with the sandbox.
     d.expect(
@@ -828,4 +830,56 @@ fn a_networked_snapshot_gives_each_child_its_own_namespace() {
             "{ns} is left after the kill"
         );
     }
+}
+
+#[test]
+fn a_restart_removes_the_namespaces_no_sandbox_needs() {
+    let tmp = TempDir::new("netns-restart");
+    let state = tmp.path().join("state");
+    let mut d = Daemon::start(&state, &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "net", "builtin": true, "network": true})),
+        201,
+    );
+    let kids = spawn(&d, "net", 2);
+    let ns: Vec<String> = kids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["netns"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        d.stop(),
+        "the daemon did not stop cleanly:\n{}",
+        d.log_text()
+    );
+    // While it is down, one sandbox dies, and a namespace a crashed spawn
+    // made (recorded, named by no sandbox) is waiting.
+    let pid = kids[1]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: the sandbox's VMM, a process this test started through the daemon.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let orphan = format!("forkd-orphan-{}", std::process::id());
+    let made = std::process::Command::new("ip")
+        .args(["netns", "add", &orphan])
+        .status()
+        .expect("this test needs the `ip` command (iproute2)");
+    assert!(made.success());
+    rusqlite::Connection::open(state.join("forkd.db"))
+        .unwrap()
+        .execute("INSERT INTO netns (name) VALUES (?1)", [&orphan])
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    let d = Daemon::start(&state, &Config::default());
+    let gone = |n: &str| !std::path::Path::new(&format!("/var/run/netns/{n}")).exists();
+    assert!(gone(&orphan), "the orphan namespace is left");
+    assert!(gone(&ns[1]), "the dead sandbox's namespace is left");
+    assert!(!gone(&ns[0]), "the live sandbox's namespace was removed");
+    let id = kids[0]["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+    assert!(tap_in(&ns[0]).contains("LOWER_UP"));
+    kill_all(&d);
+    assert!(gone(&ns[0]));
 }

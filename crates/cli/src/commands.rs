@@ -75,6 +75,9 @@ pub fn describe_snapshot(s: &SnapshotInfo) -> String {
     if let Some(m) = s.mem_mib {
         extra.push(format!("{m} MiB"));
     }
+    if s.network {
+        extra.push("network interface".to_string());
+    }
     if let Some(b) = &s.branched_from {
         extra.push(format!("branched from {b}"));
     }
@@ -431,6 +434,17 @@ pub fn detail_text(d: &SnapshotDetail, now: u64) -> String {
         ),
     ));
     rows.push(("vmstate", bytes(d.vmstate_bytes)));
+    rows.push((
+        "network",
+        if i.network {
+            format!(
+                "an interface, the guest at {}; each child in a network namespace of its own",
+                proto::api::GUEST_ADDR
+            )
+        } else {
+            "-".into()
+        },
+    ));
     rows.push((
         "created",
         format!(
@@ -995,7 +1009,7 @@ mod tests {
             "kind": "diff", "guest": "builtin", "branched_from": "sb-1", "pause_ms": 2.25,
             "memory_logical_bytes": 134217728u64, "memory_physical_bytes": 4096,
             "vmstate_bytes": 2048, "parent_tag": "b1", "parent_content_hash": "abc",
-            "chain_depth": 2, "ancestors": ["b1", "base"], "dependents": []
+            "chain_depth": 2, "ancestors": ["b1", "base"], "dependents": [], "network": true
         }))
         .unwrap();
         let t = detail_text(&d, 160);
@@ -1008,6 +1022,10 @@ mod tests {
         assert!(t.contains("parent         b1 (content hash abc)\n"), "{t}");
         assert!(t.contains("chain depth    2 (b1 <- base)\n"), "{t}");
         assert!(t.contains("created        1m ago (unix 100)\n"), "{t}");
+        assert!(
+            t.contains("network        an interface, the guest at 172.16.0.2;"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -164,6 +164,33 @@ impl Daemon {
         }
     }
 
+    /// Kills every sandbox it lists, ignoring every error (for a test that
+    /// is failing: a second panic would abort the test binary).
+    fn try_kill_all(&self) {
+        let agent = self.agent();
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let with_auth = |mut r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| {
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r
+        };
+        let Ok(mut listed) = with_auth(agent.get(format!("{}/v1/sandboxes", self.url))).call()
+        else {
+            return;
+        };
+        let text = listed.body_mut().read_to_string().unwrap_or_default();
+        let list: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        for id in list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["id"].as_str())
+        {
+            let _ = with_auth(agent.delete(format!("{}/v1/sandboxes/{id}", self.url))).call();
+        }
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -270,6 +297,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A failed test leaves no VMs (or their network namespaces) behind.
+        if std::thread::panicking() && self.child.is_some() {
+            self.try_kill_all();
+        }
         self.stop();
     }
 }

@@ -10,11 +10,15 @@
 //! A snapshot is written into a temporary sibling directory and renamed into
 //! place only when complete and synced, so a crash never leaves a directory
 //! that looks like a snapshot. [`compact`] flattens a snapshot and the chain
-//! it stands on into a self-contained full one, written the same way.
+//! it stands on into a self-contained full one, written the same way. A
+//! diff snapshot's flat memory is assembled once, on first use
+//! ([`ensure_memory`], in `assemble`).
 
+mod assemble;
 mod compact;
 pub mod format;
 
+pub use assemble::ensure_memory;
 pub use compact::compact;
 
 use std::fs::File;
@@ -406,14 +410,6 @@ pub struct DiffMap {
     pub pages: u64,
     /// The bits, 64 pages a word.
     pub bits: Vec<u64>,
-}
-
-impl DiffMap {
-    fn is_set(&self, page: u64) -> bool {
-        self.bits
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    }
 }
 
 /// A snapshot whose files are written (to the page cache) but neither
@@ -922,80 +918,6 @@ fn write_diff(
     f.write_all(&format::encode(&map))
         .map_err(io_err(&map_path))?;
     Ok((total, changed, hasher.finalize().to_hex().to_string()))
-}
-
-/// Makes sure the snapshot in `dir` has a flat `memory` file: a diff
-/// snapshot's is assembled once from its parent's (itself assembled first
-/// if it is a diff) and its changed pages, then kept for every later
-/// restore. Returns the metadata.
-pub fn ensure_memory(dir: &Path) -> Result<SnapshotMeta, Error> {
-    let meta = read_meta(dir)?;
-    if meta.kind == SnapshotKind::Full || dir.join(MEMORY_FILE).exists() {
-        return Ok(meta);
-    }
-    let inconsistent = |reason: String| Error::Inconsistent {
-        path: dir.to_owned(),
-        reason,
-    };
-    let parent = meta
-        .parent
-        .as_ref()
-        .ok_or_else(|| inconsistent("a diff snapshot without a parent".into()))?;
-    let parent_meta = ensure_memory(&parent.dir)?;
-    if parent_meta.status != SnapshotStatus::Ready {
-        return Err(Error::NotReady {
-            path: parent.dir.clone(),
-            status: parent_meta.status,
-        });
-    }
-    if parent_meta.memory_hash != parent.memory_hash {
-        return Err(inconsistent(format!(
-            "its parent {} no longer has the memory it was taken over (hash {} != {})",
-            parent.dir.display(),
-            parent_meta.memory_hash,
-            parent.memory_hash
-        )));
-    }
-    if parent_meta.memory_bytes != meta.memory_bytes {
-        return Err(inconsistent(
-            "parent and diff disagree on the memory size".into(),
-        ));
-    }
-    let map: DiffMap =
-        format::read_file(&dir.join(DIFF_MAP_FILE)).map_err(|source| Error::Format {
-            path: dir.to_owned(),
-            source,
-        })?;
-    if map.pages != meta.memory_bytes / PAGE as u64
-        || map.bits.len() as u64 != map.pages.div_ceil(64)
-    {
-        return Err(inconsistent(
-            "memory.diffmap does not cover the memory".into(),
-        ));
-    }
-    let tmp = dir.join(format!(".{MEMORY_FILE}.tmp-{}", std::process::id()));
-    let result = (|| {
-        copy_sparse(&parent.dir.join(MEMORY_FILE), &tmp)?;
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        let diff_path = dir.join(DIFF_FILE);
-        let diff = File::open(&diff_path).map_err(io_err(&diff_path))?;
-        let mut page = vec![0u8; PAGE];
-        for p in (0..map.pages).filter(|&p| map.is_set(p)) {
-            diff.read_exact_at(&mut page, p * PAGE as u64)
-                .map_err(io_err(&diff_path))?;
-            out.write_all_at(&page, p * PAGE as u64)
-                .map_err(io_err(&tmp))?;
-        }
-        out.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, dir.join(MEMORY_FILE)).map_err(io_err(dir))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| meta)
 }
 
 /// Copies `from` to a new file `to`, keeping holes as holes.

@@ -65,6 +65,8 @@ pub struct Options {
     pub audit: Option<AuditLog>,
     /// Most branches writing at once.
     pub branch_concurrency: usize,
+    /// Network namespaces kept ready ahead of networked spawns.
+    pub netns_pool: usize,
 }
 
 /// The daemon.
@@ -87,6 +89,8 @@ pub struct Daemon {
     pub branch_slots: Arc<Semaphore>,
     /// The cap, for messages.
     pub branch_concurrency: usize,
+    /// Network namespaces made ahead of networked spawns.
+    pub netns_pool: Arc<crate::netns::Pool>,
     fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
     in_flight: Arc<Mutex<HashSet<String>>>,
     agents_seen: Mutex<HashSet<String>>,
@@ -125,10 +129,36 @@ impl Daemon {
             cgroups: Hierarchy::detect(),
             branch_slots: Arc::new(Semaphore::new(opts.branch_concurrency)),
             branch_concurrency: opts.branch_concurrency,
+            netns_pool: Arc::new(crate::netns::Pool::new(opts.netns_pool)),
             fork_servers: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             agents_seen: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Refills the network namespace pool in the background (when it is
+    /// on): after a networked spawn took some, or once a networked
+    /// snapshot exists.
+    ///
+    /// The refill runs on a thread of its own at nice 10: right after a
+    /// spawn the children restoring and the first requests to them come
+    /// first.
+    pub fn refill_netns_pool(self: &Arc<Self>) {
+        if !self.netns_pool.enabled() {
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("netns-pool".into())
+            .spawn(move || {
+                // SAFETY: setpriority on the calling thread's own id (a
+                // lower priority needs no privilege); touches no memory.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+                this.netns_pool.refill(&this.store)
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("network namespace pool: cannot start a refill: {e}");
+        }
     }
 
     /// Claims `tag` for a request that will make a snapshot of that name:

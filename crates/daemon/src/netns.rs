@@ -88,6 +88,11 @@ impl<'a> Namespaces<'a> {
         }
     }
 
+    /// Takes over namespaces made already (a [`Pool`]'s).
+    pub fn adopt(&mut self, names: Vec<String>) {
+        self.names.extend(names);
+    }
+
     /// Creates `name`, removed with the rest if this set is dropped.
     pub fn add(&mut self, name: String) -> Result<(), String> {
         create(self.store, &name)?;
@@ -110,6 +115,86 @@ impl Drop for Namespaces<'_> {
     fn drop(&mut self) {
         for name in &self.names {
             remove(self.store, name);
+        }
+    }
+}
+
+/// Namespaces made ahead of spawns (`forkd-daemon serve --netns-pool N`),
+/// so a networked spawn of up to N children makes none on its request
+/// path. Each is recorded like any other: one left by a crash is an
+/// orphan at the next start.
+pub struct Pool {
+    target: usize,
+    ready: std::sync::Mutex<Vec<String>>,
+    refilling: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Pool {
+    /// A pool that keeps `target` namespaces ready (0: none).
+    pub fn new(target: usize) -> Pool {
+        Pool {
+            target,
+            ready: std::sync::Mutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether it keeps any.
+    pub fn enabled(&self) -> bool {
+        self.target > 0
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Up to `n` ready namespaces, now the caller's.
+    pub fn take(&self, n: usize) -> Vec<String> {
+        let mut ready = self.ready();
+        let k = n.min(ready.len());
+        ready.drain(..k).collect()
+    }
+
+    /// How many are ready.
+    pub fn len(&self) -> usize {
+        self.ready().len()
+    }
+
+    /// Whether none is ready.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes namespaces until `target` are ready (blocking); returns at
+    /// once if another refill runs. A failure is logged and ends it.
+    pub fn refill(&self, store: &Store) {
+        use std::sync::atomic::Ordering;
+        if !self.enabled() || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        while self.len() < self.target && !self.closed.load(Ordering::Acquire) {
+            let name = format!("forkd-p{}", crate::daemon::random_hex(4));
+            if let Err(e) = create(store, &name) {
+                tracing::warn!("network namespace pool: {e}");
+                break;
+            }
+            self.ready().push(name);
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
+
+    /// Stops refilling (waiting out a refill that runs) and removes the
+    /// ready ones (at shutdown).
+    pub fn drain(&self, store: &Store) {
+        use std::sync::atomic::Ordering;
+        self.closed.store(true, Ordering::Release);
+        while self.refilling.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        for name in self.take(usize::MAX) {
+            remove(store, &name);
         }
     }
 }
@@ -195,6 +280,38 @@ mod tests {
         assert_eq!(remove_orphans(&store).unwrap(), 1);
         assert!(!netif::netns::path(&name).exists());
         assert!(store.orphan_netns().unwrap().is_empty());
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A pool fills to its target, hands out what it has, refills, and
+    /// removes what is left when drained.
+    #[test]
+    fn a_pool_fills_hands_out_and_drains() {
+        let (dir, store) = store("pool");
+        let pool = Pool::new(3);
+        pool.refill(&store);
+        assert_eq!(pool.len(), 3);
+        let taken = pool.take(2);
+        assert_eq!((taken.len(), pool.len()), (2, 1));
+        assert!(taken.iter().all(|n| netif::netns::path(n).exists()));
+        pool.refill(&store);
+        assert_eq!(pool.len(), 3);
+        pool.drain(&store);
+        assert!(pool.is_empty());
+        pool.refill(&store);
+        assert!(pool.is_empty(), "a drained pool refilled");
+        // What was handed out is the taker's to remove; nothing else is left.
+        assert_eq!(store.orphan_netns().unwrap(), {
+            let mut t = taken.clone();
+            t.sort();
+            t
+        });
+        for n in &taken {
+            remove(&store, n);
+        }
+        assert!(store.orphan_netns().unwrap().is_empty());
+        assert!(Pool::new(0).take(5).is_empty());
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }

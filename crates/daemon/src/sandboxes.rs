@@ -75,7 +75,11 @@ impl Daemon {
         let rows = tokio::task::spawn_blocking(move || {
             this.fork_children(&req, &snap.info, per_child_netns)
         })
-        .await??;
+        .await;
+        if per_child_netns {
+            self.refill_netns_pool();
+        }
+        let rows = rows??;
         self.store.insert_sandboxes(&rows)?;
         let secs = started.elapsed().as_secs_f64();
         self.metrics.spawn_seconds.observe(secs);
@@ -100,7 +104,9 @@ impl Daemon {
         // Removed again if the fork fails; the sandboxes own them after.
         let mut namespaces = netns::Namespaces::new(&self.store);
         if per_child_netns {
-            for i in 0..req.n {
+            // Made ahead first (--netns-pool), the rest now.
+            namespaces.adopt(self.netns_pool.take(req.n as usize));
+            for i in namespaces.names().len() as u32..req.n {
                 namespaces
                     .add(format!("forkd-{batch}-{i}"))
                     .map_err(ApiError::internal)?;

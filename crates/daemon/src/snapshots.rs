@@ -138,6 +138,9 @@ impl Daemon {
         .await??;
         self.store.insert_snapshot(&row)?;
         drop(claim);
+        if row.info.network {
+            self.refill_netns_pool();
+        }
         Ok(row.info)
     }
 
@@ -387,6 +390,9 @@ impl Daemon {
         .await??;
         self.store.insert_snapshot(&row)?;
         drop(claim);
+        if row.info.network {
+            self.refill_netns_pool();
+        }
         Ok(row.info)
     }
 }

@@ -883,3 +883,102 @@ fn a_restart_removes_the_namespaces_no_sandbox_needs() {
     kill_all(&d);
     assert!(gone(&ns[0]));
 }
+
+/// The daemon's record of the namespaces it made and has not removed.
+fn recorded_netns(state: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(state.join("forkd.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name FROM netns ORDER BY name")
+        .unwrap();
+    let names = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<String>, _>>()
+        .unwrap();
+    names
+}
+
+/// Waits (at most 20 s) until `pred` holds of the recorded namespaces.
+fn wait_recorded(state: &std::path::Path, what: &str, pred: impl Fn(&[String]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let names = recorded_netns(state);
+        if pred(&names) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: recorded {names:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
+    let tmp = TempDir::new("netns-pool");
+    let state = tmp.path().join("state");
+    let mut d = Daemon::start(
+        &state,
+        &Config {
+            netns_pool: Some(3),
+            ..Default::default()
+        },
+    );
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "net", "builtin": true, "network": true})),
+        201,
+    );
+    let pooled = |names: &[String]| names.iter().filter(|n| n.starts_with("forkd-p")).count();
+    wait_recorded(&state, "the pool fills", |n| pooled(n) == 3);
+    let ready = recorded_netns(&state);
+
+    // Two children take two of the three made ahead.
+    let kids = spawn(&d, "net", 2);
+    for k in kids.as_array().unwrap() {
+        let ns = k["netns"].as_str().unwrap();
+        assert!(ready.iter().any(|r| r == ns), "{ns} was not made ahead");
+        let id = k["id"].as_str().unwrap();
+        d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+        assert!(tap_in(ns).contains("LOWER_UP"), "{ns}: {}", tap_in(ns));
+    }
+    // It refills to three ready beside the two in use.
+    wait_recorded(&state, "the pool refills", |n| pooled(n) == 5);
+
+    // More than the pool holds: three from it, the rest made on the spot.
+    let more = spawn(&d, "net", 5);
+    let names: Vec<&str> = more
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["netns"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("forkd-p")).count(),
+        3,
+        "{names:?}"
+    );
+    let id = more[4]["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+
+    kill_all(&d);
+    wait_recorded(&state, "the pool refills after the kills", |n| n.len() == 3);
+    let left = recorded_netns(&state);
+    assert!(
+        d.stop(),
+        "the daemon did not stop cleanly:\n{}",
+        d.log_text()
+    );
+    assert!(
+        recorded_netns(&state).is_empty(),
+        "the pool was not removed"
+    );
+    for n in left {
+        assert!(
+            !std::path::Path::new(&format!("/var/run/netns/{n}")).exists(),
+            "{n} is left after shutdown"
+        );
+    }
+}

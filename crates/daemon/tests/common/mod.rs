@@ -70,6 +70,7 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf, String)>,
     pub branch_concurrency: Option<u32>,
     pub bind: Option<String>,
+    pub netns_pool: Option<u32>,
 }
 
 impl Daemon {
@@ -106,6 +107,9 @@ impl Daemon {
         }
         if let Some(n) = cfg.branch_concurrency {
             cmd.arg("--branch-concurrency").arg(n.to_string());
+        }
+        if let Some(n) = cfg.netns_pool {
+            cmd.arg("--netns-pool").arg(n.to_string());
         }
         let mut child = cmd
             .stdin(Stdio::null())

@@ -9,7 +9,7 @@
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! target/release/api_spawn --children 100 --rounds 5 [--network]
+//! target/release/api_spawn --children 100 --rounds 5 [--network [--netns-pool 100]]
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,6 +39,11 @@ struct Args {
     /// namespace each); needs iproute2 and /dev/net/tun.
     #[arg(long)]
     network: bool,
+    /// With --network: the daemon keeps this many namespaces ready ahead
+    /// of spawns (`forkd-daemon serve --netns-pool`); each networked round
+    /// starts once the pool is full again.
+    #[arg(long, default_value_t = 0, requires = "network")]
+    netns_pool: u32,
 }
 
 fn main() {
@@ -59,7 +64,7 @@ fn main() {
     }
     let tmp = std::env::temp_dir().join(format!("forkd-api-spawn-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let daemon = Daemon::start(&bin_dir, &tmp.join("state"));
+    let daemon = Daemon::start(&bin_dir, &tmp.join("state"), args.netns_pool);
     let snap = daemon.call(
         "POST",
         "/v1/snapshots",
@@ -83,6 +88,7 @@ fn main() {
     let (mut api, mut direct, mut networked) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
         if args.network {
+            wait_for_pool(args.netns_pool);
             networked.push(api_round(&daemon, "bench-net", args.children));
         }
         api.push(api_round(&daemon, "bench", args.children));
@@ -106,7 +112,11 @@ fn main() {
     );
     if args.network {
         let n = Stats::of(&networked);
-        println!("  daemon REST API, a network namespace per child {n}");
+        let pool = match args.netns_pool {
+            0 => String::new(),
+            p => format!(" ({p} made ahead)"),
+        };
+        println!("  daemon REST API, a network namespace per child{pool} {n}");
         println!(
             "  ratio to the daemon without (p50): {:.2}x; {:.3} ms more per sandbox",
             ms(n.p50) / ms(a.p50),
@@ -116,6 +126,29 @@ fn main() {
     drop(server);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Waits until the daemon's namespace pool holds `n` (its namespaces are
+/// `forkd-p*` under /run/netns; nothing else on the machine makes those).
+fn wait_for_pool(n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("forkd-p"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if ready >= n as usize {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the namespace pool holds {ready} of {n}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One round through the API: spawn `n` of `tag`, ping each, then kill
@@ -185,12 +218,14 @@ struct Daemon {
 impl Daemon {
     // The child is waited for by `Daemon`'s Drop, or here when it does not start.
     #[allow(clippy::zombie_processes)]
-    fn start(bin_dir: &Path, state: &Path) -> Daemon {
+    fn start(bin_dir: &Path, state: &Path, netns_pool: u32) -> Daemon {
         std::fs::create_dir_all(state).unwrap();
         let log = state.join("daemon.log");
         let mut child = Command::new(bin_dir.join("forkd-daemon"))
             .args(["serve", "--bind", "127.0.0.1:0", "--state-dir"])
             .arg(state)
+            .arg("--netns-pool")
+            .arg(netns_pool.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

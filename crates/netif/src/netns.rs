@@ -150,22 +150,21 @@ pub fn remove(name: &str) -> io::Result<()> {
     }
 }
 
-/// Runs `f` on a thread that has entered namespace `name`.
+/// Runs `f` on a thread that has entered namespace `name` (setns moves
+/// only the calling thread; what `f` opens, a tap or a socket, stays in
+/// the namespace it was opened in). The error is the OS's about entering
+/// the namespace (ENOENT: there is none of that name), for the caller to
+/// explain; `f`'s own outcome is its return value.
 pub fn run_in<T: Send, F: FnOnce() -> io::Result<T> + Send>(name: &str, f: F) -> io::Result<T> {
     check_name(name)?;
-    let ns = std::fs::File::open(path(name)).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot open network namespace {name}: {e}"),
-        )
-    })?;
+    let ns = std::fs::File::open(path(name))?;
     std::thread::scope(|s| {
         s.spawn(|| {
             use std::os::unix::io::AsRawFd;
             // SAFETY: setns on a namespace file we hold; moves only this
             // thread, which ends here.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(os_error(&format!("enter network namespace {name}")));
+                return Err(io::Error::last_os_error());
             }
             f()
         })

@@ -8,27 +8,13 @@
 //! have none of the addresses and routes the guest expects.
 
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 
-/// TUNSETIFF: `_IOW('T', 202, int)`.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 /// Longest interface name (IFNAMSIZ less the terminating NUL).
-pub const MAX_NAME_LEN: usize = 15;
+pub const MAX_NAME_LEN: usize = netif::MAX_IFNAME_LEN;
 /// Longest network namespace name accepted.
-pub const MAX_NETNS_LEN: usize = 64;
-
-/// `struct ifreq` as TUNSETIFF reads it: a name and the flags.
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+pub const MAX_NETNS_LEN: usize = netif::netns::MAX_NAME_LEN;
 
 /// Errors opening a tap device.
 #[derive(Debug, thiserror::Error)]
@@ -84,9 +70,6 @@ pub enum TapError {
         /// Why.
         source: io::Error,
     },
-    /// The helper thread could not run.
-    #[error("cannot start a thread to open the tap device: {0}")]
-    Thread(io::Error),
 }
 
 fn where_(netns: &Option<String>) -> String {
@@ -137,17 +120,7 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
 /// Checks a network namespace name: a plain file name under
 /// /var/run/netns, 1 to [`MAX_NETNS_LEN`] letters, digits, '_', '.' or '-'.
 pub fn check_netns_name(ns: &str) -> Result<(), TapError> {
-    if ns.is_empty()
-        || ns.len() > MAX_NETNS_LEN
-        || ns == "."
-        || ns == ".."
-        || !ns
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
-        return Err(TapError::NetnsName(ns.to_owned()));
-    }
-    Ok(())
+    netif::netns::check_name(ns).map_err(|_| TapError::NetnsName(ns.to_owned()))
 }
 
 /// An open tap device (non-blocking), frames without a packet-info header.
@@ -207,39 +180,20 @@ impl Tap {
 }
 
 /// Runs `f` inside network namespace `netns` (a name under
-/// /var/run/netns), or here when `None`. setns(2) moves only the calling
-/// thread, so `f` runs on a thread of its own; what it opens (a tap, a
-/// socket) stays in the namespace it was opened in.
-fn in_netns<T: Send + 'static>(
+/// /var/run/netns) on a thread of its own ([`netif::netns::run_in`]), or
+/// here when `None`.
+fn in_netns<T: Send>(
     netns: Option<&str>,
-    f: impl FnOnce() -> Result<T, TapError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, TapError> + Send,
 ) -> Result<T, TapError> {
     let Some(ns) = netns else {
         return f();
     };
     check_netns_name(ns)?;
-    let ns = ns.to_owned();
-    std::thread::Builder::new()
-        .name("tap-open".into())
-        .spawn(move || {
-            let path = format!("/var/run/netns/{ns}");
-            let file = File::open(&path).map_err(|source| TapError::Netns {
-                name: ns.clone(),
-                source,
-            })?;
-            // SAFETY: setns on a namespace file descriptor we own, for
-            // this thread only; no memory is involved.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(TapError::Netns {
-                    name: ns,
-                    source: io::Error::last_os_error(),
-                });
-            }
-            f()
-        })
-        .map_err(TapError::Thread)?
-        .join()
-        .unwrap_or_else(|_| Err(TapError::Thread(io::Error::other("the thread panicked"))))
+    netif::netns::run_in(ns, || Ok(f())).map_err(|source| TapError::Netns {
+        name: ns.to_owned(),
+        source,
+    })?
 }
 
 /// Whether interface `name` exists in the calling thread's network
@@ -261,27 +215,11 @@ fn present_here(name: &str, netns: &Option<String>) -> Result<(), TapError> {
 /// TUNSETIFF for tap `name` in the calling thread's network namespace:
 /// creates it when missing, attaches to it when it is a free tap.
 fn open_here(name: &str) -> Result<Tap, TapError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(TapError::Tun)?;
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads (and may write back) a `struct ifreq`, which
-    // `IfReq` lays out (40 bytes, name then flags); `req` outlives the call.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
-    if r < 0 {
-        return Err(TapError::Create {
-            name: name.to_owned(),
-            source: io::Error::last_os_error(),
-        });
-    }
+    let file = netif::tun::open_tun().map_err(TapError::Tun)?;
+    netif::tun::set_iff(&file, name).map_err(|source| TapError::Create {
+        name: name.to_owned(),
+        source,
+    })?;
     Ok(Tap {
         file,
         name: name.to_owned(),

@@ -12,8 +12,17 @@ use agent_client::{Client, ClientConfig, ClientError, Target};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-/// Serves every connection with `behave` on a thread; returns the socket path.
-fn fake(behave: fn(UnixStream)) -> PathBuf {
+/// A fake agent's socket, removed when the test is done with it.
+struct Fake(PathBuf);
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Serves every connection with `behave` on a thread; returns the socket.
+fn fake(behave: fn(UnixStream)) -> Fake {
     let path = std::env::temp_dir().join(format!(
         "forkd-fake-agent-{}-{}.sock",
         std::process::id(),
@@ -26,7 +35,7 @@ fn fake(behave: fn(UnixStream)) -> PathBuf {
             std::thread::spawn(move || behave(c));
         }
     });
-    path
+    Fake(path)
 }
 
 fn quick() -> ClientConfig {
@@ -58,12 +67,12 @@ fn bounded<T: std::fmt::Debug>(max: Duration, f: impl FnOnce() -> T) -> T {
 
 #[test]
 fn huge_length_is_refused_without_allocating() {
-    let p = fake(|mut c| {
+    let f = fake(|mut c| {
         drain_request(&mut c);
         let _ = c.write_all(&[0xff; 8]);
         std::thread::sleep(Duration::from_secs(5));
     });
-    let c = Client::with_config(Target::Unix(p), quick());
+    let c = Client::with_config(Target::Unix(f.0.clone()), quick());
     let e = bounded(Duration::from_secs(2), || c.ping()).unwrap_err();
     assert!(matches!(e, ClientError::Frame { .. }), "{e}");
     assert!(e.to_string().contains("exceeds"), "{e}");
@@ -71,11 +80,11 @@ fn huge_length_is_refused_without_allocating() {
 
 #[test]
 fn silent_agent_times_out() {
-    let p = fake(|mut c| {
+    let f = fake(|mut c| {
         drain_request(&mut c);
         std::thread::sleep(Duration::from_secs(10));
     });
-    let c = Client::with_config(Target::Unix(p), quick());
+    let c = Client::with_config(Target::Unix(f.0.clone()), quick());
     let e = bounded(Duration::from_secs(3), || c.ping()).unwrap_err();
     assert!(e.is_timeout(), "{e}");
     let e = bounded(Duration::from_secs(3), || {
@@ -88,7 +97,7 @@ fn silent_agent_times_out() {
 #[test]
 fn trickling_agent_is_cut_at_the_deadline() {
     // One byte every 100 ms: each read succeeds, the whole never ends.
-    let p = fake(|mut c| {
+    let f = fake(|mut c| {
         drain_request(&mut c);
         let mut h = Vec::new();
         h.extend_from_slice(&1000u32.to_le_bytes());
@@ -101,19 +110,19 @@ fn trickling_agent_is_cut_at_the_deadline() {
             std::thread::sleep(Duration::from_millis(100));
         }
     });
-    let c = Client::with_config(Target::Unix(p), quick());
+    let c = Client::with_config(Target::Unix(f.0.clone()), quick());
     let e = bounded(Duration::from_secs(3), || c.ping()).unwrap_err();
     assert!(e.is_timeout(), "{e}");
 }
 
 #[test]
 fn endless_exec_output_is_bounded_by_the_deadline_and_the_limit() {
-    let p = fake(|mut c| {
+    let f = fake(|mut c| {
         drain_request(&mut c);
         let chunk = vec![b'x'; 64 * 1024];
         while write_frame(&mut c, &Reply::Stdout, &chunk).is_ok() {}
     });
-    let c = Client::with_config(Target::Unix(p), quick());
+    let c = Client::with_config(Target::Unix(f.0.clone()), quick());
     let req = agent_client::agent::ExecRequest {
         args: vec!["yes".into()],
         env: Default::default(),
@@ -131,12 +140,12 @@ fn endless_exec_output_is_bounded_by_the_deadline_and_the_limit() {
 
 #[test]
 fn read_beyond_the_announced_size_is_a_protocol_error() {
-    let p = fake(|mut c| {
+    let f = fake(|mut c| {
         drain_request(&mut c);
         let _ = write_frame(&mut c, &Reply::File { size: 4 }, &[]);
         let _ = write_frame(&mut c, &Reply::Data, b"12345678");
     });
-    let c = Client::with_config(Target::Unix(p), quick());
+    let c = Client::with_config(Target::Unix(f.0.clone()), quick());
     let e = bounded(Duration::from_secs(2), || c.read("/x", 100)).unwrap_err();
     assert!(matches!(e, ClientError::Protocol { .. }), "{e}");
 }
@@ -144,7 +153,7 @@ fn read_beyond_the_announced_size_is_a_protocol_error() {
 #[test]
 fn vsock_handshake() {
     // A fake forkd-vmm vsock socket: CONNECT line, OK line, then the agent.
-    let p = fake(|mut c| {
+    let f = fake(|mut c| {
         let mut line = Vec::new();
         let mut b = [0u8; 1];
         while c.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
@@ -168,19 +177,31 @@ fn vsock_handshake() {
     });
     let ok = Client::with_config(
         Target::Vsock {
-            uds: p.clone(),
+            uds: f.0.clone(),
             port: 1024,
         },
         quick(),
     );
     assert_eq!(ok.ping().unwrap().guest, "guest: fake");
-    let bad = Client::with_config(Target::Vsock { uds: p, port: 7 }, quick());
+    let bad = Client::with_config(
+        Target::Vsock {
+            uds: f.0.clone(),
+            port: 7,
+        },
+        quick(),
+    );
     let e = bad.ping().unwrap_err();
     assert!(matches!(e, ClientError::Handshake { .. }), "{e}");
 
     // A socket that never answers the handshake.
-    let p = fake(|_c| std::thread::sleep(Duration::from_secs(10)));
-    let c = Client::with_config(Target::Vsock { uds: p, port: 1024 }, quick());
+    let f = fake(|_c| std::thread::sleep(Duration::from_secs(10)));
+    let c = Client::with_config(
+        Target::Vsock {
+            uds: f.0.clone(),
+            port: 1024,
+        },
+        quick(),
+    );
     let e = bounded(Duration::from_secs(3), || c.ping()).unwrap_err();
     assert!(matches!(e, ClientError::Handshake { .. }), "{e}");
 }

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 fn start_vm(tag: &str) -> (TestVm, PathBuf) {
     let dir = TempDir::new(tag);
     let uds = dir.path().join("vsock.sock");
-    let vm = TestVm::start(&[
+    let mut vm = TestVm::start(&[
         "--builtin",
         "--mem-mib",
         "64",
@@ -31,7 +31,7 @@ fn start_vm(tag: &str) -> (TestVm, PathBuf) {
         uds.to_str().unwrap(),
     ]);
     // The socket lives as long as the VM; the directory with it.
-    std::mem::forget(dir);
+    vm.keep.push(dir);
     wait_for_socket(&uds);
     (vm, uds)
 }

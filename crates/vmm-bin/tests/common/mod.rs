@@ -81,6 +81,9 @@ pub struct TestVm {
     pub child: Child,
     pub client: ControlClient,
     pub dir: TempDir,
+    /// Directories the VM uses beyond its own (a vsock socket's), removed
+    /// after it has ended.
+    pub keep: Vec<TempDir>,
 }
 
 impl ControlledVm for TestVm {
@@ -127,7 +130,12 @@ impl TestVm {
             .spawn()
             .expect("spawn forkd-vmm");
         let client = connect(&sock, &mut child);
-        TestVm { child, client, dir }
+        TestVm {
+            child,
+            client,
+            dir,
+            keep: Vec::new(),
+        }
     }
 
     pub fn call(&mut self, req: ControlRequest) -> ControlResponse {

@@ -8,13 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{process_alive, ControlledVm, ForkedVm, TempDir, TestVm};
+use common::{process_alive, ControlledVm, ForkServer, ForkedVm, TempDir, TestVm};
 use proto::control::{ControlClient, SnapshotMode};
 use proto::guest::{GuestRequest, GuestResponse};
 use serde_json::{json, Value};
@@ -276,82 +274,6 @@ fn two_children_without_namespaces_or_in_one_without_the_tap_are_refused_before_
     assert!(!made.status.success(), "a tap was created in {}", bare.0);
 }
 
-/// A running `forkd-vmm fork-server`; killed on drop.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(snap: &Path, socket: PathBuf, pool: u32) -> Server {
-        let child = Command::new(common::vmm_bin())
-            .args(["fork-server", "--snapshot"])
-            .arg(snap)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--pool", &pool.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn forkd-vmm fork-server");
-        Server { child, socket }
-    }
-
-    /// One request line, its answer.
-    fn ask(&self, request: &Value) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match UnixStream::connect(&self.socket) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => panic!("the fork server did not start: {e}"),
-            }
-        };
-        let mut line = serde_json::to_vec(request).unwrap();
-        line.push(b'\n');
-        s.write_all(&line).unwrap();
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap()
-    }
-
-    /// The server's children parked in its pool.
-    fn parked(&self) -> Vec<i32> {
-        let pid = self.child.id();
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.trim() == "forkd-pooled")
-            })
-            .collect()
-    }
-
-    fn wait_parked(&self, n: usize) -> Vec<i32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let parked = self.parked();
-            if parked.len() >= n {
-                return parked;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} parked, expected {n}",
-                parked.len()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The children of a `forked` answer, connected.
 fn connect_children(answer: &Value) -> Vec<ForkedVm> {
     assert_eq!(answer["result"], "forked", "{answer}");
@@ -381,7 +303,7 @@ fn a_fork_server_gives_each_child_its_namespace_pooled_cold_or_memfd() {
     let (a, b) = (Netns::with_tap("sa"), Netns::with_tap("sb"));
     let bare = Netns::new("sn");
     for pool in [0u32, 2] {
-        let server = Server::start(&snap, tmp.path().join(format!("fork{pool}.sock")), pool);
+        let server = ForkServer::start(&snap, tmp.path().join(format!("fork{pool}.sock")), pool);
         let parked = if pool > 0 {
             server.wait_parked(pool as usize)
         } else {

@@ -3,20 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{process_alive, ControlledVm, ForkedVm, Pattern, TempDir, TestVm};
+use common::{comm, process_alive, ControlledVm, ForkServer, Pattern, TempDir, TestVm};
 use proto::agent;
 use proto::control::{ControlClient, ControlRequest, ControlResponse, RunState, SnapshotMode};
 use proto::guest::{GuestRequest, GuestResponse};
-use serde_json::{json, Value};
-
-/// What a parked pooled child calls itself (`comm`).
-const POOLED: &str = "forkd-pooled";
+use serde_json::json;
 
 /// A built-in guest with a vsock device, 16 MiB of pattern 1 written and
 /// snapshotted into `snap` (the parent is shut down); its identity.
@@ -46,134 +43,6 @@ fn identity(r: GuestResponse) -> (u64, u64) {
         } => (boot_id, generation),
         other => panic!("{other:?}"),
     }
-}
-
-/// A running `forkd-vmm fork-server`; killed on drop.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-    /// Children it handed out: a pooled child is still called
-    /// `forkd-pooled` until it has read its order.
-    handed: std::cell::RefCell<Vec<i32>>,
-}
-
-impl Server {
-    fn start(snap: &Path, socket: PathBuf, pool: u32) -> Server {
-        let child = Command::new(common::vmm_bin())
-            .args(["fork-server", "--snapshot"])
-            .arg(snap)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--pool", &pool.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn forkd-vmm fork-server");
-        Server {
-            child,
-            socket,
-            handed: Default::default(),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// One request line, its answer.
-    fn ask(&self, request: &Value) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match UnixStream::connect(&self.socket) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => panic!("the fork server did not start: {e}"),
-            }
-        };
-        let mut line = serde_json::to_vec(request).unwrap();
-        line.push(b'\n');
-        s.write_all(&line).unwrap();
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap()
-    }
-
-    /// Forks `n` children into `out` (`extra`: more request fields) and
-    /// connects to each.
-    fn fork(&self, n: u32, out: &Path, extra: Value) -> Vec<ForkedVm> {
-        let mut request = json!({"op": "fork", "n": n, "out_dir": out});
-        if let Value::Object(more) = extra {
-            request.as_object_mut().unwrap().extend(more);
-        }
-        let r = self.ask(&request);
-        assert_eq!(r["result"], "forked", "{r}");
-        let kids = r["children"].as_array().unwrap();
-        assert_eq!(kids.len(), n as usize);
-        self.handed
-            .borrow_mut()
-            .extend(kids.iter().map(|k| k["pid"].as_i64().unwrap() as i32));
-        kids.iter()
-            .map(|k| {
-                let sock = PathBuf::from(k["control_socket"].as_str().unwrap());
-                let dir = PathBuf::from(k["dir"].as_str().unwrap());
-                assert_eq!(sock, dir.join("control.sock"));
-                let client = ControlClient::connect(&sock, Duration::from_secs(30))
-                    .expect("the control socket exists when the answer comes");
-                ForkedVm {
-                    pid: k["pid"].as_i64().unwrap() as i32,
-                    client,
-                    dir,
-                }
-            })
-            .collect()
-    }
-
-    /// The server's children that are parked in the pool.
-    fn parked(&self) -> Vec<i32> {
-        let handed = self.handed.borrow();
-        children_of(self.pid())
-            .into_iter()
-            .filter(|p| !handed.contains(p) && comm(*p).as_deref() == Some(POOLED))
-            .collect()
-    }
-
-    /// Waits (up to 30 s: the machine may be busy) until `n` children are
-    /// parked; returns them.
-    fn wait_parked(&self, n: usize) -> Vec<i32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let parked = self.parked();
-            if parked.len() == n {
-                return parked;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} children parked, expected {n}",
-                parked.len()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn children_of(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-fn comm(pid: i32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim().to_owned())
 }
 
 fn wait_gone(pids: &[i32], what: &str) {
@@ -227,7 +96,7 @@ fn pooled_children_are_distinct_isolated_and_answer_and_the_pool_refills() {
     let tmp = TempDir::new("pool");
     let snap = tmp.path().join("snap");
     let (boot_id, parent_gen) = make_snapshot(&snap, tmp.path());
-    let server = Server::start(&snap, tmp.path().join("fork.sock"), 3);
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 3);
     let first = server.wait_parked(3);
 
     // Two of three pooled children: they are the parked processes.
@@ -307,7 +176,7 @@ fn parked_children_exit_with_their_server() {
     make_snapshot(&snap, tmp.path());
 
     // Killed outright: the parked children see their links close.
-    let mut server = Server::start(&snap, tmp.path().join("a.sock"), 2);
+    let mut server = ForkServer::start(&snap, tmp.path().join("a.sock"), 2);
     let parked = server.wait_parked(2);
     let mut handed = server.fork(1, &tmp.path().join("a"), json!({}));
     server.wait_parked(2);
@@ -324,7 +193,7 @@ fn parked_children_exit_with_their_server() {
     handed.pop().unwrap().shutdown();
 
     // Asked to stop: the same.
-    let mut server = Server::start(&snap, tmp.path().join("b.sock"), 2);
+    let mut server = ForkServer::start(&snap, tmp.path().join("b.sock"), 2);
     let parked = server.wait_parked(2);
     assert_eq!(server.ask(&json!({"op": "shutdown"}))["result"], "ok");
     assert!(server.child.wait().unwrap().success());
@@ -353,7 +222,7 @@ fn a_pooled_child_serves_connections_that_come_and_go() {
     let tmp = TempDir::new("pool-conns");
     let snap = tmp.path().join("snap");
     make_snapshot(&snap, tmp.path());
-    let server = Server::start(&snap, tmp.path().join("fork.sock"), 1);
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 1);
     server.wait_parked(1);
     let mut kid = server.fork(1, &tmp.path().join("a"), json!({})).remove(0);
     let sock = kid.dir.join("control.sock");
@@ -402,7 +271,7 @@ fn a_pooled_child_takes_its_staged_directory_or_one_made_for_it() {
     make_snapshot(&snap, tmp.path());
     let sock = tmp.path().join("fork.sock");
     let staging = tmp.path().join("fork.sock.pool");
-    let server = Server::start(&snap, sock, 2);
+    let server = ForkServer::start(&snap, sock, 2);
     let parked = server.wait_parked(2);
     // Each parked child has its directory ready: socket bound, log open.
     let staged_inode = |pid: i32| {
@@ -477,7 +346,7 @@ fn pooled_children_keep_a_console_log_when_asked_and_only_then() {
     let tmp = TempDir::new("pool-console");
     let snap = tmp.path().join("snap");
     make_snapshot(&snap, tmp.path());
-    let server = Server::start(&snap, tmp.path().join("fork.sock"), 2);
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 2);
     server.wait_parked(2);
     let mut kids = Vec::new();
     // Asked for, then (made ahead by the refill) not, then asked for again.
@@ -525,7 +394,7 @@ fn a_pooled_child_continues_exactly_where_the_parent_paused() {
         other => panic!("{other:?}"),
     }
     vm.shutdown();
-    let server = Server::start(&snap, tmp.path().join("fork.sock"), 2);
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 2);
     server.wait_parked(2);
     // Parked children made their vCPUs' first KVM_RUN without running the
     // guest: the counter is where the parent left it.
@@ -543,7 +412,7 @@ fn a_parked_child_that_dies_is_replaced() {
     let tmp = TempDir::new("pool-loss");
     let snap = tmp.path().join("snap");
     make_snapshot(&snap, tmp.path());
-    let server = Server::start(&snap, tmp.path().join("fork.sock"), 2);
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 2);
     let parked = server.wait_parked(2);
     let server_cpu = || {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap();

@@ -2,12 +2,15 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proto::control::{ControlClient, ControlRequest, ControlResponse, VmStatus};
 use proto::guest::{GuestRequest, GuestResponse};
+use serde_json::{json, Value};
 
 /// The forkd-vmm binary cargo built for these tests.
 pub fn vmm_bin() -> &'static str {
@@ -385,4 +388,135 @@ impl Pattern {
             other => panic!("verify: {other:?}"),
         }
     }
+}
+
+/// What a parked pooled child calls itself (`comm`).
+pub const POOLED: &str = "forkd-pooled";
+
+/// A running `forkd-vmm fork-server`; killed on drop.
+pub struct ForkServer {
+    pub child: Child,
+    pub socket: PathBuf,
+    /// Children it handed out: a pooled child is still called
+    /// `forkd-pooled` until it has read its order.
+    handed: std::cell::RefCell<Vec<i32>>,
+}
+
+impl ForkServer {
+    pub fn start(snap: &Path, socket: PathBuf, pool: u32) -> ForkServer {
+        let child = Command::new(vmm_bin())
+            .args(["fork-server", "--snapshot"])
+            .arg(snap)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--pool", &pool.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn forkd-vmm fork-server");
+        ForkServer {
+            child,
+            socket,
+            handed: Default::default(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// One request line, its answer.
+    pub fn ask(&self, request: &Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("the fork server did not start: {e}"),
+            }
+        };
+        let mut line = serde_json::to_vec(request).unwrap();
+        line.push(b'\n');
+        s.write_all(&line).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// Forks `n` children into `out` (`extra`: more request fields) and
+    /// connects to each.
+    pub fn fork(&self, n: u32, out: &Path, extra: Value) -> Vec<ForkedVm> {
+        let mut request = json!({"op": "fork", "n": n, "out_dir": out});
+        if let Value::Object(more) = extra {
+            request.as_object_mut().unwrap().extend(more);
+        }
+        let r = self.ask(&request);
+        assert_eq!(r["result"], "forked", "{r}");
+        let kids = r["children"].as_array().unwrap();
+        assert_eq!(kids.len(), n as usize);
+        self.handed
+            .borrow_mut()
+            .extend(kids.iter().map(|k| k["pid"].as_i64().unwrap() as i32));
+        kids.iter()
+            .map(|k| {
+                let sock = PathBuf::from(k["control_socket"].as_str().unwrap());
+                let dir = PathBuf::from(k["dir"].as_str().unwrap());
+                assert_eq!(sock, dir.join("control.sock"));
+                let client = ControlClient::connect(&sock, Duration::from_secs(30))
+                    .expect("the control socket exists when the answer comes");
+                ForkedVm {
+                    pid: k["pid"].as_i64().unwrap() as i32,
+                    client,
+                    dir,
+                }
+            })
+            .collect()
+    }
+
+    /// The server's children that are parked in the pool.
+    pub fn parked(&self) -> Vec<i32> {
+        let handed = self.handed.borrow();
+        children_of(self.pid())
+            .into_iter()
+            .filter(|p| !handed.contains(p) && comm(*p).as_deref() == Some(POOLED))
+            .collect()
+    }
+
+    /// Waits (up to 30 s: the machine may be busy) until `n` children are
+    /// parked; returns them.
+    pub fn wait_parked(&self, n: usize) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let parked = self.parked();
+            if parked.len() == n {
+                return parked;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} children parked, expected {n}",
+                parked.len()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+pub fn comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
 }

@@ -64,6 +64,25 @@ pub fn vmm_binary(arg: Option<std::path::PathBuf>) -> std::path::PathBuf {
     vmm
 }
 
+/// Starts `forkd-vmm run --builtin` with `mem_mib` of RAM, no console,
+/// its control socket at `sock` and `extra` arguments (stdin closed).
+pub fn start_builtin(
+    vmm: &std::path::Path,
+    sock: &std::path::Path,
+    mem_mib: u64,
+    extra: &[&str],
+) -> std::process::Child {
+    std::process::Command::new(vmm)
+        .args(["run", "--builtin", "--console", "none", "--mem-mib"])
+        .arg(mem_mib.to_string())
+        .arg("--control-socket")
+        .arg(sock)
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", vmm.display()))
+}
+
 /// Connects to a control socket, retrying for up to 20 s while the VMM
 /// starts; calls on the client then wait up to `call_timeout`.
 pub fn connect_control(

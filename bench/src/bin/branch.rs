@@ -26,7 +26,6 @@
 //! [--modes full,diff,live,live-nowait,huge,huge-nowait]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,22 +80,7 @@ struct Vm {
 impl Vm {
     fn start(vmm: &Path, work: &Path, mem_mib: u64, backend: &str) -> Vm {
         let sock = work.join("vm.sock");
-        let child = Command::new(vmm)
-            .args([
-                "run",
-                "--builtin",
-                "--console",
-                "none",
-                "--mem-mib",
-                &mem_mib.to_string(),
-                "--memory-backend",
-                backend,
-            ])
-            .arg("--control-socket")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn forkd-vmm");
+        let child = bench::start_builtin(vmm, &sock, mem_mib, &["--memory-backend", backend]);
         let client = bench::connect_control(&sock, Duration::from_secs(600));
         Vm { child, client }
     }

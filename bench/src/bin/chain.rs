@@ -284,20 +284,7 @@ fn make_chain(
         args.step_mib
     );
     let sock = dir.join("parent.sock");
-    let mut parent = Command::new(&cleanup.vmm)
-        .args([
-            "run",
-            "--builtin",
-            "--console",
-            "none",
-            "--mem-mib",
-            &mem_mib.to_string(),
-        ])
-        .arg("--control-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn forkd-vmm run");
+    let mut parent = bench::start_builtin(&cleanup.vmm, &sock, mem_mib, &[]);
     cleanup.track(parent.id() as i32);
     let mut c = bench::connect_control(&sock, Duration::from_secs(120));
     let warm = Fill {

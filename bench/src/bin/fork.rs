@@ -237,20 +237,7 @@ fn main() {
 /// Boots a parent, writes `warm_mib` of memory, snapshots it paused.
 fn make_snapshot(vmm: &Path, work: &Path, snap: &Path, mem_mib: u64, warm_mib: u64) {
     let sock = work.join("parent.sock");
-    let mut parent = Command::new(vmm)
-        .args([
-            "run",
-            "--builtin",
-            "--console",
-            "none",
-            "--mem-mib",
-            &mem_mib.to_string(),
-        ])
-        .arg("--control-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn forkd-vmm");
+    let mut parent = bench::start_builtin(vmm, &sock, mem_mib, &[]);
     let mut c = bench::connect_control(&sock, Duration::from_secs(60));
     let fill = GuestRequest::Fill {
         seed: 1,

@@ -83,6 +83,44 @@ pub fn start_builtin(
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", vmm.display()))
 }
 
+/// A fork server's request for `n` plain children (no console log, no
+/// memfd, no namespaces) into `out`.
+pub fn fork_request(n: u32, out: &std::path::Path) -> proto::control::ForkRequest {
+    proto::control::ForkRequest::Fork {
+        n,
+        out_dir: out.to_owned(),
+        paused: false,
+        console_log: false,
+        memfd: false,
+        netns: Vec::new(),
+    }
+}
+
+/// One request to the fork server on `sock` (waiting up to 20 s for it to
+/// listen), and its answer.
+pub fn ask_fork_server(
+    sock: &std::path::Path,
+    req: &proto::control::ForkRequest,
+) -> proto::control::ForkResponse {
+    use std::io::{BufRead, BufReader, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "fork server did not start: {e}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let mut line = serde_json::to_vec(req).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("fork server said {answer:?}: {e}"))
+}
+
 /// Connects to a control socket, retrying for up to 20 s while the VMM
 /// starts; calls on the client then wait up to `call_timeout`.
 pub fn connect_control(

@@ -22,7 +22,7 @@
 //! Run: cargo build --release -p bench -p vmm-bin && target/release/chain [--children 100] [--mem-mib 128 1024] [--depth 1 4 16] [--runs 3]
 
 use std::cell::RefCell;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -440,14 +440,20 @@ fn steady(cleanup: &Cleanup, snap: &Path, out: &Path, n: u32) -> Duration {
         .spawn()
         .expect("spawn forkd-vmm fork-server");
     cleanup.track(server.id() as i32);
-    let warm = forked(cleanup, ask(&sock, &fork_request(1, &out.join("warm"))));
+    let warm = forked(
+        cleanup,
+        bench::ask_fork_server(&sock, &bench::fork_request(1, &out.join("warm"))),
+    );
     let mut c = bench::connect_control(&warm[0].control_socket, Duration::from_secs(10));
     ping(&mut c);
     let _ = c.call(&ControlRequest::Shutdown);
     wait_gone(&[warm[0].pid]);
 
     let start = Instant::now();
-    let children = forked(cleanup, ask(&sock, &fork_request(n, &out.join("kids"))));
+    let children = forked(
+        cleanup,
+        bench::ask_fork_server(&sock, &bench::fork_request(n, &out.join("kids"))),
+    );
     let halves: [Vec<&ForkedChild>; 2] = [
         children.iter().step_by(2).collect(),
         children.iter().skip(1).step_by(2).collect(),
@@ -481,7 +487,7 @@ fn steady(cleanup: &Cleanup, snap: &Path, out: &Path, n: u32) -> Duration {
     }
     let pids: Vec<i32> = children.iter().map(|c| c.pid).collect();
     wait_gone(&pids);
-    let _ = ask(&sock, &ForkRequest::Shutdown);
+    let _ = bench::ask_fork_server(&sock, &ForkRequest::Shutdown);
     let _ = server.wait();
     wall
 }
@@ -496,38 +502,6 @@ fn forked(cleanup: &Cleanup, answer: ForkResponse) -> Vec<ForkedChild> {
             children
         }
         other => panic!("fork failed: {other:?}"),
-    }
-}
-
-/// One request to the fork server on `sock` (waiting up to 20 s for it to
-/// listen), and its answer.
-fn ask(sock: &Path, req: &ForkRequest) -> ForkResponse {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut s = loop {
-        match std::os::unix::net::UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "fork server did not start: {e}");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    };
-    let mut line = serde_json::to_vec(req).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).unwrap();
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("fork server said {answer:?}: {e}"))
-}
-
-fn fork_request(n: u32, out: &Path) -> ForkRequest {
-    ForkRequest::Fork {
-        n,
-        out_dir: out.to_owned(),
-        paused: false,
-        console_log: false,
-        memfd: false,
-        netns: Vec::new(),
     }
 }
 

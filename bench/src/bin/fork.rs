@@ -332,30 +332,15 @@ impl Server {
     }
 
     fn ask(&self, req: &ForkRequest) -> ForkResponse {
-        use std::io::{BufRead, BufReader, Write};
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match std::os::unix::net::UnixStream::connect(&self.sock) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "fork server did not start: {e}");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        };
-        let mut line = serde_json::to_vec(req).unwrap();
-        line.push(b'\n');
-        s.write_all(&line).unwrap();
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).unwrap();
+        let answer = bench::ask_fork_server(&self.sock, req);
         self.last_answer.set(Some(Instant::now()));
-        serde_json::from_str(&answer).unwrap()
+        answer
     }
 
     /// One child, so the server is up (its snapshot parsed) before a clock
     /// starts; shut down at once.
     fn warm_up(&self, out: &Path) {
-        match self.ask(&fork_request(1, out)) {
+        match self.ask(&bench::fork_request(1, out)) {
             ForkResponse::Forked { children } => {
                 let mut c =
                     bench::connect_control(&children[0].control_socket, Duration::from_secs(10));
@@ -377,7 +362,7 @@ impl Server {
             .collect();
         let server_before = process_cpu(server_pid);
         let start = Instant::now();
-        let answer = self.ask(&fork_request(n, out));
+        let answer = self.ask(&bench::fork_request(n, out));
         let answered = start.elapsed();
         // Before the pool's refill adds to it.
         let server_cpu = process_cpu(server_pid).saturating_sub(server_before);
@@ -477,17 +462,6 @@ fn children_of(pid: i32) -> Vec<i32> {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect()
-}
-
-fn fork_request(n: u32, out: &Path) -> ForkRequest {
-    ForkRequest::Fork {
-        n,
-        out_dir: out.to_owned(),
-        paused: false,
-        console_log: false,
-        memfd: false,
-        netns: Vec::new(),
-    }
 }
 
 /// Shuts the children down and waits until they are gone.

@@ -2,7 +2,7 @@
 //!
 //! Snapshots, their dependencies and the sandboxes live here, so a
 //! restarted daemon knows what it had. The schema is versioned with
-//! `PRAGMA user_version`; [`MIGRATIONS`] brings an older file up to date.
+//! `PRAGMA user_version`; `MIGRATIONS` brings an older file up to date.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -121,6 +121,43 @@ pub fn ask_fork_server(
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("fork server said {answer:?}: {e}"))
 }
 
+/// Connects to every control socket in `sockets` and has its guest answer
+/// a ping, on two client threads (one per core of the machines this runs
+/// on), the sockets taken alternately; the clients, in no fixed order.
+pub fn ping_all(sockets: &[&std::path::Path]) -> Vec<proto::control::ControlClient> {
+    use proto::control::{ControlRequest, ControlResponse};
+    let halves: [Vec<&std::path::Path>; 2] = [
+        sockets.iter().step_by(2).copied().collect(),
+        sockets.iter().skip(1).step_by(2).copied().collect(),
+    ];
+    std::thread::scope(|s| {
+        let handles: Vec<_> = halves
+            .into_iter()
+            .map(|half| {
+                s.spawn(move || {
+                    half.into_iter()
+                        .map(|sock| {
+                            let mut c = connect_control(sock, Duration::from_secs(60));
+                            let r = c
+                                .call(&ControlRequest::Guest {
+                                    request: proto::guest::GuestRequest::Ping,
+                                    timeout_ms: Some(10_000),
+                                })
+                                .expect("ping");
+                            assert!(matches!(r, ControlResponse::Guest { .. }), "ping: {r:?}");
+                            c
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    })
+}
+
 /// Connects to a control socket, retrying for up to 20 s while the VMM
 /// starts; calls on the client then wait up to `call_timeout`.
 pub fn connect_control(

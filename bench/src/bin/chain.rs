@@ -454,33 +454,11 @@ fn steady(cleanup: &Cleanup, snap: &Path, out: &Path, n: u32) -> Duration {
         cleanup,
         bench::ask_fork_server(&sock, &bench::fork_request(n, &out.join("kids"))),
     );
-    let halves: [Vec<&ForkedChild>; 2] = [
-        children.iter().step_by(2).collect(),
-        children.iter().skip(1).step_by(2).collect(),
-    ];
-    let clients: Vec<ControlClient> = std::thread::scope(|s| {
-        let handles: Vec<_> = halves
-            .into_iter()
-            .map(|half| {
-                s.spawn(move || {
-                    half.into_iter()
-                        .map(|child| {
-                            let mut c = bench::connect_control(
-                                &child.control_socket,
-                                Duration::from_secs(60),
-                            );
-                            ping(&mut c);
-                            c
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
+    let sockets: Vec<&Path> = children
+        .iter()
+        .map(|c| c.control_socket.as_path())
+        .collect();
+    let clients = bench::ping_all(&sockets);
     let wall = start.elapsed();
     for mut c in clients {
         let _ = c.call(&ControlRequest::Shutdown);

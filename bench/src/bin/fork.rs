@@ -373,36 +373,8 @@ impl Server {
                 .collect(),
             other => panic!("fork failed: {other:?}"),
         };
-        let halves: Vec<Vec<(i32, PathBuf)>> = vec![
-            children.iter().step_by(2).cloned().collect(),
-            children.iter().skip(1).step_by(2).cloned().collect(),
-        ];
-        let clients: Vec<ControlClient> = std::thread::scope(|s| {
-            let handles: Vec<_> = halves
-                .into_iter()
-                .map(|half| {
-                    s.spawn(move || {
-                        half.into_iter()
-                            .map(|(_, sock)| {
-                                let mut c = bench::connect_control(&sock, Duration::from_secs(60));
-                                let r = c
-                                    .call(&ControlRequest::Guest {
-                                        request: GuestRequest::Ping,
-                                        timeout_ms: Some(10_000),
-                                    })
-                                    .unwrap();
-                                assert!(matches!(r, ControlResponse::Guest { .. }), "{r:?}");
-                                c
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect()
-        });
+        let sockets: Vec<&Path> = children.iter().map(|(_, s)| s.as_path()).collect();
+        let clients = bench::ping_all(&sockets);
         let wall = start.elapsed();
         let children_cpu = children
             .iter()

@@ -106,8 +106,8 @@ impl<'a> Namespaces<'a> {
     }
 
     /// Keeps them: their owners remove them.
-    pub fn keep(mut self) -> Vec<String> {
-        std::mem::take(&mut self.names)
+    pub fn keep(mut self) {
+        self.names.clear();
     }
 }
 

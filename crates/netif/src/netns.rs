@@ -63,8 +63,18 @@ fn mount(src: &str, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {
 
 /// Makes [`RUN_DIR`] and, as iproute2 does, a shared mount, so the
 /// namespaces mounted in it reach mount namespaces made later (`ip netns
-/// exec` makes one).
+/// exec` makes one). Once a process: a spawn makes many namespaces.
 fn ensure_run_dir() -> io::Result<()> {
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    if READY.get().is_some() {
+        return Ok(());
+    }
+    make_run_dir()?;
+    let _ = READY.set(());
+    Ok(())
+}
+
+fn make_run_dir() -> io::Result<()> {
     std::fs::create_dir_all(RUN_DIR)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {RUN_DIR}: {e}")))?;
     let dir = Path::new(RUN_DIR);

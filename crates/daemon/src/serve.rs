@@ -56,7 +56,8 @@ pub struct ServeArgs {
     /// from snapshots with a network interface, so a spawn of up to N
     /// such children makes none on its request path; made once such a
     /// snapshot exists, refilled after each spawn, removed at shutdown.
-    /// Each holds about 260 KiB of kernel memory. 0 (the default): none.
+    /// Each holds about 250 KiB of kernel memory (bench/netns). 0 (the
+    /// default): none.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub netns_pool: u32,
 }

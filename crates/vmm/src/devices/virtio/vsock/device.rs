@@ -16,6 +16,14 @@
 //! otherwise it is left in the kernel's socket buffer (and taken out of the
 //! epoll set so it does not spin the worker).
 //!
+//! Closing: a guest that shuts a connection down in both directions (or
+//! resets it) may do so right behind its last data, while the host reader
+//! is behind. The bytes the device still holds for the host are not
+//! dropped: the connection leaves the guest's port space (the guest gets
+//! its RST at once) and becomes a [`Drain`] that writes the rest as the
+//! host reads it, then closes the host's stream. Every connection the
+//! device ends on its own is logged ([`ConnLog`]).
+//!
 //! A restored device has no connections: on activation it sends the guest a
 //! TRANSPORT_RESET event, and the guest resets every connection it had.
 
@@ -24,11 +32,15 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
+use super::conn::{describe, Conn, ConnState, Drain, Initiator, Key};
+use super::log::ConnLog;
 use super::packet::*;
 use crate::devices::virtio::queue::{self, pop_chain};
 use crate::devices::virtio::{
@@ -56,7 +68,15 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
 const EVENT_TRANSPORT_RESET: u32 = 0;
 
+/// How long a host reader may take no byte of a finished connection's
+/// tail before the device gives up on it (and logs what it dropped). A
+/// Linux guest waits 8 s for its own close; a host client gets longer.
+pub(super) const DRAIN_IDLE: Duration = Duration::from_secs(60);
+
 const LISTENER_TOKEN: u64 = 0;
+/// The drain deadline's timer.
+const TIMER_TOKEN: u64 = 1;
+const FIRST_CONN_TOKEN: u64 = 2;
 
 /// Errors setting up the host side.
 #[derive(Debug, thiserror::Error)]
@@ -69,72 +89,16 @@ pub enum VsockError {
         /// Why.
         source: std::io::Error,
     },
+    /// The drain timer could not be made.
+    #[error(
+        "cannot create the vsock device's timer: {0}; the process may be out of file descriptors"
+    )]
+    Timer(std::io::Error),
     /// A CID the guest cannot have.
     #[error(
         "guest CID {0} is reserved: use 3 or more (0-2 are the hypervisor, local and host CIDs)"
     )]
     Cid(u64),
-}
-
-/// (host port, guest port).
-type Key = (u32, u32);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConnState {
-    /// Host-initiated: REQUEST sent to the guest, waiting for RESPONSE.
-    Connecting,
-    Established,
-}
-
-#[derive(Debug)]
-struct Conn {
-    stream: UnixStream,
-    token: u64,
-    state: ConnState,
-    /// In the epoll set for reading.
-    reading: bool,
-    /// Bytes from the guest not yet written to the host.
-    to_host: Vec<u8>,
-    /// Waiting for the socket to take `to_host`.
-    writing: bool,
-    /// Bytes consumed (written to the host) in total.
-    fwd_cnt: u32,
-    /// fwd_cnt last told to the guest.
-    fwd_cnt_sent: u32,
-    /// Bytes sent to the guest in total.
-    tx_cnt: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
-    /// The guest will send no more: shut the host's write side once `to_host` drains.
-    shut_to_host: bool,
-    /// The host will send no more (read returned end of file).
-    host_eof: bool,
-}
-
-impl Conn {
-    fn new(stream: UnixStream, token: u64, state: ConnState) -> Self {
-        Conn {
-            stream,
-            token,
-            state,
-            reading: false,
-            to_host: Vec::new(),
-            writing: false,
-            fwd_cnt: 0,
-            fwd_cnt_sent: 0,
-            tx_cnt: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            shut_to_host: false,
-            host_eof: false,
-        }
-    }
-
-    /// Bytes the guest can still take.
-    fn peer_credit(&self) -> u32 {
-        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
 }
 
 /// A host connection that has not named its port yet.
@@ -148,6 +112,45 @@ struct Pending {
 enum Owner {
     Pending,
     Conn(Key),
+    Drain,
+}
+
+/// Why the device ends a connection on its own (the log's words).
+#[derive(Debug)]
+enum Abort {
+    HostWrite(std::io::Error),
+    HostRead(std::io::Error),
+    PastCredit { held: usize, len: usize },
+    DataBeforeEstablished,
+    UnexpectedResponse,
+    BadPayload { claimed: u32, got: usize },
+    UnknownOp(u16),
+    ResponseLine(std::io::Error),
+}
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abort::HostWrite(e) => write!(f, "writing to the host's socket failed ({e})"),
+            Abort::HostRead(e) => write!(f, "reading the host's socket failed ({e})"),
+            Abort::PastCredit { held, len } => write!(
+                f,
+                "the guest sent {len} bytes with {held} already buffered, past the {CONN_BUF} bytes of credit it was given"
+            ),
+            Abort::DataBeforeEstablished => {
+                f.write_str("the guest sent data before the connection was established")
+            }
+            Abort::UnexpectedResponse => {
+                f.write_str("the guest answered a connection request nobody made")
+            }
+            Abort::BadPayload { claimed, got } => write!(
+                f,
+                "a guest packet claimed {claimed} bytes of payload and carried {got} (at most {MAX_PKT_PAYLOAD})"
+            ),
+            Abort::UnknownOp(op) => write!(f, "the guest sent unknown operation {op}"),
+            Abort::ResponseLine(e) => write!(f, "telling the host the connection is up failed ({e})"),
+        }
+    }
 }
 
 /// A virtio socket device.
@@ -160,6 +163,14 @@ pub struct Vsock {
     pub(super) active: Option<ActivateContext>,
     conns: HashMap<Key, Conn>,
     pending: HashMap<u64, Pending>,
+    /// Finished connections whose last bytes are still going to the host,
+    /// by token.
+    drains: HashMap<u64, Drain>,
+    /// Fires when the oldest drain may have gone idle too long.
+    timer: TimerFd,
+    timer_armed: bool,
+    drain_idle: Duration,
+    log: ConnLog,
     owners: HashMap<u64, Owner>,
     /// Control packets for the guest.
     ctrl: VecDeque<Header>,
@@ -181,6 +192,7 @@ impl Vsock {
             return Err(VsockError::Cid(cid));
         }
         let listener = bind(uds_path)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
         Ok(Vsock {
             cid,
             uds_path: uds_path.to_owned(),
@@ -190,9 +202,14 @@ impl Vsock {
             active: None,
             conns: HashMap::new(),
             pending: HashMap::new(),
+            drains: HashMap::new(),
+            timer,
+            timer_armed: false,
+            drain_idle: DRAIN_IDLE,
+            log: ConnLog::stderr(),
             owners: HashMap::new(),
             ctrl: VecDeque::new(),
-            next_token: 1,
+            next_token: FIRST_CONN_TOKEN,
             next_host_port: FIRST_HOST_PORT,
             reset_event_due: false,
             bounce: vec![0u8; MAX_PKT_PAYLOAD as usize],
@@ -217,6 +234,16 @@ impl Vsock {
         self.conns.len()
     }
 
+    /// Finished connections whose last bytes are still going to the host.
+    pub fn draining_count(&self) -> usize {
+        self.drains.len()
+    }
+
+    /// Connections of any kind: the ones MAX_CONNS bounds.
+    fn open_count(&self) -> usize {
+        self.conns.len() + self.pending.len() + self.drains.len()
+    }
+
     fn header(&self, key: Key, op: u16) -> Header {
         let fwd_cnt = self.conns.get(&key).map_or(0, |c| c.fwd_cnt);
         Header {
@@ -236,6 +263,11 @@ impl Vsock {
     fn push_ctrl(&mut self, h: Header) {
         if self.ctrl.len() < MAX_PENDING_CTRL {
             self.ctrl.push_back(h);
+        } else {
+            self.log.line(format_args!(
+                "connection host port {} / guest port {}: a control packet (op {}) for the guest was dropped: {MAX_PENDING_CTRL} already wait for guest receive buffers",
+                h.src_port, h.dst_port, h.op
+            ));
         }
     }
 
@@ -252,13 +284,11 @@ impl Vsock {
         let Some(c) = self.conns.get(&key) else {
             return;
         };
-        let want_read = c.state == ConnState::Established;
-        let want_write = c.writing;
         let mut ev = EventSet::empty();
-        if want_read && c.reading {
+        if c.reading && c.wants_host_data() {
             ev |= EventSet::IN;
         }
-        if want_write {
+        if c.writing {
             ev |= EventSet::OUT;
         }
         let fd = c.stream.as_raw_fd();
@@ -272,12 +302,146 @@ impl Vsock {
         }
     }
 
-    fn close(&mut self, key: Key) {
-        if let Some(c) = self.conns.remove(&key) {
-            if let Some(events) = self.events() {
-                let _ = events.remove(c.stream.as_raw_fd());
+    /// Forgets a connection; its host stream closes with it.
+    fn close(&mut self, key: Key) -> Option<Conn> {
+        let c = self.conns.remove(&key)?;
+        if let Some(events) = self.events() {
+            let _ = events.remove(c.stream.as_raw_fd());
+        }
+        self.owners.remove(&c.token);
+        Some(c)
+    }
+
+    /// Ends a connection on the device's own account: closes it, resets the
+    /// guest's side, and logs why and what it dropped.
+    fn abort(&mut self, key: Key, why: Abort) {
+        let Some(c) = self.close(key) else {
+            return self.send_rst(key);
+        };
+        self.send_rst(key);
+        let name = c.describe(key);
+        self.log.line(format_args!(
+            "{name} closed: {why}; {} bytes for the host dropped",
+            c.to_host.len()
+        ));
+    }
+
+    /// The guest is finished with the connection (both directions shut
+    /// down, or reset; `reset` says which). What it sent still reaches the
+    /// host: a connection with bytes waiting becomes a drain.
+    fn guest_finished(&mut self, key: Key, reset: bool) {
+        let Some(c) = self.close(key) else {
+            return;
+        };
+        if !reset {
+            self.send_rst(key);
+        }
+        if c.to_host.is_empty() {
+            return; // The host's stream closes here: it reads end of file.
+        }
+        let token = c.token;
+        let drain = Drain {
+            name: c.describe(key),
+            stream: c.stream,
+            to_host: c.to_host,
+            progress_at: Instant::now(),
+        };
+        let registered = self
+            .events()
+            .map(|e| e.add(drain.stream.as_raw_fd(), token, EventSet::OUT));
+        if let Some(Err(e)) = registered {
+            self.log.line(format_args!(
+                "{} closed by the guest: cannot wait for the host's socket ({e}); {} bytes for the host dropped",
+                drain.name,
+                drain.to_host.len()
+            ));
+            return;
+        }
+        self.owners.insert(token, Owner::Drain);
+        self.drains.insert(token, drain);
+        self.arm_timer();
+    }
+
+    /// Writes a drain's bytes as the host takes them; ends it when all are
+    /// written or the host is gone.
+    fn flush_drain(&mut self, token: u64) {
+        let Some(d) = self.drains.get_mut(&token) else {
+            return;
+        };
+        match d.to_host.write_to(&mut d.stream) {
+            Ok(0) => return,
+            Ok(_) if !d.to_host.is_empty() => {
+                d.progress_at = Instant::now();
+                return;
             }
-            self.owners.remove(&c.token);
+            Ok(_) => {}
+            Err(e) => {
+                self.log.line(format_args!(
+                    "{} closed by the guest: writing its last bytes to the host failed ({e}); {} bytes for the host dropped",
+                    d.name,
+                    d.to_host.len()
+                ));
+            }
+        }
+        self.end_drain(token);
+    }
+
+    /// Removes a drain; its host stream closes (the host reads end of file).
+    fn end_drain(&mut self, token: u64) -> Option<Drain> {
+        let d = self.drains.remove(&token)?;
+        self.owners.remove(&token);
+        if let Some(events) = self.events() {
+            let _ = events.remove(d.stream.as_raw_fd());
+        }
+        Some(d)
+    }
+
+    /// Gives up on drains whose host took nothing for `drain_idle`; arms
+    /// the timer for the next one due.
+    fn expire_drains(&mut self) {
+        self.timer_armed = false;
+        let now = Instant::now();
+        let idle = self.drain_idle;
+        let due: Vec<u64> = self
+            .drains
+            .iter()
+            .filter(|(_, d)| now.duration_since(d.progress_at) >= idle)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in due {
+            if let Some(d) = self.end_drain(token) {
+                self.log.line(format_args!(
+                    "{} closed by the guest: the host read nothing of its last bytes for {} s; {} bytes for the host dropped",
+                    d.name,
+                    idle.as_secs_f32(),
+                    d.to_host.len()
+                ));
+            }
+        }
+        self.arm_timer();
+    }
+
+    /// Arms the timer for the oldest drain's deadline, or disarms it when
+    /// there is none. (Setting the timer also clears an expiry not yet read,
+    /// so the worker never blocks reading it.)
+    fn arm_timer(&mut self) {
+        let next = self.drains.values().map(|d| d.progress_at).min();
+        let result = match next {
+            Some(at) if !self.timer_armed => {
+                let wait = (at + self.drain_idle).saturating_duration_since(Instant::now());
+                self.timer_armed = true;
+                self.timer.reset(wait.max(Duration::from_millis(1)), None)
+            }
+            Some(_) => Ok(()),
+            None => {
+                self.timer_armed = false;
+                self.timer.clear()
+            }
+        };
+        if let Err(e) = result {
+            self.log.line(format_args!(
+                "the drain timer failed ({e}); a host that never reads may hold a finished connection's bytes"
+            ));
         }
     }
 
@@ -296,8 +460,12 @@ impl Vsock {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => return,
             };
-            if self.pending.len() + self.conns.len() >= MAX_CONNS {
-                continue; // Dropped: the host sees the stream close.
+            if self.open_count() >= MAX_CONNS {
+                // Dropped: the host sees the stream close.
+                self.log.line(format_args!(
+                    "a host connection was refused: {MAX_CONNS} connections are open"
+                ));
+                continue;
             }
             if stream.set_nonblocking(true).is_err() {
                 continue;
@@ -343,16 +511,29 @@ impl Vsock {
             let _ = events.remove(p.stream.as_raw_fd());
         }
         let port = done.ok().and_then(|()| parse_connect(&p.line));
-        let (Some(port), true) = (port, self.ctrl.len() < MAX_PENDING_CTRL) else {
+        let Some(port) = port else {
+            self.log.line(format_args!(
+                "a host connection was refused: its first line was not CONNECT <port>"
+            ));
             let mut s = p.stream;
             let _ = s.write_all(b"ERROR bad CONNECT line: send \"CONNECT <port>\\n\"\n");
             return;
         };
+        if self.ctrl.len() >= MAX_PENDING_CTRL {
+            self.log.line(format_args!(
+                "a host connection to guest port {port} was refused: the guest takes no packets ({MAX_PENDING_CTRL} wait for its receive buffers)"
+            ));
+            let mut s = p.stream;
+            let _ = s.write_all(b"ERROR the guest takes no packets: try again later\n");
+            return;
+        }
         let host_port = self.alloc_host_port(port);
         let key = (host_port, port);
         self.owners.insert(token, Owner::Conn(key));
-        self.conns
-            .insert(key, Conn::new(p.stream, token, ConnState::Connecting));
+        self.conns.insert(
+            key,
+            Conn::new(p.stream, token, Initiator::Host, ConnState::Connecting),
+        );
         let h = self.header(key, OP_REQUEST);
         self.push_ctrl(h);
         self.deliver_rx();
@@ -376,29 +557,15 @@ impl Vsock {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
-        let mut failed = false;
-        while !c.to_host.is_empty() {
-            match c.stream.write(&c.to_host) {
-                Ok(n) => {
-                    c.to_host.drain(..n);
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if failed {
-            self.close(key);
-            self.send_rst(key);
-            return;
+        match c.to_host.write_to(&mut c.stream) {
+            Ok(n) => c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32),
+            Err(e) => return self.abort(key, Abort::HostWrite(e)),
         }
         let was_writing = c.writing;
         c.writing = !c.to_host.is_empty();
-        if c.to_host.is_empty() && c.shut_to_host {
+        if c.to_host.is_empty() && c.peer_shut & SHUTDOWN_SEND != 0 && !c.host_write_shut {
+            // The guest sends no more and all it sent is written.
+            c.host_write_shut = true;
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
         }
         let owed = c.fwd_cnt.wrapping_sub(c.fwd_cnt_sent);
@@ -434,11 +601,16 @@ impl Vsock {
                     };
                     if h.op != OP_RW || (n == len && h.len <= MAX_PKT_PAYLOAD) {
                         self.handle_guest_packet(&h, &payload[..n]);
-                    } else if h.op != OP_RST {
+                    } else {
                         // A payload shorter than its header says, or too big.
                         let key = (h.dst_port, h.src_port);
-                        self.close(key);
-                        self.send_rst(key);
+                        self.abort(
+                            key,
+                            Abort::BadPayload {
+                                claimed: h.len,
+                                got: n,
+                            },
+                        );
                     }
                     self.tx_buf = payload;
                 }
@@ -471,16 +643,14 @@ impl Vsock {
                     return self.send_rst(key);
                 };
                 if c.state != ConnState::Connecting {
-                    self.close(key);
-                    return self.send_rst(key);
+                    return self.abort(key, Abort::UnexpectedResponse);
                 }
                 c.state = ConnState::Established;
                 c.reading = true;
                 let line = format!("OK {}\n", key.0);
                 // The stream is fresh: a short line fits its socket buffer.
-                if c.stream.write_all(line.as_bytes()).is_err() {
-                    self.close(key);
-                    return self.send_rst(key);
+                if let Err(e) = c.stream.write_all(line.as_bytes()) {
+                    return self.abort(key, Abort::ResponseLine(e));
                 }
                 self.set_conn_interest(key);
                 self.read_host(key);
@@ -489,14 +659,15 @@ impl Vsock {
                 let Some(c) = self.conns.get_mut(&key) else {
                     return self.send_rst(key);
                 };
-                if c.state != ConnState::Established
-                    || c.to_host.len() + payload.len() > CONN_BUF as usize
-                {
-                    // Data before the connection is up, or past the credit given.
-                    self.close(key);
-                    return self.send_rst(key);
+                if c.state != ConnState::Established {
+                    return self.abort(key, Abort::DataBeforeEstablished);
                 }
-                c.to_host.extend_from_slice(payload);
+                if c.to_host.len() + payload.len() > CONN_BUF as usize {
+                    let held = c.to_host.len();
+                    let len = payload.len();
+                    return self.abort(key, Abort::PastCredit { held, len });
+                }
+                c.to_host.push(payload);
                 self.flush_to_host(key);
             }
             OP_CREDIT_UPDATE => self.read_host(key),
@@ -508,42 +679,51 @@ impl Vsock {
                 }
             }
             OP_SHUTDOWN => {
-                if !self.conns.contains_key(&key) {
+                let Some(c) = self.conns.get_mut(&key) else {
                     return;
-                }
-                if h.flags & SHUTDOWN_RCV != 0 && h.flags & SHUTDOWN_SEND != 0 {
-                    // Both ways: flush what we can, then the connection ends.
+                };
+                // Flags add up: SEND now and RCV later is both ways.
+                c.peer_shut |= h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                if c.peer_done() {
                     self.flush_to_host(key);
-                    self.close(key);
-                    self.send_rst(key);
-                } else if h.flags & SHUTDOWN_SEND != 0 {
-                    if let Some(c) = self.conns.get_mut(&key) {
-                        c.shut_to_host = true;
-                    }
+                    self.guest_finished(key, false);
+                } else {
+                    // SEND: the host's write side shuts once the buffer is
+                    // written. RCV: host bytes stop going to the guest.
                     self.flush_to_host(key);
+                    self.set_conn_interest(key);
                 }
             }
-            OP_RST => self.close(key),
-            _ => {
-                self.close(key);
-                self.send_rst(key);
+            OP_RST => {
+                self.flush_to_host(key);
+                self.guest_finished(key, true);
             }
+            op => self.abort(key, Abort::UnknownOp(op)),
         }
     }
 
     /// A guest connection to host port `key.0`: connect to `<uds_path>_<port>`.
     fn guest_connect(&mut self, key: Key, h: &Header) {
-        if self.conns.contains_key(&key) || self.conns.len() + self.pending.len() >= MAX_CONNS {
+        if self.conns.contains_key(&key) {
+            return self.abort(key, Abort::UnexpectedResponse);
+        }
+        if self.open_count() >= MAX_CONNS {
+            self.log.line(format_args!(
+                "{} refused: {MAX_CONNS} connections are open",
+                describe(key, Initiator::Guest)
+            ));
             return self.send_rst(key);
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.0));
+        // Nobody listening is the guest's answer (a reset), not the device's
+        // decision: not logged.
         let stream = match UnixStream::connect(&path) {
             Ok(s) if s.set_nonblocking(true).is_ok() => s,
             _ => return self.send_rst(key),
         };
         let token = self.alloc_token();
-        let mut c = Conn::new(stream, token, ConnState::Established);
+        let mut c = Conn::new(stream, token, Initiator::Guest, ConnState::Established);
         c.reading = true;
         c.peer_buf_alloc = h.buf_alloc;
         c.peer_fwd_cnt = h.fwd_cnt;
@@ -563,7 +743,7 @@ impl Vsock {
             let Some(c) = self.conns.get(&key) else {
                 return;
             };
-            if c.state != ConnState::Established || c.host_eof {
+            if !c.wants_host_data() {
                 return;
             }
             let credit = c.peer_credit();
@@ -600,10 +780,15 @@ impl Vsock {
             };
             let n = match read {
                 Ok(0) => {
-                    // The host closed (or shut its write side): tell the guest.
+                    // The host closed, or shut only its write side: tell the
+                    // guest which (a half-closed host still reads).
+                    let hung_up = host_hung_up(&c.stream);
                     self.queues[RXQ].go_to_previous_position();
                     let mut h = self.header(key, OP_SHUTDOWN);
-                    h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                    h.flags = SHUTDOWN_SEND;
+                    if hung_up {
+                        h.flags |= SHUTDOWN_RCV;
+                    }
                     let c = self.conns.get_mut(&key).expect("present");
                     c.reading = false;
                     c.host_eof = true;
@@ -621,10 +806,9 @@ impl Vsock {
                     }
                     return;
                 }
-                Err(_) => {
+                Err(e) => {
                     self.queues[RXQ].go_to_previous_position();
-                    self.close(key);
-                    self.send_rst(key);
+                    self.abort(key, Abort::HostRead(e));
                     self.deliver_rx();
                     return;
                 }
@@ -668,12 +852,7 @@ impl Vsock {
         let keys: Vec<Key> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                c.state == ConnState::Established
-                    && !c.reading
-                    && !c.host_eof
-                    && c.peer_credit() > 0
-            })
+            .filter(|(_, c)| c.wants_host_data() && !c.reading && c.peer_credit() > 0)
             .map(|(k, _)| *k)
             .collect();
         for key in keys {
@@ -712,8 +891,27 @@ impl Vsock {
     fn drop_connections(&mut self) {
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for k in keys {
-            self.close(k);
+            if let Some(c) = self.close(k) {
+                if !c.to_host.is_empty() {
+                    self.log.line(format_args!(
+                        "{} closed: the device was reset; {} bytes for the host dropped",
+                        c.describe(k),
+                        c.to_host.len()
+                    ));
+                }
+            }
         }
+        let tokens: Vec<u64> = self.drains.keys().copied().collect();
+        for t in tokens {
+            if let Some(d) = self.end_drain(t) {
+                self.log.line(format_args!(
+                    "{} closed by the guest: the device was reset; {} bytes for the host dropped",
+                    d.name,
+                    d.to_host.len()
+                ));
+            }
+        }
+        self.arm_timer();
         for (_, p) in self.pending.drain() {
             if let Some(a) = &self.active {
                 let _ = a.events.remove(p.stream.as_raw_fd());
@@ -722,6 +920,20 @@ impl Vsock {
         self.owners.clear();
         self.ctrl.clear();
     }
+}
+
+/// Whether the host closed its socket entirely (not just its write side).
+fn host_hung_up(stream: &UnixStream) -> bool {
+    let mut p = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and a zero timeout: poll only reports.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    // A Unix stream whose peer closed reports POLLHUP; one whose peer only
+    // shut its write side reports POLLRDHUP without it.
+    n == 1 && p.revents & libc::POLLHUP != 0
 }
 
 fn parse_connect(line: &[u8]) -> Option<u32> {
@@ -776,6 +988,9 @@ impl VirtioDevice for Vsock {
         ctx.events
             .add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
             .map_err(|e| ActivateError::Backend(format!("cannot watch the vsock socket: {e}")))?;
+        ctx.events
+            .add(self.timer.as_raw_fd(), TIMER_TOKEN, EventSet::IN)
+            .map_err(|e| ActivateError::Backend(format!("cannot watch the vsock timer: {e}")))?;
         self.active = Some(ctx);
         self.send_reset_event();
         self.accept_host();
@@ -797,7 +1012,12 @@ impl VirtioDevice for Vsock {
             self.accept_host();
             return;
         }
+        if token == TIMER_TOKEN {
+            self.expire_drains();
+            return;
+        }
         match self.owners.get(&token).copied() {
+            Some(Owner::Drain) => self.flush_drain(token),
             Some(Owner::Pending) => self.read_connect_line(token),
             Some(Owner::Conn(key)) => {
                 if events.contains(EventSet::OUT) {
@@ -815,363 +1035,11 @@ impl VirtioDevice for Vsock {
         self.drop_connections();
         if let Some(a) = self.active.take() {
             let _ = a.events.remove(self.listener.as_raw_fd());
+            let _ = a.events.remove(self.timer.as_raw_fd());
         }
         self.reset_event_due = false;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::{BufRead, BufReader};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use vmm_sys_util::epoll::{Epoll, EpollEvent};
-    use vmm_sys_util::eventfd::EventFd;
-
-    use super::*;
-    use crate::devices::virtio::test_utils::{guest_memory, GuestQueue, D};
-    use crate::devices::virtio::{EventRegistry, Interrupt, DEVICE_TOKEN_BASE};
-    use crate::memory::GuestMemoryMmap;
-
-    const GUEST_BUF: u32 = 64 * 1024;
-
-    /// A vsock device and the guest-side queues driving it, with a small
-    /// event loop standing in for the transport's worker.
-    struct Rig {
-        dev: Vsock,
-        epoll: Arc<Epoll>,
-        rx: GuestQueue,
-        tx: GuestQueue,
-        ev: GuestQueue,
-        cid: u64,
-        path: PathBuf,
-        /// Next guest buffer address.
-        buf: std::cell::Cell<u64>,
-        guest_fwd: std::cell::Cell<u32>,
-    }
-
-    fn path(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("forkd-vsock-{name}-{}.sock", std::process::id()))
-    }
-
-    fn rig_with(mem: &GuestMemoryMmap, dev: Vsock, base: u64) -> Rig {
-        let mut dev = dev;
-        let rx = GuestQueue::at(mem, 64, base);
-        let tx = GuestQueue::at(mem, 64, base + 0x8000);
-        let ev = GuestQueue::at(mem, 64, base + 0x10000);
-        rx.configure(&mut dev.queues[RXQ]);
-        tx.configure(&mut dev.queues[TXQ]);
-        ev.configure(&mut dev.queues[EVQ]);
-        let epoll = Arc::new(Epoll::new().unwrap());
-        let cid = dev.cid;
-        let path = dev.uds_path.clone();
-        let r = Rig {
-            dev,
-            epoll: epoll.clone(),
-            rx,
-            tx,
-            ev,
-            cid,
-            path,
-            buf: std::cell::Cell::new(base + 0x20_0000),
-            guest_fwd: std::cell::Cell::new(0),
-        };
-        let mut r = r;
-        r.dev
-            .activate(ActivateContext {
-                mem: mem.clone(),
-                interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-                events: EventRegistry::new(epoll),
-            })
-            .unwrap();
-        r
-    }
-
-    fn rig(name: &str, cid: u64) -> (Rig, GuestMemoryMmap) {
-        let mem = guest_memory();
-        let dev = Vsock::new(cid, &path(name)).unwrap();
-        (rig_with(&mem, dev, 0x1000), mem)
-    }
-
-    impl Rig {
-        fn alloc(&self, len: u64) -> u64 {
-            let a = self.buf.get();
-            self.buf.set(a + len.next_multiple_of(0x1000));
-            a
-        }
-
-        /// Posts `n` receive buffers.
-        fn post_rx(&mut self, n: usize) {
-            for _ in 0..n {
-                let a = self.alloc(u64::from(GUEST_BUF) + HDR_LEN as u64);
-                self.rx.add_chain(&[D::w(a, GUEST_BUF + HDR_LEN as u32)]);
-            }
-            self.dev.process_queue(RXQ);
-        }
-
-        /// Sends a packet from the guest.
-        fn send(&mut self, op: u16, src_port: u32, dst_port: u32, flags: u32, data: &[u8]) {
-            let h = Header {
-                src_cid: self.cid,
-                dst_cid: HOST_CID,
-                src_port,
-                dst_port,
-                len: data.len() as u32,
-                type_: TYPE_STREAM,
-                op,
-                flags,
-                buf_alloc: GUEST_BUF,
-                fwd_cnt: self.guest_fwd.get(),
-            };
-            let a = self.alloc(HDR_LEN as u64 + data.len() as u64);
-            self.tx.write(a, &h.encode());
-            self.tx.write(a + HDR_LEN as u64, data);
-            self.tx.add_chain(&[D::r(a, (HDR_LEN + data.len()) as u32)]);
-            self.dev.process_queue(TXQ);
-        }
-
-        /// Runs the device's host side until the guest receives a packet.
-        fn recv(&mut self) -> (Header, Vec<u8>) {
-            let start = Instant::now();
-            loop {
-                if let Some((head, len)) = self.rx.pop_used() {
-                    let at = self.rx.read(self.rx.desc_table.0 + u64::from(head) * 16, 8);
-                    let addr = u64::from_le_bytes(at.try_into().unwrap());
-                    let hb: [u8; HDR_LEN] = self.rx.read(addr, HDR_LEN).try_into().unwrap();
-                    let h = Header::decode(&hb);
-                    assert_eq!(len as usize, HDR_LEN + h.len as usize);
-                    let data = self.rx.read(addr + HDR_LEN as u64, h.len as usize);
-                    self.guest_fwd.set(self.guest_fwd.get() + h.len);
-                    self.post_rx(1);
-                    return (h, data);
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(5),
-                    "no packet for the guest"
-                );
-                self.pump(10);
-            }
-        }
-
-        /// One round of the event loop.
-        fn pump(&mut self, timeout_ms: i32) {
-            let mut evs = vec![EpollEvent::default(); 16];
-            let n = self.epoll.wait(timeout_ms, &mut evs).unwrap();
-            for e in &evs[..n] {
-                self.dev
-                    .process_event(e.data() - DEVICE_TOKEN_BASE, e.event_set());
-            }
-        }
-
-        /// Nothing reaches the guest for a while.
-        fn quiet(&mut self) {
-            for _ in 0..5 {
-                self.pump(5);
-            }
-            assert_eq!(self.rx.pop_used(), None);
-        }
-    }
-
-    fn read_line(s: &mut UnixStream) -> String {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        line
-    }
-
-    fn read_exact(s: &mut UnixStream, n: usize) -> Vec<u8> {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut b = vec![0u8; n];
-        s.read_exact(&mut b).unwrap();
-        b
-    }
-
-    /// Host connects with CONNECT, guest accepts; returns the stream and host port.
-    fn host_connect(r: &mut Rig, guest_port: u32) -> (UnixStream, u32) {
-        let mut host = UnixStream::connect(&r.path).unwrap();
-        host.write_all(format!("CONNECT {guest_port}\n").as_bytes())
-            .unwrap();
-        let (h, _) = r.recv();
-        assert_eq!(
-            (h.op, h.src_cid, h.dst_cid, h.dst_port),
-            (OP_REQUEST, 2, r.cid, guest_port)
-        );
-        r.send(OP_RESPONSE, guest_port, h.src_port, 0, &[]);
-        assert_eq!(read_line(&mut host), format!("OK {}\n", h.src_port));
-        (host, h.src_port)
-    }
-
-    #[test]
-    fn host_connect_and_data_both_ways() {
-        let (mut r, _mem) = rig("host", 3);
-        r.post_rx(8);
-        let (mut host, hport) = host_connect(&mut r, 1234);
-        host.write_all(b"hello guest").unwrap();
-        let (h, data) = r.recv();
-        assert_eq!((h.op, h.src_port, h.dst_port), (OP_RW, hport, 1234));
-        assert_eq!(data, b"hello guest");
-        r.send(OP_RW, 1234, hport, 0, b"hello host");
-        assert_eq!(read_exact(&mut host, 10), b"hello host");
-        // Bulk both ways, more than one packet's worth.
-        let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        host.write_all(&big).unwrap();
-        let mut got = Vec::new();
-        while got.len() < big.len() {
-            let (h, data) = r.recv();
-            if h.op == OP_RW {
-                got.extend_from_slice(&data);
-            }
-            // Tell the device what the guest consumed.
-            r.send(OP_CREDIT_UPDATE, 1234, hport, 0, &[]);
-        }
-        assert_eq!(got, big);
-        // The host closes: the guest is told.
-        drop(host);
-        let (h, _) = r.recv();
-        assert_eq!(h.op, OP_SHUTDOWN);
-        r.send(OP_RST, 1234, hport, 0, &[]);
-        assert_eq!(r.dev.connection_count(), 0);
-    }
-
-    #[test]
-    fn guest_initiated_connection() {
-        let (mut r, _mem) = rig("guest", 4);
-        r.post_rx(8);
-        let mut lpath = r.path.clone().into_os_string();
-        lpath.push("_5000");
-        let _ = std::fs::remove_file(&lpath);
-        let listener = UnixListener::bind(&lpath).unwrap();
-        r.send(OP_REQUEST, 7777, 5000, 0, &[]);
-        let (h, _) = r.recv();
-        assert_eq!(
-            (h.op, h.src_port, h.dst_port, h.dst_cid),
-            (OP_RESPONSE, 5000, 7777, 4)
-        );
-        let (mut host, _) = listener.accept().unwrap();
-        r.send(OP_RW, 7777, 5000, 0, b"ping");
-        assert_eq!(read_exact(&mut host, 4), b"ping");
-        host.write_all(b"pong").unwrap();
-        let (h, data) = r.recv();
-        assert_eq!((h.op, data.as_slice()), (OP_RW, &b"pong"[..]));
-        // Nobody listens on port 5001: reset.
-        r.send(OP_REQUEST, 7778, 5001, 0, &[]);
-        let (h, _) = r.recv();
-        assert_eq!((h.op, h.dst_port), (OP_RST, 7778));
-        // Guest shuts down both ways: the host sees EOF.
-        r.send(OP_SHUTDOWN, 7777, 5000, SHUTDOWN_RCV | SHUTDOWN_SEND, &[]);
-        let mut rest = Vec::new();
-        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        host.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-        let _ = std::fs::remove_file(&lpath);
-    }
-
-    #[test]
-    fn hostile_guest_packets() {
-        let (mut r, _mem) = rig("hostile", 5);
-        r.post_rx(8);
-        let (mut host, hport) = host_connect(&mut r, 99);
-        // Wrong source CID: reset, and the real connection is untouched.
-        let mut h = Header {
-            src_cid: 77,
-            dst_cid: HOST_CID,
-            src_port: 99,
-            dst_port: hport,
-            type_: TYPE_STREAM,
-            op: OP_RW,
-            ..Default::default()
-        };
-        let a = r.alloc(64);
-        r.tx.write(a, &h.encode());
-        r.tx.add_chain(&[D::r(a, HDR_LEN as u32)]);
-        r.dev.process_queue(TXQ);
-        assert_eq!(r.recv().0.op, OP_RST);
-        assert_eq!(r.dev.connection_count(), 1);
-        // A header claiming more payload than the chain has: reset.
-        h.src_cid = r.cid;
-        h.len = 1000;
-        let a = r.alloc(64);
-        r.tx.write(a, &h.encode());
-        r.tx.add_chain(&[D::r(a, HDR_LEN as u32 + 10)]);
-        r.dev.process_queue(TXQ);
-        assert_eq!(r.recv().0.op, OP_RST);
-        assert_eq!(r.dev.connection_count(), 0);
-        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut rest = Vec::new();
-        let _ = host.read_to_end(&mut rest);
-        // A bad CONNECT line is refused.
-        let mut bad = UnixStream::connect(&r.path).unwrap();
-        bad.write_all(b"HELLO\n").unwrap();
-        r.pump(50);
-        r.pump(50);
-        assert!(read_line(&mut bad).starts_with("ERROR"));
-        // Short chains do not panic.
-        r.tx.add_chain(&[D::r(a, 3)]);
-        r.dev.process_queue(TXQ);
-        r.quiet();
-    }
-
-    #[test]
-    fn two_devices_never_cross() {
-        let mem = guest_memory();
-        let mut a = rig_with(&mem, Vsock::new(10, &path("cross-a")).unwrap(), 0x1000);
-        let mut b = rig_with(&mem, Vsock::new(11, &path("cross-b")).unwrap(), 0x80_0000);
-        a.post_rx(8);
-        b.post_rx(8);
-        let (mut ha, pa) = host_connect(&mut a, 42);
-        b.quiet();
-        let (mut hb, pb) = host_connect(&mut b, 42);
-        a.quiet();
-        ha.write_all(b"for a").unwrap();
-        hb.write_all(b"for b").unwrap();
-        let (h, d) = a.recv();
-        assert_eq!((h.dst_cid, d.as_slice()), (10, &b"for a"[..]));
-        let (h, d) = b.recv();
-        assert_eq!((h.dst_cid, d.as_slice()), (11, &b"for b"[..]));
-        a.quiet();
-        b.quiet();
-        a.send(OP_RW, 42, pa, 0, b"from a");
-        b.send(OP_RW, 42, pb, 0, b"from b");
-        assert_eq!(read_exact(&mut ha, 6), b"from a");
-        assert_eq!(read_exact(&mut hb, 6), b"from b");
-        // Guest A addressing B's host port reaches nothing of B's.
-        a.send(OP_RW, 42, pb + 1000, 0, b"stray");
-        assert_eq!(a.recv().0.op, OP_RST);
-        b.quiet();
-    }
-
-    #[test]
-    fn restored_device_resets_the_guest() {
-        let (mut r, mem) = rig("restore", 6);
-        r.post_rx(8);
-        let (mut host, _) = host_connect(&mut r, 1);
-        let state = r.dev.save();
-        let queues_at = (r.rx.desc_table, r.tx.desc_table, r.ev.desc_table);
-        drop(r);
-        // The old VM's host side is gone with it.
-        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut rest = Vec::new();
-        let _ = host.read_to_end(&mut rest);
-
-        let dev = Vsock::restore(&state, &path("restore2")).unwrap();
-        assert_eq!(dev.connection_count(), 0);
-        assert!(dev.reset_event_due);
-        let mut dev = dev;
-        let ev = GuestQueue::at(&mem, 64, queues_at.2 .0);
-        ev.add_chain(&[D::w(0x70_0000, 8)]);
-        let epoll = Arc::new(Epoll::new().unwrap());
-        // The restored queues are where the guest left them.
-        assert_eq!(dev.queues[RXQ].desc_table(), queues_at.0 .0);
-        dev.activate(ActivateContext {
-            mem: mem.clone(),
-            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-            events: EventRegistry::new(epoll),
-        })
-        .unwrap();
-        assert_eq!(ev.pop_used(), Some((0, 4)));
-        assert_eq!(ev.read(0x70_0000, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
-        assert!(!dev.reset_event_due);
-    }
-}
+mod tests;

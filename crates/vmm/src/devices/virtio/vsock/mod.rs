@@ -1,6 +1,8 @@
 //! virtio-vsock with its host side on Unix sockets.
 
+mod conn;
 mod device;
+mod log;
 pub mod packet;
 mod persist;
 

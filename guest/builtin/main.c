@@ -1156,12 +1156,25 @@ static int tx_pkt(u32 src_port, u32 dst_port, u16 op, u32 flags, u32 fwd_cnt, co
 
 enum { C_FREE, C_READING, C_DONE };
 
+/* How a connection ends once answered. */
+enum {
+	CLOSE_WAIT,	/* SHUTDOWN(SEND), then the host closes: the default */
+	CLOSE_SHUTDOWN, /* SHUTDOWN(RCV|SEND) right behind the last byte, as Linux's close() */
+	CLOSE_RESET,	/* RST right behind the last byte */
+};
+
+/* `pattern`'s output: stdout frames of at most this many bytes. */
+#define PATTERN_CHUNK 8192
+/* `pattern` streams at most this many bytes. */
+#define PATTERN_MAX (1UL << 32)
+
 struct conn {
 	u32 state;
 	u32 port;	/* the host's port (our port is AGENT_PORT) */
 	u64 born;	/* order of arrival, for eviction */
 	u32 fwd_cnt, fwd_sent, tx_cnt, peer_buf, peer_fwd;
-	u8 resp_due, credit_due, credit_asked, shut_sent, close_after, rst_due;
+	u8 resp_due, credit_due, credit_asked, shut_sent, close_after, rst_due, close_mode;
+	u64 pat_left, pat_off, pat_seed; /* `pattern` bytes still to generate */
 	u8 hdr[8];
 	u32 hdr_got, json_len, json_got, data_len;
 	u64 data_left;
@@ -1206,7 +1219,7 @@ static struct conn *conn_alloc(void)
 		if (conns[i].state == C_FREE)
 			return &conns[i];
 		if (conns[i].state == C_DONE && conns[i].out_off == conns[i].out_len &&
-		    (!oldest_done || conns[i].born < oldest_done->born))
+		    !conns[i].pat_left && (!oldest_done || conns[i].born < oldest_done->born))
 			oldest_done = &conns[i];
 	}
 	/* Full: reuse the oldest answered connection whose host has not closed it. */
@@ -1279,9 +1292,84 @@ static void put_exit(struct conn *c, u32 code)
 }
 
 static const char can_do[] =
-	"; the built-in guest answers ping, eval (integer arithmetic), exec (echo, true, false), "
+	"; the built-in guest answers ping, eval (integer arithmetic), exec (echo, true, false, pattern), "
 	"identity, fill, verify, counter_start, counter_read, counter_stop, stamp_start, "
 	"stamp_verify and stamp_stop";
+
+/* A decimal u64 that is the whole of (s, n). */
+static int parse_dec(const char *s, u32 n, u64 *out)
+{
+	u64 v = 0;
+	if (!n || n > 20)
+		return 0;
+	for (u32 i = 0; i < n; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return 0;
+		u64 d = (u64)(s[i] - '0');
+		if (v > (~0UL - d) / 10)
+			return 0;
+		v = v * 10 + d;
+	}
+	*out = v;
+	return 1;
+}
+
+/*
+ * `pattern BYTES SEED [wait|shutdown|reset]`: BYTES bytes of a seeded
+ * pattern on stdout (byte i is byte i%8, little-endian, of
+ * pattern_word(SEED, 0, i & ~7)), generated as the host takes them, then
+ * the exit frame, then the connection ends as the third argument says.
+ * The host tests stream tens of MiB through the vsock device with it.
+ */
+static void do_pattern(struct conn *c, struct req *q)
+{
+	static const char usage[] = "usage: pattern BYTES SEED [wait|shutdown|reset] (BYTES at most 2^32)\n";
+	static const char se[] = "{\"kind\":\"stderr\"}";
+	u64 bytes, seed;
+	u8 mode = CLOSE_WAIT;
+	int ok = q->nargs >= 3 && q->nargs <= 4 && parse_dec(q->arg[1], q->arg_len[1], &bytes) &&
+		 parse_dec(q->arg[2], q->arg_len[2], &seed) && bytes <= PATTERN_MAX;
+	if (ok && q->nargs == 4) {
+		if (str_is(q->arg[3], q->arg_len[3], "shutdown"))
+			mode = CLOSE_SHUTDOWN;
+		else if (str_is(q->arg[3], q->arg_len[3], "reset"))
+			mode = CLOSE_RESET;
+		else if (!str_is(q->arg[3], q->arg_len[3], "wait"))
+			ok = 0;
+	}
+	if (!ok) {
+		put_frame(c, se, sizeof(se) - 1, usage, sizeof(usage) - 1);
+		put_exit(c, 2);
+		return;
+	}
+	c->close_mode = mode;
+	c->pat_seed = seed;
+	c->pat_off = 0;
+	c->pat_left = bytes;
+	if (!bytes)
+		put_exit(c, 0);
+}
+
+/* The next piece of a `pattern` answer into the (sent) output buffer; 0 when there is none. */
+static int pattern_refill(struct conn *c)
+{
+	static const char so[] = "{\"kind\":\"stdout\"}";
+	static u8 chunk[PATTERN_CHUNK];
+	if (!c->pat_left)
+		return 0;
+	u32 n = (u32)MIN(c->pat_left, (u64)PATTERN_CHUNK);
+	for (u32 i = 0; i < n; i++) {
+		u64 o = c->pat_off + i;
+		chunk[i] = (u8)(pattern_word(c->pat_seed, 0, o & ~7UL) >> (8 * (o & 7)));
+	}
+	c->out_off = c->out_len = 0;
+	put_frame(c, so, sizeof(so) - 1, (const char *)chunk, n);
+	c->pat_off += n;
+	c->pat_left -= n;
+	if (!c->pat_left)
+		put_exit(c, 0);
+	return 1;
+}
 
 static void do_exec(struct conn *c, struct req *q)
 {
@@ -1315,6 +1403,8 @@ static void do_exec(struct conn *c, struct req *q)
 			}
 		}
 		put_exit(c, 0);
+	} else if (str_is(prog, plen, "pattern")) {
+		do_pattern(c, q);
 	} else if (str_is(prog, plen, "true")) {
 		put_exit(c, 0);
 	} else if (str_is(prog, plen, "false")) {
@@ -1323,7 +1413,7 @@ static void do_exec(struct conn *c, struct req *q)
 		static const char se[] = "{\"kind\":\"stderr\"}";
 		jw_raw(&w, "command not found: ");
 		jw_bytes(&w, prog, MIN(plen, 256u));
-		jw_raw(&w, " (the built-in guest runs only echo, true, false)\n");
+		jw_raw(&w, " (the built-in guest runs only echo, true, false, pattern)\n");
 		put_frame(c, se, sizeof(se) - 1, out, w.len);
 		put_exit(c, 127);
 	}
@@ -1567,22 +1657,24 @@ static void conn_flush(struct conn *c)
 			conn_free(c);
 		return;
 	}
-	while (c->out_off < c->out_len) {
-		u32 in_flight = c->tx_cnt - c->peer_fwd;
-		u32 credit = c->peer_buf > in_flight ? c->peer_buf - in_flight : 0;
-		u32 n = MIN(MIN(c->out_len - c->out_off, (u32)MAX_PAYLOAD), credit);
-		if (!n) {
-			if (!c->credit_asked &&
-			    tx_pkt(AGENT_PORT, c->port, VOP_CREDIT_REQUEST, 0, c->fwd_cnt, 0, 0))
-				c->credit_asked = 1;
-			return;
+	do {
+		while (c->out_off < c->out_len) {
+			u32 in_flight = c->tx_cnt - c->peer_fwd;
+			u32 credit = c->peer_buf > in_flight ? c->peer_buf - in_flight : 0;
+			u32 n = MIN(MIN(c->out_len - c->out_off, (u32)MAX_PAYLOAD), credit);
+			if (!n) {
+				if (!c->credit_asked &&
+				    tx_pkt(AGENT_PORT, c->port, VOP_CREDIT_REQUEST, 0, c->fwd_cnt, 0, 0))
+					c->credit_asked = 1;
+				return;
+			}
+			if (!tx_pkt(AGENT_PORT, c->port, VOP_RW, 0, c->fwd_cnt, c->out + c->out_off, n))
+				return;
+			c->out_off += n;
+			c->tx_cnt += n;
+			c->fwd_sent = c->fwd_cnt;
 		}
-		if (!tx_pkt(AGENT_PORT, c->port, VOP_RW, 0, c->fwd_cnt, c->out + c->out_off, n))
-			return;
-		c->out_off += n;
-		c->tx_cnt += n;
-		c->fwd_sent = c->fwd_cnt;
-	}
+	} while (pattern_refill(c));
 	if (c->credit_due) {
 		if (!tx_pkt(AGENT_PORT, c->port, VOP_CREDIT_UPDATE, 0, c->fwd_cnt, 0, 0))
 			return;
@@ -1590,13 +1682,17 @@ static void conn_flush(struct conn *c)
 		c->fwd_sent = c->fwd_cnt;
 	}
 	if (c->state == C_DONE && !c->shut_sent) {
-		if (c->close_after) {
+		if (c->close_after || c->close_mode == CLOSE_RESET) {
 			c->rst_due = 1;
 			conn_flush(c);
 			return;
 		}
-		/* Answered: we send no more; the host closes, then the slot is freed. */
-		if (tx_pkt(AGENT_PORT, c->port, VOP_SHUTDOWN, SHUT_SEND, c->fwd_cnt, 0, 0))
+		/*
+		 * Answered: we send no more; the host closes (or, both ways shut,
+		 * resets), then the slot is freed.
+		 */
+		u32 how = c->close_mode == CLOSE_SHUTDOWN ? SHUT_RCV | SHUT_SEND : SHUT_SEND;
+		if (tx_pkt(AGENT_PORT, c->port, VOP_SHUTDOWN, how, c->fwd_cnt, 0, 0))
 			c->shut_sent = 1;
 	}
 }
@@ -1682,7 +1778,7 @@ static void rx_packet(const struct vsock_hdr *h, const u8 *payload, u32 plen)
 		break;
 	case VOP_SHUTDOWN:
 		/* The host went away (or half-closed): finish the answer, then reset. */
-		if (c->state == C_DONE && c->out_off < c->out_len)
+		if (c->state == C_DONE && (c->out_off < c->out_len || c->pat_left))
 			c->close_after = 1;
 		else
 			c->rst_due = 1;

@@ -5,51 +5,20 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agent_client::{Client, ClientConfig, ClientError, Target};
-use common::{fork_children, ControlledVm, TempDir, TestVm};
+use common::{
+    fork_children, start_vsock_vm, vsock_connect as connect, wait_for_socket, ControlledVm,
+    TempDir, TestVm,
+};
 use proto::agent::{
     read_frame, write_raw_frame, ErrorCode, ExecRequest, DEFAULT_VSOCK_PORT, MAX_FRAME,
 };
 use proto::control::{ControlRequest, ControlResponse};
 use proto::guest::{GuestRequest, GuestResponse};
 use serde_json::{json, Value};
-
-/// A built-in guest with a vsock device; returns it and its vsock socket.
-fn start_vm(tag: &str) -> (TestVm, PathBuf) {
-    let dir = TempDir::new(tag);
-    let uds = dir.path().join("vsock.sock");
-    let mut vm = TestVm::start(&[
-        "--builtin",
-        "--mem-mib",
-        "64",
-        "--console",
-        "none",
-        "--vsock-uds",
-        uds.to_str().unwrap(),
-    ]);
-    // The socket lives as long as the VM; the directory with it.
-    vm.keep.push(dir);
-    wait_for_socket(&uds);
-    (vm, uds)
-}
-
-/// Waits until the VMM listens on `path` (its control socket may answer
-/// connections before the machine and its devices exist, and the socket
-/// file appears a moment before the listen).
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while let Err(e) = UnixStream::connect(path) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never accepted a connection: {e}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 fn client(uds: &Path) -> Client {
     Client::with_config(
@@ -63,18 +32,6 @@ fn client(uds: &Path) -> Client {
             ..ClientConfig::default()
         },
     )
-}
-
-/// Connects to the guest's agent port through the VMM's vsock socket.
-fn connect(uds: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(format!("CONNECT {DEFAULT_VSOCK_PORT}\n").as_bytes())
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(&mut s).read_line(&mut line).unwrap();
-    assert!(line.starts_with("OK "), "vsock handshake answered {line:?}");
-    s
 }
 
 /// Reads frames until the guest closes its side; returns (JSON, data) pairs.
@@ -147,7 +104,7 @@ fn vsock_identity(uds: &Path) -> (u64, u64) {
 
 #[test]
 fn ping_eval_and_exec_over_vsock() {
-    let (mut vm, uds) = start_vm("vsock-ops");
+    let (mut vm, uds) = start_vsock_vm("vsock-ops");
     let c = client(&uds);
 
     let pong = c.ping().unwrap();
@@ -200,12 +157,37 @@ fn ping_eval_and_exec_over_vsock() {
     assert_eq!(exec(&c, &["echo"]).stdout, b"\n");
     assert_eq!(exec(&c, &["true"]).status.code, Some(0));
     assert_eq!(exec(&c, &["false"]).status.code, Some(1));
+    // `pattern` (the stress tests' stream, tests/vsock_stress.rs): small,
+    // empty, and refused arguments.
+    let out = exec(&c, &["pattern", "20", "7"]);
+    let want: Vec<u8> = (0..20u64)
+        .map(|o| (vmm::boot::builtin::pattern_word(7, 0, o & !7) >> (8 * (o & 7))) as u8)
+        .collect();
+    assert_eq!((out.stdout, out.status.code), (want, Some(0)));
+    assert_eq!(
+        exec(&c, &["pattern", "0", "7", "reset"]).status.code,
+        Some(0)
+    );
+    for bad in [
+        &["pattern"][..],
+        &["pattern", "x", "1"],
+        &["pattern", "1", "1", "later"],
+        &["pattern", "4294967297", "1"],
+        &["pattern", "99999999999999999999", "1"],
+    ] {
+        let out = exec(&c, bad);
+        assert_eq!(out.status.code, Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("usage: pattern BYTES SEED"),
+            "{bad:?}"
+        );
+    }
     let out = exec(&c, &["ls", "-l"]);
     assert_eq!(out.status.code, Some(127));
     assert!(out.stdout.is_empty());
     assert_eq!(
         String::from_utf8(out.stderr).unwrap(),
-        "command not found: ls (the built-in guest runs only echo, true, false)\n"
+        "command not found: ls (the built-in guest runs only echo, true, false, pattern)\n"
     );
 
     // What the guest cannot do, it says plainly.
@@ -305,7 +287,7 @@ fn ping_eval_and_exec_over_vsock() {
 
 #[test]
 fn many_sequential_and_concurrent_connections() {
-    let (vm, uds) = start_vm("vsock-many");
+    let (vm, uds) = start_vsock_vm("vsock-many");
     let c = client(&uds);
     for i in 0..300 {
         let r = c.eval(&format!("{i}*2"), Duration::from_secs(5)).unwrap();
@@ -371,7 +353,7 @@ fn many_sequential_and_concurrent_connections() {
 
 #[test]
 fn malformed_and_oversized_frames_get_error_frames() {
-    let (vm, uds) = start_vm("vsock-bad");
+    let (vm, uds) = start_vsock_vm("vsock-bad");
     let check = |bytes: Vec<u8>, code: &str, words: &str| {
         let frames = raw(&uds, &bytes);
         assert_eq!(frames.len(), 1, "{frames:?}");
@@ -471,7 +453,7 @@ fn malformed_and_oversized_frames_get_error_frames() {
     );
     assert_eq!(
         String::from_utf8_lossy(&frames[0].1),
-        "command not found: a\"b\u{1} (the built-in guest runs only echo, true, false)\n"
+        "command not found: a\"b\u{1} (the built-in guest runs only echo, true, false, pattern)\n"
     );
     // A connection that closes mid-frame, and one that closes at once.
     {
@@ -494,8 +476,8 @@ fn malformed_and_oversized_frames_get_error_frames() {
 
 #[test]
 fn two_vms_vsock_traffic_never_crosses() {
-    let (mut a, uds_a) = start_vm("vsock-a");
-    let (mut b, uds_b) = start_vm("vsock-b");
+    let (mut a, uds_a) = start_vsock_vm("vsock-a");
+    let (mut b, uds_b) = start_vsock_vm("vsock-b");
     let id_a = control_identity(&mut a);
     let id_b = control_identity(&mut b);
     assert_ne!(id_a, id_b);
@@ -530,7 +512,7 @@ fn two_vms_vsock_traffic_never_crosses() {
 #[test]
 fn fork_children_answer_over_their_own_sockets() {
     let tmp = TempDir::new("vsock-fork");
-    let (mut vm, uds) = start_vm("vsock-parent");
+    let (mut vm, uds) = start_vsock_vm("vsock-parent");
     let parent_id = control_identity(&mut vm);
     assert_eq!(client(&uds).ping().unwrap().guest, "guest: builtin");
     // A connection in the middle of its request when the snapshot is taken.
@@ -601,7 +583,7 @@ fn fork_children_answer_over_their_own_sockets() {
 #[test]
 #[ignore = "a measurement, not a check: run with --ignored --nocapture (figures in bench/RESULTS.md)"]
 fn bench_ping_round_trip() {
-    let (mut vm, uds) = start_vm("vsock-bench");
+    let (mut vm, uds) = start_vsock_vm("vsock-bench");
     let c = client(&uds);
     let n = 2000;
     let median = |mut v: Vec<Duration>| {

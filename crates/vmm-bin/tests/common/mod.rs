@@ -520,3 +520,50 @@ pub fn comm(pid: i32) -> Option<String> {
         .ok()
         .map(|s| s.trim().to_owned())
 }
+
+/// A built-in guest with a vsock device; returns it and its vsock socket.
+pub fn start_vsock_vm(tag: &str) -> (TestVm, PathBuf) {
+    let dir = TempDir::new(tag);
+    let uds = dir.path().join("vsock.sock");
+    let mut vm = TestVm::start(&[
+        "--builtin",
+        "--mem-mib",
+        "64",
+        "--console",
+        "none",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+    ]);
+    // The socket lives as long as the VM; the directory with it.
+    vm.keep.push(dir);
+    wait_for_socket(&uds);
+    (vm, uds)
+}
+
+/// Waits until the VMM listens on `path` (its control socket may answer
+/// connections before the machine and its devices exist, and the socket
+/// file appears a moment before the listen).
+pub fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = UnixStream::connect(path) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never accepted a connection: {e}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Connects to the guest's agent port through the VMM's vsock socket
+/// (`CONNECT <port>`, then `OK <host port>`).
+pub fn vsock_connect(uds: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(format!("CONNECT {}\n", proto::agent::DEFAULT_VSOCK_PORT).as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "vsock handshake answered {line:?}");
+    s
+}

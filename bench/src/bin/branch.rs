@@ -110,7 +110,10 @@ impl Vm {
             ControlResponse::Snapshot {
                 pause_ms: Some(ms),
                 meta,
-            } => (Duration::from_secs_f64(ms / 1e3), meta),
+            } => (
+                Duration::from_secs_f64(ms / 1e3),
+                serde_json::to_value(meta).unwrap(),
+            ),
             other => panic!("{mode:?} branch failed: {other:?}"),
         };
         let answered = start.elapsed();

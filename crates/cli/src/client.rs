@@ -301,19 +301,6 @@ pub fn normalize_base(url: &str) -> Result<String, CliError> {
     Ok(format!("{scheme}://{rest}"))
 }
 
-/// `s` as one URL path segment (percent-encoding all but unreserved bytes).
-pub fn seg(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The token: the file's first line when a file is given, else the value.
 pub fn resolve_token(
     token: Option<&str>,
@@ -342,44 +329,7 @@ pub fn resolve_token(
 }
 
 /// Routes of the v1 API, built with encoded segments.
-pub mod routes {
-    use super::seg;
-
-    /// `/v1/snapshots`.
-    pub const SNAPSHOTS: &str = "/v1/snapshots";
-    /// `/v1/sandboxes`.
-    pub const SANDBOXES: &str = "/v1/sandboxes";
-
-    /// `/v1/snapshots/:tag`, with `?cascade=true` or `?force=true`.
-    pub fn snapshot(tag: &str, cascade: bool, force: bool) -> String {
-        let q = match (cascade, force) {
-            (true, _) => "?cascade=true",
-            (false, true) => "?force=true",
-            (false, false) => "",
-        };
-        format!("/v1/snapshots/{}{q}", seg(tag))
-    }
-
-    /// `/v1/snapshots/:tag/info`.
-    pub fn snapshot_info(tag: &str) -> String {
-        format!("/v1/snapshots/{}/info", seg(tag))
-    }
-
-    /// `/v1/snapshots/:tag/compact`.
-    pub fn compact(tag: &str) -> String {
-        format!("/v1/snapshots/{}/compact", seg(tag))
-    }
-
-    /// `/v1/sandboxes/:id`.
-    pub fn sandbox(id: &str) -> String {
-        format!("/v1/sandboxes/{}", seg(id))
-    }
-
-    /// `/v1/sandboxes/:id/<op>` (ping, exec, eval, branch).
-    pub fn sandbox_op(id: &str, op: &str) -> String {
-        format!("/v1/sandboxes/{}/{op}", seg(id))
-    }
-}
+pub use proto::routes;
 
 #[cfg(test)]
 mod tests {
@@ -405,35 +355,6 @@ mod tests {
     }
 
     #[test]
-    fn segments_are_percent_encoded() {
-        assert_eq!(seg("py-3_12"), "py-3_12");
-        assert_eq!(seg("a/b c"), "a%2Fb%20c");
-        assert_eq!(seg("../x"), "..%2Fx");
-        assert_eq!(seg("é"), "%C3%A9");
-        assert_eq!(seg("a?b#c"), "a%3Fb%23c");
-    }
-
-    #[test]
-    fn routes_follow_the_v1_table() {
-        assert_eq!(routes::snapshot("t", false, false), "/v1/snapshots/t");
-        assert_eq!(
-            routes::snapshot("t", true, false),
-            "/v1/snapshots/t?cascade=true"
-        );
-        assert_eq!(
-            routes::snapshot("t", false, true),
-            "/v1/snapshots/t?force=true"
-        );
-        assert_eq!(routes::snapshot_info("t"), "/v1/snapshots/t/info");
-        assert_eq!(routes::compact("t"), "/v1/snapshots/t/compact");
-        assert_eq!(routes::sandbox("sb-1"), "/v1/sandboxes/sb-1");
-        assert_eq!(
-            routes::sandbox_op("sb/1", "exec"),
-            "/v1/sandboxes/sb%2F1/exec"
-        );
-    }
-
-    #[test]
     fn client_urls_join_base_and_route() {
         let c = Client::new(&ClientOptions {
             url: "http://127.0.0.1:1/".into(),
@@ -442,9 +363,9 @@ mod tests {
             timeout: Duration::from_secs(1),
         })
         .unwrap();
-        assert_eq!(c.url("/healthz"), "http://127.0.0.1:1/healthz");
+        assert_eq!(c.url(routes::HEALTHZ), "http://127.0.0.1:1/healthz");
         assert_eq!(
-            c.url(&routes::sandbox_op("x", "ping")),
+            c.url(&routes::sandbox_op("x", routes::SandboxOp::Ping)),
             "http://127.0.0.1:1/v1/sandboxes/x/ping"
         );
     }
@@ -490,7 +411,7 @@ mod tests {
             timeout: Duration::from_secs(2),
         })
         .unwrap();
-        match c.get("/healthz") {
+        match c.get(routes::HEALTHZ) {
             Err(CliError::Unreachable { url, .. }) => {
                 assert_eq!(url, format!("http://127.0.0.1:{port}"))
             }

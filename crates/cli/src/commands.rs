@@ -121,7 +121,7 @@ pub fn snapshot(ctx: &mut Ctx, a: &SnapshotArgs) -> Outcome {
         let client = ctx
             .client
             .with_timeout(ctx.client.timeout().max(Duration::from_secs(600)));
-        let r = client.post(&routes::sandbox_op(id, "branch"), &req);
+        let r = client.post(&routes::sandbox_op(id, routes::SandboxOp::Branch), &req);
         if let Some(sp) = sp {
             sp.finish_and_clear();
         }
@@ -565,7 +565,7 @@ pub fn exec(ctx: &mut Ctx, a: &ExecArgs) -> Outcome {
     };
     let wait = Duration::from_secs(a.timeout_secs.unwrap_or(60) + 30);
     let client = ctx.client.with_timeout(ctx.client.timeout().max(wait));
-    let answer = client.post(&routes::sandbox_op(&a.id, "exec"), &req)?;
+    let answer = client.post(&routes::sandbox_op(&a.id, routes::SandboxOp::Exec), &req)?;
     let r: ExecResponse = answer.parse()?;
     if ctx.json {
         writeln!(ctx.out, "{}", answer.pretty())?;
@@ -593,7 +593,7 @@ pub fn eval(ctx: &mut Ctx, a: &EvalArgs) -> Outcome {
     };
     let wait = Duration::from_secs(a.timeout_secs.unwrap_or(60) + 30);
     let client = ctx.client.with_timeout(ctx.client.timeout().max(wait));
-    let answer = client.post(&routes::sandbox_op(&a.id, "eval"), &req)?;
+    let answer = client.post(&routes::sandbox_op(&a.id, routes::SandboxOp::Eval), &req)?;
     let r: EvalResponse = answer.parse()?;
     if ctx.json {
         writeln!(ctx.out, "{}", answer.pretty())?;
@@ -611,9 +611,10 @@ pub fn eval(ctx: &mut Ctx, a: &EvalArgs) -> Outcome {
 /// `forkd ping`.
 pub fn ping(ctx: &mut Ctx, a: &IdArg) -> Outcome {
     let t0 = Instant::now();
-    let answer = ctx
-        .client
-        .post(&routes::sandbox_op(&a.id, "ping"), &serde_json::json!({}))?;
+    let answer = ctx.client.post(
+        &routes::sandbox_op(&a.id, routes::SandboxOp::Ping),
+        &serde_json::json!({}),
+    )?;
     let took = t0.elapsed();
     if ctx.json {
         writeln!(ctx.out, "{}", answer.pretty())?;
@@ -628,7 +629,7 @@ pub fn ping(ctx: &mut Ctx, a: &IdArg) -> Outcome {
 
 /// `forkd version`.
 pub fn version(ctx: &mut Ctx) -> Outcome {
-    let answer = ctx.client.get("/version")?;
+    let answer = ctx.client.get(routes::VERSION)?;
     if ctx.json {
         writeln!(ctx.out, "{}", answer.pretty())?;
         return Ok(0);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::client::Client;
+use crate::client::{routes, Client};
 use crate::error::CliError;
 
 /// How a check came out.
@@ -644,9 +644,9 @@ pub fn run_all(state_dir: &Path, client: &Client) -> Vec<Check> {
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
     let quick = client.with_timeout(Duration::from_secs(3));
-    let health = quick.get("/healthz").map(|_| {
+    let health = quick.get(routes::HEALTHZ).map(|_| {
         quick
-            .get("/version")
+            .get(routes::VERSION)
             .ok()
             .and_then(|a| a.parse::<proto::api::Version>().ok())
             .map(|v| v.version)

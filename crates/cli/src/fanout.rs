@@ -66,7 +66,7 @@ fn retryable(e: &CliError) -> bool {
 
 /// Pings `id` until it answers or `deadline`; returns when it answered.
 pub fn ping_until(client: &Client, id: &str, deadline: Instant) -> Result<Instant, CliError> {
-    let path = routes::sandbox_op(id, "ping");
+    let path = routes::sandbox_op(id, routes::SandboxOp::Ping);
     loop {
         match client.post(&path, &serde_json::json!({})) {
             Ok(_) => return Ok(Instant::now()),

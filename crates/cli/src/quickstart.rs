@@ -140,7 +140,7 @@ impl LocalDaemon {
                     )));
                 }
             }
-            if probe.get("/healthz").is_ok() {
+            if probe.get(routes::HEALTHZ).is_ok() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -336,7 +336,10 @@ pub fn quickstart(
 ) -> Outcome {
     let client = Client::new(opts)?;
     let mut daemon = None;
-    let client = match client.with_timeout(Duration::from_secs(3)).get("/healthz") {
+    let client = match client
+        .with_timeout(Duration::from_secs(3))
+        .get(routes::HEALTHZ)
+    {
         Ok(_) => client,
         Err(CliError::Unreachable { .. }) => {
             let bin = sibling("forkd-daemon")?;

@@ -250,7 +250,7 @@ impl SourceVm {
 
     /// Snapshots the VM into `dst` (which must not exist) and leaves it
     /// paused; returns the snapshot's metadata.
-    pub fn snapshot(&self, dst: &Path) -> Result<serde_json::Value, String> {
+    pub fn snapshot(&self, dst: &Path) -> Result<proto::snapshot::SnapshotMeta, String> {
         let request = ControlRequest::Snapshot {
             dir: dst.to_owned(),
             leave_paused: true,
@@ -258,7 +258,7 @@ impl SourceVm {
             wait: true,
         };
         match control(&self.control_socket, &request, Duration::from_secs(600))? {
-            ControlResponse::Snapshot { meta, .. } => Ok(meta),
+            ControlResponse::Snapshot { meta, .. } => Ok(*meta),
             ControlResponse::Error { message } => Err(format!("snapshot failed: {message}")),
             other => Err(format!("snapshot: unexpected answer {other:?}")),
         }
@@ -388,15 +388,14 @@ impl ForkServer {
         memfd: bool,
         netns: &[String],
     ) -> Result<Vec<ForkedChild>, String> {
-        let mut request = serde_json::json!({
-            "op": "fork", "n": n, "out_dir": out_dir, "paused": paused, "console_log": true,
-        });
-        if memfd {
-            request["memfd"] = serde_json::Value::Bool(true);
-        }
-        if !netns.is_empty() {
-            request["netns"] = serde_json::json!(netns);
-        }
+        let request = proto::control::ForkRequest::Fork {
+            n,
+            out_dir: out_dir.to_owned(),
+            paused,
+            console_log: true,
+            memfd,
+            netns: netns.to_vec(),
+        };
         let stream = UnixStream::connect(&self.socket).map_err(|e| {
             format!(
                 "cannot reach the fork server {}: {e}",
@@ -407,7 +406,7 @@ impl ForkServer {
             .set_read_timeout(Some(FORK_BATCH))
             .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
             .map_err(|e| e.to_string())?;
-        let mut line = serde_json::to_vec(&request).expect("a JSON value serialises");
+        let mut line = serde_json::to_vec(&request).expect("a fork request serialises");
         line.push(b'\n');
         (&stream)
             .write_all(&line)

@@ -454,16 +454,16 @@ impl Daemon {
     pub async fn watch_copy(self: &Arc<Self>, tag: &str, dir: &Path, source: &SandboxRow) {
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let status = vmm::snapshot::read_meta(dir).map(|m| m.status);
+            let status = proto::snapshot::read_meta(dir).map(|m| m.status);
             let outcome = match status {
-                Ok(vmm::snapshot::SnapshotStatus::Writing) => {
+                Ok(SnapshotStatus::Writing) => {
                     if procs::alive(source.info.pid, source.pid_start_ticks) {
                         continue;
                     }
                     Err("the source sandbox's VMM ended before the copy did".to_string())
                 }
-                Ok(vmm::snapshot::SnapshotStatus::Ready) => Ok(()),
-                Ok(vmm::snapshot::SnapshotStatus::Failed) => Err(format!(
+                Ok(SnapshotStatus::Ready) => Ok(()),
+                Ok(SnapshotStatus::Failed) => Err(format!(
                     "the copy failed: {}",
                     procs::log_tail(&source.dir.join("vmm.log"), 400)
                 )),
@@ -556,8 +556,8 @@ impl Daemon {
                     });
                 }
                 None => {
-                    let status = vmm::snapshot::read_meta(&dir).map(|m| m.status);
-                    let result = if matches!(status, Ok(vmm::snapshot::SnapshotStatus::Ready)) {
+                    let status = proto::snapshot::read_meta(&dir).map(|m| m.status);
+                    let result = if matches!(status, Ok(SnapshotStatus::Ready)) {
                         self.store.set_snapshot_ready(&snap.info.tag)
                     } else {
                         self.store.set_snapshot_status(

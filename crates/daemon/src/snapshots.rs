@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::api::{CreateSnapshot, SnapshotDetail, SnapshotInfo, SnapshotStatus};
-use vmm::snapshot::{SnapshotKind, SnapshotMeta};
+use proto::snapshot::{SnapshotKind, SnapshotMeta};
 
 use crate::daemon::{random_hex, Daemon};
 use crate::driver::{SourceGuest, SourceVm};
@@ -154,15 +154,11 @@ impl Daemon {
         branched_from: Option<&str>,
         pause_ms: Option<f64>,
     ) -> ApiResult<SnapshotRow> {
-        let meta = vmm::snapshot::read_meta(dir).map_err(|e| {
+        let meta = proto::snapshot::read_meta(dir).map_err(|e| {
             ApiError::internal(format!("the new snapshot's metadata is unreadable: {e}"))
         })?;
         let (parent_tag, parent_hash, depends_on) = self.dependencies(&meta)?;
-        let status = match meta.status {
-            vmm::snapshot::SnapshotStatus::Ready => SnapshotStatus::Ready,
-            vmm::snapshot::SnapshotStatus::Writing => SnapshotStatus::Writing,
-            vmm::snapshot::SnapshotStatus::Failed => SnapshotStatus::Failed,
-        };
+        let status = meta.status;
         Ok(SnapshotRow {
             info: SnapshotInfo {
                 tag: tag.to_owned(),
@@ -173,14 +169,8 @@ impl Daemon {
                 status,
                 bootable: meta.bootable && status == SnapshotStatus::Ready,
                 warning: None,
-                kind: Some(
-                    match meta.kind {
-                        SnapshotKind::Full => "full",
-                        SnapshotKind::Diff => "diff",
-                    }
-                    .into(),
-                ),
-                guest: Some(guest_name(&meta)),
+                kind: Some(meta.kind.as_str().into()),
+                guest: Some(meta.guest.as_str().into()),
                 mem_mib: Some(meta.mem_mib),
                 network: !meta.nets.is_empty(),
             },
@@ -243,10 +233,10 @@ impl Daemon {
     pub fn snapshot_detail(&self, tag: &str) -> ApiResult<SnapshotDetail> {
         let row = self.existing_snapshot(tag)?;
         let dir = PathBuf::from(&row.info.dir);
-        let meta = vmm::snapshot::read_meta(&dir).ok();
+        let meta = proto::snapshot::read_meta(&dir).ok();
         let own_memory = match meta.as_ref().map(|m| m.kind) {
-            Some(SnapshotKind::Diff) => dir.join(vmm::snapshot::DIFF_FILE),
-            _ => dir.join(vmm::snapshot::MEMORY_FILE),
+            Some(SnapshotKind::Diff) => dir.join(proto::snapshot::DIFF_FILE),
+            _ => dir.join(proto::snapshot::MEMORY_FILE),
         };
         let mut ancestors = Vec::new();
         let mut seen = HashSet::from([tag.to_owned()]);
@@ -261,7 +251,7 @@ impl Daemon {
         Ok(SnapshotDetail {
             memory_logical_bytes: meta.as_ref().map_or(0, |m| m.memory_bytes),
             memory_physical_bytes: std::fs::metadata(&own_memory).map_or(0, |m| m.blocks() * 512),
-            vmstate_bytes: std::fs::metadata(dir.join(vmm::snapshot::VMSTATE_FILE))
+            vmstate_bytes: std::fs::metadata(dir.join(proto::snapshot::VMSTATE_FILE))
                 .map_or(0, |m| m.len()),
             parent_tag: row.parent_tag.clone(),
             parent_content_hash: row.parent_content_hash.clone(),
@@ -395,13 +385,6 @@ impl Daemon {
         }
         Ok(row.info)
     }
-}
-
-fn guest_name(meta: &SnapshotMeta) -> String {
-    serde_json::to_value(meta.guest)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

@@ -94,28 +94,8 @@ pub const HOST_ADDR: &str = "172.16.0.1";
 /// Prefix length of the guest's link.
 pub const NET_PREFIX: u8 = 30;
 
-/// Status of a snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotStatus {
-    /// Memory is still being copied (a live branch with `wait: false`).
-    Writing,
-    /// Complete; children can be spawned.
-    Ready,
-    /// The copy did not complete; nothing can be spawned from it.
-    Failed,
-}
-
-impl SnapshotStatus {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotStatus::Writing => "writing",
-            SnapshotStatus::Ready => "ready",
-            SnapshotStatus::Failed => "failed",
-        }
-    }
-}
+/// Status of a snapshot: the same as `snapshot.json`'s.
+pub use crate::snapshot::SnapshotStatus;
 
 /// A snapshot, as every snapshot route answers it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

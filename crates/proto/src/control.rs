@@ -120,8 +120,8 @@ pub enum ControlResponse {
     },
     /// The written snapshot's metadata (its snapshot.json).
     Snapshot {
-        /// The metadata.
-        meta: serde_json::Value,
+        /// The metadata (boxed: it is far larger than the other answers).
+        meta: Box<crate::snapshot::SnapshotMeta>,
         /// How long the VM was paused for it, in milliseconds (absent when
         /// it was paused before, or was left paused).
         #[serde(default)]

@@ -6,8 +6,13 @@
 //! - [`control`]: forkd-vmm's control socket (one JSON object per line each way).
 //! - [`guest`]: requests a guest answers (the built-in guest today; the
 //!   agent protocol on vsock grows from these).
+//! - [`routes`]: the REST API's paths (the daemon's router, its clients).
+//! - [`snapshot`]: `snapshot.json`, a snapshot directory's metadata (written
+//!   by forkd-vmm, read by every process).
 
 pub mod agent;
 pub mod api;
 pub mod control;
 pub mod guest;
+pub mod routes;
+pub mod snapshot;

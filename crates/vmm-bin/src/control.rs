@@ -310,7 +310,7 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
             wait,
         } => match machine.snapshot(&dir, leave_paused, mode, wait) {
             Ok(done) => ControlResponse::Snapshot {
-                meta: serde_json::to_value(done.meta).expect("metadata serialises"),
+                meta: Box::new(done.meta),
                 pause_ms: done.pause.map(|d| d.as_secs_f64() * 1e3),
             },
             Err(e) => error(&e),

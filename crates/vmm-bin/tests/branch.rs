@@ -288,7 +288,7 @@ fn a_live_branch_without_wait_is_writing_until_its_copy_ends() {
         }
         other => panic!("{other:?}"),
     };
-    assert_eq!(meta["status"], "writing");
+    assert_eq!(meta.status, proto::snapshot::SnapshotStatus::Writing);
     // A second live branch while this one copies is refused.
     let r = vm.call(ControlRequest::Snapshot {
         dir: tmp.path().join("second"),

@@ -55,9 +55,9 @@ fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) 
         wait: true,
     }) {
         ControlResponse::Snapshot { meta, .. } => {
-            assert_eq!(meta["status"], "ready");
-            assert_eq!(meta["guest"], "builtin");
-            assert!(meta["memory_data_bytes"].as_u64().unwrap() >= 16 << 20);
+            assert_eq!(meta.status, proto::snapshot::SnapshotStatus::Ready);
+            assert_eq!(meta.guest, proto::snapshot::GuestKind::Builtin);
+            assert!(meta.memory_data_bytes >= 16 << 20);
         }
         other => panic!("snapshot failed: {other:?}"),
     }
@@ -310,7 +310,7 @@ fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
         mode: SnapshotMode::Full,
         wait: true,
     }) {
-        ControlResponse::Snapshot { meta, .. } => meta,
+        ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("{other:?}"),
     };
     // The parent's layer is now the snapshot's (linked in), and the parent
@@ -468,7 +468,7 @@ fn snapshot(
         mode,
         wait: true,
     }) {
-        ControlResponse::Snapshot { meta, .. } => meta,
+        ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("snapshot failed: {other:?}"),
     }
 }

@@ -563,8 +563,12 @@ fn restore_backends(
         .iter()
         .zip(&cfg.drive_layers)
         .map(|(disk, cow)| {
-            DiskStack::open(&disk.open_config(&snapshot.dir, cow.clone()))
-                .map_err(|e| device_err("virtio-block")(e.to_string()))
+            DiskStack::open(&crate::devices::virtio::block::DiskConfig::for_child(
+                disk,
+                &snapshot.dir,
+                cow.clone(),
+            ))
+            .map_err(|e| device_err("virtio-block")(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let has_vsock = snapshot

@@ -17,34 +17,33 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+use proto::routes;
+
 use crate::daemon::Daemon;
 use crate::error::ApiError;
 
 /// The router over `daemon`.
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
-        .route("/healthz", get(system::healthz))
-        .route("/version", get(system::version))
-        .route("/metrics", get(system::metrics))
+        .route(routes::HEALTHZ, get(system::healthz))
+        .route(routes::VERSION, get(system::version))
+        .route(routes::METRICS, get(system::metrics))
         .route(
-            "/v1/snapshots",
+            routes::SNAPSHOTS,
             post(snapshots::create).get(snapshots::list),
         )
+        .route(routes::SNAPSHOT, axum::routing::delete(snapshots::delete))
+        .route(routes::SNAPSHOT_INFO, get(snapshots::info))
+        .route(routes::SNAPSHOT_COMPACT, post(snapshots::compact))
         .route(
-            "/v1/snapshots/{tag}",
-            axum::routing::delete(snapshots::delete),
+            routes::SANDBOXES,
+            post(sandboxes::spawn).get(sandboxes::list),
         )
-        .route("/v1/snapshots/{tag}/info", get(snapshots::info))
-        .route("/v1/snapshots/{tag}/compact", post(snapshots::compact))
-        .route("/v1/sandboxes", post(sandboxes::spawn).get(sandboxes::list))
-        .route(
-            "/v1/sandboxes/{id}",
-            get(sandboxes::get).delete(sandboxes::kill),
-        )
-        .route("/v1/sandboxes/{id}/ping", post(sandboxes::ping))
-        .route("/v1/sandboxes/{id}/exec", post(sandboxes::exec))
-        .route("/v1/sandboxes/{id}/eval", post(sandboxes::eval))
-        .route("/v1/sandboxes/{id}/branch", post(sandboxes::branch))
+        .route(routes::SANDBOX, get(sandboxes::get).delete(sandboxes::kill))
+        .route(routes::SANDBOX_PING, post(sandboxes::ping))
+        .route(routes::SANDBOX_EXEC, post(sandboxes::exec))
+        .route(routes::SANDBOX_EVAL, post(sandboxes::eval))
+        .route(routes::SANDBOX_BRANCH, post(sandboxes::branch))
         .fallback(|| async { ApiError::not_found("no such route; see the forkd v1 API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -72,7 +71,7 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
         .unwrap_or_default();
     let mut token_id = None;
     let response = match &daemon.auth {
-        Some(auth) if req.uri().path() != "/healthz" => {
+        Some(auth) if req.uri().path() != routes::HEALTHZ => {
             let presented = req
                 .headers()
                 .get(header::AUTHORIZATION)

@@ -33,7 +33,7 @@ pub fn branch_waiting(
         mode,
         wait,
     }) {
-        ControlResponse::Snapshot { meta, .. } => meta,
+        ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("{mode:?} branch failed: {other:?}"),
     };
     let meta = if wait { meta } else { wait_ready(dir) };
@@ -178,7 +178,9 @@ pub fn writes_after_live_branches_reach_the_next_diff(
                 mode: SnapshotMode::Live,
                 wait: false,
             }) {
-                ControlResponse::Snapshot { meta, .. } => assert_eq!(meta["status"], "writing"),
+                ControlResponse::Snapshot { meta, .. } => {
+                    assert_eq!(meta.status, proto::snapshot::SnapshotStatus::Writing)
+                }
                 other => panic!("{other:?}"),
             }
             vm.guest(fill(seq + 1));

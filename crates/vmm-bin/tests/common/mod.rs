@@ -349,7 +349,7 @@ pub fn snapshot(
         mode,
         wait: true,
     }) {
-        ControlResponse::Snapshot { meta, .. } => meta,
+        ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("{mode:?} snapshot of {} failed: {other:?}", dir.display()),
     }
 }

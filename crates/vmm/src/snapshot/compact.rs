@@ -175,7 +175,8 @@ fn write_compacted(
         };
         // The stack a child will open: every layer frozen, each on the one
         // below it, all of the disk's size, and the base image readable.
-        let mut check = disk.open_config(tmp, PathBuf::new());
+        let mut check =
+            crate::devices::virtio::block::DiskConfig::for_child(&disk, tmp, PathBuf::new());
         check.cow = None;
         check.read_only = true;
         DiskStack::open(&check).map_err(|e| {

@@ -7,6 +7,9 @@
 //! <dir>/snapshot.json  metadata (see [`SnapshotMeta`]), written last
 //! ```
 //!
+//! `snapshot.json`'s schema is a contract between processes and lives in
+//! [`proto::snapshot`]; it is re-exported here.
+//!
 //! A snapshot is written into a temporary sibling directory and renamed into
 //! place only when complete and synced, so a crash never leaves a directory
 //! that looks like a snapshot. [`compact`] flattens a snapshot and the chain
@@ -20,6 +23,10 @@ pub mod format;
 
 pub use assemble::ensure_memory;
 pub use compact::compact;
+pub use proto::snapshot::{
+    GuestKind, LiveCopyStats, ParentRef, SnapshotDisk, SnapshotKind, SnapshotMeta, SnapshotNet,
+    SnapshotStatus, DIFF_FILE, DIFF_MAP_FILE, MEMORY_FILE, META_FILE, META_VERSION, VMSTATE_FILE,
+};
 
 use std::fs::File;
 use std::io::Write;
@@ -37,41 +44,9 @@ use crate::devices::virtio::net::{self, format_mac, parse_mac};
 use crate::kvm::state::{VcpuState, VmKvmState};
 use crate::memory::{data_extents, GuestMemoryMmap};
 
-/// Version of the snapshot directory layout and metadata.
-pub const META_VERSION: u32 = 1;
-/// Name of the vmstate file.
-pub const VMSTATE_FILE: &str = "vmstate";
-/// Name of the memory file.
-pub const MEMORY_FILE: &str = "memory";
-/// Name of the metadata file.
-pub const META_FILE: &str = "snapshot.json";
-/// A diff snapshot's changed pages, at their offsets (sparse).
-pub const DIFF_FILE: &str = "memory.diff";
-/// Which pages `memory.diff` holds (a checksummed bitmap, see [`DiffMap`]).
-pub const DIFF_MAP_FILE: &str = "memory.diffmap";
-/// Largest metadata file accepted.
-const MAX_META_BYTES: u64 = 1 << 20;
 const PAGE: usize = 4096;
 /// Longest run of pages written in one call.
 const MAX_RUN: usize = 8 << 20;
-
-/// What kind of guest a snapshot holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GuestKind {
-    /// The built-in guest.
-    Builtin,
-    /// A Linux kernel.
-    Linux,
-}
-
-impl GuestKind {
-    /// Whether the VM gets an in-kernel PIT: Linux calibrates with it, the
-    /// built-in guest never programs a timer.
-    pub fn needs_pit(self) -> bool {
-        self == GuestKind::Linux
-    }
-}
 
 /// State of the devices.
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,53 +59,16 @@ pub struct DeviceStates {
     pub virtio: Vec<AttachedState>,
 }
 
-/// One drive of a snapshot: the layers a child stacks its own CoW layer on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotDisk {
-    /// Base image (not copied into the snapshot); `None`: a blank disk.
-    pub base: Option<PathBuf>,
-    /// Size of a blank disk.
-    pub size: u64,
-    /// Frozen layers, bottom to top. A bare file name is in this
-    /// snapshot's directory; an absolute path belongs to the snapshot this
-    /// one was taken from (it must outlive this one).
-    pub layers: Vec<PathBuf>,
-    /// The drive refuses writes (it has no layer of its own).
-    pub read_only: bool,
-}
-
-impl SnapshotDisk {
-    /// The stack a child of the snapshot in `dir` opens for this drive,
+impl DiskConfig {
+    /// The stack a child of the snapshot in `dir` opens for drive `disk`,
     /// writing into its own `cow` layer (none for a read-only drive).
-    pub fn open_config(&self, dir: &Path, cow: PathBuf) -> DiskConfig {
+    pub fn for_child(disk: &SnapshotDisk, dir: &Path, cow: PathBuf) -> DiskConfig {
         DiskConfig {
-            base: self.base.clone(),
-            size: self.size,
-            frozen: self.layers.iter().map(|l| dir.join(l)).collect(),
-            cow: (!self.read_only).then_some(cow),
-            read_only: self.read_only,
-        }
-    }
-}
-
-/// One network interface of a snapshot: the tap the VM used, which every
-/// child attaches to by the same name, each in a network namespace of its
-/// own (see `RestoreConfig::netns` in the builder).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotNet {
-    /// The tap device's name.
-    pub tap: String,
-    /// The guest's MAC address, `06:00:ac:10:00:02` (the guest has it
-    /// cached; a child keeps it).
-    pub mac: String,
-}
-
-impl SnapshotNet {
-    /// What a snapshot records of an interface on tap `tap`.
-    pub fn new(tap: &str, mac: &[u8; 6]) -> Self {
-        SnapshotNet {
-            tap: tap.to_owned(),
-            mac: format_mac(mac),
+            base: disk.base.clone(),
+            size: disk.size,
+            frozen: disk.layers.iter().map(|l| dir.join(l)).collect(),
+            cow: (!disk.read_only).then_some(cow),
+            read_only: disk.read_only,
         }
     }
 }
@@ -148,123 +86,6 @@ pub struct VmState {
     pub vm: VmKvmState,
     /// Devices.
     pub devices: DeviceStates,
-}
-
-/// How a snapshot stores memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotKind {
-    /// `memory` holds all of guest RAM.
-    #[default]
-    Full,
-    /// `memory.diff` holds the pages that changed since `parent` (listed in
-    /// `memory.diffmap`); `memory` is assembled from the parent's once, on
-    /// first use, and then shared by every child.
-    Diff,
-}
-
-/// The snapshot a diff snapshot stacks on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParentRef {
-    /// Its directory (absolute).
-    pub dir: PathBuf,
-    /// Its `memory_hash` when the diff was taken; a parent whose hash no
-    /// longer matches is refused.
-    pub memory_hash: String,
-}
-
-/// Status of a snapshot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotStatus {
-    /// Memory is still being written (live BRANCH); cannot be restored.
-    Writing,
-    /// Complete.
-    Ready,
-    /// The write did not complete; cannot be restored.
-    Failed,
-}
-
-/// `snapshot.json`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotMeta {
-    /// Layout version ([`META_VERSION`]).
-    pub version: u32,
-    /// Seconds since the epoch.
-    pub created_at_unix: u64,
-    /// The guest.
-    pub guest: GuestKind,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// vCPU count.
-    pub vcpus: u8,
-    /// Logical size of `memory` in bytes.
-    pub memory_bytes: u64,
-    /// Bytes of `memory` that hold data (the rest are holes).
-    pub memory_data_bytes: u64,
-    /// BLAKE3 over (page index, page) of every non-zero page, hex.
-    pub memory_hash: String,
-    /// BLAKE3 of the vmstate file, hex.
-    pub vmstate_hash: String,
-    /// Whether it can be restored.
-    pub status: SnapshotStatus,
-    /// Whether a child can be restored from it (as opposed to a layer only).
-    pub bootable: bool,
-    /// The drives, in order.
-    #[serde(default)]
-    pub disks: Vec<SnapshotDisk>,
-    /// The network interfaces, in order (left out when there are none:
-    /// older snapshots read unchanged).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nets: Vec<SnapshotNet>,
-    /// Full or diff.
-    #[serde(default)]
-    pub kind: SnapshotKind,
-    /// The snapshot a diff stacks on.
-    #[serde(default)]
-    pub parent: Option<ParentRef>,
-    /// How a live snapshot's background copy went.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub live_copy: Option<LiveCopyStats>,
-}
-
-/// What a live snapshot's copy did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LiveCopyStats {
-    /// Write-protect faults: guest (or device) writes that reached a page
-    /// before the copy was done with it (none for a pre-copy).
-    pub faults: u64,
-    /// The longest a faulting writer waited, in microseconds.
-    pub max_fault_stall_us: u64,
-    /// Faults whose page the bulk copier had claimed and not yet copied:
-    /// the fault handler copied it instead of waiting for the copier.
-    #[serde(default, skip_serializing_if = "no_takeovers")]
-    pub takeovers: u64,
-    /// From the copy's start to the file written and synced, in milliseconds.
-    pub duration_ms: u64,
-    /// How memory was copied: `precopy` (while the guest ran, before the
-    /// pause, for a caller that waits) or `write_protect` (after the pause,
-    /// under write protection). Absent in older snapshots: write_protect.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    /// Pre-copy: pages copied in each round while the guest ran. With
-    /// `method` `write_protect`, a pre-copy that did not converge (the
-    /// guest dirtied memory as fast as it was copied) and was abandoned
-    /// for a write-protected copy armed before the pause.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub precopy_round_pages: Vec<u64>,
-    /// Pre-copy: pages dirty at the pause (the residue), copied in it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub residue_pages: Option<u64>,
-    /// Pre-copy: the residue was too large for the pause and was copied
-    /// after it under write protection (`faults` and `max_fault_stall_us`
-    /// are that copy's).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub residue_write_protected: bool,
-}
-
-fn no_takeovers(n: &u64) -> bool {
-    *n == 0
 }
 
 /// Errors writing or reading a snapshot.
@@ -725,42 +546,28 @@ fn capture_disk(tmp: &Path, index: usize, drive: &DriveCapture) -> Result<Snapsh
 
 /// Writes `snapshot.json` in `dir` atomically (temp file, fsync, rename).
 pub fn write_meta(dir: &Path, meta: &SnapshotMeta) -> Result<(), Error> {
-    let path = dir.join(META_FILE);
-    let tmp = dir.join(format!(".{META_FILE}.tmp"));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&serde_json::to_vec_pretty(meta).expect("metadata serialises"))
-        .map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    proto::snapshot::write_meta(dir, meta).map_err(|e| meta_err(dir, e))
 }
 
-/// Reads `snapshot.json` from `dir`.
+/// Reads `snapshot.json` from `dir` ([`proto::snapshot::read_meta`]) and
+/// checks what only the VMM knows: every tap name one it can open.
 pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, Error> {
-    use std::io::Read;
-    let path = dir.join(META_FILE);
-    let f = File::open(&path).map_err(io_err(&path))?;
-    let mut bytes = Vec::new();
-    f.take(MAX_META_BYTES)
-        .read_to_end(&mut bytes)
-        .map_err(io_err(&path))?;
-    let meta: SnapshotMeta = serde_json::from_slice(&bytes).map_err(|e| Error::Meta {
-        path: dir.to_owned(),
-        reason: e.to_string(),
-    })?;
-    if meta.version != META_VERSION {
-        return Err(Error::Meta {
-            path: dir.to_owned(),
-            reason: format!(
-                "layout version {} (this build reads {META_VERSION})",
-                meta.version
-            ),
-        });
-    }
+    let meta = proto::snapshot::read_meta(dir).map_err(|e| meta_err(dir, e))?;
     check_nets(&meta.nets).map_err(|reason| Error::Meta {
         path: dir.to_owned(),
         reason,
     })?;
     Ok(meta)
+}
+
+fn meta_err(dir: &Path, e: proto::snapshot::MetaError) -> Error {
+    match e {
+        proto::snapshot::MetaError::Io { path, source } => Error::Io { path, source },
+        proto::snapshot::MetaError::Invalid { reason, .. } => Error::Meta {
+            path: dir.to_owned(),
+            reason,
+        },
+    }
 }
 
 /// `nets` of an untrusted `snapshot.json`: every tap name one that

@@ -43,27 +43,7 @@ pub struct NetConfig {
     pub mac: [u8; 6],
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Writes `mac` as [`parse_mac`] reads it: `06:00:ac:10:00:02`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use proto::snapshot::{format_mac, parse_mac};
 
 /// A virtio network device.
 pub struct Net {
@@ -289,18 +269,6 @@ mod tests {
         f.extend_from_slice(&[0; 6]);
         f.extend_from_slice(&HOST_IP);
         f
-    }
-
-    #[test]
-    fn mac_parsing() {
-        assert_eq!(parse_mac("02:00:00:0a:ff:01"), Some([2, 0, 0, 10, 255, 1]));
-        assert_eq!(parse_mac("02:00:00:0a:ff"), None);
-        assert_eq!(parse_mac("02:00:00:0a:ff:01:02"), None);
-        assert_eq!(parse_mac("2:00:00:0a:ff:01"), None);
-        assert_eq!(parse_mac("zz:00:00:0a:ff:01"), None);
-        let mac = [6, 0, 0xac, 0x10, 0, 2];
-        assert_eq!(format_mac(&mac), "06:00:ac:10:00:02");
-        assert_eq!(parse_mac(&format_mac(&mac)), Some(mac));
     }
 
     /// The guest asks who has the host's address (ARP) through the TX

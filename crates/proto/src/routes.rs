@@ -1,0 +1,149 @@
+//! The REST API's paths: the patterns forkd-daemon's router matches and the
+//! builders its clients use, one definition for both. A builder fills its
+//! pattern, so a client cannot ask for a path the router does not have.
+
+/// `GET`: liveness, the one route without a token.
+pub const HEALTHZ: &str = "/healthz";
+/// `GET`: the daemon's version.
+pub const VERSION: &str = "/version";
+/// `GET`: Prometheus metrics.
+pub const METRICS: &str = "/metrics";
+/// `POST` (make) and `GET` (list).
+pub const SNAPSHOTS: &str = "/v1/snapshots";
+/// `DELETE`, with `?cascade=true` or `?force=true`.
+pub const SNAPSHOT: &str = "/v1/snapshots/{tag}";
+/// `GET`: a snapshot and its place in a chain.
+pub const SNAPSHOT_INFO: &str = "/v1/snapshots/{tag}/info";
+/// `POST`: a flat copy of a snapshot.
+pub const SNAPSHOT_COMPACT: &str = "/v1/snapshots/{tag}/compact";
+/// `POST` (spawn) and `GET` (list).
+pub const SANDBOXES: &str = "/v1/sandboxes";
+/// `GET` and `DELETE`.
+pub const SANDBOX: &str = "/v1/sandboxes/{id}";
+/// `POST`: the agent's answer to a ping.
+pub const SANDBOX_PING: &str = "/v1/sandboxes/{id}/ping";
+/// `POST`: run a command.
+pub const SANDBOX_EXEC: &str = "/v1/sandboxes/{id}/exec";
+/// `POST`: evaluate code in the warm interpreter.
+pub const SANDBOX_EVAL: &str = "/v1/sandboxes/{id}/eval";
+/// `POST`: BRANCH the sandbox into a snapshot.
+pub const SANDBOX_BRANCH: &str = "/v1/sandboxes/{id}/branch";
+
+/// What can be asked of one sandbox with a `POST`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxOp {
+    /// [`SANDBOX_PING`].
+    Ping,
+    /// [`SANDBOX_EXEC`].
+    Exec,
+    /// [`SANDBOX_EVAL`].
+    Eval,
+    /// [`SANDBOX_BRANCH`].
+    Branch,
+}
+
+impl SandboxOp {
+    /// Its route pattern.
+    pub fn pattern(self) -> &'static str {
+        match self {
+            SandboxOp::Ping => SANDBOX_PING,
+            SandboxOp::Exec => SANDBOX_EXEC,
+            SandboxOp::Eval => SANDBOX_EVAL,
+            SandboxOp::Branch => SANDBOX_BRANCH,
+        }
+    }
+}
+
+/// `s` as one URL path segment (percent-encoding all but unreserved bytes).
+pub fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `pattern` with its one `{name}` placeholder replaced by `value`, encoded.
+fn fill(pattern: &str, value: &str) -> String {
+    let open = pattern.find('{').expect("the pattern has a placeholder");
+    let close = pattern[open..]
+        .find('}')
+        .expect("the placeholder is closed")
+        + open;
+    format!(
+        "{}{}{}",
+        &pattern[..open],
+        seg(value),
+        &pattern[close + 1..]
+    )
+}
+
+/// [`SNAPSHOT`] for `tag`, with `?cascade=true` or `?force=true`.
+pub fn snapshot(tag: &str, cascade: bool, force: bool) -> String {
+    let q = match (cascade, force) {
+        (true, _) => "?cascade=true",
+        (false, true) => "?force=true",
+        (false, false) => "",
+    };
+    format!("{}{q}", fill(SNAPSHOT, tag))
+}
+
+/// [`SNAPSHOT_INFO`] for `tag`.
+pub fn snapshot_info(tag: &str) -> String {
+    fill(SNAPSHOT_INFO, tag)
+}
+
+/// [`SNAPSHOT_COMPACT`] for `tag`.
+pub fn compact(tag: &str) -> String {
+    fill(SNAPSHOT_COMPACT, tag)
+}
+
+/// [`SANDBOX`] for `id`.
+pub fn sandbox(id: &str) -> String {
+    fill(SANDBOX, id)
+}
+
+/// `op`'s route for sandbox `id`.
+pub fn sandbox_op(id: &str, op: SandboxOp) -> String {
+    fill(op.pattern(), id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders_fill_the_router_patterns() {
+        assert_eq!(snapshot("t", false, false), "/v1/snapshots/t");
+        assert_eq!(snapshot("t", true, false), "/v1/snapshots/t?cascade=true");
+        assert_eq!(snapshot("t", false, true), "/v1/snapshots/t?force=true");
+        assert_eq!(snapshot_info("t"), "/v1/snapshots/t/info");
+        assert_eq!(compact("t"), "/v1/snapshots/t/compact");
+        assert_eq!(sandbox("sb-1"), "/v1/sandboxes/sb-1");
+        assert_eq!(
+            sandbox_op("sb/1", SandboxOp::Exec),
+            "/v1/sandboxes/sb%2F1/exec"
+        );
+        for (op, name) in [
+            (SandboxOp::Ping, "ping"),
+            (SandboxOp::Exec, "exec"),
+            (SandboxOp::Eval, "eval"),
+            (SandboxOp::Branch, "branch"),
+        ] {
+            assert_eq!(sandbox_op("x", op), format!("/v1/sandboxes/x/{name}"));
+        }
+    }
+
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(seg("py-3_12"), "py-3_12");
+        assert_eq!(seg("a/b c"), "a%2Fb%20c");
+        assert_eq!(seg("../x"), "..%2Fx");
+        assert_eq!(seg("é"), "%C3%A9");
+        assert_eq!(seg("a?b#c"), "a%3Fb%23c");
+    }
+}

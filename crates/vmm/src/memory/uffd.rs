@@ -613,10 +613,8 @@ pub(crate) mod tests {
         writer.join().unwrap();
         assert!(done.load(Ordering::SeqCst));
         // SAFETY: inside the live mapping.
-        assert_eq!(
-            unsafe { std::ptr::read_volatile((target + 8) as *const u64) },
-            42
-        );
+        let written = unsafe { std::ptr::read_volatile((target + 8) as *const u64) };
+        assert_eq!(written, 42);
         // Released page: writes go straight through.
         // SAFETY: inside the live mapping.
         unsafe { std::ptr::write_volatile(target as *mut u64, 7) };

@@ -31,6 +31,7 @@ use crate::kvm::{cpuid, msrs, vm};
 use crate::machine::Machine;
 use crate::memory::uffd::{self, Uffd};
 use crate::memory::{self, Backend, GuestRam};
+use crate::random::random_u64;
 use crate::snapshot::{DeviceStates, GuestKind, ParentRef, PreparedSnapshot};
 
 /// What the guest is.
@@ -887,15 +888,6 @@ fn configure_vcpu(
         }
     }
     Ok(())
-}
-
-/// A random value from the kernel (per-boot identity, VM generation).
-pub fn random_u64() -> u64 {
-    let mut buf = [0u8; 8];
-    // SAFETY: `buf` is a valid writable buffer of the given length.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    assert_eq!(n, 8, "getrandom of 8 bytes does not fail on Linux");
-    u64::from_le_bytes(buf)
 }
 
 /// The boot source for a Linux kernel, with the default command line when none is given.

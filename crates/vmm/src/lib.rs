@@ -5,6 +5,7 @@
 //! - [`boot`]: the memory map, Linux boot structures and the built-in guest.
 //! - [`devices`]: the port-I/O and MMIO buses and the legacy devices.
 //! - [`builder`]: assembles a machine; [`machine`]: a running one.
+//! - [`random`]: randomness from the kernel, for every layer.
 
 pub mod boot;
 pub mod branch;
@@ -13,4 +14,5 @@ pub mod devices;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod random;
 pub mod snapshot;

@@ -39,10 +39,10 @@ pub const EBDA_END: u64 = 0xa0000;
 /// First byte past the legacy hole; kernels load here.
 pub const HIMEM_START: u64 = 0x10_0000;
 
-/// Start of the 32-bit MMIO gap. RAM above this goes above 4 GiB.
-pub const MMIO_GAP_START: u64 = 0xc000_0000;
-/// End of the 32-bit MMIO gap (4 GiB).
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+pub use crate::memory::layout::{
+    ram_end, ram_ranges, MAX_MEM_MIB, MIN_MEM_MIB, MMIO_GAP_END, MMIO_GAP_START,
+};
+
 /// First virtio-mmio device window; each device takes one `VIRTIO_MMIO_SIZE`.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device window.
@@ -56,55 +56,12 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// KVM's identity-map page for real-mode emulation on Intel (one page below the TSS).
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
-/// Smallest guest RAM we accept, in MiB.
-pub const MIN_MEM_MIB: u64 = 8;
-/// Largest guest RAM we accept, in MiB (64 GiB: one PDPT of identity maps covers it).
-pub const MAX_MEM_MIB: u64 = 64 * 1024;
 /// Most vCPUs a forkd microVM can have (APIC IDs, MP table and stacks are sized for it).
 pub const MAX_VCPUS: u8 = 32;
-
-/// The guest-physical RAM ranges `(start, len)` for `mem_bytes` of RAM:
-/// one below the MMIO gap and, when RAM does not fit there, one from 4 GiB.
-pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
-    if mem_bytes <= MMIO_GAP_START {
-        vec![(0, mem_bytes)]
-    } else {
-        vec![
-            (0, MMIO_GAP_START),
-            (MMIO_GAP_END, mem_bytes - MMIO_GAP_START),
-        ]
-    }
-}
-
-/// One past the highest guest-physical RAM address for `mem_bytes` of RAM.
-pub fn ram_end(mem_bytes: u64) -> u64 {
-    ram_ranges(mem_bytes)
-        .last()
-        .map(|(start, len)| start + len)
-        .unwrap_or(0)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn small_ram_is_one_range_below_the_gap() {
-        assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
-        assert_eq!(ram_end(128 << 20), 128 << 20);
-    }
-
-    #[test]
-    fn ram_exactly_up_to_the_gap_is_one_range() {
-        assert_eq!(ram_ranges(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
-    }
-
-    #[test]
-    fn large_ram_skips_the_mmio_gap() {
-        let r = ram_ranges(4 << 30);
-        assert_eq!(r, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]);
-        assert_eq!(ram_end(4 << 30), MMIO_GAP_END + (1 << 30));
-    }
 
     // The fixed structures must not overlap: checked when the crate compiles.
     const _: () = {

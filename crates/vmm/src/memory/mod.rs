@@ -22,8 +22,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
-use crate::boot::layout;
-
+pub mod layout;
 pub mod uffd;
 
 /// Guest memory as the rest of the VMM sees it: regions mapped in this

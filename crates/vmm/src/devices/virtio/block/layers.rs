@@ -250,7 +250,7 @@ impl Header {
 
 fn random_id() -> u64 {
     loop {
-        let id = crate::builder::random_u64();
+        let id = crate::random::random_u64();
         if id != 0 {
             return id;
         }

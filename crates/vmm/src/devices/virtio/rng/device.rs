@@ -8,6 +8,7 @@ use crate::devices::virtio::queue::{self, pop_chain};
 use crate::devices::virtio::{
     complete, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::random::fill_random;
 
 /// Entries in the request queue.
 pub(super) const QUEUE_SIZE: u16 = 256;
@@ -68,25 +69,6 @@ impl Rng {
             }
         }
     }
-}
-
-/// Fills `buf` from getrandom(2).
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of
-        // `buf`, a valid writable buffer.
-        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        done += n as usize;
-    }
-    Ok(())
 }
 
 impl VirtioDevice for Rng {

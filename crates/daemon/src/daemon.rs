@@ -248,6 +248,9 @@ impl Daemon {
         if let Ok(n) = self.store.sandbox_count() {
             self.metrics.sandboxes.set(n as i64);
         }
+        self.metrics
+            .netns_pool_ready
+            .set(self.netns_pool.len() as i64);
     }
 }
 

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub sandboxes: Gauge,
     /// Branches whose snapshot is being written.
     pub branches_in_flight: Gauge,
+    /// Network namespaces made ahead and ready for a spawn (set at scrape
+    /// time; `serve --netns-pool`).
+    pub netns_pool_ready: Gauge,
     /// Seconds a `POST /v1/sandboxes` took, whatever its `n`.
     pub spawn_seconds: Histogram,
     /// Seconds per child of a spawn request.
@@ -32,6 +35,7 @@ impl Metrics {
         let snapshots = Gauge::default();
         let sandboxes = Gauge::default();
         let branches_in_flight = Gauge::default();
+        let netns_pool_ready = Gauge::default();
         let build_info = Family::<Vec<(String, String)>, Gauge>::default();
         // From 100 us to about 100 s, a factor of 2 apart.
         let buckets = || exponential_buckets(0.0001, 2.0, 21);
@@ -53,6 +57,11 @@ impl Metrics {
             "forkd_branches_in_flight",
             "Branches whose snapshot is being written",
             branches_in_flight.clone(),
+        );
+        registry.register(
+            "forkd_netns_pool_ready",
+            "Network namespaces made ahead and ready for a spawn",
+            netns_pool_ready.clone(),
         );
         registry.register(
             "forkd_build_info",
@@ -90,6 +99,7 @@ impl Metrics {
             snapshots,
             sandboxes,
             branches_in_flight,
+            netns_pool_ready,
             spawn_seconds,
             spawn_child_seconds,
             branch_seconds,
@@ -125,6 +135,7 @@ mod tests {
             "forkd_snapshots_total 3",
             "forkd_sandboxes_active 0",
             "forkd_branches_in_flight 0",
+            "forkd_netns_pool_ready 0",
             "forkd_build_info{version=\"",
             "forkd_spawn_duration_seconds_bucket",
             "forkd_branch_pause_seconds_count",

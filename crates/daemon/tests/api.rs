@@ -914,6 +914,26 @@ fn wait_recorded(state: &std::path::Path, what: &str, pred: impl Fn(&[String]) -
     }
 }
 
+/// Waits until the daemon's namespace pool holds `want` ready (its
+/// `forkd_netns_pool_ready` gauge): a name is recorded before its namespace
+/// is made, and made before the pool holds it, so the records run ahead.
+fn wait_pool_ready(d: &Daemon, what: &str, want: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let line = format!("forkd_netns_pool_ready {want}\n");
+    loop {
+        let (status, text) = d.raw("GET", "/metrics", None, None);
+        assert_eq!(status, 200, "{text}");
+        if text.contains(&line) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the pool never held {want}:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
     let tmp = TempDir::new("netns-pool");
@@ -933,6 +953,7 @@ fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
     );
     let pooled = |names: &[String]| names.iter().filter(|n| n.starts_with("forkd-p")).count();
     wait_recorded(&state, "the pool fills", |n| pooled(n) == 3);
+    wait_pool_ready(&d, "the pool fills", 3);
     let ready = recorded_netns(&state);
 
     // Two children take two of the three made ahead.
@@ -946,6 +967,7 @@ fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
     }
     // It refills to three ready beside the two in use.
     wait_recorded(&state, "the pool refills", |n| pooled(n) == 5);
+    wait_pool_ready(&d, "the pool refills", 3);
 
     // More than the pool holds: three from it, the rest made on the spot.
     let more = spawn(&d, "net", 5);
@@ -965,6 +987,7 @@ fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
 
     kill_all(&d);
     wait_recorded(&state, "the pool refills after the kills", |n| n.len() == 3);
+    wait_pool_ready(&d, "the pool refills after the kills", 3);
     let left = recorded_netns(&state);
     assert!(
         d.stop(),

@@ -89,8 +89,8 @@ for i in $(seq 0 $((N - 1))); do
   if grep -q "Marking clocksource 'tsc' as unstable" "$kids/$i/console.log"; then
     die_ctx "child $i marked the TSC unstable after the restore (TSC and kvmclock disagree): $(grep -A2 'Marking clocksource' "$kids/$i/console.log" | grep -o "[a-z-]*' [a-z]*_nsec: [0-9]*" | tr '\n' ' ')"
   fi
-  if grep -q "forkd-vmm: the restored guest TSC" "$kids/$i/vmm.log" 2>/dev/null; then
-    die_ctx "child $i: $(grep -m1 'forkd-vmm: the restored guest TSC' "$kids/$i/vmm.log")"
+  if grep -q "the restored guest TSC" "$kids/$i/vmm.log" 2>/dev/null; then
+    die_ctx "child $i: $(grep -m1 'the restored guest TSC' "$kids/$i/vmm.log")"
   fi
 done
 for i in $(seq 0 $((N - 1))); do

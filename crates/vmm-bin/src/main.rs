@@ -231,7 +231,25 @@ enum MemoryBackend {
     MemfdHugetlb,
 }
 
+/// The library's diagnostics go to standard error (the VMM's `vmm.log`
+/// when the daemon or a fork server starts it), at the level `FORKD_LOG`
+/// names (error, warn, info, debug, trace; default info). A plain level,
+/// not a filter expression: the subscriber costs next to nothing at start,
+/// which every restored child pays.
+fn init_logging() {
+    let level = std::env::var("FORKD_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),

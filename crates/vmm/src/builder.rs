@@ -508,8 +508,8 @@ impl PreparedRestore<'_> {
             .worst_skew_ns
             .filter(|s| s.abs() > state::TSC_SKEW_TOLERANCE_NS)
         {
-            eprintln!(
-                "forkd-vmm: the restored guest TSC and kvmclock disagree by {skew} ns ({:?}); \
+            tracing::warn!(
+                "the restored guest TSC and kvmclock disagree by {skew} ns ({:?}); \
                  a Linux guest may stop using the TSC as its clocksource",
                 tsc.method
             );

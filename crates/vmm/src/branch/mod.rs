@@ -40,13 +40,13 @@ pub(crate) fn set_thread_nice(nice: i32) -> std::io::Result<()> {
 }
 
 /// [`set_thread_nice`] for a thread that goes on either way; the first
-/// failure in the process is reported on stderr (the VMM's log).
+/// failure in the process is logged.
 pub(crate) fn nice_this_thread(nice: i32, what: &str) {
     static WARNED: std::sync::Once = std::sync::Once::new();
     if let Err(e) = set_thread_nice(nice) {
         WARNED.call_once(|| {
-            eprintln!(
-                "forkd-vmm: {what}: cannot set nice {nice} ({e}); BRANCH threads run at the \
+            tracing::warn!(
+                "{what}: cannot set nice {nice} ({e}); BRANCH threads run at the \
                  default priority, so a vCPU may wait longer for them on a busy host"
             )
         });

@@ -111,12 +111,12 @@ impl PrecopyOptions {
     /// 0 or 1) overridden by the environment variable `FORKD_PRECOPY`
     /// (comma-separated `name=value` pairs, e.g.
     /// `pause_copy_pages=0,max_rounds=1`), for tuning and for tests. An
-    /// unknown name or a bad value is reported on stderr and ignored.
+    /// unknown name or a bad value is logged and ignored.
     pub fn from_env() -> Self {
         let spec = std::env::var("FORKD_PRECOPY").unwrap_or_default();
         let (o, errors) = Self::parse(&spec);
         for e in errors {
-            eprintln!("forkd-vmm: FORKD_PRECOPY: {e}; ignored");
+            tracing::warn!("FORKD_PRECOPY: {e}; ignored");
         }
         o
     }

@@ -99,6 +99,8 @@ pub struct MmioTransport {
     worker: Option<Worker>,
     name: String,
     gate: Arc<DeviceGate>,
+    /// A driver can fail activation over and over: logged through this.
+    log_limit: crate::logger::RateLimit,
 }
 
 /// Errors creating a transport.
@@ -146,6 +148,7 @@ impl MmioTransport {
             worker: None,
             name: name.to_owned(),
             gate: Arc::default(),
+            log_limit: crate::logger::RateLimit::per_device(),
         })
     }
 
@@ -240,7 +243,7 @@ impl MmioTransport {
             let mut dev = lock(&self.device);
             if let Err(e) = dev.activate(ctx) {
                 drop(dev);
-                eprintln!("forkd-vmm: {}: {e}", self.name);
+                crate::warn_limited!(self.log_limit, "{}: {e}", self.name);
                 self.state.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 self.interrupt.signal_config_change();
                 return Ok(());
@@ -316,7 +319,7 @@ impl MmioTransport {
         self.state.status = new;
         if added == VIRTIO_CONFIG_S_DRIVER_OK {
             if let Err(e) = self.start_worker() {
-                eprintln!("forkd-vmm: {}: {e}", self.name);
+                crate::warn_limited!(self.log_limit, "{}: {e}", self.name);
                 self.state.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 self.interrupt.signal_config_change();
             }
@@ -489,7 +492,7 @@ fn worker_loop(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                eprintln!("forkd-vmm: virtio worker: epoll_wait failed: {e}; the device stops");
+                tracing::error!("virtio worker: epoll_wait failed: {e}; the device stops");
                 return;
             }
         };

@@ -54,6 +54,9 @@ pub struct Block {
     pub(super) queues: Vec<Queue>,
     pub(super) active: Option<ActivateContext>,
     bounce: Vec<u8>,
+    /// Host I/O errors are the guest's to provoke (a full disk): logged
+    /// through this.
+    log_limit: crate::logger::RateLimit,
 }
 
 impl Block {
@@ -70,6 +73,7 @@ impl Block {
             queues: queue::new_queues(&[QUEUE_SIZE]),
             active: None,
             bounce: Vec::new(),
+            log_limit: crate::logger::RateLimit::per_device(),
         }
     }
 
@@ -148,7 +152,7 @@ impl Block {
             VIRTIO_BLK_T_FLUSH => match self.disk.flush() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    eprintln!("forkd-vmm: virtio-block flush failed: {e}");
+                    crate::warn_limited!(self.log_limit, "virtio-block flush failed: {e}");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             },
@@ -197,7 +201,7 @@ impl Block {
         while left > 0 {
             let n = (left as usize).min(bounce.len());
             if let Err(e) = self.disk.read_at(&mut bounce[..n], offset) {
-                eprintln!("forkd-vmm: virtio-block read failed: {e}");
+                crate::warn_limited!(self.log_limit, "virtio-block read failed: {e}");
                 return (VIRTIO_BLK_S_IOERR, len - left);
             }
             if w.write(&bounce[..n]).ok() != Some(n) {
@@ -224,7 +228,7 @@ impl Block {
                 return VIRTIO_BLK_S_IOERR;
             }
             if let Err(e) = self.disk.write_at(&bounce[..n], offset) {
-                eprintln!("forkd-vmm: virtio-block write failed: {e}");
+                crate::warn_limited!(self.log_limit, "virtio-block write failed: {e}");
                 return VIRTIO_BLK_S_IOERR;
             }
             offset += n as u64;

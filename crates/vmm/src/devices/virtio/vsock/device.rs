@@ -169,7 +169,7 @@ impl Vsock {
             timer,
             timer_armed: false,
             drain_idle: DRAIN_IDLE,
-            log: ConnLog::stderr(),
+            log: ConnLog::to_log(),
             owners: HashMap::new(),
             ctrl: VecDeque::new(),
             next_token: FIRST_CONN_TOKEN,

@@ -3,80 +3,53 @@
 //! Every connection the device closes or refuses without being asked to
 //! (a failed host socket, a guest that breaks the protocol, a host reader
 //! that stopped reading while the guest's last bytes waited) is one line in
-//! the VMM's log, naming the connection, the reason and the bytes for the
-//! host that were dropped. A guest can open and break connections at will,
-//! so the lines are rate-limited per device, and the next line that gets
-//! through says how many were held back.
+//! the VMM's log (target `vsock`), naming the connection, the reason and
+//! the bytes for the host that were dropped. A guest can open and break
+//! connections at will, so the lines go through a per-device
+//! [`RateLimit`], and the next line that gets through says how many were
+//! held back.
 
-use std::time::{Duration, Instant};
+use crate::logger::RateLimit;
 
-/// Lines let through in one window.
-const BURST: u32 = 20;
-/// The window.
-const WINDOW: Duration = Duration::from_secs(10);
-
-/// Where lines go: the VMM's standard error (its `vmm.log`), or a test's
-/// collector.
+/// Where lines go: the VMM's log, or a test's collector.
 pub(super) type Sink = Box<dyn FnMut(&str) + Send>;
 
 /// A rate-limited log for one device.
 pub(super) struct ConnLog {
     sink: Sink,
-    window_start: Option<Instant>,
-    in_window: u32,
-    suppressed: u64,
+    limit: RateLimit,
 }
 
 impl std::fmt::Debug for ConnLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnLog")
-            .field("in_window", &self.in_window)
-            .field("suppressed", &self.suppressed)
+            .field("limit", &self.limit)
             .finish_non_exhaustive()
     }
 }
 
 impl ConnLog {
-    /// Lines go to standard error, prefixed as the VMM's other lines are.
-    pub(super) fn stderr() -> Self {
-        Self::with_sink(Box::new(|line| eprintln!("forkd-vmm: vsock: {line}")))
+    /// Lines go to the VMM's log as warnings.
+    pub(super) fn to_log() -> Self {
+        Self::with_sink(Box::new(|line| tracing::warn!(target: "vsock", "{line}")))
     }
 
     pub(super) fn with_sink(sink: Sink) -> Self {
         ConnLog {
             sink,
-            window_start: None,
-            in_window: 0,
-            suppressed: 0,
+            limit: RateLimit::per_device(),
         }
     }
 
     /// Logs `line` unless this window's lines are spent.
     pub(super) fn line(&mut self, line: std::fmt::Arguments<'_>) {
-        self.line_at(Instant::now(), line);
-    }
-
-    fn line_at(&mut self, now: Instant, line: std::fmt::Arguments<'_>) {
-        match self.window_start {
-            Some(start) if now.duration_since(start) < WINDOW => {}
-            _ => {
-                self.window_start = Some(now);
-                self.in_window = 0;
-            }
-        }
-        if self.in_window >= BURST {
-            self.suppressed += 1;
-            return;
-        }
-        self.in_window += 1;
-        if self.suppressed > 0 {
-            let held = std::mem::take(&mut self.suppressed);
-            (self.sink)(&format!(
-                "{line} ({held} earlier connection events not logged: more than {BURST} in {} s)",
-                WINDOW.as_secs()
-            ));
-        } else {
-            (self.sink)(&line.to_string());
+        match self.limit.admit() {
+            None => {}
+            Some(0) => (self.sink)(&line.to_string()),
+            Some(held) => (self.sink)(&format!(
+                "{line} ({held} earlier connection events not logged: {})",
+                self.limit.describe()
+            )),
         }
     }
 }
@@ -97,27 +70,18 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_burst_is_cut_and_the_next_window_counts_what_was_held() {
+    fn a_burst_is_cut_and_the_next_line_through_counts_what_was_held() {
         let (mut log, lines) = collecting();
-        let t0 = Instant::now();
-        for i in 0..(BURST + 7) {
-            log.line_at(
-                t0 + Duration::from_millis(u64::from(i)),
-                format_args!("event {i}"),
-            );
+        log.limit = RateLimit::new(2, std::time::Duration::from_millis(50));
+        for i in 0..5 {
+            log.line(format_args!("event {i}"));
         }
-        {
-            let l = lines.lock().unwrap();
-            assert_eq!(l.len(), BURST as usize);
-            assert_eq!(l[0], "event 0");
-        }
-        log.line_at(t0 + WINDOW + Duration::from_secs(1), format_args!("later"));
+        assert_eq!(*lines.lock().unwrap(), ["event 0", "event 1"]);
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        log.line(format_args!("later"));
         let l = lines.lock().unwrap();
-        assert_eq!(l.len(), BURST as usize + 1);
         assert!(
-            l.last()
-                .unwrap()
-                .starts_with("later (7 earlier connection events not logged"),
+            l[2].starts_with("later (3 earlier connection events not logged: more than 2 in"),
             "{l:?}"
         );
     }

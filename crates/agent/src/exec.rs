@@ -13,7 +13,7 @@ use proto::agent::{write_frame, ErrorCode, ExecRequest, ExitStatus, Reply, CHUNK
 
 use crate::children::{children, kill_group};
 use crate::log::log;
-use crate::server::{io_error_code, send_error, Outcome};
+use crate::reply::{io_error_code, send_error, Outcome};
 
 /// How long output is still read after the process exited (background
 /// processes may hold the pipes open).

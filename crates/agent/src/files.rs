@@ -14,7 +14,7 @@ use proto::agent::{
     StatRequest, WriteRequest, CHUNK, LIST_BATCH, MAX_FRAME,
 };
 
-use crate::server::{io_error_code, send_error, Outcome};
+use crate::reply::{io_error_code, send_error, Outcome};
 
 /// How long the host may pause between the frames of a write.
 const WRITE_IDLE: Duration = Duration::from_secs(60);

@@ -16,9 +16,11 @@ use proto::agent::{
     MAX_FRAME, OPS, PROTOCOL_VERSION,
 };
 
+use crate::config::Config;
 use crate::interp::Interpreter;
 use crate::log::log;
-use crate::{exec, files, Config};
+use crate::reply::{send_error, Outcome};
+use crate::{exec, files};
 
 /// How long the host has to send its request after connecting.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,33 +28,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections served at once; more are answered `busy`.
 const MAX_ACTIVE: usize = 64;
-
-/// How a request ended.
-pub enum Outcome {
-    /// Answered (successfully or with an error frame).
-    Done,
-    /// The host went away or stalled; nothing more can be sent.
-    HostGone,
-    /// Answered a poweroff: the caller powers off.
-    PowerOff,
-}
-
-/// Sends an error frame.
-pub fn send_error(conn: &mut UnixStream, code: ErrorCode, message: impl Into<String>) -> Outcome {
-    match write_frame(conn, &Reply::error(code, message), &[]) {
-        Ok(()) => Outcome::Done,
-        Err(_) => Outcome::HostGone,
-    }
-}
-
-/// The error code for an I/O error.
-pub fn io_error_code(e: &io::Error) -> ErrorCode {
-    match e.kind() {
-        io::ErrorKind::NotFound => ErrorCode::NotFound,
-        io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
-        _ => ErrorCode::Io,
-    }
-}
 
 /// What accepts host connections.
 pub enum Listener {

@@ -6,7 +6,7 @@
 //! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
 //!   [`procs`]: tracking them by pid.
 //! - [`auth`], [`audit`], [`metrics`], [`cgroup`], [`netns`] (a network
-//!   namespace per guest with a network interface).
+//!   namespace per guest with a network interface), [`util`] (ids, time).
 
 pub mod api;
 pub mod audit;
@@ -22,3 +22,4 @@ pub mod sandboxes;
 pub mod serve;
 pub mod snapshots;
 pub mod store;
+pub mod util;

@@ -175,7 +175,7 @@ impl Pool {
             return;
         }
         while self.len() < self.target && !self.closed.load(Ordering::Acquire) {
-            let name = format!("forkd-p{}", crate::daemon::random_hex(4));
+            let name = format!("forkd-p{}", crate::util::random_hex(4));
             if let Err(e) = create(store, &name) {
                 tracing::warn!("network namespace pool: {e}");
                 break;

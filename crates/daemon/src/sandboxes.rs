@@ -13,9 +13,10 @@ use proto::api::{
 };
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
-use crate::daemon::{now_unix, random_hex, Daemon};
+use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult};
 use crate::store::SandboxRow;
+use crate::util::{now_unix, random_hex};
 use crate::{driver, netns, procs};
 
 /// Smallest memory cap: below it a VMM cannot even start.

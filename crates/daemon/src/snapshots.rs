@@ -10,10 +10,11 @@ use std::time::Duration;
 use proto::api::{CreateSnapshot, SnapshotDetail, SnapshotInfo, SnapshotStatus};
 use proto::snapshot::{SnapshotKind, SnapshotMeta};
 
-use crate::daemon::{random_hex, Daemon};
+use crate::daemon::Daemon;
 use crate::driver::{SourceGuest, SourceVm};
 use crate::error::{ApiError, ApiResult};
 use crate::store::SnapshotRow;
+use crate::util::random_hex;
 
 /// Guest RAM bounds a snapshot request may ask for.
 const MEM_MIB: std::ops::RangeInclusive<u64> = 16..=65536;

@@ -111,6 +111,23 @@ pub enum SourceGuest {
     },
 }
 
+/// Why a source VM's agent never answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootError {
+    /// The VMM exited first (its log's tail is in the message).
+    Exited(String),
+    /// The guest did not answer within the wait.
+    Silent(String),
+}
+
+impl std::fmt::Display for BootError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BootError::Exited(m) | BootError::Silent(m) => f.write_str(m),
+        }
+    }
+}
+
 /// A VM booted to be snapshotted, in its own directory.
 pub struct SourceVm {
     child: Child,
@@ -209,7 +226,7 @@ impl SourceVm {
     /// Waits until the guest agent answers a ping (never a fixed sleep) and
     /// its warm interpreter is ready or has failed, at most `wait`. The
     /// built-in guest has no interpreter: its first answer is enough.
-    pub fn wait_for_agent(&mut self, wait: Duration) -> Result<Pong, String> {
+    pub fn wait_for_agent(&mut self, wait: Duration) -> Result<Pong, BootError> {
         let deadline = Instant::now() + wait;
         let client = agent(
             &self.vsock_socket,
@@ -223,10 +240,10 @@ impl SourceVm {
         let mut last_error = String::from("its vsock socket never appeared");
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!(
+                return Err(BootError::Exited(format!(
                     "the VM exited ({status}) before its agent answered; {}",
                     self.context()
-                ));
+                )));
             }
             if self.vsock_socket.exists() {
                 match client.ping() {
@@ -238,11 +255,11 @@ impl SourceVm {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(BootError::Silent(format!(
                     "the guest agent did not answer within {} s (last: {last_error}); {}",
                     wait.as_secs(),
                     self.context()
-                ));
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -7,6 +7,8 @@
 //!   [`procs`]: tracking them by pid.
 //! - [`auth`], [`audit`], [`metrics`], [`cgroup`], [`netns`] (a network
 //!   namespace per guest with a network interface), [`util`] (ids, time).
+//! - [`error`]: the one error the service layer returns, and its status;
+//!   [`validate`]: the request rules, as pure functions.
 
 pub mod api;
 pub mod audit;
@@ -23,3 +25,4 @@ pub mod serve;
 pub mod snapshots;
 pub mod store;
 pub mod util;
+pub mod validate;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use agent_client::ClientConfig;
 use proto::api::{
     BranchMode, BranchRequest, EvalResponse, ExecResponse, SandboxInfo, SnapshotInfo,
-    SnapshotStatus, SpawnRequest, MAX_SPAWN,
+    SnapshotStatus, SpawnRequest,
 };
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
@@ -17,10 +17,8 @@ use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult};
 use crate::store::SandboxRow;
 use crate::util::{now_unix, random_hex};
-use crate::{driver, netns, procs};
+use crate::{driver, netns, procs, validate};
 
-/// Smallest memory cap: below it a VMM cannot even start.
-const MIN_MEMORY_LIMIT_MIB: u64 = 32;
 /// Longest exec or eval a request may ask for.
 const MAX_RUN_SECS: u64 = 3600;
 /// Most output an exec answer carries (stdout and stderr together).
@@ -40,38 +38,9 @@ impl Daemon {
     /// `POST /v1/sandboxes`.
     pub async fn spawn(self: &Arc<Self>, req: SpawnRequest) -> ApiResult<Vec<SandboxInfo>> {
         let started = Instant::now();
-        if !(1..=MAX_SPAWN).contains(&req.n) {
-            return Err(ApiError::bad_request(format!(
-                "n = {} is out of range: spawn 1 to {MAX_SPAWN} sandboxes a request",
-                req.n
-            )));
-        }
-        if let Some(mib) = req.memory_limit_mib {
-            if mib < MIN_MEMORY_LIMIT_MIB {
-                return Err(ApiError::bad_request(format!(
-                    "memory_limit_mib {mib} is too small: at least {MIN_MEMORY_LIMIT_MIB}"
-                )));
-            }
-            if self.cgroups.is_none() {
-                return Err(ApiError::bad_request(
-                    "memory_limit_mib needs the memory cgroup controller, which this host does not have (see `forkd doctor`)",
-                ));
-            }
-        }
+        validate::spawn_request(&req, self.cgroups.is_some())?;
         let snap = self.existing_snapshot(&req.snapshot_tag)?;
-        if snap.info.status != SnapshotStatus::Ready || !snap.info.bootable {
-            return Err(ApiError::conflict(format!(
-                "snapshot {:?} is {}{}; spawn from a ready snapshot",
-                snap.info.tag,
-                snap.info.status.as_str(),
-                snap.info
-                    .warning
-                    .as_deref()
-                    .map(|w| format!(" ({w})"))
-                    .unwrap_or_default()
-            )));
-        }
-        let per_child_netns = per_child_netns(req.per_child_netns, &snap.info)?;
+        let per_child_netns = validate::spawn_from(&req, &snap.info)?;
         let this = self.clone();
         let rows = tokio::task::spawn_blocking(move || {
             this.fork_children(&req, &snap.info, per_child_netns)
@@ -254,13 +223,10 @@ impl Daemon {
         let (probe, sid) = (uds.clone(), id.to_owned());
         let pong = tokio::task::spawn_blocking(move || {
             if !procs::wait_for_path(&probe, VSOCK_APPEAR) {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
-                    format!(
-                        "sandbox {sid:?}: its vsock socket {} never appeared",
-                        probe.display()
-                    ),
-                ));
+                return Err(ApiError::BadGateway(format!(
+                    "sandbox {sid:?}: its vsock socket {} never appeared",
+                    probe.display()
+                )));
             }
             if !settle {
                 return Ok(None);
@@ -349,33 +315,12 @@ impl Daemon {
     /// `POST /v1/sandboxes/:id/branch`.
     pub async fn branch(self: &Arc<Self>, id: &str, req: BranchRequest) -> ApiResult<Branched> {
         let started = Instant::now();
-        let mode = req.resolved_mode().map_err(ApiError::bad_request)?;
         let sandbox = self.running_sandbox(id)?;
         if let Some(parent) = &req.parent_tag {
             self.existing_snapshot(parent)?;
-            if mode != BranchMode::Diff {
-                return Err(ApiError::bad_request(
-                    "parent_tag names the base of a diff; give it with mode: diff only",
-                ));
-            }
-            if *parent != sandbox.base_tag {
-                return Err(ApiError::bad_request(format!(
-                    "a diff of sandbox {id:?} is taken against {:?} (its snapshot or its latest branch), not {parent:?}",
-                    sandbox.base_tag
-                )));
-            }
         }
-        if mode == BranchMode::Live && !sandbox.info.live_fork {
-            return Err(ApiError::bad_request(format!(
-                "a live branch needs the sandbox's RAM in a memfd; sandbox {id:?} was not spawned with live_fork: true (use mode full or diff, or spawn with live_fork)"
-            )));
-        }
-        let wait = req.wait.unwrap_or(true);
-        if !wait && mode != BranchMode::Live {
-            return Err(ApiError::bad_request(
-                "wait: false applies to live branches only (full and diff write while paused)",
-            ));
-        }
+        let validate::BranchPlan { mode, wait } =
+            validate::branch(&req, id, &sandbox.base_tag, sandbox.info.live_fork)?;
         let tag = req
             .tag
             .clone()
@@ -409,10 +354,9 @@ impl Daemon {
         let pause_ms = match answer {
             ControlResponse::Snapshot { pause_ms, .. } => pause_ms,
             ControlResponse::Error { message } => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("the sandbox's VMM refused the branch: {message}"),
-                ))
+                return Err(ApiError::Refused(format!(
+                    "the sandbox's VMM refused the branch: {message}"
+                )))
             }
             other => {
                 return Err(ApiError::internal(format!(
@@ -508,7 +452,9 @@ impl Daemon {
                 kept += 1;
             } else {
                 dropped += 1;
-                self.forget_dead(&row).await.map_err(|e| e.message)?;
+                self.forget_dead(&row)
+                    .await
+                    .map_err(|e| e.message().to_owned())?;
             }
         }
         let orphans = {
@@ -666,23 +612,5 @@ fn stop_sandbox(store: &crate::store::Store, row: &SandboxRow) {
     }
     if let Some(ns) = &row.info.netns {
         netns::remove(store, ns);
-    }
-}
-
-/// Whether a spawn's children each get a network namespace: what the
-/// request says, or, left out, whether the snapshot has a network
-/// interface (its children cannot share one tap).
-fn per_child_netns(asked: Option<bool>, snap: &SnapshotInfo) -> ApiResult<bool> {
-    match (asked, snap.network) {
-        (None, network) => Ok(network),
-        (Some(a), network) if a == network => Ok(a),
-        (Some(_), true) => Err(ApiError::bad_request(format!(
-            "snapshot {:?} has a network interface, and each child needs a network namespace of its own for it (every child keeps the parent's addresses): leave per_child_netns out or set it true",
-            snap.tag
-        ))),
-        (Some(_), false) => Err(ApiError::bad_request(format!(
-            "snapshot {:?} has no network interface to put in a namespace: make one with network: true (forkd snapshot --network), or leave per_child_netns out",
-            snap.tag
-        ))),
     }
 }

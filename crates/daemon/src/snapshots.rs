@@ -119,9 +119,7 @@ impl Daemon {
                     netns.names().first().map(String::as_str),
                 )
                 .map_err(ApiError::internal)?;
-                let pong = vm
-                    .wait_for_agent(plan.boot_wait)
-                    .map_err(|e| ApiError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, e))?;
+                let pong = vm.wait_for_agent(plan.boot_wait).map_err(ApiError::from)?;
                 tracing::info!(tag, guest = pong.guest, "agent answered; snapshotting");
                 vm.snapshot(&dst).map_err(ApiError::internal)?;
                 drop(vm);
@@ -447,8 +445,8 @@ mod tests {
             ),
         ] {
             let err = plan(&req).err().expect("refused");
-            assert!(err.message.contains(needle), "{}", err.message);
-            assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+            assert!(err.message().contains(needle), "{}", err.message());
+            assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
         }
     }
 }

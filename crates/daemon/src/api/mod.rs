@@ -46,10 +46,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SANDBOX_BRANCH, post(sandboxes::branch))
         .fallback(|| async { ApiError::not_found("no such route; see the forkd v1 API") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "this route does not take that method",
-            )
+            ApiError::MethodNotAllowed("this route does not take that method".into())
         })
         .layer(middleware::from_fn_with_state(daemon.clone(), guard))
         .with_state(daemon)
@@ -80,9 +77,8 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
                 token_id = Some(auth.id());
                 next.run(req).await
             } else {
-                let mut r = ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token: send Authorization: Bearer <token> (forkd: --daemon-token or FORKD_TOKEN)",
+                let mut r = ApiError::Unauthorized(
+                    "missing or wrong bearer token: send Authorization: Bearer <token> (forkd: --daemon-token or FORKD_TOKEN)".into(),
                 )
                 .into_response();
                 r.headers_mut().insert(
@@ -122,14 +118,14 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(rejection) => Err(ApiError::new(
-                match rejection.status() {
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-                    _ => StatusCode::BAD_REQUEST,
-                },
-                format!("bad request body: {}", rejection.body_text()),
-            )),
+            Err(rejection) => {
+                let m = format!("bad request body: {}", rejection.body_text());
+                Err(match rejection.status() {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(m),
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(m),
+                    _ => ApiError::BadRequest(m),
+                })
+            }
         }
     }
 }

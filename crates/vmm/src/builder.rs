@@ -768,15 +768,18 @@ impl Parts {
                 ch.start_relay(evts).map_err(relay_err)?;
             }
         }
+        let blocker = channel
+            .clone()
+            .map(|ch| ch as Arc<dyn crate::kvm::vcpu::Blocker>);
         let control = Arc::new(
-            RunControl::new(channel.clone(), paused)
+            RunControl::new(blocker, paused)
                 .map_err(|e| device_err("vCPU run control")(e.to_string()))?,
         );
-        let io = VcpuIo {
-            pio: Arc::new(self.pio),
-            mmio: Arc::new(self.mmio),
+        let io: VcpuIo = Arc::new(MachineIo {
+            pio: self.pio,
+            mmio: self.mmio,
             channel: channel.clone(),
-        };
+        });
         let num_vcpus = vcpus.len() as u8;
         let mut vcpu_threads = Vec::with_capacity(vcpus.len());
         control.expect_vcpus(vcpus.len());
@@ -897,6 +900,52 @@ pub fn linux_boot(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: Option<Stri
         initrd,
         cmdline: cmdline.unwrap_or_else(|| linux::DEFAULT_CMDLINE.to_owned()),
     })
+}
+
+/// A machine's exits: the built-in guest's ports first (when it is the
+/// guest), then the port and MMIO buses.
+struct MachineIo {
+    pio: Bus,
+    mmio: Bus,
+    channel: Option<Arc<Channel>>,
+}
+
+impl vcpu::ExitHandler for MachineIo {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match &self.channel {
+            Some(ch) if Channel::handles(port) => ch.io_in(port, data),
+            _ => {
+                if !self.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+        }
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<vcpu::ExitReason> {
+        match &self.channel {
+            Some(ch) if Channel::handles(port) => match ch.io_out(port, data) {
+                builtin::channel::OutEffect::GuestPanic(code) => {
+                    Some(vcpu::ExitReason::GuestPanic(code))
+                }
+                builtin::channel::OutEffect::None => None,
+            },
+            _ => {
+                self.pio.write(u64::from(port), data);
+                None
+            }
+        }
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
 }
 
 #[cfg(test)]

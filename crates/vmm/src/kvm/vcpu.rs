@@ -17,9 +17,6 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::builtin::channel::{Channel, OutEffect};
-use crate::devices::bus::Bus;
-
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -100,29 +97,52 @@ pub enum ControlError {
     NotPaused,
 }
 
+/// Where a vCPU's I/O exits go. The builder implements it over the
+/// machine's device buses (and the built-in guest's ports); the vCPU knows
+/// neither.
+pub trait ExitHandler: Send + Sync {
+    /// A port read: fill `data` (all ones where nothing answers).
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// A port write; `Some` ends the VM for that reason.
+    fn pio_write(&self, port: u16, data: &[u8]) -> Option<ExitReason>;
+    /// An MMIO read: fill `data` (all ones where nothing answers).
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// An MMIO write.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Something a vCPU thread may block in while handling an exit (the
+/// built-in guest's wait port): a pause must get it out, and a stop too.
+pub trait Blocker: Send + Sync {
+    /// While set, a vCPU blocked (or about to block) returns at once.
+    fn set_interrupted(&self, interrupted: bool);
+    /// Returns every blocked vCPU for good.
+    fn stop(&self);
+}
+
 /// The run state all vCPUs of a VM follow.
 pub struct RunControl {
     wanted: AtomicU8,
     shared: Mutex<Shared>,
     changed: Condvar,
-    channel: Option<Arc<Channel>>,
+    blocker: Option<Arc<dyn Blocker>>,
     /// Written once the VM stops (see [`RunControl::exit_evt`]).
     exit_evt: EventFd,
 }
 
 impl RunControl {
-    /// A run control for a VM whose vCPUs may block in `channel`'s ports;
-    /// its vCPUs park before their first instruction when `paused`.
-    pub fn new(channel: Option<Arc<Channel>>, paused: bool) -> std::io::Result<Self> {
+    /// A run control for a VM whose vCPUs may block in `blocker`; its
+    /// vCPUs park before their first instruction when `paused`.
+    pub fn new(blocker: Option<Arc<dyn Blocker>>, paused: bool) -> std::io::Result<Self> {
         install_kick_handler();
-        if let (Some(ch), true) = (&channel, paused) {
-            ch.set_interrupted(true);
+        if let (Some(b), true) = (&blocker, paused) {
+            b.set_interrupted(true);
         }
         Ok(RunControl {
             wanted: AtomicU8::new(if paused { WANT_PAUSE } else { WANT_RUN }),
             shared: Mutex::new(Shared::default()),
             changed: Condvar::new(),
-            channel,
+            blocker,
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -155,8 +175,8 @@ impl RunControl {
             return Err(ControlError::Stopped(r.clone()));
         }
         self.wanted.store(WANT_PAUSE, Ordering::SeqCst);
-        if let Some(ch) = &self.channel {
-            ch.set_interrupted(true);
+        if let Some(b) = &self.blocker {
+            b.set_interrupted(true);
         }
         self.kick_all(&shared);
         let start = Instant::now();
@@ -190,8 +210,8 @@ impl RunControl {
         if self.wanted.load(Ordering::SeqCst) != WANT_PAUSE {
             return Err(ControlError::NotPaused);
         }
-        if let Some(ch) = &self.channel {
-            ch.set_interrupted(false);
+        if let Some(b) = &self.blocker {
+            b.set_interrupted(false);
         }
         self.wanted.store(WANT_RUN, Ordering::SeqCst);
         self.changed.notify_all();
@@ -203,8 +223,8 @@ impl RunControl {
         let mut shared = self.lock();
         shared.exit_reason.get_or_insert(reason);
         self.wanted.store(WANT_STOP, Ordering::SeqCst);
-        if let Some(ch) = &self.channel {
-            ch.stop();
+        if let Some(b) = &self.blocker {
+            b.stop();
         }
         self.kick_all(&shared);
         self.changed.notify_all();
@@ -346,16 +366,8 @@ impl RunControl {
     }
 }
 
-/// The buses and channel a vCPU dispatches its exits to.
-#[derive(Clone)]
-pub struct VcpuIo {
-    /// Port I/O devices.
-    pub pio: Arc<Bus>,
-    /// MMIO devices.
-    pub mmio: Arc<Bus>,
-    /// The built-in guest's channel, when the guest is the built-in one.
-    pub channel: Option<Arc<Channel>>,
-}
+/// What a vCPU dispatches its exits to.
+pub type VcpuIo = Arc<dyn ExitHandler>;
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> libc::c_int {
@@ -648,37 +660,16 @@ fn complete_pending_io(vcpu: &mut VcpuFd) {
 fn run_once(vcpu: &mut VcpuFd, id: u8, io: &VcpuIo) -> Option<ExitReason> {
     match vcpu.run() {
         Ok(VcpuExit::IoIn(port, data)) => {
-            match &io.channel {
-                Some(ch) if Channel::handles(port) => ch.io_in(port, data),
-                _ => {
-                    if !io.pio.read(u64::from(port), data) {
-                        data.fill(0xff);
-                    }
-                }
-            }
+            io.pio_read(port, data);
             None
         }
-        Ok(VcpuExit::IoOut(port, data)) => {
-            match &io.channel {
-                Some(ch) if Channel::handles(port) => {
-                    if let OutEffect::GuestPanic(code) = ch.io_out(port, data) {
-                        return Some(ExitReason::GuestPanic(code));
-                    }
-                }
-                _ => {
-                    io.pio.write(u64::from(port), data);
-                }
-            }
-            None
-        }
+        Ok(VcpuExit::IoOut(port, data)) => io.pio_write(port, data),
         Ok(VcpuExit::MmioRead(addr, data)) => {
-            if !io.mmio.read(addr, data) {
-                data.fill(0xff);
-            }
+            io.mmio_read(addr, data);
             None
         }
         Ok(VcpuExit::MmioWrite(addr, data)) => {
-            io.mmio.write(addr, data);
+            io.mmio_write(addr, data);
             None
         }
         Ok(VcpuExit::Hlt) => Some(ExitReason::Halted),

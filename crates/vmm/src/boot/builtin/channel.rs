@@ -412,6 +412,17 @@ fn decode(
     }
 }
 
+/// A vCPU blocked in the wait port is what a pause or a stop must release.
+impl crate::kvm::vcpu::Blocker for Channel {
+    fn set_interrupted(&self, interrupted: bool) {
+        Channel::set_interrupted(self, interrupted);
+    }
+
+    fn stop(&self) {
+        Channel::stop(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,7 +94,7 @@ pub const PAGE_GRANULE: usize = PAGE;
 pub const HUGE_2M_GRANULE: usize = 2 << 20;
 
 /// One stretch of guest RAM to copy: a `MAP_SHARED` mapping registered for
-/// write-protect with the [`Uffd`] in use, and where it goes in the file.
+/// write-protect with the [`Uffd`](crate::memory::uffd::Uffd) in use, and where it goes in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Region {
     /// Start of the mapping in this process (page aligned).

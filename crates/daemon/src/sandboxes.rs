@@ -14,7 +14,7 @@ use proto::api::{
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
 use crate::daemon::Daemon;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::store::SandboxRow;
 use crate::util::{now_unix, random_hex};
 use crate::{driver, netns, procs, validate};
@@ -223,10 +223,13 @@ impl Daemon {
         let (probe, sid) = (uds.clone(), id.to_owned());
         let pong = tokio::task::spawn_blocking(move || {
             if !procs::wait_for_path(&probe, VSOCK_APPEAR) {
-                return Err(ApiError::BadGateway(format!(
-                    "sandbox {sid:?}: its vsock socket {} never appeared",
-                    probe.display()
-                )));
+                return Err(ApiError::new(
+                    Kind::BadGateway,
+                    format!(
+                        "sandbox {sid:?}: its vsock socket {} never appeared",
+                        probe.display()
+                    ),
+                ));
             }
             if !settle {
                 return Ok(None);
@@ -354,9 +357,10 @@ impl Daemon {
         let pause_ms = match answer {
             ControlResponse::Snapshot { pause_ms, .. } => pause_ms,
             ControlResponse::Error { message } => {
-                return Err(ApiError::Refused(format!(
-                    "the sandbox's VMM refused the branch: {message}"
-                )))
+                return Err(ApiError::new(
+                    Kind::Refused,
+                    format!("the sandbox's VMM refused the branch: {message}"),
+                ))
             }
             other => {
                 return Err(ApiError::internal(format!(
@@ -452,9 +456,7 @@ impl Daemon {
                 kept += 1;
             } else {
                 dropped += 1;
-                self.forget_dead(&row)
-                    .await
-                    .map_err(|e| e.message().to_owned())?;
+                self.forget_dead(&row).await.map_err(|e| e.message)?;
             }
         }
         let orphans = {

@@ -445,7 +445,7 @@ mod tests {
             ),
         ] {
             let err = plan(&req).err().expect("refused");
-            assert!(err.message().contains(needle), "{}", err.message());
+            assert!(err.message.contains(needle), "{}", err.message);
             assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST);
         }
     }

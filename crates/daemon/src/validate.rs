@@ -142,7 +142,7 @@ mod tests {
     fn bad(r: ApiResult<impl std::fmt::Debug>, status: u16, needle: &str) {
         let e = r.unwrap_err();
         assert_eq!(e.status().as_u16(), status, "{e}");
-        assert!(e.message().contains(needle), "{e}");
+        assert!(e.message.contains(needle), "{e}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use axum::Router;
 use proto::routes;
 
 use crate::daemon::Daemon;
-use crate::error::ApiError;
+use crate::error::{ApiError, Kind};
 
 /// The router over `daemon`.
 pub fn router(daemon: Arc<Daemon>) -> Router {
@@ -46,7 +46,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SANDBOX_BRANCH, post(sandboxes::branch))
         .fallback(|| async { ApiError::not_found("no such route; see the forkd v1 API") })
         .method_not_allowed_fallback(|| async {
-            ApiError::MethodNotAllowed("this route does not take that method".into())
+            ApiError::new(
+                Kind::MethodNotAllowed,
+                "this route does not take that method",
+            )
         })
         .layer(middleware::from_fn_with_state(daemon.clone(), guard))
         .with_state(daemon)
@@ -77,8 +80,9 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
                 token_id = Some(auth.id());
                 next.run(req).await
             } else {
-                let mut r = ApiError::Unauthorized(
-                    "missing or wrong bearer token: send Authorization: Bearer <token> (forkd: --daemon-token or FORKD_TOKEN)".into(),
+                let mut r = ApiError::new(
+                    Kind::Unauthorized,
+                    "missing or wrong bearer token: send Authorization: Bearer <token> (forkd: --daemon-token or FORKD_TOKEN)",
                 )
                 .into_response();
                 r.headers_mut().insert(
@@ -121,9 +125,11 @@ where
             Err(rejection) => {
                 let m = format!("bad request body: {}", rejection.body_text());
                 Err(match rejection.status() {
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(m),
-                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(m),
-                    _ => ApiError::BadRequest(m),
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                        ApiError::new(Kind::UnsupportedMediaType, m)
+                    }
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(Kind::PayloadTooLarge, m),
+                    _ => ApiError::bad_request(m),
                 })
             }
         }

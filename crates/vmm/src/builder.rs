@@ -19,6 +19,7 @@ use crate::boot::builtin::{self, channel::Channel};
 use crate::boot::{layout, linux};
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::persist::Persist;
 use crate::devices::serial::{ConsoleOutput, SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::virtio::block::DiskStack;
 use crate::devices::virtio::manager::{
@@ -660,7 +661,7 @@ impl Parts {
         let out = console.open().map_err(|e| serial_err(e.to_string()))?;
         let serial_irq = irq.try_clone().map_err(|e| serial_err(e.to_string()))?;
         let serial = match saved {
-            Some(s) => SerialConsole::restore(&s.serial, irq, out)
+            Some(s) => SerialConsole::restore(&s.serial, (irq, out))
                 .map_err(|e| serial_err(e.to_string()))?,
             None => SerialConsole::new(irq, out),
         };
@@ -672,7 +673,11 @@ impl Parts {
             .try_clone()
             .map_err(|e| i8042_err(e.to_string()))?;
         let i8042 = match saved {
-            Some(s) => I8042::restore(&s.i8042, line),
+            Some(s) => {
+                // Its restore cannot fail (the error type is Infallible).
+                let Ok(d) = I8042::restore(&s.i8042, line);
+                d
+            }
             None => I8042::new(line),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -723,7 +728,7 @@ impl Parts {
             .serial_irq
             .try_clone()
             .map_err(|e| serial_err(e.to_string()))?;
-        *serial = SerialConsole::restore(&saved.serial, irq, out)
+        *serial = SerialConsole::restore(&saved.serial, (irq, out))
             .map_err(|e| serial_err(e.to_string()))?;
         Ok(())
     }

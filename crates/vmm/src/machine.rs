@@ -19,6 +19,7 @@ use crate::branch::live::{self, LiveCopy, LiveCopyOptions, Region, ReleaseHook};
 use crate::branch::prearm::Prearm;
 use crate::branch::precopy::{self, Ending, Precopy, PrecopyOptions, Residue};
 use crate::devices::i8042::I8042;
+use crate::devices::persist::Persist;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::manager::VirtioDevices;
 use crate::kvm::state::{self, StateError};

@@ -81,9 +81,14 @@ pub struct I8042State {
     pub last_was_command: bool,
 }
 
-impl I8042 {
+impl crate::devices::persist::Persist for I8042 {
+    type State = I8042State;
+    /// The reset line (an eventfd the VM watches).
+    type RestoreArgs = EventFd;
+    type Error = std::convert::Infallible;
+
     /// The controller's state, for a snapshot.
-    pub fn save(&self) -> I8042State {
+    fn save(&self) -> I8042State {
         I8042State {
             command_byte: self.command_byte,
             output: self.output,
@@ -93,16 +98,18 @@ impl I8042 {
     }
 
     /// A controller restored from `state`.
-    pub fn restore(state: &I8042State, reset: EventFd) -> Self {
-        Self {
+    fn restore(state: &I8042State, reset: EventFd) -> Result<Self, std::convert::Infallible> {
+        Ok(Self {
             reset,
             command_byte: state.command_byte,
             output: state.output,
             awaiting_command_byte: state.awaiting_command_byte,
             last_was_command: state.last_was_command,
-        }
+        })
     }
+}
 
+impl I8042 {
     /// A controller that writes 1 to `reset` when the guest resets the CPU.
     pub fn new(reset: EventFd) -> Self {
         Self {

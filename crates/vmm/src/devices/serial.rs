@@ -147,17 +147,14 @@ pub struct SerialConsole {
     uart: Uart,
 }
 
-impl SerialConsole {
-    /// A UART writing the guest's output to `out` and signalling `interrupt`
-    /// when it raises its interrupt line.
-    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            uart: Serial::new(EventFdTrigger::new(interrupt), out),
-        }
-    }
+impl crate::devices::persist::Persist for SerialConsole {
+    type State = SerialConsoleState;
+    /// The interrupt line and where the guest's output goes.
+    type RestoreArgs = (EventFd, Box<dyn Write + Send>);
+    type Error = SerialError;
 
     /// The UART's registers and receive FIFO, for a snapshot.
-    pub fn save(&self) -> SerialConsoleState {
+    fn save(&self) -> SerialConsoleState {
         let s = self.uart.state();
         SerialConsoleState {
             baud_divisor_low: s.baud_divisor_low,
@@ -174,10 +171,9 @@ impl SerialConsole {
     }
 
     /// A UART restored from `state` (untrusted: an over-full FIFO is refused).
-    pub fn restore(
+    fn restore(
         state: &SerialConsoleState,
-        interrupt: EventFd,
-        out: Box<dyn Write + Send>,
+        (interrupt, out): (EventFd, Box<dyn Write + Send>),
     ) -> Result<Self, SerialError> {
         let s = vm_superio::serial::SerialState {
             baud_divisor_low: state.baud_divisor_low,
@@ -194,6 +190,16 @@ impl SerialConsole {
         let uart = Serial::from_state(&s, EventFdTrigger::new(interrupt), NoEvents, out)
             .map_err(|e| SerialError::Device(format!("cannot restore the UART: {e}")))?;
         Ok(Self { uart })
+    }
+}
+
+impl SerialConsole {
+    /// A UART writing the guest's output to `out` and signalling `interrupt`
+    /// when it raises its interrupt line.
+    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::new(EventFdTrigger::new(interrupt), out),
+        }
     }
 
     /// Queues `bytes` for the guest to read, raising the receive interrupt

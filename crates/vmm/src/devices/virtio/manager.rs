@@ -28,6 +28,7 @@ use super::{Interrupt, VirtioDevice};
 use crate::boot::layout;
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::gate::{Closed, DeviceGate};
+use crate::devices::persist::Persist;
 use crate::kvm::vm::Vm;
 use crate::memory::GuestMemoryMmap;
 
@@ -334,7 +335,7 @@ impl VirtioDevices {
             let err = |source| AttachError::Restore { index, source };
             let handle = match &s.device {
                 DeviceState::Rng(st) => {
-                    DeviceHandle::Rng(Arc::new(Mutex::new(Rng::restore(st).map_err(err)?)))
+                    DeviceHandle::Rng(Arc::new(Mutex::new(Rng::restore(st, ()).map_err(err)?)))
                 }
                 DeviceState::Block(st) => {
                     let disk = disks.next().expect("counted above");
@@ -350,7 +351,7 @@ impl VirtioDevices {
                             what: "a vsock device but no socket path was given for it".into(),
                         })?;
                     DeviceHandle::Vsock(Arc::new(Mutex::new(
-                        Vsock::restore(st, &path).map_err(err)?,
+                        Vsock::restore(st, path.clone()).map_err(err)?,
                     )))
                 }
                 DeviceState::Net(st) => {

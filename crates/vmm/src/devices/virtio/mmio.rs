@@ -516,6 +516,7 @@ fn worker_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::persist::Persist;
     use crate::devices::virtio::rng::Rng;
     use crate::devices::virtio::test_utils::{guest_memory, GuestQueue};
     use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -718,7 +719,7 @@ mod tests {
 
         // A request offered while the snapshot was taken, never notified.
         let head = q.add_chain(&[crate::devices::virtio::test_utils::D::w(0x10_0000, 32)]);
-        let dev = Arc::new(Mutex::new(Rng::restore(&rng_state).unwrap()));
+        let dev = Arc::new(Mutex::new(Rng::restore(&rng_state, ()).unwrap()));
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let mut t2 = MmioTransport::new(dev, mem.clone(), irq, "restored").unwrap();
         t2.restore(&mmio).unwrap();

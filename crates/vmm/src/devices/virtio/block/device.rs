@@ -279,6 +279,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
+    use crate::devices::persist::Persist;
     use crate::devices::virtio::test_utils::{guest_memory, GuestQueue, D};
     use crate::devices::virtio::{EventRegistry, Interrupt};
 

@@ -22,9 +22,14 @@ pub struct BlockState {
     pub id: String,
 }
 
-impl Block {
+impl crate::devices::persist::Persist for Block {
+    type State = BlockState;
+    /// The drive's layers, opened for this child.
+    type RestoreArgs = DiskStack;
+    type Error = PersistError;
+
     /// Saves the device's state.
-    pub fn save(&self) -> BlockState {
+    fn save(&self) -> BlockState {
         BlockState {
             virtio: VirtioState::save(
                 VIRTIO_ID_BLOCK,
@@ -41,7 +46,7 @@ impl Block {
     /// Rebuilds a device from saved state over `disk`, which must have the
     /// size and mode the guest knows (a child opens the snapshot's frozen
     /// layers with a CoW layer of its own).
-    pub fn restore(state: &BlockState, disk: DiskStack) -> Result<Self, PersistError> {
+    fn restore(state: &BlockState, disk: DiskStack) -> Result<Self, PersistError> {
         if disk.size() / 512 != state.capacity || disk.read_only() != state.read_only {
             return Err(PersistError::Backend(format!(
                 "the disk has {} sectors ({}), the snapshot's guest knows {} ({})",

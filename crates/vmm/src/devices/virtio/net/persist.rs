@@ -18,9 +18,14 @@ pub struct NetState {
     pub mac: [u8; 6],
 }
 
-impl Net {
+impl crate::devices::persist::Persist for Net {
+    type State = NetState;
+    /// The tap the restored interface attaches to.
+    type RestoreArgs = Tap;
+    type Error = PersistError;
+
     /// Saves the device's state.
-    pub fn save(&self) -> NetState {
+    fn save(&self) -> NetState {
         NetState {
             virtio: VirtioState::save(
                 VIRTIO_ID_NET,
@@ -34,7 +39,7 @@ impl Net {
 
     /// Rebuilds a device from saved state on `tap`. The MAC is the saved
     /// one: the guest already knows it.
-    pub fn restore(state: &NetState, tap: Tap) -> Result<Self, PersistError> {
+    fn restore(state: &NetState, tap: Tap) -> Result<Self, PersistError> {
         let queues = state
             .virtio
             .restore(VIRTIO_ID_NET, Self::AVAIL_FEATURES, &[QUEUE_SIZE; 2])?;

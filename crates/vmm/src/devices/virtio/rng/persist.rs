@@ -13,9 +13,14 @@ pub struct RngState {
     pub virtio: VirtioState,
 }
 
-impl Rng {
+impl crate::devices::persist::Persist for Rng {
+    type State = RngState;
+    /// Nothing: the entropy comes from the host's kernel.
+    type RestoreArgs = ();
+    type Error = PersistError;
+
     /// Saves the device's state.
-    pub fn save(&self) -> RngState {
+    fn save(&self) -> RngState {
         RngState {
             virtio: VirtioState::save(
                 VIRTIO_ID_RNG,
@@ -28,7 +33,7 @@ impl Rng {
 
     /// Rebuilds a device from saved state (unactivated: the transport
     /// activates it when its saved status says DRIVER_OK).
-    pub fn restore(state: &RngState) -> Result<Self, PersistError> {
+    fn restore(state: &RngState, (): ()) -> Result<Self, PersistError> {
         let queues = state
             .virtio
             .restore(VIRTIO_ID_RNG, Self::AVAIL_FEATURES, &[QUEUE_SIZE])?;

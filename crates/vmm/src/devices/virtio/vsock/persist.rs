@@ -1,7 +1,5 @@
 //! virtio-vsock snapshot state.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 
@@ -21,9 +19,14 @@ pub struct VsockState {
     pub cid: u64,
 }
 
-impl Vsock {
+impl crate::devices::persist::Persist for Vsock {
+    type State = VsockState;
+    /// The socket the restored device's host side listens on (each VM its own).
+    type RestoreArgs = std::path::PathBuf;
+    type Error = PersistError;
+
     /// Saves the device's state.
-    pub fn save(&self) -> VsockState {
+    fn save(&self) -> VsockState {
         VsockState {
             virtio: VirtioState::save(
                 VIRTIO_ID_VSOCK,
@@ -37,13 +40,13 @@ impl Vsock {
 
     /// Rebuilds a device from saved state, its host side listening on
     /// `uds_path` (each restored VM needs its own path).
-    pub fn restore(state: &VsockState, uds_path: &Path) -> Result<Self, PersistError> {
+    fn restore(state: &VsockState, uds_path: std::path::PathBuf) -> Result<Self, PersistError> {
         let queues =
             state
                 .virtio
                 .restore(VIRTIO_ID_VSOCK, Self::AVAIL_FEATURES, &[QUEUE_SIZE; 3])?;
         let mut v =
-            Vsock::new(state.cid, uds_path).map_err(|e| PersistError::Backend(e.to_string()))?;
+            Vsock::new(state.cid, &uds_path).map_err(|e| PersistError::Backend(e.to_string()))?;
         v.queues = queues;
         v.acked_features = state.virtio.acked_features;
         v.reset_event_due = true;

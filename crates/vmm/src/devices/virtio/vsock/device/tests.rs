@@ -6,6 +6,7 @@ use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::devices::persist::Persist;
 use crate::devices::virtio::test_utils::{guest_memory, GuestQueue, D};
 use crate::devices::virtio::{EventRegistry, Interrupt, DEVICE_TOKEN_BASE};
 use crate::memory::GuestMemoryMmap;
@@ -355,7 +356,7 @@ fn restored_device_resets_the_guest() {
     let mut rest = Vec::new();
     let _ = host.read_to_end(&mut rest);
 
-    let dev = Vsock::restore(&state, &path("restore2")).unwrap();
+    let dev = Vsock::restore(&state, path("restore2")).unwrap();
     assert_eq!(dev.connection_count(), 0);
     assert!(dev.reset_event_due);
     let mut dev = dev;

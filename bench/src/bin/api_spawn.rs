@@ -247,8 +247,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split("serving the v1 API on ").nth(1) {
-                let url = rest.split_whitespace().next().unwrap().to_owned();
+            if let Some(url) = forkd_daemon::serve::served_url(&text) {
+                let url = url.to_owned();
                 return Daemon { child, url };
             }
             if Instant::now() > deadline {

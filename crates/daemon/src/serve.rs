@@ -115,9 +115,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener = std::net::TcpListener::bind(args.bind)
         .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    // The line a supervisor or test waits for.
+    // The line a supervisor or test waits for (see [`served_url`]).
     eprintln!(
-        "forkd-daemon: serving the v1 API on {scheme}://{} (state {})",
+        "forkd-daemon: {SERVING}{scheme}://{} (state {})",
         listener.local_addr().map_err(|e| e.to_string())?,
         daemon.paths.state.display()
     );
@@ -160,5 +160,36 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// What the daemon's "serving" line says before its URL.
+const SERVING: &str = "serving the v1 API on ";
+
+/// The URL a daemon's log says it serves, once the whole line is there (a
+/// reader of a log being written may see half a line).
+pub fn served_url(log: &str) -> Option<&str> {
+    let rest = log.split(SERVING).nth(1)?;
+    let (line, _) = rest.split_once('\n')?;
+    line.split_whitespace().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_is_read_only_from_a_whole_line() {
+        assert_eq!(served_url(""), None);
+        assert_eq!(served_url("forkd-daemon: serving the v1 API on "), None);
+        assert_eq!(
+            served_url("forkd-daemon: serving the v1 API on http://127.0.0.1:41"),
+            None,
+            "the line is not finished: the port may be cut short"
+        );
+        assert_eq!(
+            served_url("x\nforkd-daemon: serving the v1 API on http://127.0.0.1:4100 (state /s)\n"),
+            Some("http://127.0.0.1:4100")
+        );
     }
 }

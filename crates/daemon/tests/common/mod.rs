@@ -120,8 +120,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split("serving the v1 API on ").nth(1) {
-                let url = rest.split_whitespace().next().unwrap().to_string();
+            if let Some(url) = forkd_daemon::serve::served_url(&text) {
+                let url = url.to_string();
                 return Ok(Daemon {
                     child: Some(child),
                     url,

@@ -43,7 +43,11 @@ impl ConnLog {
 
     /// Logs `line` unless this window's lines are spent.
     pub(super) fn line(&mut self, line: std::fmt::Arguments<'_>) {
-        match self.limit.admit() {
+        self.line_at(std::time::Instant::now(), line);
+    }
+
+    fn line_at(&mut self, now: std::time::Instant, line: std::fmt::Arguments<'_>) {
+        match self.limit.admit_at(now) {
             None => {}
             Some(0) => (self.sink)(&line.to_string()),
             Some(held) => (self.sink)(&format!(
@@ -72,16 +76,19 @@ pub(super) mod tests {
     #[test]
     fn a_burst_is_cut_and_the_next_line_through_counts_what_was_held() {
         let (mut log, lines) = collecting();
-        log.limit = RateLimit::new(2, std::time::Duration::from_millis(50));
+        log.limit = RateLimit::new(2, std::time::Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
         for i in 0..5 {
-            log.line(format_args!("event {i}"));
+            log.line_at(t0, format_args!("event {i}"));
         }
         assert_eq!(*lines.lock().unwrap(), ["event 0", "event 1"]);
-        std::thread::sleep(std::time::Duration::from_millis(60));
-        log.line(format_args!("later"));
+        log.line_at(
+            t0 + std::time::Duration::from_secs(11),
+            format_args!("later"),
+        );
         let l = lines.lock().unwrap();
         assert!(
-            l[2].starts_with("later (3 earlier connection events not logged: more than 2 in"),
+            l[2].starts_with("later (3 earlier connection events not logged: more than 2 in 10 s)"),
             "{l:?}"
         );
     }

@@ -90,11 +90,6 @@ pub enum VsockError {
         /// Why.
         source: std::io::Error,
     },
-    /// The drain timer could not be made.
-    #[error(
-        "cannot create the vsock device's timer: {0}; the process may be out of file descriptors"
-    )]
-    Timer(std::io::Error),
     /// A CID the guest cannot have.
     #[error(
         "guest CID {0} is reserved: use 3 or more (0-2 are the hypervisor, local and host CIDs)"
@@ -130,7 +125,9 @@ pub struct Vsock {
     /// by token.
     drains: HashMap<u64, Drain>,
     /// Fires when the oldest drain may have gone idle too long.
-    timer: TimerFd,
+    /// Made with the first drain (a restored child that never has one
+    /// pays nothing for it), in the epoll set from then on.
+    timer: Option<TimerFd>,
     timer_armed: bool,
     drain_idle: Duration,
     log: ConnLog,
@@ -155,7 +152,6 @@ impl Vsock {
             return Err(VsockError::Cid(cid));
         }
         let listener = bind(uds_path)?;
-        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
         Ok(Vsock {
             cid,
             uds_path: uds_path.to_owned(),
@@ -166,7 +162,7 @@ impl Vsock {
             conns: HashMap::new(),
             pending: HashMap::new(),
             drains: HashMap::new(),
-            timer,
+            timer: None,
             timer_armed: false,
             drain_idle: DRAIN_IDLE,
             log: ConnLog::to_log(),
@@ -775,9 +771,13 @@ impl VirtioDevice for Vsock {
         ctx.events
             .add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
             .map_err(|e| ActivateError::Backend(format!("cannot watch the vsock socket: {e}")))?;
-        ctx.events
-            .add(self.timer.as_raw_fd(), TIMER_TOKEN, EventSet::IN)
-            .map_err(|e| ActivateError::Backend(format!("cannot watch the vsock timer: {e}")))?;
+        if let Some(t) = &self.timer {
+            ctx.events
+                .add(t.as_raw_fd(), TIMER_TOKEN, EventSet::IN)
+                .map_err(|e| {
+                    ActivateError::Backend(format!("cannot watch the vsock timer: {e}"))
+                })?;
+        }
         self.active = Some(ctx);
         self.send_reset_event();
         self.accept_host();
@@ -822,7 +822,9 @@ impl VirtioDevice for Vsock {
         self.drop_connections();
         if let Some(a) = self.active.take() {
             let _ = a.events.remove(self.listener.as_raw_fd());
-            let _ = a.events.remove(self.timer.as_raw_fd());
+            if let Some(t) = &self.timer {
+                let _ = a.events.remove(t.as_raw_fd());
+            }
         }
         self.reset_event_due = false;
     }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 
-use super::{Owner, Vsock, CONN_BUF, MAX_PKT_PAYLOAD};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::{Owner, Vsock, CONN_BUF, MAX_PKT_PAYLOAD, TIMER_TOKEN};
 use crate::devices::virtio::vsock::conn::{Conn, Drain, Key};
 
 /// Why the device ends a connection on its own (the log's words).
@@ -176,13 +178,19 @@ impl Vsock {
         let result = match next {
             Some(at) if !self.timer_armed => {
                 let wait = (at + self.drain_idle).saturating_duration_since(Instant::now());
-                self.timer_armed = true;
-                self.timer.reset(wait.max(Duration::from_millis(1)), None)
+                let armed = self
+                    .drain_timer()
+                    .and_then(|t| Ok(t.reset(wait.max(Duration::from_millis(1)), None)?));
+                self.timer_armed = armed.is_ok();
+                armed
             }
             Some(_) => Ok(()),
             None => {
                 self.timer_armed = false;
-                self.timer.clear()
+                match self.timer.as_mut() {
+                    Some(t) => t.clear().map_err(std::io::Error::from),
+                    None => Ok(()),
+                }
             }
         };
         if let Err(e) = result {
@@ -190,6 +198,18 @@ impl Vsock {
                 "the drain timer failed ({e}); a host that never reads may hold a finished connection's bytes"
             ));
         }
+    }
+
+    /// The drain timer, made and watched on first use.
+    fn drain_timer(&mut self) -> std::io::Result<&mut TimerFd> {
+        if self.timer.is_none() {
+            let t = TimerFd::new()?;
+            if let Some(events) = self.events() {
+                events.add(t.as_raw_fd(), TIMER_TOKEN, EventSet::IN)?;
+            }
+            self.timer = Some(t);
+        }
+        Ok(self.timer.as_mut().expect("made above"))
     }
 
     pub(super) fn drop_connections(&mut self) {

@@ -586,6 +586,7 @@ fn a_host_that_never_reads_loses_the_tail_after_the_deadline_and_it_is_logged() 
     let (mut host, hport) = host_connect(&mut r, 1024);
     let mut g = GuestSender::new(1024, hport);
     g.fill(&mut r);
+    assert!(r.dev.timer.is_none(), "no drain yet, no timer");
     r.send(OP_SHUTDOWN, 1024, hport, SHUTDOWN_RCV | SHUTDOWN_SEND, &[]);
     assert_eq!(r.dev.draining_count(), 1);
     let start = Instant::now();

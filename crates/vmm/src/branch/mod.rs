@@ -1,5 +1,8 @@
 //! BRANCH: capturing a running VM into a new snapshot.
 //!
+//! - [`capture`]: the one entry ([`crate::machine::Machine::snapshot`])
+//!   for all three modes (full, diff, live): the pause, what is captured
+//!   inside it, and what is finished after it.
 //! - [`live`]: the live mode's write-protect engine: arm inside the pause
 //!   window, then a background copy that lets guest writes proceed (a live
 //!   branch whose caller does not wait).
@@ -9,6 +12,7 @@
 //!   the guest runs, tracked by KVM's dirty log, and only what changed
 //!   since the last round copied in the pause.
 
+pub mod capture;
 pub mod live;
 pub mod prearm;
 pub mod precopy;

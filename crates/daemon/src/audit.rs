@@ -12,6 +12,17 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// The audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the audit log {}: {source}", path.display())]
+pub struct OpenError {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// An open audit log.
 pub struct AuditLog {
     file: Mutex<std::fs::File>,
@@ -38,14 +49,17 @@ pub struct Entry<'a> {
 
 impl AuditLog {
     /// Opens `path` for appending (created with mode 0600).
-    pub fn open(path: &Path) -> Result<AuditLog, String> {
+    pub fn open(path: &Path) -> Result<AuditLog, OpenError> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+            .map_err(|source| OpenError {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(AuditLog {
             file: Mutex::new(file),
         })

@@ -11,6 +11,35 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// Why a token is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The token file could not be read.
+    #[error("cannot read the token file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token is too short to be a secret.
+    #[error("the token has {len} characters; use at least {MIN_TOKEN_LEN} (e.g. `head -c 24 /dev/urandom | base64`)")]
+    TooShort {
+        /// Its length.
+        len: usize,
+    },
+    /// The token in a file is not taken.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
 /// The configured token.
 pub struct Auth {
     digest: [u8; 32],
@@ -23,20 +52,22 @@ pub const MIN_TOKEN_LEN: usize = 16;
 
 impl Auth {
     /// Reads the token file.
-    pub fn from_file(path: &Path) -> Result<Auth, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Auth, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let token = text.lines().next().unwrap_or("").trim();
-        Auth::new(token).map_err(|e| format!("{}: {e}", path.display()))
+        Auth::new(token).map_err(|e| Error::InFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// A token given directly.
-    pub fn new(token: &str) -> Result<Auth, String> {
+    pub fn new(token: &str) -> Result<Auth, Error> {
         if token.len() < MIN_TOKEN_LEN {
-            return Err(format!(
-                "the token has {} characters; use at least {MIN_TOKEN_LEN} (e.g. `head -c 24 /dev/urandom | base64`)",
-                token.len()
-            ));
+            return Err(Error::TooShort { len: token.len() });
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let id = format!(
@@ -83,6 +114,9 @@ mod tests {
 
     #[test]
     fn a_short_token_is_refused() {
-        assert!(Auth::new("short").is_err());
+        assert!(matches!(
+            Auth::new("short"),
+            Err(Error::TooShort { len: 5 })
+        ));
     }
 }

@@ -6,6 +6,17 @@
 
 use std::path::{Path, PathBuf};
 
+/// A group could not be made, capped or filled.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the memory cgroup at {}: {source}", path.display())]
+pub struct Error {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Which hierarchy holds the memory controller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hierarchy {
@@ -32,7 +43,7 @@ impl Hierarchy {
 
     /// Creates the group for sandbox `id`, caps it at `mib` and moves `pid`
     /// into it; returns its directory.
-    pub fn confine(&self, id: &str, mib: u64, pid: i32) -> Result<PathBuf, String> {
+    pub fn confine(&self, id: &str, mib: u64, pid: i32) -> Result<PathBuf, Error> {
         let (root, limit_file) = match self {
             Hierarchy::V2(root) => (root, "memory.max"),
             Hierarchy::V1(root) => (root, "memory.limit_in_bytes"),
@@ -81,6 +92,9 @@ pub fn remove(dir: &Path) {
     }
 }
 
-fn cg_err(path: &Path, e: std::io::Error) -> String {
-    format!("cannot set up the memory cgroup at {}: {e}", path.display())
+fn cg_err(path: &Path, source: std::io::Error) -> Error {
+    Error {
+        path: path.to_owned(),
+        source,
+    }
 }

@@ -11,7 +11,7 @@ use crate::audit::AuditLog;
 use crate::auth::Auth;
 use crate::cgroup::Hierarchy;
 use crate::driver::{ForkServer, Vmm};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, StartError};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -30,9 +30,12 @@ pub struct Paths {
 
 impl Paths {
     /// The layout under `state` (created).
-    pub fn create(state: &Path) -> Result<Paths, String> {
-        let state = std::path::absolute(state)
-            .map_err(|e| format!("state directory {}: {e}", state.display()))?;
+    pub fn create(state: &Path) -> Result<Paths, StartError> {
+        let state = std::path::absolute(state).map_err(|source| StartError::Io {
+            what: "cannot resolve the state directory",
+            path: state.to_owned(),
+            source,
+        })?;
         let paths = Paths {
             snapshots: state.join("snapshots"),
             sandboxes: state.join("sandboxes"),
@@ -40,8 +43,11 @@ impl Paths {
             state,
         };
         for dir in [&paths.state, &paths.snapshots, &paths.sandboxes, &paths.run] {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| StartError::Io {
+                what: "cannot create",
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         Ok(paths)
     }
@@ -115,9 +121,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Daemon {
     /// Opens the state directory and store (no re-adoption yet; see
     /// [`Daemon::recover`]).
-    pub fn open(opts: Options) -> Result<Daemon, String> {
+    pub fn open(opts: Options) -> Result<Daemon, StartError> {
         let paths = Paths::create(&opts.state_dir)?;
-        let store = Store::open(&paths.state.join("forkd.db")).map_err(|e| e.to_string())?;
+        let store = Store::open(&paths.state.join("forkd.db"))?;
         Ok(Daemon {
             store,
             vmm: opts.vmm,
@@ -191,7 +197,11 @@ impl Daemon {
 
     /// The fork server of snapshot `tag` (started if it is not running).
     /// Blocking.
-    pub fn fork_server(&self, tag: &str, dir: &Path) -> Result<Arc<ForkServer>, String> {
+    pub fn fork_server(
+        &self,
+        tag: &str,
+        dir: &Path,
+    ) -> Result<Arc<ForkServer>, crate::driver::Error> {
         if let Some(server) = lock(&self.fork_servers).get(tag) {
             if server.alive() {
                 return Ok(server.clone());

@@ -17,6 +17,71 @@ use proto::control::{ControlClient, ControlRequest, ControlResponse, ForkRespons
 
 use crate::procs;
 
+/// What went wrong driving a forkd-vmm process. Its message says which
+/// process, which file or socket, and what the VMM answered.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The forkd-vmm binary is not where it was looked for.
+    #[error("{0}")]
+    NoBinary(String),
+    /// A file or directory of the VM's could not be made.
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The binary did not start.
+    #[error("cannot start {} {what}: {source}", binary.display())]
+    Start {
+        /// forkd-vmm.
+        binary: PathBuf,
+        /// Its subcommand.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VMM's (or fork server's) socket did not take the connection.
+    #[error("cannot reach the {what} at {}: {source}", socket.display())]
+    Unreachable {
+        /// "VMM" or "fork server".
+        what: &'static str,
+        /// Its socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It took the request but gave no whole answer.
+    #[error("the {what} at {} did not answer: {detail}", socket.display())]
+    NoAnswer {
+        /// "VMM" or "fork server".
+        what: &'static str,
+        /// Its socket.
+        socket: PathBuf,
+        /// What happened instead.
+        detail: String,
+    },
+    /// It answered with an error of its own.
+    #[error("{0}")]
+    Refused(String),
+    /// It answered, but not what the request asks for.
+    #[error("{what}: unexpected answer {answer}")]
+    Unexpected {
+        /// The request.
+        what: &'static str,
+        /// The answer, as debug text.
+        answer: String,
+    },
+    /// A fork server ended, or did not come up in time, or forked fewer
+    /// children than asked.
+    #[error("{0}")]
+    ForkServer(String),
+}
+
 /// The forkd-vmm binary.
 #[derive(Clone, Debug)]
 pub struct Vmm {
@@ -27,7 +92,7 @@ pub struct Vmm {
 
 impl Vmm {
     /// `explicit`, or `forkd-vmm` next to this executable, or on `PATH`.
-    pub fn find(explicit: Option<PathBuf>) -> Result<Vmm, String> {
+    pub fn find(explicit: Option<PathBuf>) -> Result<Vmm, Error> {
         if let Some(path) = explicit {
             if path.is_file() {
                 return Ok(Vmm {
@@ -35,7 +100,10 @@ impl Vmm {
                     fork_pool: 0,
                 });
             }
-            return Err(format!("--vmm-binary {}: no such file", path.display()));
+            return Err(Error::NoBinary(format!(
+                "--vmm-binary {}: no such file",
+                path.display()
+            )));
         }
         let beside = std::env::current_exe()
             .ok()
@@ -53,7 +121,7 @@ impl Vmm {
                 fork_pool: 0,
             })
             .ok_or_else(|| {
-                "cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into()
+                Error::NoBinary("cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into())
             })
     }
 
@@ -74,12 +142,18 @@ pub fn control(
     socket: &Path,
     request: &ControlRequest,
     timeout: Duration,
-) -> Result<ControlResponse, String> {
-    let mut client = ControlClient::connect(socket, timeout)
-        .map_err(|e| format!("cannot reach the VMM at {}: {e}", socket.display()))?;
-    client
-        .call(request)
-        .map_err(|e| format!("the VMM at {} did not answer: {e}", socket.display()))
+) -> Result<ControlResponse, Error> {
+    let mut client =
+        ControlClient::connect(socket, timeout).map_err(|source| Error::Unreachable {
+            what: "VMM",
+            socket: socket.to_owned(),
+            source,
+        })?;
+    client.call(request).map_err(|e| Error::NoAnswer {
+        what: "VMM",
+        socket: socket.to_owned(),
+        detail: e.to_string(),
+    })
 }
 
 /// An agent client for the VM whose vsock socket is `uds`.
@@ -147,13 +221,18 @@ impl SourceVm {
         vcpus: u8,
         dir: &Path,
         netns: Option<&str>,
-    ) -> Result<SourceVm, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    ) -> Result<SourceVm, Error> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Create {
+            path: dir.to_owned(),
+            source,
+        })?;
         let control_socket = dir.join("control.sock");
         let vsock_socket = dir.join("vsock.sock");
-        let log = std::fs::File::create(dir.join("vmm.log"))
-            .map_err(|e| format!("cannot create {}: {e}", dir.join("vmm.log").display()))?;
+        let log_path = dir.join("vmm.log");
+        let log = std::fs::File::create(&log_path).map_err(|source| Error::Create {
+            path: log_path,
+            source,
+        })?;
         let mut cmd = Command::new(vmm.binary());
         cmd.arg("run")
             .arg("--mem-mib")
@@ -212,9 +291,11 @@ impl SourceVm {
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", vmm.binary().display()))?;
+        let child = cmd.spawn().map_err(|source| Error::Start {
+            binary: vmm.binary().to_owned(),
+            what: "run",
+            source,
+        })?;
         Ok(SourceVm {
             child,
             dir: dir.to_owned(),
@@ -267,7 +348,7 @@ impl SourceVm {
 
     /// Snapshots the VM into `dst` (which must not exist) and leaves it
     /// paused; returns the snapshot's metadata.
-    pub fn snapshot(&self, dst: &Path) -> Result<proto::snapshot::SnapshotMeta, String> {
+    pub fn snapshot(&self, dst: &Path) -> Result<proto::snapshot::SnapshotMeta, Error> {
         let request = ControlRequest::Snapshot {
             dir: dst.to_owned(),
             leave_paused: true,
@@ -276,8 +357,13 @@ impl SourceVm {
         };
         match control(&self.control_socket, &request, Duration::from_secs(600))? {
             ControlResponse::Snapshot { meta, .. } => Ok(*meta),
-            ControlResponse::Error { message } => Err(format!("snapshot failed: {message}")),
-            other => Err(format!("snapshot: unexpected answer {other:?}")),
+            ControlResponse::Error { message } => {
+                Err(Error::Refused(format!("snapshot failed: {message}")))
+            }
+            other => Err(Error::Unexpected {
+                what: "snapshot",
+                answer: format!("{other:?}"),
+            }),
         }
     }
 
@@ -337,12 +423,14 @@ impl ForkServer {
         snapshot_dir: &Path,
         run_dir: &Path,
         name: &str,
-    ) -> Result<ForkServer, String> {
+    ) -> Result<ForkServer, Error> {
         let socket = run_dir.join(format!("{name}.fork.sock"));
         let log_path = run_dir.join(format!("{name}.fork.log"));
         let _ = std::fs::remove_file(&socket);
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
+        let log = std::fs::File::create(&log_path).map_err(|source| Error::Create {
+            path: log_path.clone(),
+            source,
+        })?;
         let mut child = Command::new(vmm.binary())
             .arg("fork-server")
             .arg("--snapshot")
@@ -356,7 +444,11 @@ impl ForkServer {
             .stderr(log)
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot start {} fork-server: {e}", vmm.binary().display()))?;
+            .map_err(|source| Error::Start {
+                binary: vmm.binary().to_owned(),
+                what: "fork-server",
+                source,
+            })?;
         let pid = child.id() as i32;
         let ticks = procs::start_ticks(pid).unwrap_or(0);
         let deadline = Instant::now() + FORK_SERVER_START;
@@ -366,20 +458,20 @@ impl ForkServer {
         // it with an error and goes on.
         while UnixStream::connect(&socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
+                return Err(Error::ForkServer(format!(
                     "the fork server for {} exited ({status}): {}",
                     snapshot_dir.display(),
                     procs::log_tail(&log_path, 1500)
-                ));
+                )));
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
+                return Err(Error::ForkServer(format!(
                     "the fork server for {} did not come up within {} s",
                     snapshot_dir.display(),
                     FORK_SERVER_START.as_secs()
-                ));
+                )));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -404,7 +496,7 @@ impl ForkServer {
         paused: bool,
         memfd: bool,
         netns: &[String],
-    ) -> Result<Vec<ForkedChild>, String> {
+    ) -> Result<Vec<ForkedChild>, Error> {
         let request = proto::control::ForkRequest::Fork {
             n,
             out_dir: out_dir.to_owned(),
@@ -413,38 +505,46 @@ impl ForkServer {
             memfd,
             netns: netns.to_vec(),
         };
-        let stream = UnixStream::connect(&self.socket).map_err(|e| {
-            format!(
-                "cannot reach the fork server {}: {e}",
-                self.socket.display()
-            )
-        })?;
+        let unreachable = |source| Error::Unreachable {
+            what: "fork server",
+            socket: self.socket.clone(),
+            source,
+        };
+        let no_answer = |detail: String| Error::NoAnswer {
+            what: "fork server",
+            socket: self.socket.clone(),
+            detail,
+        };
+        let stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
         stream
             .set_read_timeout(Some(FORK_BATCH))
             .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
-            .map_err(|e| e.to_string())?;
+            .map_err(unreachable)?;
         let mut line = serde_json::to_vec(&request).expect("a fork request serialises");
         line.push(b'\n');
         (&stream)
             .write_all(&line)
-            .map_err(|e| format!("fork server: {e}"))?;
+            .map_err(|e| no_answer(format!("cannot send the request: {e}")))?;
         let mut answer = Vec::new();
         BufReader::new(&stream)
             .take(16 << 20)
             .read_until(b'\n', &mut answer)
-            .map_err(|e| format!("fork server did not answer: {e}"))?;
+            .map_err(|e| no_answer(e.to_string()))?;
         match serde_json::from_slice::<ForkResponse>(&answer) {
             Ok(ForkResponse::Forked { children }) if children.len() == n as usize => Ok(children),
-            Ok(ForkResponse::Forked { children }) => Err(format!(
+            Ok(ForkResponse::Forked { children }) => Err(Error::ForkServer(format!(
                 "the fork server started {} children of {n}",
                 children.len()
-            )),
-            Ok(ForkResponse::Error { message }) => Err(message),
-            Ok(other) => Err(format!("fork server: unexpected answer {other:?}")),
-            Err(e) => Err(format!(
-                "fork server: unreadable answer ({e}): {}",
+            ))),
+            Ok(ForkResponse::Error { message }) => Err(Error::Refused(message)),
+            Ok(other) => Err(Error::Unexpected {
+                what: "fork",
+                answer: format!("{other:?}"),
+            }),
+            Err(e) => Err(no_answer(format!(
+                "unreadable answer ({e}): {}",
                 String::from_utf8_lossy(&answer)
-            )),
+            ))),
         }
     }
 

@@ -1,6 +1,10 @@
 //! The service layer's one error: what went wrong, as a [`Kind`], with a
 //! message that says what to do. Its HTTP status is decided here and only
-//! here ([`Kind::status`]); the answer is `{"error": "..."}`.
+//! here ([`Kind::status`]); the answer is `{"error": "..."}`. The typed
+//! errors of the modules below the service (driver, netns, cgroup, store,
+//! agent client) become it here, each with its kind.
+//!
+//! [`StartError`] is the other error: what keeps the daemon from serving.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -146,6 +150,86 @@ impl From<agent_client::ClientError> for ApiError {
     }
 }
 
+/// A VMM or fork server that failed or refused: the daemon's side (500).
+/// A caller for which the VMM's refusal is the request's fault maps that
+/// case itself (branch: 422).
+impl From<crate::driver::Error> for ApiError {
+    fn from(e: crate::driver::Error) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+impl From<crate::netns::Error> for ApiError {
+    fn from(e: crate::netns::Error) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+impl From<crate::cgroup::Error> for ApiError {
+    fn from(e: crate::cgroup::Error) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+/// What keeps the daemon from serving: bad configuration, or a state
+/// directory, store or listener it cannot open. `forkd-daemon` prints it
+/// and exits 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag (or the environment variable behind it) is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The token file.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Error),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::OpenError),
+    /// forkd-vmm.
+    #[error(transparent)]
+    Vmm(#[from] crate::driver::Error),
+    /// The state database.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A directory of the state directory.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was done to it.
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The address to listen on.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key.
+    #[error("cannot load the TLS certificate {} and key {}: {source}", cert.display(), key.display())]
+    Tls {
+        /// The certificate file.
+        cert: std::path::PathBuf,
+        /// The key file.
+        key: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server stopped with an error.
+    #[error("the server failed: {0}")]
+    Served(#[source] std::io::Error),
+    /// Re-adopting the previous run's sandboxes failed.
+    #[error("cannot re-adopt the previous run's sandboxes: {0}")]
+    Recover(String),
+}
+
 /// A source VM that did not come up: it exiting is the VMM's failure
 /// (500), its agent staying silent the guest's (504).
 impl From<crate::driver::BootError> for ApiError {
@@ -186,5 +270,34 @@ mod tests {
         assert_eq!(boot.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let boot: ApiError = crate::driver::BootError::Silent("no answer".into()).into();
         assert_eq!(boot.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    /// The typed errors below the service keep their message (which names
+    /// the socket or namespace) and answer 500.
+    #[test]
+    fn lower_errors_keep_their_message_and_are_the_daemons_fault() {
+        let unreachable = crate::driver::Error::Unreachable {
+            what: "VMM",
+            socket: "/run/x/control.sock".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let e = ApiError::from(unreachable).with_context("fork failed");
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            e.message
+                .starts_with("fork failed: cannot reach the VMM at /run/x/control.sock: "),
+            "{}",
+            e.message
+        );
+        let taken = ApiError::from(crate::netns::Error::Taken("forkd-ab".into()));
+        assert_eq!(taken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(taken.message.contains("forkd-ab"), "{}", taken.message);
+        let start = StartError::Listen {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        assert!(start
+            .to_string()
+            .starts_with("cannot listen on 127.0.0.1:1: "));
     }
 }

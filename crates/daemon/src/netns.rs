@@ -10,7 +10,28 @@ use std::net::Ipv4Addr;
 
 use proto::api::{GUEST_ADDR, HOST_ADDR, NET_PREFIX};
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+
+/// Why a namespace could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store already records one of this name.
+    #[error("network namespace {0} is already this daemon's (a clash of random names; retry)")]
+    Taken(String),
+    /// The store could not record it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The kernel refused (a foreign namespace of that name, no
+    /// /dev/net/tun, no CAP_NET_ADMIN).
+    #[error("cannot make network namespace {name}: {source}")]
+    Make {
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The tap in every namespace (the name the snapshot's interface records).
 pub const TAP: &str = "forkd0";
@@ -30,11 +51,9 @@ pub fn guest_kernel_arg() -> String {
 /// host side of the guest's link, up; recorded in `store` first, so a
 /// restart after a crash finds it ([`remove_orphans`]). A half-made
 /// namespace is removed.
-pub fn create(store: &Store, name: &str) -> Result<(), String> {
-    if !store.add_netns(name).map_err(|e| e.to_string())? {
-        return Err(format!(
-            "network namespace {name} is already this daemon's (a clash of random names; retry)"
-        ));
+pub fn create(store: &Store, name: &str) -> Result<(), Error> {
+    if !store.add_netns(name)? {
+        return Err(Error::Taken(name.to_owned()));
     }
     let host: Ipv4Addr = HOST_ADDR.parse().expect("a valid constant");
     let made = netif::netns::create(name, || {
@@ -44,7 +63,10 @@ pub fn create(store: &Store, name: &str) -> Result<(), String> {
         netif::iface::set_ipv4(TAP, host, NET_PREFIX)?;
         netif::iface::set_up(TAP)
     })
-    .map_err(|e| e.to_string());
+    .map_err(|source| Error::Make {
+        name: name.to_owned(),
+        source,
+    });
     if made.is_err() {
         let _ = store.remove_netns(name);
     }
@@ -65,8 +87,8 @@ pub fn remove(store: &Store, name: &str) {
 
 /// Removes the namespaces this daemon made that no sandbox names (left by
 /// a crash in the middle of a spawn or a snapshot); how many.
-pub fn remove_orphans(store: &Store) -> Result<usize, String> {
-    let orphans = store.orphan_netns().map_err(|e| e.to_string())?;
+pub fn remove_orphans(store: &Store) -> Result<usize, StoreError> {
+    let orphans = store.orphan_netns()?;
     for name in &orphans {
         remove(store, name);
     }
@@ -94,7 +116,7 @@ impl<'a> Namespaces<'a> {
     }
 
     /// Creates `name`, removed with the rest if this set is dropped.
-    pub fn add(&mut self, name: String) -> Result<(), String> {
+    pub fn add(&mut self, name: String) -> Result<(), Error> {
         create(self.store, &name)?;
         self.names.push(name);
         Ok(())
@@ -243,7 +265,7 @@ mod tests {
             link.contains("06:00:ac:10:00:01") && link.contains(",UP"),
             "{link}"
         );
-        assert!(again.is_err());
+        assert!(matches!(again, Err(Error::Taken(_))), "{again:?}");
         assert_eq!(recorded, std::slice::from_ref(&name));
         assert!(!netif::netns::path(&name).exists());
         assert!(store.orphan_netns().unwrap().is_empty());
@@ -261,7 +283,7 @@ mod tests {
         let err = create(&store, &name).unwrap_err();
         let recorded = store.orphan_netns().unwrap();
         netif::netns::remove(&name).unwrap();
-        assert!(err.contains("already exists"), "{err}");
+        assert!(err.to_string().contains("already exists"), "{err}");
         assert!(recorded.is_empty(), "{recorded:?}");
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();

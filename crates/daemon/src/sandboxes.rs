@@ -14,7 +14,7 @@ use proto::api::{
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
 use crate::daemon::Daemon;
-use crate::error::{ApiError, ApiResult, Kind};
+use crate::error::{ApiError, ApiResult, Kind, StartError};
 use crate::store::SandboxRow;
 use crate::util::{now_unix, random_hex};
 use crate::{driver, netns, procs, validate};
@@ -67,9 +67,7 @@ impl Daemon {
         snap: &SnapshotInfo,
         per_child_netns: bool,
     ) -> ApiResult<Vec<SandboxRow>> {
-        let server = self
-            .fork_server(&snap.tag, Path::new(&snap.dir))
-            .map_err(ApiError::internal)?;
+        let server = self.fork_server(&snap.tag, Path::new(&snap.dir))?;
         let batch = random_hex(4);
         // Removed again if the fork fails; the sandboxes own them after.
         let mut namespaces = netns::Namespaces::new(&self.store);
@@ -77,9 +75,7 @@ impl Daemon {
             // Made ahead first (--netns-pool), the rest now.
             namespaces.adopt(self.netns_pool.take(req.n as usize));
             for i in namespaces.names().len() as u32..req.n {
-                namespaces
-                    .add(format!("forkd-{batch}-{i}"))
-                    .map_err(ApiError::internal)?;
+                namespaces.add(format!("forkd-{batch}-{i}"))?;
             }
         }
         let out_dir = self.paths.sandboxes.join(&batch);
@@ -88,7 +84,7 @@ impl Daemon {
         let paused = req.memory_limit_mib.is_some();
         let children = server
             .fork(req.n, &out_dir, paused, live_fork, namespaces.names())
-            .map_err(|e| ApiError::internal(format!("fork failed: {e}")))?;
+            .map_err(|e| ApiError::from(e).with_context("fork failed"))?;
         let now = now_unix();
         let mut rows = Vec::with_capacity(children.len());
         let mut failure = None;
@@ -115,10 +111,13 @@ impl Daemon {
                 cgroup: None,
             };
             if let (Some(mib), Some(cg)) = (req.memory_limit_mib, &self.cgroups) {
-                let confined = cg.confine(&id, mib, child.pid).and_then(|dir| {
-                    row.cgroup = Some(dir);
-                    resume(&row.control_socket)
-                });
+                let confined = cg
+                    .confine(&id, mib, child.pid)
+                    .map_err(ApiError::from)
+                    .and_then(|dir| {
+                        row.cgroup = Some(dir);
+                        resume(&row.control_socket).map_err(ApiError::from)
+                    });
                 if let Err(e) = confined {
                     failure.get_or_insert(e);
                 }
@@ -130,7 +129,7 @@ impl Daemon {
                 stop_sandbox(&self.store, row);
             }
             let _ = std::fs::remove_dir_all(&out_dir);
-            return Err(ApiError::internal(e));
+            return Err(e);
         }
         namespaces.keep();
         Ok(rows)
@@ -352,8 +351,7 @@ impl Daemon {
         let answer = tokio::task::spawn_blocking(move || {
             driver::control(&socket, &request, Duration::from_secs(1800))
         })
-        .await?
-        .map_err(ApiError::internal)?;
+        .await??;
         let pause_ms = match answer {
             ControlResponse::Snapshot { pause_ms, .. } => pause_ms,
             ControlResponse::Error { message } => {
@@ -433,9 +431,9 @@ impl Daemon {
 
     /// After a restart: keeps the sandboxes whose VMM still runs and
     /// answers, drops the rest; settles snapshots left `writing`.
-    pub async fn recover(self: &Arc<Self>) -> Result<(), String> {
+    pub async fn recover(self: &Arc<Self>) -> Result<(), StartError> {
         driver::reap_stale_fork_servers(&self.paths.run);
-        let rows = self.store.sandboxes().map_err(|e| e.to_string())?;
+        let rows = self.store.sandboxes()?;
         let (mut kept, mut dropped) = (0, 0);
         for row in rows {
             let probe = row.clone();
@@ -456,14 +454,16 @@ impl Daemon {
                 kept += 1;
             } else {
                 dropped += 1;
-                self.forget_dead(&row).await.map_err(|e| e.message)?;
+                self.forget_dead(&row)
+                    .await
+                    .map_err(|e| StartError::Recover(e.message))?;
             }
         }
         let orphans = {
             let this = self.clone();
             tokio::task::spawn_blocking(move || netns::remove_orphans(&this.store))
                 .await
-                .map_err(|e| e.to_string())??
+                .map_err(|e| StartError::Recover(e.to_string()))??
         };
         tracing::info!(
             kept,
@@ -471,9 +471,9 @@ impl Daemon {
             orphan_namespaces = orphans,
             "re-adopted the sandboxes of the previous run"
         );
-        for snap in self.store.snapshots().map_err(|e| e.to_string())? {
+        for snap in self.store.snapshots()? {
             let dir = PathBuf::from(&snap.info.dir);
-            if !dir.join("snapshot.json").exists() {
+            if !dir.join(proto::snapshot::META_FILE).exists() {
                 if snap.info.status != SnapshotStatus::Failed {
                     let _ = self.store.set_snapshot_status(
                         &snap.info.tag,
@@ -515,7 +515,7 @@ impl Daemon {
                             Some("the daemon restarted during the copy and the source VMM is gone"),
                         )
                     };
-                    result.map_err(|e| e.to_string())?;
+                    result?;
                 }
             }
         }
@@ -577,10 +577,13 @@ fn run_secs(asked: Option<u64>) -> ApiResult<u64> {
 }
 
 /// Lets a paused child run.
-fn resume(socket: &Path) -> Result<(), String> {
+fn resume(socket: &Path) -> Result<(), driver::Error> {
     match driver::control(socket, &ControlRequest::Resume, Duration::from_secs(10))? {
         ControlResponse::Ok => Ok(()),
-        other => Err(format!("resume: unexpected VMM answer {other:?}")),
+        other => Err(driver::Error::Unexpected {
+            what: "resume",
+            answer: format!("{other:?}"),
+        }),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::audit::AuditLog;
 use crate::auth::Auth;
 use crate::daemon::{Daemon, Options};
 use crate::driver::Vmm;
+use crate::error::StartError;
 
 /// `forkd-daemon serve` options.
 #[derive(Args, Debug)]
@@ -63,17 +64,17 @@ pub struct ServeArgs {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn serve(args: ServeArgs) -> Result<(), String> {
+pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     let auth = args
         .token_file
         .as_deref()
         .map(Auth::from_file)
         .transpose()?;
     if auth.is_none() && !args.bind.ip().is_loopback() {
-        return Err(format!(
+        return Err(StartError::Config(format!(
             "refusing to listen on {} without a token: anyone who can reach it could run code; pass --token-file, or bind to 127.0.0.1",
             args.bind
-        ));
+        )));
     }
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
     let vmm = Vmm::find(args.vmm_binary.clone())?.with_fork_pool(args.fork_pool);
@@ -86,13 +87,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
         netns_pool: args.netns_pool as usize,
     })?);
     daemon.recover().await?;
-    if daemon
-        .store
-        .snapshots()
-        .map_err(|e| e.to_string())?
-        .iter()
-        .any(|s| s.info.network)
-    {
+    if daemon.store.snapshots()?.iter().any(|s| s.info.network) {
         daemon.refill_netns_pool();
     }
     let app =
@@ -112,13 +107,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     } else {
         "http"
     };
-    let listener = std::net::TcpListener::bind(args.bind)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listen = |source| StartError::Listen {
+        addr: args.bind,
+        source,
+    };
+    let listener = std::net::TcpListener::bind(args.bind).map_err(listen)?;
+    listener.set_nonblocking(true).map_err(listen)?;
     // The line a supervisor or test waits for (see [`served_url`]).
     eprintln!(
         "forkd-daemon: {SERVING}{scheme}://{} (state {})",
-        listener.local_addr().map_err(|e| e.to_string())?,
+        listener.local_addr().map_err(listen)?,
         daemon.paths.state.display()
     );
     let served = match (&args.tls_cert, &args.tls_key) {
@@ -126,12 +124,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "cannot load the TLS certificate {} and key {}: {e}",
-                        cert.display(),
-                        key.display()
-                    )
+                .map_err(|source| StartError::Tls {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    source,
                 })?;
             axum_server::from_tcp_rustls(listener, tls)
                 .handle(handle)
@@ -148,7 +144,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), String> {
     daemon.stop_fork_servers();
     let pool = daemon.clone();
     let _ = tokio::task::spawn_blocking(move || pool.netns_pool.drain(&pool.store)).await;
-    served.map_err(|e| format!("the server failed: {e}"))?;
+    served.map_err(StartError::Served)?;
     tracing::info!("stopped; sandboxes keep running and are re-adopted at the next start");
     Ok(())
 }

@@ -106,9 +106,7 @@ impl Daemon {
                 // is dropped after the VM).
                 let mut netns = crate::netns::Namespaces::new(&this.store);
                 if plan.network {
-                    netns
-                        .add(format!("forkd-b-{}", random_hex(4)))
-                        .map_err(ApiError::internal)?;
+                    netns.add(format!("forkd-b-{}", random_hex(4)))?;
                 }
                 let mut vm = SourceVm::boot(
                     &this.vmm,
@@ -117,11 +115,10 @@ impl Daemon {
                     plan.vcpus,
                     &build,
                     netns.names().first().map(String::as_str),
-                )
-                .map_err(ApiError::internal)?;
+                )?;
                 let pong = vm.wait_for_agent(plan.boot_wait).map_err(ApiError::from)?;
                 tracing::info!(tag, guest = pong.guest, "agent answered; snapshotting");
-                vm.snapshot(&dst).map_err(ApiError::internal)?;
+                vm.snapshot(&dst)?;
                 drop(vm);
                 let mut row = this.row_from_dir(&tag, &dst, None, None)?;
                 row.info.warning = pong.interpreter_error.map(|e| {

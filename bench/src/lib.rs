@@ -93,6 +93,8 @@ pub fn fork_request(n: u32, out: &std::path::Path) -> proto::control::ForkReques
         console_log: false,
         memfd: false,
         netns: Vec::new(),
+        huge_pages: false,
+        prewarm: false,
     }
 }
 

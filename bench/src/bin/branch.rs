@@ -24,6 +24,12 @@
 //!
 //! Run: cargo build --release --workspace && target/release/branch [--mem-mib 1536] [--rounds 20]
 //! [--modes full,diff,live,live-nowait,huge,huge-nowait]
+//!
+//! `--against OTHER_VMM`: instead, live `wait: false` branches of two
+//! forkd-vmm builds (`--vmm` and OTHER_VMM), one VM each, in alternation:
+//! only the VM being branched runs (the other is paused), and the order
+//! flips every round, so the machine's drift falls on both alike. Prints
+//! both pauses and the median of the paired differences.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,6 +76,10 @@ struct Args {
     /// request the guest's longest stall began.
     #[arg(long)]
     verbose: bool,
+    /// Compare the live `wait: false` pause of `--vmm` with this forkd-vmm,
+    /// paired (see the module docs); the modes are not run.
+    #[arg(long)]
+    against: Option<PathBuf>,
 }
 
 struct Vm {
@@ -83,6 +93,11 @@ impl Vm {
         let child = bench::start_builtin(vmm, &sock, mem_mib, &["--memory-backend", backend]);
         let client = bench::connect_control(&sock, Duration::from_secs(600));
         Vm { child, client }
+    }
+
+    fn control(&mut self, request: ControlRequest) {
+        let r = self.client.call(&request).unwrap();
+        assert!(matches!(r, ControlResponse::Ok), "{request:?}: {r:?}");
     }
 
     fn guest(&mut self, request: GuestRequest) {
@@ -104,12 +119,14 @@ impl Vm {
             leave_paused: false,
             mode,
             wait,
+            measure_diff: false,
         };
         let start = Instant::now();
         let (pause, meta) = match self.client.call(&req).unwrap() {
             ControlResponse::Snapshot {
                 pause_ms: Some(ms),
                 meta,
+                ..
             } => (
                 Duration::from_secs_f64(ms / 1e3),
                 serde_json::to_value(meta).unwrap(),
@@ -432,6 +449,58 @@ fn warm_vm(vmm: &Path, work: &Path, args: &Args, backend: &str) -> Vm {
     vm
 }
 
+/// `--against`: the live `wait: false` pause of two builds, paired.
+fn paired(args: &Args, vmm: &Path, against: &Path, work: &Path) {
+    let dirs = [work.join("a"), work.join("b")];
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut vms = [
+        warm_vm(vmm, &dirs[0], args, "memfd"),
+        warm_vm(against, &dirs[1], args, "memfd"),
+    ];
+    vms[1].control(ControlRequest::Pause);
+    let mut running = 0;
+    let mut pauses = [Vec::new(), Vec::new()];
+    for i in 0..args.rounds {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            if running != k {
+                vms[running].control(ControlRequest::Pause);
+                vms[k].control(ControlRequest::Resume);
+                running = k;
+            }
+            // The guest back at its writing before the branch.
+            std::thread::sleep(Duration::from_millis(300));
+            let dir = dirs[k].join(format!("branch-{i}"));
+            let b = vms[k].branch(&dir, SnapshotMode::Live, false);
+            pauses[k].push(b.pause);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let diffs: Vec<f64> = pauses[0]
+        .iter()
+        .zip(&pauses[1])
+        .map(|(a, b)| ms(*a) - ms(*b))
+        .collect();
+    let mut sorted = diffs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let above = diffs.iter().filter(|d| **d > 0.0).count();
+    println!(
+        "  live, wait: false, paired over {} rounds (guest rewriting {} MiB):\n    \
+         {}: pause {}\n    {}: pause {}\n    \
+         paired difference (first - second): median {:+.3} ms, first slower in {above} of {}",
+        args.rounds,
+        args.warm_mib,
+        vmm.display(),
+        Stats::of(&pauses[0]),
+        against.display(),
+        Stats::of(&pauses[1]),
+        sorted[sorted.len() / 2],
+        diffs.len()
+    );
+}
+
 fn main() {
     let args = Args::parse();
     let vmm = bench::vmm_binary(args.vmm.clone());
@@ -441,6 +510,15 @@ fn main() {
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("forkd-bench-branch-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
+    if let Some(against) = &args.against {
+        println!(
+            "BRANCH pause window, built-in guest, {} MiB RAM ({} MiB warm), two builds paired",
+            args.mem_mib, args.warm_mib
+        );
+        paired(&args, &vmm, against, &work);
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     let runs = |m: &str| args.modes.iter().any(|x| x == m);
     println!(
         "BRANCH pause window, built-in guest, {} MiB RAM ({} MiB warm), {} branches per mode",

@@ -349,6 +349,7 @@ fn snapshot(c: &mut ControlClient, dir: &Path, mode: SnapshotMode) {
             leave_paused: false,
             mode,
             wait: true,
+            measure_diff: false,
         })
         .expect("snapshot");
     assert!(

@@ -258,6 +258,7 @@ fn make_snapshot(vmm: &Path, work: &Path, snap: &Path, mem_mib: u64, warm_mib: u
             leave_paused: true,
             mode: SnapshotMode::Full,
             wait: true,
+            measure_diff: false,
         })
         .unwrap(),
     );

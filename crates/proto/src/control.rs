@@ -46,6 +46,11 @@ pub enum ControlRequest {
         /// the copy ends.
         #[serde(default = "default_true")]
         wait: bool,
+        /// For full: also write, inside the pause, the diff a diff
+        /// snapshot would have written (then drop it), and report its cost
+        /// ([`DiffCost`]). Left out when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        measure_diff: bool,
     },
     /// Read guest memory (at most [`MAX_PEEK_BYTES`]) without involving the guest.
     Peek {
@@ -126,6 +131,10 @@ pub enum ControlResponse {
         /// it was paused before, or was left paused).
         #[serde(default)]
         pause_ms: Option<f64>,
+        /// What the diff cost: a diff snapshot's own, or the one a full
+        /// snapshot measured (`measure_diff`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diff: Option<DiffCost>,
     },
     /// Bytes read by peek, hex-encoded.
     Peek {
@@ -137,6 +146,17 @@ pub enum ControlResponse {
         /// What went wrong and what to do.
         message: String,
     },
+}
+
+/// What writing a diff of guest memory cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffCost {
+    /// Microseconds writing it (in the pause).
+    pub write_us: u64,
+    /// Bytes it takes on disk (its pages and their map).
+    pub physical_bytes: u64,
+    /// Bytes of guest memory it covers (changed pages).
+    pub logical_bytes: u64,
 }
 
 /// A request to a fork server (`forkd-vmm fork-server`): a process that
@@ -172,6 +192,15 @@ pub enum ForkRequest {
         /// existed.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         netns: Vec<String>,
+        /// The memfd on 2 MiB huge pages (with `memfd`; needs huge pages
+        /// reserved for every child's RAM). Left out when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        huge_pages: bool,
+        /// Each child faults its RAM in for reading right after its
+        /// restore, before it serves its control socket, so its first
+        /// snapshot reads RAM without page faults. Left out when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prewarm: bool,
     },
     /// Stop serving (the children run on).
     Shutdown,
@@ -299,6 +328,8 @@ mod tests {
                 console_log: false,
                 memfd: false,
                 netns: Vec::new(),
+                huge_pages: false,
+                prewarm: false,
             }
         );
         assert_eq!(

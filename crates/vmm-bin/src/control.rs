@@ -308,10 +308,12 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
             leave_paused,
             mode,
             wait,
-        } => match machine.snapshot(&dir, leave_paused, mode, wait) {
+            measure_diff,
+        } => match machine.snapshot(&dir, leave_paused, mode, wait, measure_diff) {
             Ok(done) => ControlResponse::Snapshot {
                 meta: Box::new(done.meta),
                 pause_ms: done.pause.map(|d| d.as_secs_f64() * 1e3),
+                diff: done.diff,
             },
             Err(e) => error(&e),
         },

@@ -84,6 +84,10 @@ struct RestoreArgs {
     /// Start paused: vCPUs wait for `resume` on the control socket.
     #[arg(long)]
     paused: bool,
+    /// Fault guest RAM in for reading before the vCPUs run, so the first
+    /// snapshot reads RAM without page faults.
+    #[arg(long)]
+    prewarm: bool,
     /// This VM's own copy-on-write layer for each of the snapshot's
     /// drives, in order (repeat the flag; created, must not exist).
     #[arg(long = "cow-layer")]
@@ -333,6 +337,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         vsock_uds: args.vsock_uds,
         netns: args.netns,
         ram,
+        prewarm: args.prewarm,
     };
     let listener = args
         .control_socket

@@ -281,8 +281,9 @@ fn a_live_branch_without_wait_is_writing_until_its_copy_ends() {
         leave_paused: false,
         mode: SnapshotMode::Live,
         wait: false,
+        measure_diff: false,
     }) {
-        ControlResponse::Snapshot { meta, pause_ms } => {
+        ControlResponse::Snapshot { meta, pause_ms, .. } => {
             assert!(pause_ms.is_some());
             meta
         }
@@ -295,6 +296,7 @@ fn a_live_branch_without_wait_is_writing_until_its_copy_ends() {
         leave_paused: false,
         mode: SnapshotMode::Live,
         wait: true,
+        measure_diff: false,
     });
     if let ControlResponse::Error { message } = &r {
         assert!(message.contains("still copying"), "{message}");
@@ -329,6 +331,7 @@ fn live_branch_needs_memfd_ram() {
         leave_paused: false,
         mode: SnapshotMode::Live,
         wait: true,
+        measure_diff: false,
     });
     assert!(
         matches!(r, ControlResponse::Error { ref message } if message.contains("--memory-backend memfd")),

@@ -389,6 +389,7 @@ fn a_pooled_child_continues_exactly_where_the_parent_paused() {
         leave_paused: true,
         mode: SnapshotMode::Full,
         wait: true,
+        measure_diff: false,
     }) {
         ControlResponse::Snapshot { .. } => {}
         other => panic!("{other:?}"),

@@ -174,6 +174,7 @@ fn a_fork_server_gives_memfd_ram_on_request() {
         leave_paused: false,
         mode: SnapshotMode::Live,
         wait: true,
+        measure_diff: false,
     });
     assert!(
         matches!(r, ControlResponse::Error { ref message } if message.contains("memfd")),

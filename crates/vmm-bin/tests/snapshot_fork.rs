@@ -53,6 +53,7 @@ fn make_snapshot(dir: &Path, mem_mib: &str, counter: bool) -> (u64, (u64, u64)) 
         leave_paused: true,
         mode: SnapshotMode::Full,
         wait: true,
+        measure_diff: false,
     }) {
         ControlResponse::Snapshot { meta, .. } => {
             assert_eq!(meta.status, proto::snapshot::SnapshotStatus::Ready);
@@ -309,6 +310,7 @@ fn drives_are_frozen_into_the_snapshot_and_each_child_gets_its_own_layer() {
         leave_paused: false,
         mode: SnapshotMode::Full,
         wait: true,
+        measure_diff: false,
     }) {
         ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("{other:?}"),
@@ -467,6 +469,7 @@ fn snapshot(
         leave_paused: false,
         mode,
         wait: true,
+        measure_diff: false,
     }) {
         ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("snapshot failed: {other:?}"),
@@ -501,6 +504,7 @@ fn diff_snapshots_hold_only_changed_pages_and_chain() {
         leave_paused: false,
         mode: SnapshotMode::Diff,
         wait: true,
+        measure_diff: false,
     });
     assert!(
         matches!(r, ControlResponse::Error { ref message } if message.contains("full snapshot first")),

@@ -96,6 +96,10 @@ pub struct RestoreConfig {
     pub netns: Option<String>,
     /// What the child's RAM is.
     pub ram: RestoreRam,
+    /// Fault every page of RAM in for reading before the vCPUs run
+    /// ([`crate::memory::GuestRam::populate_read`]), so the child's first
+    /// snapshot reads RAM without page faults (spawn pays for it instead).
+    pub prewarm: bool,
 }
 
 /// What a restored child's RAM is. Either way the child's first diff
@@ -492,6 +496,13 @@ impl PreparedRestore<'_> {
                 (parts, Some(tsc))
             }
         };
+        if cfg.prewarm {
+            let took = parts
+                .ram
+                .populate_read()
+                .map_err(|e| device_err("guest RAM")(format!("cannot prewarm it: {e}")))?;
+            tracing::info!("prewarmed guest RAM in {took:?}");
+        }
         let backends = restore_backends(snapshot, cfg)?;
         let virtio = VirtioDevices::restore_routed(
             &state.devices.virtio,
@@ -1009,7 +1020,7 @@ mod tests {
         let parent = build_for_boot(&MachineConfig::builtin(16)).unwrap();
         ping(&parent);
         parent
-            .snapshot(&tmp.0.join("snap"), false, SnapshotMode::Full, true)
+            .snapshot(&tmp.0.join("snap"), false, SnapshotMode::Full, true, false)
             .unwrap();
         parent.shutdown();
         assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
@@ -1042,6 +1053,7 @@ mod tests {
                     drive_layers: Vec::new(),
                     vsock_uds: None,
                     netns: None,
+                    prewarm: false,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();
@@ -1114,7 +1126,7 @@ mod tests {
         ping(&parent);
         let dir = tmp.0.join("snap");
         let taken = parent
-            .snapshot(&dir, false, SnapshotMode::Full, true)
+            .snapshot(&dir, false, SnapshotMode::Full, true, false)
             .unwrap();
         parent.shutdown();
         assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
@@ -1131,6 +1143,7 @@ mod tests {
             drive_layers: Vec::new(),
             vsock_uds: None,
             netns: Some(netns.0.clone()),
+            prewarm: false,
             ram: RestoreRam::SnapshotFile,
         };
 
@@ -1173,7 +1186,7 @@ mod tests {
         }
         // The child's own snapshot names the same tap.
         let grand = child
-            .snapshot(&tmp.0.join("grand"), false, SnapshotMode::Full, true)
+            .snapshot(&tmp.0.join("grand"), false, SnapshotMode::Full, true, false)
             .unwrap();
         assert_eq!(grand.meta.nets, recorded);
         child.shutdown();
@@ -1216,7 +1229,9 @@ mod tests {
         ping(&vm);
         let dir = |name: &str| tmp.0.join(name);
         let taken = |name: &str, mode: SnapshotMode, wait: bool| {
-            vm.snapshot(&dir(name), false, mode, wait).unwrap().meta
+            vm.snapshot(&dir(name), false, mode, wait, false)
+                .unwrap()
+                .meta
         };
         assert_eq!(taken("full", SnapshotMode::Full, true).nets, recorded);
         assert_eq!(taken("diff", SnapshotMode::Diff, true).nets, recorded);
@@ -1276,7 +1291,7 @@ mod tests {
             }
             let dir = tmp.0.join(format!("snap-{busy}"));
             parent
-                .snapshot(&dir, false, SnapshotMode::Full, true)
+                .snapshot(&dir, false, SnapshotMode::Full, true, false)
                 .unwrap();
             parent.shutdown();
             assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
@@ -1296,6 +1311,7 @@ mod tests {
                         drive_layers: Vec::new(),
                         vsock_uds: None,
                         netns: None,
+                        prewarm: false,
                         ram: RestoreRam::SnapshotFile,
                     })
                     .unwrap();
@@ -1306,7 +1322,7 @@ mod tests {
                     // is idle in turn, so runs ahead itself).
                     let grand = tmp.0.join(format!("grand-{busy}"));
                     child
-                        .snapshot(&grand, true, SnapshotMode::Full, true)
+                        .snapshot(&grand, true, SnapshotMode::Full, true, false)
                         .unwrap();
                     let grand = PreparedSnapshot::load(&grand).unwrap();
                     let prepared = prepare_restore(&grand, kvm.clone(), RestoreRam::SnapshotFile)
@@ -1323,6 +1339,7 @@ mod tests {
                             drive_layers: Vec::new(),
                             vsock_uds: None,
                             netns: None,
+                            prewarm: false,
                             ram: RestoreRam::SnapshotFile,
                         })
                         .unwrap();
@@ -1347,7 +1364,7 @@ mod tests {
         let parent = build_for_boot(&MachineConfig::builtin(16)).unwrap();
         let (boot_id, parent_gen) = identity(&parent);
         parent
-            .snapshot(&tmp.0.join("snap"), false, SnapshotMode::Full, true)
+            .snapshot(&tmp.0.join("snap"), false, SnapshotMode::Full, true, false)
             .unwrap();
         parent.shutdown();
         assert_eq!(parent.wait_for_exit(), ExitReason::Requested);
@@ -1375,6 +1392,7 @@ mod tests {
                     drive_layers: Vec::new(),
                     vsock_uds: None,
                     netns: None,
+                    prewarm: false,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();

@@ -63,6 +63,9 @@ pub enum Error {
     /// The pre-copy of a live snapshot failed.
     #[error("the live pre-copy failed: {0}")]
     Precopy(#[from] precopy::Error),
+    /// measure_diff goes with a full snapshot only.
+    #[error("measure_diff measures a diff beside a full snapshot; ask it with mode full")]
+    MeasureNotFull,
     /// A diff needs a snapshot to stack on.
     #[error("a diff snapshot needs a base: this VM has neither been restored from a snapshot nor snapshotted since it booted (or its last snapshot failed); take a full snapshot first")]
     NoBase,
@@ -217,6 +220,13 @@ impl Machine {
     ) -> Result<GuestResponse, Error> {
         let ch = self.channel.as_ref().ok_or(Error::NoChannel)?;
         Ok(ch.request(request, timeout)?)
+    }
+
+    /// Faults every page of guest RAM in for reading (see
+    /// [`GuestRam::populate_read`]): a restored child's first snapshot then
+    /// reads RAM without page faults. How long it took.
+    pub fn prewarm(&self) -> std::io::Result<Duration> {
+        self.ram.populate_read()
     }
 
     /// Reads up to [`MAX_PEEK_BYTES`] of guest memory.

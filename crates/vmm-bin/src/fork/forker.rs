@@ -77,10 +77,11 @@ impl Forker {
             netns: netns.map(str::to_owned),
             // The copy happens in the child, after the fork: children copy
             // in parallel and the parent stays small.
-            ram: if options.memfd {
-                RestoreRam::Memfd
-            } else {
-                RestoreRam::SnapshotFile
+            prewarm: options.prewarm,
+            ram: match (options.memfd, options.huge_pages) {
+                (true, true) => RestoreRam::HugeMemfd,
+                (true, false) => RestoreRam::Memfd,
+                (false, _) => RestoreRam::SnapshotFile,
             },
         }
     }

@@ -97,6 +97,14 @@ pub struct ForkArgs {
     /// child can be live-BRANCHed; each child copies the memory's data.
     #[arg(long)]
     memfd: bool,
+    /// With --memfd: the memfd on 2 MiB huge pages (reserve them first:
+    /// /proc/sys/vm/nr_hugepages).
+    #[arg(long, requires = "memfd")]
+    huge_pages: bool,
+    /// Each child faults its RAM in for reading right after its restore,
+    /// so its first snapshot reads RAM without page faults.
+    #[arg(long)]
+    prewarm: bool,
     /// A network namespace (under /var/run/netns) per child: give it once
     /// per child, in order. Child i attaches each network interface of
     /// the snapshot to the tap of the name `snapshot.json` records, made
@@ -135,6 +143,8 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
             paused: args.paused,
             console_log: args.console_log,
             memfd: args.memfd,
+            huge_pages: args.huge_pages,
+            prewarm: args.prewarm,
         },
         &args.netns,
         &[],
@@ -157,4 +167,8 @@ struct ChildOptions {
     console_log: bool,
     /// RAM in a memfd holding a copy of the snapshot's memory.
     memfd: bool,
+    /// That memfd on huge pages.
+    huge_pages: bool,
+    /// Fault RAM in for reading after the restore.
+    prewarm: bool,
 }

@@ -23,6 +23,7 @@ use super::ChildOptions;
 /// Option bits of an order.
 const ORDER_PAUSED: u8 = 1;
 const ORDER_CONSOLE_LOG: u8 = 2;
+const ORDER_PREWARM: u8 = 4;
 /// An order's header: the option byte and the length of the namespace name.
 const ORDER_HEADER: usize = 2;
 /// Longest order: its header, a network namespace name and a directory path.
@@ -69,6 +70,9 @@ pub(super) fn encode(
     if options.console_log {
         flags |= ORDER_CONSOLE_LOG;
     }
+    if options.prewarm {
+        flags |= ORDER_PREWARM;
+    }
     data.push(flags);
     data.push(ns.len() as u8);
     data.extend_from_slice(ns);
@@ -83,13 +87,16 @@ pub(super) fn decode(data: &[u8]) -> std::io::Result<(PathBuf, ChildOptions, Opt
     if data.len() < ORDER_HEADER || data.len() > MAX_ORDER {
         return Err(malformed());
     }
-    if data[0] & !(ORDER_PAUSED | ORDER_CONSOLE_LOG) != 0 {
+    if data[0] & !(ORDER_PAUSED | ORDER_CONSOLE_LOG | ORDER_PREWARM) != 0 {
         return Err(malformed());
     }
     let options = ChildOptions {
         paused: data[0] & ORDER_PAUSED != 0,
         console_log: data[0] & ORDER_CONSOLE_LOG != 0,
+        // Parked children map the memory file: memfd orders fork cold.
         memfd: false,
+        huge_pages: false,
+        prewarm: data[0] & ORDER_PREWARM != 0,
     };
     let ns_len = usize::from(data[1]);
     let path_at = ORDER_HEADER + ns_len;
@@ -274,6 +281,9 @@ mod tests {
             paused,
             console_log,
             memfd: false,
+            huge_pages: false,
+            // Varied with the others, so every bit is seen both ways.
+            prewarm: paused != console_log,
         }
     }
 
@@ -293,8 +303,8 @@ mod tests {
             let (d, back, n) = decode(&bytes).unwrap();
             assert_eq!(d, Path::new(dir));
             assert_eq!(
-                (back.paused, back.console_log, back.memfd),
-                (o.paused, o.console_log, false)
+                (back.paused, back.console_log, back.memfd, back.prewarm),
+                (o.paused, o.console_log, false, o.prewarm)
             );
             assert_eq!(n.as_deref(), ns);
         }
@@ -311,7 +321,7 @@ mod tests {
             &[][..],
             &[0],
             &[0, 0],             // no path
-            &[4, 0, b'/'],       // an option bit nobody sends
+            &[8, 0, b'/'],       // an option bit nobody sends
             &[0, 3, b'a', b'b'], // the name runs past the message
             &[0, 1, 0xff, b'/'], // a name that is not UTF-8
             &[0, 200, b'/'],     // a name longer than any namespace's

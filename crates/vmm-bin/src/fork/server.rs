@@ -116,6 +116,8 @@ pub(super) fn serve_one(
             console_log,
             memfd,
             netns,
+            huge_pages,
+            prewarm,
         }) => {
             match forker.spawn(
                 n,
@@ -124,6 +126,8 @@ pub(super) fn serve_one(
                     paused,
                     console_log,
                     memfd,
+                    huge_pages,
+                    prewarm,
                 },
                 &netns,
                 &[listener, stream.as_raw_fd()],

@@ -32,6 +32,7 @@ pub fn branch_waiting(
         leave_paused: false,
         mode,
         wait,
+        measure_diff: false,
     }) {
         ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("{mode:?} branch failed: {other:?}"),
@@ -177,6 +178,7 @@ pub fn writes_after_live_branches_reach_the_next_diff(
                 leave_paused: false,
                 mode: SnapshotMode::Live,
                 wait: false,
+                measure_diff: false,
             }) {
                 ControlResponse::Snapshot { meta, .. } => {
                     assert_eq!(meta.status, proto::snapshot::SnapshotStatus::Writing)

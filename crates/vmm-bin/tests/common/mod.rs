@@ -348,6 +348,7 @@ pub fn snapshot(
         leave_paused: false,
         mode,
         wait: true,
+        measure_diff: false,
     }) {
         ControlResponse::Snapshot { meta, .. } => serde_json::to_value(meta).unwrap(),
         other => panic!("{mode:?} snapshot of {} failed: {other:?}", dir.display()),

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use proto::control::SnapshotMode;
+use proto::control::{DiffCost, SnapshotMode};
 
 use super::live::{self, LiveCopy, LiveCopyOptions, Region, ReleaseHook};
 use super::prearm::Prearm;
@@ -43,6 +43,19 @@ pub struct Snapshotted {
     /// From the pause request to the VM running again (`None` when it was
     /// paused before or was left paused).
     pub pause: Option<std::time::Duration>,
+    /// What the diff cost: a diff's own, or the one a full snapshot
+    /// measured when asked.
+    pub diff: Option<DiffCost>,
+}
+
+/// What the pause window produced: the snapshot's files (not yet
+/// committed), a live copy still to run, a pre-copy's residue, and the
+/// diff's cost.
+struct Captured {
+    pending: snapshot::Pending,
+    copy: Option<LiveCopy>,
+    residue: Option<Residue>,
+    diff: Option<DiffCost>,
 }
 
 /// How a pre-copy ended.
@@ -58,14 +71,20 @@ impl Machine {
     /// Writes a snapshot of the machine to `dir` (which must not exist):
     /// pauses it if it is running, captures every vCPU (on its own thread),
     /// the VM's interrupt controllers and clock, the devices and RAM, and
-    /// then returns it to running unless `leave_paused`.
+    /// then returns it to running unless `leave_paused`. With
+    /// `measure_diff` (full only), the pause also writes the diff a diff
+    /// snapshot would have written, and drops it, to report its cost.
     pub fn snapshot(
         &self,
         dir: &Path,
         leave_paused: bool,
         mode: SnapshotMode,
         wait: bool,
+        measure_diff: bool,
     ) -> Result<Snapshotted, Error> {
+        if measure_diff && mode != SnapshotMode::Full {
+            return Err(Error::MeasureNotFull);
+        }
         let has_base = self
             .base
             .lock()
@@ -109,12 +128,17 @@ impl Machine {
         if was_running {
             self.pause()?;
         }
-        let captured = self.capture(dir, mode, None, prearm);
+        let captured = self.capture(dir, mode, None, prearm, measure_diff);
         if was_running && !leave_paused {
             self.resume()?;
         }
         let pause = (was_running && !leave_paused).then(|| start.elapsed());
-        let (pending, copy, _) = captured?;
+        let Captured {
+            pending,
+            copy,
+            diff,
+            ..
+        } = captured?;
         // The VM runs again: make the snapshot durable and visible.
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         let committed = pending.commit();
@@ -134,7 +158,7 @@ impl Machine {
                 };
                 if !wait {
                     *live = Some(finisher);
-                    return Ok(Snapshotted { meta, pause });
+                    return Ok(Snapshotted { meta, pause, diff });
                 }
                 finisher
                     .join()
@@ -146,7 +170,7 @@ impl Machine {
                 return Err(e.into());
             }
         };
-        Ok(Snapshotted { meta, pause })
+        Ok(Snapshotted { meta, pause, diff })
     }
 
     /// A live snapshot for a caller that waits: RAM is copied while the
@@ -180,12 +204,23 @@ impl Machine {
         if was_running {
             self.pause()?;
         }
-        let captured = self.capture(dir, SnapshotMode::Live, Some((&mut precopy, staged)), None);
+        let captured = self.capture(
+            dir,
+            SnapshotMode::Live,
+            Some((&mut precopy, staged)),
+            None,
+            false,
+        );
         if was_running && !leave_paused {
             self.resume()?;
         }
         let pause = (was_running && !leave_paused).then(|| start.elapsed());
-        let (mut pending, copy, residue) = captured?;
+        let Captured {
+            mut pending,
+            copy,
+            residue,
+            ..
+        } = captured?;
         let sealed = precopy::niced("live-precopy", || {
             let mut stats = LiveCopyStats {
                 method: Some("precopy".into()),
@@ -217,7 +252,11 @@ impl Machine {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
             memory_hash: meta.memory_hash.clone(),
         });
-        Ok(PrecopyOutcome::Done(Box::new(Snapshotted { meta, pause })))
+        Ok(PrecopyOutcome::Done(Box::new(Snapshotted {
+            meta,
+            pause,
+            diff: None,
+        })))
     }
 
     fn base_handle(&self) -> Arc<Mutex<Option<ParentRef>>> {
@@ -232,14 +271,15 @@ impl Machine {
     /// memory as `mode` says. For live: with `precopy` (the pre-copy and
     /// the snapshot it fills), the residue copied to memory; without, the
     /// write-protect arm (the re-arm of `prearm`, when given), with the
-    /// copy returned started.
+    /// copy returned started. `measure_diff`: see [`Machine::snapshot`].
     fn capture(
         &self,
         dir: &Path,
         mode: SnapshotMode,
         precopy: Option<(&mut Precopy<'_>, snapshot::Staged)>,
         prearm: Option<Prearm>,
-    ) -> Result<(snapshot::Pending, Option<LiveCopy>, Option<Residue>), Error> {
+        measure_diff: bool,
+    ) -> Result<Captured, Error> {
         // Device workers stand still too: they write guest memory.
         let _quiet = self.virtio.quiesce();
         let kvm = self.kvm.clone();
@@ -313,8 +353,29 @@ impl Machine {
             .iter()
             .map(|(tap, mac)| SnapshotNet::new(tap, mac))
             .collect();
+        // What a diff of these pages costs: measured apart, before the
+        // full snapshot, when asked.
+        let measured = if measure_diff {
+            Some(snapshot::measure_diff(dir, self.ram.memory(), &dirty)?)
+        } else {
+            None
+        };
+        let is_diff = matches!(memory, MemoryCapture::Diff { .. });
+        let writing = std::time::Instant::now();
         let mut pending =
             snapshot::prepare(dir, self.ram.memory(), &state, &drives, &nets, memory)?;
+        let diff = if is_diff {
+            let written = writing.elapsed().as_micros() as u64;
+            match pending.diff_cost(written) {
+                Ok(cost) => Some(cost),
+                Err(e) => {
+                    pending.discard();
+                    return Err(e.into());
+                }
+            }
+        } else {
+            measured
+        };
         if let Some(precopy) = precopy {
             // The pages dirtied since the last round: copied here, or, too
             // many for the pause, write-protected and copied after it. The
@@ -337,7 +398,12 @@ impl Machine {
                 }
             })();
             return match ended {
-                Ok((copy, residue)) => Ok((pending, copy, residue)),
+                Ok((copy, residue)) => Ok(Captured {
+                    pending,
+                    copy,
+                    residue,
+                    diff,
+                }),
                 Err(e) => {
                     pending.discard();
                     Err(e)
@@ -372,7 +438,12 @@ impl Machine {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
             memory_hash: pending.meta().memory_hash.clone(),
         });
-        Ok((pending, copy, None))
+        Ok(Captured {
+            pending,
+            copy,
+            residue: None,
+            diff,
+        })
     }
 
     /// The write-protect granule of this machine's RAM: hugetlbfs

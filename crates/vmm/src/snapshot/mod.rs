@@ -35,7 +35,8 @@ pub use proto::snapshot::{
 };
 use write::*;
 pub use write::{
-    finish_live, prepare, stage, DiffMap, DriveCapture, MemoryCapture, Pending, Staged,
+    finish_live, measure_diff, prepare, stage, DiffMap, DriveCapture, MemoryCapture, Pending,
+    Staged,
 };
 
 use std::path::{Path, PathBuf};

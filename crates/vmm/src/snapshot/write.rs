@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use proto::control::DiffCost;
+
 use crate::devices::virtio::block::{DiskConfig, Frozen};
 use crate::memory::{data_extents, GuestMemoryMmap};
 
@@ -119,6 +121,11 @@ impl Pending {
     /// The metadata it will be committed with.
     pub fn meta(&self) -> &SnapshotMeta {
         &self.meta
+    }
+
+    /// For a diff: what its files cost, written in `write_us`.
+    pub fn diff_cost(&self, write_us: u64) -> Result<DiffCost, Error> {
+        diff_cost(&self.tmp, write_us)
     }
 
     /// The `memory` file, open for writing (a live copy's destination).
@@ -529,6 +536,44 @@ pub(super) fn write_diff(
     f.write_all(&format::encode(&map))
         .map_err(io_err(&map_path))?;
     Ok((total, changed, hasher.finalize().to_hex().to_string()))
+}
+
+/// What the diff files in `dir` cost, written in `write_us`: the memory
+/// file's apparent size (sparse: all of RAM, as upstream reports a diff's
+/// logical size) and the bytes the memory file and its page map take.
+pub(super) fn diff_cost(dir: &Path, write_us: u64) -> Result<DiffCost, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let stat = |name: &str| {
+        let path = dir.join(name);
+        std::fs::metadata(&path).map_err(io_err(&path))
+    };
+    let (diff, map) = (stat(DIFF_FILE)?, stat(DIFF_MAP_FILE)?);
+    Ok(DiffCost {
+        write_us,
+        physical_bytes: (diff.blocks() + map.blocks()) * 512,
+        logical_bytes: diff.len(),
+    })
+}
+
+/// Writes the diff a diff snapshot of `mem` with `dirty` pages would write,
+/// in a scratch directory beside `dir`, and removes it again: what
+/// `measure_diff` reports beside a full snapshot. Call in the pause.
+pub fn measure_diff(
+    dir: &Path,
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<DiffCost, Error> {
+    let name = dir
+        .file_name()
+        .map_or_else(|| "snapshot".into(), |n| n.to_string_lossy().into_owned());
+    let scratch = dir.with_file_name(format!(".{name}.measure-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
+    let started = std::time::Instant::now();
+    let cost = write_diff(&scratch, mem, dirty)
+        .and_then(|_| diff_cost(&scratch, started.elapsed().as_micros() as u64));
+    let _ = std::fs::remove_dir_all(&scratch);
+    cost
 }
 
 /// Copies `from` to a new file `to`, keeping holes as holes.

@@ -169,6 +169,7 @@ fn vsock_handshake() {
                 interpreter_ready: false,
                 interpreter_error: None,
                 guest: "guest: fake".into(),
+                pid: None,
             });
             write_frame(&mut c, &pong, &[]).unwrap();
         } else {

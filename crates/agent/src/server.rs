@@ -244,6 +244,7 @@ impl Agent {
                     interpreter_ready: ready,
                     interpreter_error: error,
                     guest: self.cfg.guest.clone(),
+                    pid: Some(std::process::id()),
                 });
                 match write_frame(&mut conn, &pong, &[]) {
                     Ok(()) => Outcome::Done,

@@ -169,6 +169,14 @@ pub struct SpawnArgs {
     /// must, for a snapshot with a network interface).
     #[arg(long)]
     pub per_child_netns: bool,
+    /// Fault each child's RAM in right after its restore, so its first
+    /// branch does not pay for it.
+    #[arg(long)]
+    pub prewarm: bool,
+    /// Guest RAM on 2 MiB huge pages (4 KiB, with a warning, when the
+    /// host has too few free).
+    #[arg(long)]
+    pub hugepages: bool,
     /// Print only the sandbox ids, one a line.
     #[arg(short, long)]
     pub quiet: bool,

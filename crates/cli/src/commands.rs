@@ -81,7 +81,7 @@ pub fn describe_snapshot(s: &SnapshotInfo) -> String {
     if let Some(b) = &s.branched_from {
         extra.push(format!("branched from {b}"));
     }
-    if let Some(p) = s.pause_ms {
+    if let Some(p) = pause_ms(s) {
         extra.push(format!("paused {p:.2} ms"));
     }
     if !extra.is_empty() {
@@ -113,7 +113,7 @@ pub fn snapshot(ctx: &mut Ctx, a: &SnapshotArgs) -> Outcome {
             mode,
             diff: None,
             wait: a.no_wait.then_some(false),
-            parent_tag: None,
+            ..BranchRequest::default()
         };
         let sp = ctx
             .progress
@@ -143,6 +143,7 @@ pub fn snapshot(ctx: &mut Ctx, a: &SnapshotArgs) -> Outcome {
             builtin: a.builtin,
             kernel_args: a.kernel_args.clone(),
             network: a.network,
+            tap: None,
         };
         let guest = if a.builtin {
             "the built-in guest"
@@ -189,6 +190,8 @@ pub fn spawn(ctx: &mut Ctx, a: &SpawnArgs) -> Outcome {
         per_child_netns: a.per_child_netns.then_some(true),
         memory_limit_mib: a.memory_limit_mib,
         live_fork: a.live_fork.then_some(true),
+        prewarm: a.prewarm.then_some(true),
+        hugepages: a.hugepages.then_some(true),
     };
     let sp = ctx
         .progress
@@ -228,9 +231,9 @@ pub fn fork(ctx: &mut Ctx, a: &ForkArgs) -> Outcome {
     let req = SpawnRequest {
         snapshot_tag: a.tag.clone(),
         n: a.n,
-        per_child_netns: None,
         memory_limit_mib: a.memory_limit_mib,
         live_fork: a.live_fork.then_some(true),
+        ..SpawnRequest::default()
     };
     let figures =
         fanout::spawn_ping_kill(&ctx.client, &req, Duration::from_secs(30), ctx.progress)?;
@@ -454,8 +457,7 @@ pub fn detail_text(d: &SnapshotDetail, now: u64) -> String {
         ),
     ));
     if let Some(b) = &i.branched_from {
-        let pause = i
-            .pause_ms
+        let pause = pause_ms(i)
             .map(|p| format!(", paused {p:.2} ms"))
             .unwrap_or_default();
         rows.push(("branched from", format!("{b}{pause}")));
@@ -471,7 +473,7 @@ pub fn detail_text(d: &SnapshotDetail, now: u64) -> String {
     let chain = if d.ancestors.is_empty() {
         d.chain_depth.to_string()
     } else {
-        format!("{} ({})", d.chain_depth, d.ancestors.join(" <- "))
+        format!("{} ({})", d.chain_depth, d.ancestors.join(" -> "))
     };
     rows.push(("chain depth", chain));
     rows.push((
@@ -646,6 +648,14 @@ pub fn version(ctx: &mut Ctx) -> Outcome {
     Ok(0)
 }
 
+/// A branch's pause in milliseconds, to the microsecond when the daemon
+/// says it (`pause_us`), else upstream's whole milliseconds.
+fn pause_ms(s: &SnapshotInfo) -> Option<f64> {
+    s.pause_us
+        .map(|us| us as f64 / 1000.0)
+        .or(s.pause_ms.map(|ms| ms as f64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,6 +727,8 @@ mod tests {
             live_fork: true,
             memory_limit_mib: Some(64),
             per_child_netns: false,
+            prewarm: true,
+            hugepages: false,
             quiet: false,
         };
         let (r, out, err) = run(d.client(Some("tok")), false, |c| spawn(c, &a));
@@ -733,7 +745,8 @@ mod tests {
         assert_eq!(reqs[0].header("authorization"), Some("Bearer tok"));
         assert_eq!(
             reqs[0].json(),
-            serde_json::json!({"snapshot_tag": "t", "n": 2, "memory_limit_mib": 64, "live_fork": true})
+            serde_json::json!({"snapshot_tag": "t", "n": 2, "memory_limit_mib": 64, "live_fork": true,
+                "prewarm": true})
         );
     }
 
@@ -825,7 +838,8 @@ mod tests {
         let d = FakeDaemon::start(|_| {
             let mut v = snapshot_json("b1", "full", "writing");
             v["branched_from"] = "sb-1".into();
-            v["pause_ms"] = 1.5.into();
+            v["pause_ms"] = 2.into();
+            v["pause_us"] = 1500.into();
             (202, v.to_string())
         });
         let a = SnapshotArgs {
@@ -1007,10 +1021,11 @@ mod tests {
     fn snapshot_info_reads_the_chain() {
         let d: SnapshotDetail = serde_json::from_value(serde_json::json!({
             "tag": "b2", "dir": "/s/b2", "created_at_unix": 100, "status": "ready", "bootable": true,
-            "kind": "diff", "guest": "builtin", "branched_from": "sb-1", "pause_ms": 2.25,
+            "kind": "diff", "guest": "builtin", "branched_from": "sb-1", "pause_ms": 2,
+            "pause_us": 2250,
             "memory_logical_bytes": 134217728u64, "memory_physical_bytes": 4096,
             "vmstate_bytes": 2048, "parent_tag": "b1", "parent_content_hash": "abc",
-            "chain_depth": 2, "ancestors": ["b1", "base"], "dependents": [], "network": true
+            "chain_depth": 2, "ancestors": ["base", "b1"], "dependents": [], "network": true
         }))
         .unwrap();
         let t = detail_text(&d, 160);
@@ -1021,7 +1036,7 @@ mod tests {
         );
         assert!(t.contains("branched from  sb-1, paused 2.25 ms\n"), "{t}");
         assert!(t.contains("parent         b1 (content hash abc)\n"), "{t}");
-        assert!(t.contains("chain depth    2 (b1 <- base)\n"), "{t}");
+        assert!(t.contains("chain depth    2 (base -> b1)\n"), "{t}");
         assert!(t.contains("created        1m ago (unix 100)\n"), "{t}");
         assert!(
             t.contains("network        an interface, the guest at 172.16.0.2;"),

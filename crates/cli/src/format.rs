@@ -270,6 +270,10 @@ mod tests {
             created_at_unix: at,
             branched_from: None,
             pause_ms: None,
+            pause_us: None,
+            diff_ms: None,
+            diff_physical_bytes: None,
+            diff_logical_bytes: None,
             status,
             bootable: status == SnapshotStatus::Ready,
             warning: None,
@@ -277,6 +281,7 @@ mod tests {
             guest: None,
             mem_mib: None,
             network: false,
+            tap: None,
         }
     }
 
@@ -305,7 +310,7 @@ mod tests {
             created_at_unix: 95,
             pid: 4242,
             memory_limit_mib: Some(256),
-            live_fork: false,
+            ..SandboxInfo::default()
         };
         assert_eq!(
             sandbox_table(&[sb], 100),

@@ -308,9 +308,7 @@ fn run_against(
     let spawn = SpawnRequest {
         snapshot_tag: info.tag.clone(),
         n: a.n,
-        per_child_netns: None,
-        memory_limit_mib: None,
-        live_fork: None,
+        ..SpawnRequest::default()
     };
     let ping_wait = Duration::from_secs(if a.image { 120 } else { 30 });
     let fork = spawn_ping_kill(client, &spawn, ping_wait, show_progress)?;

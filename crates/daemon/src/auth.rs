@@ -23,6 +23,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The token is a placeholder from an example configuration.
+    #[error("the token is the placeholder {0:?} from an example configuration: put a secret there (e.g. `head -c 24 /dev/urandom | base64`)")]
+    Placeholder(&'static str),
     /// The token is too short to be a secret.
     #[error("the token has {len} characters; use at least {MIN_TOKEN_LEN} (e.g. `head -c 24 /dev/urandom | base64`)")]
     TooShort {
@@ -50,6 +53,10 @@ pub struct Auth {
 /// it looks like protection.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// Tokens refused whatever their length: the placeholders example
+/// configurations ship (upstream's k8s manifest has `REPLACE_ME...`).
+pub const PLACEHOLDERS: [&str; 2] = ["REPLACE_ME", "CHANGE_ME"];
+
 impl Auth {
     /// Reads the token file.
     pub fn from_file(path: &Path) -> Result<Auth, Error> {
@@ -66,6 +73,9 @@ impl Auth {
 
     /// A token given directly.
     pub fn new(token: &str) -> Result<Auth, Error> {
+        if let Some(p) = PLACEHOLDERS.iter().find(|p| token.starts_with(**p)) {
+            return Err(Error::Placeholder(p));
+        }
         if token.len() < MIN_TOKEN_LEN {
             return Err(Error::TooShort { len: token.len() });
         }
@@ -110,6 +120,17 @@ mod tests {
         assert!(!auth.check(None));
         assert!(auth.id().starts_with("tok-") && auth.id().len() == 12);
         assert!(!auth.id().contains("s3cret"));
+    }
+
+    #[test]
+    fn placeholder_tokens_are_refused_at_any_length() {
+        for t in [
+            "REPLACE_ME_WITH_A_LONG_SECRET_0123",
+            "CHANGE_ME-0123456789abcdef",
+        ] {
+            assert!(matches!(Auth::new(t), Err(Error::Placeholder(_))), "{t}");
+        }
+        assert!(Auth::new("my-REPLACE_ME-0123456789").is_ok());
     }
 
     #[test]

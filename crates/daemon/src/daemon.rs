@@ -29,15 +29,24 @@ pub struct Paths {
 }
 
 impl Paths {
-    /// The layout under `state` (created).
-    pub fn create(state: &Path) -> Result<Paths, StartError> {
+    /// The layout under `state` (created), snapshots under
+    /// `snapshot_root` when given.
+    pub fn create(state: &Path, snapshot_root: Option<&Path>) -> Result<Paths, StartError> {
         let state = std::path::absolute(state).map_err(|source| StartError::Io {
             what: "cannot resolve the state directory",
             path: state.to_owned(),
             source,
         })?;
+        let snapshots = match snapshot_root {
+            Some(root) => std::path::absolute(root).map_err(|source| StartError::Io {
+                what: "cannot resolve the snapshot root",
+                path: root.to_owned(),
+                source,
+            })?,
+            None => state.join("snapshots"),
+        };
         let paths = Paths {
-            snapshots: state.join("snapshots"),
+            snapshots,
             sandboxes: state.join("sandboxes"),
             run: state.join("run"),
             state,
@@ -64,6 +73,8 @@ pub struct Options {
     pub vmm: Vmm,
     /// The state directory.
     pub state_dir: PathBuf,
+    /// Where snapshots live, when not `<state_dir>/snapshots`.
+    pub snapshot_root: Option<PathBuf>,
     /// The token, when auth is on.
     pub auth: Option<Auth>,
     /// The audit log, when configured.
@@ -122,13 +133,17 @@ impl Daemon {
     /// Opens the state directory and store (no re-adoption yet; see
     /// [`Daemon::recover`]).
     pub fn open(opts: Options) -> Result<Daemon, StartError> {
-        let paths = Paths::create(&opts.state_dir)?;
+        let paths = Paths::create(&opts.state_dir, opts.snapshot_root.as_deref())?;
         let store = Store::open(&paths.state.join("forkd.db"))?;
+        let metrics = Metrics::new();
+        metrics
+            .branch_concurrency_cap
+            .set(opts.branch_concurrency as i64);
         Ok(Daemon {
             store,
             vmm: opts.vmm,
             paths,
-            metrics: Metrics::new(),
+            metrics,
             auth: opts.auth,
             audit: opts.audit,
             cgroups: Hierarchy::detect(),

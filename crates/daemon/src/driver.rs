@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use agent_client::{Client, ClientConfig, Target};
 use proto::agent::{Pong, DEFAULT_VSOCK_PORT};
-use proto::control::{ControlClient, ControlRequest, ControlResponse, ForkResponse, ForkedChild};
+use proto::control::{
+    ControlClient, ControlRequest, ControlResponse, ForkRequest, ForkResponse, ForkedChild,
+};
 
 use crate::procs;
 
@@ -202,6 +204,17 @@ impl std::fmt::Display for BootError {
     }
 }
 
+/// Where a source VM's network interface goes.
+#[derive(Clone, Copy, Debug)]
+pub enum GuestLink<'a> {
+    /// forkd's tap ([`crate::netns::TAP`]) in this network namespace; a
+    /// Linux guest's agent configures the guest's side.
+    Namespace(&'a str),
+    /// A host tap the caller made, in the daemon's namespace; the guest's
+    /// side is the guest's own business (its image or kernel arguments).
+    HostTap(&'a str),
+}
+
 /// A VM booted to be snapshotted, in its own directory.
 pub struct SourceVm {
     child: Child,
@@ -211,16 +224,15 @@ pub struct SourceVm {
 }
 
 impl SourceVm {
-    /// Boots `guest` with `mem_mib` and `vcpus` in `dir` (created); with
-    /// `netns`, a network interface on that namespace's tap
-    /// ([`crate::netns`]), which a Linux guest's agent configures.
+    /// Boots `guest` with `mem_mib` and `vcpus` in `dir` (created), with a
+    /// network interface on `link` when given.
     pub fn boot(
         vmm: &Vmm,
         guest: &SourceGuest,
         mem_mib: u64,
         vcpus: u8,
         dir: &Path,
-        netns: Option<&str>,
+        link: Option<GuestLink<'_>>,
     ) -> Result<SourceVm, Error> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Create {
             path: dir.to_owned(),
@@ -245,9 +257,17 @@ impl SourceVm {
             .arg(&vsock_socket)
             .arg("--console")
             .arg(dir.join("console.log"));
-        if let Some(ns) = netns {
-            cmd.args(["--tap", crate::netns::TAP, "--netns", ns])
-                .args(["--mac", crate::netns::GUEST_MAC]);
+        match link {
+            Some(GuestLink::Namespace(ns)) => {
+                cmd.args(["--tap", crate::netns::TAP, "--netns", ns]);
+            }
+            Some(GuestLink::HostTap(tap)) => {
+                cmd.args(["--tap", tap]);
+            }
+            None => {}
+        }
+        if link.is_some() {
+            cmd.args(["--mac", crate::netns::GUEST_MAC]);
         }
         match guest {
             SourceGuest::Builtin => {
@@ -263,7 +283,7 @@ impl SourceVm {
                     "console=ttyS0 reboot=k panic=-1 root=/dev/vda {} rootfstype=ext4",
                     if *rw { "rw" } else { "ro" }
                 );
-                if netns.is_some() {
+                if let Some(GuestLink::Namespace(_)) = link {
                     cmdline.push(' ');
                     cmdline.push_str(&crate::netns::guest_kernel_arg());
                 }
@@ -354,6 +374,7 @@ impl SourceVm {
             leave_paused: true,
             mode: Default::default(),
             wait: true,
+            measure_diff: false,
         };
         match control(&self.control_socket, &request, Duration::from_secs(600))? {
             ControlResponse::Snapshot { meta, .. } => Ok(*meta),
@@ -487,23 +508,15 @@ impl ForkServer {
         procs::alive(self.pid, self.ticks)
     }
 
-    /// Forks `n` children into `out_dir/<i>/`, child `i` with its network
-    /// interface in namespace `netns[i]` when given.
-    pub fn fork(
-        &self,
-        n: u32,
-        out_dir: &Path,
-        paused: bool,
-        memfd: bool,
-        netns: &[String],
-    ) -> Result<Vec<ForkedChild>, Error> {
-        let request = proto::control::ForkRequest::Fork {
-            n,
-            out_dir: out_dir.to_owned(),
-            paused,
-            console_log: true,
-            memfd,
-            netns: netns.to_vec(),
+    /// Sends `request` (a [`ForkRequest::Fork`] of `n` children into
+    /// `out_dir/<i>/`, child `i` with its network interface in namespace
+    /// `netns[i]` when given) and returns the children.
+    pub fn fork(&self, request: &ForkRequest) -> Result<Vec<ForkedChild>, Error> {
+        let ForkRequest::Fork { n, .. } = *request else {
+            return Err(Error::Unexpected {
+                what: "fork",
+                answer: "a request that is not a fork".into(),
+            });
         };
         let unreachable = |source| Error::Unreachable {
             what: "fork server",
@@ -520,7 +533,7 @@ impl ForkServer {
             .set_read_timeout(Some(FORK_BATCH))
             .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
             .map_err(unreachable)?;
-        let mut line = serde_json::to_vec(&request).expect("a fork request serialises");
+        let mut line = serde_json::to_vec(request).expect("a fork request serialises");
         line.push(b'\n');
         (&stream)
             .write_all(&line)

@@ -30,6 +30,8 @@ pub enum Kind {
     UnsupportedMediaType,
     /// 422: well formed, but the VMM refused it for this sandbox.
     Refused,
+    /// 422: well-formed JSON with a field missing or of the wrong type.
+    InvalidBody,
     /// 500: the daemon or a VMM failed.
     Internal,
     /// 502: the guest or its VMM answered wrongly, or went away.
@@ -51,7 +53,7 @@ impl Kind {
             Kind::Conflict => StatusCode::CONFLICT,
             Kind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Kind::Refused => StatusCode::UNPROCESSABLE_ENTITY,
+            Kind::Refused | Kind::InvalidBody => StatusCode::UNPROCESSABLE_ENTITY,
             Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Kind::BadGateway => StatusCode::BAD_GATEWAY,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

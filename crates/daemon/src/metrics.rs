@@ -15,6 +15,8 @@ pub struct Metrics {
     pub sandboxes: Gauge,
     /// Branches whose snapshot is being written.
     pub branches_in_flight: Gauge,
+    /// Branches that may be written at once (`--branch-concurrency`).
+    pub branch_concurrency_cap: Gauge,
     /// Network namespaces made ahead and ready for a spawn (set at scrape
     /// time; `serve --netns-pool`).
     pub netns_pool_ready: Gauge,
@@ -35,6 +37,7 @@ impl Metrics {
         let snapshots = Gauge::default();
         let sandboxes = Gauge::default();
         let branches_in_flight = Gauge::default();
+        let branch_concurrency_cap = Gauge::default();
         let netns_pool_ready = Gauge::default();
         let build_info = Family::<Vec<(String, String)>, Gauge>::default();
         // From 100 us to about 100 s, a factor of 2 apart.
@@ -57,6 +60,11 @@ impl Metrics {
             "forkd_branches_in_flight",
             "Branches whose snapshot is being written",
             branches_in_flight.clone(),
+        );
+        registry.register(
+            "forkd_branch_concurrency_cap",
+            "Branches that may be written at once (--branch-concurrency)",
+            branch_concurrency_cap.clone(),
         );
         registry.register(
             "forkd_netns_pool_ready",
@@ -99,6 +107,7 @@ impl Metrics {
             snapshots,
             sandboxes,
             branches_in_flight,
+            branch_concurrency_cap,
             netns_pool_ready,
             spawn_seconds,
             spawn_child_seconds,

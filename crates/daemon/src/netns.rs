@@ -47,21 +47,84 @@ pub fn guest_kernel_arg() -> String {
     format!("forkd.net={GUEST_ADDR}/{NET_PREFIX},{HOST_ADDR}")
 }
 
-/// Makes namespace `name` with loopback up and the tap [`TAP`] holding the
-/// host side of the guest's link, up; recorded in `store` first, so a
-/// restart after a crash finds it ([`remove_orphans`]). A half-made
-/// namespace is removed.
+/// The host side of a guest's link, as every child's namespace repeats
+/// it: the tap's name (the one the snapshot records), its MAC (in the
+/// guest's ARP cache) and its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapSpec {
+    /// Its name.
+    pub name: String,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Its IPv4 address and prefix length, if it has one.
+    pub addr: Option<(Ipv4Addr, u8)>,
+}
+
+impl TapSpec {
+    /// forkd's own link: [`TAP`], [`HOST_MAC`], [`HOST_ADDR`].
+    pub fn forkd() -> TapSpec {
+        TapSpec {
+            name: TAP.to_owned(),
+            mac: HOST_MAC,
+            addr: Some((HOST_ADDR.parse().expect("a valid constant"), NET_PREFIX)),
+        }
+    }
+
+    /// The host tap `name` in the daemon's namespace, as it is now (a
+    /// snapshot made on it records this).
+    pub fn of_host_tap(name: &str) -> std::io::Result<TapSpec> {
+        netif::check_ifname(name)?;
+        Ok(TapSpec {
+            name: name.to_owned(),
+            mac: netif::iface::mac(name)?,
+            addr: netif::iface::ipv4(name)?,
+        })
+    }
+
+    /// The address as `a.b.c.d/p` (what the store keeps).
+    pub fn addr_text(&self) -> Option<String> {
+        self.addr.map(|(a, p)| format!("{a}/{p}"))
+    }
+
+    /// From the store's columns; `None` when they do not parse.
+    pub fn from_columns(name: &str, mac: &str, addr: Option<&str>) -> Option<TapSpec> {
+        let mac = proto::snapshot::parse_mac(mac)?;
+        let addr = match addr {
+            None => None,
+            Some(text) => {
+                let (a, p) = text.split_once('/')?;
+                Some((a.parse().ok()?, p.parse().ok().filter(|p| *p <= 32)?))
+            }
+        };
+        Some(TapSpec {
+            name: name.to_owned(),
+            mac,
+            addr,
+        })
+    }
+}
+
+/// Makes namespace `name` with loopback up and forkd's tap ([`TAP`])
+/// holding the host side of the guest's link, up (see [`create_with`]).
 pub fn create(store: &Store, name: &str) -> Result<(), Error> {
+    create_with(store, name, &TapSpec::forkd())
+}
+
+/// Makes namespace `name` with loopback up and the tap `tap` describes,
+/// up; recorded in `store` first, so a restart after a crash finds it
+/// ([`remove_orphans`]). A half-made namespace is removed.
+pub fn create_with(store: &Store, name: &str, tap: &TapSpec) -> Result<(), Error> {
     if !store.add_netns(name)? {
         return Err(Error::Taken(name.to_owned()));
     }
-    let host: Ipv4Addr = HOST_ADDR.parse().expect("a valid constant");
     let made = netif::netns::create(name, || {
         netif::iface::set_up("lo")?;
-        netif::tun::create_persistent_tap(TAP)?;
-        netif::iface::set_mac(TAP, HOST_MAC)?;
-        netif::iface::set_ipv4(TAP, host, NET_PREFIX)?;
-        netif::iface::set_up(TAP)
+        netif::tun::create_persistent_tap(&tap.name)?;
+        netif::iface::set_mac(&tap.name, tap.mac)?;
+        if let Some((addr, prefix)) = tap.addr {
+            netif::iface::set_ipv4(&tap.name, addr, prefix)?;
+        }
+        netif::iface::set_up(&tap.name)
     })
     .map_err(|source| Error::Make {
         name: name.to_owned(),
@@ -115,9 +178,16 @@ impl<'a> Namespaces<'a> {
         self.names.extend(names);
     }
 
-    /// Creates `name`, removed with the rest if this set is dropped.
+    /// Creates `name` with forkd's tap, removed with the rest if this set
+    /// is dropped.
     pub fn add(&mut self, name: String) -> Result<(), Error> {
-        create(self.store, &name)?;
+        self.add_with(name, &TapSpec::forkd())
+    }
+
+    /// Creates `name` with the tap `tap` describes, removed with the rest
+    /// if this set is dropped.
+    pub fn add_with(&mut self, name: String, tap: &TapSpec) -> Result<(), Error> {
+        create_with(self.store, &name, tap)?;
         self.names.push(name);
         Ok(())
     }

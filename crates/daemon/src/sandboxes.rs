@@ -15,7 +15,7 @@ use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
 use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult, Kind, StartError};
-use crate::store::SandboxRow;
+use crate::store::{SandboxRow, SnapshotRow};
 use crate::util::{now_unix, random_hex};
 use crate::{driver, netns, procs, validate};
 
@@ -40,12 +40,10 @@ impl Daemon {
         let started = Instant::now();
         validate::spawn_request(&req, self.cgroups.is_some())?;
         let snap = self.existing_snapshot(&req.snapshot_tag)?;
-        let per_child_netns = validate::spawn_from(&req, &snap.info)?;
+        let plan = validate::spawn_from(&req, &snap.info)?;
+        let per_child_netns = plan.per_child_netns;
         let this = self.clone();
-        let rows = tokio::task::spawn_blocking(move || {
-            this.fork_children(&req, &snap.info, per_child_netns)
-        })
-        .await;
+        let rows = tokio::task::spawn_blocking(move || this.fork_children(&req, &snap, plan)).await;
         if per_child_netns {
             self.refill_netns_pool();
         }
@@ -60,30 +58,65 @@ impl Daemon {
     }
 
     /// Forks the children, each in a network namespace of its own when
-    /// asked, and confines them (blocking).
+    /// the plan says, on huge pages when asked and the host has them, and
+    /// confines them (blocking).
     fn fork_children(
         &self,
         req: &SpawnRequest,
-        snap: &SnapshotInfo,
-        per_child_netns: bool,
+        row: &SnapshotRow,
+        plan: validate::SpawnPlan,
     ) -> ApiResult<Vec<SandboxRow>> {
+        let snap = &row.info;
+        let validate::SpawnPlan {
+            per_child_netns,
+            warning,
+        } = plan;
+        let mem_mib = snap.mem_mib.unwrap_or(0);
+        let (huge_pages, huge_warning) =
+            validate::huge_pages(req, mem_mib, crate::util::free_huge_pages());
+        let warning = match (warning, huge_warning) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
         let server = self.fork_server(&snap.tag, Path::new(&snap.dir))?;
         let batch = random_hex(4);
         // Removed again if the fork fails; the sandboxes own them after.
         let mut namespaces = netns::Namespaces::new(&self.store);
         if per_child_netns {
-            // Made ahead first (--netns-pool), the rest now.
-            namespaces.adopt(self.netns_pool.take(req.n as usize));
+            // A snapshot made on a host tap: each namespace repeats it.
+            // Otherwise forkd's own link, made ahead first (--netns-pool).
+            let tap = match &snap.tap {
+                Some(name) => crate::snapshots::tap_of(row).ok_or_else(|| {
+                    ApiError::internal(format!(
+                        "snapshot {:?} was made on tap {name:?} but its record of that tap is unreadable",
+                        snap.tag
+                    ))
+                })?,
+                None => {
+                    namespaces.adopt(self.netns_pool.take(req.n as usize));
+                    netns::TapSpec::forkd()
+                }
+            };
             for i in namespaces.names().len() as u32..req.n {
-                namespaces.add(format!("forkd-{batch}-{i}"))?;
+                namespaces.add_with(format!("forkd-{batch}-{i}"), &tap)?;
             }
         }
         let out_dir = self.paths.sandboxes.join(&batch);
-        let live_fork = req.live_fork.unwrap_or(false);
+        // Huge pages are a memfd's: such a child can be live-branched too.
+        let live_fork = req.live_fork.unwrap_or(false) || huge_pages;
         // A capped child starts paused and runs only once it is in its group.
         let paused = req.memory_limit_mib.is_some();
         let children = server
-            .fork(req.n, &out_dir, paused, live_fork, namespaces.names())
+            .fork(&proto::control::ForkRequest::Fork {
+                n: req.n,
+                out_dir: out_dir.clone(),
+                paused,
+                console_log: true,
+                memfd: live_fork,
+                netns: namespaces.names().to_vec(),
+                huge_pages,
+                prewarm: req.prewarm.unwrap_or(false),
+            })
             .map_err(|e| ApiError::from(e).with_context("fork failed"))?;
         let now = now_unix();
         let mut rows = Vec::with_capacity(children.len());
@@ -102,6 +135,9 @@ impl Daemon {
                     pid: child.pid,
                     memory_limit_mib: req.memory_limit_mib,
                     live_fork,
+                    hugepages: huge_pages,
+                    warning: warning.clone(),
+                    ..SandboxInfo::default()
                 },
                 base_tag: snap.tag.clone(),
                 dir: child.dir,
@@ -315,25 +351,40 @@ impl Daemon {
     }
 
     /// `POST /v1/sandboxes/:id/branch`.
+    ///
+    /// Checked in upstream's order: the body (400), the tag (400), a free
+    /// branch slot (503), the tag not taken (409), and only then the
+    /// sandbox (404, or 409 when its VMM has ended) and what the body asks
+    /// of it (400).
     pub async fn branch(self: &Arc<Self>, id: &str, req: BranchRequest) -> ApiResult<Branched> {
         let started = Instant::now();
-        let sandbox = self.running_sandbox(id)?;
-        if let Some(parent) = &req.parent_tag {
-            self.existing_snapshot(parent)?;
-        }
-        let validate::BranchPlan { mode, wait } =
-            validate::branch(&req, id, &sandbox.base_tag, sandbox.info.live_fork)?;
+        let plan = validate::branch_body(&req)?;
+        let validate::BranchPlan {
+            mode,
+            wait,
+            measure_diff,
+        } = plan;
         let tag = req
             .tag
             .clone()
             .unwrap_or_else(|| format!("{id}-{}", random_hex(3)));
-        let claim = self.claim_tag(&tag)?;
+        if !proto::api::valid_tag(&tag) {
+            return Err(ApiError::bad_request(format!(
+                "tag {tag:?} is not valid: use 1 to 64 of A-Z a-z 0-9 _ -"
+            )));
+        }
         let permit = self.branch_slots.clone().try_acquire_owned().map_err(|_| {
             ApiError::unavailable(format!(
                 "{} branches are being written (the daemon's --branch-concurrency); retry when one ends",
                 self.branch_concurrency
             ))
         })?;
+        let claim = self.claim_tag(&tag)?;
+        let sandbox = self.running_sandbox(id)?;
+        if let Some(parent) = &req.parent_tag {
+            self.existing_snapshot(parent)?;
+        }
+        validate::branch_of(&plan, &req, id, &sandbox.base_tag, sandbox.info.live_fork)?;
         self.metrics.branches_in_flight.inc();
         let in_flight = scopeguard(self.clone());
         let dir = self.paths.snapshot(&tag);
@@ -346,14 +397,15 @@ impl Daemon {
                 BranchMode::Live => SnapshotMode::Live,
             },
             wait,
+            measure_diff,
         };
         let socket = sandbox.control_socket.clone();
         let answer = tokio::task::spawn_blocking(move || {
             driver::control(&socket, &request, Duration::from_secs(1800))
         })
         .await??;
-        let pause_ms = match answer {
-            ControlResponse::Snapshot { pause_ms, .. } => pause_ms,
+        let (pause_ms, diff) = match answer {
+            ControlResponse::Snapshot { pause_ms, diff, .. } => (pause_ms, diff),
             ControlResponse::Error { message } => {
                 return Err(ApiError::new(
                     Kind::Refused,
@@ -366,7 +418,14 @@ impl Daemon {
                 )))
             }
         };
-        let mut row = self.row_from_dir(&tag, &dir, Some(id), pause_ms)?;
+        let mut row = self.row_from_dir(&tag, &dir, Some(id), pause_ms, diff)?;
+        // A branch of a child of a host-tap snapshot records that tap too.
+        for from in [&sandbox.base_tag, &sandbox.info.snapshot_tag] {
+            if let Some(src) = self.store.snapshot(from)?.filter(|s| s.info.tap.is_some()) {
+                crate::snapshots::inherit_tap(&mut row, &src);
+                break;
+            }
+        }
         if let Some(ms) = pause_ms {
             self.metrics.branch_pause_seconds.observe(ms / 1000.0);
         }
@@ -375,7 +434,12 @@ impl Daemon {
             row.source_pid = Some(sandbox.info.pid);
         }
         self.store.insert_snapshot(&row)?;
-        self.store.set_sandbox_base(id, &tag)?;
+        let memory = match row.info.kind.as_deref() {
+            Some("diff") => proto::snapshot::DIFF_FILE,
+            _ => proto::snapshot::MEMORY_FILE,
+        };
+        self.store
+            .record_branch(id, &tag, &dir.join(memory).to_string_lossy())?;
         drop(claim);
         self.metrics
             .branch_seconds

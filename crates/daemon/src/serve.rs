@@ -14,30 +14,50 @@ use crate::daemon::{Daemon, Options};
 use crate::driver::Vmm;
 use crate::error::StartError;
 
-/// `forkd-daemon serve` options.
+/// `forkd-daemon serve` options. Each of upstream's options also reads
+/// upstream's environment variable (a flag given wins).
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on. A non-loopback address needs --token-file.
-    #[arg(long, default_value = proto::api::DEFAULT_BIND)]
+    #[arg(long, env = "FORKD_BIND", default_value = proto::api::DEFAULT_BIND)]
     pub bind: SocketAddr,
-    /// Where the database, snapshots and sandboxes live.
-    #[arg(long, default_value = "/var/lib/forkd")]
+    /// Where the database, snapshots and sandboxes live. Upstream's
+    /// `--state FILE.json` (its registry file) names the directory that
+    /// holds it.
+    #[arg(
+        long,
+        visible_alias = "state",
+        env = "FORKD_STATE",
+        default_value = "/var/lib/forkd",
+        value_parser = state_dir
+    )]
     pub state_dir: PathBuf,
+    /// Where snapshots live (default: STATE_DIR/snapshots). On the same
+    /// file system as the state directory: a snapshot links its sandbox's
+    /// disk layers.
+    #[arg(long, env = "FORKD_SNAPSHOT_ROOT")]
+    pub snapshot_root: Option<PathBuf>,
     /// A file whose first line is the bearer token every route but
-    /// /healthz requires.
-    #[arg(long)]
+    /// /healthz requires (at least 16 bytes, not a placeholder).
+    #[arg(long, env = "FORKD_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// TLS certificate chain (PEM); serve HTTPS.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "FORKD_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "FORKD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Append a JSON line per request to this file.
-    #[arg(long)]
+    /// Append a JSON line per request to this file (its directory is
+    /// made).
+    #[arg(long, env = "FORKD_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
     /// Most branches writing at once; more answer 503.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(
+        long,
+        env = "FORKD_BRANCH_CONCURRENCY",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=256)
+    )]
     pub branch_concurrency: u32,
     /// The forkd-vmm binary (default: next to forkd-daemon, else on PATH).
     #[arg(long)]
@@ -81,6 +101,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     let daemon = Arc::new(Daemon::open(Options {
         vmm,
         state_dir: args.state_dir.clone(),
+        snapshot_root: args.snapshot_root.clone(),
         auth,
         audit,
         branch_concurrency: args.branch_concurrency as usize,
@@ -159,6 +180,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// `--state-dir`: a directory, or upstream's registry file (`*.json`),
+/// which stands for the directory holding it.
+fn state_dir(arg: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(arg);
+    if path.extension().is_some_and(|e| e == "json") && !path.is_dir() {
+        return match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => Ok(dir.to_owned()),
+            _ => Ok(PathBuf::from(".")),
+        };
+    }
+    Ok(path)
+}
+
 /// What the daemon's "serving" line says before its URL.
 const SERVING: &str = "serving the v1 API on ";
 
@@ -173,6 +207,19 @@ pub fn served_url(log: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstreams_state_file_names_its_directory() {
+        assert_eq!(
+            state_dir("/var/lib/forkd/state.json").unwrap(),
+            PathBuf::from("/var/lib/forkd")
+        );
+        assert_eq!(state_dir("state.json").unwrap(), PathBuf::from("."));
+        assert_eq!(
+            state_dir("/srv/forkd").unwrap(),
+            PathBuf::from("/srv/forkd")
+        );
+    }
 
     #[test]
     fn the_url_is_read_only_from_a_whole_line() {

@@ -7,19 +7,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::api::{CreateSnapshot, SnapshotDetail, SnapshotInfo, SnapshotStatus};
+use proto::api::{
+    CreateSnapshot, SnapshotDetail, SnapshotInfo, SnapshotStatus, DEFAULT_BOOT_WAIT_SECS,
+    MAX_BOOT_WAIT_SECS,
+};
 use proto::snapshot::{SnapshotKind, SnapshotMeta};
 
 use crate::daemon::Daemon;
-use crate::driver::{SourceGuest, SourceVm};
+use crate::driver::{GuestLink, SourceGuest, SourceVm};
 use crate::error::{ApiError, ApiResult};
+use crate::netns::TapSpec;
 use crate::store::SnapshotRow;
 use crate::util::random_hex;
 
 /// Guest RAM bounds a snapshot request may ask for.
 const MEM_MIB: std::ops::RangeInclusive<u64> = 16..=65536;
-/// Longest boot wait.
-const MAX_BOOT_WAIT_SECS: u64 = 3600;
 
 /// What a snapshot request asks to boot, checked.
 struct Plan {
@@ -28,6 +30,8 @@ struct Plan {
     vcpus: u8,
     boot_wait: Duration,
     network: bool,
+    /// The host tap the guest's interface goes on (`tap`).
+    tap: Option<String>,
 }
 
 fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
@@ -72,11 +76,25 @@ fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
     if vcpus == 0 {
         return Err(ApiError::bad_request("vcpus must be at least 1"));
     }
-    let wait = req.boot_wait_secs.unwrap_or(60);
-    if !(1..=MAX_BOOT_WAIT_SECS).contains(&wait) {
+    // Upstream slept this long and then snapshotted; here it bounds the
+    // wait for the agent, which ends as soon as the agent answers. Its
+    // 0 ("no sleep") is the default wait.
+    let wait = match req.boot_wait_secs {
+        None | Some(0) => DEFAULT_BOOT_WAIT_SECS,
+        Some(secs) => secs,
+    };
+    if wait > MAX_BOOT_WAIT_SECS {
         return Err(ApiError::bad_request(format!(
-            "boot_wait_secs {wait} is out of range: 1 to {MAX_BOOT_WAIT_SECS}"
+            "boot_wait_secs {wait} is out of range: 0 to {MAX_BOOT_WAIT_SECS}"
         )));
+    }
+    if let Some(tap) = &req.tap {
+        if req.network {
+            return Err(ApiError::bad_request(
+                "give network (a link forkd makes) or tap (one you made), not both",
+            ));
+        }
+        netif::check_ifname(tap).map_err(|e| ApiError::bad_request(format!("tap {tap:?}: {e}")))?;
     }
     Ok(Plan {
         guest,
@@ -84,6 +102,7 @@ fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
         vcpus,
         boot_wait: Duration::from_secs(wait),
         network: req.network,
+        tap: req.tap.clone(),
     })
 }
 
@@ -92,6 +111,14 @@ impl Daemon {
     /// answer, snapshots it and ends it.
     pub async fn create_snapshot(self: &Arc<Self>, req: CreateSnapshot) -> ApiResult<SnapshotInfo> {
         let plan = plan(&req)?;
+        // Upstream answers 400 for a create onto an existing tag (branch
+        // and compact answer 409, as claim_tag does).
+        if proto::api::valid_tag(&req.tag) && self.store.snapshot(&req.tag)?.is_some() {
+            return Err(ApiError::bad_request(format!(
+                "snapshot {:?} exists; delete it first or pick another tag",
+                req.tag
+            )));
+        }
         let claim = self.claim_tag(&req.tag)?;
         let this = self.clone();
         let tag = req.tag.clone();
@@ -102,25 +129,45 @@ impl Daemon {
                 .join(format!("build-{tag}-{}", random_hex(4)));
             let dst = this.paths.snapshot(&tag);
             let result = (|| {
+                // The host tap as it is now: what every child's namespace
+                // repeats.
+                let host_tap = match &plan.tap {
+                    Some(name) => Some(TapSpec::of_host_tap(name).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "tap {name:?}: {e} (make it first, e.g. `ip tuntap add mode tap name {name}`, and give it an address)"
+                        ))
+                    })?),
+                    None => None,
+                };
                 // The source VM's namespace goes when it does (the guard
                 // is dropped after the VM).
                 let mut netns = crate::netns::Namespaces::new(&this.store);
                 if plan.network {
                     netns.add(format!("forkd-b-{}", random_hex(4)))?;
                 }
+                let link = match (&plan.tap, netns.names().first()) {
+                    (Some(tap), _) => Some(GuestLink::HostTap(tap)),
+                    (None, Some(ns)) => Some(GuestLink::Namespace(ns)),
+                    (None, None) => None,
+                };
                 let mut vm = SourceVm::boot(
                     &this.vmm,
                     &plan.guest,
                     plan.mem_mib,
                     plan.vcpus,
                     &build,
-                    netns.names().first().map(String::as_str),
+                    link,
                 )?;
                 let pong = vm.wait_for_agent(plan.boot_wait).map_err(ApiError::from)?;
                 tracing::info!(tag, guest = pong.guest, "agent answered; snapshotting");
                 vm.snapshot(&dst)?;
                 drop(vm);
-                let mut row = this.row_from_dir(&tag, &dst, None, None)?;
+                let mut row = this.row_from_dir(&tag, &dst, None, None, None)?;
+                if let Some(tap) = host_tap {
+                    row.info.tap = Some(tap.name.clone());
+                    row.tap_mac = Some(proto::snapshot::format_mac(&tap.mac));
+                    row.tap_addr = tap.addr_text();
+                }
                 row.info.warning = pong.interpreter_error.map(|e| {
                     format!(
                         "the guest's warm interpreter failed to start, so eval will not work: {e}"
@@ -149,6 +196,7 @@ impl Daemon {
         dir: &Path,
         branched_from: Option<&str>,
         pause_ms: Option<f64>,
+        diff: Option<proto::control::DiffCost>,
     ) -> ApiResult<SnapshotRow> {
         let meta = proto::snapshot::read_meta(dir).map_err(|e| {
             ApiError::internal(format!("the new snapshot's metadata is unreadable: {e}"))
@@ -161,7 +209,11 @@ impl Daemon {
                 dir: dir.to_string_lossy().into_owned(),
                 created_at_unix: meta.created_at_unix,
                 branched_from: branched_from.map(str::to_owned),
-                pause_ms,
+                pause_ms: pause_ms.map(|ms| ms.round().max(0.0) as u64),
+                pause_us: pause_ms.map(|ms| (ms * 1000.0).round().max(0.0) as u64),
+                diff_ms: diff.map(|d| d.write_us.div_ceil(1000)),
+                diff_physical_bytes: diff.map(|d| d.physical_bytes),
+                diff_logical_bytes: diff.map(|d| d.logical_bytes),
                 status,
                 bootable: meta.bootable && status == SnapshotStatus::Ready,
                 warning: None,
@@ -169,11 +221,14 @@ impl Daemon {
                 guest: Some(meta.guest.as_str().into()),
                 mem_mib: Some(meta.mem_mib),
                 network: !meta.nets.is_empty(),
+                tap: None,
             },
             parent_tag,
             parent_content_hash: parent_hash,
             source_pid: None,
             depends_on,
+            tap_mac: None,
+            tap_addr: None,
         })
     }
 
@@ -244,6 +299,8 @@ impl Daemon {
             next = self.store.snapshot(&t)?.and_then(|r| r.parent_tag);
             ancestors.push(t);
         }
+        // Root first, the direct parent last (upstream's order).
+        ancestors.reverse();
         Ok(SnapshotDetail {
             memory_logical_bytes: meta.as_ref().map_or(0, |m| m.memory_bytes),
             memory_physical_bytes: std::fs::metadata(&own_memory).map_or(0, |m| m.blocks() * 512),
@@ -344,6 +401,11 @@ impl Daemon {
 
     /// `POST /v1/snapshots/:tag/compact`: a flat, self-contained copy.
     pub async fn compact(self: &Arc<Self>, tag: &str, to: &str) -> ApiResult<SnapshotInfo> {
+        if to == tag {
+            return Err(ApiError::bad_request(format!(
+                "compact {tag:?} to itself: give another tag for the flat copy"
+            )));
+        }
         let src = self.existing_snapshot(tag)?;
         if src.info.status != SnapshotStatus::Ready {
             return Err(ApiError::conflict(format!(
@@ -371,7 +433,9 @@ impl Daemon {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
-            this.row_from_dir(&to_owned, &dst, None, None)
+            let mut row = this.row_from_dir(&to_owned, &dst, None, None, None)?;
+            inherit_tap(&mut row, &src);
+            Ok(row)
         })
         .await??;
         self.store.insert_snapshot(&row)?;
@@ -381,6 +445,24 @@ impl Daemon {
         }
         Ok(row.info)
     }
+}
+
+/// The host tap a snapshot was made on, as its children's namespaces
+/// repeat it; `None` when it was not made on one (or its record does not
+/// parse).
+pub fn tap_of(row: &SnapshotRow) -> Option<TapSpec> {
+    TapSpec::from_columns(
+        row.info.tap.as_deref()?,
+        row.tap_mac.as_deref()?,
+        row.tap_addr.as_deref(),
+    )
+}
+
+/// `row` (a branch or compaction of `from`) records `from`'s host tap.
+pub fn inherit_tap(row: &mut SnapshotRow, from: &SnapshotRow) {
+    row.info.tap = from.info.tap.clone();
+    row.tap_mac = from.tap_mac.clone();
+    row.tap_addr = from.tap_addr.clone();
 }
 
 #[cfg(test)]
@@ -396,6 +478,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ok.mem_mib, 128);
+        assert_eq!(ok.boot_wait, Duration::from_secs(DEFAULT_BOOT_WAIT_SECS));
+        // Upstream's bounds (0 to 60) are taken; 0 is the default wait.
+        for (secs, wait) in [(0, DEFAULT_BOOT_WAIT_SECS), (10, 10), (60, 60)] {
+            let p = plan(&CreateSnapshot {
+                tag: "t".into(),
+                builtin: true,
+                boot_wait_secs: Some(secs),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(p.boot_wait, Duration::from_secs(wait));
+        }
         for (req, needle) in [
             (
                 CreateSnapshot {
@@ -435,7 +529,7 @@ mod tests {
                 CreateSnapshot {
                     tag: "t".into(),
                     builtin: true,
-                    boot_wait_secs: Some(0),
+                    boot_wait_secs: Some(MAX_BOOT_WAIT_SECS + 1),
                     ..Default::default()
                 },
                 "boot_wait_secs",

@@ -57,6 +57,18 @@ const MIGRATIONS: &[&str] = &[
     // 3: every network namespace the daemon made and has not removed, so a
     // restart finds those a crash left behind.
     "CREATE TABLE netns (name TEXT PRIMARY KEY);",
+    // 4: upstream's answer fields: what a diff cost, a sandbox's branches,
+    // and what a spawn did not give as asked.
+    "ALTER TABLE snapshots ADD COLUMN diff_ms INTEGER;
+    ALTER TABLE snapshots ADD COLUMN diff_physical_bytes INTEGER;
+    ALTER TABLE snapshots ADD COLUMN diff_logical_bytes INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN branch_count INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN last_branch_memory_path TEXT;
+    ALTER TABLE sandboxes ADD COLUMN hugepages INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN warning TEXT;
+    ALTER TABLE snapshots ADD COLUMN tap TEXT;
+    ALTER TABLE snapshots ADD COLUMN tap_mac TEXT;
+    ALTER TABLE snapshots ADD COLUMN tap_addr TEXT;",
 ];
 
 /// What the store could not do.
@@ -91,6 +103,11 @@ pub struct SnapshotRow {
     pub source_pid: Option<i32>,
     /// Every snapshot it needs files of.
     pub depends_on: Vec<String>,
+    /// Made on a host tap (`info.tap`): that tap's MAC and `a.b.c.d/p`
+    /// address, which every child's namespace repeats.
+    pub tap_mac: Option<String>,
+    /// See `tap_mac`.
+    pub tap_addr: Option<String>,
 }
 
 /// A sandbox row.
@@ -161,14 +178,18 @@ impl Store {
         let added = tx.execute(
             "INSERT OR IGNORE INTO snapshots (tag, dir, created_at_unix, branched_from, pause_ms,
                 status, bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash,
-                source_pid, network)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                source_pid, network, diff_ms, diff_physical_bytes, diff_logical_bytes, tap,
+                tap_mac, tap_addr)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18, ?19, ?20, ?21)",
             params![
                 i.tag,
                 i.dir,
                 i.created_at_unix as i64,
                 i.branched_from,
-                i.pause_ms,
+                // Kept in milliseconds with their fraction (the answer has
+                // both the whole milliseconds and the microseconds).
+                i.pause_us.map(|us| us as f64 / 1000.0),
                 i.status.as_str(),
                 i.bootable,
                 i.warning,
@@ -179,6 +200,12 @@ impl Store {
                 row.parent_content_hash,
                 row.source_pid,
                 i.network,
+                i.diff_ms.map(|v| v as i64),
+                i.diff_physical_bytes.map(|v| v as i64),
+                i.diff_logical_bytes.map(|v| v as i64),
+                i.tap,
+                row.tap_mac,
+                row.tap_addr,
             ],
         )? == 1;
         if added {
@@ -287,8 +314,8 @@ impl Store {
             let mut stmt = tx.prepare(
                 "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
                     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
-                    cgroup, live_fork, netns, guest_addr)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                    cgroup, live_fork, netns, guest_addr, hugepages, warning)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?;
             for r in rows {
                 stmt.execute(params![
@@ -306,6 +333,8 @@ impl Store {
                     r.info.live_fork,
                     r.info.netns,
                     r.info.guest_addr,
+                    r.info.hugepages,
+                    r.info.warning,
                 ])?;
             }
         }
@@ -352,11 +381,18 @@ impl Store {
             as u64)
     }
 
-    /// Records the snapshot a sandbox's next diff branch is taken against.
-    pub fn set_sandbox_base(&self, id: &str, base_tag: &str) -> Result<(), StoreError> {
+    /// Records a branch of a sandbox: the snapshot its next diff branch is
+    /// taken against, one more branch, and the branch's memory file.
+    pub fn record_branch(
+        &self,
+        id: &str,
+        base_tag: &str,
+        memory_path: &str,
+    ) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE sandboxes SET base_tag = ?2 WHERE id = ?1",
-            params![id, base_tag],
+            "UPDATE sandboxes SET base_tag = ?2, branch_count = branch_count + 1,
+                last_branch_memory_path = ?3 WHERE id = ?1",
+            params![id, base_tag, memory_path],
         )?;
         Ok(())
     }
@@ -400,7 +436,8 @@ impl Store {
 }
 
 const SNAPSHOT_SELECT: &str = "SELECT tag, dir, created_at_unix, branched_from, pause_ms, status,
-    bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash, source_pid, network
+    bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash, source_pid, network,
+    diff_ms, diff_physical_bytes, diff_logical_bytes, tap, tap_mac, tap_addr
     FROM snapshots";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
@@ -411,13 +448,19 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
         _ => SnapshotStatus::Failed,
     };
     let mem_mib: i64 = r.get(10)?;
+    let pause: Option<f64> = r.get(4)?;
+    let count = |i| Ok::<_, rusqlite::Error>(r.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64));
     Ok(SnapshotRow {
         info: SnapshotInfo {
             tag: r.get(0)?,
             dir: r.get(1)?,
             created_at_unix: r.get::<_, i64>(2)? as u64,
             branched_from: r.get(3)?,
-            pause_ms: r.get(4)?,
+            pause_ms: pause.map(|ms| ms.round().max(0.0) as u64),
+            pause_us: pause.map(|ms| (ms * 1000.0).round().max(0.0) as u64),
+            diff_ms: count(15)?,
+            diff_physical_bytes: count(16)?,
+            diff_logical_bytes: count(17)?,
             status,
             bootable: r.get(6)?,
             warning: r.get(7)?,
@@ -425,11 +468,14 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
             guest: Some(r.get(9)?),
             mem_mib: (mem_mib > 0).then_some(mem_mib as u64),
             network: r.get(14)?,
+            tap: r.get(18)?,
         },
         parent_tag: r.get(11)?,
         parent_content_hash: r.get(12)?,
         source_pid: r.get(13)?,
         depends_on: Vec::new(),
+        tap_mac: r.get(19)?,
+        tap_addr: r.get(20)?,
     })
 }
 
@@ -444,7 +490,7 @@ fn with_deps(conn: &Connection, mut row: SnapshotRow) -> Result<SnapshotRow, Sto
 
 const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_socket,
     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork,
-    netns, guest_addr
+    netns, guest_addr, branch_count, last_branch_memory_path, hugepages, warning
     FROM sandboxes";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
@@ -458,7 +504,12 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
             created_at_unix: r.get::<_, i64>(8)? as u64,
             pid: r.get(6)?,
             memory_limit_mib: r.get::<_, Option<i64>>(9)?.map(|m| m as u64),
+            has_branched: r.get::<_, i64>(14)? > 0,
+            branch_count: r.get::<_, i64>(14)?.clamp(0, u32::MAX as i64) as u32,
+            last_branch_memory_path: r.get(15)?,
             live_fork: r.get(11)?,
+            hugepages: r.get(16)?,
+            warning: r.get(17)?,
         },
         base_tag: r.get(2)?,
         dir: path(r.get(3)?),
@@ -480,7 +531,11 @@ mod tests {
                 dir: format!("/s/{tag}"),
                 created_at_unix: 7,
                 branched_from: None,
-                pause_ms: Some(1.5),
+                pause_ms: Some(2),
+                pause_us: Some(1500),
+                diff_ms: Some(3),
+                diff_physical_bytes: Some(8192),
+                diff_logical_bytes: Some(12288),
                 status: SnapshotStatus::Writing,
                 bootable: false,
                 warning: None,
@@ -488,11 +543,14 @@ mod tests {
                 guest: Some("builtin".into()),
                 mem_mib: Some(128),
                 network: true,
+                tap: Some("tap7".into()),
             },
             parent_tag: deps.first().map(|s| s.to_string()),
             parent_content_hash: None,
             source_pid: Some(42),
             depends_on: deps.iter().map(|s| s.to_string()).collect(),
+            tap_mac: Some("06:00:00:00:00:07".into()),
+            tap_addr: Some("10.9.0.1/24".into()),
         }
     }
 
@@ -555,7 +613,7 @@ mod tests {
                 created_at_unix: 1,
                 pid: 1,
                 memory_limit_mib: None,
-                live_fork: false,
+                ..SandboxInfo::default()
             },
             base_tag: "s".into(),
             dir: "/d".into(),
@@ -617,6 +675,9 @@ mod tests {
                 pid: 99,
                 memory_limit_mib: Some(256),
                 live_fork: true,
+                hugepages: true,
+                warning: Some("w".into()),
+                ..SandboxInfo::default()
             },
             base_tag: "a".into(),
             dir: "/d".into(),
@@ -630,8 +691,18 @@ mod tests {
         let path = dir.join("forkd.db");
         let store = Store::open(&path).unwrap();
         assert_eq!(store.sandbox("x1").unwrap(), Some(row));
-        store.set_sandbox_base("x1", "b").unwrap();
-        assert_eq!(store.sandbox("x1").unwrap().unwrap().base_tag, "b");
+        store.record_branch("x1", "b", "/s/b/memory").unwrap();
+        store.record_branch("x1", "c", "/s/c/diff").unwrap();
+        let after = store.sandbox("x1").unwrap().unwrap();
+        assert_eq!(after.base_tag, "c");
+        assert_eq!(
+            (
+                after.info.has_branched,
+                after.info.branch_count,
+                after.info.last_branch_memory_path.as_deref()
+            ),
+            (true, 2, Some("/s/c/diff"))
+        );
         drop(store);
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();

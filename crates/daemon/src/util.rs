@@ -17,3 +17,17 @@ pub fn random_hex(n: usize) -> String {
     getrandom::fill(&mut bytes).expect("the kernel's random source works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Free 2 MiB huge pages on this host (free and not reserved for a
+/// mapping already); `None` without hugetlbfs.
+pub fn free_huge_pages() -> Option<u64> {
+    let dir = std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB");
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages").unwrap_or(0)))
+}

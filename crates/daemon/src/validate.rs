@@ -34,11 +34,23 @@ pub fn spawn_request(req: &SpawnRequest, has_cgroups: bool) -> ApiResult<()> {
     Ok(())
 }
 
-/// The request against its snapshot: ready and bootable; returns whether
-/// each child gets a network namespace of its own (what the request says,
-/// or, left out, whether the snapshot has a network interface: its
-/// children cannot share one tap).
-pub fn spawn_from(req: &SpawnRequest, snap: &SnapshotInfo) -> ApiResult<bool> {
+/// What a spawn gives its children, decided by its snapshot, and what of
+/// the request it could not give as asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnPlan {
+    /// Each child gets a network namespace of its own.
+    pub per_child_netns: bool,
+    /// What the request asked that the children do not get as asked.
+    pub warning: Option<String>,
+}
+
+/// The request against its snapshot: ready and bootable. Each child gets a
+/// network namespace exactly when the snapshot has a network interface
+/// (its children cannot share one tap, and without one a namespace holds
+/// nothing); a `per_child_netns` that says otherwise is not refused (the
+/// published clients always send `false`), the plan's warning says what
+/// the children got.
+pub fn spawn_from(req: &SpawnRequest, snap: &SnapshotInfo) -> ApiResult<SpawnPlan> {
     if snap.status != SnapshotStatus::Ready || !snap.bootable {
         return Err(ApiError::conflict(format!(
             "snapshot {:?} is {}{}; spawn from a ready snapshot",
@@ -50,17 +62,58 @@ pub fn spawn_from(req: &SpawnRequest, snap: &SnapshotInfo) -> ApiResult<bool> {
                 .unwrap_or_default()
         )));
     }
-    match (req.per_child_netns, snap.network) {
-        (None, network) => Ok(network),
-        (Some(a), network) if a == network => Ok(a),
-        (Some(_), true) => Err(ApiError::bad_request(format!(
-            "snapshot {:?} has a network interface, and each child needs a network namespace of its own for it (every child keeps the parent's addresses): leave per_child_netns out or set it true",
+    let warning = match (req.per_child_netns, snap.network) {
+        (Some(false), true) => Some(format!(
+            "per_child_netns: false was asked, but snapshot {:?} has a network interface, which \
+             its children cannot share (each keeps the parent's addresses): every child got a \
+             network namespace of its own (see netns)",
             snap.tag
-        ))),
-        (Some(_), false) => Err(ApiError::bad_request(format!(
-            "snapshot {:?} has no network interface to put in a namespace: make one with network: true (forkd snapshot --network), or leave per_child_netns out",
+        )),
+        (Some(true), false) => Some(format!(
+            "per_child_netns: true was asked, but snapshot {:?} has no network interface to put \
+             in a namespace: the children have none (snapshot with network: true for one)",
             snap.tag
-        ))),
+        )),
+        _ => None,
+    };
+    Ok(SpawnPlan {
+        per_child_netns: snap.network,
+        warning,
+    })
+}
+
+/// Size of the huge pages `hugepages: true` asks for, in MiB.
+pub const HUGE_PAGE_MIB: u64 = 2;
+
+/// Whether children asked for `hugepages` get them: `n` children of
+/// `mem_mib` each need that much RAM in free 2 MiB pages (`free`: the
+/// host's, `None` when it has no hugetlbfs). When they do not fit, the
+/// children get 4 KiB pages and the warning says why (as upstream: the
+/// spawn goes on).
+pub fn huge_pages(req: &SpawnRequest, mem_mib: u64, free: Option<u64>) -> (bool, Option<String>) {
+    if req.hugepages != Some(true) {
+        return (false, None);
+    }
+    let need = u64::from(req.n).saturating_mul(mem_mib.div_ceil(HUGE_PAGE_MIB));
+    match free {
+        Some(free) if free >= need => (true, None),
+        Some(free) => (
+            false,
+            Some(format!(
+                "hugepages: the host has {free} free 2 MiB huge pages and {} children of {mem_mib} \
+                 MiB need {need}: their RAM is on 4 KiB pages (reserve more in \
+                 /proc/sys/vm/nr_hugepages)",
+                req.n
+            )),
+        ),
+        None => (
+            false,
+            Some(
+                "hugepages: this host has no 2 MiB huge pages (no hugetlbfs): the RAM is on 4 KiB \
+                 pages"
+                    .into(),
+            ),
+        ),
     }
 }
 
@@ -71,19 +124,39 @@ pub struct BranchPlan {
     pub mode: BranchMode,
     /// Answer once the snapshot is complete.
     pub wait: bool,
+    /// A full branch that also measures what a diff would have cost.
+    pub measure_diff: bool,
 }
 
-/// A branch of sandbox `id`, whose diffs are taken against `base_tag` and
-/// whose RAM is in a memfd when `live_fork`.
-pub fn branch(
+/// The branch request on its own, checked before anything is looked up (as
+/// upstream: a contradictory body is 400 whether or not the sandbox
+/// exists).
+pub fn branch_body(req: &BranchRequest) -> ApiResult<BranchPlan> {
+    let mode = req.resolved_mode().map_err(ApiError::bad_request)?;
+    let wait = req.wait.unwrap_or(true);
+    if !wait && mode != BranchMode::Live {
+        return Err(ApiError::bad_request(
+            "wait: false applies to live branches only (full and diff write while paused)",
+        ));
+    }
+    Ok(BranchPlan {
+        mode,
+        wait,
+        measure_diff: req.measure_diff == Some(true),
+    })
+}
+
+/// The plan against sandbox `id`, whose diffs are taken against
+/// `base_tag` and whose RAM is in a memfd when `live_fork`.
+pub fn branch_of(
+    plan: &BranchPlan,
     req: &BranchRequest,
     id: &str,
     base_tag: &str,
     live_fork: bool,
-) -> ApiResult<BranchPlan> {
-    let mode = req.resolved_mode().map_err(ApiError::bad_request)?;
+) -> ApiResult<()> {
     if let Some(parent) = &req.parent_tag {
-        if mode != BranchMode::Diff {
+        if plan.mode != BranchMode::Diff {
             return Err(ApiError::bad_request(
                 "parent_tag names the base of a diff; give it with mode: diff only",
             ));
@@ -94,18 +167,12 @@ pub fn branch(
             )));
         }
     }
-    if mode == BranchMode::Live && !live_fork {
+    if plan.mode == BranchMode::Live && !live_fork {
         return Err(ApiError::bad_request(format!(
             "a live branch needs the sandbox's RAM in a memfd; sandbox {id:?} was not spawned with live_fork: true (use mode full or diff, or spawn with live_fork)"
         )));
     }
-    let wait = req.wait.unwrap_or(true);
-    if !wait && mode != BranchMode::Live {
-        return Err(ApiError::bad_request(
-            "wait: false applies to live branches only (full and diff write while paused)",
-        ));
-    }
-    Ok(BranchPlan { mode, wait })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -116,9 +183,7 @@ mod tests {
         SpawnRequest {
             snapshot_tag: "s".into(),
             n,
-            per_child_netns: None,
-            memory_limit_mib: None,
-            live_fork: None,
+            ..SpawnRequest::default()
         }
     }
 
@@ -129,6 +194,10 @@ mod tests {
             created_at_unix: 0,
             branched_from: None,
             pause_ms: None,
+            pause_us: None,
+            diff_ms: None,
+            diff_physical_bytes: None,
+            diff_logical_bytes: None,
             status,
             bootable,
             warning: None,
@@ -136,6 +205,7 @@ mod tests {
             guest: None,
             mem_mib: None,
             network,
+            tap: None,
         }
     }
 
@@ -164,16 +234,35 @@ mod tests {
     }
 
     #[test]
-    fn spawn_needs_a_ready_snapshot_and_a_namespace_per_networked_child() {
+    fn spawn_needs_a_ready_snapshot_and_the_snapshot_decides_namespaces() {
+        let plan = |netns: Option<bool>, network: bool| {
+            let mut r = spawn(2);
+            r.per_child_netns = netns;
+            spawn_from(&r, &snap(SnapshotStatus::Ready, true, network))
+        };
+        for (asked, network) in [
+            (None, false),
+            (None, true),
+            (Some(true), true),
+            (Some(false), false),
+        ] {
+            assert_eq!(
+                plan(asked, network),
+                Ok(SpawnPlan {
+                    per_child_netns: network,
+                    warning: None
+                })
+            );
+        }
+        // The published clients' default on a networked snapshot: the
+        // children get their namespaces anyway, and are told.
+        let p = plan(Some(false), true).unwrap();
+        assert!(p.per_child_netns);
+        assert!(p.warning.unwrap().contains("namespace of its own"));
+        let p = plan(Some(true), false).unwrap();
+        assert!(!p.per_child_netns);
+        assert!(p.warning.unwrap().contains("no network interface"));
         let r = spawn(2);
-        assert_eq!(
-            spawn_from(&r, &snap(SnapshotStatus::Ready, true, false)),
-            Ok(false)
-        );
-        assert_eq!(
-            spawn_from(&r, &snap(SnapshotStatus::Ready, true, true)),
-            Ok(true)
-        );
         bad(
             spawn_from(&r, &snap(SnapshotStatus::Writing, true, false)),
             409,
@@ -189,23 +278,23 @@ mod tests {
             409,
             "spawn from a ready",
         );
-        let mut r = spawn(2);
-        r.per_child_netns = Some(false);
-        bad(
-            spawn_from(&r, &snap(SnapshotStatus::Ready, true, true)),
-            400,
-            "needs a network namespace",
-        );
-        r.per_child_netns = Some(true);
-        bad(
-            spawn_from(&r, &snap(SnapshotStatus::Ready, true, false)),
-            400,
-            "no network interface",
-        );
-        assert_eq!(
-            spawn_from(&r, &snap(SnapshotStatus::Ready, true, true)),
-            Ok(true)
-        );
+    }
+
+    #[test]
+    fn huge_pages_fit_or_fall_back_with_a_warning() {
+        let mut r = spawn(3);
+        assert_eq!(huge_pages(&r, 128, Some(0)), (false, None), "not asked");
+        r.hugepages = Some(true);
+        // 3 children of 128 MiB: 192 pages of 2 MiB; 129 MiB rounds up.
+        assert_eq!(huge_pages(&r, 128, Some(192)), (true, None));
+        assert_eq!(huge_pages(&r, 129, Some(195)), (true, None));
+        let (on, warning) = huge_pages(&r, 128, Some(191));
+        assert!(!on);
+        assert!(warning
+            .unwrap()
+            .contains("191 free 2 MiB huge pages and 3 children of 128 MiB need 192"));
+        let (on, warning) = huge_pages(&r, 128, None);
+        assert!(!on && warning.unwrap().contains("no 2 MiB huge pages"));
     }
 
     fn branch_req(
@@ -214,22 +303,25 @@ mod tests {
         parent: Option<&str>,
     ) -> BranchRequest {
         BranchRequest {
-            tag: None,
             mode,
-            diff: None,
             wait,
             parent_tag: parent.map(str::to_owned),
+            ..BranchRequest::default()
         }
     }
 
     #[test]
     fn branch_modes_bases_and_waiting() {
-        let plan = |r: &BranchRequest, live_fork| branch(r, "sb", "base", live_fork);
+        let plan = |r: &BranchRequest, live_fork| {
+            let p = branch_body(r)?;
+            branch_of(&p, r, "sb", "base", live_fork).map(|()| p)
+        };
         assert_eq!(
             plan(&branch_req(None, None, None), false),
             Ok(BranchPlan {
                 mode: BranchMode::Full,
-                wait: true
+                wait: true,
+                measure_diff: false,
             })
         );
         let mut legacy = branch_req(None, None, None);
@@ -237,6 +329,11 @@ mod tests {
         assert_eq!(plan(&legacy, false).unwrap().mode, BranchMode::Diff);
         legacy.mode = Some(BranchMode::Full);
         bad(plan(&legacy, false), 400, "not both");
+        let mut measured = branch_req(None, None, None);
+        measured.measure_diff = Some(true);
+        assert!(plan(&measured, false).unwrap().measure_diff);
+        measured.mode = Some(BranchMode::Diff);
+        bad(plan(&measured, false), 400, "measure_diff");
         assert_eq!(
             plan(
                 &branch_req(Some(BranchMode::Diff), None, Some("base")),
@@ -271,14 +368,13 @@ mod tests {
             plan(&branch_req(Some(BranchMode::Live), Some(false), None), true),
             Ok(BranchPlan {
                 mode: BranchMode::Live,
-                wait: false
+                wait: false,
+                measure_diff: false,
             })
         );
+        // The body alone decides this one, before any sandbox is looked up.
         bad(
-            plan(
-                &branch_req(Some(BranchMode::Diff), Some(false), None),
-                false,
-            ),
+            branch_body(&branch_req(Some(BranchMode::Diff), Some(false), None)),
             400,
             "live branches only",
         );

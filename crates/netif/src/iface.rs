@@ -115,6 +115,54 @@ pub fn set_ipv4(ifname: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
     Ok(())
 }
 
+/// Interface `ifname`'s IPv4 address and prefix length, `None` when it
+/// has none.
+pub fn ipv4(ifname: &str) -> io::Result<Option<(Ipv4Addr, u8)>> {
+    let ctl = Ctl::open()?;
+    let mut got = [Ipv4Addr::UNSPECIFIED; 2];
+    for (slot, req, what) in [
+        (0, libc::SIOCGIFADDR, "read its address"),
+        (1, libc::SIOCGIFNETMASK, "read its netmask"),
+    ] {
+        let mut ifr = ifreq(ifname)?;
+        // SAFETY: SIOCGIFADDR and SIOCGIFNETMASK take an ifreq.
+        match unsafe { ctl.ioctl(req, &mut ifr, &format!("{ifname}: {what}")) } {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        // SAFETY: the kernel filled the union's struct sockaddr with an
+        // AF_INET address (16 bytes, read unaligned: a union member carries
+        // no alignment promise).
+        let sin: libc::sockaddr_in = unsafe {
+            std::ptr::read_unaligned(std::ptr::addr_of!(ifr.ifr_ifru).cast::<libc::sockaddr_in>())
+        };
+        got[slot] = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+    }
+    Ok(Some((got[0], u32::from(got[1]).count_ones() as u8)))
+}
+
+/// Interface `ifname`'s Ethernet address.
+pub fn mac(ifname: &str) -> io::Result<[u8; 6]> {
+    let ctl = Ctl::open()?;
+    let mut ifr = ifreq(ifname)?;
+    // SAFETY: SIOCGIFHWADDR takes an ifreq.
+    unsafe {
+        ctl.ioctl(
+            libc::SIOCGIFHWADDR,
+            &mut ifr,
+            &format!("{ifname}: read its MAC"),
+        )?
+    };
+    let mut mac = [0u8; 6];
+    // SAFETY: the kernel filled the union's hwaddr member; plain data.
+    let data = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+    for (d, s) in mac.iter_mut().zip(data) {
+        *d = s as u8;
+    }
+    Ok(mac)
+}
+
 /// Sets interface `ifname`'s Ethernet address.
 pub fn set_mac(ifname: &str, mac: [u8; 6]) -> io::Result<()> {
     let ctl = Ctl::open()?;
@@ -159,6 +207,24 @@ pub fn add_default_route(gateway: Ipv4Addr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What is set on a tap reads back (in a namespace of the test's own).
+    #[test]
+    fn a_taps_address_and_mac_read_back() {
+        let ns = format!("netif-iface-{}", std::process::id());
+        let _ = crate::netns::remove(&ns);
+        crate::netns::create(&ns, || {
+            crate::tun::create_persistent_tap("t0")?;
+            assert_eq!(ipv4("t0")?, None);
+            set_mac("t0", [6, 1, 2, 3, 4, 5])?;
+            set_ipv4("t0", Ipv4Addr::new(10, 7, 0, 1), 22)?;
+            assert_eq!(mac("t0")?, [6, 1, 2, 3, 4, 5]);
+            assert_eq!(ipv4("t0")?, Some((Ipv4Addr::new(10, 7, 0, 1), 22)));
+            Ok(())
+        })
+        .expect("root and /dev/net/tun");
+        crate::netns::remove(&ns).unwrap();
+    }
 
     #[test]
     fn netmasks() {

@@ -367,6 +367,10 @@ pub struct Pong {
     pub interpreter_error: Option<String>,
     /// What the guest is: `guest: linux`, `guest: builtin`.
     pub guest: String,
+    /// The agent's process id in the guest (1 as init); none from the
+    /// built-in guest. Upstream's ping answer has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// How an exec'd process ended.

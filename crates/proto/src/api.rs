@@ -3,7 +3,9 @@
 //!
 //! The shapes are the published v1 surface (DESIGN.md); fields this
 //! implementation adds are optional on the way in and skipped on the way
-//! out when absent, so v1 clients see what they expect.
+//! out when absent, so v1 clients see what they expect. Request bodies
+//! take fields they do not know (upstream's clients may send newer ones);
+//! the daemon ignores them and logs them at debug level.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,7 +51,6 @@ pub struct Version {
 
 /// `POST /v1/snapshots`: boot a guest, wait for its agent, snapshot it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     /// The new snapshot's tag.
     pub tag: String,
@@ -63,7 +64,10 @@ pub struct CreateSnapshot {
     /// image itself is never written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rw: Option<bool>,
-    /// Longest wait for the guest agent to answer, in seconds (default 60).
+    /// Longest wait for the guest agent to answer, in seconds: the
+    /// snapshot is taken as soon as it answers, never after a fixed sleep.
+    /// 0 or left out: [`DEFAULT_BOOT_WAIT_SECS`]. At most
+    /// [`MAX_BOOT_WAIT_SECS`] (upstream's 0 to 60 fall inside).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_wait_secs: Option<u64>,
     /// Guest RAM (default 256 MiB; 128 MiB for the built-in guest).
@@ -84,7 +88,19 @@ pub struct CreateSnapshot {
     /// own with the same addresses (`per_child_netns`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub network: bool,
+    /// A host tap (in the daemon's network namespace) for the guest's
+    /// network interface, made and addressed by the caller. The snapshot
+    /// records it; each child gets a namespace of its own with a tap of
+    /// that name and the same addresses, as with `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
+
+/// Longest wait for a new snapshot's guest agent when the request leaves
+/// `boot_wait_secs` out (or gives 0).
+pub const DEFAULT_BOOT_WAIT_SECS: u64 = 60;
+/// Longest `boot_wait_secs`.
+pub const MAX_BOOT_WAIT_SECS: u64 = 3600;
 
 /// The guest's address on a snapshot made with `network: true`, and on
 /// every child of it (each in its own network namespace).
@@ -109,9 +125,23 @@ pub struct SnapshotInfo {
     /// The sandbox it was branched from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branched_from: Option<String>,
-    /// How long the source was paused for it.
+    /// How long the source was paused for it, in whole milliseconds
+    /// (rounded), as upstream answers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pause_ms: Option<f64>,
+    pub pause_ms: Option<u64>,
+    /// Extension: the same pause in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
+    /// What a diff of the source's memory took (a diff branch, or a full
+    /// one with `measure_diff`): milliseconds writing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_ms: Option<u64>,
+    /// ... bytes it takes on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_physical_bytes: Option<u64>,
+    /// ... bytes of guest memory it covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_logical_bytes: Option<u64>,
     /// writing, ready or failed.
     pub status: SnapshotStatus,
     /// Whether children can be spawned from it.
@@ -132,6 +162,10 @@ pub struct SnapshotInfo {
     /// a network namespace of their own.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub network: bool,
+    /// Extension: the host tap it was made on (`tap` at create); each
+    /// child's namespace has a tap of that name, MAC and address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// `GET /v1/snapshots/:tag/info`: [`SnapshotInfo`] and its place in a chain.
@@ -152,7 +186,7 @@ pub struct SnapshotDetail {
     pub parent_content_hash: Option<String>,
     /// Ancestors counted up to a root (0 for a root).
     pub chain_depth: u32,
-    /// Nearest first.
+    /// Root first, the direct parent last (as upstream).
     pub ancestors: Vec<String>,
     /// Snapshots that depend on this one directly.
     pub dependents: Vec<String>,
@@ -160,15 +194,13 @@ pub struct SnapshotDetail {
 
 /// `POST /v1/snapshots/:tag/compact`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompactRequest {
     /// Tag of the flat copy.
     pub to: String,
 }
 
 /// `POST /v1/sandboxes`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpawnRequest {
     /// The snapshot to fork.
     pub snapshot_tag: String,
@@ -176,8 +208,11 @@ pub struct SpawnRequest {
     #[serde(default = "one")]
     pub n: u32,
     /// Give every child its own network namespace holding the tap its
-    /// network interface is attached to. Left out, it follows the
-    /// snapshot: on when it has a network interface.
+    /// network interface is attached to. The snapshot decides: a child
+    /// of a snapshot with a network interface always gets one (children
+    /// cannot share a tap), one without never does. A value that says
+    /// otherwise (the published clients always send `false`) is not
+    /// refused: each child's answer carries a `warning` saying what it got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_child_netns: Option<bool>,
     /// Memory cap for each child's VMM process (cgroup), in MiB.
@@ -187,40 +222,77 @@ pub struct SpawnRequest {
     /// live-branched (costs a copy of the snapshot's memory per child).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_fork: Option<bool>,
+    /// Fault each child's RAM in right after its restore, before the
+    /// answer, so its first BRANCH does not pay for it (costs spawn time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prewarm: Option<bool>,
+    /// Guest RAM on 2 MiB huge pages (a private copy per child in a
+    /// hugetlb memfd, which can also be live-branched). When the host has
+    /// too few free, the children get 4 KiB pages and a `warning`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<bool>,
 }
 
 fn one() -> u32 {
     1
 }
 
-/// A sandbox: one forked microVM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A sandbox: one forked microVM. Upstream's fields are always there
+/// (null when unset); the extensions only when they say something.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxInfo {
     /// Its id.
     pub id: String,
     /// The snapshot it was forked from.
     pub snapshot_tag: String,
-    /// Its network namespace (a name under /var/run/netns).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its network namespace (a name under /var/run/netns); null without.
+    #[serde(default)]
     pub netns: Option<String>,
-    /// Its guest's network address, reachable from inside `netns`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its guest's network address, reachable from inside `netns`; null
+    /// without a network interface.
+    #[serde(default)]
     pub guest_addr: Option<String>,
     /// When it was spawned.
     pub created_at_unix: u64,
     /// Its forkd-vmm process.
     pub pid: i32,
-    /// Its memory cap.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its memory cap; null without one.
+    #[serde(default)]
     pub memory_limit_mib: Option<u64>,
+    /// Whether it has been branched.
+    #[serde(default)]
+    pub has_branched: bool,
+    /// How many branches of it were made.
+    #[serde(default)]
+    pub branch_count: u32,
+    /// The memory file of its latest branch; null before the first.
+    #[serde(default)]
+    pub last_branch_memory_path: Option<String>,
     /// Extension: whether its RAM can be live-branched.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub live_fork: bool,
+    /// Extension: its RAM is on 2 MiB huge pages.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hugepages: bool,
+    /// Extension: something the request asked that it did not get as
+    /// asked (e.g. huge pages the host did not have, or a namespace
+    /// `per_child_netns: false` said not to make).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `POST /v1/sandboxes/:id/ping`: `pong: true` and the agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingResponse {
+    /// Always true: the agent answered.
+    pub pong: bool,
+    /// What the agent said (with upstream's `pid` when it has one).
+    #[serde(flatten)]
+    pub agent: crate::agent::Pong,
 }
 
 /// `POST /v1/sandboxes/:id/exec`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// The program and its arguments.
     pub args: Vec<String>,
@@ -245,7 +317,6 @@ pub struct ExecResponse {
 
 /// `POST /v1/sandboxes/:id/eval`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EvalRequest {
     /// Code for the agent's warm interpreter.
     pub code: String,
@@ -279,7 +350,6 @@ pub enum BranchMode {
 
 /// `POST /v1/sandboxes/:id/branch`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BranchRequest {
     /// The new snapshot's tag (default: generated).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,9 +357,17 @@ pub struct BranchRequest {
     /// full (default), diff or live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<BranchMode>,
-    /// Legacy: `diff: true` is `mode: diff` (giving both is an error).
+    /// Legacy: `diff: true` is `mode: diff` (true with `mode` is an error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff: Option<bool>,
+    /// Legacy: `live: true` is `mode: live` (true with `mode` is an error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<bool>,
+    /// A full branch that also reports what a diff would have cost
+    /// (`diff_ms`, `diff_physical_bytes`, `diff_logical_bytes`); with a
+    /// diff or live branch it is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measure_diff: Option<bool>,
     /// Answer once the snapshot is complete (default). With false, a live
     /// branch answers 202 as soon as the sandbox runs again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,17 +379,37 @@ pub struct BranchRequest {
 }
 
 impl BranchRequest {
-    /// The mode asked for, or why the request is contradictory.
+    /// The mode asked for, or why the request is contradictory: `mode`
+    /// with a legacy flag set true, or more than one of `diff`, `live` and
+    /// `measure_diff` (a flag set false says nothing).
     pub fn resolved_mode(&self) -> Result<BranchMode, String> {
-        match (self.mode, self.diff) {
-            (Some(_), Some(_)) => Err(
-                "give either mode or the legacy diff flag, not both (mode: \"diff\" is diff: true)"
-                    .into(),
-            ),
-            (Some(m), None) => Ok(m),
-            (None, Some(true)) => Ok(BranchMode::Diff),
-            (None, _) => Ok(BranchMode::Full),
+        let (diff, live) = (self.diff == Some(true), self.live == Some(true));
+        let measure = self.measure_diff == Some(true);
+        let mode = match (self.mode, diff, live) {
+            (Some(_), true, _) | (Some(_), _, true) => {
+                return Err("give either mode or a legacy flag (diff, live), not both: \
+                     mode: \"diff\" is diff: true, mode: \"live\" is live: true"
+                    .into())
+            }
+            (Some(m), false, false) => m,
+            (None, true, true) => {
+                return Err("diff and live are exclusive: a branch has one mode".into())
+            }
+            (None, true, false) => BranchMode::Diff,
+            (None, false, true) => BranchMode::Live,
+            (None, false, false) => BranchMode::Full,
+        };
+        if measure && mode != BranchMode::Full {
+            return Err(format!(
+                "measure_diff measures a diff beside a full branch; a {} branch cannot take it \
+                 (a diff branch reports its own diff_ms and diff sizes)",
+                match mode {
+                    BranchMode::Diff => "diff",
+                    _ => "live",
+                }
+            ));
         }
+        Ok(mode)
     }
 }
 
@@ -339,16 +437,142 @@ mod tests {
         assert_eq!(r.resolved_mode(), Ok(BranchMode::Full));
         let r: BranchRequest = serde_json::from_str(r#"{"mode":"live","wait":false}"#).unwrap();
         assert_eq!(r.resolved_mode(), Ok(BranchMode::Live));
-        let r: BranchRequest = serde_json::from_str(r#"{"mode":"full","diff":false}"#).unwrap();
-        assert!(r.resolved_mode().is_err());
         assert!(serde_json::from_str::<BranchRequest>(r#"{"mode":"fast"}"#).is_err());
     }
 
+    /// Upstream's rules: a legacy flag set false says nothing; set true it
+    /// conflicts with `mode` and with the other flags; `measure_diff` goes
+    /// with a full branch only.
     #[test]
-    fn spawn_defaults_to_one_and_refuses_unknown_fields() {
+    fn branch_mode_follows_upstreams_legacy_rules() {
+        let mode = |body: &str| {
+            serde_json::from_str::<BranchRequest>(body)
+                .unwrap()
+                .resolved_mode()
+        };
+        assert_eq!(
+            mode(r#"{"mode":"full","diff":false}"#),
+            Ok(BranchMode::Full)
+        );
+        assert_eq!(
+            mode(r#"{"mode":"live","live":false,"diff":false}"#),
+            Ok(BranchMode::Live)
+        );
+        assert_eq!(mode(r#"{"live":true}"#), Ok(BranchMode::Live));
+        assert_eq!(mode(r#"{"measure_diff":true}"#), Ok(BranchMode::Full));
+        assert_eq!(
+            mode(r#"{"mode":"full","measure_diff":true}"#),
+            Ok(BranchMode::Full)
+        );
+        assert_eq!(
+            mode(r#"{"measure_diff":false,"diff":true}"#),
+            Ok(BranchMode::Diff)
+        );
+        for bad in [
+            r#"{"mode":"full","diff":true}"#,
+            r#"{"mode":"diff","diff":true}"#,
+            r#"{"mode":"full","live":true}"#,
+            r#"{"diff":true,"live":true}"#,
+            r#"{"diff":true,"measure_diff":true}"#,
+            r#"{"mode":"diff","measure_diff":true}"#,
+            r#"{"live":true,"measure_diff":true}"#,
+            r#"{"mode":"live","measure_diff":true}"#,
+        ] {
+            assert!(mode(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    /// Fields a client of ours does not know are taken (and ignored), as
+    /// upstream does; the published clients' own fields are understood.
+    #[test]
+    fn request_bodies_take_unknown_and_upstream_fields() {
         let r: SpawnRequest = serde_json::from_str(r#"{"snapshot_tag":"t"}"#).unwrap();
         assert_eq!(r.n, 1);
-        assert!(serde_json::from_str::<SpawnRequest>(r#"{"snapshot_tag":"t","m":1}"#).is_err());
+        let r: SpawnRequest = serde_json::from_str(
+            r#"{"snapshot_tag":"t","n":2,"per_child_netns":false,"memory_limit_mib":256,
+                "prewarm":true,"live_fork":false,"hugepages":true,"from_the_future":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.n, r.per_child_netns, r.prewarm, r.hugepages),
+            (2, Some(false), Some(true), Some(true))
+        );
+        let c: CreateSnapshot = serde_json::from_str(
+            r#"{"tag":"t","kernel":"k","rootfs":"r","rw":false,"tap":"tap7","boot_wait_secs":10,"x":0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.tap.as_deref(), c.boot_wait_secs),
+            (Some("tap7"), Some(10))
+        );
+        let b: BranchRequest =
+            serde_json::from_str(r#"{"measure_diff":true,"parent_tag":"p","y":{}}"#).unwrap();
+        assert_eq!(
+            (b.measure_diff, b.parent_tag.as_deref()),
+            (Some(true), Some("p"))
+        );
+        serde_json::from_str::<ExecRequest>(r#"{"args":["a"],"z":1}"#).unwrap();
+        serde_json::from_str::<EvalRequest>(r#"{"code":"1","z":1}"#).unwrap();
+        serde_json::from_str::<CompactRequest>(r#"{"to":"b","z":1}"#).unwrap();
+    }
+
+    /// Upstream's SandboxInfo fields are always there, null when unset;
+    /// ours only when they say something.
+    #[test]
+    fn sandbox_info_always_carries_upstreams_fields() {
+        let info = SandboxInfo {
+            id: "a-0".into(),
+            snapshot_tag: "t".into(),
+            pid: 7,
+            ..SandboxInfo::default()
+        };
+        let v = serde_json::to_value(&info).unwrap();
+        for key in [
+            "netns",
+            "guest_addr",
+            "memory_limit_mib",
+            "last_branch_memory_path",
+        ] {
+            assert!(v[key].is_null() && v.get(key).is_some(), "{key}: {v}");
+        }
+        assert_eq!(
+            (v["has_branched"].as_bool(), v["branch_count"].as_u64()),
+            (Some(false), Some(0))
+        );
+        assert_eq!(v["pid"], 7);
+        for key in ["live_fork", "hugepages", "warning"] {
+            assert!(v.get(key).is_none(), "{key}: {v}");
+        }
+    }
+
+    /// pause_ms is an integer, as upstream's clients read it.
+    #[test]
+    fn pause_ms_is_an_integer() {
+        let v = serde_json::json!({"tag":"t","dir":"/d","created_at_unix":1,"pause_ms":2,
+            "pause_us":1500,"status":"ready","bootable":true});
+        let info: SnapshotInfo = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!((info.pause_ms, info.pause_us), (Some(2), Some(1500)));
+        assert_eq!(serde_json::to_value(&info).unwrap(), v);
+        assert!(serde_json::from_value::<SnapshotInfo>(
+            serde_json::json!({"tag":"t","dir":"/d","created_at_unix":1,"pause_ms":1.5,
+                "status":"ready","bootable":true})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn ping_answers_pong_beside_the_agents_fields() {
+        let agent: crate::agent::Pong = serde_json::from_value(serde_json::json!({
+            "version": "1", "protocol": 1, "uptime_ms": 5, "interpreter_ready": true,
+            "guest": "linux", "pid": 1
+        }))
+        .unwrap();
+        let v = serde_json::to_value(PingResponse { pong: true, agent }).unwrap();
+        assert_eq!(
+            (v["pong"].as_bool(), v["pid"].as_u64()),
+            (Some(true), Some(1))
+        );
+        assert_eq!(v["guest"], "linux");
     }
 
     #[test]
@@ -360,6 +584,10 @@ mod tests {
                 created_at_unix: 1,
                 branched_from: None,
                 pause_ms: None,
+                pause_us: None,
+                diff_ms: None,
+                diff_physical_bytes: None,
+                diff_logical_bytes: None,
                 status: SnapshotStatus::Ready,
                 bootable: true,
                 warning: None,
@@ -367,6 +595,7 @@ mod tests {
                 guest: None,
                 mem_mib: None,
                 network: false,
+                tap: None,
             },
             memory_logical_bytes: 4096,
             memory_physical_bytes: 0,

@@ -4,6 +4,13 @@
 
 /// `GET`: liveness, the one route without a token.
 pub const HEALTHZ: &str = "/healthz";
+/// `GET /healthz/`: the same (upstream answers both without a token).
+pub const HEALTHZ_SLASH: &str = "/healthz/";
+
+/// Whether `path` is the health check, which needs no token.
+pub fn is_healthz(path: &str) -> bool {
+    path == HEALTHZ || path == HEALTHZ_SLASH
+}
 /// `GET`: the daemon's version.
 pub const VERSION: &str = "/version";
 /// `GET`: Prometheus metrics.

@@ -1,6 +1,8 @@
 //! The REST API v1: the router, the auth and audit layer, and a JSON body
 //! extractor whose rejections answer `{"error": ...}` like every other
-//! error.
+//! error, with upstream's statuses (malformed JSON 400, a missing or
+//! mistyped field 422); fields it does not know are ignored and logged at
+//! debug level.
 
 mod sandboxes;
 mod snapshots;
@@ -26,6 +28,7 @@ use crate::error::{ApiError, Kind};
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(routes::HEALTHZ, get(system::healthz))
+        .route(routes::HEALTHZ_SLASH, get(system::healthz))
         .route(routes::VERSION, get(system::version))
         .route(routes::METRICS, get(system::metrics))
         .route(
@@ -64,6 +67,12 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let method = req.method().clone();
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let path = req
         .uri()
         .path_and_query()
@@ -71,7 +80,7 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
         .unwrap_or_default();
     let mut token_id = None;
     let response = match &daemon.auth {
-        Some(auth) if req.uri().path() != routes::HEALTHZ => {
+        Some(auth) if !routes::is_healthz(req.uri().path()) => {
             let presented = req
                 .headers()
                 .get(header::AUTHORIZATION)
@@ -95,21 +104,25 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
         _ => next.run(req).await,
     };
     if let Some(audit) = &daemon.audit {
+        let latency = started.elapsed();
         audit.record(&crate::audit::Entry {
+            ts: crate::audit::rfc3339(std::time::SystemTime::now()),
             time: crate::audit::now_secs(),
             remote,
             method: method.as_str(),
             path: &path,
             status: response.status().as_u16(),
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            latency_us: latency.as_micros() as u64,
+            ua: &user_agent,
             token_id,
         });
     }
     response
 }
 
-/// A JSON body; a missing, malformed or mistyped body answers 400 (415
-/// without a JSON content type) as `{"error": ...}`.
+/// A JSON body (see [`parse_body`]); 415 without a JSON content type, 413
+/// when too large.
 pub struct Body<T>(pub T);
 
 impl<S, T> FromRequest<S> for Body<T>
@@ -120,18 +133,104 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(rejection) => {
-                let m = format!("bad request body: {}", rejection.body_text());
-                Err(match rejection.status() {
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                        ApiError::new(Kind::UnsupportedMediaType, m)
-                    }
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                Kind::UnsupportedMediaType,
+                "bad request body: send it as JSON with Content-Type: application/json",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| {
+                let m = format!("bad request body: {}", r.body_text());
+                match r.status() {
                     StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(Kind::PayloadTooLarge, m),
                     _ => ApiError::bad_request(m),
-                })
-            }
-        }
+                }
+            })?;
+        parse_body(&bytes).map(Body)
+    }
+}
+
+/// Whether the request says its body is JSON (`application/json` or a
+/// `+json` type), as axum's own JSON extractor decides it.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(mime) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = mime.split(';').next().unwrap_or("").trim();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json") || sub.to_ascii_lowercase().ends_with("+json"))
+}
+
+/// A request body as `T`: malformed JSON answers 400, a missing, mistyped
+/// or unknown-variant field 422 (upstream's statuses); fields `T` does not
+/// have are ignored (a newer client's) and logged at debug level.
+pub fn parse_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut ignored = Vec::new();
+    let value = serde_ignored::deserialize(&mut de, |path| ignored.push(path.to_string()))
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(body_error)?;
+    if !ignored.is_empty() {
+        tracing::debug!(
+            ?ignored,
+            "request body fields this daemon does not use, ignored"
+        );
+    }
+    Ok(value)
+}
+
+fn body_error(e: serde_json::Error) -> ApiError {
+    let kind = match e.classify() {
+        serde_json::error::Category::Data => Kind::InvalidBody,
+        _ => Kind::BadRequest,
+    };
+    ApiError::new(kind, format!("bad request body: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::api::SpawnRequest;
+
+    /// Upstream's statuses: malformed JSON 400, a missing or mistyped field
+    /// 422; a field nobody here knows is taken and ignored.
+    #[test]
+    fn bodies_answer_upstreams_statuses() {
+        let status = |body: &str| {
+            parse_body::<SpawnRequest>(body.as_bytes())
+                .map(|_| 200)
+                .unwrap_or_else(|e| e.status().as_u16())
+        };
+        assert_eq!(status(r#"{"snapshot_tag":"t","future":{"x":1}}"#), 200);
+        assert_eq!(status(r#"{"snapshot_tag":"t""#), 400);
+        assert_eq!(status(r#"{"snapshot_tag":"t"} trailing"#), 400);
+        assert_eq!(status(""), 400);
+        assert_eq!(status(r#"{"n":1}"#), 422);
+        assert_eq!(status(r#"{"snapshot_tag":"t","n":"1"}"#), 422);
+        assert_eq!(status(r#"[]"#), 422);
+    }
+
+    #[test]
+    fn json_content_types_are_told_apart() {
+        let with = |v: &str| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, v.parse().unwrap());
+            json_content_type(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("application/json; charset=utf-8"));
+        assert!(with("Application/JSON"));
+        assert!(with("application/problem+json"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/jsonx"));
+        assert!(!json_content_type(&axum::http::HeaderMap::new()));
     }
 }

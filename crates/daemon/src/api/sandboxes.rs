@@ -6,13 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use proto::api::{
-    BranchRequest, EvalRequest, EvalResponse, ExecRequest, ExecResponse, SandboxInfo, SnapshotInfo,
-    SpawnRequest,
+    BranchRequest, EvalRequest, EvalResponse, ExecRequest, ExecResponse, PingResponse, SandboxInfo,
+    SnapshotInfo, SpawnRequest,
 };
 
 use super::Body;
 use crate::daemon::Daemon;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 
 /// `POST /v1/sandboxes` → 201.
 pub async fn spawn(
@@ -48,8 +48,11 @@ pub async fn kill(
 pub async fn ping(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
-) -> ApiResult<Json<proto::agent::Pong>> {
-    Ok(Json(daemon.ping(&id).await?))
+) -> ApiResult<Json<PingResponse>> {
+    Ok(Json(PingResponse {
+        pong: true,
+        agent: daemon.ping(&id).await?,
+    }))
 }
 
 /// `POST /v1/sandboxes/:id/exec`.
@@ -80,8 +83,7 @@ pub async fn branch(
     let req: BranchRequest = if body.iter().all(u8::is_ascii_whitespace) {
         BranchRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?
+        super::parse_body(&body)?
     };
     let b = daemon.branch(&id, req).await?;
     let status = if b.accepted {

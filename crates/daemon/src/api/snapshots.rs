@@ -70,12 +70,11 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/snapshots/:tag/compact` → 201.
+/// `POST /v1/snapshots/:tag/compact` → 200 (as upstream).
 pub async fn compact(
     State(daemon): State<Arc<Daemon>>,
     Path(tag): Path<String>,
     Body(req): Body<CompactRequest>,
-) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
-    let info = daemon.compact(&tag, &req.to).await?;
-    Ok((StatusCode::CREATED, Json(info)))
+) -> ApiResult<Json<SnapshotInfo>> {
+    Ok(Json(daemon.compact(&tag, &req.to).await?))
 }

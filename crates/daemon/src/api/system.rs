@@ -23,14 +23,16 @@ pub async fn version() -> Json<Version> {
     })
 }
 
+/// What `/metrics` says its body is: Prometheus's text format 0.0.4, as
+/// upstream serves it (what the encoder writes beyond it, `# UNIT` and
+/// `# EOF`, are comments there).
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     daemon.refresh_gauges();
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         daemon.metrics.render(),
     )
 }

@@ -81,6 +81,12 @@ pub enum Command {
     Ping(IdArg),
     /// Show the client's and the daemon's versions.
     Version,
+    /// Where the daemon keeps its state and snapshots.
+    Where,
+    /// List what crashed runs left in the state directory (temporary
+    /// snapshot directories of processes that are gone, source VMs' build
+    /// directories nothing uses); remove them with --yes.
+    Cleanup(CleanupArgs),
     /// Check this host for what forkd needs (no daemon needed).
     Doctor(DoctorArgs),
     /// Snapshot a guest, fork 100 children, ping them all, print the times,
@@ -118,10 +124,25 @@ pub struct SnapshotArgs {
     /// Give the guest a network interface (172.16.0.2, the host side
     /// 172.16.0.1 in a network namespace); its children each get a
     /// namespace of their own with the same addresses.
-    #[arg(long, conflicts_with = "from_sandbox")]
+    #[arg(long, conflicts_with_all = ["from_sandbox", "tap"])]
     pub network: bool,
+    /// Put the guest's network interface on this host tap (made and
+    /// addressed by you); its children each get a namespace holding a tap
+    /// like it.
+    #[arg(
+        long,
+        env = "FORKD_TAP",
+        value_name = "DEV",
+        conflicts_with = "from_sandbox"
+    )]
+    pub tap: Option<String>,
     /// Guest RAM in MiB.
-    #[arg(long, value_name = "MIB", conflicts_with = "from_sandbox")]
+    #[arg(
+        long,
+        visible_alias = "mem-size-mib",
+        value_name = "MIB",
+        conflicts_with = "from_sandbox"
+    )]
     pub mem_mib: Option<u64>,
     /// vCPUs.
     #[arg(long, conflicts_with = "from_sandbox")]
@@ -157,7 +178,7 @@ pub struct SpawnArgs {
     #[arg(long, value_name = "TAG")]
     pub tag: String,
     /// How many sandboxes (1 to 1000).
-    #[arg(short, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(short, long = "n", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub n: u32,
     /// Children whose RAM can be live-branched (a private copy of the snapshot's memory each).
     #[arg(long)]
@@ -189,7 +210,7 @@ pub struct ForkArgs {
     #[arg(long, value_name = "TAG")]
     pub tag: String,
     /// How many sandboxes (1 to 1000).
-    #[arg(short, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(short, long = "n", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub n: u32,
     /// Children whose RAM can be live-branched.
     #[arg(long)]
@@ -197,6 +218,17 @@ pub struct ForkArgs {
     /// Memory cap for each child (cgroup), in MiB.
     #[arg(long, value_name = "MIB")]
     pub memory_limit_mib: Option<u64>,
+    /// Fault each child's RAM in right after its restore.
+    #[arg(long)]
+    pub prewarm: bool,
+    /// Guest RAM on 2 MiB huge pages.
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Keep the children running this long after they answered, then kill
+    /// them (SIGTERM or SIGINT ends the wait early; they are killed then
+    /// too). 0: kill them at once.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub settle_secs: u64,
 }
 
 /// `forkd ls`.
@@ -209,22 +241,25 @@ pub struct LsArgs {
 
 /// `forkd kill`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
+#[command(group(ArgGroup::new("which").required(true).args(["ids", "all", "tag"])))]
 pub struct KillArgs {
     /// The sandboxes.
     #[arg(value_name = "ID")]
     pub ids: Vec<String>,
     /// Every sandbox the daemon runs.
-    #[arg(long, conflicts_with = "ids")]
+    #[arg(long, conflicts_with_all = ["ids", "tag"])]
     pub all: bool,
+    /// Every sandbox forked from this snapshot.
+    #[arg(long, value_name = "TAG", conflicts_with = "ids")]
+    pub tag: Option<String>,
 }
 
 /// `forkd rmi`.
 #[derive(Debug, Args)]
 pub struct RmiArgs {
-    /// The snapshot.
-    #[arg(value_name = "TAG")]
-    pub tag: String,
+    /// The snapshots, deleted in order.
+    #[arg(value_name = "TAG", required = true)]
+    pub tags: Vec<String>,
     /// Delete the snapshots that depend on it too.
     #[arg(long, conflicts_with = "force")]
     pub cascade: bool,
@@ -531,4 +566,15 @@ mod tests {
         };
         assert_eq!(e.code, "-1 + 2");
     }
+}
+
+/// `forkd cleanup`.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// The daemon's state directory.
+    #[arg(long, env = "FORKD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Remove what is listed (without it, nothing is touched).
+    #[arg(short, long)]
+    pub yes: bool,
 }

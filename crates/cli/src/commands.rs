@@ -143,7 +143,7 @@ pub fn snapshot(ctx: &mut Ctx, a: &SnapshotArgs) -> Outcome {
             builtin: a.builtin,
             kernel_args: a.kernel_args.clone(),
             network: a.network,
-            tap: None,
+            tap: a.tap.clone(),
         };
         let guest = if a.builtin {
             "the built-in guest"
@@ -233,10 +233,17 @@ pub fn fork(ctx: &mut Ctx, a: &ForkArgs) -> Outcome {
         n: a.n,
         memory_limit_mib: a.memory_limit_mib,
         live_fork: a.live_fork.then_some(true),
+        prewarm: a.prewarm.then_some(true),
+        hugepages: a.hugepages.then_some(true),
         ..SpawnRequest::default()
     };
-    let figures =
-        fanout::spawn_ping_kill(&ctx.client, &req, Duration::from_secs(30), ctx.progress)?;
+    let figures = fanout::spawn_ping_kill(
+        &ctx.client,
+        &req,
+        Duration::from_secs(30),
+        Duration::from_secs(a.settle_secs),
+        ctx.progress,
+    )?;
     if ctx.json {
         writeln!(
             ctx.out,
@@ -310,9 +317,12 @@ pub fn images(ctx: &mut Ctx) -> Outcome {
 
 /// `forkd kill`.
 pub fn kill(ctx: &mut Ctx, a: &KillArgs) -> Outcome {
-    let ids: Vec<String> = if a.all {
+    let ids: Vec<String> = if a.all || a.tag.is_some() {
         let list: Vec<SandboxInfo> = ctx.client.get(routes::SANDBOXES)?.parse()?;
-        list.into_iter().map(|s| s.id).collect()
+        list.into_iter()
+            .filter(|s| a.tag.as_ref().is_none_or(|t| *t == s.snapshot_tag))
+            .map(|s| s.id)
+            .collect()
     } else {
         a.ids.clone()
     };
@@ -346,8 +356,11 @@ pub fn kill(ctx: &mut Ctx, a: &KillArgs) -> Outcome {
         for id in &killed {
             writeln!(ctx.out, "killed {id}")?;
         }
-        if a.all && ids.is_empty() {
-            writeln!(ctx.err, "no sandboxes to kill")?;
+        if ids.is_empty() {
+            match &a.tag {
+                Some(t) => writeln!(ctx.err, "no sandboxes of {t} to kill")?,
+                None => writeln!(ctx.err, "no sandboxes to kill")?,
+            }
         }
         for f in &failed {
             writeln!(ctx.err, "forkd: {}: {}", f.id, f.error)?;
@@ -358,42 +371,73 @@ pub fn kill(ctx: &mut Ctx, a: &KillArgs) -> Outcome {
 
 /// `forkd rmi`.
 pub fn rmi(ctx: &mut Ctx, a: &RmiArgs) -> Outcome {
-    let answer = ctx
-        .client
-        .delete(&routes::snapshot(&a.tag, a.cascade, a.force))
-        .map_err(|e| match e {
-            CliError::Api {
+    let mut deleted = Vec::new();
+    let mut failed = Vec::new();
+    for tag in &a.tags {
+        match ctx
+            .client
+            .delete(&routes::snapshot(tag, a.cascade, a.force))
+        {
+            Ok(_) => deleted.push(tag.clone()),
+            Err(CliError::Api {
                 status: 409,
                 message,
-            } if !a.cascade && !a.force => CliError::Api {
-                status: 409,
-                message: format!(
-                    "{message}; with forkd: `forkd rmi {} --cascade` (delete them too) or \
-                     `--force`",
-                    a.tag
+            }) if !a.cascade && !a.force => failed.push(Failure {
+                id: tag.clone(),
+                error: format!(
+                    "{message}; with forkd: `forkd rmi {tag} --cascade` (delete them too) or \
+                     `--force` (HTTP 409)"
                 ),
-            },
-            e => e,
-        })?;
-    if ctx.json {
-        if answer.raw.trim().is_empty() {
-            let v = serde_json::json!({ "deleted": a.tag });
-            writeln!(
-                ctx.out,
-                "{}",
-                serde_json::to_string_pretty(&v).expect("serializable")
-            )?;
-        } else {
-            writeln!(ctx.out, "{}", answer.pretty())?;
+            }),
+            Err(e) => failed.push(Failure {
+                id: tag.clone(),
+                error: e.to_string(),
+            }),
         }
+    }
+    if ctx.json {
+        let v = serde_json::json!({ "deleted": deleted, "failed": failed });
+        writeln!(
+            ctx.out,
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        )?;
     } else {
         let how = if a.cascade {
             " and the snapshots that depend on it"
         } else {
             ""
         };
-        writeln!(ctx.out, "deleted {}{how}", a.tag)?;
+        for tag in &deleted {
+            writeln!(ctx.out, "deleted {tag}{how}")?;
+        }
+        for f in &failed {
+            writeln!(ctx.err, "forkd: {}: {}", f.id, f.error)?;
+        }
     }
+    Ok(if failed.is_empty() { 0 } else { 1 })
+}
+
+/// `forkd where`: the daemon and where it keeps its state.
+pub fn where_(ctx: &mut Ctx) -> Outcome {
+    let answer = ctx.client.get(routes::VERSION)?;
+    if ctx.json {
+        writeln!(ctx.out, "{}", answer.pretty())?;
+        return Ok(0);
+    }
+    let v: Version = answer.parse()?;
+    writeln!(ctx.out, "daemon     {}", ctx.client.base())?;
+    let unknown = || "(this daemon does not say)".to_string();
+    writeln!(
+        ctx.out,
+        "state      {}",
+        v.state_dir.unwrap_or_else(unknown)
+    )?;
+    writeln!(
+        ctx.out,
+        "snapshots  {}",
+        v.snapshot_root.unwrap_or_else(unknown)
+    )?;
     Ok(0)
 }
 
@@ -776,16 +820,16 @@ mod tests {
             )
         });
         let a = RmiArgs {
-            tag: "base".into(),
+            tags: vec!["base".into()],
             cascade: false,
             force: false,
         };
-        let (r, _, _) = run(d.client(None), false, |c| rmi(c, &a));
-        let e = r.unwrap_err();
+        let (r, _, err) = run(d.client(None), false, |c| rmi(c, &a));
+        assert_eq!(r, Ok(1));
         assert_eq!(
-            e.to_string(),
-            "snapshot base has dependents: b1; with forkd: `forkd rmi base --cascade` (delete \
-             them too) or `--force` (HTTP 409)"
+            err,
+            "forkd: base: snapshot base has dependents: b1; with forkd: `forkd rmi base \
+             --cascade` (delete them too) or `--force` (HTTP 409)\n"
         );
     }
 
@@ -793,7 +837,7 @@ mod tests {
     fn rmi_cascade_is_a_query_flag() {
         let d = FakeDaemon::start(|_| (204, String::new()));
         let a = RmiArgs {
-            tag: "base".into(),
+            tags: vec!["base".into()],
             cascade: true,
             force: false,
         };
@@ -851,6 +895,7 @@ mod tests {
             rw: false,
             kernel_args: None,
             network: false,
+            tap: None,
             mem_mib: None,
             vcpus: None,
             boot_wait_secs: None,
@@ -884,6 +929,7 @@ mod tests {
             rw: false,
             kernel_args: None,
             network: false,
+            tap: None,
             mem_mib: Some(128),
             vcpus: None,
             boot_wait_secs: None,
@@ -954,11 +1000,59 @@ mod tests {
         let a = KillArgs {
             ids: vec!["a".into(), "bad".into(), "c".into()],
             all: false,
+            tag: None,
         };
         let (r, out, err) = run(d.client(None), false, |c| kill(c, &a));
         assert_eq!(r, Ok(1));
         assert_eq!(out, "killed a\nkilled c\n");
         assert_eq!(err, "forkd: bad: no sandbox bad (HTTP 404)\n");
+    }
+
+    #[test]
+    fn kill_by_tag_deletes_that_snapshots_sandboxes_only() {
+        let d = FakeDaemon::start(|q| match q.method.as_str() {
+            "GET" => {
+                let mut other = sandbox_json("z");
+                other["snapshot_tag"] = "other".into();
+                (
+                    200,
+                    serde_json::json!([sandbox_json("x"), other, sandbox_json("y")]).to_string(),
+                )
+            }
+            _ => (204, String::new()),
+        });
+        let a = KillArgs {
+            ids: vec![],
+            all: false,
+            tag: Some("t".into()),
+        };
+        let (r, _, _) = run(d.client(None), false, |c| kill(c, &a));
+        assert_eq!(r, Ok(0));
+        let mut deleted: Vec<String> = d
+            .requests()
+            .into_iter()
+            .filter(|q| q.method == "DELETE")
+            .map(|q| q.path)
+            .collect();
+        deleted.sort();
+        assert_eq!(deleted, ["/v1/sandboxes/x", "/v1/sandboxes/y"]);
+    }
+
+    #[test]
+    fn rmi_takes_several_tags_and_goes_on_past_a_failure() {
+        let d = FakeDaemon::start(|q| match q.path.as_str() {
+            "/v1/snapshots/b" => (404, r#"{"error":"no snapshot b"}"#.into()),
+            _ => (204, String::new()),
+        });
+        let a = RmiArgs {
+            tags: vec!["a".into(), "b".into(), "c".into()],
+            cascade: false,
+            force: false,
+        };
+        let (r, out, err) = run(d.client(None), false, |c| rmi(c, &a));
+        assert_eq!(r, Ok(1));
+        assert_eq!(out, "deleted a\ndeleted c\n");
+        assert_eq!(err, "forkd: b: no snapshot b (HTTP 404)\n");
     }
 
     #[test]
@@ -973,6 +1067,7 @@ mod tests {
         let a = KillArgs {
             ids: vec![],
             all: true,
+            tag: None,
         };
         let (r, out, _) = run(d.client(None), true, |c| kill(c, &a));
         assert_eq!(r, Ok(0));
@@ -1005,6 +1100,9 @@ mod tests {
             n: 5,
             live_fork: false,
             memory_limit_mib: None,
+            prewarm: false,
+            hugepages: false,
+            settle_secs: 0,
         };
         let (r, out, _) = run(d.client(None), true, |c| fork(c, &a));
         assert_eq!(r, Ok(0));

@@ -1,6 +1,6 @@
 //! Many requests at once: spawn, ping every child, kill them all.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -165,11 +165,40 @@ impl ForkFigures {
 }
 
 /// Spawns `req.n` children, pings every one (each until it answers or
-/// `ping_wait` passes), then kills them all, also when pings fail.
+/// `ping_wait` passes), keeps them running for `settle`, then kills them
+/// Set by SIGTERM, SIGINT or SIGHUP while [`settle_for`] waits.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Waits `settle` (children kept running, as upstream's `fork
+/// --settle-secs`), or until SIGTERM, SIGINT or SIGHUP, whichever comes
+/// first: the caller then kills the children either way.
+fn settle_for(settle: Duration) {
+    if settle.is_zero() {
+        return;
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe);
+        // replacing the disposition of these signals is this process's own
+        // business while it waits.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+    let until = Instant::now() + settle;
+    while Instant::now() < until && !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+    }
+}
+
+/// all, also when pings fail.
 pub fn spawn_ping_kill(
     client: &Client,
     req: &SpawnRequest,
     ping_wait: Duration,
+    settle: Duration,
     show_progress: bool,
 ) -> Result<ForkFigures, CliError> {
     let sp = show_progress.then(|| {
@@ -209,6 +238,7 @@ pub fn spawn_ping_kill(
     }
     let answered = ids.len() - ping_failures.len();
     let last = last.unwrap_or(t_spawned);
+    settle_for(settle);
 
     let bar = show_progress.then(|| progress::bar(ids.len() as u64, "kill"));
     let tk = Instant::now();

@@ -1,6 +1,7 @@
 //! forkd: the command-line client of forkd-daemon.
 
 mod args;
+mod cleanup;
 mod client;
 mod commands;
 mod doctor;
@@ -72,6 +73,7 @@ fn run(cli: Cli) -> Outcome {
     let g = &cli.global;
     match &cli.command {
         Command::Doctor(a) => return doctor(g, a, &mut out),
+        Command::Cleanup(a) => return cleanup::cleanup(a, g.json, &mut out),
         Command::Quickstart(a) => {
             let opts = client_options(g)?;
             return quickstart::quickstart(&opts, a, g.json, progress, &mut out, &mut err);
@@ -99,7 +101,10 @@ fn run(cli: Cli) -> Outcome {
         Command::Eval(a) => commands::eval(&mut ctx, a),
         Command::Ping(a) => commands::ping(&mut ctx, a),
         Command::Version => commands::version(&mut ctx),
-        Command::Doctor(_) | Command::Quickstart(_) => unreachable!("handled above"),
+        Command::Where => commands::where_(&mut ctx),
+        Command::Doctor(_) | Command::Quickstart(_) | Command::Cleanup(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 

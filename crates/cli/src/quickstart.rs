@@ -311,7 +311,7 @@ fn run_against(
         ..SpawnRequest::default()
     };
     let ping_wait = Duration::from_secs(if a.image { 120 } else { 30 });
-    let fork = spawn_ping_kill(client, &spawn, ping_wait, show_progress)?;
+    let fork = spawn_ping_kill(client, &spawn, ping_wait, Duration::ZERO, show_progress)?;
     Ok(QuickstartFigures {
         daemon_url: client.base().to_string(),
         daemon_started,

@@ -368,3 +368,85 @@ fn quickstart_starts_and_stops_its_own_daemon() {
     assert!(out.contains("(started for this run)"), "{out}");
     assert!(out.contains("10/10 answered"), "{out}");
 }
+
+/// Upstream CLI users' habits: `--mem-size-mib`, `where`, `kill --tag`,
+/// `rmi` of several tags, `fork --settle-secs` ended by SIGTERM (as
+/// upstream's Python `Sandbox` ends it), `cleanup`.
+#[test]
+fn upstream_cli_habits_work() {
+    let d = Daemon::start(None, false);
+    for tag in ["u", "v"] {
+        let o = d.forkd(&["snapshot", "--builtin", tag, "--mem-size-mib", "128"]);
+        expect_code(&o, 0, "snapshot --mem-size-mib");
+    }
+    let o = d.forkd(&["where"]);
+    expect_code(&o, 0, "where");
+    let state = d.dir.path().join("state");
+    assert!(
+        stdout(&o).contains(&format!("state      {}", state.display())),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("snapshots  "), "{}", stdout(&o));
+
+    expect_code(
+        &d.forkd(&["spawn", "--tag", "u", "--n", "2"]),
+        0,
+        "spawn --n",
+    );
+    expect_code(&d.forkd(&["spawn", "--tag", "v"]), 0, "spawn v");
+    let o = d.forkd(&["kill", "--tag", "u"]);
+    expect_code(&o, 0, "kill --tag");
+    assert_eq!(stdout(&o).lines().count(), 2, "{}", stdout(&o));
+    let o = d.forkd(&["ls", "--json"]);
+    let left: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["snapshot_tag"], "v");
+    expect_code(&d.forkd(&["kill", "--all"]), 0, "kill --all");
+
+    // fork keeps its child until SIGTERM, then kills it.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
+    let mut fork = cmd
+        .args(["fork", "--tag", "u", "--n", "1", "--settle-secs", "600"])
+        .env("FORKD_URL", &d.url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = d.forkd(&["ls", "-q"]);
+        if stdout(&o).lines().count() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fork's child never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Pinged and settling: still there a moment later.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(stdout(&d.forkd(&["ls", "-q"])).lines().count(), 1);
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(fork.id() as libc::pid_t, libc::SIGTERM) };
+    let out = fork.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&d.forkd(&["ls", "-q"])), "", "fork left its child");
+
+    let o = d.forkd(&["rmi", "u", "v"]);
+    expect_code(&o, 0, "rmi of two tags");
+    assert_eq!(stdout(&o), "deleted u\ndeleted v\n");
+
+    // What a crash leaves: listed, removed only with --yes.
+    let stale = state.join("snapshots/.w.tmp-999999999");
+    std::fs::create_dir_all(&stale).unwrap();
+    let args = ["cleanup", "--state-dir", state.to_str().unwrap()];
+    let o = d.forkd(&args);
+    expect_code(&o, 0, "cleanup");
+    assert!(stdout(&o).contains(".w.tmp-999999999"), "{}", stdout(&o));
+    assert!(stale.exists());
+    let o = d.forkd(&[&args[..], &["--yes"]].concat());
+    expect_code(&o, 0, "cleanup --yes");
+    assert!(!stale.exists());
+    let o = d.forkd(&args);
+    assert!(stdout(&o).starts_with("nothing stale"), "{}", stdout(&o));
+}

@@ -47,6 +47,12 @@ pub struct Version {
     pub version: String,
     /// `v1`.
     pub api: String,
+    /// Extension: the daemon's state directory (`forkd where`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+    /// Extension: where its snapshots live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_root: Option<String>,
 }
 
 /// `POST /v1/snapshots`: boot a guest, wait for its agent, snapshot it.

@@ -15,11 +15,13 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { ok: true })
 }
 
-/// `GET /version`.
-pub async fn version() -> Json<Version> {
+/// `GET /version` (with where the state lives: it needs the token).
+pub async fn version(State(daemon): State<Arc<Daemon>>) -> Json<Version> {
     Json(Version {
         version: env!("CARGO_PKG_VERSION").to_string(),
         api: API_VERSION.to_string(),
+        state_dir: Some(daemon.paths.state.to_string_lossy().into_owned()),
+        snapshot_root: Some(daemon.paths.snapshots.to_string_lossy().into_owned()),
     })
 }
 

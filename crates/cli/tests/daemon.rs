@@ -406,7 +406,7 @@ fn upstream_cli_habits_work() {
 
     // fork keeps its child until SIGTERM, then kills it.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
-    let mut fork = cmd
+    let fork = cmd
         .args(["fork", "--tag", "u", "--n", "1", "--settle-secs", "600"])
         .env("FORKD_URL", &d.url)
         .stdin(Stdio::null())

@@ -4,7 +4,8 @@
 //! forkd-mcp 0.2.0 and 0.2.1 servers over stdio (every tool), from the
 //! venvs `compat/setup` makes (`.ci/setup` runs it). The calls and their
 //! checks are in `compat/published_clients.py`; `/metrics` is read with
-//! `prometheus_client`'s own text parser.
+//! `prometheus_client`'s own text parser, and `/v1/openapi.json` checked
+//! with `openapi-spec-validator`.
 
 mod common;
 
@@ -105,6 +106,26 @@ fn the_published_clients_drive_the_daemon() {
     assert!(
         out.status.success(),
         "prometheus_client cannot read /metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // /v1/openapi.json is a valid OpenAPI document (a validator's view).
+    let validate = format!(
+        "import json, urllib.request\n\
+         from openapi_spec_validator import validate\n\
+         req = urllib.request.Request('{}/v1/openapi.json', headers={{'Authorization': 'Bearer {token}'}})\n\
+         spec = json.load(urllib.request.urlopen(req))\n\
+         validate(spec)\n\
+         print('openapi ok', len(spec['paths']))\n",
+        d.url
+    );
+    let out = Command::new(venvs.join("forkd-mcp-0.2.1/bin/python"))
+        .args(["-c", &validate])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "/v1/openapi.json is not a valid OpenAPI document: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

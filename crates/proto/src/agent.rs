@@ -348,6 +348,7 @@ pub enum Reply {
 }
 
 /// Answer to `ping`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {
     /// Agent version.

@@ -28,6 +28,7 @@ pub fn valid_tag(tag: &str) -> bool {
 
 /// Every error answer: `{"error": "..."}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What went wrong and what to do.
     pub error: String,
@@ -35,6 +36,7 @@ pub struct ErrorBody {
 
 /// `GET /healthz`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// Always true when the daemon answers.
     pub ok: bool,
@@ -42,6 +44,7 @@ pub struct Health {
 
 /// `GET /version`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Version {
     /// The daemon's version.
     pub version: String,
@@ -57,6 +60,7 @@ pub struct Version {
 
 /// `POST /v1/snapshots`: boot a guest, wait for its agent, snapshot it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateSnapshot {
     /// The new snapshot's tag.
     pub tag: String,
@@ -121,6 +125,7 @@ pub use crate::snapshot::SnapshotStatus;
 
 /// A snapshot, as every snapshot route answers it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SnapshotInfo {
     /// Its tag.
     pub tag: String,
@@ -176,6 +181,7 @@ pub struct SnapshotInfo {
 
 /// `GET /v1/snapshots/:tag/info`: [`SnapshotInfo`] and its place in a chain.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SnapshotDetail {
     /// The snapshot.
     #[serde(flatten)]
@@ -200,6 +206,7 @@ pub struct SnapshotDetail {
 
 /// `POST /v1/snapshots/:tag/compact`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CompactRequest {
     /// Tag of the flat copy.
     pub to: String,
@@ -207,6 +214,7 @@ pub struct CompactRequest {
 
 /// `POST /v1/sandboxes`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpawnRequest {
     /// The snapshot to fork.
     pub snapshot_tag: String,
@@ -246,6 +254,7 @@ fn one() -> u32 {
 /// A sandbox: one forked microVM. Upstream's fields are always there
 /// (null when unset); the extensions only when they say something.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxInfo {
     /// Its id.
     pub id: String,
@@ -289,6 +298,7 @@ pub struct SandboxInfo {
 
 /// `POST /v1/sandboxes/:id/ping`: `pong: true` and the agent's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PingResponse {
     /// Always true: the agent answered.
     pub pong: bool,
@@ -299,6 +309,7 @@ pub struct PingResponse {
 
 /// `POST /v1/sandboxes/:id/exec`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecRequest {
     /// The program and its arguments.
     pub args: Vec<String>,
@@ -312,6 +323,7 @@ pub struct ExecRequest {
 
 /// Answer to exec.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResponse {
     /// Its standard output (lossy UTF-8).
     pub stdout: String,
@@ -323,6 +335,7 @@ pub struct ExecResponse {
 
 /// `POST /v1/sandboxes/:id/eval`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EvalRequest {
     /// Code for the agent's warm interpreter.
     pub code: String,
@@ -333,6 +346,7 @@ pub struct EvalRequest {
 
 /// Answer to eval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EvalResponse {
     /// The value of the last expression, as text.
     pub result: Option<String>,
@@ -344,6 +358,7 @@ pub struct EvalResponse {
 
 /// How a branch captures memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BranchMode {
     /// All of RAM while paused.
@@ -356,6 +371,7 @@ pub enum BranchMode {
 
 /// `POST /v1/sandboxes/:id/branch`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BranchRequest {
     /// The new snapshot's tag (default: generated).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,6 +11,7 @@ pub const HEALTHZ_SLASH: &str = "/healthz/";
 pub fn is_healthz(path: &str) -> bool {
     path == HEALTHZ || path == HEALTHZ_SLASH
 }
+
 /// `GET`: the daemon's version.
 pub const VERSION: &str = "/version";
 /// `GET`: Prometheus metrics.
@@ -35,6 +36,8 @@ pub const SANDBOX_EXEC: &str = "/v1/sandboxes/{id}/exec";
 pub const SANDBOX_EVAL: &str = "/v1/sandboxes/{id}/eval";
 /// `POST`: BRANCH the sandbox into a snapshot.
 pub const SANDBOX_BRANCH: &str = "/v1/sandboxes/{id}/branch";
+/// `GET`: this API as an OpenAPI 3 document.
+pub const OPENAPI: &str = "/v1/openapi.json";
 
 /// What can be asked of one sandbox with a `POST`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

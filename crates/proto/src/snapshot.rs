@@ -156,6 +156,7 @@ pub struct ParentRef {
 }
 
 /// Status of a snapshot (in `snapshot.json` and in the REST API).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotStatus {

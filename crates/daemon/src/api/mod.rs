@@ -4,6 +4,7 @@
 //! mistyped field 422); fields it does not know are ignored and logged at
 //! debug level.
 
+pub mod openapi;
 mod sandboxes;
 mod snapshots;
 mod system;
@@ -31,6 +32,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::HEALTHZ_SLASH, get(system::healthz))
         .route(routes::VERSION, get(system::version))
         .route(routes::METRICS, get(system::metrics))
+        .route(routes::OPENAPI, get(system::openapi))
         .route(
             routes::SNAPSHOTS,
             post(snapshots::create).get(snapshots::list),

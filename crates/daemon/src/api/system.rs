@@ -38,3 +38,11 @@ pub async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
         daemon.metrics.render(),
     )
 }
+
+/// `GET /v1/openapi.json`: this API as an OpenAPI 3 document.
+pub async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::json(),
+    )
+}

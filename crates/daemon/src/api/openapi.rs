@@ -1,0 +1,453 @@
+//! `GET /v1/openapi.json`: the v1 API as an OpenAPI 3 document, made from
+//! the same things the router and the handlers use: the paths are
+//! `proto::routes`' patterns and every body's schema is derived from its
+//! `proto::api` type (`utoipa::ToSchema`), so the document follows the code.
+//! `docs/openapi.json` is a copy, checked against this by a test.
+
+use proto::agent::Pong;
+use proto::api::{
+    BranchMode, BranchRequest, CompactRequest, CreateSnapshot, ErrorBody, EvalRequest,
+    EvalResponse, ExecRequest, ExecResponse, Health, PingResponse, SandboxInfo, SnapshotDetail,
+    SnapshotInfo, SnapshotStatus, SpawnRequest, Version,
+};
+use proto::routes;
+use utoipa::openapi::path::{
+    HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn,
+};
+use utoipa::openapi::request_body::RequestBodyBuilder;
+use utoipa::openapi::schema::{ArrayBuilder, ComponentsBuilder, Ref};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{
+    Content, InfoBuilder, OpenApi, OpenApiBuilder, Paths, RefOr, Required, ResponseBuilder, Schema,
+};
+
+/// A body: one of the API's types, or a list of one.
+#[derive(Clone, Copy)]
+enum Body {
+    One(&'static str),
+    List(&'static str),
+    Text,
+}
+
+impl Body {
+    fn content(self) -> (&'static str, Content) {
+        let schema: RefOr<Schema> = match self {
+            Body::One(name) => Ref::from_schema_name(name).into(),
+            Body::List(name) => ArrayBuilder::new()
+                .items(Ref::from_schema_name(name))
+                .build()
+                .into(),
+            Body::Text => return ("text/plain; version=0.0.4", Content::new(None::<Schema>)),
+        };
+        ("application/json", Content::new(Some(schema)))
+    }
+}
+
+/// One route: its method and pattern, what it does, its body, and its
+/// answers (status, body, when).
+struct Route {
+    method: HttpMethod,
+    path: &'static str,
+    summary: &'static str,
+    body: Option<Body>,
+    answers: &'static [(u16, Option<Body>, &'static str)],
+    /// Without a token.
+    public: bool,
+}
+
+const ERR: Option<Body> = Some(Body::One("ErrorBody"));
+
+/// Every route the router serves.
+const ROUTES: &[Route] = &[
+    Route {
+        method: HttpMethod::Get,
+        path: routes::HEALTHZ,
+        summary: "Liveness (no token)",
+        body: None,
+        answers: &[(200, Some(Body::One("Health")), "the daemon runs")],
+        public: true,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::HEALTHZ_SLASH,
+        summary: "Liveness, as upstream also answers it (no token)",
+        body: None,
+        answers: &[(200, Some(Body::One("Health")), "the daemon runs")],
+        public: true,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::VERSION,
+        summary: "The daemon's version, and where it keeps its state",
+        body: None,
+        answers: &[(200, Some(Body::One("Version")), "its version")],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::METRICS,
+        summary: "Prometheus metrics (text format 0.0.4)",
+        body: None,
+        answers: &[(200, Some(Body::Text), "the metrics")],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::OPENAPI,
+        summary: "This document",
+        body: None,
+        answers: &[(200, None, "an OpenAPI 3 document")],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SNAPSHOTS,
+        summary: "Boot a guest, wait for its agent, snapshot it",
+        body: Some(Body::One("CreateSnapshot")),
+        answers: &[
+            (201, Some(Body::One("SnapshotInfo")), "made"),
+            (400, ERR, "a bad request, or the tag exists"),
+            (409, ERR, "another request is making that tag"),
+            (422, ERR, "a field missing or of the wrong type"),
+            (
+                504,
+                ERR,
+                "the guest's agent did not answer in boot_wait_secs",
+            ),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SNAPSHOTS,
+        summary: "Every snapshot",
+        body: None,
+        answers: &[(200, Some(Body::List("SnapshotInfo")), "the snapshots")],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Delete,
+        path: routes::SNAPSHOT,
+        summary:
+            "Delete a snapshot (?cascade=true: its dependents too; ?force=true: them left unusable)",
+        body: None,
+        answers: &[
+            (204, None, "deleted"),
+            (400, ERR, "cascade and force together"),
+            (404, ERR, "no such snapshot"),
+            (409, ERR, "others depend on it"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SNAPSHOT_INFO,
+        summary: "A snapshot, its sizes and its place in a chain",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("SnapshotDetail")), "the snapshot"),
+            (404, ERR, "no such snapshot"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SNAPSHOT_COMPACT,
+        summary: "A flat, self-contained copy of a snapshot and its chain",
+        body: Some(Body::One("CompactRequest")),
+        answers: &[
+            (200, Some(Body::One("SnapshotInfo")), "the copy"),
+            (400, ERR, "a bad tag, or the copy's tag is the snapshot's"),
+            (404, ERR, "no such snapshot"),
+            (
+                409,
+                ERR,
+                "the copy's tag exists, or the snapshot is not ready",
+            ),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOXES,
+        summary: "Fork sandboxes from a snapshot",
+        body: Some(Body::One("SpawnRequest")),
+        answers: &[
+            (201, Some(Body::List("SandboxInfo")), "forked"),
+            (400, ERR, "a bad request"),
+            (404, ERR, "no such snapshot"),
+            (409, ERR, "the snapshot is not ready"),
+            (422, ERR, "a field missing or of the wrong type"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SANDBOXES,
+        summary: "Every running sandbox",
+        body: None,
+        answers: &[(200, Some(Body::List("SandboxInfo")), "the sandboxes")],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SANDBOX,
+        summary: "One sandbox",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("SandboxInfo")), "the sandbox"),
+            (404, ERR, "no such sandbox"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Delete,
+        path: routes::SANDBOX,
+        summary: "Kill a sandbox",
+        body: None,
+        answers: &[(204, None, "killed"), (404, ERR, "no such sandbox")],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_PING,
+        summary: "The guest agent's answer",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("PingResponse")), "it answered"),
+            (404, ERR, "no such sandbox"),
+            (502, ERR, "the agent answered wrongly or went away"),
+            (504, ERR, "the agent did not answer in time"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_EXEC,
+        summary: "Run a program in the guest",
+        body: Some(Body::One("ExecRequest")),
+        answers: &[
+            (200, Some(Body::One("ExecResponse")), "it ran"),
+            (400, ERR, "a bad request"),
+            (404, ERR, "no such sandbox"),
+            (504, ERR, "the agent did not answer in time"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_EVAL,
+        summary: "Evaluate code in the guest's warm interpreter",
+        body: Some(Body::One("EvalRequest")),
+        answers: &[
+            (200, Some(Body::One("EvalResponse")), "it ran"),
+            (404, ERR, "no such sandbox"),
+        ],
+        public: false,
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_BRANCH,
+        summary: "BRANCH a running sandbox into a snapshot (an empty body: full)",
+        body: Some(Body::One("BranchRequest")),
+        answers: &[
+            (201, Some(Body::One("SnapshotInfo")), "made"),
+            (
+                202,
+                Some(Body::One("SnapshotInfo")),
+                "live, wait: false: still copying",
+            ),
+            (400, ERR, "a contradictory body or a bad tag"),
+            (404, ERR, "no such sandbox"),
+            (409, ERR, "the tag exists or is being made"),
+            (
+                422,
+                ERR,
+                "a field missing or of the wrong type, or the VMM refused",
+            ),
+            (503, ERR, "--branch-concurrency branches are being written"),
+        ],
+        public: false,
+    },
+];
+
+fn operation(route: &Route) -> Operation {
+    let mut op = OperationBuilder::new().summary(Some(route.summary));
+    for name in ["tag", "id"] {
+        if route.path.contains(&format!("{{{name}}}")) {
+            op = op.parameter(
+                ParameterBuilder::new()
+                    .name(name)
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True)
+                    .schema(Some(
+                        utoipa::openapi::ObjectBuilder::new()
+                            .schema_type(utoipa::openapi::schema::Type::String),
+                    )),
+            );
+        }
+    }
+    if let Some(body) = route.body {
+        let (mime, content) = body.content();
+        op = op.request_body(Some(
+            RequestBodyBuilder::new()
+                .required(Some(Required::True))
+                .content(mime, content)
+                .build(),
+        ));
+    }
+    for &(status, body, what) in route.answers {
+        let mut r = ResponseBuilder::new().description(what);
+        if let Some(body) = body {
+            let (mime, content) = body.content();
+            r = r.content(mime, content);
+        }
+        op = op.response(status.to_string(), r.build());
+    }
+    if route.public {
+        // No token: an empty requirement overrides the document's.
+        op = op.security(SecurityRequirement::default());
+    }
+    op.build()
+}
+
+/// The document.
+pub fn document() -> OpenApi {
+    // Methods of one pattern go into one path item.
+    let mut paths = Paths::new();
+    for route in ROUTES {
+        paths.add_path_operation(route.path, vec![route.method.clone()], operation(route));
+    }
+    let components = ComponentsBuilder::new()
+        .schema_from::<ErrorBody>()
+        .schema_from::<Health>()
+        .schema_from::<Version>()
+        .schema_from::<CreateSnapshot>()
+        .schema_from::<SnapshotInfo>()
+        .schema_from::<SnapshotDetail>()
+        .schema_from::<CompactRequest>()
+        .schema_from::<SpawnRequest>()
+        .schema_from::<SandboxInfo>()
+        .schema_from::<PingResponse>()
+        .schema_from::<ExecRequest>()
+        .schema_from::<ExecResponse>()
+        .schema_from::<EvalRequest>()
+        .schema_from::<EvalResponse>()
+        .schema_from::<BranchRequest>()
+        .schema_from::<BranchMode>()
+        .schema_from::<SnapshotStatus>()
+        .schema_from::<Pong>()
+        .security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        )
+        .build();
+    OpenApiBuilder::new()
+        .info(
+            InfoBuilder::new()
+                .title("forkd v1")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "The forkd v1 REST API as forkd-daemon serves it: upstream forkd's \
+                     published surface and forkd's extensions (fields marked Extension). \
+                     Every route but /healthz needs Authorization: Bearer <token> when the \
+                     daemon has one; every error answers {\"error\": \"...\"}.",
+                )),
+        )
+        .paths(paths)
+        .components(Some(components))
+        .security(Some([SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]))
+        .build()
+}
+
+/// The document as the route answers it and `docs/openapi.json` holds it.
+pub fn json() -> String {
+    let mut text = document()
+        .to_pretty_json()
+        .expect("the document serialises");
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `$ref` names a schema the document has.
+    #[test]
+    fn every_reference_resolves() {
+        let doc: serde_json::Value = serde_json::from_str(&json()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let text = json();
+        for r in text.split("\"$ref\": \"#/components/schemas/").skip(1) {
+            let name = r.split('"').next().unwrap();
+            assert!(schemas.contains_key(name), "dangling reference to {name}");
+        }
+        // Upstream's fields are in the answers' schemas.
+        let sandbox = &schemas["SandboxInfo"]["properties"];
+        for field in ["netns", "guest_addr", "has_branched", "branch_count"] {
+            assert!(sandbox.get(field).is_some(), "SandboxInfo lacks {field}");
+        }
+        assert!(schemas["SpawnRequest"]["properties"]
+            .get("prewarm")
+            .is_some());
+    }
+
+    /// Each pattern of `proto::routes` is documented, with the methods the
+    /// router gives it.
+    #[test]
+    fn the_document_has_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(&json()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for (pattern, methods) in [
+            (routes::HEALTHZ, &["get"][..]),
+            (routes::HEALTHZ_SLASH, &["get"]),
+            (routes::VERSION, &["get"]),
+            (routes::METRICS, &["get"]),
+            (routes::OPENAPI, &["get"]),
+            (routes::SNAPSHOTS, &["get", "post"]),
+            (routes::SNAPSHOT, &["delete"]),
+            (routes::SNAPSHOT_INFO, &["get"]),
+            (routes::SNAPSHOT_COMPACT, &["post"]),
+            (routes::SANDBOXES, &["get", "post"]),
+            (routes::SANDBOX, &["delete", "get"]),
+            (routes::SANDBOX_PING, &["post"]),
+            (routes::SANDBOX_EXEC, &["post"]),
+            (routes::SANDBOX_EVAL, &["post"]),
+            (routes::SANDBOX_BRANCH, &["post"]),
+        ] {
+            let item = paths
+                .get(pattern)
+                .unwrap_or_else(|| panic!("{pattern} is not documented"));
+            let mut got: Vec<&str> = item
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            got.sort();
+            assert_eq!(got, methods, "{pattern}");
+        }
+        assert_eq!(paths.len(), 15, "a documented path the router lacks");
+    }
+
+    /// `docs/openapi.json` is this document. After changing the API:
+    /// `FORKD_WRITE_OPENAPI=1 cargo test -p forkd-daemon openapi` writes it.
+    #[test]
+    fn the_checked_in_copy_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let now = json();
+        if std::env::var_os("FORKD_WRITE_OPENAPI").is_some() {
+            std::fs::write(&path, &now).unwrap();
+        }
+        let kept = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            kept == now,
+            "{} is not the API's document: run FORKD_WRITE_OPENAPI=1 cargo test -p forkd-daemon openapi, and commit it",
+            path.display()
+        );
+    }
+}

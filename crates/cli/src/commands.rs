@@ -1008,6 +1008,18 @@ mod tests {
         assert_eq!(err, "forkd: bad: no sandbox bad (HTTP 404)\n");
     }
 
+    /// The paths the fake daemon was asked to DELETE, sorted.
+    fn deleted(d: &FakeDaemon) -> Vec<String> {
+        let mut paths: Vec<String> = d
+            .requests()
+            .into_iter()
+            .filter(|q| q.method == "DELETE")
+            .map(|q| q.path)
+            .collect();
+        paths.sort();
+        paths
+    }
+
     #[test]
     fn kill_by_tag_deletes_that_snapshots_sandboxes_only() {
         let d = FakeDaemon::start(|q| match q.method.as_str() {
@@ -1028,14 +1040,7 @@ mod tests {
         };
         let (r, _, _) = run(d.client(None), false, |c| kill(c, &a));
         assert_eq!(r, Ok(0));
-        let mut deleted: Vec<String> = d
-            .requests()
-            .into_iter()
-            .filter(|q| q.method == "DELETE")
-            .map(|q| q.path)
-            .collect();
-        deleted.sort();
-        assert_eq!(deleted, ["/v1/sandboxes/x", "/v1/sandboxes/y"]);
+        assert_eq!(deleted(&d), ["/v1/sandboxes/x", "/v1/sandboxes/y"]);
     }
 
     #[test]
@@ -1073,14 +1078,7 @@ mod tests {
         assert_eq!(r, Ok(0));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["killed"], serde_json::json!(["x", "y"]));
-        let mut deleted: Vec<String> = d
-            .requests()
-            .into_iter()
-            .filter(|q| q.method == "DELETE")
-            .map(|q| q.path)
-            .collect();
-        deleted.sort();
-        assert_eq!(deleted, ["/v1/sandboxes/x", "/v1/sandboxes/y"]);
+        assert_eq!(deleted(&d), ["/v1/sandboxes/x", "/v1/sandboxes/y"]);
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl Daemon {
                 branched_from: branched_from.map(str::to_owned),
                 pause_ms: pause_ms.map(|ms| ms.round().max(0.0) as u64),
                 pause_us: pause_ms.map(|ms| (ms * 1000.0).round().max(0.0) as u64),
-                diff_ms: diff.map(|d| d.write_us.div_ceil(1000)),
+                diff_ms: diff.map(|d| (d.write_us + 500) / 1000),
                 diff_physical_bytes: diff.map(|d| d.physical_bytes),
                 diff_logical_bytes: diff.map(|d| d.logical_bytes),
                 status,

@@ -84,50 +84,46 @@ fn the_published_clients_drive_the_daemon() {
             common::tail(&d.log_text(), 3000)
         );
     }
-    // /metrics in the text format a Prometheus client parses.
-    let parse = format!(
-        "import sys, urllib.request\n\
-         from prometheus_client.parser import text_string_to_metric_families\n\
-         req = urllib.request.Request('{}/metrics', headers={{'Authorization': 'Bearer {token}'}})\n\
-         r = urllib.request.urlopen(req)\n\
-         ct = r.headers['Content-Type']\n\
-         assert ct.startswith('text/plain; version=0.0.4'), ct\n\
-         fams = {{f.name: f for f in text_string_to_metric_families(r.read().decode())}}\n\
-         cap = fams['forkd_branch_concurrency_cap'].samples[0].value\n\
-         assert cap == 4, cap\n\
-         assert 'forkd_branches_in_flight' in fams and 'forkd_sandboxes_active' in fams, sorted(fams)\n\
-         print('metrics ok', len(fams))\n",
-        d.url
+    // /metrics in the text format a Prometheus client parses, and
+    // /v1/openapi.json a valid OpenAPI document, in their tools' view.
+    let python = venvs.join("forkd-mcp-0.2.1/bin/python");
+    let get = |route: &str| {
+        format!(
+            "import json, urllib.request\n\
+             req = urllib.request.Request('{}{route}', headers={{'Authorization': 'Bearer {token}'}})\n\
+             r = urllib.request.urlopen(req)\n",
+            d.url
+        )
+    };
+    run_python(
+        &python,
+        &(get("/metrics")
+            + "from prometheus_client.parser import text_string_to_metric_families\n\
+               ct = r.headers['Content-Type']\n\
+               assert ct.startswith('text/plain; version=0.0.4'), ct\n\
+               fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}\n\
+               cap = fams['forkd_branch_concurrency_cap'].samples[0].value\n\
+               assert cap == 4, cap\n\
+               assert 'forkd_branches_in_flight' in fams and 'forkd_sandboxes_active' in fams\n"),
+        "prometheus_client cannot read /metrics",
     );
-    let out = Command::new(venvs.join("forkd-mcp-0.2.1/bin/python"))
-        .args(["-c", &parse])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "prometheus_client cannot read /metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // /v1/openapi.json is a valid OpenAPI document (a validator's view).
-    let validate = format!(
-        "import json, urllib.request\n\
-         from openapi_spec_validator import validate\n\
-         req = urllib.request.Request('{}/v1/openapi.json', headers={{'Authorization': 'Bearer {token}'}})\n\
-         spec = json.load(urllib.request.urlopen(req))\n\
-         validate(spec)\n\
-         print('openapi ok', len(spec['paths']))\n",
-        d.url
-    );
-    let out = Command::new(venvs.join("forkd-mcp-0.2.1/bin/python"))
-        .args(["-c", &validate])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "/v1/openapi.json is not a valid OpenAPI document: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_python(
+        &python,
+        &(get("/v1/openapi.json")
+            + "from openapi_spec_validator import validate\n\
+               validate(json.load(r))\n"),
+        "/v1/openapi.json is not a valid OpenAPI document",
     );
     kill_all(&d);
+}
+
+/// Runs `code` with the venv's `python`; fails with `what` and its output.
+fn run_python(python: &std::path::Path, code: &str, what: &str) {
+    let out = Command::new(python).args(["-c", code]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

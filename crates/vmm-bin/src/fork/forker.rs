@@ -104,6 +104,9 @@ impl Forker {
         if !(1..=MAX_CHILDREN).contains(&n) {
             return Err(format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into());
         }
+        if options.huge_pages && !options.memfd {
+            return Err("huge_pages is for memfd children (a mapped memory file cannot be on huge pages): give memfd too".into());
+        }
         crate::net::check_namespaces(&self.snapshot, n, netns)?;
         std::fs::create_dir_all(out_dir)
             .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;

@@ -1,6 +1,6 @@
 #!/bin/sh
-# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers (with a network interface), spawn children (each in its own network namespace), exec, eval and the network in them, branch one (diff) and fork from the branch, kill, stop
-# needs: kernel agent-rootfs daemon
+# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers (with a network interface), spawn children (each in its own network namespace), exec, eval and the network in them, branch one (diff) and fork from the branch, kill; then forkd-mcp on the host, through a port forward, makes a Linux snapshot and drives its child (compat/lab_linux.py); stop
+# needs: kernel agent-rootfs daemon forward
 set -eu -o pipefail
 
 state=$LAB_TMP/state
@@ -9,6 +9,9 @@ export FORKD_URL=http://127.0.0.1:8889
 # Each answer within two minutes (longer only where the CLI asks for more:
 # a snapshot's boot wait), so a stuck request fails here with its context.
 export FORKD_TIMEOUT=120
+# Reachable from the host through lab/run's port forward, so with a token.
+export FORKD_TOKEN="$(cat /lab/token)"
+audit=$LAB_TMP/audit.log
 context() {
   show_tail "$dlog" 40
   for f in "$state"/run/build-*/console.log "$state"/sandboxes/*/*/console.log; do
@@ -50,9 +53,10 @@ check_net() {
   out=$(/lab/bin/ip netns exec "$2" ping -c 1 -W 10 172.16.0.2 2>&1) || die_ctx "ping 172.16.0.2 from namespace $2 failed: $out"
 }
 
-step "forkd-daemon serve --state-dir <tmpfs> (forkd-vmm beside it)"
+step "forkd-daemon serve --state-dir <tmpfs> --bind 0.0.0.0:8889 --token-file /lab/token (forkd-vmm beside it)"
 t0=$(now)
-forkd-daemon serve --state-dir "$state" >"$dlog" 2>&1 &
+forkd-daemon serve --state-dir "$state" --bind 0.0.0.0:8889 --token-file /lab/token \
+  --audit-log "$audit" >"$dlog" 2>&1 &
 dpid=$!
 up="" err=""
 for _ in $(seq 1 200); do
@@ -127,6 +131,23 @@ left=$(ls /var/run/netns 2>/dev/null | tr '\n' ' ')
 [ -z "$left" ] || die_ctx "network namespaces left after kill --all: $left"
 forkd rmi linux --cascade >/dev/null || die_ctx "rmi --cascade failed"
 [ "$(forkd --json images | tr -d '\n ')" = "[]" ] || die_ctx "snapshots left after rmi --cascade: $(forkd --json images)"
+
+# The published clients, from the host, through the port forward: a Linux
+# snapshot made by forkd-mcp's create_snapshot, and its children driven
+# by its tools (lab/run's LAB_HOST_STEP; crates/vmm-bin/tests/lab.rs sets
+# it). Level 1 waits for the host step's end in the audit log.
+step "LAB-FORWARD-READY: the host's clients drive this daemon now"
+echo "LAB-FORWARD-READY"
+done_rc=""
+for _ in $(seq 1 900); do
+  done_rc=$(grep -o '/lab/host-done?rc=[0-9]*' "$audit" 2>/dev/null | head -1 | cut -d= -f2 || true)
+  [ -n "$done_rc" ] && break
+  sleep 1
+done
+[ -n "$done_rc" ] || die_ctx "the host step did not end within 900 s"
+[ "$done_rc" = 0 ] || die_ctx "the host step failed (exit $done_rc; its output is in lab/run's log on the host)"
+step "the host step passed"
+forkd kill --all >/dev/null || die_ctx "kill --all after the host step failed"
 
 kill -TERM "$dpid"
 rc=0

@@ -50,12 +50,15 @@ impl Hierarchy {
         };
         let parent = root.join("forkd");
         if let Hierarchy::V2(_) = self {
+            // The memory controller reaches `forkd`'s children only when
+            // every level above hands it down: the root (which an init
+            // system such as systemd has done already, a bare host not)
+            // and `forkd` itself.
+            enable_memory(root)?;
             if !parent.exists() {
                 std::fs::create_dir_all(&parent).map_err(|e| cg_err(&parent, e))?;
             }
-            // Children of `forkd` may use the memory controller.
-            let ctl = parent.join("cgroup.subtree_control");
-            let _ = std::fs::write(&ctl, "+memory");
+            enable_memory(&parent)?;
         }
         let dir = parent.join(id);
         std::fs::create_dir_all(&dir).map_err(|e| cg_err(&dir, e))?;
@@ -90,6 +93,20 @@ pub fn remove(dir: &Path) {
             }
         }
     }
+}
+
+/// Hands the memory controller down to `dir`'s children (cgroup v2), when
+/// it does not already.
+fn enable_memory(dir: &Path) -> Result<(), Error> {
+    let ctl = dir.join("cgroup.subtree_control");
+    let on = std::fs::read_to_string(&ctl)
+        .map_err(|e| cg_err(&ctl, e))?
+        .split_whitespace()
+        .any(|c| c == "memory");
+    if !on {
+        std::fs::write(&ctl, "+memory").map_err(|e| cg_err(&ctl, e))?;
+    }
+    Ok(())
 }
 
 fn cg_err(path: &Path, source: std::io::Error) -> Error {

@@ -246,6 +246,11 @@ impl From<crate::driver::BootError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // The daemon's own failures go to its log too: the client may not
+        // show the body (raise_for_status), and the operator needs the why.
+        if self.status().is_server_error() {
+            tracing::warn!(status = self.status().as_u16(), "{}", self.message);
+        }
         (
             self.status(),
             Json(ErrorBody {

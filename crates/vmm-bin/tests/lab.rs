@@ -64,6 +64,26 @@ fn run_scenario(name: &str) {
             );
             lab.env(var, path);
         }
+        // The published forkd-mcp, here on the host, drives the daemon in
+        // level 1 through the lab's port forward (compat/lab_linux.py).
+        let venv = std::env::var_os("FORKD_COMPAT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/forkd/compat"))
+            .join("current/forkd-mcp-0.2.1/bin");
+        assert!(
+            venv.join("forkd-mcp").is_file(),
+            "{} is missing: run compat/setup (.ci/setup does) for the daemon lab test's host step",
+            venv.display()
+        );
+        lab.env(
+            "LAB_HOST_STEP",
+            format!(
+                "{} {} {}",
+                venv.join("python").display(),
+                repo().join("compat/lab_linux.py").display(),
+                venv.join("forkd-mcp").display()
+            ),
+        );
     }
     let status = lab.status().expect("cannot start lab/run");
     let secs = start.elapsed().as_secs();
@@ -115,7 +135,9 @@ fn lab_branch_live() {
 
 /// forkd-daemon inside the lab serves a Linux snapshot over the v1 REST
 /// API through the forkd CLI: snapshot once the agent answers, spawn,
-/// exec, eval, a diff branch and a child of it (issue 8).
+/// exec, eval, a diff branch and a child of it (issue 8); then forkd-mcp on
+/// the host makes a Linux snapshot through the lab's port forward and
+/// drives its child (issue 15).
 #[test]
 fn lab_daemon() {
     run_scenario("daemon");

@@ -23,7 +23,7 @@ use axum::Router;
 use proto::routes;
 
 use crate::daemon::Daemon;
-use crate::error::{ApiError, Kind};
+use crate::error::{ApiError, ApiResult, Kind};
 
 /// The router over `daemon`.
 pub fn router(daemon: Arc<Daemon>) -> Router {
@@ -121,6 +121,17 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
         });
     }
     response
+}
+
+/// Runs a request's work to its end, recorded or cleaned up, whether or not
+/// its client is still there: a client that hangs up drops the handler's
+/// future, not this task. Every route that changes state goes through it.
+pub async fn to_the_end<T, F>(work: F) -> ApiResult<T>
+where
+    F: std::future::Future<Output = ApiResult<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(work).await?
 }
 
 /// A JSON body (see [`parse_body`]); 415 without a JSON content type, 413

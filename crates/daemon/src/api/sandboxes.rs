@@ -10,7 +10,7 @@ use proto::api::{
     SnapshotInfo, SpawnRequest,
 };
 
-use super::Body;
+use super::{to_the_end, Body};
 use crate::daemon::Daemon;
 use crate::error::ApiResult;
 
@@ -19,7 +19,8 @@ pub async fn spawn(
     State(daemon): State<Arc<Daemon>>,
     Body(req): Body<SpawnRequest>,
 ) -> ApiResult<(StatusCode, Json<Vec<SandboxInfo>>)> {
-    Ok((StatusCode::CREATED, Json(daemon.spawn(req).await?)))
+    let kids = to_the_end(async move { daemon.spawn(req).await }).await?;
+    Ok((StatusCode::CREATED, Json(kids)))
 }
 
 /// `GET /v1/sandboxes`.
@@ -40,7 +41,7 @@ pub async fn kill(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    daemon.kill(&id).await?;
+    to_the_end(async move { daemon.kill(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -85,7 +86,7 @@ pub async fn branch(
     } else {
         super::parse_body(&body)?
     };
-    let b = daemon.branch(&id, req).await?;
+    let b = to_the_end(async move { daemon.branch(&id, req).await }).await?;
     let status = if b.accepted {
         StatusCode::ACCEPTED
     } else {

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use proto::api::{CompactRequest, CreateSnapshot, SnapshotDetail, SnapshotInfo};
 
-use super::Body;
+use super::{to_the_end, Body};
 use crate::daemon::Daemon;
 use crate::error::{ApiError, ApiResult};
 
@@ -16,7 +16,7 @@ pub async fn create(
     State(daemon): State<Arc<Daemon>>,
     Body(req): Body<CreateSnapshot>,
 ) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
-    let info = daemon.create_snapshot(req).await?;
+    let info = to_the_end(async move { daemon.create_snapshot(req).await }).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -66,7 +66,7 @@ pub async fn delete(
             }
         }
     }
-    daemon.delete_snapshot(&tag, cascade, force).await?;
+    to_the_end(async move { daemon.delete_snapshot(&tag, cascade, force).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -76,5 +76,6 @@ pub async fn compact(
     Path(tag): Path<String>,
     Body(req): Body<CompactRequest>,
 ) -> ApiResult<Json<SnapshotInfo>> {
-    Ok(Json(daemon.compact(&tag, &req.to).await?))
+    let info = to_the_end(async move { daemon.compact(&tag, &req.to).await }).await?;
+    Ok(Json(info))
 }

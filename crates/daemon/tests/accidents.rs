@@ -1,0 +1,168 @@
+//! Accidents a careless or hostile client causes, on a real daemon and
+//! real built-in guests: after each, the API's view and the machine agree
+//! (every VMM and snapshot directory under the state directory is one the
+//! API lists) and the tag involved is usable.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{kill_all, Config, Daemon, TempDir};
+use serde_json::{json, Value};
+
+/// Sends a request and hangs up `after` it is sent, without reading the
+/// answer (a client that gives up).
+fn hang_up(d: &Daemon, method: &str, path: &str, body: Option<Value>, after: Duration) {
+    let addr = d.url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(after);
+    drop(s);
+}
+
+/// Polls `what` until it holds, for up to 60 s.
+fn eventually(what: &str, mut holds: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !holds() {
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The processes whose standard error is a file under `dir` (every VMM
+/// of a sandbox writes its `vmm.log` there).
+fn processes_logging_under(dir: &Path) -> BTreeSet<i64> {
+    let mut pids = BTreeSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        if let Ok(target) = std::fs::read_link(entry.path().join("fd/2")) {
+            if target.starts_with(dir) {
+                pids.insert(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn listed_pids(d: &Daemon) -> BTreeSet<i64> {
+    d.expect("GET", "/v1/sandboxes", None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_i64().unwrap())
+        .collect()
+}
+
+fn listed_tags(d: &Daemon) -> BTreeSet<String> {
+    d.expect("GET", "/v1/snapshots", None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "ready")
+        .map(|s| s["tag"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The snapshot directories on disk (not the temporary ones).
+fn snapshot_dirs(state: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(state.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn a_client_that_hangs_up_leaves_nothing_the_api_does_not_list() {
+    let tmp = TempDir::new("hangup");
+    let state = tmp.path().join("state");
+    let d = Daemon::start(&state, &Config::default());
+    // A snapshot request given up at once: made and registered anyway.
+    hang_up(
+        &d,
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "h", "builtin": true})),
+        Duration::from_millis(5),
+    );
+    eventually("the given-up snapshot is registered", || {
+        listed_tags(&d).contains("h")
+    });
+
+    // A spawn of 12 given up after 30 ms: all 12 are the API's.
+    hang_up(
+        &d,
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "h", "n": 12})),
+        Duration::from_millis(30),
+    );
+    eventually("the given-up spawn's 12 sandboxes are listed", || {
+        listed_pids(&d).len() == 12
+    });
+    let vmms = processes_logging_under(&state.join("sandboxes"));
+    assert_eq!(
+        vmms,
+        listed_pids(&d),
+        "VMMs under the state directory that the API does not list (or the reverse)"
+    );
+
+    // A branch given up at once: registered, and its tag usable.
+    let id = d.expect("GET", "/v1/sandboxes", None, 200)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    hang_up(
+        &d,
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"tag": "hb"})),
+        Duration::from_millis(5),
+    );
+    eventually("the given-up branch is registered", || {
+        listed_tags(&d).contains("hb")
+    });
+    assert_eq!(
+        snapshot_dirs(&state),
+        listed_tags(&d),
+        "snapshot directories the API does not list"
+    );
+    let kid = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "hb"})),
+        201,
+    );
+    let k = kid[0]["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{k}/ping"), None, 200);
+
+    // A kill given up at once: the VMM goes with its record.
+    hang_up(
+        &d,
+        "DELETE",
+        &format!("/v1/sandboxes/{id}"),
+        None,
+        Duration::from_millis(1),
+    );
+    eventually("the given-up kill is done", || {
+        !listed_pids(&d).is_empty() && d.call("GET", &format!("/v1/sandboxes/{id}"), None).0 == 404
+    });
+    kill_all(&d);
+    eventually("no VMM is left under the state directory", || {
+        processes_logging_under(&state.join("sandboxes")).is_empty()
+    });
+}

@@ -51,12 +51,35 @@ impl Paths {
             run: state.join("run"),
             state,
         };
+        // Guest memory, vmstate and the database are the sandboxes' secrets:
+        // the state directory is the daemon's alone (what it and its VMMs
+        // create inside is 0600/0700 by the umask main() sets). A shared
+        // directory (world-writable or sticky, as /tmp) is left as it is:
+        // `--state-dir /tmp` must not close /tmp to everyone else.
+        use std::os::unix::fs::PermissionsExt;
+        let ours =
+            std::fs::metadata(&paths.state).map_or(true, |m| m.permissions().mode() & 0o1002 == 0);
         for dir in [&paths.state, &paths.snapshots, &paths.sandboxes, &paths.run] {
             std::fs::create_dir_all(dir).map_err(|source| StartError::Io {
                 what: "cannot create",
                 path: dir.to_owned(),
                 source,
             })?;
+        }
+        if ours {
+            std::fs::set_permissions(&paths.state, std::fs::Permissions::from_mode(0o700))
+                .map_err(|source| StartError::Io {
+                    what: "cannot restrict",
+                    path: paths.state.clone(),
+                    source,
+                })?;
+        } else if std::fs::metadata(&paths.state).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+        {
+            tracing::warn!(
+                "the state directory {} is shared (world-writable or sticky), so it is left as it \
+                 is; its snapshots/, sandboxes/ and run/ are forkd's alone",
+                paths.state.display()
+            );
         }
         Ok(paths)
     }
@@ -110,6 +133,51 @@ pub struct Daemon {
     fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
     in_flight: Arc<Mutex<HashSet<String>>>,
     agents_seen: Mutex<HashSet<String>>,
+    /// The state directory's lock, held as long as the daemon runs.
+    _lock: StateLock,
+}
+
+/// An exclusive lock on a state directory (`<state>/daemon.lock`, flock):
+/// two daemons on one state directory would kill each other's fork servers
+/// and race on its files. Released when the process ends, however it ends.
+pub struct StateLock(#[allow(dead_code)] std::fs::File);
+
+impl StateLock {
+    /// Takes the lock of `state`, or says which process holds it.
+    pub fn take(state: &Path) -> Result<StateLock, StartError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = state.join("daemon.lock");
+        let io = |what: &'static str| {
+            let path = path.clone();
+            move |source| StartError::Io { what, path, source }
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("cannot open"))?;
+        // SAFETY: flock on a descriptor this function owns; no memory involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io("cannot lock")(e));
+            }
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(StartError::Config(format!(
+                "another forkd-daemon (pid {}) uses the state directory {}: stop it, or give this one another --state-dir",
+                holder.trim(),
+                state.display()
+            )));
+        }
+        file.set_len(0).map_err(io("cannot write"))?;
+        file.rewind().map_err(io("cannot write"))?;
+        writeln!(file, "{}", std::process::id()).map_err(io("cannot write"))?;
+        Ok(StateLock(file))
+    }
 }
 
 /// A tag claimed by a request that is making a snapshot of that name;
@@ -133,6 +201,13 @@ impl Daemon {
     /// Opens the state directory and store (no re-adoption yet; see
     /// [`Daemon::recover`]).
     pub fn open(opts: Options) -> Result<Daemon, StartError> {
+        // The lock first: a second daemon must not touch anything.
+        std::fs::create_dir_all(&opts.state_dir).map_err(|source| StartError::Io {
+            what: "cannot create",
+            path: opts.state_dir.clone(),
+            source,
+        })?;
+        let lock = StateLock::take(&opts.state_dir)?;
         let paths = Paths::create(&opts.state_dir, opts.snapshot_root.as_deref())?;
         let store = Store::open(&paths.state.join("forkd.db"))?;
         let metrics = Metrics::new();
@@ -153,6 +228,7 @@ impl Daemon {
             fork_servers: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             agents_seen: Mutex::new(HashSet::new()),
+            _lock: lock,
         })
     }
 

@@ -24,6 +24,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Everything the daemon and the forkd-vmm processes it starts create
+    // (guest memory, vmstate, the database, logs) is for their owner only.
+    // SAFETY: umask only sets this process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FORKD_LOG")

@@ -166,3 +166,56 @@ fn a_client_that_hangs_up_leaves_nothing_the_api_does_not_list() {
         processes_logging_under(&state.join("sandboxes")).is_empty()
     });
 }
+
+/// A second daemon on the same state directory would kill the first's fork
+/// servers: it is refused, naming the first; the first goes on. What the
+/// daemon keeps there is its owner's alone.
+#[test]
+fn one_daemon_a_state_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("lock");
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(&state, &Config::default());
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700,
+        "the daemon leaves its state directory open"
+    );
+    let err = Daemon::try_start(&state, &Config::default())
+        .err()
+        .expect("a second daemon on one state directory starts");
+    assert!(
+        err.contains("another forkd-daemon") && err.contains(&d.pid().to_string()),
+        "{err}"
+    );
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "p", "builtin": true})),
+        201,
+    );
+    let kid = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "p"})),
+        201,
+    );
+    let id = kid[0]["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    for f in [
+        "forkd.db",
+        "snapshots/p/memory",
+        "snapshots/p/vmstate",
+        "snapshots/p/snapshot.json",
+    ] {
+        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+    }
+    for dir in ["snapshots/p", "sandboxes"] {
+        assert_eq!(mode(&state.join(dir)), 0o700, "{dir}");
+    }
+    kill_all(&d);
+}

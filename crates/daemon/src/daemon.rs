@@ -131,6 +131,8 @@ pub struct Daemon {
     /// Network namespaces made ahead of networked spawns.
     pub netns_pool: Arc<crate::netns::Pool>,
     fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
+    /// Held while a tag's fork server starts.
+    fork_server_starts: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     in_flight: Arc<Mutex<HashSet<String>>>,
     agents_seen: Mutex<HashSet<String>>,
     /// The state directory's lock, held as long as the daemon runs.
@@ -226,6 +228,7 @@ impl Daemon {
             branch_concurrency: opts.branch_concurrency,
             netns_pool: Arc::new(crate::netns::Pool::new(opts.netns_pool)),
             fork_servers: Mutex::new(HashMap::new()),
+            fork_server_starts: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashSet::new())),
             agents_seen: Mutex::new(HashSet::new()),
             _lock: lock,
@@ -293,19 +296,28 @@ impl Daemon {
         tag: &str,
         dir: &Path,
     ) -> Result<Arc<ForkServer>, crate::driver::Error> {
-        if let Some(server) = lock(&self.fork_servers).get(tag) {
-            if server.alive() {
-                return Ok(server.clone());
-            }
+        let running = |servers: &HashMap<String, Arc<ForkServer>>| {
+            servers.get(tag).filter(|s| s.alive()).cloned()
+        };
+        if let Some(server) = running(&lock(&self.fork_servers)) {
+            return Ok(server);
         }
-        // Started outside the lock: loading a big snapshot takes a while and
-        // other snapshots' spawns must not wait for it. Two racing starts
-        // for one tag both work; the second replaces the first.
+        // One start per tag at a time (spawns racing after a restart wait
+        // for the first), outside the servers' map lock: loading a big
+        // snapshot takes a while and other snapshots' spawns must not wait.
+        let starting = lock(&self.fork_server_starts)
+            .entry(tag.to_owned())
+            .or_default()
+            .clone();
+        let _one = lock(&starting);
+        if let Some(server) = running(&lock(&self.fork_servers)) {
+            return Ok(server);
+        }
+        // A dead one (killed, crashed) is replaced; it had a socket of its
+        // own, so stopping it cannot take the new one's.
         let server = Arc::new(ForkServer::start(&self.vmm, dir, &self.paths.run, tag)?);
         if let Some(old) = lock(&self.fork_servers).insert(tag.to_owned(), server.clone()) {
-            if !Arc::ptr_eq(&old, &server) {
-                old.stop();
-            }
+            old.stop();
         }
         Ok(server)
     }

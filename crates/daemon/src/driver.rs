@@ -426,6 +426,8 @@ fn settled(pong: &Pong) -> bool {
 /// A `forkd-vmm fork-server` holding one snapshot.
 pub struct ForkServer {
     socket: PathBuf,
+    log: PathBuf,
+    pidfile: PathBuf,
     pid: i32,
     ticks: u64,
 }
@@ -445,9 +447,11 @@ impl ForkServer {
         run_dir: &Path,
         name: &str,
     ) -> Result<ForkServer, Error> {
+        // A socket, log and pid file of its own (a server replaced after it
+        // died must not share a path with its successor).
+        let name = format!("{name}-{}", crate::util::random_hex(3));
         let socket = run_dir.join(format!("{name}.fork.sock"));
         let log_path = run_dir.join(format!("{name}.fork.log"));
-        let _ = std::fs::remove_file(&socket);
         let log = std::fs::File::create(&log_path).map_err(|source| Error::Create {
             path: log_path.clone(),
             source,
@@ -500,7 +504,13 @@ impl ForkServer {
         std::thread::spawn(move || child.wait());
         let pidfile = run_dir.join(format!("{name}.fork.pid"));
         let _ = std::fs::write(&pidfile, format!("{pid} {ticks}\n"));
-        Ok(ForkServer { socket, pid, ticks })
+        Ok(ForkServer {
+            socket,
+            log: log_path,
+            pidfile,
+            pid,
+            ticks,
+        })
     }
 
     /// Whether the server still runs.
@@ -565,7 +575,9 @@ impl ForkServer {
     /// if any, exit with it).
     pub fn stop(&self) {
         procs::kill(self.pid, self.ticks, Duration::from_secs(2));
-        let _ = std::fs::remove_file(&self.socket);
+        for file in [&self.socket, &self.pidfile, &self.log] {
+            let _ = std::fs::remove_file(file);
+        }
         let _ = std::fs::remove_dir_all(pool_staging(&self.socket));
     }
 }
@@ -597,6 +609,7 @@ pub fn reap_stale_fork_servers(run_dir: &Path) {
             }
         }
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(run_dir.join(name.replace(".fork.pid", ".fork.log")));
         let socket = run_dir.join(name.replace(".fork.pid", ".fork.sock"));
         let _ = std::fs::remove_file(&socket);
         let _ = std::fs::remove_dir_all(pool_staging(&socket));

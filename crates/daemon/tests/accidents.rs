@@ -114,11 +114,9 @@ fn a_client_that_hangs_up_leaves_nothing_the_api_does_not_list() {
     eventually("the given-up spawn's 12 sandboxes are listed", || {
         listed_pids(&d).len() == 12
     });
-    let vmms = processes_logging_under(&state.join("sandboxes"));
-    assert_eq!(
-        vmms,
-        listed_pids(&d),
-        "VMMs under the state directory that the API does not list (or the reverse)"
+    eventually(
+        "the VMMs under the state directory are the ones the API lists",
+        || processes_logging_under(&state.join("sandboxes")) == listed_pids(&d),
     );
 
     // A branch given up at once: registered, and its tag usable.
@@ -217,5 +215,83 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
     for dir in ["snapshots/p", "sandboxes"] {
         assert_eq!(mode(&state.join(dir)), 0o700, "{dir}");
     }
+    kill_all(&d);
+}
+
+/// The fork-server processes `daemon` started for the snapshot in `dir`
+/// (its children by their command line; the VMMs they fork share it, but
+/// not their parent).
+fn fork_servers_of(daemon: i32, dir: &str) -> Vec<i64> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if cmdline.contains(" fork-server ") && cmdline.contains(dir) && ppid == Some(daemon) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A snapshot's fork server killed: the next spawns, racing, start one
+/// new server between them (its own socket: the dead one's cleanup cannot
+/// take it) and all succeed.
+#[test]
+fn a_dead_fork_server_is_replaced_once_under_racing_spawns() {
+    let tmp = TempDir::new("forkserver");
+    let state = tmp.path().join("state");
+    let d = Daemon::start(&state, &Config::default());
+    let snap = d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "f", "builtin": true})),
+        201,
+    );
+    let dir = snap["dir"].as_str().unwrap().to_owned();
+    d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "f"})),
+        201,
+    );
+    let first = fork_servers_of(d.pid(), &dir);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // SAFETY: signalling a process by pid; it is this test's daemon's child.
+    unsafe { libc::kill(first[0] as libc::pid_t, libc::SIGKILL) };
+    eventually("the fork server is gone", || {
+        !Path::new(&format!("/proc/{}/cmdline", first[0])).exists()
+            || std::fs::read(format!("/proc/{}/cmdline", first[0]))
+                .unwrap_or_default()
+                .is_empty()
+    });
+    let answers: Vec<u16> = std::thread::scope(|s| {
+        let spawns: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    d.call("POST", "/v1/sandboxes", Some(json!({"snapshot_tag": "f"})))
+                        .0
+                })
+            })
+            .collect();
+        spawns.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert_eq!(answers, [201; 4], "{}", common::tail(&d.log_text(), 2000));
+    let now = fork_servers_of(d.pid(), &dir);
+    assert_eq!(now.len(), 1, "one fork server after racing starts: {now:?}");
+    assert_ne!(now, first);
+    assert_eq!(listed_pids(&d).len(), 5);
+    // (A spawn answers once its children are forked; each then opens its
+    // own log.)
+    eventually("the VMMs on the machine are the listed ones", || {
+        processes_logging_under(&state.join("sandboxes")) == listed_pids(&d)
+    });
     kill_all(&d);
 }

@@ -40,7 +40,7 @@ pub struct Entry<'a> {
     pub remote: Option<SocketAddr>,
     /// HTTP method.
     pub method: &'a str,
-    /// Path (with the query, which never carries secrets in this API).
+    /// Path, without the query, at most [`MAX_FIELD`] bytes.
     pub path: &'a str,
     /// Answer status.
     pub status: u16,
@@ -91,6 +91,22 @@ impl AuditLog {
     }
 }
 
+/// Longest path or User-Agent an audit line keeps, in bytes.
+pub const MAX_FIELD: usize = 256;
+
+/// `s` cut to [`MAX_FIELD`] bytes (at a character boundary), marked when
+/// cut.
+pub fn bounded(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_owned();
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...(cut, {} bytes)", &s[..end], s.len())
+}
+
 /// `at` as RFC 3339 UTC to the second (`2026-12-07T03:17:11Z`), as
 /// upstream's audit lines have it.
 pub fn rfc3339(at: std::time::SystemTime) -> String {
@@ -112,6 +128,15 @@ pub fn now_secs() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_fields_are_cut_at_a_character() {
+        assert_eq!(bounded("/v1/x"), "/v1/x");
+        let long = format!("/{}", "é".repeat(200));
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_FIELD + 40, "{cut}");
+        assert!(cut.ends_with("...(cut, 401 bytes)"), "{cut}");
+    }
 
     #[test]
     fn timestamps_are_rfc3339_to_the_second() {

@@ -22,6 +22,8 @@ use crate::util::random_hex;
 
 /// Guest RAM bounds a snapshot request may ask for.
 const MEM_MIB: std::ops::RangeInclusive<u64> = 16..=65536;
+/// Most vCPUs a snapshot's guest may have.
+const MAX_VCPUS: u8 = 64;
 
 /// What a snapshot request asks to boot, checked.
 struct Plan {
@@ -73,8 +75,10 @@ fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
         )));
     }
     let vcpus = req.vcpus.unwrap_or(1);
-    if vcpus == 0 {
-        return Err(ApiError::bad_request("vcpus must be at least 1"));
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(ApiError::bad_request(format!(
+            "vcpus {vcpus} is out of range: 1 to {MAX_VCPUS}"
+        )));
     }
     // Upstream slept this long and then snapshotted; here it bounds the
     // wait for the agent, which ends as soon as the agent answers. Its

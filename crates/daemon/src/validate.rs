@@ -10,6 +10,9 @@ use crate::error::{ApiError, ApiResult};
 
 /// Smallest memory cap: below it a VMM cannot even start.
 pub const MIN_MEMORY_LIMIT_MIB: u64 = 32;
+/// Largest memory cap (1 TiB): more is no cap at all, and as bytes it
+/// would overflow what the cgroup files take.
+pub const MAX_MEMORY_LIMIT_MIB: u64 = 1 << 20;
 
 /// The request on its own: `n` in range, a memory cap the host can apply.
 pub fn spawn_request(req: &SpawnRequest, has_cgroups: bool) -> ApiResult<()> {
@@ -20,9 +23,9 @@ pub fn spawn_request(req: &SpawnRequest, has_cgroups: bool) -> ApiResult<()> {
         )));
     }
     if let Some(mib) = req.memory_limit_mib {
-        if mib < MIN_MEMORY_LIMIT_MIB {
+        if !(MIN_MEMORY_LIMIT_MIB..=MAX_MEMORY_LIMIT_MIB).contains(&mib) {
             return Err(ApiError::bad_request(format!(
-                "memory_limit_mib {mib} is too small: at least {MIN_MEMORY_LIMIT_MIB}"
+                "memory_limit_mib {mib} is out of range: {MIN_MEMORY_LIMIT_MIB} to {MAX_MEMORY_LIMIT_MIB}"
             )));
         }
         if !has_cgroups {
@@ -227,7 +230,11 @@ mod tests {
         );
         let mut r = spawn(1);
         r.memory_limit_mib = Some(MIN_MEMORY_LIMIT_MIB - 1);
-        bad(spawn_request(&r, true), 400, "too small");
+        bad(spawn_request(&r, true), 400, "out of range");
+        r.memory_limit_mib = Some(u64::MAX);
+        bad(spawn_request(&r, true), 400, "out of range");
+        r.memory_limit_mib = Some(MAX_MEMORY_LIMIT_MIB);
+        assert!(spawn_request(&r, true).is_ok());
         r.memory_limit_mib = Some(256);
         assert!(spawn_request(&r, true).is_ok());
         bad(spawn_request(&r, false), 400, "cgroup");

@@ -295,3 +295,47 @@ fn a_dead_fork_server_is_replaced_once_under_racing_spawns() {
     });
     kill_all(&d);
 }
+
+/// What a careless client sends: answered in JSON with a 4xx, and audited
+/// in a line of bounded size with no query string (a token put there
+/// stays out of the log).
+#[test]
+fn careless_requests_answer_json_and_audit_lines_stay_small() {
+    let tmp = TempDir::new("careless");
+    let audit = tmp.path().join("audit.jsonl");
+    let d = Daemon::start(
+        &tmp.path().join("state"),
+        &Config {
+            audit_log: Some(audit.clone()),
+            ..Default::default()
+        },
+    );
+    let (s, v) = d.call(
+        "POST",
+        "/v1/sandboxes/x-0/branch",
+        Some(json!({"tag": "x".repeat(3 << 20)})),
+    );
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "v", "builtin": true, "vcpus": 200})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "v", "memory_limit_mib": u64::MAX})),
+    );
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = d.call("GET", &format!("/v1/{}", "a".repeat(60_000)), None);
+    assert_eq!(s, 404);
+    d.call("GET", "/v1/snapshots?token=secret-in-the-query", None);
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(!log.contains("secret-in-the-query"), "{log}");
+    for line in log.lines() {
+        assert!(line.len() < 1024, "an audit line of {} bytes", line.len());
+    }
+    assert!(log.contains("(cut, 60004 bytes)"), "{log}");
+}

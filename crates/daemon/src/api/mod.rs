@@ -75,11 +75,10 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
+    // The path only (as upstream logs it): a query may carry what a client
+    // should not have put there (a token), and both are bounded, so a flood
+    // of long paths cannot grow the log by more than a line each.
+    let path = crate::audit::bounded(req.uri().path());
     let mut token_id = None;
     let response = match &daemon.auth {
         Some(auth) if !routes::is_healthz(req.uri().path()) => {
@@ -116,7 +115,7 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
             status: response.status().as_u16(),
             latency_ms: latency.as_secs_f64() * 1000.0,
             latency_us: latency.as_micros() as u64,
-            ua: &user_agent,
+            ua: &crate::audit::bounded(&user_agent),
             token_id,
         });
     }
@@ -152,16 +151,29 @@ where
                 "bad request body: send it as JSON with Content-Type: application/json",
             ));
         }
-        let bytes = axum::body::Bytes::from_request(req, state)
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_body(&bytes).map(Body)
+    }
+}
+
+/// A body's bytes, whatever its type; too large (axum's limit, 2 MB) is a
+/// JSON 413 like every other error, not axum's plain text.
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(req, state)
             .await
+            .map(RawBody)
             .map_err(|r| {
                 let m = format!("bad request body: {}", r.body_text());
                 match r.status() {
                     StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(Kind::PayloadTooLarge, m),
                     _ => ApiError::bad_request(m),
                 }
-            })?;
-        parse_body(&bytes).map(Body)
+            })
     }
 }
 

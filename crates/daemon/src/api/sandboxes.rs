@@ -10,7 +10,7 @@ use proto::api::{
     SnapshotInfo, SpawnRequest,
 };
 
-use super::{to_the_end, Body};
+use super::{to_the_end, Body, RawBody};
 use crate::daemon::Daemon;
 use crate::error::ApiResult;
 
@@ -79,7 +79,7 @@ pub async fn eval(
 pub async fn branch(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
     let req: BranchRequest = if body.iter().all(u8::is_ascii_whitespace) {
         BranchRequest::default()

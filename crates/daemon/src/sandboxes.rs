@@ -385,6 +385,19 @@ impl Daemon {
             self.existing_snapshot(parent)?;
         }
         validate::branch_of(&plan, &req, id, &sandbox.base_tag, sandbox.info.live_fork)?;
+        // A diff stacks on the sandbox's base; deleted (as upstream allows
+        // while sandboxes run), a diff would be `ready` yet never spawn.
+        if mode == BranchMode::Diff
+            && self
+                .store
+                .snapshot(&sandbox.base_tag)?
+                .is_none_or(|s| s.info.status != SnapshotStatus::Ready)
+        {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id:?}'s diffs stack on snapshot {:?}, which is deleted or not ready: take a full branch first (mode: full), then diffs stack on that",
+                sandbox.base_tag
+            )));
+        }
         self.metrics.branches_in_flight.inc();
         let in_flight = scopeguard(self.clone());
         let dir = self.paths.snapshot(&tag);

@@ -310,13 +310,23 @@ fn careless_requests_answer_json_and_audit_lines_stay_small() {
             ..Default::default()
         },
     );
-    let (s, v) = d.call(
-        "POST",
-        "/v1/sandboxes/x-0/branch",
-        Some(json!({"tag": "x".repeat(3 << 20)})),
-    );
-    assert_eq!(s, 413, "{v}");
-    assert!(v["error"].is_string(), "{v}");
+    // A body over the limit (sent raw: the daemon answers and closes before
+    // it has all of it).
+    let addr = d.url.trim_start_matches("http://");
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let len = 3 << 20;
+    write!(
+        c,
+        "POST /v1/sandboxes/x-0/branch HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let _ = c.write_all(&vec![b' '; len]);
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut c, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("{\"error\":"), "not a JSON error: {answer}");
     let (s, v) = d.call(
         "POST",
         "/v1/snapshots",
@@ -338,4 +348,69 @@ fn careless_requests_answer_json_and_audit_lines_stay_small() {
         assert!(line.len() < 1024, "an audit line of {} bytes", line.len());
     }
     assert!(log.contains("(cut, 60004 bytes)"), "{log}");
+}
+
+/// Deleting a snapshot its sandboxes run from is allowed (as upstream:
+/// their memory stays mapped), but a diff that would stack on a deleted
+/// base is refused, never made `ready` and unspawnable; a full branch
+/// gives the sandbox a base again.
+#[test]
+fn a_diff_on_a_deleted_base_is_refused_not_made_broken() {
+    let tmp = TempDir::new("deletedbase");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "r", "builtin": true})),
+        201,
+    );
+    let kid = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "r"})),
+        201,
+    );
+    let id = kid[0]["id"].as_str().unwrap().to_owned();
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"tag": "rb"})),
+        201,
+    );
+    d.expect("DELETE", "/v1/snapshots/rb", None, 204);
+    d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+    let (s, v) = d.call(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"mode": "diff"})),
+    );
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("take a full branch first"),
+        "{v}"
+    );
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"tag": "rf"})),
+        201,
+    );
+    d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{id}/branch"),
+        Some(json!({"tag": "rd", "mode": "diff"})),
+        201,
+    );
+    let g = d.expect(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "rd"})),
+        201,
+    );
+    let g = g[0]["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{g}/ping"), None, 200);
+    kill_all(&d);
 }

@@ -140,7 +140,7 @@ step "LAB-FORWARD-READY: the host's clients drive this daemon now"
 echo "LAB-FORWARD-READY"
 done_rc=""
 for _ in $(seq 1 900); do
-  done_rc=$(grep -o '/lab/host-done?rc=[0-9]*' "$audit" 2>/dev/null | head -1 | cut -d= -f2 || true)
+  done_rc=$(grep -o '/lab/host-done/rc-[0-9]*' "$audit" 2>/dev/null | head -1 | cut -d- -f3 || true)
   [ -n "$done_rc" ] && break
   sleep 1
 done

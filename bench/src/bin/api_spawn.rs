@@ -7,9 +7,16 @@
 //! third series spawns children of a snapshot with a network interface
 //! (a network namespace and tap made per child) next to the plain ones.
 //!
+//! With `--prewarm N`, instead: N pairs of the first child of a fresh
+//! 512 MiB snapshot, one spawned with `prewarm: true` and one without (the
+//! baseline, in the same run, order alternating), each timed from the
+//! spawn request to its agent answering, then its first full branch's
+//! pause (the answer's `pause_us`).
+//!
 //! ```sh
 //! cargo build --release --workspace
 //! target/release/api_spawn --children 100 --rounds 5 [--network [--netns-pool 100]]
+//! target/release/api_spawn --prewarm 5
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -44,6 +51,9 @@ struct Args {
     /// starts once the pool is full again.
     #[arg(long, default_value_t = 0, requires = "network")]
     netns_pool: u32,
+    /// Only the prewarm series: this many pairs (see the module docs).
+    #[arg(long, value_name = "PAIRS")]
+    prewarm: Option<usize>,
 }
 
 fn main() {
@@ -65,6 +75,12 @@ fn main() {
     let tmp = std::env::temp_dir().join(format!("forkd-api-spawn-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let daemon = Daemon::start(&bin_dir, &tmp.join("state"), args.netns_pool);
+    if let Some(pairs) = args.prewarm {
+        prewarm_series(&daemon, pairs);
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return;
+    }
     let snap = daemon.call(
         "POST",
         "/v1/snapshots",
@@ -126,6 +142,56 @@ fn main() {
     drop(server);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// `--prewarm`: first children of fresh snapshots, prewarmed or not.
+fn prewarm_series(d: &Daemon, pairs: usize) {
+    // [plain, prewarmed]: request to agent answering, first branch's pause.
+    let (mut ready, mut pause) = ([vec![], vec![]], [vec![], vec![]]);
+    for i in 0..pairs {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let tag = format!("pw{i}{k}");
+            let snap = d.call(
+                "POST",
+                "/v1/snapshots",
+                Some(json!({"tag": tag, "builtin": true, "mem_size_mib": 512})),
+            );
+            assert_eq!(snap["status"], "ready", "{snap}");
+            let start = Instant::now();
+            let kid = d.call(
+                "POST",
+                "/v1/sandboxes",
+                Some(json!({"snapshot_tag": tag, "prewarm": k == 1})),
+            );
+            let id = kid[0]["id"].as_str().unwrap_or_else(|| panic!("{kid}"));
+            let pong = d.call("POST", &format!("/v1/sandboxes/{id}/ping"), None);
+            assert_eq!(pong["pong"], true, "{pong}");
+            ready[k].push(start.elapsed());
+            let b = d.call(
+                "POST",
+                &format!("/v1/sandboxes/{id}/branch"),
+                Some(json!({"tag": format!("{tag}b")})),
+            );
+            let us = b["pause_us"].as_u64().unwrap_or_else(|| panic!("{b}"));
+            pause[k].push(Duration::from_micros(us));
+            d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+        }
+    }
+    println!(
+        "first child of a fresh 512 MiB built-in snapshot, {pairs} pairs, through the REST API:"
+    );
+    for (k, what) in ["plain    ", "prewarmed"].iter().enumerate() {
+        println!("  {what} spawn to agent answering {}", Stats::of(&ready[k]));
+        println!(
+            "  {what} first full branch pause   {}",
+            Stats::of(&pause[k])
+        );
+    }
+    println!(
+        "  first branch pause, prewarmed / plain (p50): {:.2}",
+        ms(Stats::of(&pause[1]).p50) / ms(Stats::of(&pause[0]).p50)
+    );
 }
 
 /// Waits until the daemon's namespace pool holds `n` (its namespaces are

@@ -397,7 +397,25 @@ fn snapshots_sandboxes_and_branches_end_to_end() {
         201,
     );
     assert_eq!(b2["kind"], "diff", "{b2}");
-    // What the diff cost, as upstream answers it.
+    // What the diff cost, as upstream answers it; a full branch that
+    // measures one says the same of the diff it would have been, and stays
+    // a full snapshot.
+    let m = d.expect(
+        "POST",
+        &format!("/v1/sandboxes/{a}/branch"),
+        Some(json!({"tag": "bm", "measure_diff": true})),
+        201,
+    );
+    assert_eq!(m["kind"], "full", "{m}");
+    assert_eq!(m["diff_logical_bytes"], 128u64 << 20, "{m}");
+    let measured = m["diff_physical_bytes"].as_u64().unwrap();
+    assert!(measured > 0 && measured < 32 << 20, "{m}");
+    let scratch: Vec<_> = std::fs::read_dir(d.state.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".measure-"))
+        .collect();
+    assert!(scratch.is_empty(), "the measured diff is left behind");
     assert!(b2["diff_ms"].is_u64(), "{b2}");
     assert_eq!(b2["diff_logical_bytes"], 128u64 << 20, "{b2}");
     let physical = b2["diff_physical_bytes"].as_u64().unwrap();
@@ -461,6 +479,7 @@ fn snapshots_sandboxes_and_branches_end_to_end() {
         404
     );
     assert_eq!(d.call("DELETE", &format!("/v1/sandboxes/{a}"), None).0, 404);
+    d.expect("DELETE", "/v1/snapshots/bm", None, 204);
 
     let (_, metrics) = d.raw("GET", "/metrics", None, None);
     assert!(metrics.contains("forkd_snapshots_total 1"), "{metrics}");
@@ -469,7 +488,7 @@ fn snapshots_sandboxes_and_branches_end_to_end() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("forkd_branch_duration_seconds_count 2"),
+        metrics.contains("forkd_branch_duration_seconds_count 3"),
         "{metrics}"
     );
     kill_all(&d);

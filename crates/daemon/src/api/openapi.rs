@@ -259,7 +259,12 @@ const ROUTES: &[Route] = &[
             ),
             (400, ERR, "a contradictory body or a bad tag"),
             (404, ERR, "no such sandbox"),
-            (409, ERR, "the tag exists or is being made"),
+            (
+                409,
+                ERR,
+                "the tag exists or is being made, the sandbox's VMM has ended, or a diff's base snapshot was deleted",
+            ),
+            (413, ERR, "the body is over 2 MB"),
             (
                 422,
                 ERR,

@@ -558,21 +558,7 @@ fn kvm_floor(args: &Args) {
     // C: the arm before the pause (the guest running), then the pause's
     // re-arm of what the guest wrote meanwhile (Prearm, as a live branch
     // without wait does it).
-    let regions: Vec<Region> = {
-        let mut off = 0;
-        slots
-            .iter()
-            .map(|&(_, host, len)| {
-                let r = Region {
-                    host_addr: host,
-                    len,
-                    file_offset: off,
-                };
-                off += len;
-                r
-            })
-            .collect()
-    };
+    let regions = Region::back_to_back(&slots);
     let granule = if args.hugetlb {
         HUGE_2M_GRANULE
     } else {

@@ -493,20 +493,7 @@ impl Machine {
     /// Guest RAM as the live copy sees it: each region with its offset in
     /// the memory file (and the memfd).
     fn live_regions(&self) -> Vec<Region> {
-        let mut offset = 0;
-        self.ram
-            .slots()
-            .into_iter()
-            .map(|(_, host, len)| {
-                let r = Region {
-                    host_addr: host,
-                    len,
-                    file_offset: offset,
-                };
-                offset += len;
-                r
-            })
-            .collect()
+        Region::back_to_back(&self.ram.slots())
     }
 
     /// Freezes every writable drive's layer (the VM continues on a fresh

@@ -84,7 +84,14 @@ impl Drop for Staged {
 pub fn stage(dir: &Path, mem: &GuestMemoryMmap) -> Result<Staged, Error> {
     let tmp = temp_dir_beside(dir)?;
     let mut staged = Staged { tmp, memory: None };
-    let path = staged.tmp.join(MEMORY_FILE);
+    staged.memory = Some(blank_memory_file(&staged.tmp, mem)?.0);
+    Ok(staged)
+}
+
+/// `<tmp>/memory`, new, sparse and as long as all of RAM, open for a copy
+/// to fill; and that length.
+fn blank_memory_file(tmp: &Path, mem: &GuestMemoryMmap) -> Result<(File, u64), Error> {
+    let path = tmp.join(MEMORY_FILE);
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -93,8 +100,7 @@ pub fn stage(dir: &Path, mem: &GuestMemoryMmap) -> Result<Staged, Error> {
         .open(&path)
         .map_err(io_err(&path))?;
     f.set_len(total).map_err(io_err(&path))?;
-    staged.memory = Some(f);
-    Ok(staged)
+    Ok((f, total))
 }
 
 /// The page list of a diff snapshot, over all of RAM (regions back to
@@ -270,15 +276,7 @@ pub(super) fn write_into(
             write_memory(&tmp.join(MEMORY_FILE), mem)?,
         ),
         MemoryCapture::Live => {
-            let path = tmp.join(MEMORY_FILE);
-            let total: u64 = mem.iter().map(|r| r.len()).sum();
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            f.set_len(total).map_err(io_err(&path))?;
+            let (f, total) = blank_memory_file(tmp, mem)?;
             live_file = Some(f);
             status = SnapshotStatus::Writing;
             (SnapshotKind::Full, None, (total, 0, String::new()))

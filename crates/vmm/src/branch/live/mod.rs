@@ -107,6 +107,27 @@ pub struct Region {
     pub file_offset: u64,
 }
 
+impl Region {
+    /// Guest RAM's mappings `(guest address, host address, length)` as
+    /// regions of one file, back to back in order (the layout of a
+    /// snapshot's memory file and of a memfd holding all of RAM).
+    pub fn back_to_back(slots: &[(u64, u64, u64)]) -> Vec<Region> {
+        let mut offset = 0;
+        slots
+            .iter()
+            .map(|&(_, host_addr, len)| {
+                let r = Region {
+                    host_addr,
+                    len,
+                    file_offset: offset,
+                };
+                offset += len;
+                r
+            })
+            .collect()
+    }
+}
+
 /// Tuning and optional inputs of a live copy.
 #[derive(Debug)]
 pub struct LiveCopyOptions {

@@ -95,6 +95,7 @@ pub fn fork_request(n: u32, out: &std::path::Path) -> proto::control::ForkReques
         netns: Vec::new(),
         huge_pages: false,
         prewarm: false,
+        limits: proto::control::Limits::default(),
     }
 }
 

@@ -53,10 +53,14 @@ check_net() {
   out=$(/lab/bin/ip netns exec "$2" ping -c 1 -W 10 172.16.0.2 2>&1) || die_ctx "ping 172.16.0.2 from namespace $2 failed: $out"
 }
 
-step "forkd-daemon serve --state-dir <tmpfs> --bind 0.0.0.0:8889 --token-file /lab/token (forkd-vmm beside it)"
+# Level 1 has 2 GiB of RAM and its state on a tmpfs of 1.5 GiB: the
+# default reserves (512 MiB of disk, 256 MiB of memory) would refuse the
+# second 512 MiB snapshot; a small machine sets small ones.
+step "forkd-daemon serve --state-dir <tmpfs> --bind 0.0.0.0:8889 --token-file /lab/token --images-dir \$LAB_IMAGES --reserve-disk-mib 64 --reserve-memory-mib 64 (forkd-vmm beside it)"
 t0=$(now)
 forkd-daemon serve --state-dir "$state" --bind 0.0.0.0:8889 --token-file /lab/token \
-  --audit-log "$audit" >"$dlog" 2>&1 &
+  --audit-log "$audit" --images-dir "$LAB_IMAGES" --reserve-disk-mib 64 --reserve-memory-mib 64 \
+  >"$dlog" 2>&1 &
 dpid=$!
 up="" err=""
 for _ in $(seq 1 200); do
@@ -123,6 +127,29 @@ ev=$(forkd --json eval "$g" 'marker' 2>&1 | tr -d '\n ') || die_ctx "eval in $g 
 [ "$(json_field "$ev" result)" = 42 ] || die_ctx "the branch's child's interpreter has marker=$ev, not 42"
 step "the branch's child has the source's file and interpreter state"
 step "level 1 memory: $(grep -E '^(MemAvailable|Shmem|AnonPages):' /proc/meminfo | tr -s ' \n' ' ')"
+
+# cgroup v2 (level 1 mounts a unified hierarchy, as a host would): a
+# sandbox's limits are in its own group, which holds its VMM, and a guest
+# spinning its vCPU stays within its CPU limit.
+step "forkd spawn --tag linux --cpu-limit 0.5 --memory-limit-mib 768 --pids-limit 256; spin its vCPU for 10 s"
+ck=$(forkd --json spawn --tag linux -n 1 --cpu-limit 0.5 --memory-limit-mib 768 --pids-limit 256 2>&1 | tr -d '\n ') ||
+  die_ctx "spawn with limits failed: $ck"
+c=$(ids "$ck" | sed -n 1p)
+cg=/sys/fs/cgroup/$(json_field "$ck" cgroup)
+[ -d "$cg" ] || die_ctx "$c's group $cg does not exist: $ck"
+grep -qx "$(json_field "$ck" pid)" "$cg/cgroup.procs" || die_ctx "$c's VMM is not in $cg: $(cat "$cg/cgroup.procs")"
+for f in "cpu.max=50000 100000" "memory.max=$((768 << 20))" "pids.max=256"; do
+  [ "$(cat "$cg/${f%%=*}")" = "${f#*=}" ] || die_ctx "$cg/${f%%=*} is '$(cat "$cg/${f%%=*}")', not '${f#*=}'"
+done
+u0=$(awk '/^usage_usec/{print $2}' "$cg/cpu.stat")
+t=$(now)
+forkd exec "$c" -- sh -c 'timeout 10 sh -c "while :; do :; done"; true' >/dev/null 2>&1 ||
+  die_ctx "the spinning exec in $c failed"
+u1=$(awk '/^usage_usec/{print $2}' "$cg/cpu.stat")
+share=$(awk "BEGIN{printf \"%.3f\", ($u1 - $u0) / 1000000 / ($(now) - $t)}")
+step "$c's VMM used $share of a CPU over $(since "$t") s under cpu_limit 0.5"
+awk "BEGIN{exit !($share <= 0.55)}" || die_ctx "$c used $share of a CPU, more than 10% over its limit 0.5"
+awk "BEGIN{exit !($share >= 0.3)}" || die_ctx "$c used only $share of a CPU: its guest did not spin"
 
 step "forkd kill --all; forkd rmi linux --cascade"
 forkd kill --all >/dev/null || die_ctx "kill --all failed"

@@ -7,16 +7,31 @@
 //! third series spawns children of a snapshot with a network interface
 //! (a network namespace and tap made per child) next to the plain ones.
 //!
+//! With `--single N`, instead: N spawn requests of one sandbox each,
+//! timed from the request to its answer (recorded and forked, no ping),
+//! next to N forks of one child straight from a fork server, alternating.
+//!
 //! With `--prewarm N`, instead: N pairs of the first child of a fresh
 //! 512 MiB snapshot, one spawned with `prewarm: true` and one without (the
 //! baseline, in the same run, order alternating), each timed from the
 //! spawn request to its agent answering, then its first full branch's
 //! pause (the answer's `pause_us`).
 //!
+//! With `--fork-pool N`, the daemon's fork servers (`--fork-pool`) and
+//! the direct one (`--pool`) keep N children parked, and every round
+//! starts with both pools full.
+//!
+//! With `--unconfined-too`, a second daemon started with `--no-seccomp`
+//! (and a second direct fork server with `--seccomp off`) spawns the same
+//! rounds, alternating with the first, so what the VMMs' seccomp filters
+//! cost is measured in the same run (the baseline: no filters).
+//!
 //! ```sh
 //! cargo build --release --workspace
-//! target/release/api_spawn --children 100 --rounds 5 [--network [--netns-pool 100]]
+//! target/release/api_spawn --children 100 --rounds 5 [--network [--netns-pool 100]] [--fork-pool 100]
+//! target/release/api_spawn --children 100 --rounds 5 --fork-pool 100 --unconfined-too
 //! target/release/api_spawn --prewarm 5
+//! target/release/api_spawn --single 200 [--bin-dir OTHER_BUILD]
 //! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -54,11 +69,24 @@ struct Args {
     /// Only the prewarm series: this many pairs (see the module docs).
     #[arg(long, value_name = "PAIRS")]
     prewarm: Option<usize>,
+    /// Only the single-spawn series: this many spawns of one sandbox
+    /// each (see the module docs).
+    #[arg(long, value_name = "SPAWNS")]
+    single: Option<usize>,
+    /// Children parked ahead by every fork server, the daemon's and the
+    /// direct one; each round starts with the pools full.
+    #[arg(long, default_value_t = 0)]
+    fork_pool: u32,
+    /// Also spawn every round from a daemon without seccomp filters
+    /// (`--no-seccomp`) and a direct fork server without them, in
+    /// alternation with the default ones.
+    #[arg(long, conflicts_with_all = ["prewarm", "single", "network"])]
+    unconfined_too: bool,
 }
 
 fn main() {
     let args = Args::parse();
-    let bin_dir = args.bin_dir.unwrap_or_else(|| {
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .unwrap()
             .parent()
@@ -74,7 +102,13 @@ fn main() {
     }
     let tmp = std::env::temp_dir().join(format!("forkd-api-spawn-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let daemon = Daemon::start(&bin_dir, &tmp.join("state"), args.netns_pool);
+    let daemon = Daemon::start(
+        &bin_dir,
+        &tmp.join("state"),
+        args.netns_pool,
+        args.fork_pool,
+        &[],
+    );
     if let Some(pairs) = args.prewarm {
         prewarm_series(&daemon, pairs);
         drop(daemon);
@@ -98,15 +132,36 @@ fn main() {
     }
     // Warm both paths (fork server started, page cache filled).
     api_round(&daemon, "bench", 1);
-    let server = ForkServer::start(&bin_dir, &snap_dir, &tmp.join("fork.sock"));
+    let server = ForkServer::start(
+        &bin_dir,
+        &snap_dir,
+        &tmp.join("fork.sock"),
+        args.fork_pool,
+        &[],
+    );
     direct_round(&server, &tmp.join("warm"), 1);
+    if args.unconfined_too {
+        unconfined_series(&args, &bin_dir, &tmp, &daemon, &server);
+        drop(server);
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return;
+    }
+    if let Some(spawns) = args.single {
+        single_series(&daemon, &server, &tmp, spawns);
+        drop(server);
+        drop(daemon);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return;
+    }
 
     let (mut api, mut direct, mut networked) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
         if args.network {
-            wait_for_pool(args.netns_pool);
+            wait_for_pool(&daemon, args.netns_pool);
             networked.push(api_round(&daemon, "bench-net", args.children));
         }
+        wait_parked(&tmp, args.fork_pool);
         api.push(api_round(&daemon, "bench", args.children));
         direct.push(direct_round(
             &server,
@@ -142,6 +197,103 @@ fn main() {
     drop(server);
     drop(daemon);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// `--unconfined-too`: the rounds of the default daemon and fork server
+/// next to those of a daemon and a fork server without seccomp filters,
+/// alternating (which goes first flips every round).
+fn unconfined_series(args: &Args, bin_dir: &Path, tmp: &Path, d: &Daemon, server: &ForkServer) {
+    let open = Daemon::start(
+        bin_dir,
+        &tmp.join("state-unconfined"),
+        0,
+        args.fork_pool,
+        &["--no-seccomp"],
+    );
+    let snap = open.call(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "bench", "builtin": true})),
+    );
+    let snap_dir = PathBuf::from(snap["dir"].as_str().expect("snapshot made"));
+    api_round(&open, "bench", 1);
+    let open_server = ForkServer::start(
+        bin_dir,
+        &snap_dir,
+        &tmp.join("fork-unconfined.sock"),
+        args.fork_pool,
+        &["--seccomp=off"],
+    );
+    direct_round(&open_server, &tmp.join("warm-unconfined"), 1);
+    // [confined, unconfined] of each.
+    let (mut api, mut direct) = ([vec![], vec![]], [vec![], vec![]]);
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            let (daemon, server) = if k == 0 {
+                (d, server)
+            } else {
+                (&open, &open_server)
+            };
+            wait_parked(tmp, args.fork_pool);
+            api[k].push(api_round(daemon, "bench", args.children));
+            let out = tmp.join(format!("r{round}-{k}"));
+            direct[k].push(direct_round(server, &out, args.children));
+        }
+    }
+    println!(
+        "{} sandboxes of the built-in guest (128 MiB), request to every agent answering, {} rounds, \
+         with and without seccomp filters:",
+        args.children, args.rounds
+    );
+    let (a, ao) = (Stats::of(&api[0]), Stats::of(&api[1]));
+    let (f, fo) = (Stats::of(&direct[0]), Stats::of(&direct[1]));
+    println!("  daemon REST API, filters    {a}");
+    println!("  daemon REST API, no filters {ao}");
+    println!("  fork server, filters        {f}");
+    println!("  fork server, no filters     {fo}");
+    println!(
+        "  filters / none (p50): REST API {:.3}x, fork server {:.3}x",
+        ms(a.p50) / ms(ao.p50),
+        ms(f.p50) / ms(fo.p50)
+    );
+    drop(open_server);
+    drop(open);
+}
+
+/// `--single`: what one spawn request of one sandbox costs, from the
+/// request to its answer (the sandbox recorded and forked; no ping),
+/// through the API and straight from a fork server, alternating.
+fn single_series(d: &Daemon, server: &ForkServer, tmp: &Path, spawns: usize) {
+    let (mut api, mut direct) = (Vec::new(), Vec::new());
+    for i in 0..spawns {
+        let start = Instant::now();
+        let kid = d.call(
+            "POST",
+            "/v1/sandboxes",
+            Some(json!({"snapshot_tag": "bench"})),
+        );
+        api.push(start.elapsed());
+        let id = kid[0]["id"].as_str().unwrap_or_else(|| panic!("{kid}"));
+        d.call("DELETE", &format!("/v1/sandboxes/{id}"), None);
+        let out = tmp.join(format!("s{i}"));
+        let start = Instant::now();
+        let children = server.fork(1, &out);
+        direct.push(start.elapsed());
+        for (pid, _, _) in children {
+            // SAFETY: the child is ours.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    let (a, f) = (Stats::of(&api), Stats::of(&direct));
+    println!("one sandbox a request, {spawns} requests, request to answer:");
+    println!("  daemon REST API    {a}");
+    println!("  fork server direct {f}");
+    println!(
+        "  the daemon's share (p50): {:.3} ms",
+        ms(a.p50) - ms(f.p50)
+    );
 }
 
 /// `--prewarm`: first children of fresh snapshots, prewarmed or not.
@@ -194,18 +346,17 @@ fn prewarm_series(d: &Daemon, pairs: usize) {
     );
 }
 
-/// Waits until the daemon's namespace pool holds `n` (its namespaces are
-/// `forkd-p*` under /run/netns; nothing else on the machine makes those).
-fn wait_for_pool(n: u32) {
+/// Waits until the daemon's namespace pool holds `n` (its
+/// `forkd_netns_pool_ready` gauge).
+fn wait_for_pool(d: &Daemon, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ready = std::fs::read_dir("/run/netns")
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("forkd-p"))
-                    .count()
-            })
-            .unwrap_or(0);
+        let metrics = d.text("/metrics");
+        let ready = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("forkd_netns_pool_ready "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as usize;
         if ready >= n as usize {
             return;
         }
@@ -289,6 +440,64 @@ fn direct_round(server: &ForkServer, out: &Path, n: u32) -> Duration {
     took
 }
 
+/// Waits until every fork server under `tmp` (the daemon's of the bench
+/// snapshot and the direct one: their command lines name `tmp`) has
+/// `pool` children parked (`forkd-pooled`).
+fn wait_parked(tmp: &Path, pool: u32) {
+    if pool == 0 {
+        return;
+    }
+    let tmp = tmp.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut servers = 0;
+        let mut full = 0;
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "forkd-vmm" || !cmd.contains("fork-server") || !cmd.contains(&tmp) {
+                continue;
+            }
+            // A child handed out has its server's command line too (it is
+            // a fork): a server's parent is no fork server.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                .unwrap_or("0");
+            let parent = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&parent).contains("fork-server") {
+                continue;
+            }
+            servers += 1;
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            let parked = kids
+                .split_whitespace()
+                .filter(|k| {
+                    std::fs::read_to_string(format!("/proc/{k}/comm"))
+                        .is_ok_and(|c| c.trim() == "forkd-pooled")
+                })
+                .count();
+            if parked >= pool as usize {
+                full += 1;
+            }
+        }
+        if servers > 0 && full == servers {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fork pools did not fill in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 struct Daemon {
     child: Child,
     url: String,
@@ -297,7 +506,13 @@ struct Daemon {
 impl Daemon {
     // The child is waited for by `Daemon`'s Drop, or here when it does not start.
     #[allow(clippy::zombie_processes)]
-    fn start(bin_dir: &Path, state: &Path, netns_pool: u32) -> Daemon {
+    fn start(
+        bin_dir: &Path,
+        state: &Path,
+        netns_pool: u32,
+        fork_pool: u32,
+        extra: &[&str],
+    ) -> Daemon {
         std::fs::create_dir_all(state).unwrap();
         let log = state.join("daemon.log");
         let mut child = Command::new(bin_dir.join("forkd-daemon"))
@@ -305,6 +520,8 @@ impl Daemon {
             .arg(state)
             .arg("--netns-pool")
             .arg(netns_pool.to_string())
+            .arg(format!("--fork-pool={fork_pool}"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -324,6 +541,23 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// A GET's body, as text.
+    fn text(&self, path: &str) -> String {
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default()
     }
 
     /// One request on a fresh connection; the answer's JSON (Null when empty).
@@ -363,13 +597,21 @@ struct ForkServer {
 }
 
 impl ForkServer {
-    fn start(bin_dir: &Path, snapshot: &Path, socket: &Path) -> ForkServer {
+    fn start(
+        bin_dir: &Path,
+        snapshot: &Path,
+        socket: &Path,
+        pool: u32,
+        extra: &[&str],
+    ) -> ForkServer {
         let child = Command::new(bin_dir.join("forkd-vmm"))
             .arg("fork-server")
+            .args(extra)
             .arg("--snapshot")
             .arg(snapshot)
             .arg("--socket")
             .arg(socket)
+            .arg(format!("--pool={pool}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

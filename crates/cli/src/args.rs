@@ -109,10 +109,12 @@ pub struct SnapshotArgs {
     /// Snapshot the built-in guest (boots on any KVM, PVM included).
     #[arg(long)]
     pub builtin: bool,
-    /// Linux kernel (vmlinux or bzImage) on the daemon's host.
+    /// Linux kernel (vmlinux or bzImage) in the daemon's images directory
+    /// (its name there, or its full path).
     #[arg(long, value_name = "PATH", requires = "rootfs")]
     pub kernel: Option<String>,
-    /// Root filesystem image (forkd-agent as init) on the daemon's host.
+    /// Root filesystem image (forkd-agent as init) in the daemon's images
+    /// directory.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub rootfs: Option<String>,
     /// Let the guest write its root filesystem (through a copy-on-write layer).
@@ -183,9 +185,16 @@ pub struct SpawnArgs {
     /// Children whose RAM can be live-branched (a private copy of the snapshot's memory each).
     #[arg(long)]
     pub live_fork: bool,
-    /// Memory cap for each child (cgroup), in MiB.
+    /// Memory cap for each child (cgroup), in MiB (default: the daemon's).
     #[arg(long, value_name = "MIB")]
     pub memory_limit_mib: Option<u64>,
+    /// CPU cap for each child, in CPUs (0.5: half of one; default: the
+    /// daemon's).
+    #[arg(long, value_name = "CPUS")]
+    pub cpu_limit: Option<f64>,
+    /// Most tasks each child's VMM may have (default: the daemon's).
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
     /// Give every child its own network namespace (the default, and a
     /// must, for a snapshot with a network interface).
     #[arg(long)]
@@ -237,6 +246,10 @@ pub struct LsArgs {
     /// Print only the sandbox ids, one a line.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Also the sandboxes whose VMM has exited (kept for the daemon's
+    /// --exited-retention-secs), with how each ended.
+    #[arg(short, long)]
+    pub all: bool,
 }
 
 /// `forkd kill`.
@@ -263,7 +276,9 @@ pub struct RmiArgs {
     /// Delete the snapshots that depend on it too.
     #[arg(long, conflicts_with = "force")]
     pub cascade: bool,
-    /// Delete it even though others depend on it (they become unusable).
+    /// Delete it even though others depend on it (they become unusable)
+    /// or sandboxes spawned from it run (they run on; their next branch
+    /// must be a full one).
     #[arg(long)]
     pub force: bool,
 }

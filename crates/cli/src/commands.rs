@@ -189,6 +189,8 @@ pub fn spawn(ctx: &mut Ctx, a: &SpawnArgs) -> Outcome {
         n: a.n,
         per_child_netns: a.per_child_netns.then_some(true),
         memory_limit_mib: a.memory_limit_mib,
+        cpu_limit: a.cpu_limit,
+        pids_limit: a.pids_limit,
         live_fork: a.live_fork.then_some(true),
         prewarm: a.prewarm.then_some(true),
         hugepages: a.hugepages.then_some(true),
@@ -258,7 +260,12 @@ pub fn fork(ctx: &mut Ctx, a: &ForkArgs) -> Outcome {
 
 /// `forkd ls`.
 pub fn ls(ctx: &mut Ctx, a: &LsArgs) -> Outcome {
-    let answer = ctx.client.get(routes::SANDBOXES)?;
+    let path = if a.all {
+        format!("{}?all=true", routes::SANDBOXES)
+    } else {
+        routes::SANDBOXES.to_owned()
+    };
+    let answer = ctx.client.get(&path)?;
     if ctx.json {
         writeln!(ctx.out, "{}", answer.pretty())?;
         return Ok(0);
@@ -270,6 +277,12 @@ pub fn ls(ctx: &mut Ctx, a: &LsArgs) -> Outcome {
         }
     } else if sandboxes.is_empty() {
         writeln!(ctx.err, "no sandboxes")?;
+    } else if a.all {
+        write!(
+            ctx.out,
+            "{}",
+            format::sandbox_table_with_state(&sandboxes, now_unix())
+        )?;
     } else {
         write!(ctx.out, "{}", format::sandbox_table(&sandboxes, now_unix()))?;
     }
@@ -770,6 +783,8 @@ mod tests {
             n: 2,
             live_fork: true,
             memory_limit_mib: Some(64),
+            cpu_limit: Some(0.5),
+            pids_limit: None,
             per_child_netns: false,
             prewarm: true,
             hugepages: false,
@@ -789,8 +804,8 @@ mod tests {
         assert_eq!(reqs[0].header("authorization"), Some("Bearer tok"));
         assert_eq!(
             reqs[0].json(),
-            serde_json::json!({"snapshot_tag": "t", "n": 2, "memory_limit_mib": 64, "live_fork": true,
-                "prewarm": true})
+            serde_json::json!({"snapshot_tag": "t", "n": 2, "memory_limit_mib": 64, "cpu_limit": 0.5,
+                "live_fork": true, "prewarm": true})
         );
     }
 
@@ -802,13 +817,44 @@ mod tests {
                 r#"[{"id":"z","snapshot_tag":"t","created_at_unix":1,"pid":7}]"#.into(),
             )
         });
-        let (r, out, _) = run(d.client(None), true, |c| ls(c, &LsArgs { quiet: false }));
+        let (r, out, _) = run(d.client(None), true, |c| {
+            ls(
+                c,
+                &LsArgs {
+                    quiet: false,
+                    all: false,
+                },
+            )
+        });
         assert_eq!(r, Ok(0));
         assert_eq!(
             out,
             "[\n  {\n    \"id\": \"z\",\n    \"snapshot_tag\": \"t\",\n    \"created_at_unix\": 1,\n    \"pid\": 7\n  }\n]\n"
         );
         assert!(d.requests()[0].header("authorization").is_none());
+    }
+
+    #[test]
+    fn ls_all_asks_for_the_exited_too_and_shows_how_they_ended() {
+        let d = FakeDaemon::start(|_| {
+            (
+                200,
+                r#"[{"id":"z-0","snapshot_tag":"t","created_at_unix":1,"pid":7,"state":"exited","signal":9}]"#
+                    .into(),
+            )
+        });
+        let (r, out, _) = run(d.client(None), false, |c| {
+            ls(
+                c,
+                &LsArgs {
+                    quiet: false,
+                    all: true,
+                },
+            )
+        });
+        assert_eq!(r, Ok(0));
+        assert!(out.contains("exited (signal 9)"), "{out}");
+        assert_eq!(d.requests()[0].path, "/v1/sandboxes?all=true");
     }
 
     #[test]

@@ -402,20 +402,17 @@ pub fn cgroup_mounts(mounts: &str) -> (Vec<String>, Vec<String>) {
     (v2, v1)
 }
 
-/// cgroups, v1 or v2 or both, and whether a memory controller is there
-/// (`memory_limit_mib` needs it). `v2_controllers` reads `cgroup.controllers`
-/// under a cgroup2 mount point.
+/// cgroups, v1 or v2 or both, and where the controllers of a sandbox's
+/// limits are: memory (`memory_limit_mib`), cpu (`cpu_limit`) and pids
+/// (`pids_limit`, and the daemon's default task limit). `v2_controllers`
+/// reads `cgroup.controllers` under a cgroup2 mount point.
 pub fn check_cgroups(mounts: &str, v2_controllers: impl Fn(&str) -> Option<String>) -> Check {
     let (v2, v1) = cgroup_mounts(mounts);
-    let v2_memory = v2
-        .iter()
-        .find(|mp| v2_controllers(mp).is_some_and(|c| c.split_whitespace().any(|x| x == "memory")));
-    let v1_memory = v1.iter().any(|c| c == "memory");
     let layout = match (v1.is_empty(), v2.is_empty()) {
         (true, true) => {
             return Check::warn(
                 "cgroups",
-                "no cgroup filesystem mounted: memory limits (memory_limit_mib) will not work",
+                "no cgroup filesystem mounted: sandboxes get no cgroup, and no memory, CPU or task limits",
                 "mount -t cgroup2 none /sys/fs/cgroup",
             )
         }
@@ -427,15 +424,37 @@ pub fn check_cgroups(mounts: &str, v2_controllers: impl Fn(&str) -> Option<Strin
             v2.join(", ")
         ),
     };
-    match (v2_memory, v1_memory) {
-        (Some(mp), _) => Check::ok("cgroups", format!("{layout}; memory controller in v2 at {mp}")),
-        (None, true) => Check::ok("cgroups", format!("{layout}; memory controller in v1")),
-        (None, false) => Check::warn(
-            "cgroups",
-            format!("{layout}; no memory controller: memory limits (memory_limit_mib) will not work"),
-            "enable it (cgroup_enable=memory on the kernel command line, or +memory in the parent's cgroup.subtree_control)",
-        ),
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for (controller, field) in [
+        ("memory", "memory_limit_mib"),
+        ("cpu", "cpu_limit"),
+        ("pids", "pids_limit"),
+    ] {
+        let in_v2 = v2.iter().find(|mp| {
+            v2_controllers(mp).is_some_and(|c| c.split_whitespace().any(|x| x == controller))
+        });
+        match in_v2 {
+            Some(mp) => found.push(format!("{controller} in v2 at {mp}")),
+            None if v1.iter().any(|c| c == controller) => found.push(format!("{controller} in v1")),
+            None => missing.push((controller, field)),
+        }
     }
+    let detail = format!("{layout}; controllers: {}", found.join(", "));
+    if missing.is_empty() {
+        return Check::ok("cgroups", detail);
+    }
+    let names: Vec<&str> = missing.iter().map(|(c, _)| *c).collect();
+    let fields: Vec<&str> = missing.iter().map(|(_, f)| *f).collect();
+    Check::warn(
+        "cgroups",
+        format!(
+            "{detail}; no {} controller: {} will not work",
+            names.join(" or "),
+            fields.join(" and ")
+        ),
+        "enable it (cgroup_enable=memory on the kernel command line for memory; +CONTROLLER in the parent's cgroup.subtree_control on v2)",
+    )
 }
 
 /// Opening the tun device (a tap per sandbox network).
@@ -623,6 +642,78 @@ pub fn check_daemon(url: &str, health: Result<Option<String>, CliError>) -> Chec
     }
 }
 
+/// What `/proc/<pid>/status` says of one VMM's confinement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcConfinement {
+    /// `Seccomp: 2` (its threads have filters; the main thread's status
+    /// is the one read).
+    pub seccomp: bool,
+}
+
+/// Reads `/proc/<pid>/status`; `None` when the process is gone.
+pub fn proc_confinement(pid: i32) -> Option<ProcConfinement> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    Some(ProcConfinement {
+        seccomp: field("Seccomp:").as_deref() == Some("2"),
+    })
+}
+
+/// How the running daemon's sandboxes are confined, from its
+/// `GET /v1/sandboxes` and each VMM's `/proc/<pid>/status` (`probe`): the
+/// cgroup each is in, the limits they have, how many run under seccomp
+/// filters, and, loudly, what does not confine them yet.
+pub fn check_confinement(
+    sandboxes: &[proto::api::SandboxInfo],
+    probe: impl Fn(i32) -> Option<ProcConfinement>,
+) -> Check {
+    let n = sandboxes.len();
+    let grouped = sandboxes.iter().filter(|s| s.cgroup.is_some()).count();
+    let probed: Vec<ProcConfinement> = sandboxes.iter().filter_map(|s| probe(s.pid)).collect();
+    let filtered = probed.iter().filter(|p| p.seccomp).count();
+    let unfiltered = probed.len() - filtered;
+    let mut limits: std::collections::BTreeMap<String, usize> = Default::default();
+    for s in sandboxes {
+        let each = [
+            s.memory_limit_mib.map(|m| format!("memory {m} MiB")),
+            s.cpu_limit.map(|c| format!("cpu {c}")),
+            s.pids_limit.map(|p| format!("pids {p}")),
+        ];
+        for l in each.into_iter().flatten() {
+            *limits.entry(l).or_default() += 1;
+        }
+    }
+    let limits = match limits.is_empty() {
+        true => "no limits".to_owned(),
+        false => limits
+            .iter()
+            .map(|(l, k)| format!("{l} ({k})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let seccomp = match unfiltered {
+        0 => format!("{filtered} under seccomp filters"),
+        k => format!(
+            "{filtered} under seccomp filters, {k} WITHOUT (a daemon started with --no-seccomp)"
+        ),
+    };
+    Check::warn(
+        "confinement",
+        format!(
+            "{n} sandboxes running, {grouped} in a cgroup of their own, {seccomp}; limits: \
+             {limits}; not jailed: their VMMs run as root, in the host's mount namespace, \
+             with every capability"
+        ),
+        "run forkd on a host used for nothing but sandboxes until VMMs are jailed (README: Threat model)",
+    )
+}
+
 fn read_u64(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -651,7 +742,7 @@ pub fn run_all(state_dir: &Path, client: &Client) -> Vec<Check> {
             .and_then(|a| a.parse::<proto::api::Version>().ok())
             .map(|v| v.version)
     });
-    vec![
+    let mut checks = vec![
         check_kvm(Path::new("/dev/kvm")),
         check_pvm(pvm, &cpuinfo),
         check_uffd(probe_uffd(), unprivileged.as_deref(), root),
@@ -668,13 +759,66 @@ pub fn run_all(state_dir: &Path, client: &Client) -> Vec<Check> {
         check_qemu(which("qemu-system-x86_64").as_deref()),
         check_disk(state_dir, free_space(state_dir)),
         check_binaries(&exe_dir),
-        check_daemon(client.base(), health),
-    ]
+    ];
+    let answers = health.is_ok();
+    checks.push(check_daemon(client.base(), health));
+    if answers {
+        let listed = quick
+            .get(routes::SANDBOXES)
+            .and_then(|a| a.parse::<Vec<proto::api::SandboxInfo>>());
+        checks.push(match listed {
+            Ok(sandboxes) => check_confinement(&sandboxes, proc_confinement),
+            Err(e) => Check::warn(
+                "confinement",
+                format!("cannot list the daemon's sandboxes: {e}"),
+                "give forkd the daemon's token (--daemon-token-file or FORKD_TOKEN)",
+            ),
+        });
+    }
+    checks
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confinement_tells_groups_and_limits_and_what_is_missing() {
+        let sb = |id: &str, mem: Option<u64>, cpu: Option<f64>| proto::api::SandboxInfo {
+            id: id.into(),
+            memory_limit_mib: mem,
+            cpu_limit: cpu,
+            pids_limit: Some(1024),
+            cgroup: Some(format!("forkd/i/{id}")),
+            ..Default::default()
+        };
+        let (a, b) = (sb("a", Some(256), Some(0.5)), sb("b", None, None));
+        let (a, b) = (
+            proto::api::SandboxInfo { pid: 10, ..a },
+            proto::api::SandboxInfo { pid: 11, ..b },
+        );
+        let filtered = |pid| Some(ProcConfinement { seccomp: pid == 10 });
+        let c = check_confinement(&[a, b], filtered);
+        assert_eq!(c.level, Level::Warn);
+        assert!(
+            c.detail.starts_with(
+                "2 sandboxes running, 2 in a cgroup of their own, 1 under seccomp filters, 1 \
+                 WITHOUT (a daemon started with --no-seccomp); limits: cpu 0.5 (1), \
+                 memory 256 MiB (1), pids 1024 (2); not jailed"
+            ),
+            "{}",
+            c.detail
+        );
+        assert!(c.fix.unwrap().contains("Threat model"));
+        let c = check_confinement(&[], |_| None);
+        assert!(c.detail.starts_with(
+            "0 sandboxes running, 0 in a cgroup of their own, 0 under seccomp filters; limits: \
+             no limits"
+        ));
+        // This process has no filter.
+        let me = proc_confinement(std::process::id() as i32).unwrap();
+        assert!(!me.seccomp);
+    }
 
     #[test]
     fn a_missing_kvm_device_fails_and_says_why() {
@@ -765,6 +909,13 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,relatime,memory 0 0
 cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
 ";
+    /// This development host's: memory, cpu and pids on v1.
+    const HYBRID_ALL: &str = "\
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+";
     const PURE_V2: &str = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n";
 
     #[test]
@@ -775,23 +926,43 @@ cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
     }
 
     #[test]
-    fn cgroups_v1_hybrid_and_v2_are_all_fine_with_memory() {
-        let c = check_cgroups(HYBRID, |_| Some(String::new()));
-        assert_eq!(c.level, Level::Ok);
+    fn cgroups_v1_hybrid_and_v2_are_all_fine_with_their_controllers() {
+        let c = check_cgroups(HYBRID_ALL, |_| Some(String::new()));
+        assert_eq!(c.level, Level::Ok, "{}", c.detail);
         assert!(c.detail.starts_with("hybrid"), "{}", c.detail);
-        assert!(c.detail.contains("memory controller in v1"));
+        assert!(
+            c.detail.contains("memory in v1, cpu in v1, pids in v1"),
+            "{}",
+            c.detail
+        );
         let c = check_cgroups(PURE_V2, |mp| {
             (mp == "/sys/fs/cgroup").then(|| "cpuset cpu io memory pids\n".to_string())
         });
         assert_eq!(c.level, Level::Ok);
-        assert!(c.detail.contains("memory controller in v2"), "{}", c.detail);
+        assert!(
+            c.detail.contains("memory in v2 at /sys/fs/cgroup"),
+            "{}",
+            c.detail
+        );
+        // Without pids: the task limit is named.
+        let c = check_cgroups(HYBRID, |_| Some(String::new()));
+        assert_eq!(c.level, Level::Warn);
+        assert!(
+            c.detail.contains("no pids controller: pids_limit"),
+            "{}",
+            c.detail
+        );
     }
 
     #[test]
     fn cgroups_without_memory_or_at_all_warn() {
         let c = check_cgroups(PURE_V2, |_| Some("cpu pids".into()));
         assert_eq!(c.level, Level::Warn);
-        assert!(c.detail.contains("no memory controller"));
+        assert!(
+            c.detail.contains("no memory controller: memory_limit_mib"),
+            "{}",
+            c.detail
+        );
         let c = check_cgroups("proc /proc proc rw 0 0\n", |_| None);
         assert_eq!(c.level, Level::Warn);
         assert!(c.fix.unwrap().contains("mount -t cgroup2"));

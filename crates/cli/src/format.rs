@@ -108,29 +108,56 @@ pub fn or_dash<T: ToString>(v: Option<T>) -> String {
 
 /// The `forkd ls` / `forkd spawn` table.
 pub fn sandbox_table(sandboxes: &[SandboxInfo], now: u64) -> String {
-    let mut t = Table::new(&[
-        "ID",
-        "SNAPSHOT",
-        "PID",
-        "CREATED",
-        "MEM LIMIT",
-        "LIVE FORK",
-        "NETNS",
-        "GUEST ADDR",
-    ]);
+    sandbox_table_with(sandboxes, now, false)
+}
+
+/// The `forkd ls --all` table: with each sandbox's state (and how an
+/// exited one ended).
+pub fn sandbox_table_with_state(sandboxes: &[SandboxInfo], now: u64) -> String {
+    sandbox_table_with(sandboxes, now, true)
+}
+
+fn sandbox_table_with(sandboxes: &[SandboxInfo], now: u64, states: bool) -> String {
+    let mut head = vec!["ID", "SNAPSHOT", "PID"];
+    if states {
+        head.push("STATE");
+    }
+    head.extend(["CREATED", "MEM LIMIT", "LIVE FORK", "NETNS", "GUEST ADDR"]);
+    let mut t = Table::new(&head);
     for s in sandboxes {
-        t.row(vec![
-            s.id.clone(),
-            s.snapshot_tag.clone(),
-            s.pid.to_string(),
+        let mut row = vec![s.id.clone(), s.snapshot_tag.clone(), s.pid.to_string()];
+        if states {
+            row.push(state(s));
+        }
+        row.extend([
             age(now, s.created_at_unix),
             or_dash(s.memory_limit_mib.map(|m| format!("{m} MiB"))),
             if s.live_fork { "yes" } else { "no" }.into(),
             or_dash(s.netns.as_deref()),
             or_dash(s.guest_addr.as_deref()),
         ]);
+        t.row(row);
     }
     t.render()
+}
+
+/// `running`, or `exited (signal 9, oom)`, `exited (status 1)`,
+/// `exited (unknown)`.
+fn state(s: &SandboxInfo) -> String {
+    if s.state != proto::api::SandboxState::Exited {
+        return s.state.as_str().to_owned();
+    }
+    let how = match (s.signal, s.exit_code) {
+        (Some(sig), _) => format!("signal {sig}"),
+        (None, Some(code)) => format!("status {code}"),
+        (None, None) => "unknown".to_owned(),
+    };
+    let oom = if s.oom_killed == Some(true) {
+        ", oom"
+    } else {
+        ""
+    };
+    format!("exited ({how}{oom})")
 }
 
 /// The `forkd images` table; `parent(tag)` gives a snapshot's parent.
@@ -317,6 +344,35 @@ mod tests {
             "ID    SNAPSHOT  PID   CREATED  MEM LIMIT  LIVE FORK  NETNS  GUEST ADDR\n\
              sb-1  base      4242  5s ago   256 MiB    no         -      -\n"
         );
+    }
+
+    #[test]
+    fn the_all_table_says_how_each_ended() {
+        let base = SandboxInfo {
+            id: "a-0".into(),
+            snapshot_tag: "s".into(),
+            created_at_unix: 100,
+            pid: 7,
+            ..SandboxInfo::default()
+        };
+        let killed = SandboxInfo {
+            id: "a-1".into(),
+            state: proto::api::SandboxState::Exited,
+            signal: Some(9),
+            oom_killed: Some(true),
+            ..base.clone()
+        };
+        let gone = SandboxInfo {
+            id: "a-2".into(),
+            state: proto::api::SandboxState::Exited,
+            ..base.clone()
+        };
+        let t = sandbox_table_with_state(&[base, killed, gone], 100);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("PID  STATE"), "{t}");
+        assert!(lines[1].contains(" running "), "{t}");
+        assert!(lines[2].contains(" exited (signal 9, oom) "), "{t}");
+        assert!(lines[3].contains(" exited (unknown) "), "{t}");
     }
 
     #[test]

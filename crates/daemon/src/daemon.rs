@@ -9,11 +9,11 @@ use tokio::sync::Semaphore;
 
 use crate::audit::AuditLog;
 use crate::auth::Auth;
-use crate::cgroup::Hierarchy;
+use crate::cgroup::{Controller, Hierarchy};
 use crate::driver::{ForkServer, Vmm};
 use crate::error::{ApiError, ApiResult, StartError};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{SnapshotRow, Store};
 
 /// Where things live under the state directory.
 #[derive(Clone, Debug)]
@@ -106,7 +106,35 @@ pub struct Options {
     pub branch_concurrency: usize,
     /// Network namespaces kept ready ahead of networked spawns.
     pub netns_pool: usize,
+    /// How long an exited sandbox stays readable before it is forgotten.
+    pub exited_retention: std::time::Duration,
+    /// Where kernels and root filesystems must be (default
+    /// `<state_dir>/images`).
+    pub images_dir: Option<PathBuf>,
+    /// The cgroup limits of a sandbox whose spawn asks for none.
+    pub default_limits: DefaultLimits,
+    /// Disk and memory kept free: requests that would eat into them are
+    /// refused.
+    pub reserve: crate::reserve::Reserve,
 }
+
+/// The daemon's default cgroup limits (`--default-*-limit*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DefaultLimits {
+    /// Memory, in MiB.
+    pub memory_mib: Option<u64>,
+    /// CPU time, in CPUs.
+    pub cpu: Option<f64>,
+    /// Tasks of a VMM process. None: [`DEFAULT_PIDS_LIMIT`] where the
+    /// host has the pids controller; 0: no limit.
+    pub pids: Option<u64>,
+}
+
+/// The task limit of a sandbox's VMM when neither its spawn nor the
+/// daemon's configuration says: far above what a VMM uses (its vCPUs, a
+/// thread per control connection, device workers; tens), and a bound on
+/// what a VMM gone wrong (or made to go wrong) can start.
+pub const DEFAULT_PIDS_LIMIT: u64 = 1024;
 
 /// The daemon.
 pub struct Daemon {
@@ -124,16 +152,25 @@ pub struct Daemon {
     pub audit: Option<AuditLog>,
     /// The memory controller for sandbox caps, if the host has one.
     pub cgroups: Option<Hierarchy>,
+    /// The limits of a sandbox whose spawn asks for none.
+    pub default_limits: proto::control::Limits,
+    /// Disk and memory kept free.
+    pub reserve: crate::reserve::Reserve,
     /// One permit per branch allowed to write at once.
     pub branch_slots: Arc<Semaphore>,
     /// The cap, for messages.
     pub branch_concurrency: usize,
     /// Network namespaces made ahead of networked spawns.
     pub netns_pool: Arc<crate::netns::Pool>,
+    /// Where the kernels and root filesystems snapshot requests name are.
+    pub images: crate::images::Images,
+    /// This daemon's instance id (see [`Store::instance_id`]).
+    pub instance: String,
+    /// How long an exited sandbox stays readable.
+    pub exited_retention: std::time::Duration,
     fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
     /// Held while a tag's fork server starts.
     fork_server_starts: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    in_flight: Arc<Mutex<HashSet<String>>>,
     agents_seen: Mutex<HashSet<String>>,
     /// The state directory's lock, held as long as the daemon runs.
     _lock: StateLock,
@@ -182,17 +219,95 @@ impl StateLock {
     }
 }
 
-/// A tag claimed by a request that is making a snapshot of that name;
-/// released when dropped.
+/// A tag claimed by a request that is making a snapshot of that name: its
+/// row is in the store, `pending`, before anything is written. Dropped
+/// before [`TagClaim::finish`] (the request failed), the row and whatever
+/// was written in the snapshot's directory go.
 pub struct TagClaim {
+    daemon: Arc<Daemon>,
     tag: String,
-    set: Arc<Mutex<HashSet<String>>>,
+    dir: PathBuf,
+    done: bool,
+}
+
+impl TagClaim {
+    /// Records the finished snapshot (its row as its directory says).
+    pub fn finish(mut self, row: &SnapshotRow) -> ApiResult<()> {
+        self.done = true;
+        if self.daemon.store.finish_snapshot(row)? {
+            Ok(())
+        } else {
+            Err(ApiError::internal(format!(
+                "snapshot {:?}: its record vanished while it was being made",
+                self.tag
+            )))
+        }
+    }
 }
 
 impl Drop for TagClaim {
     fn drop(&mut self) {
-        lock(&self.set).remove(&self.tag);
+        if self.done {
+            return;
+        }
+        if let Err(e) = self.daemon.store.delete_snapshot(&self.tag) {
+            tracing::error!(
+                tag = self.tag,
+                "cannot remove a failed snapshot's record: {e}"
+            );
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", self.dir.display());
+            }
+        }
     }
+}
+
+/// This host's cgroup hierarchies, made ready for the sandboxes of daemon
+/// `instance`, and the default limits in `asked` checked against them:
+/// a configured default whose controller is missing keeps the daemon from
+/// starting; the built-in task limit applies where the pids controller is.
+fn cgroups(
+    instance: &str,
+    asked: &DefaultLimits,
+) -> Result<(Option<Hierarchy>, proto::control::Limits), StartError> {
+    let mut hierarchy = Hierarchy::detect();
+    if let Some(h) = &mut hierarchy {
+        let refused = h.prepare(instance).map_err(|e| {
+            StartError::Config(format!(
+                "{e}; the daemon needs to make its sandboxes' cgroups (run it as root)"
+            ))
+        })?;
+        for (c, why) in refused {
+            tracing::warn!(
+                "the {} cgroup controller cannot be handed down to sandboxes ({why}): their {} limits are unavailable",
+                c.name(),
+                c.name()
+            );
+        }
+    }
+    let has = |c: Controller| hierarchy.as_ref().is_some_and(|h| h.has(c));
+    let pids = match asked.pids {
+        None if has(Controller::Pids) => Some(DEFAULT_PIDS_LIMIT),
+        None | Some(0) => None,
+        Some(n) => Some(n),
+    };
+    if asked.pids.is_none() && !has(Controller::Pids) {
+        tracing::warn!(
+            "this host has no pids cgroup controller: sandboxes' VMMs have no task limit"
+        );
+    }
+    let req = proto::api::SpawnRequest {
+        memory_limit_mib: asked.memory_mib,
+        cpu_limit: asked.cpu,
+        pids_limit: pids,
+        ..Default::default()
+    };
+    let defaults = crate::validate::limits(&req, &proto::control::Limits::default(), has)
+        .map_err(|e| StartError::Config(format!("a default limit: {}", e.message)))?;
+    Ok((hierarchy, defaults))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -212,24 +327,48 @@ impl Daemon {
         let lock = StateLock::take(&opts.state_dir)?;
         let paths = Paths::create(&opts.state_dir, opts.snapshot_root.as_deref())?;
         let store = Store::open(&paths.state.join("forkd.db"))?;
+        let instance = store.instance_id()?;
+        let images_dir = opts
+            .images_dir
+            .clone()
+            .unwrap_or_else(|| paths.state.join("images"));
+        let images = crate::images::Images::open(&images_dir).map_err(|source| StartError::Io {
+            what: "cannot open the images directory",
+            path: images_dir,
+            source,
+        })?;
+        let (cgroups, default_limits) = cgroups(&instance, &opts.default_limits)?;
+        let vmm = match &cgroups {
+            Some(h) => opts
+                .vmm
+                .with_cgroups(h.daemon_groups(&instance), default_limits),
+            None => opts.vmm,
+        };
         let metrics = Metrics::new();
         metrics
             .branch_concurrency_cap
             .set(opts.branch_concurrency as i64);
         Ok(Daemon {
             store,
-            vmm: opts.vmm,
+            vmm,
             paths,
             metrics,
             auth: opts.auth,
             audit: opts.audit,
-            cgroups: Hierarchy::detect(),
+            cgroups,
+            default_limits,
+            reserve: opts.reserve,
             branch_slots: Arc::new(Semaphore::new(opts.branch_concurrency)),
             branch_concurrency: opts.branch_concurrency,
-            netns_pool: Arc::new(crate::netns::Pool::new(opts.netns_pool)),
+            netns_pool: Arc::new(crate::netns::Pool::new(
+                opts.netns_pool,
+                crate::netns::prefix(&instance),
+            )),
+            images,
+            instance,
+            exited_retention: opts.exited_retention,
             fork_servers: Mutex::new(HashMap::new()),
             fork_server_starts: Mutex::new(HashMap::new()),
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
             agents_seen: Mutex::new(HashSet::new()),
             _lock: lock,
         })
@@ -260,32 +399,30 @@ impl Daemon {
         }
     }
 
-    /// Claims `tag` for a request that will make a snapshot of that name:
-    /// 409 when the tag exists or another request is making it.
-    pub fn claim_tag(&self, tag: &str) -> ApiResult<TagClaim> {
-        if !proto::api::valid_tag(tag) {
+    /// Claims the tag of `pending` (a row recorded before anything of the
+    /// snapshot exists, see [`SnapshotRow::pending`]) for the request
+    /// making it: 409 when the tag exists or another request is making it.
+    pub fn claim_tag(self: &Arc<Self>, pending: SnapshotRow) -> ApiResult<TagClaim> {
+        let tag = pending.info.tag.clone();
+        if !proto::api::valid_tag(&tag) {
             return Err(ApiError::bad_request(format!(
                 "tag {tag:?} is not valid: use 1 to 64 of A-Z a-z 0-9 _ -"
             )));
         }
-        if self.store.snapshot(tag)?.is_some() {
-            return Err(ApiError::conflict(format!(
-                "snapshot {tag:?} exists; pick another tag or delete it first"
-            )));
+        if !self.store.insert_snapshot(&pending)? {
+            let being_made = self.store.snapshot(&tag)?.is_some_and(|r| r.pending);
+            return Err(ApiError::conflict(if being_made {
+                format!("snapshot {tag:?} is being made by another request")
+            } else {
+                format!("snapshot {tag:?} exists; pick another tag or delete it first")
+            }));
         }
-        if !lock(&self.in_flight).insert(tag.to_owned()) {
-            return Err(ApiError::conflict(format!(
-                "snapshot {tag:?} is being made by another request"
-            )));
-        }
-        // Check again: a request that just finished may have added it.
-        if self.store.snapshot(tag)?.is_some() {
-            lock(&self.in_flight).remove(tag);
-            return Err(ApiError::conflict(format!("snapshot {tag:?} exists")));
-        }
+        crate::failpoint::hit("snapshot.recorded");
         Ok(TagClaim {
-            tag: tag.to_owned(),
-            set: self.in_flight.clone(),
+            daemon: self.clone(),
+            tag,
+            dir: PathBuf::from(&pending.info.dir),
+            done: false,
         })
     }
 
@@ -322,6 +459,37 @@ impl Daemon {
         Ok(server)
     }
 
+    /// Removes the empty cgroups that fork servers no longer running made
+    /// (`vmm-<server pid>-<n>`): a server that died part way through a
+    /// batch, or before its parked children took their groups, leaves
+    /// them. Groups with a process in them, and those of servers that
+    /// run, are left (a running server may have made one its next child
+    /// has not joined yet).
+    pub fn sweep_cgroups(&self) {
+        let Some(h) = &self.cgroups else {
+            return;
+        };
+        let running: Vec<String> = lock(&self.fork_servers)
+            .values()
+            .filter(|s| s.alive())
+            .map(|s| format!("vmm-{}-", s.pid()))
+            .collect();
+        for group in h
+            .daemon_groups(&self.instance)
+            .iter()
+            .flat_map(|d| crate::cgroup::groups_under(d))
+        {
+            let name = group.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let made_by_a_server = name.starts_with("vmm-");
+            if made_by_a_server
+                && !running.iter().any(|p| name.starts_with(p))
+                && crate::cgroup::procs(&group).is_empty()
+            {
+                let _ = std::fs::remove_dir(&group);
+            }
+        }
+    }
+
     /// Stops the fork server of `tag`, if any.
     pub fn stop_fork_server(&self, tag: &str) {
         if let Some(server) = lock(&self.fork_servers).remove(tag) {
@@ -329,11 +497,31 @@ impl Daemon {
         }
     }
 
-    /// Stops every fork server (at shutdown; sandboxes run on).
-    pub fn stop_fork_servers(&self) {
+    /// Takes over a fork server a previous daemon started (see
+    /// [`crate::reconcile`]).
+    pub fn adopt_fork_server(&self, tag: &str, server: ForkServer) {
+        if let Some(old) = lock(&self.fork_servers).insert(tag.to_owned(), Arc::new(server)) {
+            old.stop();
+        }
+    }
+
+    /// At shutdown: stops the fork servers no running sandbox was spawned
+    /// from, and leaves the others running for the next start to adopt:
+    /// a fork server records how each of its children ends, and a stopped
+    /// one's children would end with nobody to see how.
+    pub fn stop_idle_fork_servers(&self) {
         let servers: Vec<_> = lock(&self.fork_servers).drain().collect();
-        for (_, server) in servers {
-            server.stop();
+        for (tag, server) in servers {
+            if self
+                .store
+                .running_from(&tag)
+                .is_ok_and(|ids| ids.is_empty())
+                || !server.alive()
+            {
+                server.stop();
+            } else {
+                tracing::info!(tag, "leaving the fork server of a snapshot with running sandboxes for the next start");
+            }
         }
     }
 

@@ -90,6 +90,13 @@ pub struct Vmm {
     binary: PathBuf,
     /// Children each fork server keeps ready (`fork-server --pool`).
     fork_pool: u32,
+    /// Where fork servers put their children's cgroups
+    /// (`fork-server --cgroup-parent`), and the limits they make a parked
+    /// child's group with before a request says.
+    cgroups: Option<(Vec<PathBuf>, proto::control::Limits)>,
+    /// Whether its VMMs run under their seccomp filters (the default;
+    /// `forkd-daemon --no-seccomp` turns them off).
+    seccomp: bool,
 }
 
 impl Vmm {
@@ -100,6 +107,8 @@ impl Vmm {
                 return Ok(Vmm {
                     binary: path,
                     fork_pool: 0,
+                    cgroups: None,
+                    seccomp: true,
                 });
             }
             return Err(Error::NoBinary(format!(
@@ -121,16 +130,65 @@ impl Vmm {
             .map(|binary| Vmm {
                 binary,
                 fork_pool: 0,
+                cgroups: None,
+                seccomp: true,
             })
             .ok_or_else(|| {
                 Error::NoBinary("cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into())
             })
     }
 
+    /// Fork servers put each child in a cgroup of its own under each of
+    /// `parents`, parked children's made with `limits`.
+    pub fn with_cgroups(mut self, parents: Vec<PathBuf>, limits: proto::control::Limits) -> Vmm {
+        self.cgroups = Some((parents, limits));
+        self
+    }
+
+    /// `fork-server`'s arguments for [`Vmm::with_cgroups`].
+    fn cgroup_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        let Some((parents, limits)) = &self.cgroups else {
+            return out;
+        };
+        for p in parents {
+            out.push("--cgroup-parent".into());
+            out.push(p.clone().into_os_string());
+        }
+        let values = [
+            ("--memory-limit-mib", limits.memory_mib),
+            ("--cpu-limit-millis", limits.cpu_millis.map(u64::from)),
+            ("--pids-limit", limits.pids),
+        ];
+        for (flag, value) in values {
+            if let Some(v) = value {
+                out.push(format!("{flag}={v}").into());
+            }
+        }
+        out
+    }
+
     /// Fork servers keep `n` children ready ahead of requests (0: none).
     pub fn with_fork_pool(mut self, n: u32) -> Vmm {
         self.fork_pool = n;
         self
+    }
+
+    /// Its VMMs run without seccomp filters (`seccomp` false): for
+    /// debugging only.
+    pub fn with_seccomp(mut self, seccomp: bool) -> Vmm {
+        self.seccomp = seccomp;
+        self
+    }
+
+    /// Whether its VMMs run under their seccomp filters.
+    pub fn seccomp(&self) -> bool {
+        self.seccomp
+    }
+
+    /// The arguments every VMM it starts takes (`run`, `fork-server`).
+    fn vmm_args(&self) -> Option<&'static str> {
+        (!self.seccomp).then_some("--seccomp=off")
     }
 
     /// The binary's path.
@@ -247,6 +305,7 @@ impl SourceVm {
         })?;
         let mut cmd = Command::new(vmm.binary());
         cmd.arg("run")
+            .args(vmm.vmm_args())
             .arg("--mem-mib")
             .arg(mem_mib.to_string())
             .arg("--vcpus")
@@ -292,16 +351,15 @@ impl SourceVm {
                     cmdline.push_str(extra);
                 }
                 // The image is never written: the guest's writes go to a
-                // layer that the snapshot freezes.
-                let drive = format!(
-                    "{},cow={}",
-                    rootfs.display(),
-                    dir.join("rootfs.cow").display()
-                );
+                // layer that the snapshot freezes. Each path is an
+                // argument of its own, taken whole (a `--drive` spec would
+                // split one at a comma).
                 cmd.arg("--kernel")
                     .arg(kernel)
-                    .arg("--drive")
-                    .arg(drive)
+                    .arg("--drive-image")
+                    .arg(rootfs)
+                    .arg("--cow-layer")
+                    .arg(dir.join("rootfs.cow"))
                     .arg("--cmdline")
                     .arg(cmdline)
                     .arg("--rng");
@@ -458,12 +516,14 @@ impl ForkServer {
         })?;
         let mut child = Command::new(vmm.binary())
             .arg("fork-server")
+            .args(vmm.vmm_args())
             .arg("--snapshot")
             .arg(snapshot_dir)
             .arg("--socket")
             .arg(&socket)
             // Left out when 0, as before the option existed.
             .args((vmm.fork_pool > 0).then(|| format!("--pool={}", vmm.fork_pool)))
+            .args(vmm.cgroup_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -511,6 +571,11 @@ impl ForkServer {
             pid,
             ticks,
         })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 
     /// Whether the server still runs.
@@ -584,34 +649,96 @@ impl ForkServer {
 
 /// Where a fork server with a pool stages its children's directories
 /// (`forkd-vmm fork-server --pool`: next to its socket).
-fn pool_staging(socket: &Path) -> PathBuf {
+pub fn pool_staging(socket: &Path) -> PathBuf {
     let mut staging = socket.as_os_str().to_owned();
     staging.push(".pool");
     PathBuf::from(staging)
 }
 
-/// Kills fork servers a previous daemon left behind in `run_dir` (their
-/// `.fork.pid` files): a new daemon starts its own when asked to spawn.
-pub fn reap_stale_fork_servers(run_dir: &Path) {
+/// The fork servers a previous daemon left running in `run_dir` (their
+/// `.fork.pid` files), each with the tag it serves; `None` in place of
+/// the server when its pid file does not parse.
+pub fn left_fork_servers(run_dir: &Path) -> Vec<(String, Option<ForkServer>, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
-        return;
+        return Vec::new();
     };
+    let mut out = Vec::new();
     for entry in entries.flatten() {
-        let path = entry.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if !name.ends_with(".fork.pid") {
+        let pidfile = entry.path();
+        let Some(name) = pidfile
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".fork.pid"))
+            .map(str::to_owned)
+        else {
             continue;
-        }
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        };
+        // `<tag>-<6 hex>` (see ForkServer::start).
+        let tag = name
+            .rsplit_once('-')
+            .map_or(name.as_str(), |(t, _)| t)
+            .to_owned();
+        let ids = std::fs::read_to_string(&pidfile).ok().and_then(|text| {
             let mut it = text.split_whitespace().map(|s| s.parse::<u64>());
-            if let (Some(Ok(pid)), Some(Ok(ticks))) = (it.next(), it.next()) {
-                procs::kill(pid as i32, ticks, Duration::from_secs(2));
+            match (it.next(), it.next()) {
+                (Some(Ok(pid)), Some(Ok(ticks))) if pid > 0 && pid <= i32::MAX as u64 => {
+                    Some((pid as i32, ticks))
+                }
+                _ => None,
             }
-        }
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(run_dir.join(name.replace(".fork.pid", ".fork.log")));
-        let socket = run_dir.join(name.replace(".fork.pid", ".fork.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let _ = std::fs::remove_dir_all(pool_staging(&socket));
+        });
+        let server = ids.map(|(pid, ticks)| ForkServer {
+            socket: run_dir.join(format!("{name}.fork.sock")),
+            log: run_dir.join(format!("{name}.fork.log")),
+            pidfile: pidfile.clone(),
+            pid,
+            ticks,
+        });
+        out.push((tag, server, pidfile));
+    }
+    out
+}
+
+impl ForkServer {
+    /// Whether it runs `binary` (not an older forkd-vmm an upgrade
+    /// replaced, whose `/proc/<pid>/exe` reads "... (deleted)").
+    pub fn runs(&self, binary: &Path) -> bool {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", self.pid));
+        let ours = std::fs::canonicalize(binary);
+        matches!((exe, ours), (Ok(a), Ok(b)) if a == b) && self.alive()
+    }
+
+    /// Waits until the server has answered every request it took before
+    /// this call: it serves one request at a time, in order, so the answer
+    /// to an empty request comes after the batch a dead daemon asked for
+    /// (whose children must all exist before they are reconciled).
+    pub fn barrier(&self) -> Result<(), Error> {
+        let unreachable = |source| Error::Unreachable {
+            what: "fork server",
+            socket: self.socket.clone(),
+            source,
+        };
+        let stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(FORK_BATCH))
+            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
+            .map_err(unreachable)?;
+        (&stream).write_all(b"\n").map_err(unreachable)?;
+        let mut answer = Vec::new();
+        BufReader::new(&stream)
+            .take(64 << 10)
+            .read_until(b'\n', &mut answer)
+            .map_err(unreachable)?;
+        Ok(())
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 }

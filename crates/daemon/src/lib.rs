@@ -5,8 +5,15 @@
 //!   routes do.
 //! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
 //!   [`procs`]: tracking them by pid.
+//! - [`exits`]: noticing that a sandbox's VMM ended, how, and reaping it;
+//!   [`reconcile`]: at start, the store, the processes and the files made
+//!   to agree; [`failpoint`]: kill points for crash tests;
+//!   [`integrity`]: snapshot files checked against their hashes;
+//!   [`images`]: where the kernels and root filesystems requests name are.
 //! - [`auth`], [`audit`], [`metrics`], [`cgroup`], [`netns`] (a network
 //!   namespace per guest with a network interface), [`util`] (ids, time).
+//! - [`conn`]: the HTTP(S) server's connections: header and idle
+//!   timeouts, the connection cap.
 //! - [`error`]: the one error the service layer returns, and its status;
 //!   [`validate`]: the request rules, as pure functions.
 
@@ -14,12 +21,19 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cgroup;
+pub mod conn;
 pub mod daemon;
 pub mod driver;
 pub mod error;
+pub mod exits;
+pub mod failpoint;
+pub mod images;
+pub mod integrity;
 pub mod metrics;
 pub mod netns;
 pub mod procs;
+pub mod reconcile;
+pub mod reserve;
 pub mod sandboxes;
 pub mod serve;
 pub mod snapshots;

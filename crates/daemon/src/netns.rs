@@ -148,6 +148,38 @@ pub fn remove(store: &Store, name: &str) {
     }
 }
 
+/// How the names of the namespaces a daemon makes begin: `forkd-` and its
+/// instance id, so a daemon reconciles only its own.
+pub fn prefix(instance: &str) -> String {
+    format!("forkd-{instance}-")
+}
+
+/// Where named network namespaces are.
+const NETNS_DIR: &str = "/var/run/netns";
+
+/// Removes the namespaces named with `prefix` (this daemon's) that the
+/// store has no record of (made by a daemon whose database was lost or
+/// rolled back); their names.
+pub fn remove_unrecorded(store: &Store, prefix: &str) -> Result<Vec<String>, StoreError> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !name.starts_with(prefix) || store.netns_recorded(&name)? {
+            continue;
+        }
+        match netif::netns::remove(&name) {
+            Ok(()) => removed.push(name),
+            Err(e) => tracing::warn!("cannot remove network namespace {name}: {e}"),
+        }
+    }
+    Ok(removed)
+}
+
 /// Removes the namespaces this daemon made that no sandbox names (left by
 /// a crash in the middle of a spawn or a snapshot); how many.
 pub fn remove_orphans(store: &Store) -> Result<usize, StoreError> {
@@ -217,16 +249,19 @@ impl Drop for Namespaces<'_> {
 /// orphan at the next start.
 pub struct Pool {
     target: usize,
+    prefix: String,
     ready: std::sync::Mutex<Vec<String>>,
     refilling: std::sync::atomic::AtomicBool,
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
-    /// A pool that keeps `target` namespaces ready (0: none).
-    pub fn new(target: usize) -> Pool {
+    /// A pool that keeps `target` namespaces ready (0: none), their
+    /// names starting with `prefix` (see [`prefix`]).
+    pub fn new(target: usize, prefix: String) -> Pool {
         Pool {
             target,
+            prefix,
             ready: std::sync::Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -267,7 +302,7 @@ impl Pool {
             return;
         }
         while self.len() < self.target && !self.closed.load(Ordering::Acquire) {
-            let name = format!("forkd-p{}", crate::util::random_hex(4));
+            let name = format!("{}p{}", self.prefix, crate::util::random_hex(4));
             if let Err(e) = create(store, &name) {
                 tracing::warn!("network namespace pool: {e}");
                 break;
@@ -381,7 +416,7 @@ mod tests {
     #[test]
     fn a_pool_fills_hands_out_and_drains() {
         let (dir, store) = store("pool");
-        let pool = Pool::new(3);
+        let pool = Pool::new(3, "forkd-test-".into());
         pool.refill(&store);
         assert_eq!(pool.len(), 3);
         let taken = pool.take(2);
@@ -403,7 +438,7 @@ mod tests {
             remove(&store, n);
         }
         assert!(store.orphan_netns().unwrap().is_empty());
-        assert!(Pool::new(0).take(5).is_empty());
+        assert!(Pool::new(0, "forkd-test-".into()).take(5).is_empty());
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -2,19 +2,19 @@
 //! control socket and guest agent, branched, killed, and re-adopted by a
 //! restarted daemon.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_client::ClientConfig;
 use proto::api::{
-    BranchMode, BranchRequest, EvalResponse, ExecResponse, SandboxInfo, SnapshotInfo,
+    BranchMode, BranchRequest, EvalResponse, ExecResponse, SandboxInfo, SandboxState, SnapshotInfo,
     SnapshotStatus, SpawnRequest,
 };
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
 use crate::daemon::Daemon;
-use crate::error::{ApiError, ApiResult, Kind, StartError};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::store::{SandboxRow, SnapshotRow};
 use crate::util::{now_unix, random_hex};
 use crate::{driver, netns, procs, validate};
@@ -38,17 +38,35 @@ impl Daemon {
     /// `POST /v1/sandboxes`.
     pub async fn spawn(self: &Arc<Self>, req: SpawnRequest) -> ApiResult<Vec<SandboxInfo>> {
         let started = Instant::now();
-        validate::spawn_request(&req, self.cgroups.is_some())?;
+        validate::spawn_request(&req)?;
+        let limits = validate::limits(&req, &self.default_limits, |c| {
+            self.cgroups.as_ref().is_some_and(|h| h.has(c))
+        })?;
         let snap = self.existing_snapshot(&req.snapshot_tag)?;
         let plan = validate::spawn_from(&req, &snap.info)?;
+        // A live-forkable child holds a private copy of the snapshot's
+        // memory (from the huge page pool instead with `hugepages`); a
+        // copy-on-write child, the pages it writes, which the reserves
+        // leave room for.
+        let private = req.live_fork == Some(true) && req.hugepages != Some(true);
+        let per_child = if private {
+            snap.info.mem_mib.unwrap_or(0)
+        } else {
+            0
+        };
+        let what = format!("a spawn of {}", req.n);
+        self.reserve
+            .check_memory(per_child.saturating_mul(u64::from(req.n)), &what)?;
+        self.reserve.check_disk(&self.paths.sandboxes, 0, &what)?;
         let per_child_netns = plan.per_child_netns;
         let this = self.clone();
-        let rows = tokio::task::spawn_blocking(move || this.fork_children(&req, &snap, plan)).await;
+        let rows =
+            tokio::task::spawn_blocking(move || this.fork_children(&req, &snap, plan, limits))
+                .await;
         if per_child_netns {
             self.refill_netns_pool();
         }
         let rows = rows??;
-        self.store.insert_sandboxes(&rows)?;
         let secs = started.elapsed().as_secs_f64();
         self.metrics.spawn_seconds.observe(secs);
         self.metrics
@@ -59,12 +77,14 @@ impl Daemon {
 
     /// Forks the children, each in a network namespace of its own when
     /// the plan says, on huge pages when asked and the host has them, and
-    /// confines them (blocking).
+    /// each in a cgroup of its own with `limits` when the host has
+    /// cgroups (blocking).
     fn fork_children(
         &self,
         req: &SpawnRequest,
         row: &SnapshotRow,
         plan: validate::SpawnPlan,
+        limits: proto::control::Limits,
     ) -> ApiResult<Vec<SandboxRow>> {
         let snap = &row.info;
         let validate::SpawnPlan {
@@ -78,6 +98,7 @@ impl Daemon {
             (Some(a), Some(b)) => Some(format!("{a}; {b}")),
             (a, b) => a.or(b),
         };
+        self.check_integrity(row)?;
         let server = self.fork_server(&snap.tag, Path::new(&snap.dir))?;
         let batch = random_hex(4);
         // Removed again if the fork fails; the sandboxes own them after.
@@ -98,109 +119,132 @@ impl Daemon {
                 }
             };
             for i in namespaces.names().len() as u32..req.n {
-                namespaces.add_with(format!("forkd-{batch}-{i}"), &tap)?;
+                let name = format!("{}{batch}-{i}", netns::prefix(&self.instance));
+                namespaces.add_with(name, &tap)?;
             }
         }
         let out_dir = self.paths.sandboxes.join(&batch);
         // Huge pages are a memfd's: such a child can be live-branched too.
         let live_fork = req.live_fork.unwrap_or(false) || huge_pages;
-        // A capped child starts paused and runs only once it is in its group.
-        let paused = req.memory_limit_mib.is_some();
+        // Recorded before they exist: a crash from here on leaves records
+        // a restart reconciles with what it finds.
+        let now = now_unix();
+        let rows: Vec<SandboxRow> = (0..req.n)
+            .map(|i| {
+                let dir = out_dir.join(i.to_string());
+                let netns = namespaces.names().get(i as usize).cloned();
+                SandboxRow {
+                    info: SandboxInfo {
+                        id: format!("{batch}-{i}"),
+                        snapshot_tag: snap.tag.clone(),
+                        guest_addr: netns.as_ref().map(|_| proto::api::GUEST_ADDR.to_owned()),
+                        netns,
+                        created_at_unix: now,
+                        memory_limit_mib: limits.memory_mib,
+                        cpu_limit: limits.cpu_millis.map(|m| f64::from(m) / 1000.0),
+                        pids_limit: limits.pids,
+                        live_fork,
+                        hugepages: huge_pages,
+                        warning: warning.clone(),
+                        state: SandboxState::Starting,
+                        ..SandboxInfo::default()
+                    },
+                    base_tag: snap.tag.clone(),
+                    control_socket: dir.join("control.sock"),
+                    dir,
+                    vsock_socket: None,
+                    pid_start_ticks: 0,
+                    cgroup: None,
+                }
+            })
+            .collect();
+        self.store.insert_sandboxes(&rows)?;
+        let mut recorded = Recorded {
+            daemon: self,
+            rows,
+            out_dir: &out_dir,
+            kept: false,
+        };
+        crate::failpoint::hit("spawn.recorded");
         let children = server
             .fork(&proto::control::ForkRequest::Fork {
                 n: req.n,
                 out_dir: out_dir.clone(),
-                paused,
+                paused: false,
                 console_log: true,
                 memfd: live_fork,
                 netns: namespaces.names().to_vec(),
                 huge_pages,
                 prewarm: req.prewarm.unwrap_or(false),
+                limits,
             })
             .map_err(|e| ApiError::from(e).with_context("fork failed"))?;
-        let now = now_unix();
-        let mut rows = Vec::with_capacity(children.len());
+        crate::failpoint::hit("spawn.forked");
         let mut failure = None;
         for child in children {
-            let id = format!("{batch}-{}", child.index);
-            let ticks = procs::start_ticks(child.pid).unwrap_or(0);
-            let netns = namespaces.names().get(child.index as usize).cloned();
-            let mut row = SandboxRow {
-                info: SandboxInfo {
-                    id: id.clone(),
-                    snapshot_tag: snap.tag.clone(),
-                    guest_addr: netns.as_ref().map(|_| proto::api::GUEST_ADDR.to_owned()),
-                    netns,
-                    created_at_unix: now,
-                    pid: child.pid,
-                    memory_limit_mib: req.memory_limit_mib,
-                    live_fork,
-                    hugepages: huge_pages,
-                    warning: warning.clone(),
-                    ..SandboxInfo::default()
-                },
-                base_tag: snap.tag.clone(),
-                dir: child.dir,
-                control_socket: child.control_socket,
-                vsock_socket: child.vsock_socket,
-                pid_start_ticks: ticks,
-                cgroup: None,
+            let Some(row) = recorded.rows.get_mut(child.index as usize) else {
+                failure.get_or_insert(ApiError::internal(format!(
+                    "the fork server answered for child {} of {}",
+                    child.index, req.n
+                )));
+                continue;
             };
-            if let (Some(mib), Some(cg)) = (req.memory_limit_mib, &self.cgroups) {
-                let confined = cg
-                    .confine(&id, mib, child.pid)
-                    .map_err(ApiError::from)
-                    .and_then(|dir| {
-                        row.cgroup = Some(dir);
-                        resume(&row.control_socket).map_err(ApiError::from)
-                    });
-                if let Err(e) = confined {
-                    failure.get_or_insert(e);
-                }
-            }
-            rows.push(row);
+            row.info.pid = child.pid;
+            row.pid_start_ticks = procs::start_ticks(child.pid).unwrap_or(0);
+            row.dir = child.dir;
+            row.control_socket = child.control_socket;
+            row.vsock_socket = child.vsock_socket;
+            row.info.state = SandboxState::Running;
+            // Its memory group (or first): where OOM kills are read, and
+            // the name of its group in every hierarchy.
+            row.cgroup = match (&child.cgroup, &self.cgroups) {
+                (Some(name), Some(h)) => h.groups(&self.instance, name).into_iter().next(),
+                _ => None,
+            };
+            row.info.cgroup = row.cgroup.as_deref().and_then(crate::cgroup::shown);
         }
         if let Some(e) = failure {
-            for row in &rows {
-                stop_sandbox(&self.store, row);
-            }
-            let _ = std::fs::remove_dir_all(&out_dir);
             return Err(e);
         }
+        self.store.start_sandboxes(&recorded.rows)?;
+        let rows = recorded.keep();
         namespaces.keep();
         Ok(rows)
     }
 
-    /// `GET /v1/sandboxes`: the live ones (a sandbox whose VMM has ended is
-    /// dropped, its directory removed).
-    pub async fn list_sandboxes(self: &Arc<Self>) -> ApiResult<Vec<SandboxInfo>> {
-        let rows = self.store.sandboxes()?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            if procs::alive(row.info.pid, row.pid_start_ticks) {
-                out.push(row.info);
-            } else {
-                self.forget_dead(&row).await?;
+    /// `GET /v1/sandboxes`: the running ones (upstream's meaning), or with
+    /// `all` the exited ones too. A sandbox whose VMM has ended is
+    /// recorded as exited on the way.
+    pub async fn list_sandboxes(self: &Arc<Self>, all: bool) -> ApiResult<Vec<SandboxInfo>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for row in this.store.sandboxes()? {
+                let row = this.observe(row)?;
+                let shown = match row.info.state {
+                    SandboxState::Running => true,
+                    SandboxState::Exited => all,
+                    SandboxState::Starting => false,
+                };
+                if shown {
+                    out.push(row.info);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await?
     }
 
-    /// Removes a sandbox whose VMM has ended.
-    async fn forget_dead(self: &Arc<Self>, row: &SandboxRow) -> ApiResult<()> {
-        let log = procs::log_tail(&row.dir.join("vmm.log"), 400);
-        tracing::warn!(
-            id = row.info.id,
-            "sandbox's VMM has ended; dropping it: {log}"
-        );
-        self.store.delete_sandbox(&row.info.id)?;
-        self.forget_agent(&row.info.id);
-        let (this, row) = (self.clone(), row.clone());
-        tokio::task::spawn_blocking(move || stop_sandbox(&this.store, &row)).await?;
-        Ok(())
+    /// `GET /v1/sandboxes/:id`: as it is now (exited, if its VMM ended).
+    pub async fn sandbox_info(self: &Arc<Self>, id: &str) -> ApiResult<SandboxInfo> {
+        let row = self.existing_sandbox(id)?;
+        let this = self.clone();
+        Ok(tokio::task::spawn_blocking(move || this.observe(row))
+            .await??
+            .info)
     }
 
-    /// A sandbox by id, or 404.
+    /// A sandbox by id (in any state), or 404.
     pub fn existing_sandbox(&self, id: &str) -> ApiResult<SandboxRow> {
         if id.is_empty()
             || id.len() > 64
@@ -213,25 +257,45 @@ impl Daemon {
             .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
     }
 
-    /// A sandbox that is running, or 404 / 409.
-    fn running_sandbox(self: &Arc<Self>, id: &str) -> ApiResult<SandboxRow> {
+    /// A sandbox that is running, or 404 / 409 (starting, or exited: how).
+    async fn running_sandbox(self: &Arc<Self>, id: &str) -> ApiResult<SandboxRow> {
         let row = self.existing_sandbox(id)?;
-        if !procs::alive(row.info.pid, row.pid_start_ticks) {
-            return Err(ApiError::conflict(format!(
-                "sandbox {id:?} is not running (its VMM ended: {}); kill it and spawn a new one",
-                procs::log_tail(&row.dir.join("vmm.log"), 300)
-            )));
+        // Blocking when its VMM has just ended (its end is recorded first).
+        let this = self.clone();
+        let row = tokio::task::spawn_blocking(move || this.observe(row)).await??;
+        match row.info.state {
+            SandboxState::Running => Ok(row),
+            SandboxState::Starting => Err(ApiError::conflict(format!(
+                "sandbox {id:?} is still starting; try again in a moment"
+            ))),
+            SandboxState::Exited => Err(ApiError::conflict(format!(
+                "sandbox {id:?} is not running: its VMM {}; delete it and spawn a new one",
+                how_ended(&row.info)
+            ))),
         }
-        Ok(row)
     }
 
-    /// `DELETE /v1/sandboxes/:id`.
+    /// `DELETE /v1/sandboxes/:id`: ends it if it runs, and forgets it.
     pub async fn kill(self: &Arc<Self>, id: &str) -> ApiResult<()> {
         let row = self.existing_sandbox(id)?;
-        self.store.delete_sandbox(id)?;
+        if row.info.state == SandboxState::Starting {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id:?} is still starting; delete it once its spawn has answered"
+            )));
+        }
         self.forget_agent(id);
         let this = self.clone();
-        tokio::task::spawn_blocking(move || stop_sandbox(&this.store, &row)).await?;
+        tokio::task::spawn_blocking(move || {
+            // Ended first, then forgotten: a crash in between leaves a
+            // record of a VMM that is gone, which reads as exited.
+            if row.info.state == SandboxState::Running {
+                stop_sandbox(&this.store, &row);
+            } else {
+                release(&this.store, &row);
+            }
+            this.store.delete_sandbox(&row.info.id)
+        })
+        .await??;
         Ok(())
     }
 
@@ -248,7 +312,7 @@ impl Daemon {
         id: &str,
         cfg: ClientConfig,
     ) -> ApiResult<(agent_client::Client, Option<proto::agent::Pong>)> {
-        let row = self.running_sandbox(id)?;
+        let row = self.running_sandbox(id).await?;
         let uds = row.vsock_socket.clone().ok_or_else(|| {
             ApiError::conflict(format!(
                 "sandbox {id:?} has no vsock device, so no guest agent to talk to"
@@ -379,8 +443,27 @@ impl Daemon {
                 self.branch_concurrency
             ))
         })?;
-        let claim = self.claim_tag(&tag)?;
-        let sandbox = self.running_sandbox(id)?;
+        let dir = self.paths.snapshot(&tag);
+        let mut pending = SnapshotRow::pending(&tag, &dir);
+        pending.info.branched_from = Some(id.to_owned());
+        pending.info.kind = Some(
+            if mode == BranchMode::Diff {
+                "diff"
+            } else {
+                "full"
+            }
+            .into(),
+        );
+        let claim = self.claim_tag(pending)?;
+        let sandbox = self.running_sandbox(id).await?;
+        // Its memory file is at most the guest's RAM.
+        let mem_mib = self
+            .store
+            .snapshot(&sandbox.info.snapshot_tag)?
+            .and_then(|s| s.info.mem_mib)
+            .unwrap_or(0);
+        self.reserve
+            .check_disk(&self.paths.snapshots, mem_mib, "a branch")?;
         if let Some(parent) = &req.parent_tag {
             self.existing_snapshot(parent)?;
         }
@@ -400,7 +483,6 @@ impl Daemon {
         }
         self.metrics.branches_in_flight.inc();
         let in_flight = scopeguard(self.clone());
-        let dir = self.paths.snapshot(&tag);
         let request = ControlRequest::Snapshot {
             dir: dir.clone(),
             leave_paused: false,
@@ -446,17 +528,15 @@ impl Daemon {
         if accepted {
             row.source_pid = Some(sandbox.info.pid);
         }
-        self.store.insert_snapshot(&row)?;
-        let memory = match row.info.kind.as_deref() {
-            Some("diff") => proto::snapshot::DIFF_FILE,
-            _ => proto::snapshot::MEMORY_FILE,
-        };
-        self.store
-            .record_branch(id, &tag, &dir.join(memory).to_string_lossy())?;
-        drop(claim);
+        crate::failpoint::hit("snapshot.written");
+        claim.finish(&row)?;
+        self.record_branch(id, &row)?;
         self.metrics
             .branch_seconds
             .observe(started.elapsed().as_secs_f64());
+        if !accepted {
+            self.verify_in_background(&tag);
+        }
         if accepted {
             // The permit and the in-flight count go with the copy.
             let this = self.clone();
@@ -471,6 +551,19 @@ impl Daemon {
             info: row.info,
             accepted,
         })
+    }
+
+    /// Records that sandbox `id` was branched into `row`: its next diff
+    /// stacks on it.
+    pub fn record_branch(&self, id: &str, row: &SnapshotRow) -> ApiResult<()> {
+        let memory = match row.info.kind.as_deref() {
+            Some("diff") => proto::snapshot::DIFF_FILE,
+            _ => proto::snapshot::MEMORY_FILE,
+        };
+        let path = Path::new(&row.info.dir).join(memory);
+        self.store
+            .record_branch(id, &row.info.tag, &path.to_string_lossy())?;
+        Ok(())
     }
 
     /// Follows a live copy until its snapshot is ready or failed, and
@@ -494,7 +587,10 @@ impl Daemon {
                 Err(e) => Err(format!("the snapshot's metadata is unreadable: {e}")),
             };
             let recorded = match &outcome {
-                Ok(()) => self.store.set_snapshot_ready(tag),
+                Ok(()) => self
+                    .store
+                    .set_snapshot_ready(tag)
+                    .inspect(|()| self.verify_in_background(tag)),
                 Err(why) => self
                     .store
                     .set_snapshot_status(tag, SnapshotStatus::Failed, Some(why)),
@@ -505,111 +601,33 @@ impl Daemon {
             return;
         }
     }
-
-    /// After a restart: keeps the sandboxes whose VMM still runs and
-    /// answers, drops the rest; settles snapshots left `writing`.
-    pub async fn recover(self: &Arc<Self>) -> Result<(), StartError> {
-        driver::reap_stale_fork_servers(&self.paths.run);
-        let rows = self.store.sandboxes()?;
-        let (mut kept, mut dropped) = (0, 0);
-        for row in rows {
-            let probe = row.clone();
-            let answers = tokio::task::spawn_blocking(move || {
-                procs::alive(probe.info.pid, probe.pid_start_ticks)
-                    && matches!(
-                        driver::control(
-                            &probe.control_socket,
-                            &ControlRequest::Status,
-                            Duration::from_secs(2)
-                        ),
-                        Ok(ControlResponse::Status(_))
-                    )
-            })
-            .await
-            .unwrap_or(false);
-            if answers {
-                kept += 1;
-            } else {
-                dropped += 1;
-                self.forget_dead(&row)
-                    .await
-                    .map_err(|e| StartError::Recover(e.message))?;
-            }
-        }
-        let orphans = {
-            let this = self.clone();
-            tokio::task::spawn_blocking(move || netns::remove_orphans(&this.store))
-                .await
-                .map_err(|e| StartError::Recover(e.to_string()))??
-        };
-        tracing::info!(
-            kept,
-            dropped,
-            orphan_namespaces = orphans,
-            "re-adopted the sandboxes of the previous run"
-        );
-        for snap in self.store.snapshots()? {
-            let dir = PathBuf::from(&snap.info.dir);
-            if !dir.join(proto::snapshot::META_FILE).exists() {
-                if snap.info.status != SnapshotStatus::Failed {
-                    let _ = self.store.set_snapshot_status(
-                        &snap.info.tag,
-                        SnapshotStatus::Failed,
-                        Some("its directory is gone"),
-                    );
-                }
-                continue;
-            }
-            if snap.info.status != SnapshotStatus::Writing {
-                continue;
-            }
-            let source = snap
-                .info
-                .branched_from
-                .as_deref()
-                .and_then(|id| self.store.sandbox(id).ok().flatten());
-            match source {
-                Some(source) => {
-                    // Its VMM still copies: follow it as before the restart.
-                    let permit = self.branch_slots.clone().try_acquire_owned().ok();
-                    self.metrics.branches_in_flight.inc();
-                    let guard = scopeguard(self.clone());
-                    let this = self.clone();
-                    tokio::spawn(async move {
-                        this.watch_copy(&snap.info.tag, &dir, &source).await;
-                        drop(permit);
-                        drop(guard);
-                    });
-                }
-                None => {
-                    let status = proto::snapshot::read_meta(&dir).map(|m| m.status);
-                    let result = if matches!(status, Ok(SnapshotStatus::Ready)) {
-                        self.store.set_snapshot_ready(&snap.info.tag)
-                    } else {
-                        self.store.set_snapshot_status(
-                            &snap.info.tag,
-                            SnapshotStatus::Failed,
-                            Some("the daemon restarted during the copy and the source VMM is gone"),
-                        )
-                    };
-                    result?;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Decrements the in-flight gauge when dropped.
 pub struct InFlight(Arc<Daemon>);
 
-fn scopeguard(d: Arc<Daemon>) -> InFlight {
+pub(crate) fn scopeguard(d: Arc<Daemon>) -> InFlight {
     InFlight(d)
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.metrics.branches_in_flight.dec();
+    }
+}
+
+/// How an exited sandbox's VMM ended, for messages: "was killed by signal
+/// 9 (the OOM killer)", "exited with status 1", ...
+pub fn how_ended(info: &SandboxInfo) -> String {
+    let oom = if info.oom_killed == Some(true) {
+        " (the OOM killer, at its memory cap)"
+    } else {
+        ""
+    };
+    match (info.exit_code, info.signal) {
+        (_, Some(sig)) => format!("was killed by signal {sig}{oom}"),
+        (Some(code), None) => format!("exited with status {code}{oom}"),
+        (None, None) => format!("ended, status unknown{oom}"),
     }
 }
 
@@ -653,22 +671,54 @@ fn run_secs(asked: Option<u64>) -> ApiResult<u64> {
     Ok(secs)
 }
 
-/// Lets a paused child run.
-fn resume(socket: &Path) -> Result<(), driver::Error> {
-    match driver::control(socket, &ControlRequest::Resume, Duration::from_secs(10))? {
-        ControlResponse::Ok => Ok(()),
-        other => Err(driver::Error::Unexpected {
-            what: "resume",
-            answer: format!("{other:?}"),
-        }),
+/// Sandboxes recorded `starting` by a spawn that has not finished: if it
+/// fails, every VMM it started is ended and every record, directory,
+/// cgroup and namespace goes.
+struct Recorded<'a> {
+    daemon: &'a Daemon,
+    rows: Vec<SandboxRow>,
+    out_dir: &'a Path,
+    kept: bool,
+}
+
+impl Recorded<'_> {
+    /// The spawn succeeded: the records stand.
+    fn keep(mut self) -> Vec<SandboxRow> {
+        self.kept = true;
+        std::mem::take(&mut self.rows)
     }
 }
 
-/// Ends a sandbox's VMM (asked, then killed), removes its directory,
-/// cgroup and network namespace (blocking).
-fn stop_sandbox(store: &crate::store::Store, row: &SandboxRow) {
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        for row in &self.rows {
+            stop_sandbox(&self.daemon.store, row);
+            if let Err(e) = self.daemon.store.delete_sandbox(&row.info.id) {
+                tracing::error!(
+                    id = row.info.id,
+                    "cannot remove a failed spawn's record: {e}"
+                );
+            }
+        }
+        // A fork server that died mid-batch may have started children it
+        // never answered for: found by their logs.
+        for found in procs::logging_under(&[self.out_dir]) {
+            procs::kill_and_reap(found.pid, found.ticks);
+        }
+        remove_tree(self.out_dir);
+        // And the groups it made for them.
+        self.daemon.sweep_cgroups();
+    }
+}
+
+/// Ends a sandbox's VMM (asked, then killed) and releases what it held
+/// (blocking).
+pub fn stop_sandbox(store: &crate::store::Store, row: &SandboxRow) {
     let (pid, ticks) = (row.info.pid, row.pid_start_ticks);
-    if procs::alive(pid, ticks) {
+    if pid > 0 && procs::alive(pid, ticks) {
         let _ = driver::control(
             &row.control_socket,
             &ControlRequest::Shutdown,
@@ -678,21 +728,41 @@ fn stop_sandbox(store: &crate::store::Store, row: &SandboxRow) {
         while procs::alive(pid, ticks) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
-        procs::kill(pid, ticks, Duration::from_secs(5));
     }
-    if let Err(e) = std::fs::remove_dir_all(&row.dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!("cannot remove {}: {e}", row.dir.display());
-        }
+    if pid > 0 {
+        procs::kill_and_reap(pid, ticks);
     }
+    release(store, row);
+}
+
+/// Removes a sandbox's directory, cgroup and network namespace (its VMM
+/// has ended).
+pub fn release(store: &crate::store::Store, row: &SandboxRow) {
+    remove_tree(&row.dir);
     // The batch directory goes with its last child.
     if let Some(batch) = row.dir.parent() {
         let _ = std::fs::remove_dir(batch);
     }
     if let Some(cg) = &row.cgroup {
-        crate::cgroup::remove(cg);
+        crate::cgroup::remove_sandbox_group(crate::cgroup::Hierarchy::detect().as_ref(), cg);
     }
     if let Some(ns) = &row.info.netns {
         netns::remove(store, ns);
+    }
+}
+
+/// Removes a directory tree; one that is gone is fine. A fork server may
+/// write a child's exit record into it while it goes (ENOTEMPTY): tried
+/// again then.
+pub fn remove_tree(dir: &Path) {
+    for attempt in 0..3 {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if attempt == 2 => {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
     }
 }

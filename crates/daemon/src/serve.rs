@@ -81,6 +81,92 @@ pub struct ServeArgs {
     /// default): none.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub netns_pool: u32,
+    /// How long a sandbox whose VMM ended stays readable (`GET
+    /// /v1/sandboxes/ID` answers `state: exited` with how it ended, and
+    /// `?all=true` lists it) before it is forgotten (404), in seconds.
+    #[arg(
+        long,
+        env = "FORKD_EXITED_RETENTION_SECS",
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(0..=30 * 86400)
+    )]
+    pub exited_retention_secs: u64,
+    /// Where the kernels and root filesystems that snapshot requests name
+    /// must be (default: STATE_DIR/images, made if missing). A request
+    /// names a file by its path in it or its full path; any other path
+    /// (`..`, a link out, elsewhere on the host) is refused.
+    #[arg(long, env = "FORKD_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// Memory limit, in MiB, of a sandbox whose spawn gives no
+    /// `memory_limit_mib` (default: none). Needs the memory cgroup
+    /// controller.
+    #[arg(long, env = "FORKD_DEFAULT_MEMORY_LIMIT_MIB", value_name = "MIB")]
+    pub default_memory_limit_mib: Option<u64>,
+    /// CPU limit, in CPUs (0.5: half of one), of a sandbox whose spawn
+    /// gives no `cpu_limit` (default: none). Needs the cpu cgroup
+    /// controller.
+    #[arg(long, env = "FORKD_DEFAULT_CPU_LIMIT", value_name = "CPUS")]
+    pub default_cpu_limit: Option<f64>,
+    /// Task limit of a sandbox's VMM whose spawn gives no `pids_limit`
+    /// (default: 1024 where the pids cgroup controller is; 0: none).
+    #[arg(long, env = "FORKD_DEFAULT_PIDS_LIMIT", value_name = "N")]
+    pub default_pids_limit: Option<u64>,
+    /// MiB of disk kept free under the state directory (and the snapshot
+    /// root): a spawn, snapshot, branch or compaction that would leave
+    /// less is refused with 503 (a snapshot needs about its guest's RAM).
+    /// 0: no reserve.
+    #[arg(
+        long,
+        env = "FORKD_RESERVE_DISK_MIB",
+        default_value_t = 512,
+        value_name = "MIB"
+    )]
+    pub reserve_disk_mib: u64,
+    /// MiB of memory kept available (MemAvailable): a spawn or snapshot
+    /// that would leave less is refused with 503 (a live-forkable child
+    /// needs its guest's RAM, a snapshot's source VM too). 0: no reserve.
+    #[arg(
+        long,
+        env = "FORKD_RESERVE_MEMORY_MIB",
+        default_value_t = 256,
+        value_name = "MIB"
+    )]
+    pub reserve_memory_mib: u64,
+    /// Longest wait, in seconds, for a request's headers, from the accept
+    /// (TLS handshake included) or from the first byte after an idle gap
+    /// (then never before the idle timeout's end); a connection slower
+    /// than that is closed. A request whose headers
+    /// are in is never cut, however long its body or answer takes.
+    #[arg(
+        long,
+        env = "FORKD_HEADER_TIMEOUT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub header_timeout_secs: u64,
+    /// Longest gap, in seconds, between an answer and the next request's
+    /// first byte on a kept-alive connection; then it is closed.
+    #[arg(
+        long,
+        env = "FORKD_IDLE_TIMEOUT_SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    pub idle_timeout_secs: u64,
+    /// Most connections open at once (at least 1). One more is answered
+    /// 503 (the usual JSON error, with `Connection: close`) and closed.
+    #[arg(
+        long,
+        env = "FORKD_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub max_connections: u32,
+    /// Run every VMM without its seccomp filters, so a VMM making a system
+    /// call its thread's filter forbids is not ended: for debugging only.
+    /// The daemon warns at start and `forkd doctor` reports it.
+    #[arg(long, env = "FORKD_NO_SECCOMP")]
+    pub no_seccomp: bool,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -97,7 +183,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         )));
     }
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
-    let vmm = Vmm::find(args.vmm_binary.clone())?.with_fork_pool(args.fork_pool);
+    let vmm = Vmm::find(args.vmm_binary.clone())?
+        .with_fork_pool(args.fork_pool)
+        .with_seccomp(!args.no_seccomp);
+    if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: VMMs run WITHOUT seccomp filters; a guest that breaks out of a \
+             device model reaches every system call of a root process. Debugging only."
+        );
+    }
     let daemon = Arc::new(Daemon::open(Options {
         vmm,
         state_dir: args.state_dir.clone(),
@@ -106,13 +200,29 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         audit,
         branch_concurrency: args.branch_concurrency as usize,
         netns_pool: args.netns_pool as usize,
+        exited_retention: Duration::from_secs(args.exited_retention_secs),
+        images_dir: args.images_dir.clone(),
+        reserve: crate::reserve::Reserve {
+            disk_mib: args.reserve_disk_mib,
+            memory_mib: args.reserve_memory_mib,
+        },
+        default_limits: crate::daemon::DefaultLimits {
+            memory_mib: args.default_memory_limit_mib,
+            cpu: args.default_cpu_limit,
+            pids: args.default_pids_limit,
+        },
     })?);
+    // A VMM whose fork server died is re-parented here, so its status is
+    // still seen (the reaper records it).
+    if let Err(e) = crate::procs::become_subreaper() {
+        tracing::warn!("cannot become the subreaper of the VMMs: {e}; a VMM whose fork server died ends with its status unknown");
+    }
     daemon.recover().await?;
+    daemon.start_reaper();
     if daemon.store.snapshots()?.iter().any(|s| s.info.network) {
         daemon.refill_netns_pool();
     }
-    let app =
-        crate::api::router(daemon.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = crate::api::router(daemon.clone());
     let handle = axum_server::Handle::new();
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     tokio::spawn({
@@ -140,7 +250,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
         listener.local_addr().map_err(listen)?,
         daemon.paths.state.display()
     );
-    let served = match (&args.tls_cert, &args.tls_key) {
+    let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
@@ -150,19 +260,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
                     key: key.clone(),
                     source,
                 })?;
-            axum_server::from_tcp_rustls(listener, tls)
-                .handle(handle)
-                .serve(app)
-                .await
+            Some(tls)
         }
-        _ => {
-            axum_server::from_tcp(listener)
-                .handle(handle)
-                .serve(app)
-                .await
-        }
+        _ => None,
     };
-    daemon.stop_fork_servers();
+    let limits = crate::conn::Limits {
+        header_timeout: Duration::from_secs(args.header_timeout_secs),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        max_connections: args.max_connections as usize,
+    };
+    let served = crate::conn::serve(listener, tls, limits, handle, app).await;
+    daemon.stop_idle_fork_servers();
     let pool = daemon.clone();
     let _ = tokio::task::spawn_blocking(move || pool.netns_pool.drain(&pool.store)).await;
     served.map_err(StartError::Served)?;

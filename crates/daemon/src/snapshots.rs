@@ -16,6 +16,7 @@ use proto::snapshot::{SnapshotKind, SnapshotMeta};
 use crate::daemon::Daemon;
 use crate::driver::{GuestLink, SourceGuest, SourceVm};
 use crate::error::{ApiError, ApiResult};
+use crate::images::Images;
 use crate::netns::TapSpec;
 use crate::store::SnapshotRow;
 use crate::util::random_hex;
@@ -36,35 +37,25 @@ struct Plan {
     tap: Option<String>,
 }
 
-fn plan(req: &CreateSnapshot) -> ApiResult<Plan> {
-    let guest = match (req.builtin, &req.kernel, &req.rootfs) {
-        (true, None, None) => SourceGuest::Builtin,
-        (true, _, _) => {
-            return Err(ApiError::bad_request(
-                "builtin: true boots the built-in guest; leave out kernel and rootfs",
-            ))
-        }
-        (false, Some(kernel), Some(rootfs)) => {
-            for (what, path) in [("kernel", kernel), ("rootfs", rootfs)] {
-                if !Path::new(path).is_file() {
-                    return Err(ApiError::bad_request(format!(
-                        "{what} {path:?} is not a file on the daemon's host"
-                    )));
-                }
+fn plan(req: &CreateSnapshot, images: &Images) -> ApiResult<Plan> {
+    let guest =
+        match (req.builtin, &req.kernel, &req.rootfs) {
+            (true, None, None) => SourceGuest::Builtin,
+            (true, _, _) => {
+                return Err(ApiError::bad_request(
+                    "builtin: true boots the built-in guest; leave out kernel and rootfs",
+                ))
             }
-            SourceGuest::Linux {
-                kernel: kernel.into(),
-                rootfs: rootfs.into(),
+            (false, Some(kernel), Some(rootfs)) => SourceGuest::Linux {
+                kernel: images.resolve("kernel", kernel)?,
+                rootfs: images.resolve("rootfs", rootfs)?,
                 rw: req.rw.unwrap_or(false),
                 extra_args: req.kernel_args.clone(),
-            }
-        }
-        (false, _, _) => {
-            return Err(ApiError::bad_request(
-                "give kernel and rootfs (paths on the daemon's host), or builtin: true",
-            ))
-        }
-    };
+            },
+            (false, _, _) => return Err(ApiError::bad_request(
+                "give kernel and rootfs (files in the daemon's images directory), or builtin: true",
+            )),
+        };
     let default_mem = if req.builtin { 128 } else { 256 };
     let mem_mib = req.mem_size_mib.unwrap_or(default_mem);
     if !MEM_MIB.contains(&mem_mib) {
@@ -114,16 +105,42 @@ impl Daemon {
     /// `POST /v1/snapshots`: boots the guest, waits for its agent to
     /// answer, snapshots it and ends it.
     pub async fn create_snapshot(self: &Arc<Self>, req: CreateSnapshot) -> ApiResult<SnapshotInfo> {
-        let plan = plan(&req)?;
+        let plan = plan(&req, &self.images)?;
         // Upstream answers 400 for a create onto an existing tag (branch
         // and compact answer 409, as claim_tag does).
-        if proto::api::valid_tag(&req.tag) && self.store.snapshot(&req.tag)?.is_some() {
+        if proto::api::valid_tag(&req.tag)
+            && self.store.snapshot(&req.tag)?.is_some_and(|s| !s.pending)
+        {
             return Err(ApiError::bad_request(format!(
                 "snapshot {:?} exists; delete it first or pick another tag",
                 req.tag
             )));
         }
-        let claim = self.claim_tag(&req.tag)?;
+        // The host tap as it is now: what every child's namespace repeats.
+        let host_tap = match &plan.tap {
+            Some(name) => Some(TapSpec::of_host_tap(name).map_err(|e| {
+                ApiError::bad_request(format!(
+                    "tap {name:?}: {e} (make it first, e.g. `ip tuntap add mode tap name {name}`, and give it an address)"
+                ))
+            })?),
+            None => None,
+        };
+        // A VM of the guest's RAM runs until its memory file is written.
+        self.reserve.check_memory(plan.mem_mib, "a snapshot")?;
+        self.reserve
+            .check_disk(&self.paths.snapshots, plan.mem_mib, "a snapshot")?;
+        let dst = self.paths.snapshot(&req.tag);
+        let mut pending = SnapshotRow::pending(&req.tag, &dst);
+        if let Some(tap) = &host_tap {
+            pending.info.tap = Some(tap.name.clone());
+            pending.tap_mac = Some(proto::snapshot::format_mac(&tap.mac));
+            pending.tap_addr = tap.addr_text();
+        }
+        pending.info.kind = Some("full".into());
+        pending.info.guest = Some(if req.builtin { "builtin" } else { "linux" }.into());
+        pending.info.mem_mib = Some(plan.mem_mib);
+        pending.info.network = plan.network || plan.tap.is_some();
+        let claim = self.claim_tag(pending)?;
         let this = self.clone();
         let tag = req.tag.clone();
         let row = tokio::task::spawn_blocking(move || -> ApiResult<SnapshotRow> {
@@ -131,23 +148,16 @@ impl Daemon {
                 .paths
                 .run
                 .join(format!("build-{tag}-{}", random_hex(4)));
-            let dst = this.paths.snapshot(&tag);
             let result = (|| {
-                // The host tap as it is now: what every child's namespace
-                // repeats.
-                let host_tap = match &plan.tap {
-                    Some(name) => Some(TapSpec::of_host_tap(name).map_err(|e| {
-                        ApiError::bad_request(format!(
-                            "tap {name:?}: {e} (make it first, e.g. `ip tuntap add mode tap name {name}`, and give it an address)"
-                        ))
-                    })?),
-                    None => None,
-                };
                 // The source VM's namespace goes when it does (the guard
                 // is dropped after the VM).
                 let mut netns = crate::netns::Namespaces::new(&this.store);
                 if plan.network {
-                    netns.add(format!("forkd-b-{}", random_hex(4)))?;
+                    netns.add(format!(
+                        "{}b{}",
+                        crate::netns::prefix(&this.instance),
+                        random_hex(4)
+                    ))?;
                 }
                 let link = match (&plan.tap, netns.names().first()) {
                     (Some(tap), _) => Some(GuestLink::HostTap(tap)),
@@ -162,10 +172,12 @@ impl Daemon {
                     &build,
                     link,
                 )?;
+                crate::failpoint::hit("create.booted");
                 let pong = vm.wait_for_agent(plan.boot_wait).map_err(ApiError::from)?;
                 tracing::info!(tag, guest = pong.guest, "agent answered; snapshotting");
                 vm.snapshot(&dst)?;
                 drop(vm);
+                crate::failpoint::hit("snapshot.written");
                 let mut row = this.row_from_dir(&tag, &dst, None, None, None)?;
                 if let Some(tap) = host_tap {
                     row.info.tap = Some(tap.name.clone());
@@ -179,12 +191,12 @@ impl Daemon {
                 });
                 Ok(row)
             })();
-            let _ = std::fs::remove_dir_all(&build);
+            crate::sandboxes::remove_tree(&build);
             result
         })
         .await??;
-        self.store.insert_snapshot(&row)?;
-        drop(claim);
+        claim.finish(&row)?;
+        self.verify_in_background(&row.info.tag);
         if row.info.network {
             self.refill_netns_pool();
         }
@@ -233,6 +245,8 @@ impl Daemon {
             depends_on,
             tap_mac: None,
             tap_addr: None,
+            pending: false,
+            verified: None,
         })
     }
 
@@ -247,6 +261,15 @@ impl Daemon {
         let mut parent_hash = None;
         if let Some(parent) = &meta.parent {
             let tag = self.store.snapshot_tag_by_dir(&parent.dir)?;
+            // A diff over a directory no record names (a branch that
+            // failed, or was cut short by a crash, and was removed) could
+            // never be restored.
+            if tag.is_none() {
+                return Err(ApiError::conflict(format!(
+                    "the diff stacks on {}, which is not a registered snapshot (a branch that                      failed or was interrupted): take a full branch first (mode: full), then                      diffs stack on that",
+                    parent.dir.display()
+                )));
+            }
             parent_hash = Some(parent.memory_hash.clone());
             parent_tag = tag.clone();
             deps.extend(tag);
@@ -315,6 +338,10 @@ impl Daemon {
             chain_depth: ancestors.len() as u32,
             ancestors,
             dependents: self.store.dependents(tag)?,
+            verified: row
+                .verified
+                .as_deref()
+                .is_some_and(|files| crate::integrity::unchanged(&dir, files)),
             info: row.info,
         })
     }
@@ -345,6 +372,15 @@ impl Daemon {
             ));
         }
         let row = self.existing_snapshot(tag)?;
+        let running = self.store.running_from(tag)?;
+        if !running.is_empty() && !force {
+            let shown: Vec<_> = running.iter().take(5).collect();
+            return Err(ApiError::conflict(format!(
+                "{} running sandbox(es) were spawned from snapshot {tag:?} ({shown:?}{}); kill them first, or pass ?force=true (they run on, but take a full branch before a diff)",
+                running.len(),
+                if running.len() > shown.len() { ", ..." } else { "" }
+            )));
+        }
         let dependents = self.store.dependents(tag)?;
         if !dependents.is_empty() && !cascade && !force {
             return Err(ApiError::conflict(format!(
@@ -389,6 +425,7 @@ impl Daemon {
         for r in order {
             self.stop_fork_server(&r.info.tag);
             self.store.delete_snapshot(&r.info.tag)?;
+            crate::failpoint::hit("delete.unregistered");
             let dir = PathBuf::from(&r.info.dir);
             tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir))
                 .await?
@@ -417,11 +454,21 @@ impl Daemon {
                 src.info.status.as_str()
             )));
         }
-        let claim = self.claim_tag(to)?;
+        self.reserve.check_disk(
+            &self.paths.snapshots,
+            src.info.mem_mib.unwrap_or(0),
+            "a compaction",
+        )?;
+        let dst = self.paths.snapshot(to);
+        let mut pending = SnapshotRow::pending(to, &dst);
+        pending.info.kind = Some("full".into());
+        pending.info.guest = src.info.guest.clone();
+        pending.info.mem_mib = src.info.mem_mib;
+        pending.info.network = src.info.network;
+        let claim = self.claim_tag(pending)?;
         let this = self.clone();
         let to_owned = to.to_owned();
         let row = tokio::task::spawn_blocking(move || -> ApiResult<SnapshotRow> {
-            let dst = this.paths.snapshot(&to_owned);
             let out = std::process::Command::new(this.vmm.binary())
                 .arg("compact")
                 .arg("--snapshot")
@@ -437,13 +484,14 @@ impl Daemon {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
+            crate::failpoint::hit("snapshot.written");
             let mut row = this.row_from_dir(&to_owned, &dst, None, None, None)?;
             inherit_tap(&mut row, &src);
             Ok(row)
         })
         .await??;
-        self.store.insert_snapshot(&row)?;
-        drop(claim);
+        claim.finish(&row)?;
+        self.verify_in_background(&row.info.tag);
         if row.info.network {
             self.refill_netns_pool();
         }
@@ -475,6 +523,9 @@ mod tests {
 
     #[test]
     fn a_snapshot_request_is_checked_before_anything_boots() {
+        let tmp = std::env::temp_dir().join(format!("forkd-plan-{}", std::process::id()));
+        let images = Images::open(&tmp).unwrap();
+        let plan = |req: &CreateSnapshot| plan(req, &images);
         let ok = plan(&CreateSnapshot {
             tag: "t".into(),
             builtin: true,
@@ -518,7 +569,7 @@ mod tests {
                     rootfs: Some("/nonexistent/r".into()),
                     ..Default::default()
                 },
-                "not a file",
+                "cannot be used",
             ),
             (
                 CreateSnapshot {

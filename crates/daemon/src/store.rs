@@ -69,6 +69,23 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE snapshots ADD COLUMN tap TEXT;
     ALTER TABLE snapshots ADD COLUMN tap_mac TEXT;
     ALTER TABLE snapshots ADD COLUMN tap_addr TEXT;",
+    // 5: crash consistency. A sandbox is recorded `starting` before its VMM
+    // exists and kept `exited` (with how it ended) after; a snapshot is
+    // recorded `pending` before its directory exists; which of a
+    // snapshot's files were verified, as they were then; the daemon's
+    // instance id, which names what it makes outside the state directory.
+    "ALTER TABLE sandboxes ADD COLUMN state TEXT NOT NULL DEFAULT 'running';
+    ALTER TABLE sandboxes ADD COLUMN exit_code INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN signal INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN oom_killed INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN exited_at_unix INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN exit_detail TEXT;
+    ALTER TABLE snapshots ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE snapshots ADD COLUMN verified TEXT;
+    CREATE TABLE daemon (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 6: a sandbox's CPU and task caps (the memory cap has its column).
+    "ALTER TABLE sandboxes ADD COLUMN cpu_limit_millis INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN pids_limit INTEGER;",
 ];
 
 /// What the store could not do.
@@ -108,6 +125,50 @@ pub struct SnapshotRow {
     pub tap_mac: Option<String>,
     /// See `tap_mac`.
     pub tap_addr: Option<String>,
+    /// Recorded before its files exist: the request making it has not
+    /// finished (a restart finishes it from its directory, or removes it).
+    pub pending: bool,
+    /// Its files as `forkd-vmm verify` last found them intact; `None`
+    /// until then.
+    pub verified: Option<Vec<proto::snapshot::FileIdentity>>,
+}
+
+impl SnapshotRow {
+    /// The row of a snapshot about to be made in `dir`, recorded before
+    /// anything is written (`writing`, `pending`); the request making it
+    /// fills in what it knows, and replaces it with what the finished
+    /// directory says.
+    pub fn pending(tag: &str, dir: &Path) -> SnapshotRow {
+        SnapshotRow {
+            info: SnapshotInfo {
+                tag: tag.to_owned(),
+                dir: dir.to_string_lossy().into_owned(),
+                created_at_unix: crate::util::now_unix(),
+                branched_from: None,
+                pause_ms: None,
+                pause_us: None,
+                diff_ms: None,
+                diff_physical_bytes: None,
+                diff_logical_bytes: None,
+                status: SnapshotStatus::Writing,
+                bootable: false,
+                warning: None,
+                kind: None,
+                guest: None,
+                mem_mib: None,
+                network: false,
+                tap: None,
+            },
+            parent_tag: None,
+            parent_content_hash: None,
+            source_pid: None,
+            depends_on: Vec::new(),
+            tap_mac: None,
+            tap_addr: None,
+            pending: true,
+            verified: None,
+        }
+    }
 }
 
 /// A sandbox row.
@@ -129,6 +190,21 @@ pub struct SandboxRow {
     pub pid_start_ticks: u64,
     /// Its memory cgroup directory.
     pub cgroup: Option<PathBuf>,
+}
+
+/// How a sandbox's VMM ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// Its exit status, when it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// Whether its cgroup counted an OOM kill.
+    pub oom_killed: bool,
+    /// When it was noticed (seconds since the epoch).
+    pub at_unix: u64,
+    /// Its VMM log's tail, or why its status is unknown.
+    pub detail: Option<String>,
 }
 
 /// The database. One connection behind a mutex: every statement is short.
@@ -174,50 +250,49 @@ impl Store {
     pub fn insert_snapshot(&self, row: &SnapshotRow) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let i = &row.info;
-        let added = tx.execute(
-            "INSERT OR IGNORE INTO snapshots (tag, dir, created_at_unix, branched_from, pause_ms,
-                status, bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash,
-                source_pid, network, diff_ms, diff_physical_bytes, diff_logical_bytes, tap,
-                tap_mac, tap_addr)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21)",
-            params![
-                i.tag,
-                i.dir,
-                i.created_at_unix as i64,
-                i.branched_from,
-                // Kept in milliseconds with their fraction (the answer has
-                // both the whole milliseconds and the microseconds).
-                i.pause_us.map(|us| us as f64 / 1000.0),
-                i.status.as_str(),
-                i.bootable,
-                i.warning,
-                i.kind.as_deref().unwrap_or("full"),
-                i.guest.as_deref().unwrap_or("unknown"),
-                i.mem_mib.unwrap_or(0) as i64,
-                row.parent_tag,
-                row.parent_content_hash,
-                row.source_pid,
-                i.network,
-                i.diff_ms.map(|v| v as i64),
-                i.diff_physical_bytes.map(|v| v as i64),
-                i.diff_logical_bytes.map(|v| v as i64),
-                i.tap,
-                row.tap_mac,
-                row.tap_addr,
-            ],
-        )? == 1;
-        if added {
-            for dep in &row.depends_on {
-                tx.execute(
-                    "INSERT OR IGNORE INTO snapshot_deps (tag, depends_on) VALUES (?1, ?2)",
-                    params![i.tag, dep],
-                )?;
-            }
-        }
+        let added = insert_snapshot_in(&tx, row)?;
         tx.commit()?;
         Ok(added)
+    }
+
+    /// Replaces a pending snapshot's row with what its finished directory
+    /// says (its dependencies too) and clears `pending`, in one
+    /// transaction; false when the row is gone (deleted meanwhile).
+    pub fn finish_snapshot(&self, row: &SnapshotRow) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM snapshot_deps WHERE tag = ?1",
+            params![row.info.tag],
+        )?;
+        if tx.execute(
+            "DELETE FROM snapshots WHERE tag = ?1",
+            params![row.info.tag],
+        )? == 0
+        {
+            return Ok(false);
+        }
+        let done = SnapshotRow {
+            pending: false,
+            ..row.clone()
+        };
+        insert_snapshot_in(&tx, &done)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Records which files of a snapshot were verified, as they were then
+    /// (`None`: forget it, verify again).
+    pub fn set_verified(
+        &self,
+        tag: &str,
+        files: Option<&[proto::snapshot::FileIdentity]>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET verified = ?2 WHERE tag = ?1",
+            params![tag, verified_text(files)],
+        )?;
+        Ok(())
     }
 
     /// Sets a snapshot's status (and warning, when given).
@@ -314,8 +389,10 @@ impl Store {
             let mut stmt = tx.prepare(
                 "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
                     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
-                    cgroup, live_fork, netns, guest_addr, hugepages, warning)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    cgroup, live_fork, netns, guest_addr, hugepages, warning, state,
+                    cpu_limit_millis, pids_limit)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                    ?17, ?18, ?19)",
             )?;
             for r in rows {
                 stmt.execute(params![
@@ -335,11 +412,88 @@ impl Store {
                     r.info.guest_addr,
                     r.info.hugepages,
                     r.info.warning,
+                    r.info.state.as_str(),
+                    r.info.cpu_limit.map(proto::api::cpu_millis),
+                    r.info.pids_limit.map(|n| n.min(i64::MAX as u64) as i64),
                 ])?;
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records that sandboxes recorded `starting` run: their process and
+    /// where their files are, as the fork answered. All or none.
+    pub fn start_sandboxes(&self, rows: &[SandboxRow]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "UPDATE sandboxes SET state = 'running', pid = ?2, pid_start_ticks = ?3, dir = ?4,
+                    control_socket = ?5, vsock_socket = ?6, cgroup = ?7
+                 WHERE id = ?1 AND state = 'starting'",
+            )?;
+            for r in rows {
+                stmt.execute(params![
+                    r.info.id,
+                    r.info.pid,
+                    r.pid_start_ticks as i64,
+                    r.dir.to_string_lossy(),
+                    r.control_socket.to_string_lossy(),
+                    r.vsock_socket.as_ref().map(|p| p.to_string_lossy()),
+                    r.cgroup.as_ref().map(|p| p.to_string_lossy()),
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records how a sandbox's VMM ended; false when it was not running
+    /// (already recorded, or gone).
+    pub fn set_exited(&self, id: &str, end: &Ended) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE sandboxes SET state = 'exited', exit_code = ?2, signal = ?3, oom_killed = ?4,
+                exited_at_unix = ?5, exit_detail = ?6
+             WHERE id = ?1 AND state != 'exited'",
+            params![
+                id,
+                end.code,
+                end.signal,
+                end.oom_killed,
+                end.at_unix as i64,
+                end.detail
+            ],
+        )? == 1)
+    }
+
+    /// Sandboxes that exited before `unix` (seconds), to forget.
+    pub fn exited_before(&self, unix: u64) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id FROM sandboxes WHERE state = 'exited' AND exited_at_unix < ?1 ORDER BY id",
+        )?;
+        let ids = stmt
+            .query_map(params![unix as i64], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
+    /// The daemon's instance id: made once per state directory (8 hex
+    /// digits), it names the cgroups and network namespaces this daemon
+    /// makes, so two daemons on one host each reconcile only their own.
+    pub fn instance_id(&self) -> Result<String, StoreError> {
+        let conn = self.conn();
+        let made = crate::util::random_hex(4);
+        conn.execute(
+            "INSERT OR IGNORE INTO daemon (key, value) VALUES ('instance', ?1)",
+            params![made],
+        )?;
+        Ok(
+            conn.query_row("SELECT value FROM daemon WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })?,
+        )
     }
 
     /// One sandbox.
@@ -363,6 +517,19 @@ impl Store {
             .query_map([], sandbox_row)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+
+    /// The sandboxes spawned from snapshot `tag` that are not known to
+    /// have exited.
+    pub fn running_from(&self, tag: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id FROM sandboxes WHERE snapshot_tag = ?1 AND state != 'exited' ORDER BY id",
+        )?;
+        let ids = stmt
+            .query_map(params![tag], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
     }
 
     /// Number of sandboxes.
@@ -413,6 +580,17 @@ impl Store {
         )? == 1)
     }
 
+    /// Whether network namespace `name` is recorded.
+    pub fn netns_recorded(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM netns WHERE name = ?1", params![name], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
     /// Forgets a network namespace that is gone.
     pub fn remove_netns(&self, name: &str) -> Result<(), StoreError> {
         self.conn()
@@ -420,12 +598,13 @@ impl Store {
         Ok(())
     }
 
-    /// The network namespaces made and not removed that no sandbox names.
+    /// The network namespaces made and not removed that no sandbox that
+    /// is starting or running names.
     pub fn orphan_netns(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT name FROM netns WHERE name NOT IN
-                (SELECT netns FROM sandboxes WHERE netns IS NOT NULL)
+                (SELECT netns FROM sandboxes WHERE netns IS NOT NULL AND state != 'exited')
              ORDER BY name",
         )?;
         let names = stmt
@@ -435,9 +614,67 @@ impl Store {
     }
 }
 
+/// Adds a snapshot row and its dependency edges inside `tx`; false when
+/// the tag is taken.
+fn insert_snapshot_in(
+    tx: &rusqlite::Transaction<'_>,
+    row: &SnapshotRow,
+) -> Result<bool, StoreError> {
+    let i = &row.info;
+    let added = tx.execute(
+        "INSERT OR IGNORE INTO snapshots (tag, dir, created_at_unix, branched_from, pause_ms,
+                status, bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash,
+                source_pid, network, diff_ms, diff_physical_bytes, diff_logical_bytes, tap,
+                tap_mac, tap_addr, pending, verified)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18, ?19, ?20, ?21, ?22, ?23)",
+        params![
+            i.tag,
+            i.dir,
+            i.created_at_unix as i64,
+            i.branched_from,
+            // Kept in milliseconds with their fraction (the answer has
+            // both the whole milliseconds and the microseconds).
+            i.pause_us.map(|us| us as f64 / 1000.0),
+            i.status.as_str(),
+            i.bootable,
+            i.warning,
+            i.kind.as_deref().unwrap_or("full"),
+            i.guest.as_deref().unwrap_or("unknown"),
+            i.mem_mib.unwrap_or(0) as i64,
+            row.parent_tag,
+            row.parent_content_hash,
+            row.source_pid,
+            i.network,
+            i.diff_ms.map(|v| v as i64),
+            i.diff_physical_bytes.map(|v| v as i64),
+            i.diff_logical_bytes.map(|v| v as i64),
+            i.tap,
+            row.tap_mac,
+            row.tap_addr,
+            row.pending,
+            verified_text(row.verified.as_deref()),
+        ],
+    )? == 1;
+    if added {
+        for dep in &row.depends_on {
+            tx.execute(
+                "INSERT OR IGNORE INTO snapshot_deps (tag, depends_on) VALUES (?1, ?2)",
+                params![i.tag, dep],
+            )?;
+        }
+    }
+    Ok(added)
+}
+
+/// A verified-files column value.
+fn verified_text(files: Option<&[proto::snapshot::FileIdentity]>) -> Option<String> {
+    files.map(|f| serde_json::to_string(f).expect("identities serialise"))
+}
+
 const SNAPSHOT_SELECT: &str = "SELECT tag, dir, created_at_unix, branched_from, pause_ms, status,
     bootable, warning, kind, guest, mem_mib, parent_tag, parent_content_hash, source_pid, network,
-    diff_ms, diff_physical_bytes, diff_logical_bytes, tap, tap_mac, tap_addr
+    diff_ms, diff_physical_bytes, diff_logical_bytes, tap, tap_mac, tap_addr, pending, verified
     FROM snapshots";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
@@ -476,6 +713,11 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
         depends_on: Vec::new(),
         tap_mac: r.get(19)?,
         tap_addr: r.get(20)?,
+        pending: r.get(21)?,
+        // A column that does not parse is as good as none: verify again.
+        verified: r
+            .get::<_, Option<String>>(22)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
 
@@ -490,11 +732,13 @@ fn with_deps(conn: &Connection, mut row: SnapshotRow) -> Result<SnapshotRow, Sto
 
 const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_socket,
     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork,
-    netns, guest_addr, branch_count, last_branch_memory_path, hugepages, warning
+    netns, guest_addr, branch_count, last_branch_memory_path, hugepages, warning, state,
+    exit_code, signal, oom_killed, exited_at_unix, exit_detail, cpu_limit_millis, pids_limit
     FROM sandboxes";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
     let path = |s: String| PathBuf::from(s);
+    let cgroup = r.get::<_, Option<String>>(10)?.map(path);
     Ok(SandboxRow {
         info: SandboxInfo {
             id: r.get(0)?,
@@ -510,13 +754,27 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
             live_fork: r.get(11)?,
             hugepages: r.get(16)?,
             warning: r.get(17)?,
+            // An unknown word (a newer daemon's) reads as exited: nothing
+            // is done to a sandbox in a state this daemon does not know.
+            state: proto::api::SandboxState::parse(&r.get::<_, String>(18)?)
+                .unwrap_or(proto::api::SandboxState::Exited),
+            exit_code: r.get(19)?,
+            signal: r.get(20)?,
+            oom_killed: r.get(21)?,
+            exited_at_unix: r.get::<_, Option<i64>>(22)?.map(|t| t.max(0) as u64),
+            exit_detail: r.get(23)?,
+            cpu_limit: r
+                .get::<_, Option<i64>>(24)?
+                .map(|m| m.clamp(0, u32::MAX as i64) as f64 / 1000.0),
+            pids_limit: r.get::<_, Option<i64>>(25)?.map(|n| n.max(0) as u64),
+            cgroup: cgroup.as_deref().and_then(crate::cgroup::shown),
         },
         base_tag: r.get(2)?,
         dir: path(r.get(3)?),
         control_socket: path(r.get(4)?),
         vsock_socket: r.get::<_, Option<String>>(5)?.map(path),
         pid_start_ticks: r.get::<_, i64>(7)? as u64,
-        cgroup: r.get::<_, Option<String>>(10)?.map(path),
+        cgroup,
     })
 }
 
@@ -551,6 +809,14 @@ mod tests {
             depends_on: deps.iter().map(|s| s.to_string()).collect(),
             tap_mac: Some("06:00:00:00:00:07".into()),
             tap_addr: Some("10.9.0.1/24".into()),
+            pending: false,
+            verified: Some(vec![proto::snapshot::FileIdentity {
+                name: "memory".into(),
+                inode: 12,
+                size: 4096,
+                mtime_ns: 1_700_000_000_123_456_789,
+                ctime_ns: -1,
+            }]),
         }
     }
 
@@ -594,6 +860,86 @@ mod tests {
         store.delete_snapshot("a").unwrap();
         assert!(store.dependents("a").unwrap().is_empty());
         assert_eq!(store.snapshot_count().unwrap(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_pending_snapshot_is_finished_in_one_step_and_a_claim_is_exclusive() {
+        let (dir, store) = temp_db();
+        let pending = SnapshotRow::pending("p", Path::new("/s/p"));
+        assert!(store.insert_snapshot(&pending).unwrap());
+        assert!(!store.insert_snapshot(&pending).unwrap(), "claimed once");
+        assert!(store.snapshot("p").unwrap().unwrap().pending);
+        let mut done = snap("p", &["a"]);
+        done.pending = true;
+        assert!(store.finish_snapshot(&done).unwrap());
+        let got = store.snapshot("p").unwrap().unwrap();
+        assert!(!got.pending);
+        assert_eq!(got.depends_on, ["a"]);
+        assert_eq!(got.verified, done.verified);
+        store.set_verified("p", None).unwrap();
+        assert_eq!(store.snapshot("p").unwrap().unwrap().verified, None);
+        store.delete_snapshot("p").unwrap();
+        assert!(!store.finish_snapshot(&done).unwrap(), "gone meanwhile");
+        assert!(store.snapshot("p").unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sandbox_goes_from_starting_to_running_to_exited_once() {
+        let (dir, store) = temp_db();
+        let mut row = SandboxRow {
+            info: SandboxInfo {
+                id: "b-0".into(),
+                snapshot_tag: "s".into(),
+                netns: Some("forkd-x-b-0".into()),
+                created_at_unix: 1,
+                state: proto::api::SandboxState::Starting,
+                ..SandboxInfo::default()
+            },
+            base_tag: "s".into(),
+            dir: "/d/0".into(),
+            control_socket: "/d/0/control.sock".into(),
+            vsock_socket: None,
+            pid_start_ticks: 0,
+            cgroup: None,
+        };
+        store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
+        assert!(store.add_netns("forkd-x-b-0").unwrap());
+        assert!(
+            store.orphan_netns().unwrap().is_empty(),
+            "a starting sandbox's"
+        );
+        assert_eq!(store.running_from("s").unwrap(), ["b-0"]);
+        row.info.pid = 77;
+        row.pid_start_ticks = 5;
+        row.vsock_socket = Some("/d/0/vsock.sock".into());
+        store.start_sandboxes(std::slice::from_ref(&row)).unwrap();
+        let got = store.sandbox("b-0").unwrap().unwrap();
+        assert_eq!(got.info.state, proto::api::SandboxState::Running);
+        assert_eq!((got.info.pid, got.pid_start_ticks), (77, 5));
+        let end = Ended {
+            signal: Some(9),
+            oom_killed: true,
+            at_unix: 100,
+            detail: Some("log".into()),
+            ..Ended::default()
+        };
+        assert!(store.set_exited("b-0", &end).unwrap());
+        assert!(!store.set_exited("b-0", &end).unwrap(), "recorded once");
+        let got = store.sandbox("b-0").unwrap().unwrap();
+        assert_eq!(got.info.state, proto::api::SandboxState::Exited);
+        assert_eq!(
+            (got.info.signal, got.info.exit_code, got.info.oom_killed),
+            (Some(9), None, Some(true))
+        );
+        assert_eq!(store.orphan_netns().unwrap(), ["forkd-x-b-0"]);
+        assert!(store.running_from("s").unwrap().is_empty());
+        assert!(store.exited_before(100).unwrap().is_empty());
+        assert_eq!(store.exited_before(101).unwrap(), ["b-0"]);
+        let id = store.instance_id().unwrap();
+        assert_eq!(id.len(), 8);
+        assert_eq!(store.instance_id().unwrap(), id, "made once");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

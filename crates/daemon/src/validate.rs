@@ -3,9 +3,12 @@
 //! state it names, so every rule is a unit test.
 
 use proto::api::{
-    BranchMode, BranchRequest, SnapshotInfo, SnapshotStatus, SpawnRequest, MAX_SPAWN,
+    cpu_millis, BranchMode, BranchRequest, SnapshotInfo, SnapshotStatus, SpawnRequest,
+    CPU_LIMIT_MAX, CPU_LIMIT_MIN, MAX_SPAWN, PIDS_LIMIT_MAX, PIDS_LIMIT_MIN,
 };
+use proto::control::Limits;
 
+use crate::cgroup::Controller;
 use crate::error::{ApiError, ApiResult};
 
 /// Smallest memory cap: below it a VMM cannot even start.
@@ -14,27 +17,85 @@ pub const MIN_MEMORY_LIMIT_MIB: u64 = 32;
 /// would overflow what the cgroup files take.
 pub const MAX_MEMORY_LIMIT_MIB: u64 = 1 << 20;
 
-/// The request on its own: `n` in range, a memory cap the host can apply.
-pub fn spawn_request(req: &SpawnRequest, has_cgroups: bool) -> ApiResult<()> {
+/// The request on its own: `n` in range.
+pub fn spawn_request(req: &SpawnRequest) -> ApiResult<()> {
     if !(1..=MAX_SPAWN).contains(&req.n) {
         return Err(ApiError::bad_request(format!(
             "n = {} is out of range: spawn 1 to {MAX_SPAWN} sandboxes a request",
             req.n
         )));
     }
-    if let Some(mib) = req.memory_limit_mib {
-        if !(MIN_MEMORY_LIMIT_MIB..=MAX_MEMORY_LIMIT_MIB).contains(&mib) {
-            return Err(ApiError::bad_request(format!(
-                "memory_limit_mib {mib} is out of range: {MIN_MEMORY_LIMIT_MIB} to {MAX_MEMORY_LIMIT_MIB}"
-            )));
-        }
-        if !has_cgroups {
-            return Err(ApiError::bad_request(
-                "memory_limit_mib needs the memory cgroup controller, which this host does not have (see `forkd doctor`)",
-            ));
+    Ok(())
+}
+
+/// The cgroup limits a spawn's children get: each the request's, or else
+/// the daemon's default; each in range and with its controller on this
+/// host (`has`). The daemon's defaults are checked the same way at its
+/// start (`what` names where a value came from).
+pub fn limits(
+    req: &SpawnRequest,
+    defaults: &Limits,
+    has: impl Fn(Controller) -> bool,
+) -> ApiResult<Limits> {
+    let asked = Limits {
+        memory_mib: req.memory_limit_mib,
+        cpu_millis: match req.cpu_limit {
+            Some(cpus) if !(CPU_LIMIT_MIN..=CPU_LIMIT_MAX).contains(&cpus) => {
+                return Err(ApiError::bad_request(format!(
+                    "cpu_limit {cpus} is out of range: {CPU_LIMIT_MIN} to {CPU_LIMIT_MAX} CPUs"
+                )))
+            }
+            cpus => cpus.map(cpu_millis),
+        },
+        pids: req.pids_limit,
+    };
+    let checks: [(Option<u64>, &str, std::ops::RangeInclusive<u64>, Controller); 2] = [
+        (
+            asked.memory_mib,
+            "memory_limit_mib",
+            MIN_MEMORY_LIMIT_MIB..=MAX_MEMORY_LIMIT_MIB,
+            Controller::Memory,
+        ),
+        (
+            asked.pids,
+            "pids_limit",
+            PIDS_LIMIT_MIN..=PIDS_LIMIT_MAX,
+            Controller::Pids,
+        ),
+    ];
+    for (value, field, range, _) in &checks {
+        if let Some(v) = value {
+            if !range.contains(v) {
+                return Err(ApiError::bad_request(format!(
+                    "{field} {v} is out of range: {} to {}",
+                    range.start(),
+                    range.end()
+                )));
+            }
         }
     }
-    Ok(())
+    let wanted = [
+        (
+            asked.memory_mib.is_some(),
+            "memory_limit_mib",
+            Controller::Memory,
+        ),
+        (asked.cpu_millis.is_some(), "cpu_limit", Controller::Cpu),
+        (asked.pids.is_some(), "pids_limit", Controller::Pids),
+    ];
+    for (given, field, c) in wanted {
+        if given && !has(c) {
+            return Err(ApiError::bad_request(format!(
+                "{field} needs the {} cgroup controller, which this host does not have (see `forkd doctor`)",
+                c.name()
+            )));
+        }
+    }
+    Ok(Limits {
+        memory_mib: asked.memory_mib.or(defaults.memory_mib),
+        cpu_millis: asked.cpu_millis.or(defaults.cpu_millis),
+        pids: asked.pids.or(defaults.pids),
+    })
 }
 
 /// What a spawn gives its children, decided by its snapshot, and what of
@@ -219,25 +280,76 @@ mod tests {
     }
 
     #[test]
-    fn spawn_counts_and_memory_caps() {
-        assert!(spawn_request(&spawn(1), false).is_ok());
-        assert!(spawn_request(&spawn(MAX_SPAWN), false).is_ok());
-        bad(spawn_request(&spawn(0), true), 400, "out of range");
-        bad(
-            spawn_request(&spawn(MAX_SPAWN + 1), true),
-            400,
-            "out of range",
-        );
+    fn spawn_counts() {
+        assert!(spawn_request(&spawn(1)).is_ok());
+        assert!(spawn_request(&spawn(MAX_SPAWN)).is_ok());
+        bad(spawn_request(&spawn(0)), 400, "out of range");
+        bad(spawn_request(&spawn(MAX_SPAWN + 1)), 400, "out of range");
+    }
+
+    #[test]
+    fn limits_are_the_request_s_or_the_defaults_in_range_and_on_this_host() {
+        let all = |_: Controller| true;
+        let none = Limits::default();
         let mut r = spawn(1);
+        assert_eq!(limits(&r, &none, all).unwrap(), none);
         r.memory_limit_mib = Some(MIN_MEMORY_LIMIT_MIB - 1);
-        bad(spawn_request(&r, true), 400, "out of range");
+        bad(
+            limits(&r, &none, all),
+            400,
+            "memory_limit_mib 31 is out of range",
+        );
         r.memory_limit_mib = Some(u64::MAX);
-        bad(spawn_request(&r, true), 400, "out of range");
+        bad(limits(&r, &none, all), 400, "out of range");
         r.memory_limit_mib = Some(MAX_MEMORY_LIMIT_MIB);
-        assert!(spawn_request(&r, true).is_ok());
+        assert!(limits(&r, &none, all).is_ok());
         r.memory_limit_mib = Some(256);
-        assert!(spawn_request(&r, true).is_ok());
-        bad(spawn_request(&r, false), 400, "cgroup");
+        bad(
+            limits(&r, &none, |c| c != Controller::Memory),
+            400,
+            "memory_limit_mib needs the memory cgroup controller",
+        );
+
+        let defaults = Limits {
+            memory_mib: Some(512),
+            cpu_millis: Some(2000),
+            pids: Some(1024),
+        };
+        let mut r = spawn(1);
+        r.cpu_limit = Some(0.5);
+        r.pids_limit = Some(PIDS_LIMIT_MIN);
+        assert_eq!(
+            limits(&r, &defaults, all).unwrap(),
+            Limits {
+                memory_mib: Some(512),
+                cpu_millis: Some(500),
+                pids: Some(PIDS_LIMIT_MIN),
+            }
+        );
+        for cpus in [
+            0.0,
+            0.009,
+            CPU_LIMIT_MAX + 1.0,
+            f64::NAN,
+            f64::INFINITY,
+            -1.0,
+        ] {
+            r.cpu_limit = Some(cpus);
+            bad(limits(&r, &none, all), 400, "cpu_limit");
+        }
+        r.cpu_limit = Some(CPU_LIMIT_MIN);
+        assert_eq!(limits(&r, &none, all).unwrap().cpu_millis, Some(10));
+        bad(
+            limits(&r, &none, |c| c != Controller::Cpu),
+            400,
+            "the cpu cgroup controller",
+        );
+        r.pids_limit = Some(PIDS_LIMIT_MIN - 1);
+        bad(limits(&r, &none, all), 400, "pids_limit 63 is out of range");
+        // A default whose controller is missing is the start's business:
+        // a request that asks for nothing is not refused for it.
+        let r = spawn(1);
+        assert_eq!(limits(&r, &defaults, |_| false).unwrap(), defaults);
     }
 
     #[test]

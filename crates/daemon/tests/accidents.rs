@@ -204,13 +204,14 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
     d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("forkd.db")), 0o600);
+    // A snapshot's files are read-only once written.
     for f in [
-        "forkd.db",
         "snapshots/p/memory",
         "snapshots/p/vmstate",
         "snapshots/p/snapshot.json",
     ] {
-        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+        assert_eq!(mode(&state.join(f)), 0o400, "{f}");
     }
     for dir in ["snapshots/p", "sandboxes"] {
         assert_eq!(mode(&state.join(dir)), 0o700, "{dir}");
@@ -218,9 +219,10 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
     kill_all(&d);
 }
 
-/// The fork-server processes `daemon` started for the snapshot in `dir`
-/// (its children by their command line; the VMMs they fork share it, but
-/// not their parent).
+/// The fork-server processes `daemon` started for the snapshot in `dir`:
+/// by their command line, and their log (a VMM a server forked shares
+/// its command line, and once the server is gone its parent: the daemon
+/// is the subreaper; but it logs to its own `vmm.log`).
 fn fork_servers_of(daemon: i32, dir: &str) -> Vec<i64> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -234,7 +236,13 @@ fn fork_servers_of(daemon: i32, dir: &str) -> Vec<i64> {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<i32>().ok());
-        if cmdline.contains(" fork-server ") && cmdline.contains(dir) && ppid == Some(daemon) {
+        let server_log = std::fs::read_link(entry.path().join("fd/2"))
+            .is_ok_and(|l| l.to_string_lossy().ends_with(".fork.log"));
+        if cmdline.contains(" fork-server ")
+            && cmdline.contains(dir)
+            && ppid == Some(daemon)
+            && server_log
+        {
             pids.push(pid);
         }
     }
@@ -413,4 +421,57 @@ fn a_diff_on_a_deleted_base_is_refused_not_made_broken() {
     let g = g[0]["id"].as_str().unwrap();
     d.expect("POST", &format!("/v1/sandboxes/{g}/ping"), None, 200);
     kill_all(&d);
+}
+
+/// The daemon keeps disk and memory free: a request that would eat into
+/// its reserves is 503 with the figures, and nothing of it is left.
+#[test]
+fn requests_that_would_eat_into_the_reserves_are_refused_whole() {
+    let tmp = TempDir::new("reserve");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    d.expect(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "r", "builtin": true})),
+        201,
+    );
+    // 1000 live-forkable children hold 1000 copies of 128 MiB.
+    let (status, v) = d.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "r", "n": 1000, "live_fork": true})),
+    );
+    assert_eq!(status, 503, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.starts_with("a spawn of 1000 refused: ")
+            && msg.contains("MiB of memory is free; it needs about 128000 MiB")
+            && msg.contains("--reserve-memory-mib"),
+        "{msg}"
+    );
+    common::machine::assert_agrees(&d, "after a spawn refused for memory");
+    assert_eq!(d.expect("GET", "/v1/sandboxes", None, 200), json!([]));
+    kill_all(&d);
+
+    // A disk reserve larger than any disk: nothing writes.
+    let d = Daemon::start(
+        &tmp.path().join("state2"),
+        &Config {
+            args: vec!["--reserve-disk-mib".into(), (1u64 << 40).to_string()],
+            ..Default::default()
+        },
+    );
+    let (status, v) = d.call(
+        "POST",
+        "/v1/snapshots",
+        Some(json!({"tag": "r", "builtin": true})),
+    );
+    assert_eq!(status, 503, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(
+        msg.starts_with("a snapshot refused: ") && msg.contains("--reserve-disk-mib"),
+        "{msg}"
+    );
+    assert_eq!(d.expect("GET", "/v1/snapshots", None, 200), json!([]));
+    common::machine::assert_agrees(&d, "after a snapshot refused for disk");
 }

@@ -204,10 +204,27 @@ fn snapshots_sandboxes_and_branches_end_to_end() {
             "leave out",
         ),
         (json!({"tag": "t"}), 400, "kernel and rootfs"),
+        // Outside the images directory, missing, a directory, `..`: one
+        // answer, which tells nothing more of the host's files.
+        (
+            json!({"tag": "t", "kernel": "/etc/shadow", "rootfs": "/no/r"}),
+            400,
+            "kernel \"/etc/shadow\" cannot be used: images go in the daemon's images directory",
+        ),
         (
             json!({"tag": "t", "kernel": "/no/k", "rootfs": "/no/r"}),
             400,
-            "not a file",
+            "kernel \"/no/k\" cannot be used: images go in the daemon's images directory",
+        ),
+        (
+            json!({"tag": "t", "kernel": "/", "rootfs": "/no/r"}),
+            400,
+            "kernel \"/\" cannot be used: images go in the daemon's images directory",
+        ),
+        (
+            json!({"tag": "t", "kernel": "../forkd.db", "rootfs": "/no/r"}),
+            400,
+            "kernel \"../forkd.db\" cannot be used: images go in the daemon's images directory",
         ),
     ] {
         let (s, v) = d.call("POST", "/v1/snapshots", Some(body.clone()));
@@ -780,50 +797,165 @@ fn one_tag_is_made_by_one_request() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// The directory of `pid`'s group of `controller`, from `/proc/<pid>/cgroup`:
+/// a v1 hierarchy's (`N:memory:/forkd/...`, mounted at
+/// /sys/fs/cgroup/<controller>) or the unified one's (`0::/forkd/...`).
+fn group_of(pid: i64, controller: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls, path) = (f.next(), f.next().unwrap(), f.next().unwrap());
+        if ctrls.split(',').any(|c| c == controller) {
+            return format!("/sys/fs/cgroup/{controller}{path}").into();
+        }
+    }
+    let unified = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    format!("/sys/fs/cgroup{unified}").into()
+}
+
+fn read_trimmed(p: std::path::PathBuf) -> String {
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .trim()
+        .to_owned()
+}
+
+/// A limit file's value in either version: (v1 name, v2 name).
+fn limit(dir: &std::path::Path, files: (&str, &str)) -> String {
+    let v1 = dir.join(files.0);
+    if v1.exists() {
+        read_trimmed(v1)
+    } else {
+        read_trimmed(dir.join(files.1))
+    }
+}
+
 #[test]
-fn a_memory_limit_puts_each_child_in_its_own_capped_cgroup() {
+fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
     let tmp = TempDir::new("cgroup");
-    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    let d = Daemon::start(
+        &tmp.path().join("state"),
+        &Config {
+            args: vec!["--fork-pool".into(), "2".into()],
+            ..Default::default()
+        },
+    );
     builtin_snapshot(&d, "base");
-    let kids = d.expect(
+    // The first spawn starts the fork server, whose pool then fills: its
+    // children's groups are made with the daemon's defaults.
+    let first = d.expect(
         "POST",
         "/v1/sandboxes",
-        Some(json!({"snapshot_tag": "base", "n": 2, "memory_limit_mib": 256})),
+        Some(json!({"snapshot_tag": "base"})),
         201,
     );
+    let parked = |state: &std::path::Path| -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|p| {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                comm.trim() == "forkd-pooled"
+                    && String::from_utf8_lossy(&cmd).contains(&*state.to_string_lossy())
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while parked(tmp.path()) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fork pool never filled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut groups = Vec::new();
-    for k in kids.as_array().unwrap() {
-        assert_eq!(k["memory_limit_mib"], 256);
-        let id = k["id"].as_str().unwrap();
-        let pid = k["pid"].as_i64().unwrap();
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        let line = cgroups
-            .lines()
-            .find(|l| l.contains(&format!("/forkd/{id}")))
-            .unwrap_or_else(|| {
-                panic!("sandbox {id} (pid {pid}) is in no forkd cgroup:\n{cgroups}")
-            });
-        let rel = line.rsplit(':').next().unwrap();
-        let dir = if line.contains(":memory:") {
-            format!("/sys/fs/cgroup/memory{rel}")
-        } else {
-            format!("/sys/fs/cgroup{rel}")
-        };
-        let limit = std::fs::read_to_string(format!("{dir}/memory.limit_in_bytes"))
-            .or_else(|_| std::fs::read_to_string(format!("{dir}/memory.max")))
-            .unwrap();
-        assert_eq!(limit.trim(), (256u64 << 20).to_string(), "{dir}");
-        // It was resumed after the move: the guest answers.
-        let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
-        assert_eq!(pong["guest"], "guest: builtin");
-        groups.push(dir);
+    // Pooled children (their groups' limits changed at hand-out) and a
+    // memfd child, forked when asked.
+    for extra in [json!({"n": 2}), json!({"n": 1, "live_fork": true})] {
+        let mut req = json!({"snapshot_tag": "base", "memory_limit_mib": 256,
+            "cpu_limit": 0.5, "pids_limit": 128});
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let kids = d.expect("POST", "/v1/sandboxes", Some(req), 201);
+        for k in kids.as_array().unwrap() {
+            assert_eq!(
+                (&k["memory_limit_mib"], &k["cpu_limit"], &k["pids_limit"]),
+                (&json!(256), &json!(0.5), &json!(128)),
+                "{k}"
+            );
+            let (id, pid) = (k["id"].as_str().unwrap(), k["pid"].as_i64().unwrap());
+            // A child joins its group before anything else: once it
+            // answers, it is there.
+            let pong = d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+            assert_eq!(pong["guest"], "guest: builtin");
+            let [memory, cpu, pids] = ["memory", "cpu", "pids"].map(|c| group_of(pid, c));
+            let name = memory.file_name().unwrap().to_owned();
+            assert!(
+                memory.to_string_lossy().contains("/forkd/")
+                    && name.to_string_lossy().starts_with("vmm-"),
+                "sandbox {id} (pid {pid}) is in no group of its own: {}",
+                memory.display()
+            );
+            for g in [&cpu, &pids] {
+                assert_eq!(g.file_name().unwrap(), name, "one name in every hierarchy");
+            }
+            assert_eq!(
+                limit(&memory, ("memory.limit_in_bytes", "memory.max")),
+                (256u64 << 20).to_string()
+            );
+            assert_eq!(read_trimmed(pids.join("pids.max")), "128");
+            let quota = limit(&cpu, ("cpu.cfs_quota_us", "cpu.max"));
+            assert!(quota == "50000" || quota == "50000 100000", "{quota}");
+            // One vCPU: the default weight.
+            let weight = limit(&cpu, ("cpu.shares", "cpu.weight"));
+            assert!(weight == "1024" || weight == "100", "{weight}");
+            // Its threads are there too (all of the process moved).
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .count();
+            assert_eq!(
+                read_trimmed(pids.join("pids.current")),
+                tasks.to_string(),
+                "the pids group counts every thread of the VMM"
+            );
+            groups.extend([memory, cpu, pids]);
+        }
+    }
+    // No limits asked: the daemon's task limit, no memory or CPU cap.
+    let k = &first[0];
+    assert_eq!(
+        (&k["memory_limit_mib"], &k["pids_limit"]),
+        (&json!(null), &json!(1024))
+    );
+    let id = k["id"].as_str().unwrap();
+    d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
+    assert!(k.get("cpu_limit").is_none(), "{k}");
+    let pid = k["pid"].as_i64().unwrap();
+    assert_eq!(read_trimmed(group_of(pid, "pids").join("pids.max")), "1024");
+    let quota = limit(&group_of(pid, "cpu"), ("cpu.cfs_quota_us", "cpu.max"));
+    assert!(quota == "-1" || quota.starts_with("max"), "{quota}");
+    groups.extend(["memory", "cpu", "pids"].map(|c| group_of(pid, c)));
+
+    // Out of range: refused, nothing started.
+    for (body, needle) in [
+        (
+            json!({"snapshot_tag": "base", "cpu_limit": 0}),
+            "cpu_limit 0 is out of range",
+        ),
+        (
+            json!({"snapshot_tag": "base", "pids_limit": 8}),
+            "pids_limit 8 is out of range",
+        ),
+    ] {
+        let (status, v) = d.call("POST", "/v1/sandboxes", Some(body));
+        assert_eq!(status, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
     }
     kill_all(&d);
     for dir in groups {
-        assert!(
-            !std::path::Path::new(&dir).exists(),
-            "{dir} is left after the kill"
-        );
+        assert!(!dir.exists(), "{} is left after the kill", dir.display());
     }
 }
 
@@ -1038,6 +1170,14 @@ fn wait_pool_ready(d: &Daemon, what: &str, want: usize) {
     }
 }
 
+/// Whether `name` is a pool's namespace (`forkd-<instance>-p<hex>`; a
+/// spawn's are `forkd-<instance>-<batch>-<i>`).
+fn is_pooled(name: &str) -> bool {
+    name.strip_prefix("forkd-")
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(_, own)| own.starts_with('p') && !own.contains('-'))
+}
+
 #[test]
 fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
     let tmp = TempDir::new("netns-pool");
@@ -1055,7 +1195,7 @@ fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
         Some(json!({"tag": "net", "builtin": true, "network": true})),
         201,
     );
-    let pooled = |names: &[String]| names.iter().filter(|n| n.starts_with("forkd-p")).count();
+    let pooled = |names: &[String]| names.iter().filter(|n| is_pooled(n)).count();
     wait_recorded(&state, "the pool fills", |n| pooled(n) == 3);
     wait_pool_ready(&d, "the pool fills", 3);
     let ready = recorded_netns(&state);
@@ -1082,7 +1222,7 @@ fn a_namespace_pool_serves_spawns_and_is_removed_at_shutdown() {
         .map(|k| k["netns"].as_str().unwrap())
         .collect();
     assert_eq!(
-        names.iter().filter(|n| n.starts_with("forkd-p")).count(),
+        names.iter().filter(|n| is_pooled(n)).count(),
         3,
         "{names:?}"
     );

@@ -56,6 +56,11 @@ pub struct Version {
     /// Extension: where its snapshots live.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_root: Option<String>,
+    /// Extension: its instance id, which names the cgroups
+    /// (`forkd/<instance>/`) and network namespaces (`forkd-<instance>-*`)
+    /// it makes outside its state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// `POST /v1/snapshots`: boot a guest, wait for its agent, snapshot it.
@@ -64,10 +69,12 @@ pub struct Version {
 pub struct CreateSnapshot {
     /// The new snapshot's tag.
     pub tag: String,
-    /// Linux kernel (ELF vmlinux or bzImage) on the daemon's host.
+    /// Linux kernel (ELF vmlinux or bzImage) in the daemon's images
+    /// directory (`--images-dir`): its path there, or its full path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
-    /// Root filesystem image on the daemon's host (with forkd-agent as init).
+    /// Root filesystem image (with forkd-agent as init) in the daemon's
+    /// images directory, named as `kernel` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<String>,
     /// Let the guest write to the rootfs (through a copy-on-write layer; the
@@ -202,6 +209,11 @@ pub struct SnapshotDetail {
     pub ancestors: Vec<String>,
     /// Snapshots that depend on this one directly.
     pub dependents: Vec<String>,
+    /// Extension: its files were found to have the content its
+    /// `snapshot.json` records (`forkd-vmm verify`, in the background once
+    /// it is registered) and have not changed since.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verified: bool,
 }
 
 /// `POST /v1/snapshots/:tag/compact`.
@@ -212,8 +224,24 @@ pub struct CompactRequest {
     pub to: String,
 }
 
+/// Least `cpu_limit` a spawn may ask for, in CPUs.
+pub const CPU_LIMIT_MIN: f64 = 0.01;
+/// Most `cpu_limit` a spawn may ask for, in CPUs.
+pub const CPU_LIMIT_MAX: f64 = 1024.0;
+/// Least `pids_limit`: a VMM's own threads (its vCPUs, control
+/// connections, device workers) must fit.
+pub const PIDS_LIMIT_MIN: u64 = 64;
+/// Most `pids_limit` (the kernel's `pid_max` ceiling).
+pub const PIDS_LIMIT_MAX: u64 = 1 << 22;
+
+/// `cpu_limit` (in CPUs) in thousandths of a CPU, as cgroups are given
+/// it (0.01 is 10).
+pub fn cpu_millis(cpus: f64) -> u32 {
+    (cpus * 1000.0).round().clamp(0.0, u32::MAX as f64) as u32
+}
+
 /// `POST /v1/sandboxes`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpawnRequest {
     /// The snapshot to fork.
@@ -229,9 +257,22 @@ pub struct SpawnRequest {
     /// refused: each child's answer carries a `warning` saying what it got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_child_netns: Option<bool>,
-    /// Memory cap for each child's VMM process (cgroup), in MiB.
+    /// Memory cap for each child's VMM process (cgroup), in MiB. Left
+    /// out: the daemon's `--default-memory-limit-mib`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit_mib: Option<u64>,
+    /// Extension: CPU cap for each child's VMM process, in CPUs (0.5 is
+    /// half of one CPU's time, 2 two CPUs' worth; [`CPU_LIMIT_MIN`] to
+    /// [`CPU_LIMIT_MAX`]), enforced by the CFS quota of its cgroup. Left
+    /// out: the daemon's `--default-cpu-limit`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// Extension: most tasks (threads) each child's VMM process may have
+    /// (its cgroup's `pids.max`; [`PIDS_LIMIT_MIN`], what a VMM needs, to
+    /// [`PIDS_LIMIT_MAX`]). Left out: the daemon's `--default-pids-limit`
+    /// (1024 unless configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<u64>,
     /// Children whose RAM is a private copy in a memfd, so they can be
     /// live-branched (costs a copy of the snapshot's memory per child).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,7 +294,7 @@ fn one() -> u32 {
 
 /// A sandbox: one forked microVM. Upstream's fields are always there
 /// (null when unset); the extensions only when they say something.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SandboxInfo {
     /// Its id.
@@ -274,6 +315,20 @@ pub struct SandboxInfo {
     /// Its memory cap; null without one.
     #[serde(default)]
     pub memory_limit_mib: Option<u64>,
+    /// Extension: its CPU cap, in CPUs (the request's, or the daemon's
+    /// default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// Extension: its VMM's task cap (the request's, or the daemon's
+    /// default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<u64>,
+    /// Extension: its VMM's cgroup, as a path inside each cgroup hierarchy
+    /// (`forkd/<instance>/<group>`: the same under the memory, cpu and
+    /// pids controllers of a v1 host, one group on v2); absent when the
+    /// host has no cgroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
     /// Whether it has been branched.
     #[serde(default)]
     pub has_branched: bool,
@@ -294,6 +349,65 @@ pub struct SandboxInfo {
     /// `per_child_netns: false` said not to make).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Extension: `running`, or `exited` once its VMM has ended (kept until
+    /// it is deleted or the daemon's retention time passes; the list shows
+    /// exited sandboxes only with `?all=true`).
+    #[serde(default)]
+    pub state: SandboxState,
+    /// Extension: an exited sandbox's VMM exit status, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Extension: the signal that ended an exited sandbox's VMM, when one
+    /// did (9 for a kill).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Extension: whether the kernel's OOM killer ended it (its memory
+    /// cap's cgroup counted the kill); set once it has exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_killed: Option<bool>,
+    /// Extension: when its end was noticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exited_at_unix: Option<u64>,
+    /// Extension: what is known of its end beyond the status: the tail of
+    /// its VMM's log, or that nobody saw its status (it ended while the
+    /// daemon was down and its fork server was gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_detail: Option<String>,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Recorded, its VMM being started (not listed; a restart removes it).
+    Starting,
+    /// Its VMM runs.
+    #[default]
+    Running,
+    /// Its VMM has ended.
+    Exited,
+}
+
+impl SandboxState {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Exited => "exited",
+        }
+    }
+
+    /// From the wire name.
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        Some(match s {
+            "starting" => SandboxState::Starting,
+            "running" => SandboxState::Running,
+            "exited" => SandboxState::Exited,
+            _ => return None,
+        })
+    }
 }
 
 /// `POST /v1/sandboxes/:id/ping`: `pong: true` and the agent's answer.
@@ -627,6 +741,7 @@ mod tests {
             chain_depth: 0,
             ancestors: vec![],
             dependents: vec![],
+            verified: false,
         };
         let v = serde_json::to_value(&d).unwrap();
         assert_eq!(v["tag"], "t");

@@ -59,6 +59,12 @@ pub enum ControlRequest {
         /// Bytes to read.
         len: u64,
     },
+    /// A test of the VMM's confinement: the thread serving it makes a
+    /// system call no VMM thread may make (`execve` with null arguments,
+    /// harmless when let through). Under its seccomp filter the VMM ends
+    /// with [`SECCOMP_VIOLATION_EXIT_CODE`] and no answer; without one,
+    /// the answer is an error saying the call went through.
+    SeccompSelfTest,
 }
 
 fn default_true() -> bool {
@@ -201,6 +207,12 @@ pub enum ForkRequest {
         /// snapshot reads RAM without page faults. Left out when false.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prewarm: bool,
+        /// The cgroup limits of every child's VMM process (for a server
+        /// started with `--cgroup-parent`: each child is in a group of its
+        /// own). Left out: none (a server with parents still groups each
+        /// child, unlimited). Left out of the request when empty.
+        #[serde(default, skip_serializing_if = "Limits::is_none")]
+        limits: Limits,
     },
     /// Stop serving (the children run on).
     Shutdown,
@@ -219,6 +231,99 @@ pub struct ForkedChild {
     pub control_socket: std::path::PathBuf,
     /// Its vsock socket, when the snapshot has a vsock device.
     pub vsock_socket: Option<std::path::PathBuf>,
+    /// The name of its cgroup under each of the server's
+    /// `--cgroup-parent`s (the same name under each), when it has one:
+    /// the child is in it before its guest runs; whoever removes the
+    /// child removes the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+/// The cgroup limits of one VMM process; `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory, in MiB (cgroup v2 `memory.max`, v1
+    /// `memory.limit_in_bytes`): past it, the kernel reclaims and then
+    /// kills the VMM (its guest's RAM is its memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// CPU time, in thousandths of a CPU per period (v2 `cpu.max`, v1
+    /// `cpu.cfs_quota_us`): 500 is half of one CPU, 2000 two CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    /// Tasks (threads) of the process (`pids.max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    /// No limit at all.
+    pub fn is_none(&self) -> bool {
+        *self == Limits::default()
+    }
+}
+
+/// The exit status of a VMM that made a system call its seccomp filter
+/// forbids (128 + `SIGSYS`, as a shell reports a process that signal
+/// killed); its `vmm.log` ends with a line naming the thread and the call.
+pub const SECCOMP_VIOLATION_EXIT_CODE: i32 = 159;
+
+/// Where a fork server records how one of its children ended: in the
+/// child's directory, written (atomically: a temporary file, then a
+/// rename) before the child is reaped, so a reader that sees the process
+/// gone and no file knows nobody saw its status (the server was gone too).
+pub const EXIT_FILE: &str = "exit.json";
+
+/// How a VMM process ended (`exit.json`; the daemon keeps it too).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildExit {
+    /// Its process id.
+    pub pid: i32,
+    /// Its exit status, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+}
+
+impl ChildExit {
+    /// From a `waitpid`/`waitid` status word of process `pid`; `None` when
+    /// the status is not an end (stopped, continued).
+    pub fn from_wait_status(pid: i32, status: i32) -> Option<ChildExit> {
+        if libc_like::exited(status) {
+            Some(ChildExit {
+                pid,
+                code: Some(libc_like::exit_status(status)),
+                signal: None,
+            })
+        } else if libc_like::signaled(status) {
+            Some(ChildExit {
+                pid,
+                code: None,
+                signal: Some(libc_like::term_sig(status)),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// The `<sys/wait.h>` macros, on the status word's documented layout
+/// (proto has no libc dependency).
+mod libc_like {
+    pub fn exited(s: i32) -> bool {
+        s & 0x7f == 0
+    }
+    pub fn exit_status(s: i32) -> i32 {
+        (s >> 8) & 0xff
+    }
+    pub fn signaled(s: i32) -> bool {
+        ((s & 0x7f) + 1) as i8 >> 1 > 0
+    }
+    pub fn term_sig(s: i32) -> i32 {
+        s & 0x7f
+    }
 }
 
 /// A fork server's answer.
@@ -290,6 +395,34 @@ impl ControlClient {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn wait_status_words_decode_as_the_c_macros_do() {
+        // exit(3); killed by SIGKILL; killed by SIGSEGV with a core; stopped.
+        assert_eq!(
+            ChildExit::from_wait_status(7, 0x0300),
+            Some(ChildExit {
+                pid: 7,
+                code: Some(3),
+                signal: None
+            })
+        );
+        assert_eq!(
+            ChildExit::from_wait_status(7, 9),
+            Some(ChildExit {
+                pid: 7,
+                code: None,
+                signal: Some(9)
+            })
+        );
+        assert_eq!(
+            ChildExit::from_wait_status(7, 0x8b).unwrap().signal,
+            Some(11)
+        );
+        assert_eq!(ChildExit::from_wait_status(7, 0x137f), None);
+        assert_eq!(ChildExit::from_wait_status(7, 0xffff), None);
+    }
+
     use super::*;
 
     #[test]
@@ -330,6 +463,7 @@ mod tests {
                 netns: Vec::new(),
                 huge_pages: false,
                 prewarm: false,
+                limits: Limits::default(),
             }
         );
         assert_eq!(

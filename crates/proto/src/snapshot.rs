@@ -34,6 +34,37 @@ pub const DIFF_MAP_FILE: &str = "memory.diffmap";
 /// Largest metadata file accepted.
 pub const MAX_META_BYTES: u64 = 1 << 20;
 
+/// One file of a snapshot as `forkd-vmm verify` hashed it: its identity
+/// then, so a reader can tell whether the file changed since (any of these
+/// differs) without hashing it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Its name in the snapshot directory.
+    pub name: String,
+    /// `st_ino`.
+    pub inode: u64,
+    /// `st_size`.
+    pub size: u64,
+    /// `st_mtime` in nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// `st_ctime` in nanoseconds since the epoch.
+    pub ctime_ns: i128,
+}
+
+/// What `forkd-vmm verify --snapshot DIR` prints (one JSON line) when
+/// every file the snapshot's `snapshot.json` hashes has that content; a
+/// mismatch exits 1 naming the file, and prints nothing on stdout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    /// The files checked, with their identity as read (taken before the
+    /// hash, and checked unchanged after it).
+    pub files: Vec<FileIdentity>,
+    /// Bytes read and hashed.
+    pub bytes_hashed: u64,
+    /// How long it took, in microseconds.
+    pub micros: u64,
+}
+
 /// What kind of guest a snapshot holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

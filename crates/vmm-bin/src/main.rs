@@ -3,6 +3,7 @@
 mod control;
 mod fork;
 mod net;
+mod seccomp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +22,31 @@ use vmm::memory::Backend;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The seccomp filters of the VMM's threads (a VMM started by `run`,
+    /// `restore`, `fork` or `fork-server`): `on` ends a VMM that makes a
+    /// system call its thread's filter forbids (exit status 159, its log
+    /// naming the call); `log` lets the call through and has the kernel
+    /// log it (the audit log, dmesg), to find what a new code path needs;
+    /// `off` runs unconfined, for debugging only.
+    #[arg(long, global = true, value_enum, env = "FORKD_SECCOMP", default_value_t = Seccomp::On)]
+    seccomp: Seccomp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Seccomp {
+    On,
+    Log,
+    Off,
+}
+
+impl Seccomp {
+    fn mode(self) -> seccomp::Mode {
+        match self {
+            Seccomp::On => seccomp::Mode::Enforce,
+            Seccomp::Log => seccomp::Mode::Log,
+            Seccomp::Off => seccomp::Mode::Off,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -37,7 +63,8 @@ enum Command {
     /// Hold a snapshot read and checked, and fork children of it on request
     /// (JSON lines on a Unix socket: `{"op":"fork","n":N,"out_dir":D}`,
     /// optionally with `"paused"`, `"console_log"` and `"memfd"` true, and
-    /// `"netns"`, a network namespace per child).
+    /// `"netns"`, a network namespace per child). How each child ended is
+    /// written to `exit.json` in its directory before the child is reaped.
     ForkServer(fork::ForkServerArgs),
     /// Flatten a snapshot and the chain it stands on into one
     /// self-contained full snapshot (memory assembled, every frozen drive
@@ -46,6 +73,42 @@ enum Command {
     /// Send one JSON request to a control socket and print the JSON
     /// response (exit status 1 when the response is an error).
     Ctl(CtlArgs),
+    /// Hash every file a snapshot's snapshot.json records a hash for and
+    /// compare. Exit status 0: every file matches, one JSON line on stdout
+    /// (the files with their identity as hashed, bytes hashed, time taken);
+    /// 1: a file does not match (stderr names it, with what was expected
+    /// and found); 3: the snapshot cannot be verified, so cannot be
+    /// restored either (a file missing or unreadable, snapshot.json bad or
+    /// not ready); 4: a file changed while it was hashed (verify again);
+    /// 2: a usage error.
+    Verify(VerifyArgs),
+    /// Check that a thread kind's seccomp filter is in force: a thread
+    /// takes the filter, prints `confined <kind>`, then makes a call no
+    /// filter allows. Exit status 159 with a line on stderr naming the
+    /// call: the filter works; 1: the call went through.
+    SeccompSelfTest(SeccompSelfTestArgs),
+}
+
+#[derive(Args)]
+struct SeccompSelfTestArgs {
+    /// The kind of thread whose filter to test.
+    #[arg(long, value_enum)]
+    thread: ThreadKind,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ThreadKind {
+    Control,
+    Vcpu,
+    Device,
+    Copy,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The snapshot directory.
+    #[arg(long)]
+    snapshot: PathBuf,
 }
 
 #[derive(Args)]
@@ -143,8 +206,12 @@ struct RunArgs {
     /// `ro`. Repeat for more drives.
     #[arg(long = "drive", value_name = "PATH[,ro][,cow=LAYER][,id=SERIAL]")]
     drives: Vec<String>,
+    /// A drive whose image path is taken whole, commas and all (the first
+    /// drive; `--drive` specs follow it). Its layer is --cow-layer.
+    #[arg(long, value_name = "PATH")]
+    drive_image: Option<PathBuf>,
     /// The first drive's copy-on-write layer (same as `cow=` in --drive).
-    #[arg(long, requires = "drives")]
+    #[arg(long)]
     cow_layer: Option<PathBuf>,
     /// A virtio-vsock device whose host side listens on this Unix socket
     /// (connect and send `CONNECT <port>\n`; guest connections to host
@@ -174,7 +241,22 @@ fn virtio_config(args: &RunArgs) -> Result<VirtioConfig, String> {
         rng: args.rng,
         ..Default::default()
     };
+    if args.cow_layer.is_some() && args.drive_image.is_none() && args.drives.is_empty() {
+        return Err("--cow-layer is the first drive's layer: give --drive-image or --drive".into());
+    }
+    if let Some(image) = &args.drive_image {
+        cfg.drives.push(BlockConfig {
+            disk: DiskConfig {
+                base: Some(image.clone()),
+                cow: args.cow_layer.clone(),
+                ..Default::default()
+            },
+            id: "forkd0".into(),
+        });
+    }
+    let first = cfg.drives.len();
     for (i, spec) in args.drives.iter().enumerate() {
+        let i = i + first;
         let mut parts = spec.split(',');
         let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
             format!("--drive {spec:?}: give the image path first, e.g. --drive disk.img,ro")
@@ -255,6 +337,18 @@ fn init_logging() {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    let vmm_command = matches!(
+        cli.command,
+        Command::Run(_) | Command::Restore(_) | Command::Fork(_) | Command::ForkServer(_)
+    );
+    if vmm_command {
+        // Compiled once, before any thread starts; a fork server's
+        // children inherit them.
+        if let Err(e) = seccomp::configure(cli.seccomp.mode()) {
+            eprintln!("forkd-vmm: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Restore(args) => restore(args),
@@ -262,6 +356,8 @@ fn main() -> ExitCode {
         Command::ForkServer(args) => fork::fork_server(args),
         Command::Compact(args) => compact(args),
         Command::Ctl(args) => ctl(args),
+        Command::Verify(args) => verify(args),
+        Command::SeccompSelfTest(args) => seccomp_self_test(args),
     };
     match result {
         Ok(code) => code,
@@ -308,6 +404,57 @@ fn compact(args: CompactArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `forkd-vmm verify`: a JSON line on stdout when the snapshot's files
+/// match, exit status 1 on a mismatch, 2 (through `main`) when it cannot
+/// be verified.
+fn verify(args: VerifyArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match vmm::snapshot::verify(&args.snapshot) {
+        Ok(verified) => {
+            println!("{}", serde_json::to_string(&verified)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            use vmm::snapshot::VerifyError;
+            eprintln!("forkd-vmm verify: {e}");
+            // A caller tells "corrupt" and "unusable" from "try again" and
+            // from its own mistakes (clap's usage errors exit 2).
+            Ok(ExitCode::from(match e {
+                VerifyError::Mismatch { .. } => 1,
+                VerifyError::Changed { .. } => 4,
+                VerifyError::NotReady { .. } | VerifyError::Snapshot(_) => 3,
+            }))
+        }
+    }
+}
+
+/// `forkd-vmm seccomp-self-test`: returns only when the filter let the
+/// forbidden call through.
+fn seccomp_self_test(args: SeccompSelfTestArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use vmm::seccomp::Kind;
+    let (kind, name) = match args.thread {
+        ThreadKind::Control => (Kind::Control, "control"),
+        ThreadKind::Vcpu => (Kind::Vcpu, "vcpu"),
+        ThreadKind::Device => (Kind::Device, "device"),
+        ThreadKind::Copy => (Kind::Copy, "copy"),
+    };
+    seccomp::configure(seccomp::Mode::Enforce)?;
+    let errno = std::thread::Builder::new()
+        .name(format!("self-test-{name}"))
+        .spawn(move || -> Result<std::io::Error, vmm::seccomp::Error> {
+            vmm::seccomp::enter(kind)?;
+            // Allowed calls still work under the filter.
+            println!("confined {name}");
+            Ok(seccomp::forbidden_call())
+        })?
+        .join()
+        .map_err(|_| "the self-test thread panicked")??;
+    eprintln!(
+        "forkd-vmm seccomp-self-test: the {name} filter let execve through (it failed with \
+         {errno}): it does not confine"
+    );
+    Ok(ExitCode::FAILURE)
+}
+
 /// The RAM `restore --memory-backend` asks for.
 fn restore_ram(backend: Option<MemoryBackend>) -> Result<builder::RestoreRam, String> {
     match backend {
@@ -345,12 +492,20 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .map(control::bind)
         .transpose()?;
     let machine = std::sync::Arc::new(builder::build_from_snapshot(&snapshot, &cfg)?);
+    confine_main_thread()?;
     Ok(serve_until_exit(
         machine,
         listener,
         args.control_socket.as_deref(),
         &control::Workers::new(),
     ))
+}
+
+/// Confines the main thread once its machine is built: what it does from
+/// here on (serve the control socket, snapshot, branch) is the control
+/// filter's.
+fn confine_main_thread() -> Result<(), vmm::seccomp::Error> {
+    vmm::seccomp::enter(vmm::seccomp::Kind::Control)
 }
 
 /// Serves the control socket (if any) with `workers` until the machine
@@ -403,10 +558,58 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .map(control::bind)
         .transpose()?;
     let machine = std::sync::Arc::new(builder::build_for_boot(&cfg)?);
+    confine_main_thread()?;
     Ok(serve_until_exit(
         machine,
         listener,
         args.control_socket.as_deref(),
         &control::Workers::new(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let mut all = vec!["forkd-vmm", "run", "--builtin"];
+        all.extend_from_slice(argv);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Run(args) => *args,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_drive_image_is_taken_whole_and_its_layer_is_the_cow_layer() {
+        let cfg = virtio_config(&run_args(&[
+            "--drive-image",
+            "/img/root,ro",
+            "--cow-layer",
+            "/d/root,fs.cow",
+            "--drive",
+            "/img/data,ro",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.drives.len(), 2);
+        let first = &cfg.drives[0];
+        assert_eq!(first.disk.base.as_deref(), Some(Path::new("/img/root,ro")));
+        assert_eq!(first.disk.cow.as_deref(), Some(Path::new("/d/root,fs.cow")));
+        assert!(
+            !first.disk.read_only,
+            "a comma in the path is not an option"
+        );
+        assert_eq!(first.id, "forkd0");
+        let second = &cfg.drives[1];
+        assert_eq!(second.disk.base.as_deref(), Some(Path::new("/img/data")));
+        assert!(second.disk.read_only);
+        assert_eq!(second.disk.cow, None, "--cow-layer is the first drive's");
+        assert_eq!(second.id, "forkd1");
+        // Without a drive, a layer has nothing to stack on.
+        let err = virtio_config(&run_args(&["--cow-layer", "/c"]))
+            .err()
+            .unwrap();
+        assert!(err.contains("--drive-image"), "{err}");
+    }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -453,4 +453,211 @@ fn a_parked_child_that_dies_is_replaced() {
         GuestResponse::Pong { .. }
     ));
     kid.shutdown();
+}
+
+/// A pids group for a test under the host's pids hierarchy (v1, or the
+/// unified one when it has the controller), removed on drop with what is
+/// left in it.
+struct PidsParent(PathBuf);
+
+impl PidsParent {
+    fn new(tag: &str) -> PidsParent {
+        let v1 = Path::new("/sys/fs/cgroup/pids");
+        let root = if v1.join("pids.max").exists() || v1.join("cgroup.procs").exists() {
+            v1.to_owned()
+        } else {
+            let unified = Path::new("/sys/fs/cgroup");
+            let controllers =
+                std::fs::read_to_string(unified.join("cgroup.controllers")).unwrap_or_default();
+            assert!(
+                controllers.split_whitespace().any(|c| c == "pids"),
+                "this test needs the pids cgroup controller (v1 at /sys/fs/cgroup/pids, or v2)"
+            );
+            std::fs::write(unified.join("cgroup.subtree_control"), "+pids").unwrap();
+            unified.to_owned()
+        };
+        let dir = root.join(format!("forkd-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if dir.join("cgroup.subtree_control").exists() {
+            std::fs::write(dir.join("cgroup.subtree_control"), "+pids").unwrap();
+        }
+        PidsParent(dir)
+    }
+
+    fn groups(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .map(|e| e.path())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for PidsParent {
+    fn drop(&mut self) {
+        for g in self.groups() {
+            let _ = std::fs::remove_dir(g);
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn procs_in(group: &Path) -> Vec<i32> {
+    std::fs::read_to_string(group.join("cgroup.procs"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn each_child_is_in_a_cgroup_of_its_own_that_goes_with_it() {
+    let tmp = TempDir::new("pool-cgroup");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let parent = PidsParent::new("pool");
+    let parent_arg = parent.0.to_str().unwrap().to_owned();
+    let server = ForkServer::start_with_args(
+        &snap,
+        tmp.path().join("fork.sock"),
+        2,
+        &["--cgroup-parent", &parent_arg, "--pids-limit", "500"],
+    );
+    let parked = server.wait_parked(2);
+    // Each parked child joined a group of its own, made with the limit
+    // given for the first children.
+    wait_for("the parked children join their groups", || {
+        parent
+            .groups()
+            .iter()
+            .filter(|g| procs_in(g).len() == 1)
+            .count()
+            == 2
+    });
+    // Besides them, groups made ahead for children forked when asked: all
+    // with that limit.
+    for g in parent.groups() {
+        assert_eq!(
+            std::fs::read_to_string(g.join("pids.max")).unwrap().trim(),
+            "500"
+        );
+        assert!(procs_in(&g).iter().all(|p| parked.contains(p)));
+    }
+    // Handed out with another limit: its group's changes; named in the answer.
+    let r = server.ask(
+        &json!({"op": "fork", "n": 1, "out_dir": tmp.path().join("a"),
+        "limits": {"pids": 64}}),
+    );
+    assert_eq!(r["result"], "forked", "{r}");
+    let kid = &r["children"][0];
+    let group = parent.0.join(kid["cgroup"].as_str().unwrap());
+    assert_eq!(procs_in(&group), [kid["pid"].as_i64().unwrap() as i32]);
+    assert_eq!(
+        std::fs::read_to_string(group.join("pids.max"))
+            .unwrap()
+            .trim(),
+        "64"
+    );
+    // Every thread of the VMM is in it.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", kid["pid"]))
+        .unwrap()
+        .count();
+    assert_eq!(
+        std::fs::read_to_string(group.join("pids.current"))
+            .unwrap()
+            .trim(),
+        tasks.to_string()
+    );
+    // A memory limit on a server whose parents have no memory controller
+    // is refused before anything starts.
+    let r = server.ask(
+        &json!({"op": "fork", "n": 1, "out_dir": tmp.path().join("b"),
+        "limits": {"memory_mib": 64}}),
+    );
+    assert_eq!(r["result"], "error", "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("memory controller"),
+        "{r}"
+    );
+
+    // A parked child that dies: its group goes.
+    let still = server.wait_parked(2);
+    let dead_group = parent
+        .groups()
+        .into_iter()
+        .find(|g| procs_in(g) == [still[0]])
+        .unwrap();
+    // SAFETY: SIGKILL to a child of the server this test started.
+    unsafe { libc::kill(still[0], libc::SIGKILL) };
+    wait_for("the dead child's group is removed", || !dead_group.exists());
+
+    let pid = kid["pid"].as_i64().unwrap() as i32;
+    // SAFETY: SIGKILL to the child handed out above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(&[pid], "the child handed out");
+}
+
+#[test]
+fn groups_are_made_ahead_and_a_stopping_server_removes_those_it_holds() {
+    let tmp = TempDir::new("pool-cgroup-stop");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let parent = PidsParent::new("stop");
+    let parent_arg = parent.0.to_str().unwrap().to_owned();
+    let server = ForkServer::start_with_args(
+        &snap,
+        tmp.path().join("fork.sock"),
+        2,
+        &["--cgroup-parent", &parent_arg],
+    );
+    server.wait_parked(2);
+    wait_for("two groups in use", || {
+        parent
+            .groups()
+            .iter()
+            .filter(|g| !procs_in(g).is_empty())
+            .count()
+            == 2
+    });
+    // A child forked when asked (memfd children are) takes a group made
+    // ahead, and one is made again after the answer.
+    let spare_before = parent.groups();
+    let r = server.ask(
+        &json!({"op": "fork", "n": 1, "out_dir": tmp.path().join("m"),
+        "memfd": true}),
+    );
+    assert_eq!(r["result"], "forked", "{r}");
+    let group = parent.0.join(r["children"][0]["cgroup"].as_str().unwrap());
+    assert!(
+        spare_before.contains(&group),
+        "{} was not made ahead",
+        group.display()
+    );
+    wait_for("a spare made again", || {
+        parent.groups().len() == spare_before.len() + 1
+    });
+    let pid = r["children"][0]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: SIGKILL to the child forked above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(&[pid], "the memfd child");
+    // Whoever removes a child handed out removes its group.
+    wait_for("the memfd child leaves its group", || {
+        procs_in(&group).is_empty()
+    });
+    std::fs::remove_dir(&group).unwrap();
+    assert_eq!(server.ask(&json!({"op": "shutdown"}))["result"], "ok");
+    wait_for("the parked children's and spare groups are removed", || {
+        parent.groups().is_empty()
+    });
 }

@@ -155,6 +155,16 @@ pub enum BuildError {
     /// The built-in guest could not be loaded.
     #[error(transparent)]
     Builtin(#[from] builtin::Error),
+    /// A vCPU run ahead of its start met something other than its wait
+    /// (a device access): the guest ran, so this restore is spent; every
+    /// later restore of the snapshot must start without running ahead.
+    #[error("vCPU {id} cannot be run ahead to its wait: {reason}")]
+    RunAhead {
+        /// Which vCPU.
+        id: u8,
+        /// What it met.
+        reason: String,
+    },
     /// A vCPU could not be created or configured.
     #[error("cannot set up vCPU {id}: {reason}")]
     Vcpu {
@@ -343,24 +353,37 @@ impl PreparedRestore<'_> {
     /// hands them their machine. For a process that prepares a restore
     /// ahead of time (a fork server's pooled child): thread creation leaves
     /// the path from a request to a running child.
-    pub fn start_vcpu_threads(&mut self) -> Result<(), BuildError> {
+    ///
+    /// With `may_run_ahead`, an idle built-in guest is also run ahead to
+    /// its first wait (see `runs_ahead`); a guest that meets
+    /// a device on its way fails this with [`BuildError::RunAhead`].
+    pub fn start_vcpu_threads(&mut self, may_run_ahead: bool) -> Result<(), BuildError> {
         if !self.waiting.is_empty() {
             return Ok(());
         }
-        type Back = (usize, libc::pid_t, VcpuFd, Result<(), String>);
+        /// Why a thread could not take its vCPU over: the first `KVM_RUN`
+        /// (or its filter), or the run ahead.
+        enum Refused {
+            Adopt(String),
+            RunAhead(String),
+        }
+        type Back = (usize, libc::pid_t, VcpuFd, Result<(), Refused>);
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Back>();
         let mut started = Vec::with_capacity(self.vcpus.len());
-        let run_ahead = self.runs_ahead();
+        let run_ahead = may_run_ahead && self.runs_ahead();
         for (id, mut fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (go, wait) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
             let back = back_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let mut adopted = vcpu::adopt_without_running(&mut fd);
+                    let mut adopted = crate::seccomp::enter(crate::seccomp::Kind::Vcpu)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| vcpu::adopt_without_running(&mut fd))
+                        .map_err(Refused::Adopt);
                     if adopted.is_ok() && run_ahead {
                         adopted = vcpu::run_ahead_to_wait(&mut fd, builtin_port_ahead)
-                            .map_err(|e| format!("cannot run it ahead to its wait: {e}"));
+                            .map_err(Refused::RunAhead);
                     }
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
@@ -388,11 +411,20 @@ impl PreparedRestore<'_> {
         back.sort_by_key(|(id, _, _, _)| *id);
         let mut refused = None;
         for ((id, tid, fd, adopted), (go, handle)) in back.into_iter().zip(started) {
-            if let Err(reason) = adopted {
-                refused.get_or_insert(BuildError::Vcpu {
-                    id: id as u8,
-                    reason: format!("cannot take it over ahead of its start: {reason}"),
-                });
+            match adopted {
+                Ok(()) => {}
+                Err(Refused::Adopt(reason)) => {
+                    refused.get_or_insert(BuildError::Vcpu {
+                        id: id as u8,
+                        reason: format!("cannot take it over ahead of its start: {reason}"),
+                    });
+                }
+                Err(Refused::RunAhead(reason)) => {
+                    refused.get_or_insert(BuildError::RunAhead {
+                        id: id as u8,
+                        reason,
+                    });
+                }
             }
             self.vcpus.push(fd);
             self.waiting.push(WaitingVcpuThread { go, handle, tid });
@@ -432,10 +464,9 @@ impl PreparedRestore<'_> {
     /// first wait ([`vcpu::run_ahead_to_wait`]): only the built-in guest,
     /// whose idle loop reads neither the clock nor a device, once its
     /// devices and identity are made ([`PreparedRestore::make_ahead`]),
-    /// and only when every vCPU was idle at the snapshot (it had just
-    /// read a wait port: `in (%dx), %eax`, 0xED, with the port in DX; the
-    /// built-in guest's memory is identity-mapped). A guest that was
-    /// running (a counter, say) is not run ahead: it would run on.
+    /// and only when every vCPU was idle at the snapshot
+    /// ([`idle_at_wait`]). A guest that was running (a counter, say) is
+    /// not run ahead: it would run on.
     fn runs_ahead(&self) -> bool {
         let state = &self.snapshot.state;
         let Core::Ahead(ahead) = &self.core else {
@@ -444,15 +475,19 @@ impl PreparedRestore<'_> {
         let mem = ahead.parts.ram.memory();
         state.guest == GuestKind::Builtin
             && state.vcpus.iter().all(|v| {
-                let port = v.regs.rdx & 0xffff;
-                (port == builtin::abi::PORT_WAIT || port == builtin::abi::PORT_PARK)
-                    && v.regs.rip > 0
-                    && vm_memory::Bytes::read_obj::<u8>(
-                        mem,
-                        vm_memory::GuestAddress(v.regs.rip - 1),
-                    )
-                    .is_ok_and(|op| op == 0xED)
+                let op = v.regs.rip.checked_sub(1).and_then(|at| {
+                    vm_memory::Bytes::read_obj::<u8>(mem, vm_memory::GuestAddress(at)).ok()
+                });
+                idle_at_wait(&v.regs, op)
             })
+    }
+
+    /// How many device threads its machine starts (a worker per virtio
+    /// device, and the built-in guest's interrupt relay): a process that
+    /// prepares ahead starts them ahead ([`crate::seccomp::start_ahead`]).
+    pub fn device_threads(&self) -> usize {
+        let state = &self.snapshot.state;
+        state.devices.virtio.len() + usize::from(state.guest == GuestKind::Builtin)
     }
 
     /// The kernel thread ids of the vCPU threads started ahead (empty
@@ -532,6 +567,26 @@ impl PreparedRestore<'_> {
         };
         parts.start_with(state.guest, vcpus, waiting, virtio, cfg.paused, Some(base))
     }
+}
+
+/// Whether a built-in guest's vCPU with `regs` was idle at its snapshot,
+/// `op` being the byte before its `rip`: it had just read a wait port
+/// (`in (%dx), %eax`, 0xED, with the port in DX; the built-in guest's
+/// memory is identity-mapped) and the wait had answered no device wake-up
+/// (EAX holds the answer, completed before the registers were saved). A
+/// wait that answered [`builtin::abi::WAKE_DEVICE`] sends the guest to
+/// its device's interrupt status register next, an MMIO access that has
+/// an effect (it acknowledges) and so cannot be run ahead. A wake-up for
+/// the mailbox needs nothing: the guest looks at the mailbox in memory.
+fn idle_at_wait(regs: &kvm_bindings::kvm_regs, op: Option<u8>) -> bool {
+    let port = regs.rdx & 0xffff;
+    let answered = regs.rax & 0xffff_ffff;
+    let waited = match port {
+        builtin::abi::PORT_WAIT => answered & builtin::abi::WAKE_DEVICE == 0,
+        builtin::abi::PORT_PARK => true,
+        _ => false,
+    };
+    waited && op == Some(0xED)
 }
 
 /// What the built-in guest's port accesses are to a run ahead of its
@@ -819,7 +874,14 @@ impl Parts {
             let (io, run) = (io.clone(), control.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run_vcpu(fd, id as u8, io, run));
+                .spawn(move || {
+                    if let Err(e) = crate::seccomp::enter(crate::seccomp::Kind::Vcpu) {
+                        run.spawn_failed(1);
+                        run.stop(vcpu::ExitReason::Error(format!("vCPU thread {id}: {e}")));
+                        return;
+                    }
+                    vcpu::run_vcpu(fd, id as u8, io, run)
+                });
             match spawned {
                 Ok(thread) => vcpu_threads.push(thread),
                 Err(e) => {
@@ -833,6 +895,15 @@ impl Parts {
             }
         }
         control.wait_until_parked();
+        if uffd.is_some() {
+            // A live branch starts copy threads inside its pause: their
+            // filters are taken now, not then.
+            crate::seccomp::top_up(
+                crate::seccomp::Kind::Copy,
+                crate::seccomp::COPY_THREADS_IN_PAUSE,
+            )
+            .map_err(BuildError::Thread)?;
+        }
         Ok(Machine {
             vcpu_threads,
             reset_evt: self.reset_evt,
@@ -972,6 +1043,32 @@ mod tests {
     use proto::control::{RunState, SnapshotMode};
     use proto::guest::{GuestRequest, GuestResponse};
 
+    #[test]
+    fn only_a_vcpu_whose_wait_answered_no_device_wake_up_is_idle() {
+        let at = |port: u64, rax: u64| kvm_bindings::kvm_regs {
+            rdx: port,
+            rax,
+            rip: 0x1001,
+            ..Default::default()
+        };
+        let wait = builtin::abi::PORT_WAIT;
+        let park = builtin::abi::PORT_PARK;
+        let device = builtin::abi::WAKE_DEVICE;
+        let mailbox = builtin::abi::WAKE_MAILBOX;
+        assert!(idle_at_wait(&at(wait, 0), Some(0xED)));
+        assert!(idle_at_wait(&at(wait, mailbox), Some(0xED)));
+        // The snapshot caught the wait answered with a device wake-up:
+        // the guest's next step is an MMIO read of the interrupt status.
+        assert!(!idle_at_wait(&at(wait, device), Some(0xED)));
+        assert!(!idle_at_wait(&at(wait, device | mailbox), Some(0xED)));
+        // Only EAX holds the answer.
+        assert!(idle_at_wait(&at(wait, device << 32), Some(0xED)));
+        assert!(idle_at_wait(&at(park, device), Some(0xED)));
+        assert!(!idle_at_wait(&at(builtin::abi::PORT_DONE, 0), Some(0xED)));
+        assert!(!idle_at_wait(&at(wait, 0), Some(0xEC)));
+        assert!(!idle_at_wait(&at(wait, 0), None));
+    }
+
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
 
@@ -1028,7 +1125,7 @@ mod tests {
         let kvm = Arc::new(vm::open_kvm().unwrap());
         // Dropped unfinished, threads started ahead end with it.
         let mut dropped = prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
-        dropped.start_vcpu_threads().unwrap();
+        dropped.start_vcpu_threads(true).unwrap();
         let tid = dropped.vcpu_thread_ids()[0];
         drop(dropped);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1043,7 +1140,7 @@ mod tests {
             let mut prepared =
                 prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
             if ahead {
-                prepared.start_vcpu_threads().unwrap();
+                prepared.start_vcpu_threads(true).unwrap();
                 assert_eq!(prepared.vcpu_thread_ids().len(), snap.state.vcpus.len());
             }
             let child = prepared
@@ -1303,7 +1400,7 @@ mod tests {
                     .unwrap();
                 assert_eq!(prepared.runs_ahead(), !busy, "busy {busy}");
                 let mut prepared = prepared;
-                prepared.start_vcpu_threads().unwrap();
+                prepared.start_vcpu_threads(true).unwrap();
                 let child = prepared
                     .finish(&RestoreConfig {
                         console: ConsoleOutput::Sink,
@@ -1331,7 +1428,7 @@ mod tests {
                         .unwrap();
                     assert_eq!(prepared.runs_ahead(), !busy, "grandchild, busy {busy}");
                     let mut prepared = prepared;
-                    prepared.start_vcpu_threads().unwrap();
+                    prepared.start_vcpu_threads(true).unwrap();
                     let grandchild = prepared
                         .finish(&RestoreConfig {
                             console: ConsoleOutput::Sink,
@@ -1383,7 +1480,7 @@ mod tests {
         for (i, (ahead, asked)) in cases.into_iter().enumerate() {
             let mut prepared =
                 prepare_restore(&snap, kvm.clone(), RestoreRam::SnapshotFile).unwrap();
-            prepared.start_vcpu_threads().unwrap();
+            prepared.start_vcpu_threads(true).unwrap();
             let prepared = prepared.make_ahead(&ahead).unwrap();
             let child = prepared
                 .finish(&RestoreConfig {

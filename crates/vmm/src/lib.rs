@@ -6,6 +6,7 @@
 //! - [`devices`]: the port-I/O and MMIO buses and the legacy devices.
 //! - [`builder`]: assembles a machine; [`machine`]: a running one.
 //! - [`random`]: randomness from the kernel, for every layer.
+//! - [`seccomp`]: the system calls each kind of thread may make.
 //! - [`logger`]: diagnostics through `tracing`, rate-limited where a guest
 //!   can trigger them.
 
@@ -18,4 +19,5 @@ pub mod logger;
 pub mod machine;
 pub mod memory;
 pub mod random;
+pub mod seccomp;
 pub mod snapshot;

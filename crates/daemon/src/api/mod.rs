@@ -60,6 +60,19 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
+/// Runs the rest of a request: one that changes state on a task of its
+/// own, which a client that hangs up (hyper then drops this future) does
+/// not cancel; the rest in place.
+async fn run(next: Next, req: Request) -> Response {
+    if !changes_state(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => ApiError::internal(format!("the request's task failed: {e}")).into_response(),
+    }
+}
+
 /// Checks the bearer token (every route but `/healthz`, when a token is
 /// configured) and writes the audit line.
 async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
@@ -88,7 +101,7 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
                 .and_then(|v| v.to_str().ok());
             if auth.check(presented) {
                 token_id = Some(auth.id());
-                next.run(req).await
+                run(next, req).await
             } else {
                 let mut r = ApiError::new(
                     Kind::Unauthorized,
@@ -102,7 +115,7 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
                 r
             }
         }
-        _ => next.run(req).await,
+        _ => run(next, req).await,
     };
     if let Some(audit) = &daemon.audit {
         let latency = started.elapsed();
@@ -122,15 +135,16 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
     response
 }
 
-/// Runs a request's work to its end, recorded or cleaned up, whether or not
-/// its client is still there: a client that hangs up drops the handler's
-/// future, not this task. Every route that changes state goes through it.
-pub async fn to_the_end<T, F>(work: F) -> ApiResult<T>
-where
-    F: std::future::Future<Output = ApiResult<T>> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::spawn(work).await?
+/// Whether a request changes state (spawn, snapshot, branch, compact,
+/// delete): such a request runs to its end, recorded or cleaned up,
+/// whether or not its client is still there. An exec or eval is cancelled
+/// when its client goes; a ping changes nothing.
+pub fn changes_state(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    (method == Method::POST || method == Method::DELETE)
+        && !["/exec", "/eval", "/ping"]
+            .iter()
+            .any(|op| path.ends_with(op))
 }
 
 /// A JSON body (see [`parse_body`]); 415 without a JSON content type, 413
@@ -220,6 +234,34 @@ fn body_error(e: serde_json::Error) -> ApiError {
     ApiError::new(kind, format!("bad request body: {e}"))
 }
 
+/// The boolean query parameters `names` (`?name=true`, `=1`, `=false`,
+/// `=0`, or a bare `?name`), in that order; anything else is a 400.
+pub fn flags<const N: usize>(query: Option<&str>, names: [&str; N]) -> ApiResult<[bool; N]> {
+    let mut out = [false; N];
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        let flag = match value {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{key}={value:?}: use true or false"
+                )))
+            }
+        };
+        match names.iter().position(|n| *n == key) {
+            Some(i) => out[i] = flag,
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {key:?} (known: {})",
+                    names.join(", ")
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +299,18 @@ mod tests {
         assert!(!with("text/plain"));
         assert!(!with("application/jsonx"));
         assert!(!json_content_type(&axum::http::HeaderMap::new()));
+    }
+
+    #[test]
+    fn query_flags_are_named_booleans() {
+        assert_eq!(flags(None, ["all"]).unwrap(), [false]);
+        assert_eq!(flags(Some("all"), ["all"]).unwrap(), [true]);
+        assert_eq!(
+            flags(Some("force=1&cascade=false"), ["cascade", "force"]).unwrap(),
+            [false, true]
+        );
+        assert!(flags(Some("all=yes"), ["all"]).is_err());
+        let err = flags(Some("al=true"), ["all"]).unwrap_err();
+        assert!(err.message.contains("known: all"), "{}", err.message);
     }
 }

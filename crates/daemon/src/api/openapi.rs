@@ -7,8 +7,8 @@
 use proto::agent::Pong;
 use proto::api::{
     BranchMode, BranchRequest, CompactRequest, CreateSnapshot, ErrorBody, EvalRequest,
-    EvalResponse, ExecRequest, ExecResponse, Health, PingResponse, SandboxInfo, SnapshotDetail,
-    SnapshotInfo, SnapshotStatus, SpawnRequest, Version,
+    EvalResponse, ExecRequest, ExecResponse, Health, PingResponse, SandboxInfo, SandboxState,
+    SnapshotDetail, SnapshotInfo, SnapshotStatus, SpawnRequest, Version,
 };
 use proto::routes;
 use utoipa::openapi::path::{
@@ -128,14 +128,18 @@ const ROUTES: &[Route] = &[
     Route {
         method: HttpMethod::Delete,
         path: routes::SNAPSHOT,
-        summary:
-            "Delete a snapshot (?cascade=true: its dependents too; ?force=true: them left unusable)",
+        summary: "Delete a snapshot (?cascade=true: its dependents too; ?force=true: them left \
+            unusable, and sandboxes spawned from it running on)",
         body: None,
         answers: &[
             (204, None, "deleted"),
             (400, ERR, "cascade and force together"),
             (404, ERR, "no such snapshot"),
-            (409, ERR, "others depend on it"),
+            (
+                409,
+                ERR,
+                "others depend on it, sandboxes spawned from it run, or it is being written",
+            ),
         ],
         public: false,
     },
@@ -184,7 +188,7 @@ const ROUTES: &[Route] = &[
     Route {
         method: HttpMethod::Get,
         path: routes::SANDBOXES,
-        summary: "Every running sandbox",
+        summary: "Every running sandbox (?all=true: the exited ones too)",
         body: None,
         answers: &[(200, Some(Body::List("SandboxInfo")), "the sandboxes")],
         public: false,
@@ -192,7 +196,7 @@ const ROUTES: &[Route] = &[
     Route {
         method: HttpMethod::Get,
         path: routes::SANDBOX,
-        summary: "One sandbox",
+        summary: "One sandbox, as it is now (state exited, and how, once its VMM has ended)",
         body: None,
         answers: &[
             (200, Some(Body::One("SandboxInfo")), "the sandbox"),
@@ -203,9 +207,13 @@ const ROUTES: &[Route] = &[
     Route {
         method: HttpMethod::Delete,
         path: routes::SANDBOX,
-        summary: "Kill a sandbox",
+        summary: "Kill a sandbox (or forget an exited one)",
         body: None,
-        answers: &[(204, None, "killed"), (404, ERR, "no such sandbox")],
+        answers: &[
+            (204, None, "killed"),
+            (404, ERR, "no such sandbox"),
+            (409, ERR, "it is still starting"),
+        ],
         public: false,
     },
     Route {
@@ -341,6 +349,7 @@ pub fn document() -> OpenApi {
         .schema_from::<BranchRequest>()
         .schema_from::<BranchMode>()
         .schema_from::<SnapshotStatus>()
+        .schema_from::<SandboxState>()
         .schema_from::<Pong>()
         .security_scheme(
             "bearer",

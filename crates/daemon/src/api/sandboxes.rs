@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
 use proto::api::{
@@ -10,7 +10,7 @@ use proto::api::{
     SnapshotInfo, SpawnRequest,
 };
 
-use super::{to_the_end, Body, RawBody};
+use super::{Body, RawBody};
 use crate::daemon::Daemon;
 use crate::error::ApiResult;
 
@@ -19,21 +19,26 @@ pub async fn spawn(
     State(daemon): State<Arc<Daemon>>,
     Body(req): Body<SpawnRequest>,
 ) -> ApiResult<(StatusCode, Json<Vec<SandboxInfo>>)> {
-    let kids = to_the_end(async move { daemon.spawn(req).await }).await?;
+    let kids = daemon.spawn(req).await?;
     Ok((StatusCode::CREATED, Json(kids)))
 }
 
-/// `GET /v1/sandboxes`.
-pub async fn list(State(daemon): State<Arc<Daemon>>) -> ApiResult<Json<Vec<SandboxInfo>>> {
-    Ok(Json(daemon.list_sandboxes().await?))
+/// `GET /v1/sandboxes[?all=true]`: the running ones, or every one.
+pub async fn list(
+    State(daemon): State<Arc<Daemon>>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<Vec<SandboxInfo>>> {
+    let [all] = super::flags(query.as_deref(), ["all"])?;
+    Ok(Json(daemon.list_sandboxes(all).await?))
 }
 
-/// `GET /v1/sandboxes/:id`.
+/// `GET /v1/sandboxes/:id`: as it is now (`state: exited` once its VMM
+/// has ended).
 pub async fn get(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    Ok(Json(daemon.existing_sandbox(&id)?.info))
+    Ok(Json(daemon.sandbox_info(&id).await?))
 }
 
 /// `DELETE /v1/sandboxes/:id` → 204.
@@ -41,7 +46,7 @@ pub async fn kill(
     State(daemon): State<Arc<Daemon>>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    to_the_end(async move { daemon.kill(&id).await }).await?;
+    daemon.kill(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -86,7 +91,7 @@ pub async fn branch(
     } else {
         super::parse_body(&body)?
     };
-    let b = to_the_end(async move { daemon.branch(&id, req).await }).await?;
+    let b = daemon.branch(&id, req).await?;
     let status = if b.accepted {
         StatusCode::ACCEPTED
     } else {

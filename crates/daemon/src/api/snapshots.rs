@@ -7,16 +7,16 @@ use axum::http::StatusCode;
 use axum::Json;
 use proto::api::{CompactRequest, CreateSnapshot, SnapshotDetail, SnapshotInfo};
 
-use super::{to_the_end, Body};
+use super::Body;
 use crate::daemon::Daemon;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 
 /// `POST /v1/snapshots` → 201.
 pub async fn create(
     State(daemon): State<Arc<Daemon>>,
     Body(req): Body<CreateSnapshot>,
 ) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
-    let info = to_the_end(async move { daemon.create_snapshot(req).await }).await?;
+    let info = daemon.create_snapshot(req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -39,34 +39,8 @@ pub async fn delete(
     Path(tag): Path<String>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<StatusCode> {
-    let (mut cascade, mut force) = (false, false);
-    for pair in query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
-        let flag = match value {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "{key}={value:?}: use true or false"
-                )))
-            }
-        };
-        match key {
-            "cascade" => cascade = flag,
-            "force" => force = flag,
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown parameter {key:?} (known: cascade, force)"
-                )))
-            }
-        }
-    }
-    to_the_end(async move { daemon.delete_snapshot(&tag, cascade, force).await }).await?;
+    let [cascade, force] = super::flags(query.as_deref(), ["cascade", "force"])?;
+    daemon.delete_snapshot(&tag, cascade, force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -76,6 +50,6 @@ pub async fn compact(
     Path(tag): Path<String>,
     Body(req): Body<CompactRequest>,
 ) -> ApiResult<Json<SnapshotInfo>> {
-    let info = to_the_end(async move { daemon.compact(&tag, &req.to).await }).await?;
+    let info = daemon.compact(&tag, &req.to).await?;
     Ok(Json(info))
 }

@@ -22,6 +22,7 @@ pub async fn version(State(daemon): State<Arc<Daemon>>) -> Json<Version> {
         api: API_VERSION.to_string(),
         state_dir: Some(daemon.paths.state.to_string_lossy().into_owned()),
         snapshot_root: Some(daemon.paths.snapshots.to_string_lossy().into_owned()),
+        instance: Some(daemon.instance.clone()),
     })
 }
 

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod machine;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -71,6 +73,13 @@ pub struct Config {
     pub branch_concurrency: Option<u32>,
     pub bind: Option<String>,
     pub netns_pool: Option<u32>,
+    /// Environment variables the daemon gets (e.g. FORKD_FAILPOINTS).
+    pub env: Vec<(String, String)>,
+    /// Further `serve` arguments.
+    pub args: Vec<String>,
+    pub header_timeout_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub max_connections: Option<u32>,
 }
 
 impl Daemon {
@@ -111,6 +120,17 @@ impl Daemon {
         if let Some(n) = cfg.netns_pool {
             cmd.arg("--netns-pool").arg(n.to_string());
         }
+        cmd.args(&cfg.args);
+        cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
+        if let Some(n) = cfg.header_timeout_secs {
+            cmd.arg("--header-timeout-secs").arg(n.to_string());
+        }
+        if let Some(n) = cfg.idle_timeout_secs {
+            cmd.arg("--idle-timeout-secs").arg(n.to_string());
+        }
+        if let Some(n) = cfg.max_connections {
+            cmd.arg("--max-connections").arg(n.to_string());
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -145,6 +165,31 @@ impl Daemon {
     /// Its pid.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGKILL (a crash: nothing is cleaned up), and wait for it to be gone.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits up to `wait` for the daemon to end by itself (a failpoint
+    /// killed it); its exit status.
+    pub fn wait_end(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGTERM, then wait for it to exit; returns whether it exited 0.

@@ -10,7 +10,7 @@ use vmm::builder::{self, PreparedRestore, RestoreConfig, RestoreRam};
 use vmm::devices::serial::ConsoleOutput;
 
 use super::forker::Forker;
-use super::order::receive_order;
+use super::order::{receive_order, READY, RUN_AHEAD_REFUSED};
 use super::{CONSOLE_LOG, POOLED_NAME};
 
 /// Sets the scheduling policy of thread `tid` (0: the calling thread),
@@ -56,10 +56,8 @@ pub(super) fn pooled_child(
     idle: bool,
     staging: &Path,
     stage_console: bool,
+    run_ahead: bool,
 ) -> i32 {
-    // SAFETY: restoring the default disposition has no preconditions; a
-    // fork server ignores SIGCHLD and its children must not inherit that.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     // Whoever reads the server's stdout must not wait for parked children;
     // stderr stays the server's until the child has a directory, so a
     // restore that cannot be prepared is reported in the server's log.
@@ -72,9 +70,21 @@ pub(super) fn pooled_child(
     unsafe { libc::setsid() };
     // SAFETY: getpid has no preconditions.
     let staged = staging.join(unsafe { libc::getpid() }.to_string());
-    let ahead = match prepare_pooled(forker, &staged, stage_console) {
+    let ahead = match prepare_pooled(forker, &staged, stage_console, run_ahead) {
         Ok(p) => p,
         Err(e) => {
+            if matches!(e, PrepareError::RunAhead(_)) {
+                // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a closed
+                // peer into EPIPE.
+                unsafe {
+                    libc::send(
+                        link.as_raw_fd(),
+                        [RUN_AHEAD_REFUSED].as_ptr().cast(),
+                        1,
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
+            }
             eprintln!(
                 "forkd-vmm pooled child: cannot prepare a restore of {}: {e}",
                 forker.snapshot.dir.display()
@@ -89,7 +99,7 @@ pub(super) fn pooled_child(
     unsafe {
         libc::send(
             link.as_raw_fd(),
-            b"R".as_ptr().cast(),
+            [READY].as_ptr().cast(),
             1,
             libc::MSG_NOSIGNAL,
         )
@@ -155,6 +165,18 @@ pub(super) fn pooled_child(
     }
 }
 
+/// Why a pooled child could not make its restore ahead.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PrepareError {
+    /// Its guest, run ahead to its first wait, met a device on the way
+    /// (so would every sibling's).
+    #[error("{0}")]
+    RunAhead(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
 /// What a pooled child makes ahead.
 pub(super) struct Ahead<'a> {
     /// Its restore, with its vCPU threads started (each has made its first
@@ -174,17 +196,22 @@ pub(super) struct Ahead<'a> {
 }
 
 /// Makes what a pooled child makes ahead, its directory as `staged` (with
-/// an empty `console.log` when `stage_console`).
+/// an empty `console.log` when `stage_console`), its guest run ahead to
+/// its first wait when it can be and `run_ahead`.
 pub(super) fn prepare_pooled<'a>(
     forker: &'a Forker,
     staged: &Path,
     stage_console: bool,
-) -> Result<Ahead<'a>, String> {
+    run_ahead: bool,
+) -> Result<Ahead<'a>, PrepareError> {
+    let other = PrepareError::Other;
     // Not create_dir_all: once the server has removed the staging
     // directory (it is stopping), no child makes it again.
-    std::fs::create_dir(staged).map_err(|e| format!("cannot create {}: {e}", staged.display()))?;
-    let listener = crate::control::bind(&staged.join("control.sock")).map_err(|e| e.to_string())?;
-    let log = open_log(staged).map_err(|e| format!("cannot create its vmm.log: {e}"))?;
+    std::fs::create_dir(staged)
+        .map_err(|e| other(format!("cannot create {}: {e}", staged.display())))?;
+    let listener =
+        crate::control::bind(&staged.join("control.sock")).map_err(|e| other(e.to_string()))?;
+    let log = open_log(staged).map_err(|e| other(format!("cannot create its vmm.log: {e}")))?;
     // Creates the console log when staged.
     let console = if stage_console {
         ConsoleOutput::File(staged.join(CONSOLE_LOG))
@@ -199,12 +226,20 @@ pub(super) fn prepare_pooled<'a>(
         RestoreRam::SnapshotFile,
     )
     .and_then(|p| p.make_ahead(&console))
-    .map_err(|e| e.to_string())?;
-    prepared.start_vcpu_threads().map_err(|e| e.to_string())?;
+    .map_err(|e| other(e.to_string()))?;
+    // Device threads take their filters here, off the request's path.
+    vmm::seccomp::start_ahead(vmm::seccomp::Kind::Device, prepared.device_threads())
+        .map_err(|e| other(format!("cannot start its device threads: {e}")))?;
+    prepared
+        .start_vcpu_threads(run_ahead)
+        .map_err(|e| match e {
+            builder::BuildError::RunAhead { .. } => PrepareError::RunAhead(e.to_string()),
+            e => other(e.to_string()),
+        })?;
     let workers = crate::control::Workers::new();
     let worker = workers
         .start_one()
-        .map_err(|e| format!("cannot start a control worker: {e}"))?;
+        .map_err(|e| other(format!("cannot start a control worker: {e}")))?;
     Ok(Ahead {
         prepared,
         console,
@@ -256,9 +291,6 @@ pub(super) fn child(
 ) -> i32 {
     let snapshot = &forker.snapshot;
     let socket = dir.join("control.sock");
-    // SAFETY: restoring the default disposition has no preconditions; a
-    // fork server ignores SIGCHLD and its children must not inherit that.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     if let Err(e) = detach(dir, &forker.null, log) {
         eprintln!("forkd-vmm child: {e}");
         return 2;
@@ -275,6 +307,11 @@ pub(super) fn child(
     match built {
         Ok(machine) => {
             drop(link);
+            if let Err(e) = crate::confine_main_thread() {
+                eprintln!("forkd-vmm child: {e}");
+                let _ = std::fs::remove_file(&socket);
+                return 2;
+            }
             let code =
                 crate::serve_until_exit(Arc::new(machine), Some(listener), Some(&socket), workers);
             if code == ExitCode::SUCCESS {

@@ -6,14 +6,16 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Arc;
 
-use proto::control::ForkedChild;
+use proto::control::{ForkedChild, Limits};
 use vmm::builder::{RestoreConfig, RestoreRam};
 use vmm::devices::serial::ConsoleOutput;
 use vmm::devices::virtio::manager::DeviceState;
 use vmm::snapshot::PreparedSnapshot;
 
+use super::cgroup::{Cgroups, Group};
 use super::child::child;
 use super::pool::Pool;
+use super::reaper::restore_child_signals;
 use super::{BoxError, ChildOptions, CONSOLE_LOG, MAX_CHILDREN};
 
 /// A parsed snapshot, ready to fork children of, and what every child
@@ -25,10 +27,14 @@ pub(super) struct Forker {
     pub(super) kvm: Arc<vmm::kvm::vm::Kvm>,
     /// /dev/null, opened once: children's stdin and stdout.
     pub(super) null: std::fs::File,
+    /// Where each child's cgroup is made (`--cgroup-parent`), if anywhere.
+    pub(super) cgroups: Option<Cgroups>,
 }
 
 impl Forker {
-    pub(super) fn new(dir: &Path) -> Result<Self, BoxError> {
+    /// The snapshot in `dir`, its children's cgroups under
+    /// `cgroup_parents` (none: children stay in this process's groups).
+    pub(super) fn new(dir: &Path, cgroup_parents: &[std::path::PathBuf]) -> Result<Self, BoxError> {
         let threads = std::fs::read_dir("/proc/self/task")?.count();
         if threads != 1 {
             return Err(
@@ -36,6 +42,7 @@ impl Forker {
             );
         }
         let snapshot = PreparedSnapshot::load(dir)?;
+        let cgroups = Cgroups::new(cgroup_parents, snapshot.state.vcpus.len() as u64)?;
         vmm::kvm::vcpu::install_kick_handler();
         warm_up_threads();
         let has_vsock = snapshot
@@ -53,6 +60,7 @@ impl Forker {
                 .write(true)
                 .open("/dev/null")
                 .map_err(|e| format!("cannot open /dev/null: {e}"))?,
+            cgroups,
         })
     }
 
@@ -86,32 +94,52 @@ impl Forker {
         }
     }
 
-    /// Forks `n` children under `out_dir`, or hands out parked children
-    /// of `pool` for as many as it has and the options allow; child i
-    /// attaches its network interfaces in `netns[i]` (none given: in this
-    /// process's namespace, for one child only). Each new child closes
-    /// `close_in_child` (descriptors of the parent's that are none of a
-    /// child's business) and the pool's links.
+    /// Starts `batch`: forks its children, or hands out parked children
+    /// of `pool` for as many as it has and the options allow. Each new
+    /// child closes `close_in_child` (descriptors of the parent's that are
+    /// none of a child's business) and the pool's links. On an error part
+    /// way, the children started before it (which run on) come with the
+    /// error.
     pub(super) fn spawn(
         &self,
-        n: u32,
-        out_dir: &Path,
-        options: ChildOptions,
-        netns: &[String],
+        batch: &Batch<'_>,
         close_in_child: &[RawFd],
         mut pool: Option<&mut Pool>,
-    ) -> Result<Vec<ForkedChild>, BoxError> {
+    ) -> Result<Vec<ForkedChild>, Partial> {
+        let Batch {
+            n,
+            out_dir,
+            options,
+            netns,
+            limits,
+        } = *batch;
+        let limits = &limits;
+        let refuse = |error: BoxError| Partial {
+            started: Vec::new(),
+            error,
+        };
         if !(1..=MAX_CHILDREN).contains(&n) {
-            return Err(format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into());
+            return Err(refuse(
+                format!("{n} children is out of range: start 1 to {MAX_CHILDREN}").into(),
+            ));
         }
         if options.huge_pages && !options.memfd {
-            return Err("huge_pages is for memfd children (a mapped memory file cannot be on huge pages): give memfd too".into());
+            return Err(refuse("huge_pages is for memfd children (a mapped memory file cannot be on huge pages): give memfd too".into()));
         }
-        crate::net::check_namespaces(&self.snapshot, n, netns)?;
+        crate::net::check_namespaces(&self.snapshot, n, netns).map_err(|e| refuse(e.into()))?;
+        match &self.cgroups {
+            Some(cgroups) => cgroups.check(limits).map_err(|e| refuse(e.into()))?,
+            None if !limits.is_none() => {
+                return Err(refuse(
+                    "cgroup limits were asked for, and this server makes no cgroups: start it with --cgroup-parent".into(),
+                ))
+            }
+            None => {}
+        }
         std::fs::create_dir_all(out_dir)
-            .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+            .map_err(|e| refuse(format!("cannot create {}: {e}", out_dir.display()).into()))?;
         // Flushed before every fork so no buffered output is written twice.
-        std::io::stdout().flush()?;
+        std::io::stdout().flush().map_err(|e| refuse(e.into()))?;
         if let Some(pool) = pool.as_deref_mut() {
             // Which parked children are ready, once for the whole request.
             pool.refresh();
@@ -121,17 +149,21 @@ impl Forker {
             let dir = out_dir.join(index.to_string());
             let control_socket = dir.join("control.sock");
             let ns = netns.get(index as usize).map(String::as_str);
-            let pooled = match pool.as_deref_mut() {
-                Some(pool) if !options.memfd => pool.hand_out(&dir, options, ns)?,
-                _ => None,
-            };
-            let pid = match pooled {
-                Some(pid) => pid,
-                None => {
-                    let listener = make_child_dir(&dir)?;
-                    let links: Vec<RawFd> = pool.as_deref().map_or_else(Vec::new, Pool::links);
-                    let close: Vec<RawFd> = close_in_child.iter().copied().chain(links).collect();
-                    self.fork_cold(&dir, options, ns, listener, &close)?
+            let started = self.start_one(
+                &dir,
+                options,
+                ns,
+                limits,
+                close_in_child,
+                pool.as_deref_mut(),
+            );
+            let (pid, cgroup) = match started {
+                Ok(started) => started,
+                Err(error) => {
+                    return Err(Partial {
+                        started: children,
+                        error,
+                    })
                 }
             };
             children.push(ForkedChild {
@@ -140,18 +172,65 @@ impl Forker {
                 vsock_socket: self.has_vsock.then(|| dir.join("vsock.sock")),
                 dir,
                 control_socket,
+                cgroup,
             });
         }
         Ok(children)
     }
 
-    /// Forks a child that restores from scratch and serves on `listener`.
+    /// Starts the child in `dir`: a parked child of `pool` when there is
+    /// one and the options allow, else a new one. Its pid and cgroup's
+    /// name.
+    fn start_one(
+        &self,
+        dir: &Path,
+        options: ChildOptions,
+        netns: Option<&str>,
+        limits: &Limits,
+        close_in_child: &[RawFd],
+        pool: Option<&mut Pool>,
+    ) -> Result<(i32, Option<String>), BoxError> {
+        let links = match pool {
+            Some(pool) if !options.memfd => {
+                match pool.hand_out(self, dir, options, netns, limits)? {
+                    Some(started) => return Ok(started),
+                    None => pool.links(),
+                }
+            }
+            Some(pool) => pool.links(),
+            None => Vec::new(),
+        };
+        let group = self.cgroups.as_ref().map(|c| c.take(limits)).transpose()?;
+        let listener = match make_child_dir(dir) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(g) = &group {
+                    g.remove();
+                }
+                return Err(e);
+            }
+        };
+        let close: Vec<RawFd> = close_in_child.iter().copied().chain(links).collect();
+        match self.fork_cold(dir, options, netns, listener, group.as_ref(), &close) {
+            Ok(pid) => Ok((pid, group.map(|g| g.name))),
+            Err(e) => {
+                if let Some(g) = &group {
+                    g.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forks a child that restores from scratch and serves on `listener`,
+    /// in `group` (which it joins before anything else).
     fn fork_cold(
         &self,
         dir: &Path,
         options: ChildOptions,
         netns: Option<&str>,
         listener: UnixListener,
+        group: Option<&Group>,
         close_in_child: &[RawFd],
     ) -> Result<i32, BoxError> {
         let cfg = self.child_config(dir, options, netns);
@@ -161,6 +240,13 @@ impl Forker {
         match unsafe { libc::fork() } {
             -1 => Err(format!("fork failed: {}", std::io::Error::last_os_error()).into()),
             0 => {
+                if let Some(group) = group {
+                    if let Err(e) = group.enter() {
+                        eprintln!("forkd-vmm child: {e}");
+                        std::process::exit(2);
+                    }
+                }
+                restore_child_signals();
                 close_all(close_in_child);
                 std::process::exit(child(
                     self,
@@ -176,6 +262,47 @@ impl Forker {
         }
     }
 }
+
+/// One request's children: `n` under `out_dir` (child i in `<i>/`), child
+/// i attaching its network interfaces in `netns[i]` (none given: in this
+/// process's namespace, for one child only), each in a cgroup of its own
+/// with `limits` when the server makes them (limits asked of one that
+/// does not are refused).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Batch<'a> {
+    pub(super) n: u32,
+    pub(super) out_dir: &'a Path,
+    pub(super) options: ChildOptions,
+    pub(super) netns: &'a [String],
+    pub(super) limits: Limits,
+}
+
+/// A batch that stopped part way: why, and the children started before
+/// it, which run on.
+pub(super) struct Partial {
+    /// Those children, in index order.
+    pub(super) started: Vec<ForkedChild>,
+    /// What stopped the batch.
+    pub(super) error: BoxError,
+}
+
+impl std::fmt::Debug for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        match self.started.len() {
+            0 => Ok(()),
+            n => write!(f, " ({n} children started before this run on)"),
+        }
+    }
+}
+
+impl std::error::Error for Partial {}
 
 /// Starts and joins two threads, once, before any fork: what the first
 /// threads of a process set up (glibc's cache of thread stacks and its

@@ -11,7 +11,9 @@
 //!   and the children run on.
 //! - `forkd-vmm fork-server`: keeps the parsed snapshot and forks a batch
 //!   per request on its socket, for as long as it lives (the daemon keeps
-//!   one per snapshot).
+//!   one per snapshot). It reaps its children, and writes how each child
+//!   it handed out ended (`exit.json` in the child's directory) before
+//!   reaping it (see `reaper`).
 //!
 //! ## The pool (`fork-server --pool N`)
 //!
@@ -45,10 +47,12 @@
 //! parked child whose server goes away (exits, is killed) sees its link
 //! closed and exits. Requests for memfd RAM are forked cold.
 
+mod cgroup;
 mod child;
 mod forker;
 mod order;
 mod pool;
+mod reaper;
 mod server;
 
 use std::io::Write;
@@ -131,22 +135,42 @@ pub struct ForkServerArgs {
     /// every child is forked when asked for.
     #[arg(long, default_value_t = 0)]
     pool: u32,
+    /// Put each child in a cgroup of its own under DIR (give it once per
+    /// cgroup hierarchy; the group has the same name under each): the
+    /// server makes it with the request's limits and the child joins it
+    /// before it does anything else. A parked child's group is made with
+    /// the last request's limits (before the first, these below) and
+    /// changed at hand-out if the request differs.
+    #[arg(long = "cgroup-parent", value_name = "DIR")]
+    cgroup_parent: Vec<PathBuf>,
+    /// The first parked children's memory limit, in MiB.
+    #[arg(long, requires = "cgroup_parent")]
+    memory_limit_mib: Option<u64>,
+    /// The first parked children's CPU limit, in thousandths of a CPU.
+    #[arg(long, requires = "cgroup_parent")]
+    cpu_limit_millis: Option<u32>,
+    /// The first parked children's task limit.
+    #[arg(long, requires = "cgroup_parent")]
+    pids_limit: Option<u64>,
 }
 
 /// `forkd-vmm fork`.
 pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
-    let forker = Forker::new(&args.snapshot)?;
+    let forker = Forker::new(&args.snapshot, &[])?;
     let children = forker.spawn(
-        args.count,
-        &args.out_dir,
-        ChildOptions {
-            paused: args.paused,
-            console_log: args.console_log,
-            memfd: args.memfd,
-            huge_pages: args.huge_pages,
-            prewarm: args.prewarm,
+        &forker::Batch {
+            n: args.count,
+            out_dir: &args.out_dir,
+            options: ChildOptions {
+                paused: args.paused,
+                console_log: args.console_log,
+                memfd: args.memfd,
+                huge_pages: args.huge_pages,
+                prewarm: args.prewarm,
+            },
+            netns: &args.netns,
+            limits: proto::control::Limits::default(),
         },
-        &args.netns,
         &[],
         None,
     )?;

@@ -223,11 +223,20 @@ pub(super) fn receive_order(link: &OwnedFd) -> std::io::Result<Option<Order>> {
 pub(super) enum LinkNews {
     /// Its one-byte "ready" message.
     Ready,
+    /// Its one-byte "cannot run ahead" message ([`RUN_AHEAD_REFUSED`]):
+    /// its guest met a device on its way to its first wait, and it ends.
+    RunAheadRefused,
     /// Its end: the child is gone.
     Closed,
     /// Nothing (more) yet.
     Nothing,
 }
+
+/// What a pooled child sends once its restore is prepared.
+pub(super) const READY: u8 = b'R';
+/// What a pooled child sends before it ends when its guest could not be
+/// run ahead to its first wait (so its siblings should not try).
+pub(super) const RUN_AHEAD_REFUSED: u8 = b'A';
 
 pub(super) fn read_link(link: &OwnedFd) -> LinkNews {
     let mut byte = 0u8;
@@ -241,6 +250,7 @@ pub(super) fn read_link(link: &OwnedFd) -> LinkNews {
         )
     };
     match n {
+        1.. if byte == RUN_AHEAD_REFUSED => LinkNews::RunAheadRefused,
         1.. => LinkNews::Ready,
         0 => LinkNews::Closed,
         _ => match std::io::Error::last_os_error().kind() {

@@ -6,9 +6,15 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use proto::control::Limits;
+
+use super::cgroup::Group;
 use super::child::{idle_is_reversible, pooled_child, set_scheduler};
 use super::forker::{close_all, make_child_dir, Forker};
 use super::order::{link_pair, read_link, send_order, LinkNews};
+#[cfg(test)]
+use super::order::{READY, RUN_AHEAD_REFUSED};
+use super::reaper::restore_child_signals;
 use super::{BoxError, ChildOptions, MAX_CHILDREN};
 
 /// Children forked ahead of requests, each parked with its restore prepared.
@@ -38,6 +44,16 @@ pub(super) struct Pool {
     settle_until: Option<Instant>,
     /// Children handed out since the pool last refilled.
     handed_out: usize,
+    /// The cgroup limits new pooled children's groups get: the last
+    /// request's (the daemon's are its defaults, mostly).
+    pub(super) limits: Limits,
+    /// Groups of parked children that died, not removable yet (their
+    /// process was still leaving them): tried again at the next look.
+    stale_groups: Vec<Group>,
+    /// New pooled children run an idle built-in guest ahead to its first
+    /// wait; false once one could not (its guest met a device on the way:
+    /// the snapshot's state, so the same for every child of it).
+    run_ahead: bool,
 }
 
 /// One parked child.
@@ -48,6 +64,8 @@ pub(super) struct Parked {
     pub(super) link: OwnedFd,
     /// It said it is ready: restore prepared, directory staged.
     ready: bool,
+    /// Its cgroup (it joined it first thing), and the limits it has.
+    group: Option<(Group, Limits)>,
 }
 
 /// What the pool wants of the server's loop.
@@ -101,23 +119,30 @@ impl Pool {
             starting_since: None,
             settle_until: None,
             handed_out: 0,
+            limits: Limits::default(),
+            stale_groups: Vec::new(),
+            run_ahead: true,
         })
     }
 
     /// Lets the parked children go (their links close: they remove their
-    /// staged directories and exit) and removes the staging directory,
-    /// trying for a while: a child may still be making its directory,
-    /// which it cannot do once the staging directory is gone.
+    /// staged directories and exit) and removes the staging directory and
+    /// their cgroups, trying for a while: a child may still be making its
+    /// directory, which it cannot do once the staging directory is gone,
+    /// and leaves its group only as it exits.
     pub(super) fn remove_staging(&mut self) {
-        self.parked.clear();
-        if self.target == 0 {
-            return;
-        }
+        let parked = std::mem::take(&mut self.parked);
+        self.stale_groups
+            .extend(parked.into_iter().filter_map(|p| p.group.map(|(g, _)| g)));
         let deadline = Instant::now() + Duration::from_secs(2);
-        while std::fs::remove_dir_all(&self.staging).is_err()
-            && self.staging.exists()
-            && Instant::now() < deadline
-        {
+        loop {
+            let staged = self.target == 0
+                || std::fs::remove_dir_all(&self.staging).is_ok()
+                || !self.staging.exists();
+            self.stale_groups.retain(|g| !g.remove());
+            if (staged && self.stale_groups.is_empty()) || Instant::now() >= deadline {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -218,6 +243,16 @@ impl Pool {
             loop {
                 match read_link(&self.parked[i].link) {
                     LinkNews::Ready => self.parked[i].ready = true,
+                    LinkNews::RunAheadRefused => {
+                        if std::mem::replace(&mut self.run_ahead, false) {
+                            eprintln!(
+                                "forkd-vmm fork-server: pooled child {} could not run its guest \
+                                 ahead to its first wait (it met a device on the way); pooled \
+                                 children of this snapshot start without running ahead",
+                                self.parked[i].pid
+                            );
+                        }
+                    }
                     LinkNews::Nothing => break,
                     LinkNews::Closed => {
                         let gone = self.parked.remove(i).expect("an index of parked");
@@ -226,6 +261,7 @@ impl Pool {
                             gone.pid
                         );
                         let _ = std::fs::remove_dir_all(self.staging.join(gone.pid.to_string()));
+                        self.stale_groups.extend(gone.group.map(|(g, _)| g));
                         self.last_loss = Some(Instant::now());
                         break;
                     }
@@ -254,10 +290,21 @@ impl Pool {
     /// Forks one more parked child (whose restore is prepared in the
     /// child, in parallel with whatever the server does next).
     pub(super) fn add_one(&mut self, forker: &Forker, close_in_child: &[RawFd]) {
+        self.stale_groups.retain(|g| !g.remove());
+        let group = match forker.cgroups.as_ref().map(|c| c.make(&self.limits)) {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(e)) => {
+                eprintln!("forkd-vmm fork-server: cannot make a pooled child's cgroup: {e}");
+                self.last_loss = Some(Instant::now());
+                return;
+            }
+        };
         let (ours, theirs) = match link_pair() {
             Ok(pair) => pair,
             Err(e) => {
                 eprintln!("forkd-vmm fork-server: cannot make a pooled child's link: {e}");
+                self.stale_groups.extend(group);
                 self.last_loss = Some(Instant::now());
                 return;
             }
@@ -283,9 +330,17 @@ impl Pool {
                     "forkd-vmm fork-server: cannot fork a pooled child: {}",
                     std::io::Error::last_os_error()
                 );
+                self.stale_groups.extend(group);
                 self.last_loss = Some(Instant::now());
             }
             0 => {
+                if let Some(group) = &group {
+                    if let Err(e) = group.enter() {
+                        eprintln!("forkd-vmm pooled child: {e}");
+                        std::process::exit(2);
+                    }
+                }
+                restore_child_signals();
                 close_all(close_in_child);
                 close_all(&self.links());
                 drop(ours);
@@ -295,12 +350,14 @@ impl Pool {
                     self.idle_prepare,
                     &self.staging,
                     self.stage_console,
+                    self.run_ahead,
                 ))
             }
             pid => self.parked.push_back(Parked {
                 pid,
                 link: ours,
                 ready: false,
+                group: group.map(|g| (g, self.limits)),
             }),
         }
     }
@@ -308,17 +365,29 @@ impl Pool {
     /// Hands a parked child the child directory `dir`: the oldest ready
     /// one, whose staged directory becomes `dir` by a rename, or else the
     /// oldest one, for which `dir` and its control socket are made here.
-    /// Its pid, or None when the pool is empty.
+    /// Its cgroup, if any, gets `limits` first. Its pid and group's
+    /// name, or None when the pool is empty.
     pub(super) fn hand_out(
         &mut self,
+        forker: &Forker,
         dir: &Path,
         options: ChildOptions,
         netns: Option<&str>,
-    ) -> Result<Option<i32>, BoxError> {
+        limits: &Limits,
+    ) -> Result<Option<(i32, Option<String>)>, BoxError> {
         self.stage_console = options.console_log;
+        self.limits = *limits;
         while !self.parked.is_empty() {
             let at = self.parked.iter().position(|p| p.ready).unwrap_or(0);
             let parked = self.parked.remove(at).expect("an index of parked");
+            if let (Some((group, had)), Some(cgroups)) = (&parked.group, &forker.cgroups) {
+                // Dropped on an error: the child sees its link close and
+                // exits; its group goes once it has.
+                if let Err(e) = cgroups.change(group, had, limits) {
+                    self.stale_groups.push(group.clone());
+                    return Err(e.into());
+                }
+            }
             if self.idle_prepare {
                 // A child still preparing finishes at normal priority (it
                 // raises itself when it reads the order, too late for that).
@@ -345,7 +414,7 @@ impl Pool {
                     self.starting.push(parked.link);
                     self.handed_out += 1;
                     self.update_starting();
-                    return Ok(Some(parked.pid));
+                    return Ok(Some((parked.pid, parked.group.map(|(g, _)| g.name))));
                 }
                 // It died since the last look (EPIPE, ECONNRESET): the next one.
                 Err(e) => {
@@ -354,9 +423,52 @@ impl Pool {
                         parked.pid
                     );
                     let _ = std::fs::remove_dir_all(if renamed { dir } else { &staged });
+                    self.stale_groups.extend(parked.group.map(|(g, _)| g));
                 }
             }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pooled child that says its guest could not be run ahead, then
+    /// ends: the pool drops it and runs no later child's guest ahead.
+    #[test]
+    fn a_refused_run_ahead_stops_running_ahead_for_later_children() {
+        let staging = std::env::temp_dir().join(format!("forkd-pool-test-{}", std::process::id()));
+        let mut pool = Pool::new(2, staging.clone()).unwrap();
+        assert!(pool.run_ahead);
+        let (ours, theirs) = link_pair().unwrap();
+        pool.parked.push_back(Parked {
+            pid: 1,
+            link: ours,
+            ready: false,
+            group: None,
+        });
+        let (ready_ours, ready_theirs) = link_pair().unwrap();
+        pool.parked.push_back(Parked {
+            pid: 2,
+            link: ready_ours,
+            ready: false,
+            group: None,
+        });
+        for (link, byte) in [(&theirs, RUN_AHEAD_REFUSED), (&ready_theirs, READY)] {
+            // SAFETY: a one-byte buffer on an open socket.
+            let sent = unsafe { libc::send(link.as_raw_fd(), [byte].as_ptr().cast(), 1, 0) };
+            assert_eq!(sent, 1);
+        }
+        drop(theirs);
+        pool.check(&[0, 1]);
+        assert!(
+            !pool.run_ahead,
+            "later children start without running ahead"
+        );
+        assert_eq!(pool.parked.len(), 1, "the refusing child is gone");
+        assert!(pool.parked[0].ready, "its sibling stays, ready");
+        let _ = std::fs::remove_dir_all(&staging);
     }
 }

@@ -13,6 +13,7 @@ use proto::control::{ForkRequest, ForkResponse, MAX_REQUEST_BYTES};
 
 use super::forker::Forker;
 use super::pool::{Pool, Refill};
+use super::reaper::Reaper;
 use super::ForkServerArgs;
 use super::{BoxError, ChildOptions, MAX_CHILDREN};
 
@@ -27,20 +28,30 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
         )
         .into());
     }
-    let forker = Forker::new(&args.snapshot)?;
-    // Children are reaped by the kernel: nobody waits for them here.
-    // SAFETY: setting a signal disposition has no memory-safety preconditions.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let forker = Forker::new(&args.snapshot, &args.cgroup_parent)?;
+    // Before the first fork: every child's end is recorded and reaped here.
+    let mut reaper =
+        Reaper::new().map_err(|e| format!("fork server: cannot watch for children ending: {e}"))?;
     let listener = crate::control::bind(&args.socket)?;
     listener.set_nonblocking(true)?;
     let mut staging = args.socket.clone().into_os_string();
     staging.push(".pool");
     let mut pool = Pool::new(args.pool as usize, PathBuf::from(staging))?;
+    pool.limits = proto::control::Limits {
+        memory_mib: args.memory_limit_mib,
+        cpu_millis: args.cpu_limit_millis,
+        pids: args.pids_limit,
+    };
+    if let Some(cgroups) = &forker.cgroups {
+        cgroups.check(&pool.limits)?;
+        cgroups.make_spares(&pool.limits);
+    }
     loop {
         // While the pool is short, only look for a request; otherwise wait
-        // for one, or for a parked child to die.
+        // for one, for a child to end, or for a parked child to die.
         let refill = pool.refill_wanted();
-        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+        let mut fds: Vec<libc::pollfd> = [listener.as_raw_fd(), reaper.fd()]
+            .into_iter()
             .chain(pool.parked.iter().map(|p| p.link.as_raw_fd()))
             .map(|fd| libc::pollfd {
                 fd,
@@ -64,7 +75,7 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
         }
         // A parked child says when it is ready, and nothing else: a link
         // that reads as closed means the child died.
-        let readable: Vec<usize> = fds[1..]
+        let readable: Vec<usize> = fds[2..]
             .iter()
             .enumerate()
             .filter(|(_, f)| f.revents != 0)
@@ -72,33 +83,49 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
             .collect();
         pool.check(&readable);
         pool.check_started();
+        if fds[1].revents != 0 {
+            reaper.reap();
+        }
+        // None of a child's business: the server's socket and signalfd.
+        let server_fds = [listener.as_raw_fd(), reaper.fd()];
         if fds[0].revents != 0 {
             match listener.accept() {
                 Ok((stream, _)) => {
                     // Accepted sockets do not inherit O_NONBLOCK on Linux.
-                    if serve_one(&forker, &mut pool, stream, listener.as_raw_fd()) {
+                    if serve_one(&forker, &mut pool, &mut reaper, stream, &server_fds) {
                         break;
+                    }
+                    // After the answer: the next request's groups.
+                    if let Some(cgroups) = &forker.cgroups {
+                        cgroups.make_spares(&pool.limits);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => eprintln!("forkd-vmm fork-server: cannot accept a request: {e}"),
             }
         } else if matches!(refill, Refill::Now) {
-            pool.add_one(&forker, &[listener.as_raw_fd()]);
+            pool.add_one(&forker, &server_fds);
         }
     }
     let _ = std::fs::remove_file(&args.socket);
     pool.remove_staging();
+    if let Some(cgroups) = &forker.cgroups {
+        cgroups.remove_spares();
+    }
+    // Those that ended already are recorded; the rest run on, unwatched.
+    reaper.reap();
     Ok(ExitCode::SUCCESS)
 }
 
 /// Answers one request; true when the server should stop. The children
-/// close the server's listening socket (`listener`) and this connection.
+/// close `server_fds` and this connection; `reaper` learns where each
+/// child started lives.
 pub(super) fn serve_one(
     forker: &Forker,
     pool: &mut Pool,
+    reaper: &mut Reaper,
     stream: UnixStream,
-    listener: RawFd,
+    server_fds: &[RawFd],
 ) -> bool {
     // A client that sends nothing must not stall the server.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -118,21 +145,38 @@ pub(super) fn serve_one(
             netns,
             huge_pages,
             prewarm,
+            limits,
         }) => {
-            match forker.spawn(
-                n,
-                &out_dir,
-                ChildOptions {
-                    paused,
-                    console_log,
-                    memfd,
-                    huge_pages,
-                    prewarm,
+            let close: Vec<RawFd> = server_fds
+                .iter()
+                .copied()
+                .chain([stream.as_raw_fd()])
+                .collect();
+            let spawned = forker.spawn(
+                &super::forker::Batch {
+                    n,
+                    out_dir: &out_dir,
+                    options: ChildOptions {
+                        paused,
+                        console_log,
+                        memfd,
+                        huge_pages,
+                        prewarm,
+                    },
+                    netns: &netns,
+                    limits,
                 },
-                &netns,
-                &[listener, stream.as_raw_fd()],
+                &close,
                 Some(pool),
-            ) {
+            );
+            let started = match &spawned {
+                Ok(children) => children,
+                Err(partial) => &partial.started,
+            };
+            for child in started {
+                reaper.track(child.pid, &child.dir);
+            }
+            match spawned {
                 Ok(children) => (ForkResponse::Forked { children }, false),
                 Err(e) => (
                     ForkResponse::Error {

@@ -228,6 +228,21 @@ pub fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// `forkd-vmm verify --snapshot dir`: (exit code, stdout, stderr).
+pub fn verify_snapshot(dir: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(vmm_bin())
+        .args(["verify", "--snapshot"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn forkd-vmm verify");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A child started by `forkd-vmm fork`: not our child process, so it is
 /// reached by pid and control socket; killed on drop.
 pub struct ForkedVm {
@@ -405,12 +420,18 @@ pub struct ForkServer {
 
 impl ForkServer {
     pub fn start(snap: &Path, socket: PathBuf, pool: u32) -> ForkServer {
+        Self::start_with_args(snap, socket, pool, &[])
+    }
+
+    /// Like [`ForkServer::start`], with further arguments.
+    pub fn start_with_args(snap: &Path, socket: PathBuf, pool: u32, args: &[&str]) -> ForkServer {
         let child = Command::new(vmm_bin())
             .args(["fork-server", "--snapshot"])
             .arg(snap)
             .arg("--socket")
             .arg(&socket)
             .args(["--pool", &pool.to_string()])
+            .args(args)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn forkd-vmm fork-server");

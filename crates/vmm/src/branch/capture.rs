@@ -139,7 +139,17 @@ impl Machine {
             diff,
             ..
         } = captured?;
-        // The VM runs again: make the snapshot durable and visible.
+        // The VM runs again: the copy threads of the next live branch take
+        // their filters now (this one's took those started ahead), then
+        // the snapshot is made durable and visible.
+        if self.uffd.is_some() {
+            if let Err(e) = crate::seccomp::top_up(
+                crate::seccomp::Kind::Copy,
+                crate::seccomp::COPY_THREADS_IN_PAUSE,
+            ) {
+                tracing::warn!("cannot start the next live branch's copy threads ahead: {e}");
+            }
+        }
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         let committed = pending.commit();
         let meta = match (committed, copy) {
@@ -151,7 +161,10 @@ impl Machine {
                     let (dir, base) = (dir.clone(), self.base_handle());
                     std::thread::Builder::new()
                         .name("live-copy".into())
-                        .spawn(move || finish_live_copy(&dir, copy, &base, precopy_rounds))
+                        .spawn(move || {
+                            crate::seccomp::enter_or_exit(crate::seccomp::Kind::Copy);
+                            finish_live_copy(&dir, copy, &base, precopy_rounds)
+                        })
                         .map_err(|e| {
                             Error::Disk(format!("cannot start the live copy's thread: {e}"))
                         })?

@@ -168,6 +168,7 @@ impl Prearm {
         let tracker = std::thread::Builder::new()
             .name("live-prearm".into())
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Kind::Copy);
                 super::nice_this_thread(super::FAULT_THREAD_NICE, "live pre-arm tracker");
                 let run = || -> Result<(), Error> {
                     let mut batch = [WpFault {

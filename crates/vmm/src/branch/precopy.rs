@@ -612,6 +612,7 @@ pub fn niced<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
         std::thread::Builder::new()
             .name(name.to_owned())
             .spawn_scoped(scope, move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::Kind::Copy);
                 super::nice_this_thread(super::COPY_THREAD_NICE, name);
                 (job.take().expect("the job runs once"))()
             })

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{
-    copy_sparse, format, io_err, read_meta, DiffMap, Error, SnapshotKind, SnapshotMeta,
+    copy_sparse, format, io_err, read_meta, seal, DiffMap, Error, SnapshotKind, SnapshotMeta,
     SnapshotStatus, DIFF_FILE, DIFF_MAP_FILE, MAX_RUN, MEMORY_FILE, PAGE,
 };
 
@@ -47,6 +47,8 @@ pub fn ensure_memory(dir: &Path) -> Result<SnapshotMeta, Error> {
         for diff in diffs.iter().rev() {
             apply_diff(diff, meta.memory_bytes, &out, &tmp, &mut buf)?;
         }
+        // Complete: read-only like the rest of the snapshot.
+        seal(&tmp)?;
         out.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, dir.join(MEMORY_FILE)).map_err(io_err(dir))
     })();

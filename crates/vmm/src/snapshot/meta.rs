@@ -8,9 +8,12 @@ use crate::devices::virtio::net::{self, format_mac, parse_mac};
 
 use super::*;
 
-/// Writes `snapshot.json` in `dir` atomically (temp file, fsync, rename).
+/// Writes `snapshot.json` in `dir` atomically (temp file, fsync, rename)
+/// and leaves it read-only ([`SEALED_MODE`]): it is replaced, never
+/// changed in place.
 pub fn write_meta(dir: &Path, meta: &SnapshotMeta) -> Result<(), Error> {
-    proto::snapshot::write_meta(dir, meta).map_err(|e| meta_err(dir, e))
+    proto::snapshot::write_meta(dir, meta).map_err(|e| meta_err(dir, e))?;
+    seal(&dir.join(META_FILE))
 }
 
 /// Reads `snapshot.json` from `dir` ([`proto::snapshot::read_meta`]) and

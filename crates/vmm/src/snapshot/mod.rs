@@ -15,13 +15,17 @@
 //! that looks like a snapshot. [`compact`] flattens a snapshot and the chain
 //! it stands on into a self-contained full one, written the same way. A
 //! diff snapshot's flat memory is assembled once, on first use
-//! ([`ensure_memory`], in `assemble`).
+//! ([`ensure_memory`], in `assemble`). Once complete, every file of a
+//! snapshot is read-only ([`SEALED_MODE`]). [`verify`] checks the files
+//! against the hashes `snapshot.json` records.
 
 mod assemble;
 mod compact;
 pub mod format;
 mod load;
 mod meta;
+mod page_hash;
+mod verify;
 mod write;
 
 pub use assemble::ensure_memory;
@@ -33,10 +37,11 @@ pub use proto::snapshot::{
     GuestKind, LiveCopyStats, ParentRef, SnapshotDisk, SnapshotKind, SnapshotMeta, SnapshotNet,
     SnapshotStatus, DIFF_FILE, DIFF_MAP_FILE, MEMORY_FILE, META_FILE, META_VERSION, VMSTATE_FILE,
 };
+pub use verify::{verify, VerifyError};
 use write::*;
 pub use write::{
     finish_live, measure_diff, prepare, stage, DiffMap, DriveCapture, MemoryCapture, Pending,
-    Staged,
+    Staged, SEALED_MODE,
 };
 
 use std::path::{Path, PathBuf};

@@ -15,6 +15,7 @@ use proto::control::DiffCost;
 use crate::devices::virtio::block::{DiskConfig, Frozen};
 use crate::memory::{data_extents, GuestMemoryMmap};
 
+use super::page_hash::PageHasher;
 use super::*;
 
 /// What a snapshot keeps of one drive: the freeze that made its current
@@ -167,8 +168,16 @@ impl Pending {
     /// Syncs every file, writes `snapshot.json` last and renames the
     /// directory into place: a crash before this leaves only a temporary
     /// directory, never one that looks like a snapshot.
+    ///
+    /// Every file is left read-only (`seal_files`) but a live snapshot's
+    /// `memory`, which its copy is still filling (`finish_live` seals it).
     pub fn commit(self) -> Result<SnapshotMeta, Error> {
         let result = (|| {
+            let filling: &[&str] = match self.meta.status {
+                SnapshotStatus::Writing => &[MEMORY_FILE],
+                _ => &[],
+            };
+            seal_files(&self.tmp, filling)?;
             for entry in std::fs::read_dir(&self.tmp).map_err(io_err(&self.tmp))? {
                 let path = entry.map_err(io_err(&self.tmp))?.path();
                 File::open(&path)
@@ -289,14 +298,10 @@ pub(super) fn write_into(
         }
         MemoryCapture::Diff { parent, dirty } => {
             let (total, data, diff_hash) = write_diff(tmp, mem, dirty)?;
-            // A diff's content is its parent's content plus the changed pages.
-            let mut h = blake3::Hasher::new();
-            h.update(parent.memory_hash.as_bytes());
-            h.update(diff_hash.as_bytes());
             (
                 SnapshotKind::Diff,
                 Some(parent.clone()),
-                (total, data, h.finalize().to_hex().to_string()),
+                (total, data, chain_hash(&parent.memory_hash, &diff_hash)),
             )
         }
     };
@@ -350,6 +355,9 @@ pub fn finish_live(
             meta.memory_data_bytes = data;
             meta.memory_hash = hash;
             meta.status = SnapshotStatus::Ready;
+            // Sealed before it is said to be ready: a reader that sees
+            // `ready` (a verify) sees the file as it stays.
+            seal(&dir.join(MEMORY_FILE))?;
             write_meta(dir, &meta)?;
             Ok(meta)
         }
@@ -364,12 +372,21 @@ pub fn finish_live(
     }
 }
 
+/// Bytes a file is read in to be hashed: large enough that a read costs
+/// little per byte, small enough that the buffer is still in the core's
+/// cache when it is hashed. On the development machine 1 MiB reads hashed
+/// a warm 1 GiB memory file in 0.37-0.41 s and 8 MiB reads in 0.85-0.93 s
+/// (the copy out of the page cache took most of the difference), with
+/// 128 KiB and 256 KiB no better than 1 MiB.
+const HASH_READ: usize = 1 << 20;
+
 /// (data bytes, content hash) of a memory file, defined as for
 /// [`write_memory`]: BLAKE3 over (page index, page) of every non-zero page.
+/// Only the file's data extents are read, [`HASH_READ`] at a time.
 pub(super) fn hash_memory_file(file: &File) -> std::io::Result<(u64, String)> {
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = PageHasher::new();
     let mut data = 0u64;
-    let mut buf = vec![0u8; MAX_RUN];
+    let mut buf = vec![0u8; HASH_READ];
     for (start, end) in data_extents(file)? {
         let mut at = start;
         while at < end {
@@ -377,15 +394,42 @@ pub(super) fn hash_memory_file(file: &File) -> std::io::Result<(u64, String)> {
             file.read_exact_at(&mut buf[..n], at)?;
             for (i, page) in buf[..n].chunks_exact(PAGE).enumerate() {
                 if !is_zero(page) {
-                    hasher.update(&((at + (i * PAGE) as u64) / PAGE as u64).to_le_bytes());
-                    hasher.update(page);
+                    hasher.page((at + (i * PAGE) as u64) / PAGE as u64, page);
                     data += PAGE as u64;
                 }
             }
             at += n as u64;
         }
     }
-    Ok((data, hasher.finalize().to_hex().to_string()))
+    Ok((data, hasher.finish()))
+}
+
+/// Mode of a snapshot's files once they are complete: readable by their
+/// owner, written by nobody. A snapshot is never changed in place (a diff's
+/// `memory` is a new file, a status change a new `snapshot.json`), so a
+/// process that opens one for writing is wrong, and is refused (when it is
+/// not root).
+pub const SEALED_MODE: u32 = 0o400;
+
+/// Gives `path` [`SEALED_MODE`]. Descriptors open already keep their access.
+pub(super) fn seal(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SEALED_MODE))
+        .map_err(io_err(path))
+}
+
+/// Seals ([`seal`]) every regular file in the snapshot directory `dir` but
+/// those named in `except`. A drive layer hard-linked in is the same file
+/// as the VM's frozen layer, which is never written again either.
+pub(super) fn seal_files(dir: &Path, except: &[&str]) -> Result<(), Error> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let regular = entry.file_type().map_err(io_err(&entry.path()))?.is_file();
+        if regular && !except.iter().any(|name| entry.file_name() == *name) {
+            seal(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Links drive `index`'s frozen layer into the snapshot directory `tmp` as
@@ -534,6 +578,36 @@ pub(super) fn write_diff(
     f.write_all(&format::encode(&map))
         .map_err(io_err(&map_path))?;
     Ok((total, changed, hasher.finalize().to_hex().to_string()))
+}
+
+/// A diff snapshot's `memory_hash`: its content is its parent's content
+/// (`parent_hash`, the parent's `memory_hash`) plus the changed pages
+/// (`diff_hash`, as [`write_diff`] and [`hash_diff_file`] compute it),
+/// hashed as the two hex strings one after the other.
+pub(super) fn chain_hash(parent_hash: &str, diff_hash: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(parent_hash.as_bytes());
+    h.update(diff_hash.as_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+/// (bytes of changed pages, hash of the changed pages) of a written diff:
+/// the pages `map` lists, read from the diff file `diff` (a hole reads as
+/// the zero page it stands for), hashed as [`write_diff`] hashes them.
+/// Consecutive pages are read together, up to [`HASH_READ`] a read.
+pub(super) fn hash_diff_file(diff: &File, map: &DiffMap) -> std::io::Result<(u64, String)> {
+    let mut hasher = PageHasher::new();
+    let mut changed = 0u64;
+    let mut buf = vec![0u8; HASH_READ];
+    for (first, count) in map.runs((HASH_READ / PAGE) as u64) {
+        let bytes = &mut buf[..count as usize * PAGE];
+        diff.read_exact_at(bytes, first * PAGE as u64)?;
+        for (i, page) in bytes.chunks_exact(PAGE).enumerate() {
+            hasher.page(first + i as u64, page);
+            changed += PAGE as u64;
+        }
+    }
+    Ok((changed, hasher.finish()))
 }
 
 /// What the diff files in `dir` cost, written in `write_us`: the memory

@@ -118,9 +118,11 @@ impl Channel {
         }
         self.device_interrupt();
         let weak = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("irq-relay".into())
-            .spawn(move || relay(weak, theirs, evts))
+        crate::seccomp::spawn(
+            crate::seccomp::Kind::Device,
+            "irq-relay".into(),
+            move || relay(weak, theirs, evts),
+        )
     }
 
     /// A device raised its interrupt: wake the guest's `PORT_WAIT`.

@@ -111,26 +111,26 @@ impl LiveCopy {
             .next_power_of_two()
             .max(granule_pages);
         let sh = shared.clone();
+        // Inside the pause: threads started ahead with their filter
+        // (`seccomp::top_up`), when there are.
+        use crate::seccomp::{spawn, Kind};
         copy.handler = Some(
-            std::thread::Builder::new()
-                .name("live-wp-faults".into())
-                .spawn(move || {
-                    crate::branch::nice_this_thread(
-                        crate::branch::FAULT_THREAD_NICE,
-                        "live write-protect faults",
-                    );
-                    match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        handle_faults(&sh, block_pages)
-                    })) {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => sh.fail(e),
-                        Err(_) => sh.fail(Error::Panicked("fault handler")),
-                    }
-                })
-                .map_err(|e| {
-                    shared.fail(Error::Spawn(io::Error::other("no thread")));
-                    Error::Spawn(e)
-                })?,
+            spawn(Kind::Copy, "live-wp-faults".into(), move || {
+                crate::branch::nice_this_thread(
+                    crate::branch::FAULT_THREAD_NICE,
+                    "live write-protect faults",
+                );
+                match std::panic::catch_unwind(AssertUnwindSafe(|| handle_faults(&sh, block_pages)))
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => sh.fail(e),
+                    Err(_) => sh.fail(Error::Panicked("fault handler")),
+                }
+            })
+            .map_err(|e| {
+                shared.fail(Error::Spawn(io::Error::other("no thread")));
+                Error::Spawn(e)
+            })?,
         );
         let sh = shared.clone();
         let chunk_pages = (options.chunk_bytes as u64 / PAGE_SIZE)
@@ -139,28 +139,26 @@ impl LiveCopy {
         let source = options.source;
         let nice_bulk = options.nice_bulk;
         copy.bulk = Some(
-            std::thread::Builder::new()
-                .name("live-bulk-copy".into())
-                .spawn(move || {
-                    if nice_bulk {
-                        crate::branch::nice_this_thread(
-                            crate::branch::COPY_THREAD_NICE,
-                            "live bulk copy",
-                        );
-                    }
-                    let run = || bulk_copy(&sh, source.as_ref(), chunk_pages);
-                    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => sh.fail(e),
-                        Err(_) => sh.fail(Error::Panicked("bulk copy")),
-                    }
-                    sh.bulk_done.store(true, Ordering::SeqCst);
-                    sh.signal();
-                })
-                .map_err(|e| {
-                    shared.fail(Error::Spawn(io::Error::other("no thread")));
-                    Error::Spawn(e)
-                })?,
+            spawn(Kind::Copy, "live-bulk-copy".into(), move || {
+                if nice_bulk {
+                    crate::branch::nice_this_thread(
+                        crate::branch::COPY_THREAD_NICE,
+                        "live bulk copy",
+                    );
+                }
+                let run = || bulk_copy(&sh, source.as_ref(), chunk_pages);
+                match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => sh.fail(e),
+                    Err(_) => sh.fail(Error::Panicked("bulk copy")),
+                }
+                sh.bulk_done.store(true, Ordering::SeqCst);
+                sh.signal();
+            })
+            .map_err(|e| {
+                shared.fail(Error::Spawn(io::Error::other("no thread")));
+                Error::Spawn(e)
+            })?,
         );
         Ok(copy)
     }

@@ -250,13 +250,11 @@ impl MmioTransport {
             }
         }
         let device = self.device.clone();
-        let thread = std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn({
-                let gate = self.gate.clone();
-                move || worker_loop(epoll, evts, device, gate)
-            })
-            .map_err(os("worker thread"))?;
+        let gate = self.gate.clone();
+        let thread = crate::seccomp::spawn(crate::seccomp::Kind::Device, self.name.clone(), {
+            move || worker_loop(epoll, evts, device, gate)
+        })
+        .map_err(os("worker thread"))?;
         self.worker = Some(Worker {
             stop,
             thread: Some(thread),

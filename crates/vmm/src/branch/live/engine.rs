@@ -215,7 +215,7 @@ impl LiveCopy {
             let _ = sh.release_all();
             return Err(e);
         }
-        if let Err(e) = sh.release_rest() {
+        if let Err(e) = sh.release_rest().and_then(|()| sh.wake_late_faults()) {
             let _ = sh.release_all();
             return Err(e);
         }

@@ -122,7 +122,16 @@ pub(super) fn release_fault(
     // Every page of the granule is captured now, by this thread or the bulk
     // copier. Releasing it again is skipped if the bulk copier did (the
     // `released` bit makes the release hook run once).
-    rs.release(&sh.uffd, sh.before_release.as_ref(), g, 1)
+    if !rs.release(&sh.uffd, sh.before_release.as_ref(), g, 1)? {
+        // Another thread released the granule, and its release woke the
+        // writers blocked on it then. This writer's fault may have been
+        // queued after that wake (it began while the page was still
+        // protected, and a page released clean stays read-only, which
+        // the kernel counts as a reason to wait): nobody else would ever
+        // wake it.
+        sh.uffd.wake(addr & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+    }
+    Ok(())
 }
 
 /// Copies and captures the pages of granule `g` that the bulk copier

@@ -254,9 +254,22 @@ impl Writers {
         }
     }
 
+    /// Stops the writers; fails (rather than hangs) if one stays blocked:
+    /// a writer left waiting on a write-protect fault after the copy ended
+    /// is a release or wake the engine missed.
     fn stop(self) -> usize {
         self.stop.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for t in self.threads {
+            while !t.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "a writer is still blocked 30 s after the copy ended: a write-protect \
+                     fault was never released or woken (its thread is {:?})",
+                    t.thread().id()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
             t.join().unwrap();
         }
         self.writes.load(Ordering::Relaxed)

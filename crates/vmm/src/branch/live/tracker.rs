@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::memory::uffd::{Uffd, PAGE_SIZE};
+use crate::memory::uffd::{Uffd, WpFault, PAGE_SIZE};
 
 use super::*;
 
@@ -153,6 +153,7 @@ impl RegionState {
                 c.first_granule + first,
                 n,
             )
+            .map(drop)
         })
     }
 
@@ -170,21 +171,23 @@ impl RegionState {
     /// Releases `count` granules from granule `first` (write protection
     /// off, blocked writers woken), calling `hook` on their pages first;
     /// granules another thread released (or is releasing) are skipped: its
-    /// release wakes their writers.
+    /// release wakes their writers. Returns whether this call released any.
     pub(super) fn release(
         &self,
         uffd: &Uffd,
         hook: Option<&ReleaseHook>,
         first: u64,
         count: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let (gp, gb) = (self.granule_pages, self.granule_bytes());
+        let mut any = false;
         let mut g = first;
         while g < first + count {
             let (w, lo) = (g / 64, g % 64);
             let n = (64 - lo).min(first + count - g);
             let span = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
             let ours = span & !self.released[w as usize].fetch_or(span, Ordering::AcqRel);
+            any |= ours != 0;
             for_each_run(ours, |a, k| {
                 let g0 = w * 64 + a;
                 if let Some(hook) = hook {
@@ -195,7 +198,7 @@ impl RegionState {
             })?;
             g += n;
         }
-        Ok(())
+        Ok(any)
     }
 
     pub(super) fn pages(&self) -> u64 {
@@ -321,11 +324,44 @@ impl Shared {
                 let n = (64 - lo).min(granules - g);
                 let span = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
                 let rest = span & !rs.released[w as usize].load(Ordering::Acquire);
-                for_each_run(rest, |a, k| rs.release(&self.uffd, None, w * 64 + a, k))?;
+                for_each_run(rest, |a, k| {
+                    rs.release(&self.uffd, None, w * 64 + a, k).map(drop)
+                })?;
                 g += n;
             }
         }
         Ok(())
+    }
+
+    /// Wakes the writers whose faults no copier thread will read now that
+    /// both have ended: a fault queued after the last release's wake waits
+    /// for another (see `release_fault`). Every region once, then every
+    /// fault still queued (one outside the regions is released as the
+    /// fault thread would have). Left open: a writer preempted between
+    /// meeting the protection and queuing its fault for longer than this
+    /// takes is woken by the next reader of the userfaultfd.
+    pub(super) fn wake_late_faults(&self) -> Result<(), Error> {
+        for rs in &self.regions {
+            self.uffd.wake(rs.r.host_addr, rs.r.len)?;
+        }
+        let mut batch = [WpFault {
+            addr: 0,
+            write: false,
+            wp: false,
+        }; 64];
+        loop {
+            let n = self.uffd.read_events(&mut batch)?;
+            if n == 0 {
+                return Ok(());
+            }
+            for f in &batch[..n] {
+                if self.locate(f.addr).is_some() {
+                    self.uffd.wake(f.addr & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+                } else {
+                    super::fault::release_foreign(self, f.addr)?;
+                }
+            }
+        }
     }
 
     pub(super) fn signal(&self) {

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 
 def check(name, cond, detail=""):
@@ -41,6 +42,7 @@ async def main(forkd_mcp):
                 items = [json.loads(c.text) for c in res.content]
                 return items[0] if len(items) == 1 else items
 
+            t = time.monotonic()
             snap = await call(
                 "create_snapshot",
                 tag="mcp-linux",
@@ -50,6 +52,7 @@ async def main(forkd_mcp):
                 boot_wait_secs=60,
             )
             check("create_snapshot of a Linux guest", snap["status"] == "ready", snap)
+            print(f"create_snapshot took {time.monotonic() - t:.1f} s", flush=True)
             kids = await call("spawn_sandboxes", snapshot_tag="mcp-linux")
             kids = kids if isinstance(kids, list) else [kids]
             sb = kids[0]["id"]

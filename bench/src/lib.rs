@@ -96,6 +96,7 @@ pub fn fork_request(n: u32, out: &std::path::Path) -> proto::control::ForkReques
         huge_pages: false,
         prewarm: false,
         limits: proto::control::Limits::default(),
+        disk_quota_mib: None,
     }
 }
 

@@ -151,6 +151,26 @@ step "$c's VMM used $share of a CPU over $(since "$t") s under cpu_limit 0.5"
 awk "BEGIN{exit !($share <= 0.55)}" || die_ctx "$c used $share of a CPU, more than 10% over its limit 0.5"
 awk "BEGIN{exit !($share >= 0.3)}" || die_ctx "$c used only $share of a CPU: its guest did not spin"
 
+# A disk quota: the guest's writes past it fail as I/O errors, the
+# host's layer file stops growing, and the VMM counts the refusals.
+step "forkd spawn --tag linux --disk-quota-mib 16; dd 48 MiB into its disk"
+qk=$(forkd --json spawn --tag linux -n 1 --disk-quota-mib 16 2>&1 | tr -d '\n ') ||
+  die_ctx "spawn with a disk quota failed: $qk"
+q=$(ids "$qk" | sed -n 1p)
+[ "$(json_field "$qk" disk_quota_mib)" = 16 ] || die_ctx "$q does not say its quota: $qk"
+qdir="$state/sandboxes/${q%-*}/${q##*-}"
+[ -f "$qdir/disk0.cow" ] || die_ctx "$q has no disk layer at $qdir/disk0.cow"
+out=$(forkd exec "$q" -- sh -c 'dd if=/dev/zero of=/root/big bs=1M count=48 conv=fsync 2>&1; echo "dd-rc=$?"' 2>&1) ||
+  die_ctx "the dd exec in $q failed: $out"
+case "$out" in *dd-rc=0*) die_ctx "48 MiB of writes under a 16 MiB quota succeeded in $q: $out" ;; esac
+size=$(stat -c %s "$qdir/disk0.cow")
+[ "$size" -le $((17 << 20)) ] || die_ctx "$q's layer grew to $size bytes under a 16 MiB quota"
+st=$(forkd-vmm ctl --control-socket "$qdir/control.sock" '{"op":"status"}' 2>&1 | tr -d '\n ') ||
+  die_ctx "status of $q failed: $st"
+refused=$(printf '%s' "$st" | grep -o '"disk_quota_refusals":[0-9]*' | cut -d: -f2)
+[ "${refused:-0}" -gt 0 ] || die_ctx "$q's VMM counted no refused writes: $st"
+step "dd in $q: $(printf '%s' "$out" | tail -2 | tr '\n' ' '); layer $((size >> 10)) KiB; $refused writes refused"
+
 step "forkd kill --all; forkd rmi linux --cascade"
 forkd kill --all >/dev/null || die_ctx "kill --all failed"
 [ "$(forkd --json ls | tr -d '\n ')" = "[]" ] || die_ctx "sandboxes left after kill --all: $(forkd --json ls)"

@@ -195,6 +195,10 @@ pub struct SpawnArgs {
     /// Most tasks each child's VMM may have (default: the daemon's).
     #[arg(long, value_name = "N")]
     pub pids_limit: Option<u64>,
+    /// Most data each child's own disk layer may hold, in MiB (default:
+    /// the daemon's); a guest write past it fails as an I/O error.
+    #[arg(long, value_name = "MIB")]
+    pub disk_quota_mib: Option<u64>,
     /// Give every child its own network namespace (the default, and a
     /// must, for a snapshot with a network interface).
     #[arg(long)]

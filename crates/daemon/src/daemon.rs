@@ -128,7 +128,16 @@ pub struct DefaultLimits {
     /// Tasks of a VMM process. None: [`DEFAULT_PIDS_LIMIT`] where the
     /// host has the pids controller; 0: no limit.
     pub pids: Option<u64>,
+    /// Data a sandbox's own disk layers may hold, in MiB. None:
+    /// [`DEFAULT_DISK_QUOTA_MIB`]; 0: no quota.
+    pub disk_quota_mib: Option<u64>,
 }
+
+/// The disk quota of a sandbox when neither its spawn nor the daemon's
+/// configuration says: room for a guest's package installs and scratch
+/// files, and a bound that keeps a few hundred sandboxes writing junk from
+/// filling an ordinary host disk before the reserve refuses new ones.
+pub const DEFAULT_DISK_QUOTA_MIB: u64 = 4096;
 
 /// The task limit of a sandbox's VMM when neither its spawn nor the
 /// daemon's configuration says: far above what a VMM uses (its vCPUs, a
@@ -154,6 +163,8 @@ pub struct Daemon {
     pub cgroups: Option<Hierarchy>,
     /// The limits of a sandbox whose spawn asks for none.
     pub default_limits: proto::control::Limits,
+    /// The disk quota of a sandbox whose spawn asks for none (MiB).
+    pub default_disk_quota_mib: Option<u64>,
     /// Disk and memory kept free.
     pub reserve: crate::reserve::Reserve,
     /// One permit per branch allowed to write at once.
@@ -338,11 +349,21 @@ impl Daemon {
             source,
         })?;
         let (cgroups, default_limits) = cgroups(&instance, &opts.default_limits)?;
+        let default_disk_quota_mib = match opts.default_limits.disk_quota_mib {
+            None => Some(DEFAULT_DISK_QUOTA_MIB),
+            Some(0) => None,
+            Some(q) if q <= proto::api::DISK_QUOTA_MIB_MAX => Some(q),
+            Some(q) => {
+                return Err(StartError::Config(format!(
+                    "--default-disk-quota-mib {q} is out of range: 0 (none) to {}",
+                    proto::api::DISK_QUOTA_MIB_MAX
+                )))
+            }
+        };
+        let vmm = opts.vmm.with_source_disk_quota(default_disk_quota_mib);
         let vmm = match &cgroups {
-            Some(h) => opts
-                .vmm
-                .with_cgroups(h.daemon_groups(&instance), default_limits),
-            None => opts.vmm,
+            Some(h) => vmm.with_cgroups(h.daemon_groups(&instance), default_limits),
+            None => vmm,
         };
         let metrics = Metrics::new();
         metrics
@@ -357,6 +378,7 @@ impl Daemon {
             audit: opts.audit,
             cgroups,
             default_limits,
+            default_disk_quota_mib,
             reserve: opts.reserve,
             branch_slots: Arc::new(Semaphore::new(opts.branch_concurrency)),
             branch_concurrency: opts.branch_concurrency,

@@ -97,6 +97,8 @@ pub struct Vmm {
     /// Whether its VMMs run under their seccomp filters (the default;
     /// `forkd-daemon --no-seccomp` turns them off).
     seccomp: bool,
+    /// The disk quota of the VMs it boots to make snapshots, in MiB.
+    source_disk_quota_mib: Option<u64>,
 }
 
 impl Vmm {
@@ -109,6 +111,7 @@ impl Vmm {
                     fork_pool: 0,
                     cgroups: None,
                     seccomp: true,
+                    source_disk_quota_mib: None,
                 });
             }
             return Err(Error::NoBinary(format!(
@@ -132,6 +135,7 @@ impl Vmm {
                 fork_pool: 0,
                 cgroups: None,
                 seccomp: true,
+                source_disk_quota_mib: None,
             })
             .ok_or_else(|| {
                 Error::NoBinary("cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into())
@@ -178,6 +182,13 @@ impl Vmm {
     /// debugging only.
     pub fn with_seccomp(mut self, seccomp: bool) -> Vmm {
         self.seccomp = seccomp;
+        self
+    }
+
+    /// The VMs it boots to make snapshots write at most `mib` MiB into
+    /// their disk layers (None: no quota).
+    pub fn with_source_disk_quota(mut self, mib: Option<u64>) -> Vmm {
+        self.source_disk_quota_mib = mib;
         self
     }
 
@@ -306,6 +317,10 @@ impl SourceVm {
         let mut cmd = Command::new(vmm.binary());
         cmd.arg("run")
             .args(vmm.vmm_args())
+            .args(
+                vmm.source_disk_quota_mib
+                    .map(|m| format!("--disk-quota-mib={m}")),
+            )
             .arg("--mem-mib")
             .arg(mem_mib.to_string())
             .arg("--vcpus")

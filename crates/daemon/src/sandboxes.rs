@@ -42,6 +42,7 @@ impl Daemon {
         let limits = validate::limits(&req, &self.default_limits, |c| {
             self.cgroups.as_ref().is_some_and(|h| h.has(c))
         })?;
+        let disk_quota_mib = validate::disk_quota(&req, self.default_disk_quota_mib)?;
         let snap = self.existing_snapshot(&req.snapshot_tag)?;
         let plan = validate::spawn_from(&req, &snap.info)?;
         // A live-forkable child holds a private copy of the snapshot's
@@ -60,9 +61,10 @@ impl Daemon {
         self.reserve.check_disk(&self.paths.sandboxes, 0, &what)?;
         let per_child_netns = plan.per_child_netns;
         let this = self.clone();
-        let rows =
-            tokio::task::spawn_blocking(move || this.fork_children(&req, &snap, plan, limits))
-                .await;
+        let rows = tokio::task::spawn_blocking(move || {
+            this.fork_children(&req, &snap, plan, limits, disk_quota_mib)
+        })
+        .await;
         if per_child_netns {
             self.refill_netns_pool();
         }
@@ -78,13 +80,15 @@ impl Daemon {
     /// Forks the children, each in a network namespace of its own when
     /// the plan says, on huge pages when asked and the host has them, and
     /// each in a cgroup of its own with `limits` when the host has
-    /// cgroups (blocking).
+    /// cgroups (blocking); each child's disk layer holds at most
+    /// `disk_quota_mib`.
     fn fork_children(
         &self,
         req: &SpawnRequest,
         row: &SnapshotRow,
         plan: validate::SpawnPlan,
         limits: proto::control::Limits,
+        disk_quota_mib: Option<u64>,
     ) -> ApiResult<Vec<SandboxRow>> {
         let snap = &row.info;
         let validate::SpawnPlan {
@@ -143,6 +147,7 @@ impl Daemon {
                         memory_limit_mib: limits.memory_mib,
                         cpu_limit: limits.cpu_millis.map(|m| f64::from(m) / 1000.0),
                         pids_limit: limits.pids,
+                        disk_quota_mib,
                         live_fork,
                         hugepages: huge_pages,
                         warning: warning.clone(),
@@ -177,6 +182,7 @@ impl Daemon {
                 huge_pages,
                 prewarm: req.prewarm.unwrap_or(false),
                 limits,
+                disk_quota_mib,
             })
             .map_err(|e| ApiError::from(e).with_context("fork failed"))?;
         crate::failpoint::hit("spawn.forked");

@@ -111,6 +111,11 @@ pub struct ServeArgs {
     /// (default: 1024 where the pids cgroup controller is; 0: none).
     #[arg(long, env = "FORKD_DEFAULT_PIDS_LIMIT", value_name = "N")]
     pub default_pids_limit: Option<u64>,
+    /// Most data, in MiB, a sandbox's own disk layer may hold when its
+    /// spawn gives no `disk_quota_mib` (default: 4096; 0: none): a guest
+    /// write past it fails as an I/O error.
+    #[arg(long, env = "FORKD_DEFAULT_DISK_QUOTA_MIB", value_name = "MIB")]
+    pub default_disk_quota_mib: Option<u64>,
     /// MiB of disk kept free under the state directory (and the snapshot
     /// root): a spawn, snapshot, branch or compaction that would leave
     /// less is refused with 503 (a snapshot needs about its guest's RAM).
@@ -210,6 +215,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
             memory_mib: args.default_memory_limit_mib,
             cpu: args.default_cpu_limit,
             pids: args.default_pids_limit,
+            disk_quota_mib: args.default_disk_quota_mib,
         },
     })?);
     // A VMM whose fork server died is re-parented here, so its status is

@@ -86,6 +86,8 @@ const MIGRATIONS: &[&str] = &[
     // 6: a sandbox's CPU and task caps (the memory cap has its column).
     "ALTER TABLE sandboxes ADD COLUMN cpu_limit_millis INTEGER;
     ALTER TABLE sandboxes ADD COLUMN pids_limit INTEGER;",
+    // 7: a sandbox's disk quota.
+    "ALTER TABLE sandboxes ADD COLUMN disk_quota_mib INTEGER;",
 ];
 
 /// What the store could not do.
@@ -390,9 +392,9 @@ impl Store {
                 "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
                     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
                     cgroup, live_fork, netns, guest_addr, hugepages, warning, state,
-                    cpu_limit_millis, pids_limit)
+                    cpu_limit_millis, pids_limit, disk_quota_mib)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17, ?18, ?19)",
+                    ?17, ?18, ?19, ?20)",
             )?;
             for r in rows {
                 stmt.execute(params![
@@ -415,6 +417,7 @@ impl Store {
                     r.info.state.as_str(),
                     r.info.cpu_limit.map(proto::api::cpu_millis),
                     r.info.pids_limit.map(|n| n.min(i64::MAX as u64) as i64),
+                    r.info.disk_quota_mib.map(|n| n.min(i64::MAX as u64) as i64),
                 ])?;
             }
         }
@@ -733,7 +736,8 @@ fn with_deps(conn: &Connection, mut row: SnapshotRow) -> Result<SnapshotRow, Sto
 const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_socket,
     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork,
     netns, guest_addr, branch_count, last_branch_memory_path, hugepages, warning, state,
-    exit_code, signal, oom_killed, exited_at_unix, exit_detail, cpu_limit_millis, pids_limit
+    exit_code, signal, oom_killed, exited_at_unix, exit_detail, cpu_limit_millis, pids_limit,
+    disk_quota_mib
     FROM sandboxes";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
@@ -767,6 +771,7 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
                 .get::<_, Option<i64>>(24)?
                 .map(|m| m.clamp(0, u32::MAX as i64) as f64 / 1000.0),
             pids_limit: r.get::<_, Option<i64>>(25)?.map(|n| n.max(0) as u64),
+            disk_quota_mib: r.get::<_, Option<i64>>(26)?.map(|n| n.max(0) as u64),
             cgroup: cgroup.as_deref().and_then(crate::cgroup::shown),
         },
         base_tag: r.get(2)?,

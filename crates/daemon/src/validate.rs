@@ -4,7 +4,7 @@
 
 use proto::api::{
     cpu_millis, BranchMode, BranchRequest, SnapshotInfo, SnapshotStatus, SpawnRequest,
-    CPU_LIMIT_MAX, CPU_LIMIT_MIN, MAX_SPAWN, PIDS_LIMIT_MAX, PIDS_LIMIT_MIN,
+    CPU_LIMIT_MAX, CPU_LIMIT_MIN, DISK_QUOTA_MIB_MAX, MAX_SPAWN, PIDS_LIMIT_MAX, PIDS_LIMIT_MIN,
 };
 use proto::control::Limits;
 
@@ -96,6 +96,18 @@ pub fn limits(
         cpu_millis: asked.cpu_millis.or(defaults.cpu_millis),
         pids: asked.pids.or(defaults.pids),
     })
+}
+
+/// The disk quota (MiB) a spawn's children get: the request's, in range,
+/// or else the daemon's default.
+pub fn disk_quota(req: &SpawnRequest, default: Option<u64>) -> ApiResult<Option<u64>> {
+    match req.disk_quota_mib {
+        Some(q) if !(1..=DISK_QUOTA_MIB_MAX).contains(&q) => Err(ApiError::bad_request(format!(
+            "disk_quota_mib {q} is out of range: 1 to {DISK_QUOTA_MIB_MAX}"
+        ))),
+        Some(q) => Ok(Some(q)),
+        None => Ok(default),
+    }
 }
 
 /// What a spawn gives its children, decided by its snapshot, and what of
@@ -277,6 +289,19 @@ mod tests {
         let e = r.unwrap_err();
         assert_eq!(e.status().as_u16(), status, "{e}");
         assert!(e.message.contains(needle), "{e}");
+    }
+
+    #[test]
+    fn a_disk_quota_is_the_request_s_in_range_or_the_default() {
+        let mut r = spawn(1);
+        assert_eq!(disk_quota(&r, Some(4096)).unwrap(), Some(4096));
+        assert_eq!(disk_quota(&r, None).unwrap(), None);
+        r.disk_quota_mib = Some(DISK_QUOTA_MIB_MAX);
+        assert_eq!(disk_quota(&r, None).unwrap(), Some(DISK_QUOTA_MIB_MAX));
+        for q in [0, DISK_QUOTA_MIB_MAX + 1] {
+            r.disk_quota_mib = Some(q);
+            bad(disk_quota(&r, Some(1)), 400, "disk_quota_mib");
+        }
     }
 
     #[test]

@@ -874,15 +874,20 @@ fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
     // memfd child, forked when asked.
     for extra in [json!({"n": 2}), json!({"n": 1, "live_fork": true})] {
         let mut req = json!({"snapshot_tag": "base", "memory_limit_mib": 256,
-            "cpu_limit": 0.5, "pids_limit": 128});
+            "cpu_limit": 0.5, "pids_limit": 128, "disk_quota_mib": 64});
         req.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         let kids = d.expect("POST", "/v1/sandboxes", Some(req), 201);
         for k in kids.as_array().unwrap() {
             assert_eq!(
-                (&k["memory_limit_mib"], &k["cpu_limit"], &k["pids_limit"]),
-                (&json!(256), &json!(0.5), &json!(128)),
+                (
+                    &k["memory_limit_mib"],
+                    &k["cpu_limit"],
+                    &k["pids_limit"],
+                    &k["disk_quota_mib"]
+                ),
+                (&json!(256), &json!(0.5), &json!(128), &json!(64)),
                 "{k}"
             );
             let (id, pid) = (k["id"].as_str().unwrap(), k["pid"].as_i64().unwrap());
@@ -923,11 +928,16 @@ fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
             groups.extend([memory, cpu, pids]);
         }
     }
-    // No limits asked: the daemon's task limit, no memory or CPU cap.
+    // No limits asked: the daemon's task limit and disk quota, no memory
+    // or CPU cap.
     let k = &first[0];
     assert_eq!(
-        (&k["memory_limit_mib"], &k["pids_limit"]),
-        (&json!(null), &json!(1024))
+        (
+            &k["memory_limit_mib"],
+            &k["pids_limit"],
+            &k["disk_quota_mib"]
+        ),
+        (&json!(null), &json!(1024), &json!(4096))
     );
     let id = k["id"].as_str().unwrap();
     d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
@@ -947,6 +957,10 @@ fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
         (
             json!({"snapshot_tag": "base", "pids_limit": 8}),
             "pids_limit 8 is out of range",
+        ),
+        (
+            json!({"snapshot_tag": "base", "disk_quota_mib": 0}),
+            "disk_quota_mib 0 is out of range",
         ),
     ] {
         let (status, v) = d.call("POST", "/v1/sandboxes", Some(body));

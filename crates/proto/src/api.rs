@@ -233,6 +233,8 @@ pub const CPU_LIMIT_MAX: f64 = 1024.0;
 pub const PIDS_LIMIT_MIN: u64 = 64;
 /// Most `pids_limit` (the kernel's `pid_max` ceiling).
 pub const PIDS_LIMIT_MAX: u64 = 1 << 22;
+/// Most `disk_quota_mib` (a disk's largest size, 2 TiB).
+pub const DISK_QUOTA_MIB_MAX: u64 = 2 << 20;
 
 /// `cpu_limit` (in CPUs) in thousandths of a CPU, as cgroups are given
 /// it (0.01 is 10).
@@ -273,6 +275,12 @@ pub struct SpawnRequest {
     /// (1024 unless configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_limit: Option<u64>,
+    /// Extension: most data, in MiB, each child's own copy-on-write disk
+    /// layer may hold (1 to [`DISK_QUOTA_MIB_MAX`]): a guest write past it
+    /// fails as an I/O error and the host file stops growing. Left out:
+    /// the daemon's `--default-disk-quota-mib` (4096 unless configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_quota_mib: Option<u64>,
     /// Children whose RAM is a private copy in a memfd, so they can be
     /// live-branched (costs a copy of the snapshot's memory per child).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -323,6 +331,10 @@ pub struct SandboxInfo {
     /// default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_limit: Option<u64>,
+    /// Extension: the most data its own disk layers may hold, in MiB (the
+    /// request's, or the daemon's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_quota_mib: Option<u64>,
     /// Extension: its VMM's cgroup, as a path inside each cgroup hierarchy
     /// (`forkd/<instance>/<group>`: the same under the memory, cpu and
     /// pids controllers of a v1 host, one group on v2); absent when the

@@ -114,6 +114,14 @@ pub struct VmStatus {
     pub rss_bytes: u64,
     /// Why the VM stopped, once it has.
     pub exit_reason: Option<String>,
+    /// The most data its drives' own CoW layers may each hold, in bytes;
+    /// absent without a quota (or a drive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_quota_bytes: Option<u64>,
+    /// Guest writes refused because a CoW layer held its quota (the guest
+    /// saw each as an I/O error).
+    #[serde(default)]
+    pub disk_quota_refusals: u64,
 }
 
 /// A response on the control socket.
@@ -213,6 +221,11 @@ pub enum ForkRequest {
         /// child, unlimited). Left out of the request when empty.
         #[serde(default, skip_serializing_if = "Limits::is_none")]
         limits: Limits,
+        /// The most data each child's own CoW layers may hold, in MiB (1 to
+        /// [`crate::api::DISK_QUOTA_MIB_MAX`]): past it a guest write fails
+        /// as an I/O error. Left out: no quota (and of the request).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_quota_mib: Option<u64>,
     },
     /// Stop serving (the children run on).
     Shutdown,
@@ -464,6 +477,7 @@ mod tests {
                 huge_pages: false,
                 prewarm: false,
                 limits: Limits::default(),
+                disk_quota_mib: None,
             }
         );
         assert_eq!(

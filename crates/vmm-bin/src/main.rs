@@ -155,6 +155,11 @@ struct RestoreArgs {
     /// drives, in order (repeat the flag; created, must not exist).
     #[arg(long = "cow-layer")]
     cow_layers: Vec<PathBuf>,
+    /// The most data each of this VM's own copy-on-write layers may hold,
+    /// in MiB: a write that needs more fails in the guest as an I/O error
+    /// and the layer stops growing. Default: no quota.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=proto::api::DISK_QUOTA_MIB_MAX))]
+    disk_quota_mib: Option<u64>,
     /// This VM's vsock socket (needed when the snapshot has a vsock device).
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
@@ -213,6 +218,11 @@ struct RunArgs {
     /// The first drive's copy-on-write layer (same as `cow=` in --drive).
     #[arg(long)]
     cow_layer: Option<PathBuf>,
+    /// The most data each of this VM's own copy-on-write layers may hold,
+    /// in MiB: a write that needs more fails in the guest as an I/O error
+    /// and the layer stops growing. Default: no quota.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=proto::api::DISK_QUOTA_MIB_MAX))]
+    disk_quota_mib: Option<u64>,
     /// A virtio-vsock device whose host side listens on this Unix socket
     /// (connect and send `CONNECT <port>\n`; guest connections to host
     /// port P go to `<PATH>_<P>`).
@@ -286,6 +296,9 @@ fn virtio_config(args: &RunArgs) -> Result<VirtioConfig, String> {
             }
         }
         cfg.drives.push(drive);
+    }
+    for drive in &mut cfg.drives {
+        drive.disk.quota = args.disk_quota_mib.map(|m| m << 20);
     }
     if let Some(uds) = &args.vsock_uds {
         cfg.vsock = Some(VsockConfig {
@@ -485,6 +498,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         netns: args.netns,
         ram,
         prewarm: args.prewarm,
+        disk_quota: args.disk_quota_mib.map(|m| m << 20),
     };
     let listener = args
         .control_socket

@@ -34,6 +34,7 @@ fn write_layer(base: &Path, frozen: &[PathBuf], cow: &Path, offset: u64, bytes: 
         frozen: frozen.to_vec(),
         cow: Some(cow.to_owned()),
         read_only: false,
+        quota: None,
     })
     .unwrap();
     disk.write_at(bytes, offset).unwrap();
@@ -54,6 +55,7 @@ fn disk_content(dir: &Path, meta: &serde_json::Value) -> Vec<u8> {
             .collect(),
         cow: None,
         read_only: true,
+        quota: None,
     })
     .unwrap();
     let mut bytes = vec![0u8; DISK_BYTES];

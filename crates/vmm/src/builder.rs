@@ -100,6 +100,9 @@ pub struct RestoreConfig {
     /// ([`crate::memory::GuestRam::populate_read`]), so the child's first
     /// snapshot reads RAM without page faults (spawn pays for it instead).
     pub prewarm: bool,
+    /// The most data, in bytes, each of the child's own CoW layers may
+    /// hold (see [`crate::devices::virtio::block::DiskConfig::quota`]).
+    pub disk_quota: Option<u64>,
 }
 
 /// What a restored child's RAM is. Either way the child's first diff
@@ -635,6 +638,7 @@ fn restore_backends(
                 disk,
                 &snapshot.dir,
                 cow.clone(),
+                cfg.disk_quota,
             ))
             .map_err(|e| device_err("virtio-block")(e.to_string()))
         })
@@ -1151,6 +1155,7 @@ mod tests {
                     vsock_uds: None,
                     netns: None,
                     prewarm: false,
+                    disk_quota: None,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();
@@ -1241,6 +1246,7 @@ mod tests {
             vsock_uds: None,
             netns: Some(netns.0.clone()),
             prewarm: false,
+            disk_quota: None,
             ram: RestoreRam::SnapshotFile,
         };
 
@@ -1409,6 +1415,7 @@ mod tests {
                         vsock_uds: None,
                         netns: None,
                         prewarm: false,
+                        disk_quota: None,
                         ram: RestoreRam::SnapshotFile,
                     })
                     .unwrap();
@@ -1437,6 +1444,7 @@ mod tests {
                             vsock_uds: None,
                             netns: None,
                             prewarm: false,
+                            disk_quota: None,
                             ram: RestoreRam::SnapshotFile,
                         })
                         .unwrap();
@@ -1490,6 +1498,7 @@ mod tests {
                     vsock_uds: None,
                     netns: None,
                     prewarm: false,
+                    disk_quota: None,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();

@@ -209,6 +209,17 @@ impl Machine {
             memory_backend: self.ram.backend().kind().to_owned(),
             rss_bytes: process_rss_bytes().unwrap_or(0),
             exit_reason: exit_reason.map(|r| r.to_string()),
+            disk_quota_bytes: self
+                .virtio
+                .drives()
+                .iter()
+                .find_map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).disk().quota()),
+            disk_quota_refusals: self
+                .virtio
+                .drives()
+                .iter()
+                .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quota_refusals())
+                .sum(),
         }
     }
 

@@ -86,6 +86,7 @@ impl Forker {
             // The copy happens in the child, after the fork: children copy
             // in parallel and the parent stays small.
             prewarm: options.prewarm,
+            disk_quota: options.disk_quota_mib.map(|m| m << 20),
             ram: match (options.memfd, options.huge_pages) {
                 (true, true) => RestoreRam::HugeMemfd,
                 (true, false) => RestoreRam::Memfd,

@@ -117,6 +117,11 @@ pub struct ForkArgs {
     /// a single child attaches in this process's namespace.
     #[arg(long = "netns", value_name = "NS")]
     netns: Vec<String>,
+    /// The most data each of each child's own copy-on-write layers may hold,
+    /// in MiB: a write that needs more fails in the guest as an I/O error
+    /// and the layer stops growing. Default: no quota.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=proto::api::DISK_QUOTA_MIB_MAX))]
+    disk_quota_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -167,6 +172,7 @@ pub fn fork(args: ForkArgs) -> Result<ExitCode, BoxError> {
                 memfd: args.memfd,
                 huge_pages: args.huge_pages,
                 prewarm: args.prewarm,
+                disk_quota_mib: args.disk_quota_mib,
             },
             netns: &args.netns,
             limits: proto::control::Limits::default(),
@@ -195,4 +201,6 @@ struct ChildOptions {
     huge_pages: bool,
     /// Fault RAM in for reading after the restore.
     prewarm: bool,
+    /// The most data each of its CoW layers may hold, in MiB.
+    disk_quota_mib: Option<u64>,
 }

@@ -2,7 +2,8 @@
 //! order the server hands it out with.
 //!
 //! An order is one message: an option byte, the length of the network
-//! namespace's name (0: none), the name, and the child's directory path,
+//! namespace's name (0: none), the disk quota in MiB (8 bytes, little
+//! endian; 0: none), the name, and the child's directory path,
 //! carrying the control socket's listener as `SCM_RIGHTS` when the server
 //! made it. [`encode`] and [`decode`] are the message's bytes alone; the
 //! send and receive around them are hand-written rather than
@@ -24,8 +25,9 @@ use super::ChildOptions;
 const ORDER_PAUSED: u8 = 1;
 const ORDER_CONSOLE_LOG: u8 = 2;
 const ORDER_PREWARM: u8 = 4;
-/// An order's header: the option byte and the length of the namespace name.
-const ORDER_HEADER: usize = 2;
+/// An order's header: the option byte, the length of the namespace name
+/// and the disk quota.
+const ORDER_HEADER: usize = 10;
 /// Longest order: its header, a network namespace name and a directory path.
 const MAX_ORDER: usize = ORDER_HEADER + MAX_NETNS_LEN + libc::PATH_MAX as usize;
 
@@ -75,6 +77,7 @@ pub(super) fn encode(
     }
     data.push(flags);
     data.push(ns.len() as u8);
+    data.extend_from_slice(&options.disk_quota_mib.unwrap_or(0).to_le_bytes());
     data.extend_from_slice(ns);
     data.extend_from_slice(path);
     Ok(data)
@@ -97,6 +100,8 @@ pub(super) fn decode(data: &[u8]) -> std::io::Result<(PathBuf, ChildOptions, Opt
         memfd: false,
         huge_pages: false,
         prewarm: data[0] & ORDER_PREWARM != 0,
+        disk_quota_mib: Some(u64::from_le_bytes(data[2..10].try_into().expect("8 bytes")))
+            .filter(|&q| q != 0),
     };
     let ns_len = usize::from(data[1]);
     let path_at = ORDER_HEADER + ns_len;
@@ -294,6 +299,7 @@ mod tests {
             huge_pages: false,
             // Varied with the others, so every bit is seen both ways.
             prewarm: paused != console_log,
+            disk_quota_mib: paused.then_some(1 << 40 | 7),
         }
     }
 
@@ -316,6 +322,7 @@ mod tests {
                 (back.paused, back.console_log, back.memfd, back.prewarm),
                 (o.paused, o.console_log, false, o.prewarm)
             );
+            assert_eq!(back.disk_quota_mib, o.disk_quota_mib);
             assert_eq!(n.as_deref(), ns);
         }
     }
@@ -330,11 +337,12 @@ mod tests {
         for bad in [
             &[][..],
             &[0],
-            &[0, 0],             // no path
-            &[8, 0, b'/'],       // an option bit nobody sends
-            &[0, 3, b'a', b'b'], // the name runs past the message
-            &[0, 1, 0xff, b'/'], // a name that is not UTF-8
-            &[0, 200, b'/'],     // a name longer than any namespace's
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0],             // no path
+            &[0, 0, 0, 0, 0, 0, 0, 0, b'/'],             // a short quota
+            &[8, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'/'],       // an option bit nobody sends
+            &[0, 3, 0, 0, 0, 0, 0, 0, 0, 0, b'a', b'b'], // the name runs past the message
+            &[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, b'/'], // a name that is not UTF-8
+            &[0, 200, 0, 0, 0, 0, 0, 0, 0, 0, b'/'],     // a name longer than any namespace's
         ] {
             assert_eq!(
                 decode(bad).unwrap_err().kind(),

@@ -146,6 +146,7 @@ pub(super) fn serve_one(
             huge_pages,
             prewarm,
             limits,
+            disk_quota_mib,
         }) => {
             let close: Vec<RawFd> = server_fds
                 .iter()
@@ -162,6 +163,7 @@ pub(super) fn serve_one(
                         memfd,
                         huge_pages,
                         prewarm,
+                        disk_quota_mib,
                     },
                     netns: &netns,
                     limits,

@@ -176,7 +176,7 @@ fn write_compacted(
         // The stack a child will open: every layer frozen, each on the one
         // below it, all of the disk's size, and the base image readable.
         let mut check =
-            crate::devices::virtio::block::DiskConfig::for_child(&disk, tmp, PathBuf::new());
+            crate::devices::virtio::block::DiskConfig::for_child(&disk, tmp, PathBuf::new(), None);
         check.cow = None;
         check.read_only = true;
         DiskStack::open(&check).map_err(|e| {

@@ -72,14 +72,21 @@ pub struct DeviceStates {
 
 impl DiskConfig {
     /// The stack a child of the snapshot in `dir` opens for drive `disk`,
-    /// writing into its own `cow` layer (none for a read-only drive).
-    pub fn for_child(disk: &SnapshotDisk, dir: &Path, cow: PathBuf) -> DiskConfig {
+    /// writing into its own `cow` layer (none for a read-only drive) of at
+    /// most `quota` bytes of data.
+    pub fn for_child(
+        disk: &SnapshotDisk,
+        dir: &Path,
+        cow: PathBuf,
+        quota: Option<u64>,
+    ) -> DiskConfig {
         DiskConfig {
             base: disk.base.clone(),
             size: disk.size,
             frozen: disk.layers.iter().map(|l| dir.join(l)).collect(),
             cow: (!disk.read_only).then_some(cow),
             read_only: disk.read_only,
+            quota,
         }
     }
 }

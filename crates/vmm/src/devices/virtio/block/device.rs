@@ -57,6 +57,8 @@ pub struct Block {
     /// Host I/O errors are the guest's to provoke (a full disk): logged
     /// through this.
     log_limit: crate::logger::RateLimit,
+    /// Writes refused because the CoW layer holds its quota.
+    quota_refusals: u64,
 }
 
 impl Block {
@@ -74,6 +76,7 @@ impl Block {
             active: None,
             bounce: Vec::new(),
             log_limit: crate::logger::RateLimit::per_device(),
+            quota_refusals: 0,
         }
     }
 
@@ -96,6 +99,12 @@ impl Block {
     /// The disk.
     pub fn disk(&self) -> &DiskStack {
         &self.disk
+    }
+
+    /// How many guest writes were refused because its CoW layer held its
+    /// quota.
+    pub fn quota_refusals(&self) -> u64 {
+        self.quota_refusals
     }
 
     /// Freezes the drive's current CoW layer and continues on a new empty
@@ -228,6 +237,9 @@ impl Block {
                 return VIRTIO_BLK_S_IOERR;
             }
             if let Err(e) = self.disk.write_at(&bounce[..n], offset) {
+                if matches!(e, LayerError::Quota { .. }) {
+                    self.quota_refusals += 1;
+                }
                 crate::warn_limited!(self.log_limit, "virtio-block write failed: {e}");
                 return VIRTIO_BLK_S_IOERR;
             }
@@ -290,6 +302,10 @@ mod tests {
     }
 
     fn rig(name: &str, read_only: bool) -> Rig {
+        rig_with_quota(name, read_only, None)
+    }
+
+    fn rig_with_quota(name: &str, read_only: bool, quota: Option<u64>) -> Rig {
         let dir = std::env::temp_dir().join(format!("forkd-blk-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -301,6 +317,7 @@ mod tests {
                 base: Some(base),
                 cow: (!read_only).then(|| dir.join("top.cow")),
                 read_only,
+                quota,
                 ..Default::default()
             },
             id: "forkd-disk-0123456789abcdef".into(),
@@ -399,6 +416,29 @@ mod tests {
         r.q.add_chain(&[D::r(HDR, 8), D::w(STATUS, 1)]);
         r.blk.process_queue(0);
         assert_eq!(r.q.pop_used().unwrap().1, 0);
+        std::fs::remove_dir_all(&r.dir).unwrap();
+    }
+
+    /// A write that needs a cluster past the layer's quota is an I/O
+    /// error the device counts; writes into clusters held go on.
+    #[test]
+    fn writes_past_the_quota_are_io_errors_and_counted() {
+        let cluster = 64 << 10;
+        let mut r = rig_with_quota("quota", false, Some(cluster));
+        let write = |r: &mut Rig, sector: u64| {
+            r.q.write(DATA, &[0x11; 512]);
+            header(&r.q, HDR, VIRTIO_BLK_T_OUT, sector);
+            r.q.add_chain(&[D::r(HDR, 16), D::r(DATA, 512), D::w(STATUS, 1)]);
+            run(r)
+        };
+        assert_eq!(write(&mut r, 0), (1, VIRTIO_BLK_S_OK as u8));
+        assert_eq!(r.blk.quota_refusals(), 0);
+        let past = cluster / 512;
+        assert_eq!(write(&mut r, past), (1, VIRTIO_BLK_S_IOERR as u8));
+        assert_eq!(write(&mut r, past + 1), (1, VIRTIO_BLK_S_IOERR as u8));
+        assert_eq!(r.blk.quota_refusals(), 2);
+        assert_eq!(write(&mut r, 1), (1, VIRTIO_BLK_S_OK as u8));
+        assert_eq!(r.blk.quota_refusals(), 2);
         std::fs::remove_dir_all(&r.dir).unwrap();
     }
 

@@ -145,6 +145,14 @@ pub enum LayerError {
         "a disk of {0} bytes is not supported: it must be at least 512 bytes and at most 2 TiB"
     )]
     Size(u64),
+    /// A write that needs a new cluster in a CoW layer holding its quota.
+    #[error("{path} holds its quota of {quota} bytes of data: the write is refused")]
+    Quota {
+        /// The layer.
+        path: PathBuf,
+        /// The quota, in bytes.
+        quota: u64,
+    },
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> LayerError + '_ {
@@ -448,6 +456,11 @@ pub struct DiskConfig {
     pub cow: Option<PathBuf>,
     /// Refuse writes.
     pub read_only: bool,
+    /// The most data the writable CoW layer may hold, in bytes (a write
+    /// that needs a cluster past it fails: the guest sees an I/O error
+    /// and the host file stops growing). `None`: as much as the disk's
+    /// size. A new top after a freeze starts empty under the same quota.
+    pub quota: Option<u64>,
 }
 
 /// The layer stack of one drive.
@@ -459,6 +472,7 @@ pub struct DiskStack {
     top: Option<Layer>,
     virtual_size: u64,
     read_only: bool,
+    quota: Option<u64>,
 }
 
 /// What a freeze leaves behind.
@@ -534,6 +548,7 @@ impl DiskStack {
             top,
             virtual_size,
             read_only: cfg.read_only,
+            quota: cfg.quota,
         })
     }
 
@@ -547,6 +562,11 @@ impl DiskStack {
         self.read_only
     }
 
+    /// The most data its writable layer may hold, in bytes.
+    pub fn quota(&self) -> Option<u64> {
+        self.quota
+    }
+
     /// The stack as a [`DiskConfig`] (paths of base and layers).
     pub fn config(&self) -> DiskConfig {
         DiskConfig {
@@ -555,6 +575,7 @@ impl DiskStack {
             frozen: self.lower.iter().map(|l| l.path.clone()).collect(),
             cow: self.top.as_ref().map(|l| l.path.clone()),
             read_only: self.read_only,
+            quota: self.quota,
         }
     }
 
@@ -661,6 +682,14 @@ impl DiskStack {
                 .file
                 .write_all_at(data, held + pos % cs)
                 .map_err(io_err(&top.path));
+        }
+        if let Some(quota) = self.quota {
+            if top.next_alloc - top.header.data_offset + cs > quota {
+                return Err(LayerError::Quota {
+                    path: top.path.clone(),
+                    quota,
+                });
+            }
         }
         // Copy-up: the cluster's current content, merged with the write.
         let start = cluster * cs;
@@ -807,6 +836,49 @@ mod tests {
         let a = DiskStack::open(&cfg("a.cow")).unwrap();
         assert_eq!(read(&a, 70_000, 100), vec![1u8; 100]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Writes within clusters the layer holds go on; a write that needs a
+    /// cluster past the quota fails, and the file stops growing, the
+    /// refused write leaving nothing of itself behind.
+    #[test]
+    fn a_layer_at_its_quota_refuses_new_clusters_and_stops_growing() {
+        let dir = tmpdir("quota");
+        let base = base_image(&dir, 1 << 20);
+        let cs = u64::from(DEFAULT_CLUSTER_SIZE);
+        let cfg = DiskConfig {
+            base: Some(base.clone()),
+            cow: Some(dir.join("q.cow")),
+            quota: Some(2 * cs + cs / 2),
+            ..Default::default()
+        };
+        let mut s = DiskStack::open(&cfg).unwrap();
+        s.write_at(&[7u8; 10], 0).unwrap();
+        s.write_at(&[8u8; 10], 3 * cs).unwrap();
+        let len = std::fs::metadata(dir.join("q.cow")).unwrap().len();
+        let err = s.write_at(&[9u8; 10], 5 * cs).unwrap_err();
+        assert!(
+            matches!(err, LayerError::Quota { quota, .. } if quota == 2 * cs + cs / 2),
+            "{err}"
+        );
+        assert_eq!(std::fs::metadata(dir.join("q.cow")).unwrap().len(), len);
+        // Rewrites of held clusters are not new data.
+        s.write_at(&[6u8; 10], 3 * cs + 100).unwrap();
+        assert_eq!(read(&s, 5 * cs, 10), read_base(&base, 5 * cs, 10));
+        s.flush().unwrap();
+        drop(s);
+        // Reopened, the quota counts what the layer holds already.
+        let mut s = DiskStack::open(&cfg).unwrap();
+        assert!(matches!(
+            s.write_at(&[9u8; 1], 7 * cs),
+            Err(LayerError::Quota { .. })
+        ));
+        assert_eq!(read(&s, 3 * cs + 100, 10), vec![6u8; 10]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn read_base(base: &Path, off: u64, len: usize) -> Vec<u8> {
+        std::fs::read(base).unwrap()[off as usize..off as usize + len].to_vec()
     }
 
     #[test]

@@ -151,6 +151,32 @@ step "$c's VMM used $share of a CPU over $(since "$t") s under cpu_limit 0.5"
 awk "BEGIN{exit !($share <= 0.55)}" || die_ctx "$c used $share of a CPU, more than 10% over its limit 0.5"
 awk "BEGIN{exit !($share >= 0.3)}" || die_ctx "$c used only $share of a CPU: its guest did not spin"
 
+# The pids limit holds against the VMM itself (guest processes are not
+# host tasks): a test-only control operation asks it for 400 threads more.
+cdir="$state/sandboxes/${c%-*}/${c##*-}"
+th=$(forkd-vmm ctl --control-socket "$cdir/control.sock" '{"op":"threads_self_test","threads":400}' 2>&1 | tr -d '\n') ||
+  die_ctx "the threads self-test in $c failed: $th"
+started=$(printf '%s' "$th" | grep -o '"started": *[0-9]*' | grep -o '[0-9]*$')
+[ -n "$started" ] && [ "$started" -lt 256 ] || die_ctx "$c's VMM started ${started:-?} threads under pids_limit 256: $th"
+case "$th" in *refused*) ;; *) die_ctx "the kernel refused none of $c's 400 threads: $th" ;; esac
+step "$c's VMM started $started of 400 more threads under pids.max 256: $(json_field "$(printf '%s' "$th" | tr -d ' ')" refused)"
+
+# Past its memory limit the kernel kills the VMM, and the sandbox says so.
+step "forkd spawn --tag linux --memory-limit-mib 256 (512 MiB guest); the guest fills 320 MiB"
+mk=$(forkd --json spawn --tag linux -n 1 --memory-limit-mib 256 2>&1 | tr -d '\n ') ||
+  die_ctx "spawn with a memory limit failed: $mk"
+m=$(ids "$mk" | sed -n 1p)
+forkd exec "$m" -- python3 -c 'x = b"\1" * (320 << 20); print(len(x))' >/dev/null 2>&1 || true
+entry=""
+for _ in $(seq 1 100); do
+  entry=$(forkd --json ls --all | tr -d ' \n' | sed 's/},{/}\n{/g' | grep "\"id\":\"$m\"" || true)
+  [ "$(json_field "$entry" state)" = exited ] && break
+  sleep 0.2
+done
+[ "$(json_field "$entry" state)" = exited ] || die_ctx "$m outlived a guest filling 320 MiB under a 256 MiB limit: $entry"
+[ "$(json_field "$entry" oom_killed)" = true ] || die_ctx "$m ended, but not by the OOM killer: $entry"
+step "$m's VMM was OOM-killed past its limit: signal $(json_field "$entry" signal), $(json_field "$entry" exit_detail)"
+
 # A disk quota: the guest's writes past it fail as I/O errors, the
 # host's layer file stops growing, and the VMM counts the refusals.
 step "forkd spawn --tag linux --disk-quota-mib 16; dd 48 MiB into its disk"

@@ -65,7 +65,19 @@ pub enum ControlRequest {
     /// with [`SECCOMP_VIOLATION_EXIT_CODE`] and no answer; without one,
     /// the answer is an error saying the call went through.
     SeccompSelfTest,
+    /// A test of the VMM's task limit: the thread serving it starts up to
+    /// `threads` (at most [`MAX_SELF_TEST_THREADS`]) threads that wait,
+    /// counts those the kernel let it start, then ends them all
+    /// ([`ControlResponse::Threads`]). Under a cgroup `pids.max` below
+    /// what the VMM has plus `threads`, the kernel refuses the rest.
+    ThreadsSelfTest {
+        /// How many threads to try.
+        threads: u32,
+    },
 }
+
+/// Most threads a [`ControlRequest::ThreadsSelfTest`] tries.
+pub const MAX_SELF_TEST_THREADS: u32 = 4096;
 
 fn default_true() -> bool {
     true
@@ -149,6 +161,14 @@ pub enum ControlResponse {
         /// snapshot measured (`measure_diff`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         diff: Option<DiffCost>,
+    },
+    /// Answer to [`ControlRequest::ThreadsSelfTest`].
+    Threads {
+        /// How many threads started (and have ended again).
+        started: u32,
+        /// Why the next one could not start, when one could not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
     },
     /// Bytes read by peek, hex-encoded.
     Peek {

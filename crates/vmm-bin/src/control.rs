@@ -331,6 +331,9 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
             },
             Err(e) => error(&e),
         },
+        ControlRequest::ThreadsSelfTest { threads } => {
+            threads_self_test(threads.min(proto::control::MAX_SELF_TEST_THREADS))
+        }
         ControlRequest::SeccompSelfTest => {
             let errno = crate::seccomp::forbidden_call();
             error(&format!(
@@ -338,5 +341,37 @@ fn handle(request: ControlRequest, machine: &Machine) -> ControlResponse {
                  process's does): this VMM's filters do not enforce (--seccomp off or log)"
             ))
         }
+    }
+}
+
+/// [`ControlRequest::ThreadsSelfTest`]: starts up to `n` threads that wait
+/// on a gate this thread holds, then opens it and joins them.
+fn threads_self_test(n: u32) -> ControlResponse {
+    let gate = Arc::new(std::sync::RwLock::new(()));
+    let held = gate.write().unwrap_or_else(|p| p.into_inner());
+    let mut started = Vec::new();
+    let mut refused = None;
+    for _ in 0..n {
+        let gate = gate.clone();
+        // Small stacks: the test is about tasks, not memory.
+        match std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || drop(gate.read()))
+        {
+            Ok(t) => started.push(t),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(held);
+    let count = started.len() as u32;
+    for t in started {
+        let _ = t.join();
+    }
+    ControlResponse::Threads {
+        started: count,
+        refused,
     }
 }

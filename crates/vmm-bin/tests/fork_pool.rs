@@ -579,6 +579,33 @@ fn each_child_is_in_a_cgroup_of_its_own_that_goes_with_it() {
             .trim(),
         tasks.to_string()
     );
+    // The limit holds against the VMM itself: asked to start 100 threads
+    // more, it gets only what pids.max leaves, and the kernel says no.
+    let mut client = ControlClient::connect(
+        Path::new(kid["control_socket"].as_str().unwrap()),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    match client
+        .call(&ControlRequest::ThreadsSelfTest { threads: 100 })
+        .unwrap()
+    {
+        ControlResponse::Threads {
+            started,
+            refused: Some(why),
+        } => {
+            assert!(started + tasks as u32 <= 64, "{started} started");
+            assert!(why.contains("Resource temporarily unavailable"), "{why}");
+        }
+        other => panic!("100 threads under pids.max 64: {other:?}"),
+    }
+    wait_for("the test's threads end", || {
+        std::fs::read_to_string(group.join("pids.current"))
+            .unwrap()
+            .trim()
+            == tasks.to_string()
+    });
+    drop(client);
     // A memory limit on a server whose parents have no memory controller
     // is refused before anything starts.
     let r = server.ask(

@@ -688,3 +688,59 @@ fn groups_are_made_ahead_and_a_stopping_server_removes_those_it_holds() {
         parent.groups().is_empty()
     });
 }
+
+/// A fork server reads its snapshot once and keeps its files open: once
+/// the snapshot (memory, frozen disk layer and base image) is deleted,
+/// a parked child handed out, a child forked cold and the pool's refill
+/// all still restore from it.
+#[test]
+fn children_restore_from_a_snapshot_deleted_after_the_server_read_it() {
+    let tmp = TempDir::new("pool-deleted");
+    let snap = tmp.path().join("snap");
+    let base = tmp.path().join("base.img");
+    std::fs::write(&base, vec![0x5a; 1 << 20]).unwrap();
+    let uds = tmp.path().join("parent-vsock.sock");
+    let cow = tmp.path().join("parent.cow");
+    let mut vm = TestVm::start(&[
+        "--builtin",
+        "--mem-mib",
+        "64",
+        "--console",
+        "none",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--drive-image",
+        base.to_str().unwrap(),
+        "--cow-layer",
+        cow.to_str().unwrap(),
+    ]);
+    common::snapshot(&mut vm, &snap, SnapshotMode::Full);
+    vm.shutdown();
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 1);
+    let parked = server.wait_parked(1);
+    std::fs::remove_dir_all(&snap).unwrap();
+    std::fs::remove_file(&base).unwrap();
+    std::fs::remove_file(&cow).unwrap();
+
+    let mut kids = server.fork(2, &tmp.path().join("a"), json!({}));
+    assert!(
+        parked.contains(&kids[0].pid),
+        "the first was not the parked one"
+    );
+    for kid in &mut kids {
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+        assert!(
+            kid.dir.join("disk0.cow").exists(),
+            "no disk layer of its own"
+        );
+    }
+    // The pool refills from the open files too.
+    let refill = server.wait_parked(1);
+    assert!(!refill.iter().any(|p| kids.iter().any(|k| k.pid == *p)));
+    for kid in kids {
+        kid.shutdown();
+    }
+}

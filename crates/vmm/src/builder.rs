@@ -319,16 +319,12 @@ pub fn prepare_restore(
 ) -> Result<PreparedRestore<'_>, BuildError> {
     let state = &snapshot.state;
     let ram = match ram {
-        RestoreRam::SnapshotFile => {
-            GuestRam::new(state.mem_mib, Backend::File(snapshot.memory_path()))?
-        }
+        RestoreRam::SnapshotFile => GuestRam::map_file(state.mem_mib, &snapshot.memory)?,
         // Copied before the VM exists: KVM's dirty log starts clean, so a
         // diff holds only what changes from here, as for a mapped file.
-        RestoreRam::Memfd => {
-            GuestRam::copy_of_file(state.mem_mib, Backend::Memfd, &snapshot.memory_path())?
-        }
+        RestoreRam::Memfd => GuestRam::copy_of(state.mem_mib, Backend::Memfd, &snapshot.memory)?,
         RestoreRam::HugeMemfd => {
-            GuestRam::copy_of_file(state.mem_mib, Backend::HugeMemfd, &snapshot.memory_path())?
+            GuestRam::copy_of(state.mem_mib, Backend::HugeMemfd, &snapshot.memory)?
         }
     };
     let vm = vm::Vm::new(&kvm, &ram, state.guest.needs_pit())?;
@@ -633,13 +629,17 @@ fn restore_backends(
     let drives = disks
         .iter()
         .zip(&cfg.drive_layers)
-        .map(|(disk, cow)| {
-            DiskStack::open(&crate::devices::virtio::block::DiskConfig::for_child(
-                disk,
-                &snapshot.dir,
-                cow.clone(),
-                cfg.disk_quota,
-            ))
+        .zip(&snapshot.disks)
+        .map(|((disk, cow), opened)| {
+            DiskStack::open_with(
+                &crate::devices::virtio::block::DiskConfig::for_child(
+                    disk,
+                    &snapshot.dir,
+                    cow.clone(),
+                    cfg.disk_quota,
+                ),
+                Some(opened),
+            )
             .map_err(|e| device_err("virtio-block")(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -151,6 +151,41 @@ pub enum Error {
     },
 }
 
+/// A snapshot's memory file, opened (and its size checked) once: a fork
+/// server's children map or copy it through this descriptor, so a
+/// snapshot deleted meanwhile (or a directory a child may not open) does
+/// not fail them.
+#[derive(Debug)]
+pub struct MemoryFile {
+    /// Where it was opened (for messages and [`Backend::File`]).
+    pub path: PathBuf,
+    file: File,
+}
+
+impl MemoryFile {
+    /// Opens the memory file at `path`, which must hold `size` bytes.
+    pub fn open(path: &Path, size: u64) -> Result<MemoryFile, Error> {
+        Ok(MemoryFile {
+            path: path.to_owned(),
+            file: open_memory_file(path, size)?,
+        })
+    }
+
+    /// The memory file `file`, opened at `path` by the caller (who checked
+    /// its size).
+    pub fn from_open(path: PathBuf, file: File) -> MemoryFile {
+        MemoryFile { path, file }
+    }
+
+    /// A descriptor of its own (for a mapping).
+    fn dup(&self) -> Result<File, Error> {
+        self.file.try_clone().map_err(|source| Error::OpenFile {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
 /// Guest RAM: the mapped regions and what backs them.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
@@ -163,6 +198,25 @@ pub struct GuestRam {
 impl GuestRam {
     /// Maps `mib` MiB of guest RAM from `backend`.
     pub fn new(mib: u64, backend: Backend) -> Result<Self, Error> {
+        Self::with_file(mib, backend, None)
+    }
+
+    /// Maps `mib` MiB of guest RAM from the open memory file `file`
+    /// (`MAP_PRIVATE`, as [`Backend::File`]).
+    pub fn map_file(mib: u64, file: &MemoryFile) -> Result<Self, Error> {
+        let actual = file.file.metadata().map_or(0, |m| m.len());
+        if actual != mib << 20 {
+            return Err(Error::FileSize {
+                path: file.path.clone(),
+                actual,
+                expected: mib << 20,
+            });
+        }
+        Self::with_file(mib, Backend::File(file.path.clone()), Some(file.dup()?))
+    }
+
+    /// [`GuestRam::new`], a [`Backend::File`]'s file `opened` already.
+    fn with_file(mib: u64, backend: Backend, opened: Option<File>) -> Result<Self, Error> {
         if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mib) {
             return Err(Error::SizeOutOfRange { mib });
         }
@@ -180,7 +234,10 @@ impl GuestRam {
                 (Some(create_memfd(size, mib, true)?), libc::MAP_SHARED)
             }
             Backend::File(path) => (
-                Some(open_memory_file(path, size)?),
+                Some(match opened {
+                    Some(f) => f,
+                    None => open_memory_file(path, size)?,
+                }),
                 libc::MAP_PRIVATE | libc::MAP_NORESERVE,
             ),
         };
@@ -236,13 +293,19 @@ impl GuestRam {
     /// nor, the VM not existing yet, KVM's dirty log: a diff BRANCH of the
     /// machine holds only what changed after the copy.
     pub fn copy_of_file(mib: u64, backend: Backend, path: &Path) -> Result<Self, Error> {
+        Self::copy_of(mib, backend, &MemoryFile::open(path, mib << 20)?)
+    }
+
+    /// [`GuestRam::copy_of_file`] from the open memory file `file`.
+    pub fn copy_of(mib: u64, backend: Backend, file: &MemoryFile) -> Result<Self, Error> {
+        let path = &file.path;
         if !matches!(backend, Backend::Memfd | Backend::HugeMemfd) {
             return Err(Error::CopyBackend {
                 path: path.to_owned(),
                 backend: backend.kind(),
             });
         }
-        let src = open_memory_file(path, mib << 20)?;
+        let src = file.dup()?;
         let ram = GuestRam::new(mib, backend)?;
         let copy_err = |source| Error::Copy {
             path: path.to_owned(),

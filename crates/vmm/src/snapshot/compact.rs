@@ -95,22 +95,8 @@ fn plan_layers(src: &Path, disks: &[SnapshotDisk]) -> Result<Vec<Vec<LayerPlan>>
                 .iter()
                 .enumerate()
                 .map(|(j, layer)| {
-                    let from = if layer.is_absolute() {
-                        layer.clone()
-                    } else if is_bare_name(layer) {
-                        src.join(layer)
-                    } else {
-                        return Err(Error::Inconsistent {
-                            path: src.to_owned(),
-                            reason: format!(
-                                "drive {i} lists layer {}, which is neither an absolute path nor \
-                                 a file name in the snapshot directory",
-                                layer.display()
-                            ),
-                        });
-                    };
                     Ok(LayerPlan {
-                        from,
+                        from: layer_path(src, i, layer)?,
                         name: PathBuf::from(format!("disk{i}.{j}.layer")),
                     })
                 })
@@ -119,9 +105,25 @@ fn plan_layers(src: &Path, disks: &[SnapshotDisk]) -> Result<Vec<Vec<LayerPlan>>
         .collect()
 }
 
-fn is_bare_name(p: &Path) -> bool {
-    let mut c = p.components();
-    matches!((c.next(), c.next()), (Some(Component::Normal(_)), None))
+/// Where layer `layer` of drive `drive` of the snapshot in `dir` is:
+/// `snapshot.json` is untrusted, so a layer is either absolute (a file of
+/// another snapshot) or a bare file name in `dir`, nothing else.
+pub(super) fn layer_path(dir: &Path, drive: usize, layer: &Path) -> Result<PathBuf, Error> {
+    if layer.is_absolute() {
+        return Ok(layer.to_owned());
+    }
+    let mut c = layer.components();
+    if matches!((c.next(), c.next()), (Some(Component::Normal(_)), None)) {
+        return Ok(dir.join(layer));
+    }
+    Err(Error::Inconsistent {
+        path: dir.to_owned(),
+        reason: format!(
+            "drive {drive} lists layer {}, which is neither an absolute path nor a file name in \
+             the snapshot directory",
+            layer.display()
+        ),
+    })
 }
 
 /// Fills `tmp` with the compacted snapshot's files and returns its

@@ -13,6 +13,12 @@ pub struct PreparedSnapshot {
     pub meta: SnapshotMeta,
     /// Its decoded vmstate.
     pub state: VmState,
+    /// Its memory file, open: a process that forks children of it opens
+    /// it once, and a child maps it even once the snapshot is deleted.
+    pub memory: crate::memory::MemoryFile,
+    /// Each drive's base image and frozen layers, open, for the same
+    /// reasons ([`crate::devices::virtio::block::DiskStack::open_with`]).
+    pub disks: Vec<crate::devices::virtio::block::OpenedLower>,
 }
 
 impl PreparedSnapshot {
@@ -54,19 +60,38 @@ impl PreparedSnapshot {
             ));
         }
         let mem_path = dir.join(MEMORY_FILE);
-        let len = std::fs::metadata(&mem_path)
-            .map_err(io_err(&mem_path))?
-            .len();
+        let file = std::fs::File::open(&mem_path).map_err(io_err(&mem_path))?;
+        let len = file.metadata().map_err(io_err(&mem_path))?.len();
         if len != state.mem_mib << 20 {
             return Err(inconsistent(format!(
                 "memory file is {len} bytes but the VM has {} bytes of RAM (truncated?)",
                 state.mem_mib << 20
             )));
         }
+        let disks = meta
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(drive, d)| {
+                for layer in &d.layers {
+                    super::compact::layer_path(dir, drive, layer)?;
+                }
+                let cfg = DiskConfig::for_child(d, dir, PathBuf::new(), None);
+                crate::devices::virtio::block::OpenedLower::open(&cfg).map_err(|source| {
+                    Error::Disk {
+                        path: dir.to_owned(),
+                        drive,
+                        source,
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(PreparedSnapshot {
             dir: dir.to_owned(),
             meta,
             state,
+            memory: crate::memory::MemoryFile::from_open(mem_path, file),
+            disks,
         })
     }
 

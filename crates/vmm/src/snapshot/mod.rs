@@ -144,6 +144,16 @@ pub enum Error {
         /// Its status.
         status: SnapshotStatus,
     },
+    /// A drive's base image or frozen layer cannot be opened.
+    #[error("snapshot {path}: drive {drive}: {source}")]
+    Disk {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// Which drive.
+        drive: usize,
+        /// What failed.
+        source: crate::devices::virtio::block::LayerError,
+    },
     /// vmstate and metadata disagree.
     #[error("snapshot {path}: {reason}: the snapshot is corrupt")]
     Inconsistent {

@@ -316,16 +316,21 @@ impl Layer {
     }
 
     fn open(path: &Path, writable: bool) -> Result<Self, LayerError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(io_err(path))?;
+        Self::from_file(path, file, writable)
+    }
+
+    /// The layer whose file `file` was opened at `path`.
+    fn from_file(path: &Path, file: File, writable: bool) -> Result<Self, LayerError> {
         let e = io_err(path);
         let bad = |reason: String| LayerError::BadLayer {
             path: path.to_owned(),
             reason,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(&e)?;
         let mut hb = [0u8; HEADER_SIZE as usize];
         file.read_exact_at(&mut hb, 0)
             .map_err(|err| bad(format!("cannot read its header: {err}")))?;
@@ -485,17 +490,70 @@ pub struct Frozen {
     pub chain: DiskConfig,
 }
 
+/// The read-only files below a drive's CoW layer (its base image and
+/// frozen layers), opened once by a process that restores many children
+/// of one snapshot: each child's stack reads through these descriptors
+/// (see [`DiskStack::open_with`]), so a snapshot deleted meanwhile does not
+/// fail it.
+#[derive(Debug)]
+pub struct OpenedLower {
+    base: Option<File>,
+    frozen: Vec<File>,
+}
+
+impl OpenedLower {
+    /// Opens, read-only, the base and frozen layers `cfg` names.
+    pub fn open(cfg: &DiskConfig) -> Result<OpenedLower, LayerError> {
+        let open = |p: &PathBuf| File::open(p).map_err(io_err(p));
+        Ok(OpenedLower {
+            base: cfg.base.as_ref().map(open).transpose()?,
+            frozen: cfg.frozen.iter().map(open).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// A descriptor of its own for a file opened ahead.
+fn dup(file: &File, path: &Path) -> Result<File, LayerError> {
+    file.try_clone().map_err(io_err(path))
+}
+
 impl DiskStack {
     /// Opens (and, for a missing CoW layer, creates) the stack `cfg` describes.
     pub fn open(cfg: &DiskConfig) -> Result<Self, LayerError> {
+        Self::open_with(cfg, None)
+    }
+
+    /// [`DiskStack::open`], reading the base and frozen layers through
+    /// `opened` when given (opened by [`OpenedLower::open`] from the same
+    /// configuration; a drive that writes its base opens that itself).
+    pub fn open_with(cfg: &DiskConfig, opened: Option<&OpenedLower>) -> Result<Self, LayerError> {
         let base_writable = !cfg.read_only && cfg.cow.is_none();
+        if let Some(l) = opened {
+            if l.frozen.len() != cfg.frozen.len() || l.base.is_some() != cfg.base.is_some() {
+                return Err(LayerError::FrozenState {
+                    path: cfg
+                        .frozen
+                        .first()
+                        .or(cfg.base.as_ref())
+                        .cloned()
+                        .unwrap_or_default(),
+                    reason: "the files opened ahead are not this drive's stack",
+                });
+            }
+        }
         let base = match &cfg.base {
             Some(p) => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(base_writable)
-                    .open(p)
-                    .map_err(io_err(p))?;
+                let ahead = opened
+                    .and_then(|l| l.base.as_ref())
+                    .filter(|_| !base_writable);
+                let f = match ahead {
+                    Some(f) => dup(f, p)?,
+                    None => OpenOptions::new()
+                        .read(true)
+                        .write(base_writable)
+                        .open(p)
+                        .map_err(io_err(p))?,
+                };
                 let len = f.metadata().map_err(io_err(p))?.len();
                 Some((p.clone(), f, len))
             }
@@ -507,8 +565,11 @@ impl DiskStack {
         }
         let mut lower = Vec::new();
         let mut parent = 0u64;
-        for p in &cfg.frozen {
-            let l = Layer::open(p, false)?;
+        for (i, p) in cfg.frozen.iter().enumerate() {
+            let l = match opened {
+                Some(o) => Layer::from_file(p, dup(&o.frozen[i], p)?, false)?,
+                None => Layer::open(p, false)?,
+            };
             check_layer(&l, parent, virtual_size)?;
             if !l.frozen() {
                 return Err(LayerError::FrozenState {

@@ -188,12 +188,7 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
         err.contains("another forkd-daemon") && err.contains(&d.pid().to_string()),
         "{err}"
     );
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "p", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("p", json!({}));
     let kid = d.expect(
         "POST",
         "/v1/sandboxes",
@@ -257,12 +252,7 @@ fn a_dead_fork_server_is_replaced_once_under_racing_spawns() {
     let tmp = TempDir::new("forkserver");
     let state = tmp.path().join("state");
     let d = Daemon::start(&state, &Config::default());
-    let snap = d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "f", "builtin": true})),
-        201,
-    );
+    let snap = d.builtin_snapshot("f", json!({}));
     let dir = snap["dir"].as_str().unwrap().to_owned();
     d.expect(
         "POST",
@@ -366,12 +356,7 @@ fn careless_requests_answer_json_and_audit_lines_stay_small() {
 fn a_diff_on_a_deleted_base_is_refused_not_made_broken() {
     let tmp = TempDir::new("deletedbase");
     let d = Daemon::start(&tmp.path().join("state"), &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "r", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("r", json!({}));
     let kid = d.expect(
         "POST",
         "/v1/sandboxes",
@@ -429,12 +414,7 @@ fn a_diff_on_a_deleted_base_is_refused_not_made_broken() {
 fn requests_that_would_eat_into_the_reserves_are_refused_whole() {
     let tmp = TempDir::new("reserve");
     let d = Daemon::start(&tmp.path().join("state"), &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "r", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("r", json!({}));
     // 1000 live-forkable children hold 1000 copies of 128 MiB.
     let (status, v) = d.call(
         "POST",

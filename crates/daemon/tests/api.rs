@@ -168,13 +168,7 @@ fn a_public_bind_without_a_token_is_refused() {
 #[test]
 fn tls_serves_https_with_the_given_certificate() {
     let tmp = TempDir::new("tls");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let cert_path = tmp.path().join("cert.pem");
-    let key_path = tmp.path().join("key.pem");
-    let pem = cert.cert.pem();
-    std::fs::write(&cert_path, &pem).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (cert_path, key_path, pem) = common::self_signed_tls(tmp.path());
     let d = Daemon::start(
         &tmp.path().join("state"),
         &Config {

@@ -118,12 +118,7 @@ fn a_dead_vmm_reads_as_exited_with_its_signal_then_is_forgotten() {
             ..Config::default()
         },
     );
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "x", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("x", json!({}));
     let kids = spawn(&d, json!({"snapshot_tag": "x", "n": 3}));
     let ids: Vec<String> = kids
         .iter()
@@ -198,12 +193,7 @@ fn an_oom_kill_is_told_from_the_cgroup() {
     let tmp = TempDir::new("oom");
     let state = tmp.path().join("state");
     let d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "o", "builtin": true, "mem_size_mib": 256})),
-        201,
-    );
+    d.builtin_snapshot("o", json!({"mem_size_mib": 256}));
     let kid = spawn(&d, json!({"snapshot_tag": "o", "memory_limit_mib": 48}));
     let id = kid[0]["id"].as_str().unwrap();
     // The guest writes 160 MiB of its RAM: every page a private copy the
@@ -226,12 +216,7 @@ fn a_seccomp_violation_ends_the_sandbox_and_says_why() {
     let tmp = TempDir::new("seccomp");
     let state = tmp.path().join("state");
     let d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "s", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("s", json!({}));
     let kid = spawn(&d, json!({"snapshot_tag": "s"}));
     let (id, pid) = (
         kid[0]["id"].as_str().unwrap(),
@@ -272,12 +257,7 @@ fn a_seccomp_violation_ends_the_sandbox_and_says_why() {
             ..Config::default()
         },
     );
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "s", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("s", json!({}));
     let kid = spawn(&d, json!({"snapshot_tag": "s"}));
     let pid = kid[0]["pid"].as_i64().unwrap();
     let id = kid[0]["id"].as_str().unwrap();
@@ -351,12 +331,7 @@ fn kill_points_leave_what_a_restart_reconciles() {
     let tmp = TempDir::new("killpoints");
     let state = tmp.path().join("state");
     let d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "base", "builtin": true, "network": true})),
-        201,
-    );
+    d.builtin_snapshot("base", json!({"network": true}));
     drop(d);
     let spawn3 = |d: &Daemon| {
         d.call(
@@ -432,12 +407,7 @@ fn kill_points_leave_what_a_restart_reconciles() {
     };
     let d = crash_at(&state, "create.booted", create("c1"));
     assert_eq!(d.call("GET", "/v1/snapshots/c1/info", None).0, 404);
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "c1", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("c1", json!({}));
     drop(d);
     let d = crash_at(&state, "snapshot.written", create("c2"));
     let c2 = d.expect("GET", "/v1/snapshots/c2/info", None, 200);
@@ -458,12 +428,7 @@ fn kill_points_leave_what_a_restart_reconciles() {
         d.call("DELETE", "/v1/snapshots/c2", None);
     });
     assert_eq!(d.call("GET", "/v1/snapshots/c2/info", None).0, 404);
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "c2", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("c2", json!({}));
     assert_agrees(&d, "at the end");
 }
 
@@ -499,12 +464,7 @@ fn a_daemon_killed_at_random_moments_during_spawns_loses_nothing() {
     let state = tmp.path().join("state");
     let mut rng = Rng::from_clock("random kills");
     let d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "r", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("r", json!({}));
     // The first spawn starts the fork server.
     spawn(&d, json!({"snapshot_tag": "r"}));
     kill_all(&d);
@@ -574,12 +534,7 @@ fn two_daemons_on_one_host_reconcile_only_their_own() {
     let b = Daemon::start(&sb, &Config::default());
     let d = Daemon::start(&sa, &Config::default());
     for (x, tag) in [(&d, "na"), (&b, "nb")] {
-        x.expect(
-            "POST",
-            "/v1/snapshots",
-            Some(json!({"tag": tag, "builtin": true, "network": true})),
-            201,
-        );
+        x.builtin_snapshot(tag, json!({"network": true}));
     }
     drop(d);
     let theirs = spawn(
@@ -610,12 +565,7 @@ fn two_daemons_on_one_host_reconcile_only_their_own() {
 fn a_snapshot_with_running_sandboxes_is_deleted_only_when_forced() {
     let tmp = TempDir::new("rmi");
     let d = Daemon::start(&tmp.path().join("state"), &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "busy", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("busy", json!({}));
     let kid = spawn(&d, json!({"snapshot_tag": "busy"}));
     let id = kid[0]["id"].as_str().unwrap();
     let (s, v) = d.call("DELETE", "/v1/snapshots/busy", None);
@@ -637,12 +587,7 @@ fn ends_while_the_daemon_was_down_are_told_as_far_as_known() {
     let state = tmp.path().join("state");
     let mut d = Daemon::start(&state, &Config::default());
     for tag in ["kept", "lost"] {
-        d.expect(
-            "POST",
-            "/v1/snapshots",
-            Some(json!({"tag": tag, "builtin": true})),
-            201,
-        );
+        d.builtin_snapshot(tag, json!({}));
     }
     let kept = spawn(&d, json!({"snapshot_tag": "kept", "n": 2}));
     let lost = spawn(&d, json!({"snapshot_tag": "lost"}));
@@ -719,12 +664,7 @@ fn a_corrupted_snapshot_is_refused_before_a_child_runs() {
     let state = tmp.path().join("state");
     let d = Daemon::start(&state, &Config::default());
     for tag in ["before", "after"] {
-        d.expect(
-            "POST",
-            "/v1/snapshots",
-            Some(json!({"tag": tag, "builtin": true})),
-            201,
-        );
+        d.builtin_snapshot(tag, json!({}));
         verified(&d, tag);
     }
     let memory = |tag: &str| state.join("snapshots").join(tag).join("memory");

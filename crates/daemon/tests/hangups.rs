@@ -52,12 +52,7 @@ fn a_thousand_clients_that_hang_up_leave_nothing_unlisted() {
     let tmp = TempDir::new("thousand");
     let state = tmp.path().join("state");
     let d = Daemon::start(&state, &Config::default());
-    d.expect(
-        "POST",
-        "/v1/snapshots",
-        Some(json!({"tag": "m", "builtin": true})),
-        201,
-    );
+    d.builtin_snapshot("m", json!({}));
     let sources = d.expect(
         "POST",
         "/v1/sandboxes",

@@ -237,13 +237,7 @@ fn over_the_cap_a_connection_is_answered_503_and_closed_until_one_closes() {
 #[test]
 fn a_tls_handshake_that_never_completes_is_closed_after_the_header_timeout() {
     let tmp = TempDir::new("tls-timeout");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let cert_path = tmp.path().join("cert.pem");
-    let key_path = tmp.path().join("key.pem");
-    let pem = cert.cert.pem();
-    std::fs::write(&cert_path, &pem).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (cert_path, key_path, pem) = common::self_signed_tls(tmp.path());
     let d = Daemon::start(
         &tmp.path().join("state"),
         &Config {

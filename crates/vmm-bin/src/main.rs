@@ -28,25 +28,8 @@ struct Cli {
     /// naming the call); `log` lets the call through and has the kernel
     /// log it (the audit log, dmesg), to find what a new code path needs;
     /// `off` runs unconfined, for debugging only.
-    #[arg(long, global = true, value_enum, env = "FORKD_SECCOMP", default_value_t = Seccomp::On)]
-    seccomp: Seccomp,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Seccomp {
-    On,
-    Log,
-    Off,
-}
-
-impl Seccomp {
-    fn mode(self) -> seccomp::Mode {
-        match self {
-            Seccomp::On => seccomp::Mode::Enforce,
-            Seccomp::Log => seccomp::Mode::Log,
-            Seccomp::Off => seccomp::Mode::Off,
-        }
-    }
+    #[arg(long, global = true, value_enum, env = "FORKD_SECCOMP", default_value_t = seccomp::Mode::Enforce)]
+    seccomp: seccomp::Mode,
 }
 
 #[derive(Subcommand)]
@@ -357,7 +340,7 @@ fn main() -> ExitCode {
     if vmm_command {
         // Compiled once, before any thread starts; a fork server's
         // children inherit them.
-        if let Err(e) = seccomp::configure(cli.seccomp.mode()) {
+        if let Err(e) = seccomp::configure(cli.seccomp) {
             eprintln!("forkd-vmm: {e}");
             return ExitCode::from(2);
         }

@@ -196,8 +196,9 @@ pub fn spawn(
     })
 }
 
-/// Names the calling thread (`comm`, at most 15 bytes).
-fn set_thread_name(name: &str) {
+/// Names the calling thread (`comm`, at most 15 bytes; a process's main
+/// thread names the process).
+pub fn set_thread_name(name: &str) {
     let mut buf = [0u8; 16];
     let len = name.len().min(15);
     buf[..len].copy_from_slice(&name.as_bytes()[..len]);

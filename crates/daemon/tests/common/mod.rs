@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// A self-signed certificate for 127.0.0.1 and localhost, written into
+/// `dir`: its path, its key's path and its PEM, as `Config::tls` takes them.
+pub fn self_signed_tls(dir: &Path) -> (PathBuf, PathBuf, String) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    let pem = cert.cert.pem();
+    std::fs::write(&cert_path, &pem).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    (cert_path, key_path, pem)
+}
+
 /// A directory removed when dropped.
 pub struct TempDir(pub PathBuf);
 
@@ -332,6 +345,16 @@ impl Daemon {
     }
 
     /// Like [`Daemon::call`], asserting the status.
+    /// Makes the built-in guest's snapshot `tag` (with the request's
+    /// other fields from `extra`, an object) and answers it.
+    pub fn builtin_snapshot(&self, tag: &str, extra: Value) -> Value {
+        let mut req = serde_json::json!({"tag": tag, "builtin": true});
+        if let (Some(req), Value::Object(extra)) = (req.as_object_mut(), extra) {
+            req.extend(extra);
+        }
+        self.expect("POST", "/v1/snapshots", Some(req), 201)
+    }
+
     pub fn expect(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
         let (status, value) = self.call(method, path, body);
         assert_eq!(

@@ -93,7 +93,7 @@ pub(super) fn pooled_child(
             return 2;
         }
     };
-    set_name(POOLED_NAME);
+    vmm::seccomp::set_thread_name(POOLED_NAME);
     // A closed link (the server gone) fails the send; the wait below sees it.
     // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a closed peer into EPIPE.
     unsafe {
@@ -115,7 +115,7 @@ pub(super) fn pooled_child(
             }
         }
     }
-    set_name("forkd-vmm");
+    vmm::seccomp::set_thread_name("forkd-vmm");
     match order {
         Ok(Some(order)) => {
             let mut cfg = forker.child_config(&order.dir, order.options, order.netns.as_deref());
@@ -256,16 +256,6 @@ pub(super) fn open_log(dir: &Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .append(true)
         .open(dir.join("vmm.log"))
-}
-
-/// Sets this process's name (`comm`, at most 15 bytes).
-pub(super) fn set_name(name: &str) {
-    let mut buf = [0u8; 16];
-    let len = name.len().min(15);
-    buf[..len].copy_from_slice(&name.as_bytes()[..len]);
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
-    // bytes, which `buf` is.
-    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
 /// What a pooled child brings to [`child`] from its wait.

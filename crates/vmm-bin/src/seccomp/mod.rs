@@ -26,10 +26,11 @@ use vmm::seccomp::Kind;
 /// The exit status of a VMM that made a forbidden system call.
 pub const VIOLATION_EXIT_CODE: i32 = proto::control::SECCOMP_VIOLATION_EXIT_CODE;
 
-/// What the filters do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the filters do (`--seccomp on|log|off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// A forbidden call ends the process (the default).
+    #[value(name = "on")]
     Enforce,
     /// A forbidden call is allowed and logged by the kernel (the audit
     /// log, `dmesg`): for finding what a new code path needs.

@@ -174,7 +174,7 @@ impl DiffMap {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{write_diff, write_memory, write_meta, ParentRef, META_VERSION};
+    use super::super::{write_diff, write_memory, write_meta, ParentRef};
     use super::*;
     use crate::memory::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
@@ -205,28 +205,7 @@ mod tests {
     }
 
     fn meta(memory_bytes: u64, hash: &str, parent: Option<ParentRef>) -> SnapshotMeta {
-        SnapshotMeta {
-            version: META_VERSION,
-            created_at_unix: 1,
-            guest: super::super::GuestKind::Builtin,
-            mem_mib: memory_bytes >> 20,
-            vcpus: 1,
-            memory_bytes,
-            memory_data_bytes: 0,
-            memory_hash: hash.to_owned(),
-            vmstate_hash: String::new(),
-            status: SnapshotStatus::Ready,
-            bootable: true,
-            disks: Vec::new(),
-            nets: Vec::new(),
-            kind: if parent.is_some() {
-                SnapshotKind::Diff
-            } else {
-                SnapshotKind::Full
-            },
-            parent,
-            live_copy: None,
-        }
+        crate::snapshot::test_meta(memory_bytes, hash, "", parent)
     }
 
     /// The guest memory as one flat image (regions back to back).

@@ -171,6 +171,40 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
+/// A ready built-in snapshot's metadata, for tests: one vCPU,
+/// `memory_bytes` of RAM, no drive or network, a diff when it has a
+/// `parent`.
+#[cfg(test)]
+pub(crate) fn test_meta(
+    memory_bytes: u64,
+    memory_hash: &str,
+    vmstate_hash: &str,
+    parent: Option<ParentRef>,
+) -> SnapshotMeta {
+    SnapshotMeta {
+        version: META_VERSION,
+        created_at_unix: 1,
+        guest: GuestKind::Builtin,
+        mem_mib: memory_bytes >> 20,
+        vcpus: 1,
+        memory_bytes,
+        memory_data_bytes: 0,
+        memory_hash: memory_hash.to_owned(),
+        vmstate_hash: vmstate_hash.to_owned(),
+        status: SnapshotStatus::Ready,
+        bootable: true,
+        disks: Vec::new(),
+        nets: Vec::new(),
+        kind: if parent.is_some() {
+            SnapshotKind::Diff
+        } else {
+            SnapshotKind::Full
+        },
+        parent,
+        live_copy: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,22 +216,8 @@ mod tests {
 
     fn meta_with_nets(nets: Vec<SnapshotNet>) -> SnapshotMeta {
         SnapshotMeta {
-            version: META_VERSION,
-            created_at_unix: 1,
-            guest: GuestKind::Builtin,
-            mem_mib: 16,
-            vcpus: 1,
-            memory_bytes: 16 << 20,
-            memory_data_bytes: 0,
-            memory_hash: String::new(),
-            vmstate_hash: String::new(),
-            status: SnapshotStatus::Ready,
-            bootable: true,
-            disks: Vec::new(),
             nets,
-            kind: SnapshotKind::Full,
-            parent: None,
-            live_copy: None,
+            ..test_meta(16 << 20, "", "", None)
         }
     }
 

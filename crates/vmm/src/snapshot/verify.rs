@@ -317,7 +317,7 @@ mod tests {
 
     use vm_memory::{Bytes, GuestAddress};
 
-    use super::super::{write_diff, write_memory, write_meta, GuestKind, ParentRef, META_VERSION};
+    use super::super::{write_diff, write_memory, write_meta, ParentRef};
     use super::*;
     use crate::memory::GuestMemoryMmap;
 
@@ -338,28 +338,7 @@ mod tests {
     const MIB: u64 = 8;
 
     fn meta(memory_hash: String, vmstate_hash: String, parent: Option<ParentRef>) -> SnapshotMeta {
-        SnapshotMeta {
-            version: META_VERSION,
-            created_at_unix: 1,
-            guest: GuestKind::Builtin,
-            mem_mib: MIB,
-            vcpus: 1,
-            memory_bytes: MIB << 20,
-            memory_data_bytes: 0,
-            memory_hash,
-            vmstate_hash,
-            status: SnapshotStatus::Ready,
-            bootable: true,
-            disks: Vec::new(),
-            nets: Vec::new(),
-            kind: if parent.is_some() {
-                SnapshotKind::Diff
-            } else {
-                SnapshotKind::Full
-            },
-            parent,
-            live_copy: None,
-        }
+        crate::snapshot::test_meta(MIB << 20, &memory_hash, &vmstate_hash, parent)
     }
 
     /// A vmstate stand-in (verify hashes it, it does not decode it); its hash.

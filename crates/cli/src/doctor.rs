@@ -648,6 +648,9 @@ pub struct ProcConfinement {
     /// `Seccomp: 2` (its threads have filters; the main thread's status
     /// is the one read).
     pub seccomp: bool,
+    /// Jailed: a uid other than root's and no capability (effective,
+    /// permitted or bounding).
+    pub jailed: bool,
 }
 
 /// Reads `/proc/<pid>/status`; `None` when the process is gone.
@@ -660,8 +663,11 @@ pub fn proc_confinement(pid: i32) -> Option<ProcConfinement> {
             .map(str::trim)
             .map(str::to_owned)
     };
+    let zero = |name: &str| field(name).is_some_and(|v| v.bytes().all(|b| b == b'0'));
+    let root = field("Uid:").is_none_or(|u| u.split_whitespace().any(|id| id == "0"));
     Some(ProcConfinement {
         seccomp: field("Seccomp:").as_deref() == Some("2"),
+        jailed: !root && zero("CapEff:") && zero("CapPrm:") && zero("CapBnd:"),
     })
 }
 
@@ -703,14 +709,21 @@ pub fn check_confinement(
             "{filtered} under seccomp filters, {k} WITHOUT (a daemon started with --no-seccomp)"
         ),
     };
+    let jailed = probed.iter().filter(|p| p.jailed).count();
+    let jail = match probed.len() - jailed {
+        0 => format!("{jailed} jailed (a uid of their own, no capabilities)"),
+        k => format!(
+            "{jailed} jailed, {k} AS ROOT with every capability (a daemon started with --no-jail)"
+        ),
+    };
     Check::warn(
         "confinement",
         format!(
-            "{n} sandboxes running, {grouped} in a cgroup of their own, {seccomp}; limits: \
-             {limits}; not jailed: their VMMs run as root, in the host's mount namespace, \
-             with every capability"
+            "{n} sandboxes running, {grouped} in a cgroup of their own, {seccomp}, {jail}; \
+             limits: {limits}; not yet: their VMMs share the host's mount namespace, and the \
+             VMs that make snapshots run as root"
         ),
-        "run forkd on a host used for nothing but sandboxes until VMMs are jailed (README: Threat model)",
+        "run forkd on a host used for nothing but sandboxes until the jail is whole (README: Threat model)",
     )
 }
 
@@ -797,14 +810,20 @@ mod tests {
             proto::api::SandboxInfo { pid: 10, ..a },
             proto::api::SandboxInfo { pid: 11, ..b },
         );
-        let filtered = |pid| Some(ProcConfinement { seccomp: pid == 10 });
+        let filtered = |pid| {
+            Some(ProcConfinement {
+                seccomp: pid == 10,
+                jailed: pid == 11,
+            })
+        };
         let c = check_confinement(&[a, b], filtered);
         assert_eq!(c.level, Level::Warn);
         assert!(
             c.detail.starts_with(
                 "2 sandboxes running, 2 in a cgroup of their own, 1 under seccomp filters, 1 \
-                 WITHOUT (a daemon started with --no-seccomp); limits: cpu 0.5 (1), \
-                 memory 256 MiB (1), pids 1024 (2); not jailed"
+                 WITHOUT (a daemon started with --no-seccomp), 1 jailed, 1 AS ROOT with every \
+                 capability (a daemon started with --no-jail); limits: cpu 0.5 (1), \
+                 memory 256 MiB (1), pids 1024 (2); not yet"
             ),
             "{}",
             c.detail
@@ -812,12 +831,12 @@ mod tests {
         assert!(c.fix.unwrap().contains("Threat model"));
         let c = check_confinement(&[], |_| None);
         assert!(c.detail.starts_with(
-            "0 sandboxes running, 0 in a cgroup of their own, 0 under seccomp filters; limits: \
-             no limits"
+            "0 sandboxes running, 0 in a cgroup of their own, 0 under seccomp filters, 0 jailed \
+             (a uid of their own, no capabilities); limits: no limits"
         ));
-        // This process has no filter.
+        // This process (the tests run as root) has no filter and no jail.
         let me = proc_confinement(std::process::id() as i32).unwrap();
-        assert!(!me.seccomp);
+        assert!(!me.seccomp && !me.jailed);
     }
 
     #[test]

@@ -66,8 +66,19 @@ impl Paths {
                 source,
             })?;
         }
+        // Jailed VMMs (uids of their own) pass through to their own
+        // directories below: others may search these, never list them.
+        for dir in [&paths.snapshots, &paths.sandboxes, &paths.run] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                |source| StartError::Io {
+                    what: "cannot set the permissions of",
+                    path: dir.to_owned(),
+                    source,
+                },
+            )?;
+        }
         if ours {
-            std::fs::set_permissions(&paths.state, std::fs::Permissions::from_mode(0o700))
+            std::fs::set_permissions(&paths.state, std::fs::Permissions::from_mode(0o711))
                 .map_err(|source| StartError::Io {
                     what: "cannot restrict",
                     path: paths.state.clone(),

@@ -99,6 +99,9 @@ pub struct Vmm {
     seccomp: bool,
     /// The disk quota of the VMs it boots to make snapshots, in MiB.
     source_disk_quota_mib: Option<u64>,
+    /// Whether the fork servers jail their children (the default;
+    /// `forkd-daemon --no-jail` turns it off).
+    jail: bool,
 }
 
 impl Vmm {
@@ -112,6 +115,7 @@ impl Vmm {
                     cgroups: None,
                     seccomp: true,
                     source_disk_quota_mib: None,
+                    jail: true,
                 });
             }
             return Err(Error::NoBinary(format!(
@@ -136,6 +140,7 @@ impl Vmm {
                 cgroups: None,
                 seccomp: true,
                 source_disk_quota_mib: None,
+                jail: true,
             })
             .ok_or_else(|| {
                 Error::NoBinary("cannot find forkd-vmm next to forkd-daemon or on PATH; build it (cargo build --release) or pass --vmm-binary".into())
@@ -197,9 +202,26 @@ impl Vmm {
         self.seccomp
     }
 
+    /// Its fork servers' children keep root (`jail` false): for
+    /// debugging only.
+    pub fn with_jail(mut self, jail: bool) -> Vmm {
+        self.jail = jail;
+        self
+    }
+
+    /// Whether its fork servers jail their children.
+    pub fn jail(&self) -> bool {
+        self.jail
+    }
+
     /// The arguments every VMM it starts takes (`run`, `fork-server`).
-    fn vmm_args(&self) -> Option<&'static str> {
-        (!self.seccomp).then_some("--seccomp=off")
+    fn vmm_args(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (!self.seccomp).then_some("--seccomp=off"),
+            (!self.jail).then_some("--jail=off"),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// The binary's path.

@@ -501,6 +501,14 @@ impl Daemon {
             measure_diff,
         };
         let socket = sandbox.control_socket.clone();
+        if self.vmm.jail() {
+            procs::hand_over(&dir, sandbox.info.pid).map_err(|e| {
+                ApiError::internal(format!(
+                    "cannot make the branch's directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
         let answer = tokio::task::spawn_blocking(move || {
             driver::control(&socket, &request, Duration::from_secs(1800))
         })
@@ -520,6 +528,9 @@ impl Daemon {
             }
         };
         let mut row = self.row_from_dir(&tag, &dir, Some(id), pause_ms, diff)?;
+        if row.info.status != SnapshotStatus::Writing {
+            self.take_back(&dir)?;
+        }
         // A branch of a child of a host-tap snapshot records that tap too.
         for from in [&sandbox.base_tag, &sandbox.info.snapshot_tag] {
             if let Some(src) = self.store.snapshot(from)?.filter(|s| s.info.tap.is_some()) {
@@ -559,6 +570,16 @@ impl Daemon {
         })
     }
 
+    /// Gives the branch in `dir` back to root ([`procs::take_back`]).
+    fn take_back(&self, dir: &Path) -> ApiResult<()> {
+        procs::take_back(dir).map_err(|e| {
+            ApiError::internal(format!(
+                "cannot take the branch {} back from its VMM: {e}",
+                dir.display()
+            ))
+        })
+    }
+
     /// Records that sandbox `id` was branched into `row`: its next diff
     /// stacks on it.
     pub fn record_branch(&self, id: &str, row: &SnapshotRow) -> ApiResult<()> {
@@ -592,6 +613,7 @@ impl Daemon {
                 )),
                 Err(e) => Err(format!("the snapshot's metadata is unreadable: {e}")),
             };
+            let outcome = outcome.and_then(|()| self.take_back(dir).map_err(|e| e.message));
             let recorded = match &outcome {
                 Ok(()) => self
                     .store

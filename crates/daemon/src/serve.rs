@@ -172,6 +172,11 @@ pub struct ServeArgs {
     /// The daemon warns at start and `forkd doctor` reports it.
     #[arg(long, env = "FORKD_NO_SECCOMP")]
     pub no_seccomp: bool,
+    /// Leave sandboxes' VMMs root (no jail: they keep every capability),
+    /// for debugging only. The daemon warns at start and `forkd doctor`
+    /// reports it.
+    #[arg(long, env = "FORKD_NO_JAIL")]
+    pub no_jail: bool,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -190,7 +195,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
     let vmm = Vmm::find(args.vmm_binary.clone())?
         .with_fork_pool(args.fork_pool)
-        .with_seccomp(!args.no_seccomp);
+        .with_seccomp(!args.no_seccomp)
+        .with_jail(!args.no_jail);
+    if args.no_jail {
+        tracing::warn!(
+            "--no-jail: sandboxes' VMMs run as root with every capability; a guest that breaks \
+             out of a device model is root on this host. Debugging only."
+        );
+    }
     if args.no_seccomp {
         tracing::warn!(
             "--no-seccomp: VMMs run WITHOUT seccomp filters; a guest that breaks out of a \

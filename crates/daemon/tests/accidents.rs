@@ -176,9 +176,11 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
     std::fs::create_dir_all(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
     let d = Daemon::start(&state, &Config::default());
+    // Searchable (jailed VMMs pass through to their own directories),
+    // never listable or writable by anyone else.
     assert_eq!(
         std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
-        0o700,
+        0o711,
         "the daemon leaves its state directory open"
     );
     let err = Daemon::try_start(&state, &Config::default())
@@ -198,7 +200,7 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
     let id = kid[0]["id"].as_str().unwrap();
     d.expect("POST", &format!("/v1/sandboxes/{id}/ping"), None, 200);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state), 0o711);
     assert_eq!(mode(&state.join("forkd.db")), 0o600);
     // A snapshot's files are read-only once written.
     for f in [
@@ -208,9 +210,17 @@ fn one_daemon_a_state_directory_and_its_files_are_private() {
     ] {
         assert_eq!(mode(&state.join(f)), 0o400, "{f}");
     }
-    for dir in ["snapshots/p", "sandboxes"] {
-        assert_eq!(mode(&state.join(dir)), 0o700, "{dir}");
+    assert_eq!(mode(&state.join("snapshots/p")), 0o700);
+    for dir in ["snapshots", "sandboxes"] {
+        assert_eq!(mode(&state.join(dir)), 0o711, "{dir}");
     }
+    // The sandbox's own directory is its jailed VMM's, and its alone.
+    let (batch, index) = id.rsplit_once('-').unwrap();
+    let own = state.join("sandboxes").join(batch).join(index);
+    let pid = kid[0]["pid"].as_i64().unwrap();
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&own).unwrap());
+    assert_eq!(uid, (1 << 30) + pid as u32, "{}", own.display());
+    assert_eq!(mode(&own), 0o700);
     kill_all(&d);
 }
 

@@ -296,6 +296,17 @@ impl Limits {
     }
 }
 
+/// A jailed VMM's uid and gid are this plus its pid (`forkd-vmm --jail`):
+/// unique among running VMMs without an allocator the fork servers would
+/// share, and above the ids distributions give users and subordinate
+/// ranges.
+pub const JAIL_ID_BASE: u32 = 1 << 30;
+
+/// The uid and gid of the jailed VMM of pid `pid`.
+pub fn jail_id(pid: i32) -> u32 {
+    JAIL_ID_BASE.wrapping_add(pid as u32)
+}
+
 /// The exit status of a VMM that made a system call its seccomp filter
 /// forbids (128 + `SIGSYS`, as a shell reports a process that signal
 /// killed); its `vmm.log` ends with a line naming the thread and the call.

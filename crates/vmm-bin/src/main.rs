@@ -2,6 +2,7 @@
 
 mod control;
 mod fork;
+mod jail;
 mod net;
 mod seccomp;
 
@@ -30,6 +31,19 @@ struct Cli {
     /// `off` runs unconfined, for debugging only.
     #[arg(long, global = true, value_enum, env = "FORKD_SECCOMP", default_value_t = seccomp::Mode::Enforce)]
     seccomp: seccomp::Mode,
+    /// The jail of the children of `fork` and `fork-server`: `on` has
+    /// each give up root (a uid of its own, no capabilities) once it holds
+    /// what only root may open, before its guest runs; `off` leaves them
+    /// root, for debugging only.
+    #[arg(long, global = true, value_enum, env = "FORKD_JAIL", default_value_t = Jail::On)]
+    jail: Jail,
+}
+
+/// `--jail`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Jail {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -344,6 +358,7 @@ fn main() -> ExitCode {
             eprintln!("forkd-vmm: {e}");
             return ExitCode::from(2);
         }
+        jail::configure(cli.jail == Jail::On);
     }
     let result = match cli.command {
         Command::Run(args) => run(*args),
@@ -482,6 +497,8 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ram,
         prewarm: args.prewarm,
         disk_quota: args.disk_quota_mib.map(|m| m << 20),
+        taps: None,
+        uffd: None,
     };
     let listener = args
         .control_socket

@@ -744,3 +744,79 @@ fn children_restore_from_a_snapshot_deleted_after_the_server_read_it() {
         kid.shutdown();
     }
 }
+
+/// What `/proc/<pid>/status` says of a process's confinement: its uids,
+/// whether every capability set is empty, no_new_privs and seccomp.
+fn confinement(pid: i32) -> (String, bool, bool, bool) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let no_caps = ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "CapInh:"]
+        .iter()
+        .all(|f| field(f).bytes().all(|b| b == b'0'));
+    (
+        field("Uid:"),
+        no_caps,
+        field("NoNewPrivs:") == "1",
+        field("Seccomp:") == "2",
+    )
+}
+
+/// Every child of a fork server gives up root before its guest runs,
+/// pooled, forked cold or with memfd RAM: a uid and gid of its own (the
+/// jail's base plus its pid), no capability, no new privileges, its
+/// filters, and a directory of its own; the memfd child is live-branched
+/// (its userfaultfd made before the drop). `--jail off` leaves them root.
+#[test]
+fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
+    let tmp = TempDir::new("jail");
+    let snap = tmp.path().join("snap");
+    make_snapshot(&snap, tmp.path());
+    let server = ForkServer::start(&snap, tmp.path().join("fork.sock"), 1);
+    let parked = server.wait_parked(1);
+    let mut kids = server.fork(2, &tmp.path().join("a"), json!({}));
+    assert!(parked.contains(&kids[0].pid), "the first is the parked one");
+    kids.extend(server.fork(1, &tmp.path().join("b"), json!({"memfd": true})));
+    for kid in &mut kids {
+        assert!(matches!(
+            kid.guest(GuestRequest::Ping),
+            GuestResponse::Pong { .. }
+        ));
+        let id = proto::control::jail_id(kid.pid);
+        let (uids, no_caps, nnp, seccomp) = confinement(kid.pid);
+        assert_eq!(uids, format!("{id}\t{id}\t{id}\t{id}"), "child {}", kid.pid);
+        assert!(no_caps && nnp && seccomp, "child {}", kid.pid);
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&kid.dir).unwrap());
+        assert_eq!(owner, id, "{}", kid.dir.display());
+    }
+    let live = common::snapshot(&mut kids[2], &tmp.path().join("live"), SnapshotMode::Live);
+    assert_eq!(live["status"], "ready", "{live}");
+    for kid in kids {
+        kid.shutdown();
+    }
+    drop(server);
+
+    let server = ForkServer::start_with_args(
+        &snap,
+        tmp.path().join("fork-off.sock"),
+        0,
+        &["--jail", "off"],
+    );
+    let mut kid = server.fork(1, &tmp.path().join("c"), json!({})).remove(0);
+    assert!(matches!(
+        kid.guest(GuestRequest::Ping),
+        GuestResponse::Pong { .. }
+    ));
+    let (uids, no_caps, _, seccomp) = confinement(kid.pid);
+    assert_eq!(
+        (uids.as_str(), no_caps, seccomp),
+        ("0\t0\t0\t0", false, true)
+    );
+    kid.shutdown();
+}

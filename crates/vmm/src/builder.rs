@@ -103,6 +103,15 @@ pub struct RestoreConfig {
     /// The most data, in bytes, each of the child's own CoW layers may
     /// hold (see [`crate::devices::virtio::block::DiskConfig::quota`]).
     pub disk_quota: Option<u64>,
+    /// The snapshot's taps, attached already (one `/dev/net/tun`
+    /// descriptor per network interface, in order), by a process allowed
+    /// to enter `netns`: the child attaches none itself. `None`: it
+    /// attaches them.
+    pub taps: Option<Arc<Vec<std::fs::File>>>,
+    /// A userfaultfd made already, for RAM that can be live-branched (a
+    /// process that gave up the privilege to make one makes it first).
+    /// `None`: made when needed.
+    pub uffd: Option<Arc<Uffd>>,
 }
 
 /// What a restored child's RAM is. Either way the child's first diff
@@ -538,6 +547,7 @@ impl PreparedRestore<'_> {
             tracing::info!("prewarmed guest RAM in {took:?}");
         }
         let backends = restore_backends(snapshot, cfg)?;
+        parts.uffd_ahead = cfg.uffd.clone();
         let virtio = VirtioDevices::restore_routed(
             &state.devices.virtio,
             backends,
@@ -655,13 +665,28 @@ fn restore_backends(
         ));
     }
     // The count matches the vmstate's (checked when the snapshot was loaded).
+    if let Some(opened) = &cfg.taps {
+        if opened.len() != snapshot.meta.nets.len() {
+            return Err(device_err("virtio-net device")(format!(
+                "the snapshot has {} network interfaces but {} taps were opened for the child",
+                snapshot.meta.nets.len(),
+                opened.len()
+            )));
+        }
+    }
     let taps = snapshot
         .meta
         .nets
         .iter()
         .enumerate()
-        .map(|(i, net)| {
-            Tap::attach(&net.tap, cfg.netns.as_deref()).map_err(|e| net_err(i, &net.tap, e))
+        .map(|(i, net)| match &cfg.taps {
+            Some(opened) => opened[i]
+                .try_clone()
+                .map(|f| Tap::from_file(f, &net.tap))
+                .map_err(|e| device_err("virtio-net device")(format!("tap {:?}: {e}", net.tap))),
+            None => {
+                Tap::attach(&net.tap, cfg.netns.as_deref()).map_err(|e| net_err(i, &net.tap, e))
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RestoreBackends {
@@ -700,6 +725,8 @@ struct Parts {
     serial_irq: EventFd,
     i8042: Arc<Mutex<I8042>>,
     reset_evt: EventFd,
+    /// A userfaultfd made ahead for live BRANCH (see [`RestoreConfig::uffd`]).
+    uffd_ahead: Option<Arc<Uffd>>,
 }
 
 impl Parts {
@@ -776,6 +803,7 @@ impl Parts {
             serial_irq,
             i8042,
             reset_evt,
+            uffd_ahead: None,
         })
     }
 
@@ -831,7 +859,7 @@ impl Parts {
         paused: bool,
         base: Option<ParentRef>,
     ) -> Result<Machine, BuildError> {
-        let uffd = register_for_live_branch(&self.ram)?;
+        let uffd = register_for_live_branch(&self.ram, self.uffd_ahead.clone())?;
         let channel = (guest == GuestKind::Builtin)
             .then(|| Arc::new(Channel::new(self.ram.memory().clone())));
         if let Some(ch) = &channel {
@@ -941,16 +969,22 @@ fn create_vcpu(vm: &vm::Vm, id: u8) -> Result<VcpuFd, BuildError> {
 /// Memfd RAM is registered for userfaultfd write-protect when the machine
 /// is built, so a live BRANCH only has to arm it. Other RAM cannot be
 /// live-branched.
-fn register_for_live_branch(ram: &GuestRam) -> Result<Option<Arc<Uffd>>, BuildError> {
+fn register_for_live_branch(
+    ram: &GuestRam,
+    ahead: Option<Arc<Uffd>>,
+) -> Result<Option<Arc<Uffd>>, BuildError> {
     if !matches!(ram.backend(), Backend::Memfd | Backend::HugeMemfd) {
         return Ok(None);
     }
     let err = |e: uffd::Error| device_err("userfaultfd for live BRANCH")(e.to_string());
-    let uffd = Uffd::new().map_err(err)?;
+    let uffd = match ahead {
+        Some(u) => u,
+        None => Arc::new(Uffd::new().map_err(err)?),
+    };
     for (_, host, len) in ram.slots() {
         uffd.register_wp(host, len).map_err(err)?;
     }
-    Ok(Some(Arc::new(uffd)))
+    Ok(Some(uffd))
 }
 
 enum Entry {
@@ -1156,6 +1190,8 @@ mod tests {
                     netns: None,
                     prewarm: false,
                     disk_quota: None,
+                    taps: None,
+                    uffd: None,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();
@@ -1247,6 +1283,8 @@ mod tests {
             netns: Some(netns.0.clone()),
             prewarm: false,
             disk_quota: None,
+            taps: None,
+            uffd: None,
             ram: RestoreRam::SnapshotFile,
         };
 
@@ -1416,6 +1454,8 @@ mod tests {
                         netns: None,
                         prewarm: false,
                         disk_quota: None,
+                        taps: None,
+                        uffd: None,
                         ram: RestoreRam::SnapshotFile,
                     })
                     .unwrap();
@@ -1445,6 +1485,8 @@ mod tests {
                             netns: None,
                             prewarm: false,
                             disk_quota: None,
+                            taps: None,
+                            uffd: None,
                             ram: RestoreRam::SnapshotFile,
                         })
                         .unwrap();
@@ -1499,6 +1541,8 @@ mod tests {
                     netns: None,
                     prewarm: false,
                     disk_quota: None,
+                    taps: None,
+                    uffd: None,
                     ram: RestoreRam::SnapshotFile,
                 })
                 .unwrap();

@@ -119,6 +119,9 @@ pub(super) fn pooled_child(
     match order {
         Ok(Some(order)) => {
             let mut cfg = forker.child_config(&order.dir, order.options, order.netns.as_deref());
+            if !forker.snapshot.meta.nets.is_empty() {
+                cfg.taps = Some(Arc::new(order.taps));
+            }
             let (listener, log) = match order.listener {
                 // The server renamed the staged directory to `order.dir`.
                 None => {
@@ -212,6 +215,10 @@ pub(super) fn prepare_pooled<'a>(
     let listener =
         crate::control::bind(&staged.join("control.sock")).map_err(|e| other(e.to_string()))?;
     let log = open_log(staged).map_err(|e| other(format!("cannot create its vmm.log: {e}")))?;
+    if crate::jail::on() {
+        // Before any thread: its taps come with its order, from the server.
+        crate::jail::drop_root(staged).map_err(|e| other(e.to_string()))?;
+    }
     // Creates the console log when staged.
     let console = if stage_console {
         ConsoleOutput::File(staged.join(CONSOLE_LOG))

@@ -87,12 +87,46 @@ impl Forker {
             // in parallel and the parent stays small.
             prewarm: options.prewarm,
             disk_quota: options.disk_quota_mib.map(|m| m << 20),
+            // The jail (crate::jail) fills these in before it drops root.
+            taps: None,
+            uffd: None,
             ram: match (options.memfd, options.huge_pages) {
                 (true, true) => RestoreRam::HugeMemfd,
                 (true, false) => RestoreRam::Memfd,
                 (false, _) => RestoreRam::SnapshotFile,
             },
         }
+    }
+
+    /// The snapshot's taps, attached in `netns` (this process's when
+    /// `None`): for a child that may not enter the namespace itself.
+    pub(super) fn open_taps(&self, netns: Option<&str>) -> Result<Vec<std::fs::File>, BoxError> {
+        self.snapshot
+            .meta
+            .nets
+            .iter()
+            .map(|net| {
+                vmm::devices::virtio::net::Tap::attach(&net.tap, netns)
+                    .map(vmm::devices::virtio::net::Tap::into_file)
+                    .map_err(|e| format!("tap {:?}: {e}", net.tap).into())
+            })
+            .collect()
+    }
+
+    /// Jails a child forked cold (one thread yet): what it needs root for
+    /// first (its taps; a userfaultfd when its RAM can be live-branched),
+    /// then the drop.
+    fn jail_cold(&self, dir: &Path, cfg: &mut RestoreConfig) -> Result<(), BoxError> {
+        if !self.snapshot.meta.nets.is_empty() {
+            cfg.taps = Some(Arc::new(self.open_taps(cfg.netns.as_deref())?));
+        }
+        if cfg.ram != RestoreRam::SnapshotFile {
+            let uffd = vmm::memory::uffd::Uffd::new()
+                .map_err(|e| format!("a userfaultfd for live BRANCH: {e}"))?;
+            cfg.uffd = Some(Arc::new(uffd));
+        }
+        crate::jail::drop_root(dir)?;
+        Ok(())
     }
 
     /// Starts `batch`: forks its children, or hands out parked children
@@ -138,6 +172,7 @@ impl Forker {
             None => {}
         }
         std::fs::create_dir_all(out_dir)
+            .and_then(|()| crate::jail::let_through(out_dir))
             .map_err(|e| refuse(format!("cannot create {}: {e}", out_dir.display()).into()))?;
         // Flushed before every fork so no buffered output is written twice.
         std::io::stdout().flush().map_err(|e| refuse(e.into()))?;
@@ -234,7 +269,7 @@ impl Forker {
         group: Option<&Group>,
         close_in_child: &[RawFd],
     ) -> Result<i32, BoxError> {
-        let cfg = self.child_config(dir, options, netns);
+        let mut cfg = self.child_config(dir, options, netns);
         // SAFETY: this process is single-threaded (checked when the Forker
         // was made; nothing here starts threads), so the child is a complete
         // copy of it and may go on running Rust code.
@@ -249,6 +284,12 @@ impl Forker {
                 }
                 restore_child_signals();
                 close_all(close_in_child);
+                if crate::jail::on() {
+                    if let Err(e) = self.jail_cold(dir, &mut cfg) {
+                        eprintln!("forkd-vmm child: {e}");
+                        std::process::exit(2);
+                    }
+                }
                 std::process::exit(child(
                     self,
                     dir,

@@ -4,8 +4,9 @@
 //! An order is one message: an option byte, the length of the network
 //! namespace's name (0: none), the disk quota in MiB (8 bytes, little
 //! endian; 0: none), the name, and the child's directory path,
-//! carrying the control socket's listener as `SCM_RIGHTS` when the server
-//! made it. [`encode`] and [`decode`] are the message's bytes alone; the
+//! carrying as `SCM_RIGHTS` the control socket's listener when the server
+//! made it (said by an option bit) and then the snapshot's taps, attached
+//! by the server in the child's namespace (the child may not enter it). [`encode`] and [`decode`] are the message's bytes alone; the
 //! send and receive around them are hand-written rather than
 //! vmm-sys-util's `ScmSocket`, which neither refuses a truncated message
 //! (`MSG_TRUNC`) nor receives descriptors close-on-exec nor sends without
@@ -25,6 +26,11 @@ use super::ChildOptions;
 const ORDER_PAUSED: u8 = 1;
 const ORDER_CONSOLE_LOG: u8 = 2;
 const ORDER_PREWARM: u8 = 4;
+/// The first descriptor that comes with the order is a listener.
+const ORDER_LISTENER: u8 = 8;
+/// Most descriptors an order carries: a listener and a tap for each of
+/// the snapshot's network interfaces.
+pub(super) const MAX_ORDER_FDS: usize = 1 + 16;
 /// An order's header: the option byte, the length of the namespace name
 /// and the disk quota.
 const ORDER_HEADER: usize = 10;
@@ -42,6 +48,8 @@ pub(super) struct Order {
     /// The control socket the server made, when it did not rename the
     /// child's staged directory.
     pub(super) listener: Option<UnixListener>,
+    /// The snapshot's taps, attached in `netns` by the server.
+    pub(super) taps: Vec<std::fs::File>,
 }
 
 /// An order's bytes (the listener travels beside them).
@@ -90,7 +98,7 @@ pub(super) fn decode(data: &[u8]) -> std::io::Result<(PathBuf, ChildOptions, Opt
     if data.len() < ORDER_HEADER || data.len() > MAX_ORDER {
         return Err(malformed());
     }
-    if data[0] & !(ORDER_PAUSED | ORDER_CONSOLE_LOG | ORDER_PREWARM) != 0 {
+    if data[0] & !(ORDER_PAUSED | ORDER_CONSOLE_LOG | ORDER_PREWARM | ORDER_LISTENER) != 0 {
         return Err(malformed());
     }
     let options = ChildOptions {
@@ -116,40 +124,64 @@ pub(super) fn decode(data: &[u8]) -> std::io::Result<(PathBuf, ChildOptions, Opt
     Ok((dir, options, netns))
 }
 
+/// Room for `n` descriptors in one `SCM_RIGHTS` message.
+fn fds_space(n: usize) -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE((n * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
 /// Sends a parked child its order, with the control socket's listener when
-/// the server made it (the child's own staged one otherwise).
+/// the server made it (the child's own staged one otherwise) and the
+/// snapshot's `taps`.
 pub(super) fn send_order(
     link: &OwnedFd,
     dir: &Path,
     options: ChildOptions,
     netns: Option<&str>,
     listener: Option<BorrowedFd<'_>>,
+    taps: &[std::fs::File],
 ) -> std::io::Result<()> {
     let mut data = encode(dir, options, netns)?;
+    if listener.is_some() {
+        data[0] |= ORDER_LISTENER;
+    }
+    let fds: Vec<RawFd> = listener
+        .map(|l| l.as_raw_fd())
+        .into_iter()
+        .chain(taps.iter().map(|t| t.as_raw_fd()))
+        .collect();
+    if fds.len() > MAX_ORDER_FDS {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} taps are more than an order carries", taps.len()),
+        ));
+    }
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
         iov_len: data.len(),
     };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let space = fds_space(fds.len());
     let mut control = vec![0u8; space];
     // SAFETY: msghdr is plain old data; every field used is set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some(listener) = listener {
+    if !fds.is_empty() {
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
         // SAFETY: `msg` points at `control`, which has room for one cmsghdr
-        // carrying one descriptor (CMSG_SPACE above); CMSG_FIRSTHDR is
-        // non-null for a control buffer that large, and CMSG_DATA points
-        // inside it.
+        // carrying `fds` (CMSG_SPACE above); CMSG_FIRSTHDR is non-null for
+        // a control buffer that large, and CMSG_DATA points inside it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), listener.as_raw_fd());
+            (*cmsg).cmsg_len =
+                libc::CMSG_LEN((fds.len() * std::mem::size_of::<RawFd>()) as u32) as _;
+            let at = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(at.add(i), *fd);
+            }
         }
     }
     // SAFETY: `msg` and what it points at are valid for the call; MSG_NOSIGNAL
@@ -167,8 +199,7 @@ pub(super) fn receive_order(link: &OwnedFd) -> std::io::Result<Option<Order>> {
     // One byte more than the longest order: a longer message is truncated
     // to it, and refused.
     let mut data = vec![0u8; MAX_ORDER + 1];
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let space = fds_space(MAX_ORDER_FDS);
     let mut control = vec![0u8; space];
     loop {
         let mut iov = libc::iovec {
@@ -194,32 +225,48 @@ pub(super) fn receive_order(link: &OwnedFd) -> std::io::Result<Option<Order>> {
             return Ok(None);
         }
         // SAFETY: recvmsg filled `msg`; CMSG_FIRSTHDR/CMSG_DATA stay within
-        // `control` (msg_controllen says how much of it is valid).
-        let fd = unsafe {
+        // `control` (msg_controllen says how much of it is valid), and the
+        // count comes from the header the kernel wrote. The descriptors
+        // arrived with the message: new in this process and ours alone
+        // (closed on every error path below).
+        let fds: Vec<OwnedFd> = unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             if cmsg.is_null()
                 || (*cmsg).cmsg_level != libc::SOL_SOCKET
                 || (*cmsg).cmsg_type != libc::SCM_RIGHTS
             {
-                None
+                Vec::new()
             } else {
-                Some(std::ptr::read_unaligned(
-                    libc::CMSG_DATA(cmsg).cast::<RawFd>(),
-                ))
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let at = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                (0..len / std::mem::size_of::<RawFd>())
+                    .map(|i| OwnedFd::from_raw_fd(std::ptr::read_unaligned(at.add(i))))
+                    .collect()
             }
         };
-        // SAFETY: the descriptor arrived with the message: it is new in this
-        // process and ours alone (closed on every error path below).
-        let listener = fd.map(|fd| unsafe { UnixListener::from_raw_fd(fd) });
         if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
             return Err(Error::new(ErrorKind::InvalidData, "a truncated order"));
         }
-        let (dir, options, netns) = decode(&data[..n as usize])?;
+        let data = &data[..n as usize];
+        let (dir, options, netns) = decode(data)?;
+        let mut fds = fds.into_iter();
+        let listener = if data[0] & ORDER_LISTENER != 0 {
+            let fd = fds.next().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidData,
+                    "an order said a listener came, and none did",
+                )
+            })?;
+            Some(UnixListener::from(fd))
+        } else {
+            None
+        };
         return Ok(Some(Order {
             dir,
             options,
             netns,
             listener,
+            taps: fds.map(std::fs::File::from).collect(),
         }));
     }
 }
@@ -339,7 +386,7 @@ mod tests {
             &[0],
             &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0],             // no path
             &[0, 0, 0, 0, 0, 0, 0, 0, b'/'],             // a short quota
-            &[8, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'/'],       // an option bit nobody sends
+            &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'/'],      // an option bit nobody sends
             &[0, 3, 0, 0, 0, 0, 0, 0, 0, 0, b'a', b'b'], // the name runs past the message
             &[0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, b'/'], // a name that is not UTF-8
             &[0, 200, 0, 0, 0, 0, 0, 0, 0, 0, b'/'],     // a name longer than any namespace's
@@ -354,14 +401,19 @@ mod tests {
     }
 
     #[test]
-    fn an_order_crosses_the_link_with_and_without_a_listener() {
+    fn an_order_crosses_the_link_with_and_without_a_listener_and_taps() {
         let (server, child) = link_pair().unwrap();
+        // Two files stand for taps: the same files arrive, in order.
+        let taps: Vec<std::fs::File> = (0..2)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
         send_order(
             &server,
             Path::new("/k/7"),
             opts(true, false),
             Some("ns7"),
             None,
+            &taps,
         )
         .unwrap();
         let o = receive_order(&child).unwrap().unwrap();
@@ -370,6 +422,30 @@ mod tests {
             (Path::new("/k/7"), Some("ns7"))
         );
         assert!(o.options.paused && o.listener.is_none());
+        let ino = |f: &std::fs::File| std::os::unix::fs::MetadataExt::ino(&f.metadata().unwrap());
+        assert_eq!(
+            o.taps.iter().map(ino).collect::<Vec<_>>(),
+            taps.iter().map(ino).collect::<Vec<_>>()
+        );
+        let too_many: Vec<std::fs::File> = (0..MAX_ORDER_FDS)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let listener_too = UnixListener::bind(
+            std::env::temp_dir().join(format!("forkd-order-l-{}", std::process::id())),
+        );
+        let l = listener_too.unwrap();
+        assert!(send_order(
+            &server,
+            Path::new("/k"),
+            opts(false, false),
+            None,
+            Some(l.as_fd()),
+            &too_many
+        )
+        .is_err());
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("forkd-order-l-{}", std::process::id())),
+        );
 
         let dir = std::env::temp_dir().join(format!("forkd-order-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -382,9 +458,11 @@ mod tests {
             opts(false, true),
             None,
             Some(listener.as_fd()),
+            &taps[..1],
         )
         .unwrap();
         let o = receive_order(&child).unwrap().unwrap();
+        assert_eq!(o.taps.len(), 1, "the tap after the listener");
         let got = o.listener.expect("the listener came along");
         // The descriptor is close-on-exec, and it is the same socket.
         // SAFETY: F_GETFD on a descriptor this test owns.

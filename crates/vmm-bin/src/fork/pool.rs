@@ -101,12 +101,14 @@ impl Pool {
     pub(super) fn new(target: usize, staging: PathBuf) -> Result<Self, BoxError> {
         if target > 0 {
             let _ = std::fs::remove_dir_all(&staging);
-            std::fs::create_dir_all(&staging).map_err(|e| {
-                format!(
-                    "cannot create the pool's staging directory {}: {e}",
-                    staging.display()
-                )
-            })?;
+            std::fs::create_dir_all(&staging)
+                .and_then(|()| crate::jail::let_through(&staging))
+                .map_err(|e| {
+                    format!(
+                        "cannot create the pool's staging directory {}: {e}",
+                        staging.display()
+                    )
+                })?;
         }
         Ok(Pool {
             target,
@@ -389,9 +391,10 @@ impl Pool {
                 }
             }
             if self.idle_prepare {
-                // A child still preparing finishes at normal priority (it
-                // raises itself when it reads the order, too late for that).
-                let _ = set_scheduler(parked.pid, libc::SCHED_OTHER);
+                // Every thread back to normal priority, here: a jailed
+                // child may not leave SCHED_IDLE by itself, and one still
+                // preparing finishes at normal priority.
+                raise_threads(parked.pid);
             }
             let staged = self.staging.join(parked.pid.to_string());
             // An empty directory in the way is replaced; anything else
@@ -400,17 +403,32 @@ impl Pool {
             let listener = if renamed {
                 None
             } else {
-                Some(make_child_dir(dir)?)
+                let listener = make_child_dir(dir)?;
+                if crate::jail::on() {
+                    // The jailed child writes its files there.
+                    let id = crate::jail::id_of(parked.pid);
+                    std::os::unix::fs::chown(dir, Some(id), Some(id))?;
+                }
+                Some(listener)
             };
+            // A parked child may not enter the namespace: its taps are
+            // attached here.
+            let taps = forker.open_taps(netns)?;
             match send_order(
                 &parked.link,
                 dir,
                 options,
                 netns,
                 listener.as_ref().map(|l| l.as_fd()),
+                &taps,
             ) {
                 // The child closes its end once it runs.
                 Ok(()) => {
+                    if !renamed {
+                        // Not the child's to remove when jailed (the
+                        // staging directory is this server's).
+                        let _ = std::fs::remove_dir_all(&staged);
+                    }
                     self.starting.push(parked.link);
                     self.handed_out += 1;
                     self.update_starting();
@@ -428,6 +446,20 @@ impl Pool {
             }
         }
         Ok(None)
+    }
+}
+
+/// Sets every thread of process `pid` to `SCHED_OTHER` (from the
+/// `SCHED_IDLE` a pooled child prepares at); threads it starts meanwhile
+/// inherit the policy of their creator, which is raised too.
+fn raise_threads(pid: libc::pid_t) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+            let _ = set_scheduler(tid, libc::SCHED_OTHER);
+        }
     }
 }
 

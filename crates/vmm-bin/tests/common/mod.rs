@@ -257,8 +257,39 @@ impl ControlledVm for ForkedVm {
     }
 }
 
+/// The uid process `pid` runs as (0 when it cannot be read).
+pub fn uid_of(pid: i32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A jailed VMM (a child of `fork` or `fork-server`, no longer root)
+/// writes a snapshot only into a directory handed over to it: made, empty,
+/// and given to its uid, as the daemon does. Nothing for one that runs as
+/// root or a directory that exists.
+pub fn hand_over(pid: i32, dir: &Path) {
+    let uid = uid_of(pid);
+    if uid == 0 || dir.exists() {
+        return;
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::create_dir(dir).unwrap();
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
+}
+
 impl ForkedVm {
     pub fn call(&mut self, req: ControlRequest) -> ControlResponse {
+        if let ControlRequest::Snapshot { dir, .. } = &req {
+            hand_over(self.pid, dir);
+        }
         match self.client.call(&req) {
             Ok(r) => r,
             Err(e) => {

@@ -186,6 +186,22 @@ impl Pending {
             }
             write_meta(&self.tmp, &self.meta)?;
             sync_dir(&self.tmp)?;
+            if self.tmp.parent() == Some(self.dir.as_path()) {
+                // Put together inside a directory handed over: its files
+                // move up, `snapshot.json` last, which makes it one.
+                let mut names: Vec<_> = std::fs::read_dir(&self.tmp)
+                    .map_err(io_err(&self.tmp))?
+                    .map(|e| e.map(|e| e.file_name()))
+                    .collect::<Result<_, _>>()
+                    .map_err(io_err(&self.tmp))?;
+                names.sort_by_key(|n| n == proto::snapshot::META_FILE);
+                for name in names {
+                    std::fs::rename(self.tmp.join(&name), self.dir.join(&name))
+                        .map_err(io_err(&self.dir))?;
+                }
+                std::fs::remove_dir(&self.tmp).map_err(io_err(&self.tmp))?;
+                return sync_dir(&self.dir);
+            }
             std::fs::rename(&self.tmp, &self.dir).map_err(io_err(&self.dir))?;
             // A bare relative name's parent is "": the current directory.
             match self.dir.parent() {
@@ -243,11 +259,20 @@ pub fn prepare(
 }
 
 /// Creates the empty temporary directory a snapshot for `dir` is written
-/// in (a hidden sibling of `dir`, on the same file system, so the final
-/// rename is atomic). `dir` must not exist.
+/// in: a hidden sibling of `dir`, on the same file system, so the final
+/// rename is atomic; or, when `dir` is an empty directory its caller
+/// handed over (one made where this process may not make one: a jailed
+/// VMM's), a hidden directory inside it, whose files move up at the end.
+/// `dir` must not exist otherwise.
 pub(super) fn temp_dir_beside(dir: &Path) -> Result<PathBuf, Error> {
     if dir.exists() {
-        return Err(Error::Exists(dir.to_owned()));
+        let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+        if !dir.is_dir() || !empty {
+            return Err(Error::Exists(dir.to_owned()));
+        }
+        let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        return Ok(tmp);
     }
     let name = dir
         .file_name()
@@ -628,17 +653,22 @@ pub(super) fn diff_cost(dir: &Path, write_us: u64) -> Result<DiffCost, Error> {
 }
 
 /// Writes the diff a diff snapshot of `mem` with `dirty` pages would write,
-/// in a scratch directory beside `dir`, and removes it again: what
-/// `measure_diff` reports beside a full snapshot. Call in the pause.
+/// in a scratch directory beside `dir` (inside it when it was handed over,
+/// see [`temp_dir_beside`]), and removes it again: what `measure_diff`
+/// reports beside a full snapshot. Call in the pause.
 pub fn measure_diff(
     dir: &Path,
     mem: &GuestMemoryMmap,
     dirty: &[Vec<u64>],
 ) -> Result<DiffCost, Error> {
-    let name = dir
-        .file_name()
-        .map_or_else(|| "snapshot".into(), |n| n.to_string_lossy().into_owned());
-    let scratch = dir.with_file_name(format!(".{name}.measure-{}", std::process::id()));
+    let scratch = if dir.is_dir() {
+        dir.join(format!(".measure-{}", std::process::id()))
+    } else {
+        let name = dir
+            .file_name()
+            .map_or_else(|| "snapshot".into(), |n| n.to_string_lossy().into_owned());
+        dir.with_file_name(format!(".{name}.measure-{}", std::process::id()))
+    };
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
     let started = std::time::Instant::now();

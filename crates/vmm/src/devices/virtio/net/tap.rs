@@ -168,6 +168,16 @@ impl Tap {
         in_netns(netns, move || present_here(&name, &ns))
     }
 
+    /// The tap `name` opened by someone else (a process that may enter
+    /// its namespace and attach it, for one that may not): `file` is its
+    /// `/dev/net/tun` descriptor, attached as [`Tap::attach`] does.
+    pub fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_owned(),
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
@@ -176,6 +186,12 @@ impl Tap {
     /// The file descriptor's file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Its `/dev/net/tun` descriptor, for another process
+    /// ([`Tap::from_file`]).
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 

@@ -21,10 +21,11 @@
 //! the direct one (`--pool`) keep N children parked, and every round
 //! starts with both pools full.
 //!
-//! With `--unconfined-too`, a second daemon started with `--no-seccomp`
-//! (and a second direct fork server with `--seccomp off`) spawns the same
-//! rounds, alternating with the first, so what the VMMs' seccomp filters
-//! cost is measured in the same run (the baseline: no filters).
+//! With `--unconfined-too`, a second daemon started with `--no-seccomp
+//! --no-jail` (and a second direct fork server with `--seccomp off --jail
+//! off`) spawns the same rounds, alternating with the first, so what the
+//! VMMs' confinement (seccomp filters and the jail) costs is measured in
+//! the same run (the baseline: unconfined VMMs, as root).
 //!
 //! ```sh
 //! cargo build --release --workspace
@@ -77,8 +78,8 @@ struct Args {
     /// direct one; each round starts with the pools full.
     #[arg(long, default_value_t = 0)]
     fork_pool: u32,
-    /// Also spawn every round from a daemon without seccomp filters
-    /// (`--no-seccomp`) and a direct fork server without them, in
+    /// Also spawn every round from a daemon whose VMMs are unconfined
+    /// (`--no-seccomp --no-jail`) and a direct fork server likewise, in
     /// alternation with the default ones.
     #[arg(long, conflicts_with_all = ["prewarm", "single", "network"])]
     unconfined_too: bool,
@@ -200,7 +201,7 @@ fn main() {
 }
 
 /// `--unconfined-too`: the rounds of the default daemon and fork server
-/// next to those of a daemon and a fork server without seccomp filters,
+/// next to those of a daemon and a fork server whose VMMs are unconfined,
 /// alternating (which goes first flips every round).
 fn unconfined_series(args: &Args, bin_dir: &Path, tmp: &Path, d: &Daemon, server: &ForkServer) {
     let open = Daemon::start(
@@ -208,7 +209,7 @@ fn unconfined_series(args: &Args, bin_dir: &Path, tmp: &Path, d: &Daemon, server
         &tmp.join("state-unconfined"),
         0,
         args.fork_pool,
-        &["--no-seccomp"],
+        &["--no-seccomp", "--no-jail"],
     );
     let snap = open.call(
         "POST",
@@ -222,7 +223,7 @@ fn unconfined_series(args: &Args, bin_dir: &Path, tmp: &Path, d: &Daemon, server
         &snap_dir,
         &tmp.join("fork-unconfined.sock"),
         args.fork_pool,
-        &["--seccomp=off"],
+        &["--seccomp=off", "--jail=off"],
     );
     direct_round(&open_server, &tmp.join("warm-unconfined"), 1);
     // [confined, unconfined] of each.
@@ -243,17 +244,17 @@ fn unconfined_series(args: &Args, bin_dir: &Path, tmp: &Path, d: &Daemon, server
     }
     println!(
         "{} sandboxes of the built-in guest (128 MiB), request to every agent answering, {} rounds, \
-         with and without seccomp filters:",
+         confined (seccomp filters and the jail) and not:",
         args.children, args.rounds
     );
     let (a, ao) = (Stats::of(&api[0]), Stats::of(&api[1]));
     let (f, fo) = (Stats::of(&direct[0]), Stats::of(&direct[1]));
-    println!("  daemon REST API, filters    {a}");
-    println!("  daemon REST API, no filters {ao}");
-    println!("  fork server, filters        {f}");
-    println!("  fork server, no filters     {fo}");
+    println!("  daemon REST API, confined   {a}");
+    println!("  daemon REST API, unconfined {ao}");
+    println!("  fork server, confined       {f}");
+    println!("  fork server, unconfined     {fo}");
     println!(
-        "  filters / none (p50): REST API {:.3}x, fork server {:.3}x",
+        "  confined / unconfined (p50): REST API {:.3}x, fork server {:.3}x",
         ms(a.p50) / ms(ao.p50),
         ms(f.p50) / ms(fo.p50)
     );

@@ -9,9 +9,9 @@
 //!   nor of the host's users; its own directory is made its own.
 //! - no capabilities (none permitted, none in the bounding or ambient
 //!   set), so a VMM taken over cannot get root's back;
-//! - no core dumps and at most [`MAX_FILES`] descriptors. A pooled child,
-//!   prepared at `SCHED_IDLE`, cannot return to normal priority by itself
-//!   any more: its server raises its threads when it hands it out.
+//! - no core dumps and at most [`MAX_FILES`] descriptors. A jailed child
+//!   could not leave `SCHED_IDLE` by itself, so a pool prepares jailed
+//!   children at normal priority.
 //!
 //! Credentials are per thread on Linux: that is why the drop comes while
 //! the child has one thread (a thread started before would keep root).

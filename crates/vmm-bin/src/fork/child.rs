@@ -111,7 +111,7 @@ pub(super) fn pooled_child(
         let threads = threads.chain([ahead.worker]);
         for tid in std::iter::once(0).chain(threads) {
             if let Err(e) = set_scheduler(tid, libc::SCHED_OTHER) {
-                eprintln!("forkd-vmm pooled child: cannot leave SCHED_IDLE: {e}");
+                eprintln!("forkd-vmm pooled child: cannot leave SCHED_IDLE (thread {tid}): {e}");
             }
         }
     }

@@ -115,7 +115,11 @@ impl Pool {
             staging,
             parked: VecDeque::with_capacity(target),
             last_loss: None,
-            idle_prepare: target > 0 && idle_is_reversible(),
+            // A jailed child may not leave SCHED_IDLE by itself (no
+            // CAP_SYS_NICE, and RLIMIT_NICE cannot be raised without
+            // CAP_SYS_RESOURCE), so jailed children prepare at normal
+            // priority.
+            idle_prepare: target > 0 && !crate::jail::on() && idle_is_reversible(),
             stage_console: false,
             starting: Vec::new(),
             starting_since: None,
@@ -391,10 +395,9 @@ impl Pool {
                 }
             }
             if self.idle_prepare {
-                // Every thread back to normal priority, here: a jailed
-                // child may not leave SCHED_IDLE by itself, and one still
-                // preparing finishes at normal priority.
-                raise_threads(parked.pid);
+                // A child still preparing finishes at normal priority (it
+                // raises itself when it reads the order, too late for that).
+                let _ = set_scheduler(parked.pid, libc::SCHED_OTHER);
             }
             let staged = self.staging.join(parked.pid.to_string());
             // An empty directory in the way is replaced; anything else
@@ -446,20 +449,6 @@ impl Pool {
             }
         }
         Ok(None)
-    }
-}
-
-/// Sets every thread of process `pid` to `SCHED_OTHER` (from the
-/// `SCHED_IDLE` a pooled child prepares at); threads it starts meanwhile
-/// inherit the policy of their creator, which is raised too.
-fn raise_threads(pid: libc::pid_t) {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return;
-    };
-    for task in tasks.flatten() {
-        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
-            let _ = set_scheduler(tid, libc::SCHED_OTHER);
-        }
     }
 }
 

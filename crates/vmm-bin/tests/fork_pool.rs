@@ -795,6 +795,21 @@ fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
         let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&kid.dir).unwrap());
         assert_eq!(owner, id, "{}", kid.dir.display());
     }
+    // Not handed a directory, a jailed child cannot make one, and says how.
+    let refused = kids[0]
+        .client
+        .call(&ControlRequest::Snapshot {
+            dir: tmp.path().join("not-handed"),
+            leave_paused: false,
+            mode: SnapshotMode::Full,
+            wait: true,
+            measure_diff: false,
+        })
+        .unwrap();
+    assert!(
+        matches!(&refused, ControlResponse::Error { message } if message.contains("made for it")),
+        "{refused:?}"
+    );
     let live = common::snapshot(&mut kids[2], &tmp.path().join("live"), SnapshotMode::Live);
     assert_eq!(live["status"], "ready", "{live}");
     for kid in kids {

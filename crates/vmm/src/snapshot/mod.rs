@@ -120,6 +120,13 @@ pub enum Error {
     /// Destination exists.
     #[error("snapshot directory {0} already exists: choose another or delete it first")]
     Exists(PathBuf),
+    /// This process may not make the snapshot's directory.
+    #[error(
+        "snapshot {0}: this process may not create it (permission denied); a jailed VMM (a \
+         fork server's child) writes a snapshot only into an empty directory made for it and \
+         owned by its uid, as the daemon makes one for each branch"
+    )]
+    NotPermitted(PathBuf),
     /// Bad vmstate.
     #[error("snapshot {path}: {source}")]
     Format {

@@ -284,7 +284,10 @@ pub(super) fn temp_dir_beside(dir: &Path) -> Result<PathBuf, Error> {
         .into_owned();
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => Error::NotPermitted(dir.to_owned()),
+        _ => io_err(&tmp)(e),
+    })?;
     Ok(tmp)
 }
 
@@ -654,7 +657,7 @@ pub(super) fn diff_cost(dir: &Path, write_us: u64) -> Result<DiffCost, Error> {
 
 /// Writes the diff a diff snapshot of `mem` with `dirty` pages would write,
 /// in a scratch directory beside `dir` (inside it when it was handed over,
-/// see [`temp_dir_beside`]), and removes it again: what `measure_diff`
+/// as a snapshot is put together there), and removes it again: what `measure_diff`
 /// reports beside a full snapshot. Call in the pause.
 pub fn measure_diff(
     dir: &Path,

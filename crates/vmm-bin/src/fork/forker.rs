@@ -35,6 +35,14 @@ impl Forker {
     /// The snapshot in `dir`, its children's cgroups under
     /// `cgroup_parents` (none: children stay in this process's groups).
     pub(super) fn new(dir: &Path, cgroup_parents: &[std::path::PathBuf]) -> Result<Self, BoxError> {
+        // SAFETY: geteuid cannot fail.
+        if crate::jail::on() && unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "the jail gives each child a uid of its own, which only root may do: \
+                 run this as root, or pass --jail off (children then run as this user)"
+                    .into(),
+            );
+        }
         let threads = std::fs::read_dir("/proc/self/task")?.count();
         if threads != 1 {
             return Err(

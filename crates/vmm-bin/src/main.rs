@@ -352,7 +352,6 @@ fn main() -> ExitCode {
         Command::Run(_) | Command::Restore(_) | Command::Fork(_) | Command::ForkServer(_)
     );
     if vmm_command {
-        fix_malloc_arenas();
         // Compiled once, before any thread starts; a fork server's
         // children inherit them.
         if let Err(e) = seccomp::configure(cli.seccomp) {
@@ -580,19 +579,6 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         args.control_socket.as_deref(),
         &control::Workers::new(),
     ))
-}
-
-/// Fixes the most malloc arenas glibc will make, here, before any thread
-/// (and filter) exists. Left unset, glibc works the limit out when a
-/// thread first meets contention on the arenas, by reading
-/// /sys/devices/system/cpu/online: an `openat` from whichever thread that
-/// is, a device worker's filter forbids it, and the VMM ended under load.
-/// The limit set is glibc's own default (8 per CPU on 64-bit).
-fn fix_malloc_arenas() {
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    // SAFETY: mallopt takes a parameter number and a value; M_ARENA_MAX
-    // only sets a limit.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(i32::MAX as usize) as i32) };
 }
 
 #[cfg(test)]

@@ -383,6 +383,14 @@ impl Pool {
     ) -> Result<Option<(i32, Option<String>)>, BoxError> {
         self.stage_console = options.console_log;
         self.limits = *limits;
+        if self.parked.is_empty() {
+            return Ok(None);
+        }
+        // A parked child may not enter the namespace: its taps are
+        // attached here, once, before any child is touched (a failure
+        // leaves the pool as it was; an order that cannot be sent does
+        // not use them up).
+        let taps = forker.open_taps(netns)?;
         while !self.parked.is_empty() {
             let at = self.parked.iter().position(|p| p.ready).unwrap_or(0);
             let parked = self.parked.remove(at).expect("an index of parked");
@@ -414,9 +422,6 @@ impl Pool {
                 }
                 Some(listener)
             };
-            // A parked child may not enter the namespace: its taps are
-            // attached here.
-            let taps = forker.open_taps(netns)?;
             match send_order(
                 &parked.link,
                 dir,

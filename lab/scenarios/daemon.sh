@@ -126,6 +126,32 @@ mark=$(forkd exec "$g" -- cat /root/mark 2>&1) || die_ctx "reading /root/mark in
 ev=$(forkd --json eval "$g" 'marker' 2>&1 | tr -d '\n ') || die_ctx "eval in $g failed: $ev"
 [ "$(json_field "$ev" result)" = 42 ] || die_ctx "the branch's child's interpreter has marker=$ev, not 42"
 step "the branch's child has the source's file and interpreter state"
+
+# A live branch of a jailed sandbox: its VMM writes into a directory bound
+# into its jail while the copy runs, and the daemon takes it out once the
+# snapshot is ready.
+step "forkd spawn --tag linux --live-fork; forkd snapshot l1 --from-sandbox <it> --live --no-wait"
+lk=$(forkd --json spawn --tag linux -n 1 --live-fork 2>&1) || die_ctx "live-fork spawn failed: $lk"
+lv=$(ids "$lk" | sed -n 1p)
+forkd exec "$lv" -- sh -c 'echo live-mark-7 >/root/live && sync' >/dev/null || die_ctx "writing /root/live in $lv failed"
+l1=$(forkd --json snapshot l1 --from-sandbox "$lv" --live --no-wait 2>&1 | tr -d '\n ') || die_ctx "live branch failed: $l1"
+t=$(now)
+until [ "$(json_field "$(forkd --json snapshot-info l1 | tr -d '\n ')" status)" = ready ]; do
+  awk "BEGIN{exit !($(since "$t") < 120)}" || die_ctx "the live branch l1 is not ready after 120 s: $(forkd --json snapshot-info l1)"
+  sleep 1
+done
+vpid=$(json_field "$(printf '%s' "$lk" | tr -d '\n ')" pid)
+ldir=$(json_field "$(forkd --json snapshot-info l1 | tr -d '\n ')" dir)
+[ -n "$vpid" ] && [ -n "$ldir" ] || die_ctx "no pid for $lv ($lk) or no directory for l1"
+[ -d "/proc/$vpid/root/proc" ] && [ ! -e "/proc/$vpid/root/lab" ] ||
+  die_ctx "$lv's VMM (pid $vpid) is not in a jail of its own: its root holds $(ls "/proc/$vpid/root" | tr '\n' ' ')"
+[ ! -e "/proc/$vpid/root$ldir" ] || die_ctx "l1's directory $ldir is still in $lv's jail after the copy"
+lg=$(forkd --json spawn --tag l1 -n 1 2>&1) || die_ctx "spawn from l1 failed: $lg"
+lc=$(ids "$lg" | sed -n 1p)
+mark=$(forkd exec "$lc" -- cat /root/live 2>&1) || die_ctx "reading /root/live in l1's child failed: $mark"
+[ "$mark" = live-mark-7 ] || die_ctx "l1's child read '$mark', not the source's file"
+step "live branch l1 ready in $(since "$t") s; out of the source's jail; its child reads the source's file"
+forkd kill "$lv" "$lc" >/dev/null || die_ctx "kill $lv $lc failed"
 step "level 1 memory: $(grep -E '^(MemAvailable|Shmem|AnonPages):' /proc/meminfo | tr -s ' \n' ' ')"
 
 # cgroup v2 (level 1 mounts a unified hierarchy, as a host would): a

@@ -14,7 +14,12 @@
 //! measures the floor, cold and pooled in turn; with `--runs R` the medians
 //! follow.
 //!
-//! Run: cargo build --release --workspace && target/release/fork [--children 100] [--mem-mib 128 1024] [--runs 5]
+//! With `--unjailed-too`, each run measures cold and pooled children again
+//! from a fork server started with `--jail=off` (children that stay root in
+//! the host's mount namespace, under the same seccomp filters): what the
+//! jail costs, in the same run.
+//!
+//! Run: cargo build --release --workspace && target/release/fork [--children 100] [--mem-mib 128 1024] [--runs 5] [--unjailed-too]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -57,6 +62,9 @@ struct Args {
     /// cost of creating files is part of the figure.
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Also measure cold and pooled children with the jail off.
+    #[arg(long)]
+    unjailed_too: bool,
 }
 
 /// One run's figures.
@@ -66,6 +74,9 @@ struct Run {
     cold: Option<Duration>,
     pooled: Option<Duration>,
     refill: Option<Duration>,
+    /// The same with the jail off (`--unjailed-too`).
+    cold_off: Option<Duration>,
+    pooled_off: Option<Duration>,
 }
 
 /// CPU time spent on a request, from the kernel's per-thread accounting:
@@ -134,61 +145,92 @@ fn main() {
             };
             // Private memory of running children: the cold ones', else the pooled ones'.
             let mut private: Vec<u64> = Vec::new();
-            if !args.no_cold {
-                let server = Server::start(&vmm, &snap, &out.with_extension("fork.sock"), 0);
-                server.warm_up(&out.join("warm"));
-                let (cold, cold_cpu, pids, clients) =
-                    server.fork_and_ping(args.children, &out.join("cold"));
-                private = pids.iter().map(|&p| private_bytes(p)).collect();
-                shut_down(clients, &pids);
-                server.stop();
-                this.cold = Some(cold);
-                println!(
-                    "    cold:   request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
-                    ms(cold),
-                    ms(cold) / ms(floor),
-                    cpu_line(cold_cpu)
-                );
-            }
-            if !args.no_pool {
-                let before = kernel_memory_bytes();
-                let server =
-                    Server::start(&vmm, &snap, &out.with_extension("pool.sock"), args.children);
-                let parked = server.wait_parked(args.children as usize, &[]);
-                // Settle: the last parked child may still be finishing up.
-                std::thread::sleep(Duration::from_millis(200));
-                let kernel = kernel_memory_bytes().saturating_sub(before);
-                let parked_private: u64 = parked.iter().map(|&p| private_bytes(p)).sum();
-                let (pooled, pooled_cpu, pids, clients) =
-                    server.fork_and_ping(args.children, &out.join("pooled"));
-                if private.is_empty() {
+            let modes: &[bool] = if args.unjailed_too {
+                &[true, false]
+            } else {
+                &[true]
+            };
+            for &jailed in modes {
+                let (label, note, extra): (&str, &str, &[&str]) = if jailed {
+                    ("", "", &[])
+                } else {
+                    ("nojail-", " (jail off)", &["--jail=off"])
+                };
+                if !args.no_cold {
+                    let server = Server::start(
+                        &vmm,
+                        &snap,
+                        &out.with_extension(format!("{label}fork.sock")),
+                        0,
+                        extra,
+                    );
+                    server.warm_up(&out.join(format!("{label}warm")));
+                    let (cold, cold_cpu, pids, clients) =
+                        server.fork_and_ping(args.children, &out.join(format!("{label}cold")));
                     private = pids.iter().map(|&p| private_bytes(p)).collect();
-                }
-                let refill_from = server.last_answer.get();
-                server.wait_parked(args.children as usize, &pids);
-                let refill = refill_from.map(|t| t.elapsed());
-                shut_down(clients, &pids);
-                server.stop();
-                this.pooled = Some(pooled);
-                this.refill = refill;
-                println!(
-                    "    pooled: request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
-                    ms(pooled),
-                    ms(pooled) / ms(floor),
-                    cpu_line(pooled_cpu)
-                );
-                if let Some(r) = refill {
+                    shut_down(clients, &pids);
+                    server.stop();
+                    *if jailed {
+                        &mut this.cold
+                    } else {
+                        &mut this.cold_off
+                    } = Some(cold);
                     println!(
-                        "    pool refilled ({} children) {:.1} ms after the answer",
-                        args.children,
-                        ms(r)
+                        "    cold{note}:   request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
+                        ms(cold),
+                        ms(cold) / ms(floor),
+                        cpu_line(cold_cpu)
                     );
                 }
-                println!(
-                    "    a parked child holds {:.0} KiB private memory and about {:.0} KiB of kernel memory (VM, memory slot, vCPU, page tables)",
-                    parked_private as f64 / parked.len() as f64 / 1024.0,
-                    kernel as f64 / parked.len() as f64 / 1024.0
-                );
+                if !args.no_pool {
+                    let before = kernel_memory_bytes();
+                    let server = Server::start(
+                        &vmm,
+                        &snap,
+                        &out.with_extension(format!("{label}pool.sock")),
+                        args.children,
+                        extra,
+                    );
+                    let parked = server.wait_parked(args.children as usize, &[]);
+                    // Settle: the last parked child may still be finishing up.
+                    std::thread::sleep(Duration::from_millis(200));
+                    let kernel = kernel_memory_bytes().saturating_sub(before);
+                    let parked_private: u64 = parked.iter().map(|&p| private_bytes(p)).sum();
+                    let (pooled, pooled_cpu, pids, clients) =
+                        server.fork_and_ping(args.children, &out.join(format!("{label}pooled")));
+                    if private.is_empty() {
+                        private = pids.iter().map(|&p| private_bytes(p)).collect();
+                    }
+                    let refill_from = server.last_answer.get();
+                    server.wait_parked(args.children as usize, &pids);
+                    let refill = refill_from.map(|t| t.elapsed());
+                    shut_down(clients, &pids);
+                    server.stop();
+                    if jailed {
+                        this.pooled = Some(pooled);
+                        this.refill = refill;
+                    } else {
+                        this.pooled_off = Some(pooled);
+                    }
+                    println!(
+                        "    pooled{note}: request to all answering   {:>8.1} ms  {:.2}x the floor  ({})",
+                        ms(pooled),
+                        ms(pooled) / ms(floor),
+                        cpu_line(pooled_cpu)
+                    );
+                    if let Some(r) = refill {
+                        println!(
+                            "    pool refilled ({} children) {:.1} ms after the answer",
+                            args.children,
+                            ms(r)
+                        );
+                    }
+                    println!(
+                        "    a parked child holds {:.0} KiB private memory and about {:.0} KiB of kernel memory (VM, memory slot, vCPU, page tables)",
+                        parked_private as f64 / parked.len() as f64 / 1024.0,
+                        kernel as f64 / parked.len() as f64 / 1024.0
+                    );
+                }
             }
             if let Some(&max) = private.iter().max() {
                 let avg = private.iter().sum::<u64>() as f64 / private.len() as f64;
@@ -226,6 +268,29 @@ fn main() {
             }
             if let Some(r) = median(&|r| r.refill) {
                 println!("    refill {:>8.1} ms", ms(r));
+            }
+            // The jail's cost: each run's jailed figure over its unjailed one.
+            let jail_ratio = |on: &dyn Fn(&Run) -> Option<Duration>,
+                              off: &dyn Fn(&Run) -> Option<Duration>|
+             -> Option<(Duration, f64)> {
+                let mut v: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| Some(ms(on(r)?) / ms(off(r)?)))
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                Some((median(off)?, *v.get(v.len() / 2)?))
+            };
+            if let Some((c, ratio)) = jail_ratio(&|r| r.cold, &|r| r.cold_off) {
+                println!(
+                    "    cold, jail off   {:>8.1} ms  (median jailed/unjailed {ratio:.2}x)",
+                    ms(c)
+                );
+            }
+            if let Some((p, ratio)) = jail_ratio(&|r| r.pooled, &|r| r.pooled_off) {
+                println!(
+                    "    pooled, jail off {:>8.1} ms  (median jailed/unjailed {ratio:.2}x)",
+                    ms(p)
+                );
             }
         }
         let _ = std::fs::remove_dir_all(&snap);
@@ -314,7 +379,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(vmm: &Path, snap: &Path, sock: &Path, pool: u32) -> Server {
+    fn start(vmm: &Path, snap: &Path, sock: &Path, pool: u32, extra: &[&str]) -> Server {
         let child = Command::new(vmm)
             .args(["fork-server", "--snapshot"])
             .arg(snap)
@@ -322,6 +387,7 @@ impl Server {
             .arg(sock)
             // Left out when 0: the option is new, older binaries refuse it.
             .args((pool > 0).then(|| format!("--pool={pool}")))
+            .args(extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn forkd-vmm fork-server");

@@ -312,6 +312,9 @@ pub struct SourceVm {
     dir: PathBuf,
     control_socket: PathBuf,
     vsock_socket: PathBuf,
+    /// It gives up root in a jail of its own (the daemon's `--no-jail`
+    /// not given).
+    jailed: bool,
 }
 
 impl SourceVm {
@@ -352,7 +355,10 @@ impl SourceVm {
             .arg("--vsock-uds")
             .arg(&vsock_socket)
             .arg("--console")
-            .arg(dir.join("console.log"));
+            .arg(dir.join("console.log"))
+            // Jailed in `dir` unless the daemon runs with --no-jail.
+            .arg("--jail-dir")
+            .arg(dir);
         match link {
             Some(GuestLink::Namespace(ns)) => {
                 cmd.args(["--tap", crate::netns::TAP, "--netns", ns]);
@@ -413,6 +419,7 @@ impl SourceVm {
         })?;
         Ok(SourceVm {
             child,
+            jailed: vmm.jail,
             dir: dir.to_owned(),
             control_socket,
             vsock_socket,
@@ -464,6 +471,24 @@ impl SourceVm {
     /// Snapshots the VM into `dst` (which must not exist) and leaves it
     /// paused; returns the snapshot's metadata.
     pub fn snapshot(&self, dst: &Path) -> Result<proto::snapshot::SnapshotMeta, Error> {
+        // A jailed VMM writes into a directory made for it and bound into
+        // its jail, given back to root once written.
+        let pid = self.child.id() as i32;
+        let jail_err = |e: std::io::Error| Error::Create {
+            path: dst.to_owned(),
+            source: e,
+        };
+        if self.jailed {
+            procs::hand_over(dst, pid).map_err(jail_err)?;
+        }
+        let meta = self.snapshot_into(dst)?;
+        if self.jailed {
+            procs::take_back(dst, pid).map_err(jail_err)?;
+        }
+        Ok(meta)
+    }
+
+    fn snapshot_into(&self, dst: &Path) -> Result<proto::snapshot::SnapshotMeta, Error> {
         let request = ControlRequest::Snapshot {
             dir: dst.to_owned(),
             leave_paused: true,

@@ -28,20 +28,25 @@ fn parse_start_ticks(stat: &str) -> Option<u64> {
 /// pid `pid` writes: it may not make one in the snapshot store itself, so
 /// it gets it empty and its own (its uid is known from its pid, whether or
 /// not it has dropped root yet), and puts the snapshot together inside.
+/// The VMM sees nothing of the host but its own directory, so `dir` is
+/// bound into its jail too ([`jailfs::bind_into`]).
 pub fn hand_over(dir: &Path, pid: i32) -> std::io::Result<()> {
     let id = proto::control::jail_id(pid);
     std::fs::create_dir(dir)?;
-    std::os::unix::fs::chown(dir, Some(id), Some(id))
+    std::os::unix::fs::chown(dir, Some(id), Some(id))?;
+    jailfs::bind_into(pid, dir)
 }
 
 /// Gives a snapshot a jailed VMM wrote ([`hand_over`]) back to root, its
-/// directory and every file in it: the VMM, which runs on, may no longer
+/// directory and every file in it, and takes it out of the jail of `pid`
+/// (when that VMM still runs): the VMM, which runs on, may no longer
 /// change what other sandboxes fork from.
-pub fn take_back(dir: &Path) -> std::io::Result<()> {
+pub fn take_back(dir: &Path, pid: i32) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         std::os::unix::fs::lchown(entry?.path(), Some(0), Some(0))?;
     }
-    std::os::unix::fs::chown(dir, Some(0), Some(0))
+    std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+    jailfs::unbind_from(pid, dir)
 }
 
 /// Whether the process `pid` that started at `ticks` still runs (a zombie

@@ -529,7 +529,7 @@ impl Daemon {
         };
         let mut row = self.row_from_dir(&tag, &dir, Some(id), pause_ms, diff)?;
         if row.info.status != SnapshotStatus::Writing {
-            self.take_back(&dir)?;
+            self.take_back(&dir, sandbox.info.pid)?;
         }
         // A branch of a child of a host-tap snapshot records that tap too.
         for from in [&sandbox.base_tag, &sandbox.info.snapshot_tag] {
@@ -570,9 +570,10 @@ impl Daemon {
         })
     }
 
-    /// Gives the branch in `dir` back to root ([`procs::take_back`]).
-    fn take_back(&self, dir: &Path) -> ApiResult<()> {
-        procs::take_back(dir).map_err(|e| {
+    /// Gives the branch in `dir` back to root and out of the jail of VMM
+    /// `pid` ([`procs::take_back`]).
+    fn take_back(&self, dir: &Path, pid: i32) -> ApiResult<()> {
+        procs::take_back(dir, pid).map_err(|e| {
             ApiError::internal(format!(
                 "cannot take the branch {} back from its VMM: {e}",
                 dir.display()
@@ -613,7 +614,8 @@ impl Daemon {
                 )),
                 Err(e) => Err(format!("the snapshot's metadata is unreadable: {e}")),
             };
-            let outcome = outcome.and_then(|()| self.take_back(dir).map_err(|e| e.message));
+            let outcome =
+                outcome.and_then(|()| self.take_back(dir, source.info.pid).map_err(|e| e.message));
             let recorded = match &outcome {
                 Ok(()) => self
                     .store

@@ -4,6 +4,11 @@
 //! catches KVM's faults; its cgroup, which the server made), then gives
 //! up root for good, before it starts a thread or runs its guest:
 //!
+//! - a mount namespace of its own whose root holds only its directory and
+//!   a procfs of its own process ([`jailfs::enter`]); a branch's directory
+//!   is bound in by the privileged side while it is written
+//!   ([`jailfs::bind_into`]), and a pooled child's final directory when it
+//!   is handed out;
 //! - a uid and gid of its own ([`proto::control::jail_id`]: a base plus
 //!   its pid). One VMM cannot signal, trace or open the files of another,
 //!   nor of the host's users; its own directory is made its own.
@@ -57,9 +62,15 @@ pub fn id_of(pid: libc::pid_t) -> u32 {
 }
 
 /// Gives up root for good (see the module's note), making `dir`, the
-/// child's directory, its own first. Only a process with one thread may
-/// call it. Returns the uid it runs as.
+/// child's directory (absolute), its own first and the only one it sees.
+/// Only a process with one thread may call it. Returns the uid it runs as.
 pub fn drop_root(dir: &Path) -> io::Result<u32> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "jail: this process has {threads} threads; it may give up root only with one (a thread started before would keep root)"
+        )));
+    }
     // SAFETY: getpid has no preconditions.
     let id = id_of(unsafe { libc::getpid() });
     let fail = |what: &str| {
@@ -68,6 +79,7 @@ pub fn drop_root(dir: &Path) -> io::Result<u32> {
     };
     std::os::unix::fs::chown(dir, Some(id), Some(id))
         .map_err(|e| io::Error::new(e.kind(), format!("jail: chown {}: {e}", dir.display())))?;
+    jailfs::enter(dir)?;
     // Only lowered (raising a hard limit needs CAP_SYS_RESOURCE, which a
     // container's root may not have).
     for (resource, value) in [(libc::RLIMIT_CORE, 0), (libc::RLIMIT_NOFILE, MAX_FILES)] {

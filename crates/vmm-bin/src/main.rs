@@ -31,10 +31,11 @@ struct Cli {
     /// `off` runs unconfined, for debugging only.
     #[arg(long, global = true, value_enum, env = "FORKD_SECCOMP", default_value_t = seccomp::Mode::Enforce)]
     seccomp: seccomp::Mode,
-    /// The jail of the children of `fork` and `fork-server`: `on` has
-    /// each give up root (a uid of its own, no capabilities) once it holds
+    /// The jail of the children of `fork` and `fork-server` (and of `run
+    /// --jail-dir`): `on` has each give up root (a uid of its own, no
+    /// capabilities, a root holding only its directory) once it holds
     /// what only root may open, before its guest runs; `off` leaves them
-    /// root, for debugging only.
+    /// root in the host's mount namespace, for debugging only.
     #[arg(long, global = true, value_enum, env = "FORKD_JAIL", default_value_t = Jail::On)]
     jail: Jail,
 }
@@ -193,6 +194,13 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// With `--jail on` (the default), jail this VMM as a forked child
+    /// is, once its machine is built and before its guest runs: this
+    /// directory (absolute; its control socket, console and layers go
+    /// there) becomes its own and the only one it sees, and it gives up
+    /// root. The daemon's source VMs run so.
+    #[arg(long)]
+    jail_dir: Option<PathBuf>,
     /// What backs guest RAM.
     #[arg(long, value_enum, default_value_t = MemoryBackend::Anonymous)]
     memory_backend: MemoryBackend,
@@ -571,7 +579,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .as_deref()
         .map(control::bind)
         .transpose()?;
-    let machine = std::sync::Arc::new(builder::build_for_boot(&cfg)?);
+    let confine = args
+        .jail_dir
+        .filter(|_| jail::on())
+        .map(|dir| -> builder::Confine {
+            Box::new(move || jail::drop_root(&dir).map(|_| ()).map_err(|e| e.to_string()))
+        });
+    let machine = std::sync::Arc::new(builder::build_for_boot_confined(&cfg, confine)?);
     confine_main_thread()?;
     Ok(serve_until_exit(
         machine,

@@ -773,6 +773,39 @@ fn confinement(pid: i32) -> (String, bool, bool, bool) {
 /// jail's base plus its pid), no capability, no new privileges, its
 /// filters, and a directory of its own; the memfd child is live-branched
 /// (its userfaultfd made before the drop). `--jail off` leaves them root.
+/// What the root of VMM `pid` holds besides its own directory (`own`, at
+/// whatever paths it is bound) and its `/proc`: files, and directories
+/// with nothing of its own below them. Read from the host through
+/// `/proc/<pid>/root`.
+fn jail_holds_else(pid: i32, own: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata(own).unwrap();
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut foreign = Vec::new();
+    let mut todo = vec![root.clone()];
+    while let Some(dir) = todo.pop() {
+        let mut holds_own = false;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if (meta.dev(), meta.ino()) == (own.dev(), own.ino())
+                || (dir == root && path.file_name() == Some("proc".as_ref()))
+            {
+                holds_own = true;
+            } else if meta.is_dir() {
+                holds_own = true;
+                todo.push(path);
+            } else {
+                foreign.push(path);
+            }
+        }
+        if !holds_own {
+            foreign.push(dir);
+        }
+    }
+    foreign
+}
+
 #[test]
 fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
     let tmp = TempDir::new("jail");
@@ -794,6 +827,14 @@ fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
         assert!(no_caps && nnp && seccomp, "child {}", kid.pid);
         let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&kid.dir).unwrap());
         assert_eq!(owner, id, "{}", kid.dir.display());
+        let foreign = jail_holds_else(kid.pid, &kid.dir);
+        assert!(
+            foreign.is_empty(),
+            "child {}'s root holds more than its directory and its procfs: {} paths, first {:?}",
+            kid.pid,
+            foreign.len(),
+            &foreign[..foreign.len().min(10)]
+        );
     }
     // Not handed a directory, a jailed child cannot make one, and says how.
     let refused = kids[0]
@@ -832,6 +873,10 @@ fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
     assert_eq!(
         (uids.as_str(), no_caps, seccomp),
         ("0\t0\t0\t0", false, true)
+    );
+    assert!(
+        Path::new(&format!("/proc/{}/root/etc", kid.pid)).exists(),
+        "with the jail off a VMM sees the host's files"
     );
     kid.shutdown();
 }

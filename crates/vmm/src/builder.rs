@@ -150,6 +150,9 @@ pub enum BuildError {
     /// KVM could not be opened or set up.
     #[error(transparent)]
     Kvm(#[from] vm::Error),
+    /// The VMM could not be confined before its threads start.
+    #[error("cannot confine the VMM before its threads start: {0}")]
+    Confine(String),
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] memory::Error),
@@ -199,6 +202,19 @@ fn device_err(device: &'static str) -> impl Fn(String) -> BuildError {
 
 /// Boots a fresh machine from `cfg`.
 pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
+    build_for_boot_confined(cfg, None)
+}
+
+/// What a VMM runs once everything root may open is open (its files, taps,
+/// userfaultfd) and before its first thread starts: its jail.
+pub type Confine = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// [`build_for_boot`], running `confine` once the machine holds every
+/// file it opens and before any thread of it starts.
+pub fn build_for_boot_confined(
+    cfg: &MachineConfig,
+    confine: Option<Confine>,
+) -> Result<Machine, BuildError> {
     let kvm = vm::open_kvm()?;
     let max = kvm.get_max_vcpus().min(usize::from(layout::MAX_VCPUS));
     if cfg.vcpus == 0 || usize::from(cfg.vcpus) > max {
@@ -213,6 +229,7 @@ pub fn build_for_boot(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         BootSource::Linux(_) => GuestKind::Linux,
     };
     let mut parts = Parts::new(Arc::new(kvm), ram, guest, &cfg.console, None)?;
+    parts.confine = confine;
     let virtio = VirtioDevices::attach_routed(
         &cfg.virtio,
         Some(&parts.vm),
@@ -727,6 +744,8 @@ struct Parts {
     reset_evt: EventFd,
     /// A userfaultfd made ahead for live BRANCH (see [`RestoreConfig::uffd`]).
     uffd_ahead: Option<Arc<Uffd>>,
+    /// Run before the first thread starts ([`build_for_boot_confined`]).
+    confine: Option<Confine>,
 }
 
 impl Parts {
@@ -804,6 +823,7 @@ impl Parts {
             i8042,
             reset_evt,
             uffd_ahead: None,
+            confine: None,
         })
     }
 
@@ -860,6 +880,9 @@ impl Parts {
         base: Option<ParentRef>,
     ) -> Result<Machine, BuildError> {
         let uffd = register_for_live_branch(&self.ram, self.uffd_ahead.clone())?;
+        if let Some(confine) = self.confine {
+            confine().map_err(BuildError::Confine)?;
+        }
         let channel = (guest == GuestKind::Builtin)
             .then(|| Arc::new(Channel::new(self.ram.memory().clone())));
         if let Some(ch) = &channel {

@@ -179,6 +179,9 @@ impl Forker {
             }
             None => {}
         }
+        // Absolute: a jailed child's directory is bound at its own path.
+        let out_dir = &std::path::absolute(out_dir)
+            .map_err(|e| refuse(format!("{}: {e}", out_dir.display()).into()))?;
         std::fs::create_dir_all(out_dir)
             .and_then(|()| crate::jail::let_through(out_dir))
             .map_err(|e| refuse(format!("cannot create {}: {e}", out_dir.display()).into()))?;

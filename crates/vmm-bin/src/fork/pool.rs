@@ -99,6 +99,9 @@ impl Pool {
     /// A pool of `target` children staging their directories in `staging`
     /// (made afresh; whatever a server before this one left there goes).
     pub(super) fn new(target: usize, staging: PathBuf) -> Result<Self, BoxError> {
+        // Absolute: a jailed child's directory is bound at its own path.
+        let staging = std::path::absolute(&staging)
+            .map_err(|e| format!("the pool's staging directory {}: {e}", staging.display()))?;
         if target > 0 {
             let _ = std::fs::remove_dir_all(&staging);
             std::fs::create_dir_all(&staging)
@@ -422,6 +425,16 @@ impl Pool {
                 }
                 Some(listener)
             };
+            if crate::jail::on() {
+                // Its jail holds its staged directory; its final one is
+                // bound in before it learns the path.
+                if let Err(e) = jailfs::bind_into(parked.pid, dir) {
+                    let _ = std::fs::remove_dir_all(dir);
+                    let _ = std::fs::remove_dir_all(&staged);
+                    self.stale_groups.extend(parked.group.map(|(g, _)| g));
+                    return Err(e.into());
+                }
+            }
             match send_order(
                 &parked.link,
                 dir,

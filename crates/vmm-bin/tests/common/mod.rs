@@ -271,8 +271,8 @@ pub fn uid_of(pid: i32) -> u32 {
 
 /// A jailed VMM (a child of `fork` or `fork-server`, no longer root)
 /// writes a snapshot only into a directory handed over to it: made, empty,
-/// and given to its uid, as the daemon does. Nothing for one that runs as
-/// root or a directory that exists.
+/// given to its uid and bound into its jail, as the daemon does. Nothing
+/// for one that runs as root or a directory that exists.
 pub fn hand_over(pid: i32, dir: &Path) {
     let uid = uid_of(pid);
     if uid == 0 || dir.exists() {
@@ -283,6 +283,9 @@ pub fn hand_over(pid: i32, dir: &Path) {
     }
     std::fs::create_dir(dir).unwrap();
     std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
+    let dir = std::path::absolute(dir).unwrap();
+    jailfs::bind_into(pid, &dir)
+        .unwrap_or_else(|e| panic!("cannot bind {} into VMM {pid}'s jail: {e}", dir.display()));
 }
 
 impl ForkedVm {

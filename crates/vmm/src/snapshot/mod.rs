@@ -123,8 +123,9 @@ pub enum Error {
     /// This process may not make the snapshot's directory.
     #[error(
         "snapshot {0}: this process may not create it (permission denied); a jailed VMM (a \
-         fork server's child) writes a snapshot only into an empty directory made for it and \
-         owned by its uid, as the daemon makes one for each branch"
+         fork server's child) sees only its own directory and writes a snapshot there, or into \
+         an empty directory made for it, owned by its uid and bound into its jail \
+         (jailfs::bind_into), as the daemon makes one for each branch"
     )]
     NotPermitted(PathBuf),
     /// Bad vmstate.

@@ -1,0 +1,344 @@
+//! The files a jailed VMM sees (DESIGN.md, "Trust").
+//!
+//! A jailed VMM lives in a mount namespace of its own whose root is a
+//! small tmpfs, owned by root, holding nothing but:
+//!
+//! - its own directory, bound at its host path (so every path the daemon
+//!   and the fork server hand it means the same inside and out);
+//! - a procfs that shows only processes it may trace (its own);
+//! - while it writes a branch, that branch's directory, bound at its host
+//!   path by a privileged process with [`bind_into`] and taken out again
+//!   with [`unbind_from`].
+//!
+//! No device node: a jailed VMM opens `/dev/kvm`, its taps and its
+//! userfaultfd before it enters the jail. Its SysV IPC namespace is its
+//! own too (it uses none; a new one costs a few microseconds).
+//!
+//! [`enter`] is the VMM's side, while it is root and has one thread.
+//! Written against libc: the calls are a handful, and the new mount API
+//! (`open_tree`, `move_mount`), which puts a host directory into another
+//! namespace, has no well-kept crate.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path};
+
+// From the kernel's uapi/linux/mount.h (not in the libc crate for glibc
+// targets yet).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Size of the jail's root tmpfs: directories only.
+const ROOT_OPTIONS: &str = "size=64k,nr_inodes=1024,mode=0755";
+
+/// Options of the jail's procfs: only the processes the VMM may trace (its
+/// own) and none of the host-wide files.
+const PROC_OPTIONS: &str = "hidepid=invisible,subset=pid";
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} holds a NUL byte", path.display()),
+        )
+    })
+}
+
+/// `Err` with what failed and the OS error, when `rc` is negative.
+fn check(rc: libc::c_long, what: impl FnOnce() -> String) -> io::Result<libc::c_long> {
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("jail: {}: {e}", what())));
+    }
+    Ok(rc)
+}
+
+fn mount(
+    source: Option<&CString>,
+    target: &CString,
+    fstype: Option<&CString>,
+    flags: libc::c_ulong,
+    data: Option<&CString>,
+) -> libc::c_long {
+    let ptr = |s: Option<&CString>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that
+    // outlives the call.
+    (unsafe {
+        libc::mount(
+            ptr(source),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
+        )
+    }) as libc::c_long
+}
+
+/// The normal, relative components of absolute `path`; an error for a
+/// relative path or one with `..` (the jail binds a directory at exactly
+/// its own path).
+fn relative(path: &Path) -> io::Result<&Path> {
+    let rel = path.strip_prefix("/").map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("jail: {} is not an absolute path", path.display()),
+        )
+    })?;
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "jail: {} must name a directory below / without . or ..",
+                path.display()
+            ),
+        ));
+    }
+    Ok(rel)
+}
+
+/// Makes every directory of relative `path` below this thread's working
+/// directory (0755, owned by the caller), keeping those that are there.
+fn make_dirs(path: &Path) -> io::Result<()> {
+    let mut at = std::path::PathBuf::new();
+    for c in path.components() {
+        at.push(c);
+        let name = cstr(&at)?;
+        // SAFETY: `name` is a NUL-terminated path.
+        if unsafe { libc::mkdir(name.as_ptr(), 0o755) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("jail: mkdir {}: {e}", at.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves this process into a mount (and IPC) namespace of its own whose
+/// root holds only `own` (absolute: its directory, at that same path) and
+/// a procfs of its own processes. The caller must be root with one thread
+/// (a mount namespace is shared by threads) and must have opened every
+/// other file it needs.
+///
+/// Fails where `/` is the initial ramfs (pivot_root cannot move it): run
+/// from a real root file system, as `switch_root` gives one.
+pub fn enter(own: &Path) -> io::Result<()> {
+    let rel = relative(own)?;
+    let own_c = cstr(own)?;
+    // SAFETY: unshare takes flags only; the caller has one thread.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) };
+    check(rc.into(), || "unshare(CLONE_NEWNS | CLONE_NEWIPC)".into())?;
+    // Nothing mounted here from now on reaches the host, nor the reverse.
+    let slash = cstr(Path::new("/"))?;
+    check(
+        mount(None, &slash, None, libc::MS_REC | libc::MS_PRIVATE, None),
+        || "make / private".into(),
+    )?;
+    // The directory itself, held before a tmpfs covers its path.
+    // SAFETY: `own_c` is a NUL-terminated path; the result is checked.
+    let fd = check(
+        unsafe {
+            libc::open(
+                own_c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        } as libc::c_long,
+        || format!("open {}", own.display()),
+    )?;
+    // SAFETY: a descriptor just opened and owned by nobody else.
+    let held = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    // The new root: a tmpfs over the directory's path (in this namespace
+    // only), which becomes the working directory.
+    let tmpfs = CString::new("tmpfs").expect("no NUL");
+    let name = CString::new("forkd-jail").expect("no NUL");
+    let options = CString::new(ROOT_OPTIONS).expect("no NUL");
+    check(
+        mount(
+            Some(&name),
+            &own_c,
+            Some(&tmpfs),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some(&options),
+        ),
+        || format!("mount a tmpfs root on {}", own.display()),
+    )?;
+    std::env::set_current_dir(own)
+        .map_err(|e| io::Error::new(e.kind(), format!("jail: chdir into the new root: {e}")))?;
+    make_dirs(rel)?;
+    let held_path = CString::new(format!("/proc/self/fd/{}", held.as_raw_fd())).expect("no NUL");
+    let rel_c = cstr(rel)?;
+    check(
+        mount(Some(&held_path), &rel_c, None, libc::MS_BIND, None),
+        || format!("bind {} into the new root", own.display()),
+    )?;
+    drop(held);
+    make_dirs(Path::new("proc"))?;
+    let proc_c = CString::new("proc").expect("no NUL");
+    let proc_options = CString::new(PROC_OPTIONS).expect("no NUL");
+    check(
+        mount(
+            Some(&proc_c),
+            &proc_c,
+            Some(&proc_c),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some(&proc_options),
+        ),
+        || format!("mount a procfs ({PROC_OPTIONS})"),
+    )?;
+    let dot = CString::new(".").expect("no NUL");
+    // pivot_root(".", "."): the old root is stacked on the new one, and
+    // the lazy unmount takes it (and every host mount under it) away.
+    // SAFETY: both arguments are NUL-terminated paths.
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
+    check(rc, || {
+        "pivot_root into the new root (where / is the initial ramfs, switch_root to a tmpfs first, or run with the jail off)".into()
+    })?;
+    // SAFETY: a NUL-terminated path and a flag.
+    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(rc.into(), || "detach the old root".into())?;
+    std::env::set_current_dir("/")
+        .map_err(|e| io::Error::new(e.kind(), format!("jail: chdir /: {e}")))?;
+    Ok(())
+}
+
+/// The mount namespace of process `pid`, or `None` when it is this
+/// process's (an unjailed VMM: nothing to bind).
+fn namespace_of(pid: i32) -> io::Result<Option<File>> {
+    let theirs = File::open(format!("/proc/{pid}/ns/mnt"))
+        .map_err(|e| io::Error::new(e.kind(), format!("jail: process {pid}'s namespace: {e}")))?;
+    let ours = std::fs::metadata("/proc/self/ns/mnt")?;
+    let them = theirs.metadata()?;
+    if (them.dev(), them.ino()) == (ours.dev(), ours.ino()) {
+        return Ok(None);
+    }
+    Ok(Some(theirs))
+}
+
+/// Runs `work` on a new thread that has joined mount namespace `ns` (its
+/// root and working directory are the namespace's root); this thread's
+/// own namespace is untouched.
+fn inside<T: Send>(ns: &File, work: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // A thread shares its file system context (root, working
+            // directory) with its process until it unshares it, and may
+            // not change namespace while it does.
+            // SAFETY: flags only.
+            let rc = unsafe { libc::unshare(libc::CLONE_FS) };
+            check(rc.into(), || "unshare(CLONE_FS)".into())?;
+            // SAFETY: `ns` is an open namespace descriptor.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) };
+            check(rc.into(), || "setns into the VMM's mount namespace".into())?;
+            work()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("jail: the binding thread panicked")))
+    })
+}
+
+/// Binds host directory `dir` (absolute) into the jail of process `pid`
+/// at the same path, so the jailed VMM can use it; nothing when `pid`
+/// shares this process's mount namespace. The caller must be root.
+pub fn bind_into(pid: i32, dir: &Path) -> io::Result<()> {
+    let rel = relative(dir)?.to_owned();
+    let Some(ns) = namespace_of(pid)? else {
+        return Ok(());
+    };
+    let dir_c = cstr(dir)?;
+    // A copy of the directory's mount, attached nowhere yet, made while
+    // the host's paths are still the ones resolved.
+    // SAFETY: a NUL-terminated path and flags; the result is checked.
+    let fd = check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                dir_c.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        },
+        || format!("open_tree {}", dir.display()),
+    )?;
+    // SAFETY: a descriptor just made and owned by nobody else.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    inside(&ns, move || {
+        std::env::set_current_dir("/")?;
+        make_dirs(&rel)?;
+        let rel_c = cstr(&rel)?;
+        let empty = CString::new("").expect("no NUL");
+        // SAFETY: `tree` is a detached mount; both paths are
+        // NUL-terminated.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                rel_c.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        check(rc, || {
+            format!("move_mount {} into process {pid}'s jail", rel.display())
+        })?;
+        Ok(())
+    })
+}
+
+/// Takes `dir`, bound by [`bind_into`], out of process `pid`'s jail (and
+/// the empty directory it was bound on); nothing when `pid` shares this
+/// process's mount namespace or has gone.
+pub fn unbind_from(pid: i32, dir: &Path) -> io::Result<()> {
+    let rel = relative(dir)?.to_owned();
+    let ns = match namespace_of(pid) {
+        Ok(Some(ns)) => ns,
+        Ok(None) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    inside(&ns, move || {
+        std::env::set_current_dir("/")?;
+        let rel_c = cstr(&rel)?;
+        // SAFETY: a NUL-terminated path and a flag.
+        if unsafe { libc::umount2(rel_c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = io::Error::last_os_error();
+            // Not bound there (or not there at all): nothing to take out.
+            if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "jail: unmount {} from process {pid}'s jail: {e}",
+                        rel.display()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::rmdir(rel_c.as_ptr()) };
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_bound_are_absolute_and_plain() {
+        assert_eq!(
+            relative(Path::new("/var/lib/x")).unwrap(),
+            Path::new("var/lib/x")
+        );
+        for bad in ["var/x", "/", "/a/../b", ""] {
+            assert!(relative(Path::new(bad)).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

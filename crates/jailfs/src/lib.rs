@@ -101,21 +101,27 @@ fn relative(path: &Path) -> io::Result<&Path> {
 }
 
 /// Makes every directory of relative `path` below this thread's working
-/// directory (0755, owned by the caller), keeping those that are there.
+/// directory (0755 whatever the umask, owned by the caller: a jailed VMM
+/// must pass through them), keeping those that are there.
 fn make_dirs(path: &Path) -> io::Result<()> {
     let mut at = std::path::PathBuf::new();
     for c in path.components() {
         at.push(c);
         let name = cstr(&at)?;
+        let fail = |what: &str| {
+            let e = io::Error::last_os_error();
+            io::Error::new(e.kind(), format!("jail: {what} {}: {e}", at.display()))
+        };
         // SAFETY: `name` is a NUL-terminated path.
         if unsafe { libc::mkdir(name.as_ptr(), 0o755) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("jail: mkdir {}: {e}", at.display()),
-                ));
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                return Err(fail("mkdir"));
             }
+            continue;
+        }
+        // SAFETY: as above.
+        if unsafe { libc::chmod(name.as_ptr(), 0o755) } != 0 {
+            return Err(fail("chmod"));
         }
     }
     Ok(())
@@ -208,6 +214,36 @@ pub fn enter(own: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Most a binder waits for a process to finish entering its jail.
+const ENTER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until process `pid` has entered its jail (its root is no longer
+/// this process's), at most [`ENTER_WAIT`]: a VMM may be asked for work
+/// (its control socket, bound before, takes connections) while it still
+/// sets its jail up, and a directory bound into a namespace it is about
+/// to leave would be lost.
+fn wait_entered(pid: i32) -> io::Result<()> {
+    let ours = std::fs::metadata("/")?;
+    let deadline = std::time::Instant::now() + ENTER_WAIT;
+    loop {
+        let theirs = std::fs::metadata(format!("/proc/{pid}/root"))
+            .map_err(|e| io::Error::new(e.kind(), format!("jail: process {pid}'s root: {e}")))?;
+        if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "jail: process {pid} is not in a jail of its own after {} s (is it jailed?)",
+                    ENTER_WAIT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// The mount namespace of process `pid`, or `None` when it is this
 /// process's (an unjailed VMM: nothing to bind).
 fn namespace_of(pid: i32) -> io::Result<Option<File>> {
@@ -244,12 +280,16 @@ fn inside<T: Send>(ns: &File, work: impl FnOnce() -> io::Result<T> + Send) -> io
 }
 
 /// Binds host directory `dir` (absolute) into the jail of process `pid`
-/// at the same path, so the jailed VMM can use it; nothing when `pid`
-/// shares this process's mount namespace. The caller must be root.
+/// at the same path, so the jailed VMM can use it, once it is in its
+/// jail (waiting a little for one still entering). The caller must be
+/// root, and bind only into a process that jails itself.
 pub fn bind_into(pid: i32, dir: &Path) -> io::Result<()> {
     let rel = relative(dir)?.to_owned();
+    wait_entered(pid)?;
     let Some(ns) = namespace_of(pid)? else {
-        return Ok(());
+        return Err(io::Error::other(format!(
+            "jail: process {pid} has a root of its own but this process's mount namespace"
+        )));
     };
     let dir_c = cstr(dir)?;
     // A copy of the directory's mount, attached nowhere yet, made while

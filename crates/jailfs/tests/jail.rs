@@ -50,6 +50,9 @@ fn a_jail_holds_its_directory_and_what_is_bound_in() {
     let own_file = own.join("own.txt");
     let branch_file = branch.join("b.txt");
     let (ours, theirs) = UnixStream::pair().unwrap();
+    // The binding side's umask, as a daemon's.
+    // SAFETY: umask has no preconditions.
+    let umask = unsafe { libc::umask(0o077) };
     // SAFETY: the child only runs this test's code and exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
@@ -64,6 +67,9 @@ fn a_jail_holds_its_directory_and_what_is_bound_in() {
             // SAFETY: plain id changes in the forked child.
             unsafe { (libc::setresgid(id, id, id), libc::setresuid(id, id, id)) }
         };
+        // A daemon's umask: the jail's directories must not depend on it.
+        // SAFETY: umask has no preconditions.
+        unsafe { libc::umask(0o077) };
         match jailfs::enter(&own).map(|()| drop_ids()) {
             Ok((0, 0)) => writeln!(out, "entered").unwrap(),
             Ok(ids) => writeln!(out, "failed setres[gu]id {ids:?}").unwrap(),
@@ -125,11 +131,11 @@ fn a_jail_holds_its_directory_and_what_is_bound_in() {
     );
     // The host saw none of it.
     assert!(branch_file.exists() && own_file.exists());
-    // This process's namespace: binding into itself does nothing.
-    // SAFETY: getpid has no preconditions.
-    jailfs::bind_into(unsafe { libc::getpid() }, &branch).unwrap();
+
     drop(ours);
     drop(_reap);
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
     std::fs::remove_dir_all(&base).unwrap();
 }
 

@@ -880,3 +880,62 @@ fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
     );
     kid.shutdown();
 }
+
+/// `run --jail-dir`, as the daemon boots the VMs it snapshots: once its
+/// machine is built the VMM gives up root, its root holds only that
+/// directory, and a snapshot goes into a directory handed over to it.
+#[test]
+fn a_booted_vm_is_jailed_in_its_directory_with_jail_dir() {
+    let tmp = TempDir::new("run-jail");
+    let dir = std::path::absolute(tmp.path().join("vm")).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let sock = dir.join("control.sock");
+    let mut child = Command::new(common::vmm_bin())
+        .args(["run", "--builtin", "--console", "none", "--jail-dir"])
+        .arg(&dir)
+        .arg("--control-socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        if let Ok(c) = ControlClient::connect(&sock, Duration::from_secs(30)) {
+            break c;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "forkd-vmm run exited");
+        assert!(Instant::now() < deadline, "no control socket in 20 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(matches!(
+        client.call(&ControlRequest::Status).unwrap(),
+        ControlResponse::Status(_)
+    ));
+    let id = proto::control::jail_id(pid);
+    let (uids, no_caps, nnp, seccomp) = confinement(pid);
+    assert_eq!(uids, format!("{id}\t{id}\t{id}\t{id}"));
+    assert!(no_caps && nnp && seccomp);
+    let foreign = jail_holds_else(pid, &dir);
+    assert!(foreign.is_empty(), "{foreign:?}");
+    let snap = std::path::absolute(tmp.path().join("snap")).unwrap();
+    common::hand_over(pid, &snap);
+    let answer = client
+        .call(&ControlRequest::Snapshot {
+            dir: snap.clone(),
+            leave_paused: true,
+            mode: SnapshotMode::Full,
+            wait: true,
+            measure_diff: false,
+        })
+        .unwrap();
+    assert!(
+        matches!(answer, ControlResponse::Snapshot { .. }),
+        "{answer:?}"
+    );
+    assert!(snap.join("snapshot.json").exists());
+    let _ = client.call(&ControlRequest::Shutdown);
+    let _ = child.wait();
+}

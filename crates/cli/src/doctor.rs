@@ -648,8 +648,8 @@ pub struct ProcConfinement {
     /// `Seccomp: 2` (its threads have filters; the main thread's status
     /// is the one read).
     pub seccomp: bool,
-    /// Jailed: a uid other than root's and no capability (effective,
-    /// permitted or bounding).
+    /// Jailed: a uid other than root's, no capability (effective,
+    /// permitted or bounding) and a root of its own (not the host's `/`).
     pub jailed: bool,
 }
 
@@ -665,9 +665,15 @@ pub fn proc_confinement(pid: i32) -> Option<ProcConfinement> {
     };
     let zero = |name: &str| field(name).is_some_and(|v| v.bytes().all(|b| b == b'0'));
     let root = field("Uid:").is_none_or(|u| u.split_whitespace().any(|id| id == "0"));
+    let own_root = {
+        use std::os::unix::fs::MetadataExt;
+        let host = std::fs::metadata("/").ok()?;
+        let theirs = std::fs::metadata(format!("/proc/{pid}/root")).ok()?;
+        (theirs.dev(), theirs.ino()) != (host.dev(), host.ino())
+    };
     Some(ProcConfinement {
         seccomp: field("Seccomp:").as_deref() == Some("2"),
-        jailed: !root && zero("CapEff:") && zero("CapPrm:") && zero("CapBnd:"),
+        jailed: !root && own_root && zero("CapEff:") && zero("CapPrm:") && zero("CapBnd:"),
     })
 }
 
@@ -710,20 +716,24 @@ pub fn check_confinement(
         ),
     };
     let jailed = probed.iter().filter(|p| p.jailed).count();
-    let jail = match probed.len() - jailed {
-        0 => format!("{jailed} jailed (a uid of their own, no capabilities)"),
+    let unjailed = probed.len() - jailed;
+    let jail = match unjailed {
+        0 => format!("{jailed} jailed (a uid of their own, no capabilities, a root of their own)"),
         k => format!(
-            "{jailed} jailed, {k} AS ROOT with every capability (a daemon started with --no-jail)"
+            "{jailed} jailed, {k} AS ROOT with every capability and the host's files (a daemon started with --no-jail)"
         ),
     };
+    let detail = format!(
+        "{n} sandboxes running, {grouped} in a cgroup of their own, {seccomp}, {jail}; \
+         limits: {limits}"
+    );
+    if unfiltered == 0 && unjailed == 0 {
+        return Check::ok("confinement", detail);
+    }
     Check::warn(
         "confinement",
-        format!(
-            "{n} sandboxes running, {grouped} in a cgroup of their own, {seccomp}, {jail}; \
-             limits: {limits}; not yet: their VMMs share the host's mount namespace, and the \
-             VMs that make snapshots run as root"
-        ),
-        "run forkd on a host used for nothing but sandboxes until the jail is whole (README: Threat model)",
+        detail,
+        "restart the daemon without --no-seccomp and --no-jail: those are for debugging (README: Threat model)",
     )
 }
 
@@ -822,17 +832,18 @@ mod tests {
             c.detail.starts_with(
                 "2 sandboxes running, 2 in a cgroup of their own, 1 under seccomp filters, 1 \
                  WITHOUT (a daemon started with --no-seccomp), 1 jailed, 1 AS ROOT with every \
-                 capability (a daemon started with --no-jail); limits: cpu 0.5 (1), \
-                 memory 256 MiB (1), pids 1024 (2); not yet"
+                 capability and the host's files (a daemon started with --no-jail); limits: \
+                 cpu 0.5 (1), memory 256 MiB (1), pids 1024 (2)"
             ),
             "{}",
             c.detail
         );
         assert!(c.fix.unwrap().contains("Threat model"));
         let c = check_confinement(&[], |_| None);
+        assert_eq!(c.level, Level::Ok);
         assert!(c.detail.starts_with(
             "0 sandboxes running, 0 in a cgroup of their own, 0 under seccomp filters, 0 jailed \
-             (a uid of their own, no capabilities); limits: no limits"
+             (a uid of their own, no capabilities, a root of their own); limits: no limits"
         ));
         // This process (the tests run as root) has no filter and no jail.
         let me = proc_confinement(std::process::id() as i32).unwrap();

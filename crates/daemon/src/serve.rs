@@ -172,7 +172,8 @@ pub struct ServeArgs {
     /// The daemon warns at start and `forkd doctor` reports it.
     #[arg(long, env = "FORKD_NO_SECCOMP")]
     pub no_seccomp: bool,
-    /// Leave sandboxes' VMMs root (no jail: they keep every capability),
+    /// Leave sandboxes' VMMs root (no jail: they keep every capability
+    /// and see the host's files),
     /// for debugging only. The daemon warns at start and `forkd doctor`
     /// reports it.
     #[arg(long, env = "FORKD_NO_JAIL")]

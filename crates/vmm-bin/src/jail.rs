@@ -62,7 +62,8 @@ pub fn id_of(pid: libc::pid_t) -> u32 {
 }
 
 /// Gives up root for good (see the module's note), making `dir`, the
-/// child's directory (absolute), its own first and the only one it sees.
+/// child's directory (absolute), and what is in it its own first, and the
+/// only directory it sees.
 /// Only a process with one thread may call it. Returns the uid it runs as.
 pub fn drop_root(dir: &Path) -> io::Result<u32> {
     let threads = std::fs::read_dir("/proc/self/task")?.count();
@@ -77,8 +78,16 @@ pub fn drop_root(dir: &Path) -> io::Result<u32> {
         let e = io::Error::last_os_error();
         io::Error::new(e.kind(), format!("jail: {what}: {e}"))
     };
-    std::os::unix::fs::chown(dir, Some(id), Some(id))
-        .map_err(|e| io::Error::new(e.kind(), format!("jail: chown {}: {e}", dir.display())))?;
+    // The directory and what the VMM made in it as root (its sockets,
+    // logs, disk layers): a snapshot reads its layers back by path.
+    let chown = |path: &Path| {
+        std::os::unix::fs::lchown(path, Some(id), Some(id))
+            .map_err(|e| io::Error::new(e.kind(), format!("jail: chown {}: {e}", path.display())))
+    };
+    chown(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        chown(&entry?.path())?;
+    }
     jailfs::enter(dir)?;
     // Only lowered (raising a hard limit needs CAP_SYS_RESOURCE, which a
     // container's root may not have).

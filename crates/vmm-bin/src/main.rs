@@ -31,8 +31,8 @@ struct Cli {
     /// `off` runs unconfined, for debugging only.
     #[arg(long, global = true, value_enum, env = "FORKD_SECCOMP", default_value_t = seccomp::Mode::Enforce)]
     seccomp: seccomp::Mode,
-    /// The jail of the children of `fork` and `fork-server` (and of `run
-    /// --jail-dir`): `on` has each give up root (a uid of its own, no
+    /// The jail of the children of `fork` and `fork-server` (and of `run`
+    /// and `restore` given `--jail-dir`): `on` has each give up root (a uid of its own, no
     /// capabilities, a root holding only its directory) once it holds
     /// what only root may open, before its guest runs; `off` leaves them
     /// root in the host's mount namespace, for debugging only.
@@ -172,6 +172,13 @@ struct RestoreArgs {
     /// dev NAME mode tap`). Default: this process's namespace.
     #[arg(long, value_name = "NS")]
     netns: Option<String>,
+    /// With `--jail on` (the default), jail this VMM as a forked child is,
+    /// once it holds its taps and userfaultfd and before its guest runs:
+    /// this directory (absolute; its sockets, console and layers go
+    /// there) becomes its own and the only one it sees, and it gives up
+    /// root.
+    #[arg(long)]
+    jail_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -496,7 +503,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         vmm::devices::virtio::net::check_netns_name(ns).map_err(|e| format!("--netns: {e}"))?;
     }
     let snapshot = vmm::snapshot::PreparedSnapshot::load(&args.snapshot)?;
-    let cfg = builder::RestoreConfig {
+    let mut cfg = builder::RestoreConfig {
         console: console_output(&args.console),
         paused: args.paused,
         drive_layers: args.cow_layers,
@@ -513,7 +520,26 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .as_deref()
         .map(control::bind)
         .transpose()?;
-    let machine = std::sync::Arc::new(builder::build_from_snapshot(&snapshot, &cfg)?);
+    let machine = match args.jail_dir.filter(|_| jail::on()) {
+        Some(dir) => {
+            // What only root may open first (as a cold fork child does),
+            // then the drop, before any thread starts.
+            let kvm = std::sync::Arc::new(vmm::kvm::vm::open_kvm()?);
+            let taps = net::open_taps(&snapshot, cfg.netns.as_deref())?;
+            if !taps.is_empty() {
+                cfg.taps = Some(std::sync::Arc::new(taps));
+            }
+            if cfg.ram != builder::RestoreRam::SnapshotFile {
+                let uffd = vmm::memory::uffd::Uffd::new()
+                    .map_err(|e| format!("a userfaultfd for live BRANCH: {e}"))?;
+                cfg.uffd = Some(std::sync::Arc::new(uffd));
+            }
+            jail::drop_root(&dir)?;
+            builder::prepare_restore(&snapshot, kvm, cfg.ram)?.finish(&cfg)?
+        }
+        None => builder::build_from_snapshot(&snapshot, &cfg)?,
+    };
+    let machine = std::sync::Arc::new(machine);
     confine_main_thread()?;
     Ok(serve_until_exit(
         machine,

@@ -4,6 +4,26 @@
 use vmm::devices::virtio::net::check_netns_name;
 use vmm::snapshot::PreparedSnapshot;
 
+/// The taps of `snapshot`'s network interfaces, attached in `netns` (this
+/// process's when `None`), in order: opened by a process that may, for a
+/// VMM that gives up root before it runs.
+pub fn open_taps(
+    snapshot: &PreparedSnapshot,
+    netns: Option<&str>,
+) -> Result<Vec<std::fs::File>, String> {
+    use vmm::devices::virtio::net::Tap;
+    snapshot
+        .meta
+        .nets
+        .iter()
+        .map(|net| {
+            Tap::attach(&net.tap, netns)
+                .map(Tap::into_file)
+                .map_err(|e| format!("tap {:?}: {e}", net.tap))
+        })
+        .collect()
+}
+
 /// Checks `netns` for `n` children of `snapshot`: one per child when given
 /// (each a plain, distinct namespace name), required when the snapshot has
 /// network interfaces and there is more than one child, and, for a

@@ -881,18 +881,27 @@ fn children_are_jailed_pooled_cold_and_memfd_and_not_with_jail_off() {
     kid.shutdown();
 }
 
-/// `run --jail-dir`, as the daemon boots the VMs it snapshots: once its
-/// machine is built the VMM gives up root, its root holds only that
-/// directory, and a snapshot goes into a directory handed over to it.
-#[test]
-fn a_booted_vm_is_jailed_in_its_directory_with_jail_dir() {
-    let tmp = TempDir::new("run-jail");
-    let dir = std::path::absolute(tmp.path().join("vm")).unwrap();
-    std::fs::create_dir(&dir).unwrap();
+/// Starts `forkd-vmm <args> --jail-dir <dir> --control-socket
+/// <dir>/control.sock` and checks, once it answers, that it runs as its
+/// jail id with no capabilities, under seccomp, in a root that holds only
+/// `dir`.
+fn start_jailed(args: &[&str], dir: &Path) -> (std::process::Child, ControlClient) {
+    std::fs::create_dir(dir).unwrap();
     let sock = dir.join("control.sock");
-    let mut child = Command::new(common::vmm_bin())
-        .args(["run", "--builtin", "--console", "none", "--jail-dir"])
-        .arg(&dir)
+    let mut cmd = Command::new(common::vmm_bin());
+    // The daemon's umask: what the VMM makes before the drop is root's
+    // alone unless the jail hands it over.
+    // SAFETY: umask is async-signal-safe and touches no other state.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::umask(0o077);
+            Ok(())
+        })
+    };
+    let mut child = cmd
+        .args(args)
+        .args(["--console", "none", "--jail-dir"])
+        .arg(dir)
         .arg("--control-socket")
         .arg(&sock)
         .stdin(Stdio::null())
@@ -906,7 +915,10 @@ fn a_booted_vm_is_jailed_in_its_directory_with_jail_dir() {
         if let Ok(c) = ControlClient::connect(&sock, Duration::from_secs(30)) {
             break c;
         }
-        assert!(child.try_wait().unwrap().is_none(), "forkd-vmm run exited");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "forkd-vmm {args:?} exited"
+        );
         assert!(Instant::now() < deadline, "no control socket in 20 s");
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -916,12 +928,40 @@ fn a_booted_vm_is_jailed_in_its_directory_with_jail_dir() {
     ));
     let id = proto::control::jail_id(pid);
     let (uids, no_caps, nnp, seccomp) = confinement(pid);
-    assert_eq!(uids, format!("{id}\t{id}\t{id}\t{id}"));
-    assert!(no_caps && nnp && seccomp);
-    let foreign = jail_holds_else(pid, &dir);
-    assert!(foreign.is_empty(), "{foreign:?}");
-    let snap = std::path::absolute(tmp.path().join("snap")).unwrap();
-    common::hand_over(pid, &snap);
+    assert_eq!(uids, format!("{id}\t{id}\t{id}\t{id}"), "{args:?}");
+    assert!(no_caps && nnp && seccomp, "{args:?}");
+    let foreign = jail_holds_else(pid, dir);
+    assert!(foreign.is_empty(), "{args:?}: {foreign:?}");
+    (child, client)
+}
+
+/// `run --jail-dir`, as the daemon boots the VMs it snapshots, and
+/// `restore --jail-dir`: once its machine is built (before its guest
+/// runs) the VMM gives up root and its root holds only that directory; a
+/// snapshot goes into a directory handed over to it.
+#[test]
+fn booted_and_restored_vms_are_jailed_in_their_directories_with_jail_dir() {
+    let tmp = TempDir::new("run-jail");
+    let base = std::path::absolute(tmp.path()).unwrap();
+    // A drive whose layer the VMM makes as root, before the drop: the
+    // snapshot reads it back as the jailed VMM.
+    let image = base.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let vm = base.join("vm");
+    let layer = vm.join("disk.cow");
+    let (mut child, mut client) = start_jailed(
+        &[
+            "run",
+            "--builtin",
+            "--drive-image",
+            image.to_str().unwrap(),
+            "--cow-layer",
+            layer.to_str().unwrap(),
+        ],
+        &vm,
+    );
+    let snap = base.join("snap");
+    common::hand_over(child.id() as i32, &snap);
     let answer = client
         .call(&ControlRequest::Snapshot {
             dir: snap.clone(),
@@ -935,7 +975,16 @@ fn a_booted_vm_is_jailed_in_its_directory_with_jail_dir() {
         matches!(answer, ControlResponse::Snapshot { .. }),
         "{answer:?}"
     );
-    assert!(snap.join("snapshot.json").exists());
     let _ = client.call(&ControlRequest::Shutdown);
     let _ = child.wait();
+    let snap_arg = snap.to_str().unwrap();
+    for (name, extra) in [("restored", None), ("restored-memfd", Some("memfd"))] {
+        let own_layer = base.join(name).join("disk.cow");
+        let own_layer = own_layer.to_str().unwrap();
+        let mut args = vec!["restore", "--snapshot", snap_arg, "--cow-layer", own_layer];
+        args.extend(extra.map(|b| ["--memory-backend", b]).into_iter().flatten());
+        let (mut child, mut client) = start_jailed(&args, &base.join(name));
+        let _ = client.call(&ControlRequest::Shutdown);
+        let _ = child.wait();
+    }
 }

@@ -109,16 +109,7 @@ impl Forker {
     /// The snapshot's taps, attached in `netns` (this process's when
     /// `None`): for a child that may not enter the namespace itself.
     pub(super) fn open_taps(&self, netns: Option<&str>) -> Result<Vec<std::fs::File>, BoxError> {
-        self.snapshot
-            .meta
-            .nets
-            .iter()
-            .map(|net| {
-                vmm::devices::virtio::net::Tap::attach(&net.tap, netns)
-                    .map(vmm::devices::virtio::net::Tap::into_file)
-                    .map_err(|e| format!("tap {:?}: {e}", net.tap).into())
-            })
-            .collect()
+        Ok(crate::net::open_taps(&self.snapshot, netns)?)
     }
 
     /// Jails a child forked cold (one thread yet): what it needs root for

@@ -12,7 +12,7 @@
 //!
 //! No device node: a jailed VMM opens `/dev/kvm`, its taps and its
 //! userfaultfd before it enters the jail. Its SysV IPC namespace is its
-//! own too (it uses none; a new one costs a few microseconds).
+//! own too (it uses none: nothing to share with another VMM).
 //!
 //! [`enter`] is the VMM's side, while it is root and has one thread.
 //! Written against libc: the calls are a handful, and the new mount API

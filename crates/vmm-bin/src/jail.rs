@@ -66,12 +66,7 @@ pub fn id_of(pid: libc::pid_t) -> u32 {
 /// only directory it sees.
 /// Only a process with one thread may call it. Returns the uid it runs as.
 pub fn drop_root(dir: &Path) -> io::Result<u32> {
-    let threads = std::fs::read_dir("/proc/self/task")?.count();
-    if threads != 1 {
-        return Err(io::Error::other(format!(
-            "jail: this process has {threads} threads; it may give up root only with one (a thread started before would keep root)"
-        )));
-    }
+    one_thread()?;
     // SAFETY: getpid has no preconditions.
     let id = id_of(unsafe { libc::getpid() });
     let fail = |what: &str| {
@@ -153,6 +148,29 @@ pub fn drop_root(dir: &Path) -> io::Result<u32> {
     check_dropped(id)?;
     Ok(id)
 }
+
+/// Fails unless this process has one thread. A helper thread that was
+/// joined (one that attached a tap in another network namespace) can
+/// still be listed for a moment while the kernel finishes its exit, so
+/// a second thread is given [`THREAD_EXIT_WAIT`] to go.
+fn one_thread() -> io::Result<()> {
+    let deadline = std::time::Instant::now() + THREAD_EXIT_WAIT;
+    loop {
+        let threads = std::fs::read_dir("/proc/self/task")?.count();
+        if threads == 1 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "jail: this process has {threads} threads; it may give up root only with one (a thread started before would keep root)"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// How long [`one_thread`] waits for a joined thread to be gone.
+const THREAD_EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Fails unless this thread runs as `id` with no capabilities.
 fn check_dropped(id: u32) -> io::Result<()> {

@@ -105,7 +105,8 @@ pub(super) fn pooled_child(
         )
     };
     let order = receive_order(&link);
-    if idle {
+    // A jailed child may not; its server raised every thread already.
+    if idle && !crate::jail::on() {
         // This thread first, then the threads it started while idle.
         let threads = ahead.prepared.vcpu_thread_ids().into_iter();
         let threads = threads.chain([ahead.worker]);
@@ -118,7 +119,15 @@ pub(super) fn pooled_child(
     vmm::seccomp::set_thread_name("forkd-vmm");
     match order {
         Ok(Some(order)) => {
-            let mut cfg = forker.child_config(&order.dir, order.options, order.netns.as_deref());
+            // A jailed child sees its directory where it was staged: the
+            // server renamed it to `order.dir` on the host, the same
+            // directory, and binds nothing more in for that.
+            let own = if order.listener.is_none() && crate::jail::on() {
+                staged.as_path()
+            } else {
+                order.dir.as_path()
+            };
+            let mut cfg = forker.child_config(own, order.options, order.netns.as_deref());
             if !forker.snapshot.meta.nets.is_empty() {
                 cfg.taps = Some(Arc::new(order.taps));
             }
@@ -126,7 +135,7 @@ pub(super) fn pooled_child(
                 // The server renamed the staged directory to `order.dir`.
                 None => {
                     if stage_console && !order.options.console_log {
-                        let _ = std::fs::remove_file(order.dir.join(CONSOLE_LOG));
+                        let _ = std::fs::remove_file(own.join(CONSOLE_LOG));
                     }
                     if stage_console && order.options.console_log {
                         // The console opened ahead, in the directory now
@@ -144,7 +153,7 @@ pub(super) fn pooled_child(
             };
             child(
                 forker,
-                &order.dir,
+                own,
                 listener,
                 log,
                 &cfg,

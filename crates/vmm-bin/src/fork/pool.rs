@@ -120,9 +120,9 @@ impl Pool {
             last_loss: None,
             // A jailed child may not leave SCHED_IDLE by itself (no
             // CAP_SYS_NICE, and RLIMIT_NICE cannot be raised without
-            // CAP_SYS_RESOURCE), so jailed children prepare at normal
-            // priority.
-            idle_prepare: target > 0 && !crate::jail::on() && idle_is_reversible(),
+            // CAP_SYS_RESOURCE): this server raises each of its threads
+            // when it hands it out (`raise`).
+            idle_prepare: target > 0 && idle_is_reversible(),
             stage_console: false,
             starting: Vec::new(),
             starting_since: None,
@@ -407,8 +407,9 @@ impl Pool {
             }
             if self.idle_prepare {
                 // A child still preparing finishes at normal priority (it
-                // raises itself when it reads the order, too late for that).
-                let _ = set_scheduler(parked.pid, libc::SCHED_OTHER);
+                // raises itself when it reads the order, too late for that,
+                // and not at all when jailed).
+                raise(parked.pid);
             }
             let staged = self.staging.join(parked.pid.to_string());
             // An empty directory in the way is replaced; anything else
@@ -425,9 +426,10 @@ impl Pool {
                 }
                 Some(listener)
             };
-            if crate::jail::on() {
-                // Its jail holds its staged directory; its final one is
-                // bound in before it learns the path.
+            if crate::jail::on() && !renamed {
+                // Its jail holds its staged directory (which, renamed, is
+                // its final one: it goes on using the staged path); one
+                // made for it here is bound in before it learns the path.
                 if let Err(e) = jailfs::bind_into(parked.pid, dir) {
                     let _ = std::fs::remove_dir_all(dir);
                     let _ = std::fs::remove_dir_all(&staged);
@@ -467,6 +469,21 @@ impl Pool {
             }
         }
         Ok(None)
+    }
+}
+
+/// Puts every thread of pooled child `pid` back at `SCHED_OTHER`: its
+/// main thread first (threads it starts from then on inherit that), then
+/// each one it started while idle.
+fn raise(pid: libc::pid_t) {
+    let _ = set_scheduler(pid, libc::SCHED_OTHER);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok()) {
+        if tid != pid {
+            let _ = set_scheduler(tid, libc::SCHED_OTHER);
+        }
     }
 }
 

@@ -199,6 +199,10 @@ pub struct SpawnArgs {
     /// the daemon's); a guest write past it fails as an I/O error.
     #[arg(long, value_name = "MIB")]
     pub disk_quota_mib: Option<u64>,
+    /// Most MiB/s each child's VMM may read, and as many write, on the
+    /// daemon's disk (default: the daemon's).
+    #[arg(long, value_name = "MIBPS")]
+    pub io_limit_mibps: Option<u64>,
     /// Give every child its own network namespace (the default, and a
     /// must, for a snapshot with a network interface).
     #[arg(long)]

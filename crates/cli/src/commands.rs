@@ -192,6 +192,7 @@ pub fn spawn(ctx: &mut Ctx, a: &SpawnArgs) -> Outcome {
         cpu_limit: a.cpu_limit,
         pids_limit: a.pids_limit,
         disk_quota_mib: a.disk_quota_mib,
+        io_limit_mibps: a.io_limit_mibps,
         live_fork: a.live_fork.then_some(true),
         prewarm: a.prewarm.then_some(true),
         hugepages: a.hugepages.then_some(true),
@@ -787,6 +788,7 @@ mod tests {
             cpu_limit: Some(0.5),
             pids_limit: None,
             disk_quota_mib: Some(128),
+            io_limit_mibps: Some(16),
             per_child_netns: false,
             prewarm: true,
             hugepages: false,
@@ -807,7 +809,7 @@ mod tests {
         assert_eq!(
             reqs[0].json(),
             serde_json::json!({"snapshot_tag": "t", "n": 2, "memory_limit_mib": 64, "cpu_limit": 0.5,
-                "disk_quota_mib": 128, "live_fork": true, "prewarm": true})
+                "disk_quota_mib": 128, "io_limit_mibps": 16, "live_fork": true, "prewarm": true})
         );
     }
 

@@ -403,8 +403,9 @@ pub fn cgroup_mounts(mounts: &str) -> (Vec<String>, Vec<String>) {
 }
 
 /// cgroups, v1 or v2 or both, and where the controllers of a sandbox's
-/// limits are: memory (`memory_limit_mib`), cpu (`cpu_limit`) and pids
-/// (`pids_limit`, and the daemon's default task limit). `v2_controllers`
+/// limits are: memory (`memory_limit_mib`), cpu (`cpu_limit`), pids
+/// (`pids_limit`, and the daemon's default task limit) and io (v1 blkio;
+/// `io_limit_mibps`). `v2_controllers`
 /// reads `cgroup.controllers` under a cgroup2 mount point.
 pub fn check_cgroups(mounts: &str, v2_controllers: impl Fn(&str) -> Option<String>) -> Check {
     let (v2, v1) = cgroup_mounts(mounts);
@@ -426,17 +427,18 @@ pub fn check_cgroups(mounts: &str, v2_controllers: impl Fn(&str) -> Option<Strin
     };
     let mut found = Vec::new();
     let mut missing = Vec::new();
-    for (controller, field) in [
-        ("memory", "memory_limit_mib"),
-        ("cpu", "cpu_limit"),
-        ("pids", "pids_limit"),
+    for (controller, in_v1, field) in [
+        ("memory", "memory", "memory_limit_mib"),
+        ("cpu", "cpu", "cpu_limit"),
+        ("pids", "pids", "pids_limit"),
+        ("io", "blkio", "io_limit_mibps"),
     ] {
         let in_v2 = v2.iter().find(|mp| {
             v2_controllers(mp).is_some_and(|c| c.split_whitespace().any(|x| x == controller))
         });
         match in_v2 {
             Some(mp) => found.push(format!("{controller} in v2 at {mp}")),
-            None if v1.iter().any(|c| c == controller) => found.push(format!("{controller} in v1")),
+            None if v1.iter().any(|c| c == in_v1) => found.push(format!("{in_v1} in v1")),
             None => missing.push((controller, field)),
         }
     }
@@ -696,6 +698,7 @@ pub fn check_confinement(
             s.memory_limit_mib.map(|m| format!("memory {m} MiB")),
             s.cpu_limit.map(|c| format!("cpu {c}")),
             s.pids_limit.map(|p| format!("pids {p}")),
+            s.io_limit_mibps.map(|m| format!("io {m} MiB/s")),
         ];
         for l in each.into_iter().flatten() {
             *limits.entry(l).or_default() += 1;
@@ -939,12 +942,13 @@ cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,relatime,memory 0 0
 cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
 ";
-    /// This development host's: memory, cpu and pids on v1.
+    /// This development host's: memory, cpu, pids and blkio on v1.
     const HYBRID_ALL: &str = "\
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
 cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
 cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+cgroup /sys/fs/cgroup/blkio cgroup rw,relatime,blkio 0 0
 ";
     const PURE_V2: &str = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n";
 
@@ -961,7 +965,8 @@ cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
         assert_eq!(c.level, Level::Ok, "{}", c.detail);
         assert!(c.detail.starts_with("hybrid"), "{}", c.detail);
         assert!(
-            c.detail.contains("memory in v1, cpu in v1, pids in v1"),
+            c.detail
+                .contains("memory in v1, cpu in v1, pids in v1, blkio in v1"),
             "{}",
             c.detail
         );
@@ -974,11 +979,12 @@ cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
             "{}",
             c.detail
         );
-        // Without pids: the task limit is named.
+        // Without pids and blkio: the task and disk limits are named.
         let c = check_cgroups(HYBRID, |_| Some(String::new()));
         assert_eq!(c.level, Level::Warn);
         assert!(
-            c.detail.contains("no pids controller: pids_limit"),
+            c.detail
+                .contains("no pids or io controller: pids_limit and io_limit_mibps will not work"),
             "{}",
             c.detail
         );
@@ -986,7 +992,7 @@ cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
 
     #[test]
     fn cgroups_without_memory_or_at_all_warn() {
-        let c = check_cgroups(PURE_V2, |_| Some("cpu pids".into()));
+        let c = check_cgroups(PURE_V2, |_| Some("cpu pids io".into()));
         assert_eq!(c.level, Level::Warn);
         assert!(
             c.detail.contains("no memory controller: memory_limit_mib"),

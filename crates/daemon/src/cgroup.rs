@@ -2,7 +2,7 @@
 //!
 //! Every sandbox's VMM is in a group of its own, under the daemon's group
 //! `forkd/<instance>` of each hierarchy that holds a controller forkd
-//! limits: memory, cpu, pids. On a unified (v2) hierarchy that is one
+//! limits: memory, cpu, pids, io (v1: blkio). On a unified (v2) hierarchy that is one
 //! mount; on v1 each controller has its own (this host's development
 //! machine: `/sys/fs/cgroup/{memory,cpu,pids}`), and the group of a
 //! sandbox has the same name under each. The fork server makes the groups
@@ -35,20 +35,35 @@ pub enum Controller {
     Cpu,
     /// `pids_limit`.
     Pids,
+    /// `io_limit_mibps` (v2 `io`, v1 `blkio`).
+    Io,
 }
 
 impl Controller {
     /// Every controller, memory first: the group recorded for a sandbox
     /// is its memory group when there is one (where OOM kills are read).
-    pub const ALL: [Controller; 3] = [Controller::Memory, Controller::Cpu, Controller::Pids];
+    pub const ALL: [Controller; 4] = [
+        Controller::Memory,
+        Controller::Cpu,
+        Controller::Pids,
+        Controller::Io,
+    ];
 
-    /// Its name in `/proc/mounts`, `cgroup.controllers` and
-    /// `cgroup.subtree_control`.
+    /// Its name in v2's `cgroup.controllers` and `cgroup.subtree_control`.
     pub fn name(self) -> &'static str {
         match self {
             Controller::Memory => "memory",
             Controller::Cpu => "cpu",
             Controller::Pids => "pids",
+            Controller::Io => "io",
+        }
+    }
+
+    /// Its name as a v1 mount's option in `/proc/mounts`.
+    pub fn v1_name(self) -> &'static str {
+        match self {
+            Controller::Io => "blkio",
+            c => c.name(),
         }
     }
 }
@@ -116,7 +131,7 @@ impl Hierarchy {
                     let opts: Vec<&str> = options.split(',').collect();
                     let used: Vec<Controller> = Controller::ALL
                         .into_iter()
-                        .filter(|c| opts.contains(&c.name()))
+                        .filter(|c| opts.contains(&c.v1_name()))
                         .collect();
                     if !used.is_empty() {
                         v1.push(Mount {
@@ -205,6 +220,27 @@ impl Hierarchy {
             .map(|g| g.join(name))
             .collect()
     }
+}
+
+/// The whole disk (`major`, `minor`) that holds the file system of
+/// `path`, as a cgroup's I/O cap names it (the kernel throttles disks, not
+/// partitions); `None` when that file system is on no block device (a
+/// tmpfs, an overlay) or sysfs does not say.
+pub fn disk_of(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if !sys.exists() {
+        return None;
+    }
+    if !sys.join("partition").exists() {
+        return Some((major, minor));
+    }
+    // A partition's directory sits in its disk's.
+    let disk = std::fs::read_to_string(sys.join("../dev")).ok()?;
+    let (ma, mi) = disk.trim().split_once(':')?;
+    Some((ma.parse().ok()?, mi.parse().ok()?))
 }
 
 /// `/proc/self/mounts` writes a space in a path as `\040` (and a tab,
@@ -344,6 +380,17 @@ mod tests {
         assert_eq!(oom_kill_count(v2), Some(1));
         assert_eq!(oom_kill_count(v1), Some(2));
         assert_eq!(oom_kill_count("oom 1\n"), None);
+    }
+
+    #[test]
+    fn the_disk_of_a_tmpfs_is_none_and_of_a_disk_its_whole_disk() {
+        assert_eq!(disk_of(Path::new("/proc")), None);
+        assert_eq!(disk_of(Path::new("/dev/shm")), None);
+        // Whatever holds / here, if a block device, is a whole disk.
+        if let Some((major, minor)) = disk_of(Path::new("/")) {
+            let sys = format!("/sys/dev/block/{major}:{minor}");
+            assert!(Path::new(&sys).exists() && !Path::new(&sys).join("partition").exists());
+        }
     }
 
     /// This development host's mounts: v1 controllers, and an empty v2

@@ -142,6 +142,8 @@ pub struct DefaultLimits {
     /// Data a sandbox's own disk layers may hold, in MiB. None:
     /// [`DEFAULT_DISK_QUOTA_MIB`]; 0: no quota.
     pub disk_quota_mib: Option<u64>,
+    /// Disk bandwidth, in MiB/s each way. None: no cap.
+    pub io_mibps: Option<u64>,
 }
 
 /// The disk quota of a sandbox when neither its spawn nor the daemon's
@@ -174,6 +176,9 @@ pub struct Daemon {
     pub cgroups: Option<Hierarchy>,
     /// The limits of a sandbox whose spawn asks for none.
     pub default_limits: proto::control::Limits,
+    /// The disk that holds the sandboxes' directories, which an
+    /// `io_limit_mibps` caps; `None` on a file system with no block device.
+    pub io_disk: Option<(u32, u32)>,
     /// The disk quota of a sandbox whose spawn asks for none (MiB).
     pub default_disk_quota_mib: Option<u64>,
     /// Disk and memory kept free.
@@ -294,6 +299,7 @@ impl Drop for TagClaim {
 fn cgroups(
     instance: &str,
     asked: &DefaultLimits,
+    io_disk: Option<(u32, u32)>,
 ) -> Result<(Option<Hierarchy>, proto::control::Limits), StartError> {
     let mut hierarchy = Hierarchy::detect();
     if let Some(h) = &mut hierarchy {
@@ -325,9 +331,10 @@ fn cgroups(
         memory_limit_mib: asked.memory_mib,
         cpu_limit: asked.cpu,
         pids_limit: pids,
+        io_limit_mibps: asked.io_mibps,
         ..Default::default()
     };
-    let defaults = crate::validate::limits(&req, &proto::control::Limits::default(), has)
+    let defaults = crate::validate::limits(&req, &proto::control::Limits::default(), has, io_disk)
         .map_err(|e| StartError::Config(format!("a default limit: {}", e.message)))?;
     Ok((hierarchy, defaults))
 }
@@ -359,7 +366,8 @@ impl Daemon {
             path: images_dir,
             source,
         })?;
-        let (cgroups, default_limits) = cgroups(&instance, &opts.default_limits)?;
+        let io_disk = crate::cgroup::disk_of(&paths.sandboxes);
+        let (cgroups, default_limits) = cgroups(&instance, &opts.default_limits, io_disk)?;
         let default_disk_quota_mib = match opts.default_limits.disk_quota_mib {
             None => Some(DEFAULT_DISK_QUOTA_MIB),
             Some(0) => None,
@@ -389,6 +397,7 @@ impl Daemon {
             audit: opts.audit,
             cgroups,
             default_limits,
+            io_disk,
             default_disk_quota_mib,
             reserve: opts.reserve,
             branch_slots: Arc::new(Semaphore::new(opts.branch_concurrency)),

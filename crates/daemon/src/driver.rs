@@ -174,6 +174,9 @@ impl Vmm {
                 out.push(format!("{flag}={v}").into());
             }
         }
+        if let Some(io) = limits.io {
+            out.push(format!("--io-limit={}:{}={}", io.major, io.minor, io.bytes_per_sec).into());
+        }
         out
     }
 

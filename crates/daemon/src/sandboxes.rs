@@ -39,9 +39,12 @@ impl Daemon {
     pub async fn spawn(self: &Arc<Self>, req: SpawnRequest) -> ApiResult<Vec<SandboxInfo>> {
         let started = Instant::now();
         validate::spawn_request(&req)?;
-        let limits = validate::limits(&req, &self.default_limits, |c| {
-            self.cgroups.as_ref().is_some_and(|h| h.has(c))
-        })?;
+        let limits = validate::limits(
+            &req,
+            &self.default_limits,
+            |c| self.cgroups.as_ref().is_some_and(|h| h.has(c)),
+            self.io_disk,
+        )?;
         let disk_quota_mib = validate::disk_quota(&req, self.default_disk_quota_mib)?;
         let snap = self.existing_snapshot(&req.snapshot_tag)?;
         let plan = validate::spawn_from(&req, &snap.info)?;
@@ -147,6 +150,7 @@ impl Daemon {
                         memory_limit_mib: limits.memory_mib,
                         cpu_limit: limits.cpu_millis.map(|m| f64::from(m) / 1000.0),
                         pids_limit: limits.pids,
+                        io_limit_mibps: limits.io.map(|io| io.bytes_per_sec >> 20),
                         disk_quota_mib,
                         live_fork,
                         hugepages: huge_pages,

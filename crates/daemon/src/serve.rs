@@ -116,6 +116,12 @@ pub struct ServeArgs {
     /// write past it fails as an I/O error.
     #[arg(long, env = "FORKD_DEFAULT_DISK_QUOTA_MIB", value_name = "MIB")]
     pub default_disk_quota_mib: Option<u64>,
+    /// Most MiB/s a sandbox's VMM may read, and as many write, on the disk
+    /// holding the sandboxes' directory, when its spawn gives no
+    /// `io_limit_mibps` (default: no cap). Needs the io (v1: blkio)
+    /// cgroup controller and a state directory on a block device.
+    #[arg(long, env = "FORKD_DEFAULT_IO_LIMIT_MIBPS", value_name = "MIBPS")]
+    pub default_io_limit_mibps: Option<u64>,
     /// MiB of disk kept free under the state directory (and the snapshot
     /// root): a spawn, snapshot, branch or compaction that would leave
     /// less is refused with 503 (a snapshot needs about its guest's RAM).
@@ -229,6 +235,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
             cpu: args.default_cpu_limit,
             pids: args.default_pids_limit,
             disk_quota_mib: args.default_disk_quota_mib,
+            io_mibps: args.default_io_limit_mibps,
         },
     })?);
     // A VMM whose fork server died is re-parented here, so its status is

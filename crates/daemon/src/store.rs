@@ -88,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN pids_limit INTEGER;",
     // 7: a sandbox's disk quota.
     "ALTER TABLE sandboxes ADD COLUMN disk_quota_mib INTEGER;",
+    // 8: a sandbox's disk bandwidth cap.
+    "ALTER TABLE sandboxes ADD COLUMN io_limit_mibps INTEGER;",
 ];
 
 /// What the store could not do.
@@ -392,9 +394,9 @@ impl Store {
                 "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
                     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
                     cgroup, live_fork, netns, guest_addr, hugepages, warning, state,
-                    cpu_limit_millis, pids_limit, disk_quota_mib)
+                    cpu_limit_millis, pids_limit, disk_quota_mib, io_limit_mibps)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17, ?18, ?19, ?20)",
+                    ?17, ?18, ?19, ?20, ?21)",
             )?;
             for r in rows {
                 stmt.execute(params![
@@ -418,6 +420,7 @@ impl Store {
                     r.info.cpu_limit.map(proto::api::cpu_millis),
                     r.info.pids_limit.map(|n| n.min(i64::MAX as u64) as i64),
                     r.info.disk_quota_mib.map(|n| n.min(i64::MAX as u64) as i64),
+                    r.info.io_limit_mibps.map(|n| n.min(i64::MAX as u64) as i64),
                 ])?;
             }
         }
@@ -737,7 +740,7 @@ const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_so
     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork,
     netns, guest_addr, branch_count, last_branch_memory_path, hugepages, warning, state,
     exit_code, signal, oom_killed, exited_at_unix, exit_detail, cpu_limit_millis, pids_limit,
-    disk_quota_mib
+    disk_quota_mib, io_limit_mibps
     FROM sandboxes";
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
@@ -772,6 +775,7 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
                 .map(|m| m.clamp(0, u32::MAX as i64) as f64 / 1000.0),
             pids_limit: r.get::<_, Option<i64>>(25)?.map(|n| n.max(0) as u64),
             disk_quota_mib: r.get::<_, Option<i64>>(26)?.map(|n| n.max(0) as u64),
+            io_limit_mibps: r.get::<_, Option<i64>>(27)?.map(|n| n.max(0) as u64),
             cgroup: cgroup.as_deref().and_then(crate::cgroup::shown),
         },
         base_tag: r.get(2)?,

@@ -4,7 +4,8 @@
 
 use proto::api::{
     cpu_millis, BranchMode, BranchRequest, SnapshotInfo, SnapshotStatus, SpawnRequest,
-    CPU_LIMIT_MAX, CPU_LIMIT_MIN, DISK_QUOTA_MIB_MAX, MAX_SPAWN, PIDS_LIMIT_MAX, PIDS_LIMIT_MIN,
+    CPU_LIMIT_MAX, CPU_LIMIT_MIN, DISK_QUOTA_MIB_MAX, IO_LIMIT_MIBPS_MAX, MAX_SPAWN,
+    PIDS_LIMIT_MAX, PIDS_LIMIT_MIN,
 };
 use proto::control::Limits;
 
@@ -36,19 +37,39 @@ pub fn limits(
     req: &SpawnRequest,
     defaults: &Limits,
     has: impl Fn(Controller) -> bool,
+    io_disk: Option<(u32, u32)>,
 ) -> ApiResult<Limits> {
-    let asked = Limits {
-        memory_mib: req.memory_limit_mib,
-        cpu_millis: match req.cpu_limit {
-            Some(cpus) if !(CPU_LIMIT_MIN..=CPU_LIMIT_MAX).contains(&cpus) => {
-                return Err(ApiError::bad_request(format!(
-                    "cpu_limit {cpus} is out of range: {CPU_LIMIT_MIN} to {CPU_LIMIT_MAX} CPUs"
-                )))
-            }
-            cpus => cpus.map(cpu_millis),
-        },
-        pids: req.pids_limit,
-    };
+    let asked =
+        Limits {
+            memory_mib: req.memory_limit_mib,
+            cpu_millis: match req.cpu_limit {
+                Some(cpus) if !(CPU_LIMIT_MIN..=CPU_LIMIT_MAX).contains(&cpus) => {
+                    return Err(ApiError::bad_request(format!(
+                        "cpu_limit {cpus} is out of range: {CPU_LIMIT_MIN} to {CPU_LIMIT_MAX} CPUs"
+                    )))
+                }
+                cpus => cpus.map(cpu_millis),
+            },
+            pids: req.pids_limit,
+            io: match (req.io_limit_mibps, io_disk) {
+                (None, _) => None,
+                (Some(m), _) if !(1..=IO_LIMIT_MIBPS_MAX).contains(&m) => {
+                    return Err(ApiError::bad_request(format!(
+                        "io_limit_mibps {m} is out of range: 1 to {IO_LIMIT_MIBPS_MAX}"
+                    )))
+                }
+                (Some(_), None) => return Err(ApiError::bad_request(
+                    "io_limit_mibps caps the disk that holds the daemon's sandboxes, and their \
+                     directory is on a file system with no block device (a tmpfs, an overlay): \
+                     leave it out, or put the state directory on a disk",
+                )),
+                (Some(m), Some((major, minor))) => Some(proto::control::IoLimit {
+                    major,
+                    minor,
+                    bytes_per_sec: m << 20,
+                }),
+            },
+        };
     let checks: [(Option<u64>, &str, std::ops::RangeInclusive<u64>, Controller); 2] = [
         (
             asked.memory_mib,
@@ -82,6 +103,7 @@ pub fn limits(
         ),
         (asked.cpu_millis.is_some(), "cpu_limit", Controller::Cpu),
         (asked.pids.is_some(), "pids_limit", Controller::Pids),
+        (asked.io.is_some(), "io_limit_mibps", Controller::Io),
     ];
     for (given, field, c) in wanted {
         if given && !has(c) {
@@ -95,6 +117,7 @@ pub fn limits(
         memory_mib: asked.memory_mib.or(defaults.memory_mib),
         cpu_millis: asked.cpu_millis.or(defaults.cpu_millis),
         pids: asked.pids.or(defaults.pids),
+        io: asked.io.or(defaults.io),
     })
 }
 
@@ -317,20 +340,20 @@ mod tests {
         let all = |_: Controller| true;
         let none = Limits::default();
         let mut r = spawn(1);
-        assert_eq!(limits(&r, &none, all).unwrap(), none);
+        assert_eq!(limits(&r, &none, all, None).unwrap(), none);
         r.memory_limit_mib = Some(MIN_MEMORY_LIMIT_MIB - 1);
         bad(
-            limits(&r, &none, all),
+            limits(&r, &none, all, None),
             400,
             "memory_limit_mib 31 is out of range",
         );
         r.memory_limit_mib = Some(u64::MAX);
-        bad(limits(&r, &none, all), 400, "out of range");
+        bad(limits(&r, &none, all, None), 400, "out of range");
         r.memory_limit_mib = Some(MAX_MEMORY_LIMIT_MIB);
-        assert!(limits(&r, &none, all).is_ok());
+        assert!(limits(&r, &none, all, None).is_ok());
         r.memory_limit_mib = Some(256);
         bad(
-            limits(&r, &none, |c| c != Controller::Memory),
+            limits(&r, &none, |c| c != Controller::Memory, None),
             400,
             "memory_limit_mib needs the memory cgroup controller",
         );
@@ -339,16 +362,18 @@ mod tests {
             memory_mib: Some(512),
             cpu_millis: Some(2000),
             pids: Some(1024),
+            io: None,
         };
         let mut r = spawn(1);
         r.cpu_limit = Some(0.5);
         r.pids_limit = Some(PIDS_LIMIT_MIN);
         assert_eq!(
-            limits(&r, &defaults, all).unwrap(),
+            limits(&r, &defaults, all, None).unwrap(),
             Limits {
                 memory_mib: Some(512),
                 cpu_millis: Some(500),
                 pids: Some(PIDS_LIMIT_MIN),
+                io: None,
             }
         );
         for cpus in [
@@ -360,21 +385,47 @@ mod tests {
             -1.0,
         ] {
             r.cpu_limit = Some(cpus);
-            bad(limits(&r, &none, all), 400, "cpu_limit");
+            bad(limits(&r, &none, all, None), 400, "cpu_limit");
         }
         r.cpu_limit = Some(CPU_LIMIT_MIN);
-        assert_eq!(limits(&r, &none, all).unwrap().cpu_millis, Some(10));
+        assert_eq!(limits(&r, &none, all, None).unwrap().cpu_millis, Some(10));
         bad(
-            limits(&r, &none, |c| c != Controller::Cpu),
+            limits(&r, &none, |c| c != Controller::Cpu, None),
             400,
             "the cpu cgroup controller",
         );
         r.pids_limit = Some(PIDS_LIMIT_MIN - 1);
-        bad(limits(&r, &none, all), 400, "pids_limit 63 is out of range");
+        bad(
+            limits(&r, &none, all, None),
+            400,
+            "pids_limit 63 is out of range",
+        );
+        // A disk cap: on the sandboxes' disk, in range, with its
+        // controller, and refused where that directory has no disk.
+        let mut r = spawn(1);
+        r.io_limit_mibps = Some(8);
+        assert_eq!(
+            limits(&r, &none, all, Some((254, 0))).unwrap().io,
+            Some(proto::control::IoLimit {
+                major: 254,
+                minor: 0,
+                bytes_per_sec: 8 << 20
+            })
+        );
+        bad(limits(&r, &none, all, None), 400, "no block device");
+        bad(
+            limits(&r, &none, |c| c != Controller::Io, Some((254, 0))),
+            400,
+            "the io cgroup controller",
+        );
+        for m in [0, IO_LIMIT_MIBPS_MAX + 1] {
+            r.io_limit_mibps = Some(m);
+            bad(limits(&r, &none, all, Some((8, 0))), 400, "io_limit_mibps");
+        }
         // A default whose controller is missing is the start's business:
         // a request that asks for nothing is not refused for it.
         let r = spawn(1);
-        assert_eq!(limits(&r, &defaults, |_| false).unwrap(), defaults);
+        assert_eq!(limits(&r, &defaults, |_| false, None).unwrap(), defaults);
     }
 
     #[test]

@@ -867,8 +867,10 @@ fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
     // Pooled children (their groups' limits changed at hand-out) and a
     // memfd child, forked when asked.
     for extra in [json!({"n": 2}), json!({"n": 1, "live_fork": true})] {
+        // The disk cap needs the test's temp dir on a block device (this
+        // host's root disk), and the io (v1: blkio) controller.
         let mut req = json!({"snapshot_tag": "base", "memory_limit_mib": 256,
-            "cpu_limit": 0.5, "pids_limit": 128, "disk_quota_mib": 64});
+            "cpu_limit": 0.5, "pids_limit": 128, "disk_quota_mib": 64, "io_limit_mibps": 8});
         req.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
@@ -879,9 +881,10 @@ fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
                     &k["memory_limit_mib"],
                     &k["cpu_limit"],
                     &k["pids_limit"],
-                    &k["disk_quota_mib"]
+                    &k["disk_quota_mib"],
+                    &k["io_limit_mibps"]
                 ),
-                (&json!(256), &json!(0.5), &json!(128), &json!(64)),
+                (&json!(256), &json!(0.5), &json!(128), &json!(64), &json!(8)),
                 "{k}"
             );
             let (id, pid) = (k["id"].as_str().unwrap(), k["pid"].as_i64().unwrap());
@@ -919,7 +922,25 @@ fn limits_put_each_child_in_a_group_of_its_own_pooled_or_not() {
                 tasks.to_string(),
                 "the pids group counts every thread of the VMM"
             );
-            groups.extend([memory, cpu, pids]);
+            // 8 MiB/s each way on the disk under the state directory.
+            let io = group_of(pid, "blkio");
+            assert_eq!(io.file_name().unwrap(), name, "one name in every hierarchy");
+            let (read, write) = if io.join("io.max").exists() {
+                let max = read_trimmed(io.join("io.max"));
+                (max.clone(), max)
+            } else {
+                (
+                    read_trimmed(io.join("blkio.throttle.read_bps_device")),
+                    read_trimmed(io.join("blkio.throttle.write_bps_device")),
+                )
+            };
+            for (cap, want) in [(&read, "8388608"), (&write, "8388608")] {
+                assert!(
+                    cap.split([' ', '=']).any(|w| w == want),
+                    "sandbox {id}'s disk cap is {cap:?}, not {want} bytes/s"
+                );
+            }
+            groups.extend([memory, cpu, pids, io]);
         }
     }
     // No limits asked: the daemon's task limit and disk quota, no memory

@@ -235,6 +235,8 @@ pub const PIDS_LIMIT_MIN: u64 = 64;
 pub const PIDS_LIMIT_MAX: u64 = 1 << 22;
 /// Most `disk_quota_mib` (a disk's largest size, 2 TiB).
 pub const DISK_QUOTA_MIB_MAX: u64 = 2 << 20;
+/// Most `io_limit_mibps` (100 GiB/s: past any disk's).
+pub const IO_LIMIT_MIBPS_MAX: u64 = 100 << 10;
 
 /// `cpu_limit` (in CPUs) in thousandths of a CPU, as cgroups are given
 /// it (0.01 is 10).
@@ -281,6 +283,14 @@ pub struct SpawnRequest {
     /// the daemon's `--default-disk-quota-mib` (4096 unless configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_quota_mib: Option<u64>,
+    /// Extension: most MiB per second each child's VMM may read, and as
+    /// many write, on the block device that holds the daemon's sandboxes
+    /// (their disk layers): its cgroup's `io.max` (v2) or
+    /// `blkio.throttle.*_bps_device` (v1); 1 to [`IO_LIMIT_MIBPS_MAX`].
+    /// Refused where that directory is on no block device (a tmpfs, an
+    /// overlay). Left out: the daemon's `--default-io-limit-mibps`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_limit_mibps: Option<u64>,
     /// Children whose RAM is a private copy in a memfd, so they can be
     /// live-branched (costs a copy of the snapshot's memory per child).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -335,6 +345,10 @@ pub struct SandboxInfo {
     /// request's, or the daemon's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_quota_mib: Option<u64>,
+    /// Extension: its VMM's disk bandwidth cap each way, in MiB/s (the
+    /// request's, or the daemon's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_limit_mibps: Option<u64>,
     /// Extension: its VMM's cgroup, as a path inside each cgroup hierarchy
     /// (`forkd/<instance>/<group>`: the same under the memory, cpu and
     /// pids controllers of a v1 host, one group on v2); absent when the

@@ -287,6 +287,23 @@ pub struct Limits {
     /// Tasks (threads) of the process (`pids.max`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Disk bandwidth on one block device, each way (v2 `io.max`, v1
+    /// `blkio.throttle.{read,write}_bps_device`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<IoLimit>,
+}
+
+/// A disk bandwidth cap: bytes per second read, and as many written, on
+/// block device `major:minor` (a whole disk: the kernel throttles disks,
+/// not partitions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoLimit {
+    /// The device's major number.
+    pub major: u32,
+    /// Its minor number.
+    pub minor: u32,
+    /// Bytes per second, each way.
+    pub bytes_per_sec: u64,
 }
 
 impl Limits {

@@ -32,6 +32,8 @@ struct Parent {
     memory: bool,
     cpu: bool,
     pids: bool,
+    /// v2 `io`, v1 `blkio` (its throttle files).
+    io: bool,
 }
 
 impl Parent {
@@ -44,18 +46,19 @@ impl Parent {
         }
         // v2: a group's controllers are those its parent hands down.
         let v2 = dir.join("cgroup.controllers").exists();
-        let (memory, cpu, pids) = if v2 {
+        let (memory, cpu, pids, io) = if v2 {
             let on = std::fs::read_to_string(dir.join("cgroup.subtree_control")).map_err(|e| {
                 format!("cannot read {}/cgroup.subtree_control: {e}", dir.display())
             })?;
             let on = |c: &str| on.split_whitespace().any(|x| x == c);
-            (on("memory"), on("cpu"), on("pids"))
+            (on("memory"), on("cpu"), on("pids"), on("io"))
         } else {
             let has = |f: &str| dir.join(f).exists();
             (
                 has("memory.limit_in_bytes"),
                 has("cpu.cfs_quota_us"),
                 has("pids.max"),
+                has("blkio.throttle.write_bps_device"),
             )
         };
         Ok(Parent {
@@ -64,6 +67,7 @@ impl Parent {
             memory,
             cpu,
             pids,
+            io,
         })
     }
 
@@ -99,7 +103,32 @@ impl Parent {
         if self.pids {
             out.push(("pids.max", or_max(limits.pids, "max")));
         }
+        if let (true, Some(io)) = (self.io, limits.io) {
+            out.extend(self.io_settings(io.major, io.minor, Some(io.bytes_per_sec)));
+        }
         out
+    }
+
+    /// The files and values that cap (or, `None`, uncap) disk bandwidth on
+    /// `major:minor`.
+    fn io_settings(&self, major: u32, minor: u32, bps: Option<u64>) -> Vec<(&'static str, String)> {
+        if self.v2 {
+            let b = bps.map_or("max".to_owned(), |b| b.to_string());
+            vec![("io.max", format!("{major}:{minor} rbps={b} wbps={b}"))]
+        } else {
+            // v1 takes 0 as "no rule for this device".
+            let b = bps.unwrap_or(0);
+            vec![
+                (
+                    "blkio.throttle.read_bps_device",
+                    format!("{major}:{minor} {b}"),
+                ),
+                (
+                    "blkio.throttle.write_bps_device",
+                    format!("{major}:{minor} {b}"),
+                ),
+            ]
+        }
     }
 }
 
@@ -141,6 +170,7 @@ impl Cgroups {
             (limits.memory_mib.is_some(), has(|p| p.memory), "memory"),
             (limits.cpu_millis.is_some(), has(|p| p.cpu), "cpu"),
             (limits.pids.is_some(), has(|p| p.pids), "pids"),
+            (limits.io.is_some(), has(|p| p.io), "io"),
         ] {
             if asked && !present {
                 return Err(format!(
@@ -228,7 +258,19 @@ impl Cgroups {
         self.check(to)?;
         for (parent, dir) in self.parents.iter().zip(&group.dirs) {
             let before = parent.settings(from, self.vcpus);
-            for (file, value) in parent.settings(to, self.vcpus) {
+            let mut after = parent.settings(to, self.vcpus);
+            // A cap on a device no longer capped (or capped on another)
+            // is lifted first: `to` alone does not name that device.
+            if let (true, Some(was)) = (parent.io, from.io) {
+                if to
+                    .io
+                    .is_none_or(|now| (now.major, now.minor) != (was.major, was.minor))
+                {
+                    let lift = parent.io_settings(was.major, was.minor, None);
+                    after.splice(0..0, lift);
+                }
+            }
+            for (file, value) in after {
                 if before.contains(&(file, value.clone())) {
                     continue;
                 }
@@ -285,6 +327,7 @@ mod tests {
             memory: true,
             cpu: true,
             pids: true,
+            io: true,
         }
     }
 
@@ -294,6 +337,11 @@ mod tests {
             memory_mib: Some(256),
             cpu_millis: Some(500),
             pids: Some(128),
+            io: Some(proto::control::IoLimit {
+                major: 254,
+                minor: 0,
+                bytes_per_sec: 4 << 20,
+            }),
         };
         let v2 = parent(true).settings(&limits, 2);
         assert_eq!(
@@ -303,8 +351,16 @@ mod tests {
                 ("cpu.max", "50000 100000".to_owned()),
                 ("cpu.weight", "200".to_owned()),
                 ("pids.max", "128".to_owned()),
+                ("io.max", "254:0 rbps=4194304 wbps=4194304".to_owned()),
             ]
         );
+        assert!(parent(false).settings(&limits, 1).ends_with(&[
+            ("blkio.throttle.read_bps_device", "254:0 4194304".to_owned()),
+            (
+                "blkio.throttle.write_bps_device",
+                "254:0 4194304".to_owned()
+            ),
+        ]));
         let v1 = parent(false).settings(&Limits::default(), 1);
         assert_eq!(
             v1,
@@ -324,6 +380,45 @@ mod tests {
         assert!(parent(false)
             .settings(&tiny, 1)
             .contains(&("cpu.cfs_quota_us", "1000".to_owned())));
+    }
+
+    #[test]
+    fn a_disk_cap_lifted_or_moved_is_lifted_on_its_old_device() {
+        let dir = std::env::temp_dir().join(format!("forkd-cg-io-{}", std::process::id()));
+        let group_dir = dir.join("vmm-1-0");
+        std::fs::create_dir_all(&group_dir).unwrap();
+        let cg = Cgroups {
+            parents: vec![Parent {
+                dir: dir.clone(),
+                ..parent(true)
+            }],
+            vcpus: 1,
+            prefix: "vmm-1".into(),
+            next: std::cell::Cell::new(0),
+            spare: Default::default(),
+        };
+        let group = Group {
+            name: "vmm-1-0".into(),
+            dirs: vec![group_dir.clone()],
+        };
+        let cap = |major, bps| Limits {
+            io: Some(proto::control::IoLimit {
+                major,
+                minor: 0,
+                bytes_per_sec: bps,
+            }),
+            ..Limits::default()
+        };
+        let io_max = || std::fs::read_to_string(group_dir.join("io.max")).unwrap();
+        cg.change(&group, &Limits::default(), &cap(8, 1024))
+            .unwrap();
+        assert_eq!(io_max(), "8:0 rbps=1024 wbps=1024");
+        // Lifted: written as no cap on that device (the kernel keeps a
+        // line per device).
+        cg.change(&group, &cap(8, 1024), &Limits::default())
+            .unwrap();
+        assert_eq!(io_max(), "8:0 rbps=max wbps=max");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

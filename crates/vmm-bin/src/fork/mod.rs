@@ -157,6 +157,22 @@ pub struct ForkServerArgs {
     /// The first parked children's task limit.
     #[arg(long, requires = "cgroup_parent")]
     pids_limit: Option<u64>,
+    /// The first parked children's disk bandwidth cap, each way, on block
+    /// device MAJ:MIN.
+    #[arg(long, requires = "cgroup_parent", value_name = "MAJ:MIN=BYTES_PER_SEC", value_parser = parse_io_limit)]
+    io_limit: Option<proto::control::IoLimit>,
+}
+
+/// `--io-limit MAJ:MIN=BYTES_PER_SEC`.
+fn parse_io_limit(s: &str) -> Result<proto::control::IoLimit, String> {
+    let bad = || format!("{s:?}: give MAJ:MIN=BYTES_PER_SEC, as 8:0=1048576");
+    let (dev, bps) = s.split_once('=').ok_or_else(bad)?;
+    let (major, minor) = dev.split_once(':').ok_or_else(bad)?;
+    Ok(proto::control::IoLimit {
+        major: major.parse().map_err(|_| bad())?,
+        minor: minor.parse().map_err(|_| bad())?,
+        bytes_per_sec: bps.parse().ok().filter(|b| *b > 0).ok_or_else(bad)?,
+    })
 }
 
 /// `forkd-vmm fork`.

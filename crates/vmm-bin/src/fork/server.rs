@@ -41,6 +41,7 @@ pub fn fork_server(args: ForkServerArgs) -> Result<ExitCode, BoxError> {
         memory_mib: args.memory_limit_mib,
         cpu_millis: args.cpu_limit_millis,
         pids: args.pids_limit,
+        io: args.io_limit,
     };
     if let Some(cgroups) = &forker.cgroups {
         cgroups.check(&pool.limits)?;

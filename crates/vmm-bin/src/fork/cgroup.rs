@@ -71,6 +71,14 @@ impl Parent {
         })
     }
 
+    /// A v1 blkio mount and nothing else: a group is made there only for
+    /// a child with a disk cap. Joining another v1 hierarchy is one more
+    /// migration per child (about 1 ms a sandbox in a spawn of 100
+    /// through the API here), which a child without a cap need not pay.
+    fn only_for_io(&self) -> bool {
+        !self.v2 && self.io && !self.memory && !self.cpu && !self.pids
+    }
+
     /// The files and values that give a group `limits` (None: unlimited),
     /// and its CPU weight by `vcpus`, for the controllers this parent has.
     fn settings(&self, limits: &Limits, vcpus: u64) -> Vec<(&'static str, String)> {
@@ -181,7 +189,8 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Makes a new group with `limits` under every parent.
+    /// Makes a new group with `limits` under every parent (under a
+    /// blkio-only parent, only with a disk cap: [`Parent::only_for_io`]).
     pub(super) fn make(&self, limits: &Limits) -> Result<Group, String> {
         self.check(limits)?;
         let n = self.next.get();
@@ -195,18 +204,12 @@ impl Cgroups {
                 .collect(),
         };
         for (parent, dir) in self.parents.iter().zip(&group.dirs) {
-            if let Err(e) = std::fs::create_dir(dir) {
-                group.remove();
-                return Err(format!("cannot make the cgroup {}: {e}", dir.display()));
+            if parent.only_for_io() && limits.io.is_none() {
+                continue;
             }
-            for (file, value) in parent.settings(limits, self.vcpus) {
-                if let Err(e) = std::fs::write(dir.join(file), &value) {
-                    group.remove();
-                    return Err(format!(
-                        "cannot set {}/{file} to {value}: {e}",
-                        dir.display()
-                    ));
-                }
+            if let Err(e) = make_group_dir(parent, dir, limits, self.vcpus) {
+                group.remove();
+                return Err(e);
             }
         }
         Ok(group)
@@ -220,7 +223,10 @@ impl Cgroups {
         self.check(limits)?;
         let spare = self.spare.borrow_mut().pop();
         if let Some((group, had)) = spare {
-            if self.change(&group, &had, limits).is_ok() && group.dirs.iter().all(|d| d.is_dir()) {
+            let made = |(p, d): (&Parent, &PathBuf)| d.is_dir() || p.only_for_io();
+            if self.change(&group, &had, limits, None).is_ok()
+                && self.parents.iter().zip(&group.dirs).all(made)
+            {
                 return Ok(group);
             }
             group.remove();
@@ -250,13 +256,32 @@ impl Cgroups {
     }
 
     /// Changes `group`'s limits from `from` to `to`: only the files whose
-    /// value differs are written.
-    pub(super) fn change(&self, group: &Group, from: &Limits, to: &Limits) -> Result<(), String> {
+    /// value differs are written. A blkio-only group made now for a disk
+    /// cap takes process `member` (the group's child, already running)
+    /// when given; a child not forked yet joins it itself.
+    pub(super) fn change(
+        &self,
+        group: &Group,
+        from: &Limits,
+        to: &Limits,
+        member: Option<libc::pid_t>,
+    ) -> Result<(), String> {
         if from == to {
             return Ok(());
         }
         self.check(to)?;
         for (parent, dir) in self.parents.iter().zip(&group.dirs) {
+            if parent.only_for_io() && !dir.is_dir() {
+                if to.io.is_some() {
+                    make_group_dir(parent, dir, to, self.vcpus)?;
+                    if let Some(pid) = member {
+                        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).map_err(|e| {
+                            format!("cannot move process {pid} into {}: {e}", dir.display())
+                        })?;
+                    }
+                }
+                continue;
+            }
             let before = parent.settings(from, self.vcpus);
             let mut after = parent.settings(to, self.vcpus);
             // A cap on a device no longer capped (or capped on another)
@@ -282,6 +307,17 @@ impl Cgroups {
     }
 }
 
+/// Makes group directory `dir` under `parent` with `limits`.
+fn make_group_dir(parent: &Parent, dir: &Path, limits: &Limits, vcpus: u64) -> Result<(), String> {
+    std::fs::create_dir(dir)
+        .map_err(|e| format!("cannot make the cgroup {}: {e}", dir.display()))?;
+    for (file, value) in parent.settings(limits, vcpus) {
+        std::fs::write(dir.join(file), &value)
+            .map_err(|e| format!("cannot set {}/{file} to {value}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// One child's group, by name under each parent.
 #[derive(Debug, Clone)]
 pub(super) struct Group {
@@ -290,9 +326,10 @@ pub(super) struct Group {
 }
 
 impl Group {
-    /// Moves the calling process (all its threads) into the group.
+    /// Moves the calling process (all its threads) into the group (where
+    /// it is made: a blkio-only part is made only for a disk cap).
     pub(super) fn enter(&self) -> Result<(), String> {
-        for dir in &self.dirs {
+        for dir in self.dirs.iter().filter(|d| d.is_dir()) {
             // "0" is the writer itself.
             std::fs::write(dir.join("cgroup.procs"), "0")
                 .map_err(|e| format!("cannot join the cgroup {}: {e}", dir.display()))?;
@@ -410,15 +447,62 @@ mod tests {
             ..Limits::default()
         };
         let io_max = || std::fs::read_to_string(group_dir.join("io.max")).unwrap();
-        cg.change(&group, &Limits::default(), &cap(8, 1024))
+        cg.change(&group, &Limits::default(), &cap(8, 1024), None)
             .unwrap();
         assert_eq!(io_max(), "8:0 rbps=1024 wbps=1024");
         // Lifted: written as no cap on that device (the kernel keeps a
         // line per device).
-        cg.change(&group, &cap(8, 1024), &Limits::default())
+        cg.change(&group, &cap(8, 1024), &Limits::default(), None)
             .unwrap();
         assert_eq!(io_max(), "8:0 rbps=max wbps=max");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_blkio_only_group_is_made_for_a_disk_cap_only() {
+        let base = std::env::temp_dir().join(format!("forkd-cg-lazy-{}", std::process::id()));
+        let (memory, blkio) = (base.join("memory"), base.join("blkio"));
+        std::fs::create_dir_all(&memory).unwrap();
+        std::fs::create_dir_all(&blkio).unwrap();
+        let cg = Cgroups {
+            parents: vec![
+                Parent {
+                    dir: memory.clone(),
+                    io: false,
+                    cpu: false,
+                    pids: false,
+                    ..parent(false)
+                },
+                Parent {
+                    dir: blkio.clone(),
+                    memory: false,
+                    cpu: false,
+                    pids: false,
+                    ..parent(false)
+                },
+            ],
+            vcpus: 1,
+            prefix: "vmm-1".into(),
+            next: std::cell::Cell::new(0),
+            spare: Default::default(),
+        };
+        let group = cg.make(&Limits::default()).unwrap();
+        assert!(memory.join(&group.name).is_dir());
+        assert!(!blkio.join(&group.name).exists(), "no cap, no blkio group");
+        let cap = Limits {
+            io: Some(proto::control::IoLimit {
+                major: 254,
+                minor: 0,
+                bytes_per_sec: 1 << 20,
+            }),
+            ..Limits::default()
+        };
+        cg.change(&group, &Limits::default(), &cap, None).unwrap();
+        let write = blkio
+            .join(&group.name)
+            .join("blkio.throttle.write_bps_device");
+        assert_eq!(std::fs::read_to_string(write).unwrap(), "254:0 1048576");
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -400,7 +400,7 @@ impl Pool {
             if let (Some((group, had)), Some(cgroups)) = (&parked.group, &forker.cgroups) {
                 // Dropped on an error: the child sees its link close and
                 // exits; its group goes once it has.
-                if let Err(e) = cgroups.change(group, had, limits) {
+                if let Err(e) = cgroups.change(group, had, limits, Some(parked.pid)) {
                     self.stale_groups.push(group.clone());
                     return Err(e.into());
                 }

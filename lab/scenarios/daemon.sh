@@ -205,6 +205,14 @@ step "$m's VMM was OOM-killed past its limit: signal $(json_field "$entry" signa
 
 # A disk quota: the guest's writes past it fail as I/O errors, the
 # host's layer file stops growing, and the VMM counts the refusals.
+# A disk bandwidth cap needs a block device under the sandboxes; this
+# daemon's state directory is a tmpfs, so the cap is refused, saying why,
+# and nothing is spawned.
+io=$(forkd --json spawn --tag linux -n 1 --io-limit-mibps 8 2>&1) &&
+  die_ctx "a disk cap on a tmpfs state directory was accepted: $io"
+case "$io" in *"no block device"*) ;; *) die_ctx "the refused disk cap does not say why: $io" ;; esac
+step "a disk cap on the tmpfs state directory is refused: $(printf '%s' "$io" | tr -d '\n' | cut -c1-160)"
+
 step "forkd spawn --tag linux --disk-quota-mib 16; dd 48 MiB into its disk"
 qk=$(forkd --json spawn --tag linux -n 1 --disk-quota-mib 16 2>&1 | tr -d '\n ') ||
   die_ctx "spawn with a disk quota failed: $qk"

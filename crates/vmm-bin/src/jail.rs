@@ -7,8 +7,9 @@
 //! - a mount namespace of its own whose root holds only its directory and
 //!   a procfs of its own process ([`jailfs::enter`]); a branch's directory
 //!   is bound in by the privileged side while it is written
-//!   ([`jailfs::bind_into`]), and a pooled child's final directory when it
-//!   is handed out;
+//!   ([`jailfs::bind_into`]), and so is a pooled child's directory when
+//!   the server has to make one at hand-out (a staged directory renamed
+//!   is the one its jail holds already);
 //! - a uid and gid of its own ([`proto::control::jail_id`]: a base plus
 //!   its pid). One VMM cannot signal, trace or open the files of another,
 //!   nor of the host's users; its own directory is made its own.

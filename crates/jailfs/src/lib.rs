@@ -136,6 +136,13 @@ fn make_dirs(path: &Path) -> io::Result<()> {
 /// Fails where `/` is the initial ramfs (pivot_root cannot move it): run
 /// from a real root file system, as `switch_root` gives one.
 pub fn enter(own: &Path) -> io::Result<()> {
+    pivot_into(own)?;
+    detach_old_root()
+}
+
+/// [`enter`] up to its pivot_root: the old root is still stacked above
+/// the new one.
+fn pivot_into(own: &Path) -> io::Result<()> {
     let rel = relative(own)?;
     let own_c = cstr(own)?;
     // SAFETY: unshare takes flags only; the caller has one thread.
@@ -206,6 +213,13 @@ pub fn enter(own: &Path) -> io::Result<()> {
     check(rc, || {
         "pivot_root into the new root (where / is the initial ramfs, switch_root to a tmpfs first, or run with the jail off)".into()
     })?;
+    Ok(())
+}
+
+/// The rest of [`enter`]: the old root, stacked above the new one since
+/// the pivot (the working directory is there), goes.
+fn detach_old_root() -> io::Result<()> {
+    let dot = CString::new(".").expect("no NUL");
     // SAFETY: a NUL-terminated path and a flag.
     let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
     check(rc.into(), || "detach the old root".into())?;
@@ -257,10 +271,24 @@ fn namespace_of(pid: i32) -> io::Result<Option<File>> {
     Ok(Some(theirs))
 }
 
-/// Runs `work` on a new thread that has joined mount namespace `ns` (its
-/// root and working directory are the namespace's root); this thread's
-/// own namespace is untouched.
-fn inside<T: Send>(ns: &File, work: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+/// The device and inode of process `pid`'s root directory.
+fn root_of(pid: i32) -> io::Result<(u64, u64)> {
+    let root = std::fs::metadata(format!("/proc/{pid}/root"))
+        .map_err(|e| io::Error::new(e.kind(), format!("jail: process {pid}'s root: {e}")))?;
+    Ok((root.dev(), root.ino()))
+}
+
+/// Runs `work` on a new thread that has joined mount namespace `ns`, when
+/// that namespace's root (where a joining thread lands) is `root`, the
+/// jail's: `None` while it is not. A jailed process's root is its jail's
+/// from its pivot_root on, but until it has detached the old root, that
+/// old root is stacked above, and a thread joining its namespace lands
+/// there. This thread's own namespace is untouched.
+fn inside<T: Send>(
+    ns: &File,
+    root: (u64, u64),
+    work: &(impl Fn() -> io::Result<T> + Sync),
+) -> io::Result<Option<T>> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // A thread shares its file system context (root, working
@@ -272,11 +300,38 @@ fn inside<T: Send>(ns: &File, work: impl FnOnce() -> io::Result<T> + Send) -> io
             // SAFETY: `ns` is an open namespace descriptor.
             let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) };
             check(rc.into(), || "setns into the VMM's mount namespace".into())?;
-            work()
+            std::env::set_current_dir("/")?;
+            let here = std::fs::metadata("/")?;
+            if (here.dev(), here.ino()) != root {
+                return Ok(None);
+            }
+            work().map(Some)
         })
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("jail: the binding thread panicked")))
     })
+}
+
+/// [`inside`] the jail of process `pid` (namespace `ns`), waiting at most
+/// [`ENTER_WAIT`] for it to be complete.
+fn in_jail<T: Send>(pid: i32, ns: &File, work: impl Fn() -> io::Result<T> + Sync) -> io::Result<T> {
+    let root = root_of(pid)?;
+    let deadline = std::time::Instant::now() + ENTER_WAIT;
+    loop {
+        if let Some(done) = inside(ns, root, &work)? {
+            return Ok(done);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "jail: process {pid}'s jail is not complete after {} s",
+                    ENTER_WAIT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Binds host directory `dir` (absolute) into the jail of process `pid`
@@ -308,10 +363,9 @@ pub fn bind_into(pid: i32, dir: &Path) -> io::Result<()> {
     )?;
     // SAFETY: a descriptor just made and owned by nobody else.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-    inside(&ns, move || {
-        std::env::set_current_dir("/")?;
+    let rel_c = cstr(&rel)?;
+    in_jail(pid, &ns, || {
         make_dirs(&rel)?;
-        let rel_c = cstr(&rel)?;
         let empty = CString::new("").expect("no NUL");
         // SAFETY: `tree` is a detached mount; both paths are
         // NUL-terminated.
@@ -343,9 +397,9 @@ pub fn unbind_from(pid: i32, dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    inside(&ns, move || {
-        std::env::set_current_dir("/")?;
-        let rel_c = cstr(&rel)?;
+    let rel_c = cstr(&rel)?;
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    let done = in_jail(pid, &ns, || {
         // SAFETY: a NUL-terminated path and a flag.
         if unsafe { libc::umount2(rel_c.as_ptr(), libc::MNT_DETACH) } != 0 {
             let e = io::Error::last_os_error();
@@ -364,12 +418,87 @@ pub fn unbind_from(pid: i32, dir: &Path) -> io::Result<()> {
         // SAFETY: a NUL-terminated path.
         unsafe { libc::rmdir(rel_c.as_ptr()) };
         Ok(())
-    })
+    });
+    match done {
+        Err(e) if gone(&e) => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bind asked for between a child's pivot_root and its detach of
+    /// the old root (where a thread joining its namespace lands) waits
+    /// for the detach, then lands in the jail.
+    #[test]
+    fn a_bind_waits_out_the_old_root_still_stacked_after_the_pivot() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "run this test as root");
+        let base = std::path::PathBuf::from(format!("/tmp/jailfs-window-{}", std::process::id()));
+        let (own, branch) = (base.join("own"), base.join("branch"));
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::create_dir_all(&branch).unwrap();
+        std::fs::write(branch.join("b.txt"), "bound").unwrap();
+        let mut go = [0i32; 2];
+        let mut said = [0i32; 2];
+        // SAFETY: arrays of two descriptors for pipe to fill.
+        unsafe {
+            assert_eq!(libc::pipe(go.as_mut_ptr()), 0);
+            assert_eq!(libc::pipe(said.as_mut_ptr()), 0);
+        }
+        let byte = |fd: i32| {
+            let mut b = [0u8; 1];
+            // SAFETY: a one-byte buffer.
+            unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+            b[0]
+        };
+        // SAFETY: a one-byte buffer.
+        let send = |fd: i32, b: u8| unsafe { libc::write(fd, [b].as_ptr().cast(), 1) };
+        // SAFETY: the child runs this test's code only, then _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let ok = pivot_into(&own).is_ok();
+            send(said[1], ok as u8);
+            // Held between the pivot and the detach until told.
+            byte(go[0]);
+            let ok = detach_old_root().is_ok();
+            // Whether the bound directory is in its jail now.
+            byte(go[0]);
+            send(said[1], (ok && branch.join("b.txt").exists()) as u8);
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(0) };
+        }
+        // Killed and reaped however the test ends (a child left waiting
+        // would hold the harness's output open).
+        struct Reap(i32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                // SAFETY: our own child; a null status is allowed.
+                unsafe {
+                    libc::kill(self.0, libc::SIGKILL);
+                    libc::waitpid(self.0, std::ptr::null_mut(), 0);
+                }
+            }
+        }
+        let _reap = Reap(pid);
+        assert_eq!(byte(said[0]), 1, "the child could not pivot");
+        let binder = {
+            let branch = branch.clone();
+            std::thread::spawn(move || bind_into(pid, &branch))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !binder.is_finished(),
+            "the bind did not wait for the detach"
+        );
+        send(go[1], 1);
+        binder.join().unwrap().unwrap();
+        send(go[1], 1);
+        assert_eq!(byte(said[0]), 1, "the bound directory is not in the jail");
+        let _ = std::fs::remove_dir_all(&base);
+    }
 
     #[test]
     fn paths_bound_are_absolute_and_plain() {

@@ -150,3 +150,50 @@ impl Drop for Reap {
         }
     }
 }
+
+/// A bind asked for while the child is still entering its jail (as a
+/// daemon branches a sandbox it has just spawned) waits for the jail to
+/// be whole and lands in it, every time.
+#[test]
+fn a_bind_asked_while_the_jail_is_being_entered_lands_in_it() {
+    need_root();
+    let base = PathBuf::from(format!("/tmp/jailfs-race-{}", std::process::id()));
+    let branch = base.join("branch");
+    std::fs::create_dir_all(&branch).unwrap();
+    std::fs::write(branch.join("b.txt"), "bound").unwrap();
+    let branch_file = branch.join("b.txt");
+    for round in 0..20 {
+        let own = base.join(format!("own-{round}"));
+        std::fs::create_dir_all(&own).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // SAFETY: the child only runs this test's code and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            drop(ours);
+            let mut link = BufReader::new(theirs);
+            let mut out = link.get_ref().try_clone().unwrap();
+            let entered = jailfs::enter(&own);
+            let mut line = String::new();
+            let _ = link.read_line(&mut line);
+            match entered {
+                Ok(()) => writeln!(out, "{}", branch_file.exists()).unwrap(),
+                Err(e) => writeln!(out, "failed {e}").unwrap(),
+            }
+            // SAFETY: ends the forked child without the test harness.
+            unsafe { libc::_exit(0) };
+        }
+        drop(theirs);
+        let _reap = Reap(pid);
+        jailfs::bind_into(pid, &branch).unwrap();
+        writeln!(&ours, "look").unwrap();
+        let mut seen = String::new();
+        BufReader::new(&ours).read_line(&mut seen).unwrap();
+        assert_eq!(
+            seen.trim(),
+            "true",
+            "round {round}: the bound directory is not in the jail"
+        );
+    }
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -1,4 +1,4 @@
-//! The files a jailed VMM sees (DESIGN.md, "Trust").
+//! The files a jailed VMM sees (README, "Threat model").
 //!
 //! A jailed VMM lives in a mount namespace of its own whose root is a
 //! small tmpfs, owned by root, holding nothing but:
@@ -240,9 +240,7 @@ fn wait_entered(pid: i32) -> io::Result<()> {
     let ours = std::fs::metadata("/")?;
     let deadline = std::time::Instant::now() + ENTER_WAIT;
     loop {
-        let theirs = std::fs::metadata(format!("/proc/{pid}/root"))
-            .map_err(|e| io::Error::new(e.kind(), format!("jail: process {pid}'s root: {e}")))?;
-        if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+        if root_of(pid)? != (ours.dev(), ours.ino()) {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {

@@ -506,12 +506,17 @@ impl Daemon {
         };
         let socket = sandbox.control_socket.clone();
         if self.vmm.jail() {
-            procs::hand_over(&dir, sandbox.info.pid).map_err(|e| {
-                ApiError::internal(format!(
-                    "cannot make the branch's directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
+            // Off the async workers: binding into the VMM's jail starts a
+            // thread, and waits for a VMM still entering its jail.
+            let (to, pid) = (dir.clone(), sandbox.info.pid);
+            tokio::task::spawn_blocking(move || procs::hand_over(&to, pid))
+                .await?
+                .map_err(|e| {
+                    ApiError::internal(format!(
+                        "cannot make the branch's directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
         }
         let answer = tokio::task::spawn_blocking(move || {
             driver::control(&socket, &request, Duration::from_secs(1800))

@@ -98,9 +98,12 @@ fn prewarm_makes_the_first_branch_cheaper() {
          {plain:?}, prewarmed {warm:?}; page faults plain {plain_faults:?}, prewarmed \
          {warm_faults:?}"
     );
-    // What prewarm moves out of the branch: faulting RAM in.
+    // What prewarm moves out of the branch: faulting RAM in. Measured
+    // here: 727-729 faults plain against 69-73 prewarmed (about 10x, so
+    // a 10x bound failed a CI run by one fault); 5x still says the
+    // faults moved.
     assert!(
-        wf * 10 < pf,
+        wf * 5 < pf,
         "a prewarmed child's first branch still faults RAM in: {wf} faults against {pf}"
     );
     assert!(

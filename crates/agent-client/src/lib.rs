@@ -33,6 +33,9 @@ use proto::agent::{
 
 pub use proto::agent;
 
+mod procs;
+pub use procs::{Event, SessionReader, SessionWriter};
+
 /// Where the agent listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {

@@ -124,10 +124,8 @@ fn endless_exec_output_is_bounded_by_the_deadline_and_the_limit() {
     });
     let c = Client::with_config(Target::Unix(f.0.clone()), quick());
     let req = agent_client::agent::ExecRequest {
-        args: vec!["yes".into()],
-        env: Default::default(),
-        cwd: None,
         timeout_ms: 500,
+        ..agent_client::agent::ExecRequest::new(vec!["yes".into()])
     };
     let e = bounded(Duration::from_secs(3), || c.exec(&req, b"", |_, _| true)).unwrap_err();
     assert!(e.is_timeout(), "{e}");

@@ -1,19 +1,19 @@
-//! `exec`: run a process in its own process group, stream its output as it
-//! comes, kill the group at the timeout or when the host goes away.
+//! `exec` (not interactive): run a process in its own process group,
+//! stream its output as it comes, kill the group at the timeout or when
+//! the host goes away.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proto::agent::{write_frame, ErrorCode, ExecRequest, ExitStatus, Reply, CHUNK};
 
-use crate::children::{children, kill_group};
+use crate::children::kill_group;
+use crate::launch::{launch, ETC};
 use crate::log::log;
-use crate::reply::{io_error_code, send_error, Outcome};
+use crate::reply::{send_error, Outcome};
 
 /// How long output is still read after the process exited (background
 /// processes may hold the pipes open).
@@ -21,40 +21,12 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(300);
 
 /// Runs one exec request on `conn`.
 pub fn exec(conn: &mut UnixStream, req: ExecRequest, stdin: Vec<u8>) -> Outcome {
-    let Some(program) = req.args.first() else {
-        return send_error(
-            conn,
-            ErrorCode::BadRequest,
-            "exec needs a non-empty args list",
-        );
+    let l = match launch(&req, !stdin.is_empty(), Path::new(ETC)) {
+        Ok(l) => l,
+        Err((code, message)) => return send_error(conn, code, message),
     };
-    let mut cmd = Command::new(program);
-    cmd.args(&req.args[1..])
-        .envs(&req.env)
-        .stdin(if stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if let Some(cwd) = &req.cwd {
-        cmd.current_dir(cwd);
-    }
-    let start = Instant::now();
-    let (mut child, slot) = match children().spawn(&mut cmd) {
-        Ok(c) => c,
-        Err(e) => {
-            let what = match &req.cwd {
-                Some(cwd) => format!("cannot run {program:?} in {cwd:?}: {e}"),
-                None => format!("cannot run {program:?}: {e}"),
-            };
-            return send_error(conn, io_error_code(&e), what);
-        }
-    };
-    let pid = child.id() as i32;
-    if let Some(mut pipe) = child.stdin.take() {
+    let (start, slot, pid) = (l.started, l.slot, l.pid);
+    if let Some(mut pipe) = l.stdin {
         // A thread, so a process that writes before reading cannot deadlock us.
         let r = std::thread::Builder::new()
             .name("exec-stdin".into())
@@ -65,9 +37,8 @@ pub fn exec(conn: &mut UnixStream, req: ExecRequest, stdin: Vec<u8>) -> Outcome 
             log!("exec: no thread for stdin: {e}");
         }
     }
-    // Both pipes as plain files, to handle them alike.
-    let mut out = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
-    let mut err = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
+    // On a terminal, `out` is its master side and `err` is none.
+    let (mut out, mut err) = (l.out, l.err);
     let deadline = start + Duration::from_millis(req.timeout_ms);
     let mut timed_out = false;
     let mut exited_at: Option<Instant> = None;
@@ -132,6 +103,7 @@ pub fn exec(conn: &mut UnixStream, req: ExecRequest, stdin: Vec<u8>) -> Outcome 
             let pipe = if i == 2 { &mut out } else { &mut err };
             let Some(p) = pipe.as_mut() else { continue };
             match p.read(&mut buf) {
+                // End of file, or EIO: a terminal whose every slave side has closed.
                 Ok(0) | Err(_) => *pipe = None,
                 Ok(n) => {
                     if write_frame(conn, &kind, &buf[..n]).is_err() {
@@ -179,6 +151,7 @@ pub fn exec(conn: &mut UnixStream, req: ExecRequest, stdin: Vec<u8>) -> Outcome 
         signal,
         timed_out,
         duration_ms: start.elapsed().as_millis() as u64,
+        dropped_bytes: 0,
     });
     match write_frame(conn, &exit, &[]) {
         Ok(()) => Outcome::Done,

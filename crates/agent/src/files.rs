@@ -1,17 +1,17 @@
 //! File operations: read, write (to a temporary file renamed into place),
-//! list and stat. Content is streamed in [`CHUNK`]-byte data frames.
+//! list and stat; protocol 2's mkdir, remove and rename. Content is streamed in [`CHUNK`]-byte data frames.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use proto::agent::{
-    read_frame, write_frame, Entry, ErrorCode, FileType, ListRequest, ReadRequest, Reply,
-    StatRequest, WriteRequest, CHUNK, LIST_BATCH, MAX_FRAME,
+    read_frame, write_frame, Entry, ErrorCode, FileType, ListRequest, MkdirRequest, ReadRequest,
+    RemoveRequest, RenameRequest, Reply, StatRequest, WriteRequest, CHUNK, LIST_BATCH, MAX_FRAME,
 };
 
 use crate::reply::{io_error_code, send_error, Outcome};
@@ -307,4 +307,67 @@ pub fn stat(conn: &mut UnixStream, req: StatRequest) -> Outcome {
             format!("cannot stat {:?}: {e}", req.path),
         ),
     }
+}
+
+fn done(conn: &mut UnixStream, what: String, r: std::io::Result<()>) -> Outcome {
+    match r {
+        Ok(()) => match write_frame(conn, &Reply::Ok, &[]) {
+            Ok(()) => Outcome::Done,
+            Err(_) => Outcome::HostGone,
+        },
+        Err(e) => send_error(conn, io_error_code(&e), format!("{what}: {e}")),
+    }
+}
+
+/// `mkdir`: one directory, or (`parents`) the missing ones on the way.
+pub fn mkdir(conn: &mut UnixStream, req: MkdirRequest) -> Outcome {
+    let path = match absolute(conn, &req.path) {
+        Ok(p) => p,
+        Err(o) => return o,
+    };
+    let r = fs::DirBuilder::new()
+        .recursive(req.parents)
+        .mode(req.mode & 0o7777)
+        .create(&path);
+    done(conn, format!("cannot make directory {:?}", req.path), r)
+}
+
+/// `remove`: a file or link, or (`recursive`) a directory and its content;
+/// an empty directory needs no `recursive`.
+pub fn remove(conn: &mut UnixStream, req: RemoveRequest) -> Outcome {
+    let path = match absolute(conn, &req.path) {
+        Ok(p) => p,
+        Err(o) => return o,
+    };
+    if path.parent().is_none() {
+        return send_error(conn, ErrorCode::BadRequest, "refusing to remove /");
+    }
+    let r = match fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() && req.recursive => fs::remove_dir_all(&path),
+        Ok(m) if m.is_dir() => fs::remove_dir(&path),
+        Ok(_) => fs::remove_file(&path),
+        Err(e) => Err(e),
+    };
+    let what = match &r {
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => format!(
+            "cannot remove {:?} (a directory with content: set recursive)",
+            req.path
+        ),
+        _ => format!("cannot remove {:?}", req.path),
+    };
+    done(conn, what, r)
+}
+
+/// `rename`: rename(2), which replaces a file at `to`.
+pub fn rename(conn: &mut UnixStream, req: RenameRequest) -> Outcome {
+    let (from, to) = match (absolute(conn, &req.from), absolute(conn, &req.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(o), _) | (_, Err(o)) => return o,
+    };
+    let r = fs::rename(&from, &to);
+    done(
+        conn,
+        format!("cannot rename {:?} to {:?}", req.from, req.to),
+        r,
+    )
 }

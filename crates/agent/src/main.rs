@@ -30,10 +30,14 @@ mod exec;
 mod files;
 mod init;
 mod interp;
+mod launch;
 mod log;
 mod net;
+mod procs;
 mod reply;
 mod server;
+mod session;
+mod user;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::interp::Interpreter;
 use crate::log::log;
 use crate::reply::{send_error, Outcome};
-use crate::{exec, files};
+use crate::{exec, files, session};
 
 /// How long the host has to send its request after connecting.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -224,7 +224,12 @@ impl Agent {
                 )
             }
         };
-        if !frame.data.is_empty() && !matches!(req, Request::Exec(_)) {
+        if !frame.data.is_empty()
+            && !matches!(
+                req,
+                Request::Exec(_) | Request::Spawn(_) | Request::Stdin(_)
+            )
+        {
             return send_error(
                 &mut conn,
                 ErrorCode::BadRequest,
@@ -259,8 +264,29 @@ impl Agent {
                         format!("exec stdin is limited to {MAX_EXEC_STDIN} bytes"),
                     );
                 }
-                exec::exec(&mut conn, req, frame.data)
+                if req.interactive {
+                    session::interactive(&mut conn, req, frame.data)
+                } else {
+                    exec::exec(&mut conn, req, frame.data)
+                }
             }
+            Request::Spawn(req) => {
+                if frame.data.len() > MAX_EXEC_STDIN {
+                    return send_error(
+                        &mut conn,
+                        ErrorCode::TooLarge,
+                        format!("spawn stdin is limited to {MAX_EXEC_STDIN} bytes"),
+                    );
+                }
+                session::spawn(&mut conn, req, frame.data)
+            }
+            Request::Procs => session::procs(&mut conn),
+            Request::Signal(req) => session::signal(&mut conn, req),
+            Request::Stdin(req) => session::stdin(&mut conn, req, &frame.data),
+            Request::Wait(req) => session::wait(&mut conn, req),
+            Request::Mkdir(req) => files::mkdir(&mut conn, req),
+            Request::Remove(req) => files::remove(&mut conn, req),
+            Request::Rename(req) => files::rename(&mut conn, req),
             Request::Eval(req) => match &self.interp {
                 Some(i) => {
                     let reply = i.eval(&req.code, Duration::from_millis(req.timeout_ms));

@@ -61,10 +61,8 @@ impl Agent {
 
 fn exec_req(args: &[&str], timeout_ms: u64) -> ExecRequest {
     ExecRequest {
-        args: args.iter().map(|s| s.to_string()).collect(),
-        env: Default::default(),
-        cwd: None,
         timeout_ms,
+        ..ExecRequest::new(args.iter().map(|s| s.to_string()).collect())
     }
 }
 

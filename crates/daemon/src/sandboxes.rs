@@ -382,10 +382,8 @@ impl Daemon {
         let secs = run_secs(req.timeout_secs)?;
         let (client, _) = self.agent_of(id, ClientConfig::default()).await?;
         let agent_req = proto::agent::ExecRequest {
-            args: req.args,
-            env: Default::default(),
-            cwd: None,
             timeout_ms: secs * 1000,
+            ..proto::agent::ExecRequest::new(req.args)
         };
         let stdin = req.stdin.unwrap_or_default().into_bytes();
         let out = tokio::task::spawn_blocking(move || {

@@ -78,6 +78,53 @@
 //! gives `exit_code` n. A guest that only does arithmetic may leave out
 //! `stdout` and `stderr`.
 //!
+//! # Protocol 2
+//!
+//! A version 2 agent answers ping with `"protocol":2` and adds what follows.
+//! A version 1 agent ignores fields it does not know, so a host must not
+//! send a version 2 field or op to an agent that answered `"protocol":1`
+//! (or no protocol): it would run the command without them. [`Request::protocol`]
+//! says which version a request needs.
+//!
+//! New exec fields: `user` (a user name from the guest's `/etc/passwd`, or
+//! a decimal uid: the process runs with that uid, its gid and groups, and
+//! `HOME`/`USER`/`LOGNAME` set), `pty` (`{"rows":24,"cols":80}`: the
+//! process gets a new session on a pseudo-terminal; its output comes as
+//! `stdout` frames), `interactive` and `detach_on_close`.
+//!
+//! An **interactive** exec (`"interactive":true`) is a session: the agent
+//! first answers `{"kind":"started","pid":N}`, then output and exit as
+//! usual, and the host may send, while it runs:
+//!
+//! | frame (→) | effect |
+//! | --- | --- |
+//! | `{"kind":"stdin"}+data` | bytes for the process's stdin (or terminal) |
+//! | `{"kind":"stdin_end"}` | close its stdin (on a terminal: send the EOF character) |
+//! | `{"kind":"signal","signal":15}` | signal its process group |
+//! | `{"kind":"resize","rows":40,"cols":120}` | resize its terminal |
+//!
+//! When the host closes the connection, the agent kills the process group,
+//! unless the request said `"detach_on_close":true`: the process then goes
+//! on in the background, like a `spawn`ed one, and `wait` collects it.
+//!
+//! | op | request (→) | answer (←) |
+//! | --- | --- | --- |
+//! | spawn | exec's fields, `+data` = stdin | `{"kind":"spawned","pid":N}`; the process runs in the background, its output kept (at most [`BG_OUTPUT_MAX`] bytes, the oldest dropped) |
+//! | procs | `{"op":"procs"}` | `{"kind":"procs","procs":[ProcInfo...]}` |
+//! | signal | `{"op":"signal","pid":N,"signal":15}` | `{"kind":"ok"}` |
+//! | stdin | `{"op":"stdin","pid":N,"eof":false}` `+data` | `{"kind":"ok"}` |
+//! | wait | `{"op":"wait","pid":N,"timeout_ms":10000}` | the kept and further `stdout`/`stderr` frames, then `exit` (the process is then forgotten); error `timeout` leaves it running. Output is handed over once: a later wait gets only what came after |
+//! | mkdir | `{"op":"mkdir","path":"/a/b","parents":false,"mode":493}` | `{"kind":"ok"}` |
+//! | remove | `{"op":"remove","path":"/a","recursive":false}` | `{"kind":"ok"}` |
+//! | rename | `{"op":"rename","from":"/a","to":"/b"}` | `{"kind":"ok"}` |
+//!
+//! `signal`, `stdin` and `wait` reach only processes this agent started
+//! with `spawn` or an interactive exec (a `ProcInfo` is `{"pid":N,"args":[...],"running":true,"exit":null,"started_unix":1700000000,"pty":false,"kept_bytes":0}`);
+//! any other pid is `not_found`. The agent tracks at most [`MAX_PROCS`]
+//! such processes (running, or ended and not yet waited for); one more is
+//! `busy`. A `remove` of a directory needs `recursive`; `mkdir` of an
+//! existing directory is an error unless `parents`.
+//!
 //! # Errors
 //!
 //! Any step may be answered by an error frame, which ends the operation:
@@ -101,7 +148,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version of this protocol, answered by `ping`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The first protocol version: what agents inside older snapshots speak.
+pub const PROTOCOL_V1: u32 = 1;
+/// Processes an agent tracks for `spawn`/interactive exec at once.
+pub const MAX_PROCS: usize = 64;
+/// Output a background process keeps for `wait`, stdout and stderr together (1 MiB).
+pub const BG_OUTPUT_MAX: usize = 1 << 20;
+/// Longest `user` name.
+pub const MAX_USER_LEN: usize = 64;
+/// Largest terminal side, in rows or columns.
+pub const MAX_PTY_SIDE: u16 = 1000;
 /// Default vsock port of the agent.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
 /// Largest frame, JSON and binary parts together (1 MiB).
@@ -141,11 +198,33 @@ pub enum Request {
     Stat(StatRequest),
     /// Power the guest off (or reboot it, as the agent is configured).
     Poweroff,
+    /// Start a process in the background (protocol 2).
+    Spawn(ExecRequest),
+    /// The processes the agent tracks (protocol 2).
+    Procs,
+    /// Signal a tracked process's group (protocol 2).
+    Signal(SignalRequest),
+    /// Bytes for a tracked process's stdin (protocol 2); the frame's binary part.
+    Stdin(StdinRequest),
+    /// Collect a tracked process's output and exit (protocol 2).
+    Wait(WaitRequest),
+    /// Make a directory (protocol 2).
+    Mkdir(MkdirRequest),
+    /// Remove a file or directory (protocol 2).
+    Remove(RemoveRequest),
+    /// Rename a path (protocol 2).
+    Rename(RenameRequest),
 }
+
+/// The `op` names of protocol 1.
+pub const OPS_V1: &[&str] = &[
+    "ping", "exec", "eval", "read", "write", "list", "stat", "poweroff",
+];
 
 /// The `op` names this protocol defines (an agent answers any other with `unsupported`).
 pub const OPS: &[&str] = &[
-    "ping", "exec", "eval", "read", "write", "list", "stat", "poweroff",
+    "ping", "exec", "eval", "read", "write", "list", "stat", "poweroff", "spawn", "procs",
+    "signal", "stdin", "wait", "mkdir", "remove", "rename",
 ];
 
 impl Request {
@@ -160,6 +239,24 @@ impl Request {
             Request::List(_) => "list",
             Request::Stat(_) => "stat",
             Request::Poweroff => "poweroff",
+            Request::Spawn(_) => "spawn",
+            Request::Procs => "procs",
+            Request::Signal(_) => "signal",
+            Request::Stdin(_) => "stdin",
+            Request::Wait(_) => "wait",
+            Request::Mkdir(_) => "mkdir",
+            Request::Remove(_) => "remove",
+            Request::Rename(_) => "rename",
+        }
+    }
+
+    /// The protocol version an agent must answer ping with to be sent this
+    /// request: 2 for a new op or an exec with a version 2 field, else 1.
+    pub fn protocol(&self) -> u32 {
+        match self {
+            Request::Exec(e) if !e.is_v1() => PROTOCOL_VERSION,
+            r if OPS_V1.contains(&r.op()) => PROTOCOL_V1,
+            _ => PROTOCOL_VERSION,
         }
     }
 }
@@ -194,6 +291,182 @@ pub struct ExecRequest {
     /// Kill the process group after this many milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Run as this user: a name in the guest's `/etc/passwd` or a decimal
+    /// uid (protocol 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Run on a new pseudo-terminal of this size (protocol 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+    /// A session: `started` first, and stdin/signal/resize frames from the
+    /// host while it runs (protocol 2).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub interactive: bool,
+    /// When the host closes an interactive session, leave the process
+    /// running in the background instead of killing it (protocol 2).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub detach_on_close: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl ExecRequest {
+    /// A plain exec of `args` with every other field at its default.
+    pub fn new(args: Vec<String>) -> ExecRequest {
+        ExecRequest {
+            args,
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            user: None,
+            pty: None,
+            interactive: false,
+            detach_on_close: false,
+        }
+    }
+
+    /// Whether a protocol 1 agent would run this as asked (no version 2 field set).
+    pub fn is_v1(&self) -> bool {
+        self.user.is_none() && self.pty.is_none() && !self.interactive && !self.detach_on_close
+    }
+
+    /// Checks the fields a guest cannot check for the host: a non-empty
+    /// `args`, a bounded `user`, a terminal size in range, and
+    /// `detach_on_close` only on an interactive exec.
+    pub fn check(&self) -> Result<(), String> {
+        if self.args.is_empty() {
+            return Err("args is empty: give the program and its arguments".into());
+        }
+        if let Some(u) = &self.user {
+            if u.is_empty() || u.len() > MAX_USER_LEN || u.contains(['\0', ':', '\n', '/']) {
+                return Err(format!(
+                    "user {u:?} is not a user name or uid (1 to {MAX_USER_LEN} bytes, no ':', '/', NUL or newline)"
+                ));
+            }
+        }
+        if let Some(p) = &self.pty {
+            p.check()?;
+        }
+        if self.detach_on_close && !self.interactive {
+            return Err("detach_on_close needs an interactive exec".into());
+        }
+        Ok(())
+    }
+}
+
+/// A terminal's size.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Rows, 1 to [`MAX_PTY_SIDE`].
+    pub rows: u16,
+    /// Columns, 1 to [`MAX_PTY_SIDE`].
+    pub cols: u16,
+}
+
+impl PtySize {
+    /// Both sides in 1..=[`MAX_PTY_SIDE`].
+    pub fn check(&self) -> Result<(), String> {
+        let ok = |v: u16| (1..=MAX_PTY_SIDE).contains(&v);
+        if ok(self.rows) && ok(self.cols) {
+            Ok(())
+        } else {
+            Err(format!(
+                "terminal size {}x{} is out of range: rows and cols are 1 to {MAX_PTY_SIDE}",
+                self.rows, self.cols
+            ))
+        }
+    }
+}
+
+/// `signal`: signal a tracked process's group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalRequest {
+    /// The process (its group has the same id).
+    pub pid: i32,
+    /// Signal number, 1 to 64.
+    pub signal: i32,
+}
+
+/// `stdin`: bytes (the frame's binary part) for a tracked process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdinRequest {
+    /// The process.
+    pub pid: i32,
+    /// Close its stdin after these bytes.
+    #[serde(default)]
+    pub eof: bool,
+}
+
+/// `wait`: collect a tracked process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitRequest {
+    /// The process.
+    pub pid: i32,
+    /// Give up (error `timeout`, the process left running) after this long.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// `mkdir`: make a directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MkdirRequest {
+    /// Absolute path.
+    pub path: String,
+    /// Make missing parents too, and accept an existing directory.
+    #[serde(default)]
+    pub parents: bool,
+    /// Permission bits (before the umask).
+    #[serde(default = "default_dir_mode")]
+    pub mode: u32,
+}
+
+fn default_dir_mode() -> u32 {
+    0o755
+}
+
+/// `remove`: remove a file, link or directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// Absolute path.
+    pub path: String,
+    /// Remove a directory with what it holds.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+/// `rename`: rename(2) within the guest (replaces a file at `to`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameRequest {
+    /// Absolute path now.
+    pub from: String,
+    /// Absolute path after.
+    pub to: String,
+}
+
+/// A process the agent tracks (`procs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    /// Its pid (and process group).
+    pub pid: i32,
+    /// What it runs.
+    pub args: Vec<String>,
+    /// Still running.
+    pub running: bool,
+    /// How it ended, once it has.
+    #[serde(default)]
+    pub exit: Option<ExitStatus>,
+    /// When it started, seconds since the epoch (the guest's clock).
+    #[serde(default)]
+    pub started_unix: i64,
+    /// It runs on a pseudo-terminal.
+    #[serde(default)]
+    pub pty: bool,
+    /// Output kept for `wait`, in bytes.
+    #[serde(default)]
+    pub kept_bytes: u64,
 }
 
 /// `eval`: Python code for the warm interpreter.
@@ -341,8 +614,39 @@ pub enum Reply {
         /// The description.
         entry: Entry,
     },
-    /// Plain success (poweroff).
+    /// Plain success (poweroff, and protocol 2's signal, stdin, mkdir, remove, rename).
     Ok,
+    /// An interactive exec started (protocol 2): the first answer.
+    Started {
+        /// Its pid (and process group).
+        pid: i32,
+    },
+    /// A spawn started (protocol 2).
+    Spawned {
+        /// Its pid (and process group).
+        pid: i32,
+    },
+    /// Answer to procs (protocol 2).
+    Procs {
+        /// The tracked processes.
+        procs: Vec<ProcInfo>,
+    },
+    /// Host to guest during an interactive exec: stdin bytes (binary part).
+    Stdin,
+    /// Host to guest during an interactive exec: close stdin.
+    StdinEnd,
+    /// Host to guest during an interactive exec: signal the process group.
+    Signal {
+        /// Signal number, 1 to 64.
+        signal: i32,
+    },
+    /// Host to guest during an interactive exec: resize the terminal.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
     /// The operation failed; no more frames follow.
     Error(ErrorReply),
 }
@@ -388,6 +692,19 @@ pub struct ExitStatus {
     /// Wall time from spawn to exit.
     #[serde(default)]
     pub duration_ms: u64,
+    /// Output of a background process dropped because more than
+    /// [`BG_OUTPUT_MAX`] bytes waited to be collected (protocol 2).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Whether `signal` is a signal number a host may send (1 to 64).
+pub fn valid_signal(signal: i32) -> bool {
+    (1..=64).contains(&signal)
 }
 
 /// Answer to `eval` (the `{result, error, exit_code}` of the REST API, plus output).
@@ -620,6 +937,7 @@ mod tests {
             env: [("K".to_string(), "V".to_string())].into(),
             cwd: Some("/tmp".into()),
             timeout_ms: 10_000,
+            ..ExecRequest::new(vec![])
         });
         let f = roundtrip(&exec, b"stdin");
         assert_eq!(f.parse::<Request>().unwrap(), exec);
@@ -631,15 +949,7 @@ mod tests {
 
         // Defaults of optional fields.
         let r: Request = serde_json::from_str(r#"{"op":"exec","args":["true"]}"#).unwrap();
-        assert_eq!(
-            r,
-            Request::Exec(ExecRequest {
-                args: vec!["true".into()],
-                env: BTreeMap::new(),
-                cwd: None,
-                timeout_ms: DEFAULT_TIMEOUT_MS
-            })
-        );
+        assert_eq!(r, Request::Exec(ExecRequest::new(vec!["true".into()])));
         let r: Request = serde_json::from_str(r#"{"op":"write","path":"/a"}"#).unwrap();
         assert_eq!(
             r,
@@ -652,16 +962,78 @@ mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"op":"read","path":"/a"}"#).unwrap();
         assert_eq!(r.op(), "read");
+    }
+
+    #[test]
+    fn protocol_2_fields_and_ops_say_so_and_v1_requests_stay_byte_identical() {
+        let plain = ExecRequest::new(vec!["true".into()]);
+        assert_eq!(
+            serde_json::to_string(&Request::Exec(plain.clone())).unwrap(),
+            r#"{"op":"exec","args":["true"],"env":{},"cwd":null,"timeout_ms":60000}"#
+        );
+        assert_eq!(Request::Exec(plain.clone()).protocol(), 1);
+        for v2 in [
+            ExecRequest {
+                user: Some("nobody".into()),
+                ..plain.clone()
+            },
+            ExecRequest {
+                pty: Some(PtySize { rows: 24, cols: 80 }),
+                ..plain.clone()
+            },
+            ExecRequest {
+                interactive: true,
+                ..plain.clone()
+            },
+        ] {
+            assert_eq!(Request::Exec(v2).protocol(), 2);
+        }
         for op in OPS {
             let json = match *op {
-                "exec" => r#"{"op":"exec","args":["x"]}"#.to_string(),
+                "exec" | "spawn" => format!(r#"{{"op":"{op}","args":["x"]}}"#),
                 "eval" => r#"{"op":"eval","code":"1"}"#.to_string(),
-                "read" | "write" | "list" | "stat" => format!(r#"{{"op":"{op}","path":"/"}}"#),
-                _ => format!(r#"{{"op":"{op}"}}"#),
+                "signal" => r#"{"op":"signal","pid":1,"signal":15}"#.to_string(),
+                "stdin" | "wait" => format!(r#"{{"op":"{op}","pid":1}}"#),
+                "rename" => r#"{"op":"rename","from":"/a","to":"/b"}"#.to_string(),
+                "procs" | "ping" | "poweroff" => format!(r#"{{"op":"{op}"}}"#),
+                _ => format!(r#"{{"op":"{op}","path":"/"}}"#),
             };
             let r: Request = serde_json::from_str(&json).unwrap();
             assert_eq!(r.op(), *op);
+            let want = if OPS_V1.contains(op) { 1 } else { 2 };
+            assert_eq!(r.protocol(), want, "{op}");
         }
+        assert!(matches!(
+            serde_json::from_str::<Reply>(r#"{"kind":"resize","rows":1,"cols":2}"#).unwrap(),
+            Reply::Resize { rows: 1, cols: 2 }
+        ));
+    }
+
+    #[test]
+    fn exec_checks_bound_what_the_guest_cannot() {
+        let ok = ExecRequest::new(vec!["x".into()]);
+        assert!(ok.check().is_ok());
+        assert!(ExecRequest::new(vec![]).check().is_err());
+        for bad in ["", "a:b", "a/b", "a\nb", &"u".repeat(MAX_USER_LEN + 1)] {
+            let r = ExecRequest {
+                user: Some(bad.to_string()),
+                ..ok.clone()
+            };
+            assert!(r.check().is_err(), "{bad:?}");
+        }
+        for (rows, cols) in [(0, 80), (24, 0), (MAX_PTY_SIDE + 1, 80)] {
+            let r = ExecRequest {
+                pty: Some(PtySize { rows, cols }),
+                ..ok.clone()
+            };
+            assert!(r.check().is_err(), "{rows}x{cols}");
+        }
+        let r = ExecRequest {
+            detach_on_close: true,
+            ..ok.clone()
+        };
+        assert!(r.check().is_err());
+        assert!(valid_signal(9) && !valid_signal(0) && !valid_signal(65));
     }
 
     #[test]
@@ -685,7 +1057,8 @@ mod tests {
                 code: Some(0),
                 signal: None,
                 timed_out: false,
-                duration_ms: 5
+                duration_ms: 5,
+                dropped_bytes: 0,
             })),
             r#"{"kind":"exit","code":0,"signal":null,"timed_out":false,"duration_ms":5}"#
         );

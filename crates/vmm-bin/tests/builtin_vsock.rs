@@ -73,10 +73,8 @@ fn frame_bytes(json: &[u8], data: &[u8]) -> Vec<u8> {
 
 fn exec(c: &Client, args: &[&str]) -> agent_client::ExecOutput {
     let req = ExecRequest {
-        args: args.iter().map(|a| a.to_string()).collect(),
-        env: Default::default(),
-        cwd: None,
         timeout_ms: 5_000,
+        ..ExecRequest::new(args.iter().map(|a| a.to_string()).collect())
     };
     c.exec_collect(&req, b"", 1 << 20).unwrap()
 }

@@ -189,10 +189,8 @@ fn run(opts: Opts) -> Result<ExitCode, CliError> {
         }
         "exec" => {
             let req = ExecRequest {
-                args: cmd[1..].to_vec(),
-                env: Default::default(),
-                cwd: None,
                 timeout_ms: opts.timeout.as_millis() as u64,
+                ..ExecRequest::new(cmd[1..].to_vec())
             };
             let status = client.exec(&req, &[], |stream, data| {
                 let r = match stream {

@@ -34,7 +34,7 @@ use proto::agent::{
 pub use proto::agent;
 
 mod procs;
-pub use procs::{Event, SessionReader, SessionWriter};
+pub use procs::{Event, Hangup, SessionReader, SessionWriter};
 
 /// Where the agent listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -526,6 +526,19 @@ impl Client {
         max_bytes: u64,
         out: &mut dyn Write,
     ) -> Result<u64> {
+        self.read_with(path, offset, max_bytes, &mut |_| Ok(()), out)
+    }
+
+    /// [`Client::read_to`], telling `on_size` the size the agent announced
+    /// before the first byte (an error from it ends the read).
+    pub fn read_with(
+        &self,
+        path: &str,
+        offset: u64,
+        max_bytes: u64,
+        on_size: &mut dyn FnMut(u64) -> io::Result<()>,
+        out: &mut dyn Write,
+    ) -> Result<u64> {
         let mut c = self.connect("read", self.cfg.transfer_timeout)?;
         let req = ReadRequest {
             path: path.to_string(),
@@ -543,6 +556,7 @@ impl Client {
                 detail: format!("announced {size} bytes, over the {max_bytes} asked for"),
             });
         }
+        on_size(size).map_err(|source| ClientError::Local { op: "read", source })?;
         let mut total = 0u64;
         loop {
             match c.recv()? {

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use proto::agent::{
     ExecRequest, ExitStatus, MkdirRequest, ProcInfo, PtySize, RemoveRequest, RenameRequest, Reply,
-    Request, SignalRequest, StdinRequest, WaitRequest, CHUNK, MAX_EXEC_STDIN, MAX_FRAME,
+    Request, ResizeRequest, SignalRequest, StdinRequest, WaitRequest, CHUNK, MAX_EXEC_STDIN,
+    MAX_FRAME,
 };
 
 use crate::{Client, ClientError, Conn, Result, Stream};
@@ -35,7 +36,27 @@ pub struct SessionWriter {
     conn: Conn,
 }
 
+/// Closes a session's connection from any thread (both halves at once),
+/// which the agent takes as the host going away.
+pub struct Hangup(std::os::unix::net::UnixStream);
+
+impl Hangup {
+    /// Shuts the connection down; harmless once it has ended.
+    pub fn hang_up(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl SessionReader {
+    /// A handle that closes this session's connection.
+    pub fn hangup(&self) -> Result<Hangup> {
+        self.conn
+            .stream
+            .try_clone()
+            .map(Hangup)
+            .map_err(|source| ClientError::Local { op: "exec", source })
+    }
+
     /// The next output chunk or the exit; after the exit, a protocol error.
     pub fn next_event(&mut self) -> Result<Event> {
         if self.done {
@@ -227,6 +248,20 @@ impl Client {
                 return Err(ClientError::Cancelled { op: "wait" });
             }
         }
+    }
+
+    /// Resizes a tracked process's terminal.
+    pub fn resize(&self, pid: i32, size: PtySize) -> Result<()> {
+        size.check().map_err(|detail| ClientError::Invalid {
+            op: "resize",
+            detail,
+        })?;
+        let req = ResizeRequest {
+            pid,
+            rows: size.rows,
+            cols: size.cols,
+        };
+        self.simple("resize", Request::Resize(req), &[])
     }
 
     /// Makes a directory (`parents`: and the missing ones above, and

@@ -284,6 +284,7 @@ impl Agent {
             Request::Signal(req) => session::signal(&mut conn, req),
             Request::Stdin(req) => session::stdin(&mut conn, req, &frame.data),
             Request::Wait(req) => session::wait(&mut conn, req),
+            Request::Resize(req) => session::resize(&mut conn, req),
             Request::Mkdir(req) => files::mkdir(&mut conn, req),
             Request::Remove(req) => files::remove(&mut conn, req),
             Request::Rename(req) => files::rename(&mut conn, req),

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proto::agent::{
-    read_frame, valid_signal, write_frame, ErrorCode, ExecRequest, PtySize, Reply, SignalRequest,
-    StdinRequest, WaitRequest, MAX_FRAME, MAX_PROCS,
+    read_frame, valid_signal, write_frame, ErrorCode, ExecRequest, PtySize, Reply, ResizeRequest,
+    SignalRequest, StdinRequest, WaitRequest, MAX_FRAME, MAX_PROCS,
 };
 
 use crate::launch::{launch, ETC};
@@ -127,6 +127,29 @@ pub fn signal(conn: &mut UnixStream, req: SignalRequest) -> Outcome {
             p.signal(req.signal);
             ok(conn)
         }
+        Err(e) => proc_error(conn, e),
+    }
+}
+
+/// `resize`.
+pub fn resize(conn: &mut UnixStream, req: ResizeRequest) -> Outcome {
+    let size = PtySize {
+        rows: req.rows,
+        cols: req.cols,
+    };
+    if let Err(m) = size.check() {
+        return send_error(conn, ErrorCode::BadRequest, m);
+    }
+    match table().get(req.pid) {
+        Ok(p) => match p.resize(size) {
+            Ok(true) => ok(conn),
+            Ok(false) => send_error(
+                conn,
+                ErrorCode::BadRequest,
+                format!("process {} has no terminal to resize", req.pid),
+            ),
+            Err(e) => send_error(conn, ErrorCode::Io, format!("resize failed: {e}")),
+        },
         Err(e) => proc_error(conn, e),
     }
 }

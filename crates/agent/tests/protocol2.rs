@@ -452,3 +452,19 @@ fn mkdir_remove_and_rename() {
         ErrorCode::BadRequest
     );
 }
+
+#[test]
+fn a_session_takes_stdin_by_pid_from_another_connection() {
+    let a = agent();
+    let c = a.client();
+    let (pid, mut r, _w) = c.session(&req(&["sh", "-c", "echo go; cat"]), b"").unwrap();
+    let mut got = Vec::new();
+    read_until(&mut r, &mut got, "go\n");
+    c.stdin(pid, b"by pid\n", false).unwrap();
+    read_until(&mut r, &mut got, "by pid\n");
+    c.stdin(pid, b"", true).unwrap();
+    let (rest, _, status) = drain(&mut r);
+    got.extend(rest);
+    assert_eq!(got, b"go\nby pid\n");
+    assert_eq!(status.code, Some(0));
+}

@@ -623,6 +623,7 @@ pub fn exec(ctx: &mut Ctx, a: &ExecArgs) -> Outcome {
         args: a.args.clone(),
         timeout_secs: a.timeout_secs,
         stdin,
+        ..ExecRequest::default()
     };
     let wait = Duration::from_secs(a.timeout_secs.unwrap_or(60) + 30);
     let client = ctx.client.with_timeout(ctx.client.timeout().max(wait));

@@ -1,7 +1,7 @@
 //! The daemon's state and what it shares between requests: the store, the
 //! forkd-vmm binary, the fork servers, the tags being made, the branch cap.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -158,6 +158,15 @@ pub const DEFAULT_DISK_QUOTA_MIB: u64 = 4096;
 /// what a VMM gone wrong (or made to go wrong) can start.
 pub const DEFAULT_PIDS_LIMIT: u64 = 1024;
 
+/// What a sandbox's agent is, from its first answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentKind {
+    /// The protocol version it speaks.
+    pub protocol: u32,
+    /// It is the built-in guest (ping, eval of arithmetic, a few exec builtins).
+    pub builtin: bool,
+}
+
 /// The daemon.
 pub struct Daemon {
     /// Its database.
@@ -198,7 +207,7 @@ pub struct Daemon {
     fork_servers: Mutex<HashMap<String, Arc<ForkServer>>>,
     /// Held while a tag's fork server starts.
     fork_server_starts: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    agents_seen: Mutex<HashSet<String>>,
+    agents_seen: Mutex<HashMap<String, AgentKind>>,
     /// The state directory's lock, held as long as the daemon runs.
     _lock: StateLock,
 }
@@ -411,7 +420,7 @@ impl Daemon {
             exited_retention: opts.exited_retention,
             fork_servers: Mutex::new(HashMap::new()),
             fork_server_starts: Mutex::new(HashMap::new()),
-            agents_seen: Mutex::new(HashSet::new()),
+            agents_seen: Mutex::new(HashMap::new()),
             _lock: lock,
         })
     }
@@ -567,14 +576,20 @@ impl Daemon {
         }
     }
 
-    /// Whether sandbox `id`'s agent has answered since this daemon started.
-    pub fn agent_seen(&self, id: &str) -> bool {
-        lock(&self.agents_seen).contains(id)
+    /// What sandbox `id`'s agent said when it first answered since this
+    /// daemon started; none before that.
+    pub fn agent_seen(&self, id: &str) -> Option<AgentKind> {
+        lock(&self.agents_seen).get(id).copied()
     }
 
-    /// Records that sandbox `id`'s agent has answered.
-    pub fn mark_agent_seen(&self, id: &str) {
-        lock(&self.agents_seen).insert(id.to_owned());
+    /// Records that sandbox `id`'s agent has answered `pong`.
+    pub fn mark_agent_seen(&self, id: &str, pong: &proto::agent::Pong) -> AgentKind {
+        let kind = AgentKind {
+            protocol: pong.protocol,
+            builtin: pong.guest == proto::agent::BUILTIN_GUEST,
+        };
+        lock(&self.agents_seen).insert(id.to_owned(), kind);
+        kind
     }
 
     /// Forgets sandbox `id` (killed or gone).

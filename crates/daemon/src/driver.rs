@@ -543,7 +543,9 @@ impl Drop for SourceVm {
 /// a Linux guest once its agent's warm interpreter is up (or has failed,
 /// which the snapshot reports as a warning).
 fn settled(pong: &Pong) -> bool {
-    pong.guest == "guest: builtin" || pong.interpreter_ready || pong.interpreter_error.is_some()
+    pong.guest == proto::agent::BUILTIN_GUEST
+        || pong.interpreter_ready
+        || pong.interpreter_error.is_some()
 }
 
 /// A `forkd-vmm fork-server` holding one snapshot.

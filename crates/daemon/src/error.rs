@@ -18,6 +18,8 @@ pub enum Kind {
     BadRequest,
     /// 401: no token, or the wrong one.
     Unauthorized,
+    /// 403: the guest refused access.
+    Forbidden,
     /// 404: no such thing (or route).
     NotFound,
     /// 405: the route does not take that method.
@@ -40,6 +42,8 @@ pub enum Kind {
     Unavailable,
     /// 504: the guest did not answer in time.
     GatewayTimeout,
+    /// 501: the guest (or its agent's protocol version) cannot do this.
+    NotImplemented,
 }
 
 impl Kind {
@@ -48,6 +52,7 @@ impl Kind {
         match self {
             Kind::BadRequest => StatusCode::BAD_REQUEST,
             Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
             Kind::NotFound => StatusCode::NOT_FOUND,
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Kind::Conflict => StatusCode::CONFLICT,
@@ -58,6 +63,7 @@ impl Kind {
             Kind::BadGateway => StatusCode::BAD_GATEWAY,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Kind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }
@@ -147,6 +153,32 @@ impl From<agent_client::ClientError> for ApiError {
             E::Timeout { .. } => Kind::GatewayTimeout,
             E::Agent { .. } | E::Invalid { .. } | E::TooLarge { .. } => Kind::BadRequest,
             _ => Kind::BadGateway,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl ApiError {
+    /// An agent failure on the routes that act on the guest's processes
+    /// and files, where the guest's own error says what happened: no such
+    /// path 404, permission denied 403, too large 413, unsupported 501,
+    /// busy 503, timeout 504, a malformed request 400, the guest's I/O
+    /// failing or anything else 502.
+    pub fn from_guest(e: agent_client::ClientError) -> ApiError {
+        use agent_client::agent::ErrorCode as C;
+        use agent_client::ClientError as E;
+        let kind = match &e {
+            E::Agent { code, .. } => match code {
+                C::NotFound => Kind::NotFound,
+                C::PermissionDenied => Kind::Forbidden,
+                C::TooLarge => Kind::PayloadTooLarge,
+                C::Unsupported => Kind::NotImplemented,
+                C::Busy => Kind::Unavailable,
+                C::Timeout => Kind::GatewayTimeout,
+                C::BadRequest => Kind::BadRequest,
+                C::Io | C::Internal => Kind::BadGateway,
+            },
+            _ => return ApiError::from(e),
         };
         ApiError::new(kind, e.to_string())
     }

@@ -2,7 +2,8 @@
 //!
 //! - [`api`]: routes, auth and audit layer.
 //! - [`daemon`]: shared state; [`snapshots`] and [`sandboxes`]: what the
-//!   routes do.
+//!   routes do; [`guest`]: streamed and interactive exec, background
+//!   processes and files, through a sandbox's agent.
 //! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
 //!   [`procs`]: tracking them by pid.
 //! - [`exits`]: noticing that a sandbox's VMM ended, how, and reaping it;
@@ -27,6 +28,7 @@ pub mod driver;
 pub mod error;
 pub mod exits;
 pub mod failpoint;
+pub mod guest;
 pub mod images;
 pub mod integrity;
 pub mod metrics;

@@ -13,7 +13,7 @@ use proto::api::{
 };
 use proto::control::{ControlRequest, ControlResponse, SnapshotMode};
 
-use crate::daemon::Daemon;
+use crate::daemon::{AgentKind, Daemon};
 use crate::error::{ApiError, ApiResult, Kind};
 use crate::store::{SandboxRow, SnapshotRow};
 use crate::util::{now_unix, random_hex};
@@ -309,26 +309,27 @@ impl Daemon {
         Ok(())
     }
 
-    /// The agent client of a running sandbox, and, on the first contact
-    /// since this daemon started, the answer to the ping that settled it.
+    /// The agent client of a running sandbox, what its agent is, and, on
+    /// the first contact since this daemon started, the answer to the ping
+    /// that settled it.
     ///
     /// A restored guest resets its vsock connections when it notices the
     /// device's transport reset; a connection made just before that is
     /// dropped unanswered. Pings are safe to repeat, so the first contact
     /// with a sandbox is a ping retried until the agent answers; only then
     /// does a request that is not safe to repeat go out.
-    async fn agent_of(
+    pub(crate) async fn agent_of(
         self: &Arc<Self>,
         id: &str,
         cfg: ClientConfig,
-    ) -> ApiResult<(agent_client::Client, Option<proto::agent::Pong>)> {
+    ) -> ApiResult<(agent_client::Client, AgentKind, Option<proto::agent::Pong>)> {
         let row = self.running_sandbox(id).await?;
         let uds = row.vsock_socket.clone().ok_or_else(|| {
             ApiError::conflict(format!(
                 "sandbox {id:?} has no vsock device, so no guest agent to talk to"
             ))
         })?;
-        let settle = !self.agent_seen(id);
+        let seen = self.agent_seen(id);
         let (probe, sid) = (uds.clone(), id.to_owned());
         let pong = tokio::task::spawn_blocking(move || {
             if !procs::wait_for_path(&probe, VSOCK_APPEAR) {
@@ -340,7 +341,7 @@ impl Daemon {
                     ),
                 ));
             }
-            if !settle {
+            if seen.is_some() {
                 return Ok(None);
             }
             let client = driver::agent(&probe, quick_agent());
@@ -354,17 +355,33 @@ impl Daemon {
                 })
         })
         .await??;
-        if pong.is_some() {
-            self.mark_agent_seen(id);
-        }
-        Ok((driver::agent(&uds, cfg), pong))
+        let kind = match (&pong, seen) {
+            (Some(p), _) => self.mark_agent_seen(id, p),
+            (None, Some(k)) => k,
+            (None, None) => unreachable!("an unseen agent is pinged"),
+        };
+        Ok((driver::agent(&uds, cfg), kind, pong))
+    }
+
+    /// The agent client of a running sandbox whose agent speaks protocol 2;
+    /// 501 for an older agent (or the built-in guest), naming `what` was
+    /// asked.
+    pub async fn agent_v2(
+        self: &Arc<Self>,
+        id: &str,
+        cfg: ClientConfig,
+        what: &str,
+    ) -> ApiResult<agent_client::Client> {
+        let (client, kind, _) = self.agent_of(id, cfg).await?;
+        require_protocol(kind, proto::agent::PROTOCOL_VERSION, what)?;
+        Ok(client)
     }
 
     /// `POST /v1/sandboxes/:id/ping`: the agent's answer.
     pub async fn ping(self: &Arc<Self>, id: &str) -> ApiResult<proto::agent::Pong> {
         match self.agent_of(id, quick_agent()).await? {
-            (_, Some(pong)) => Ok(pong),
-            (client, None) => Ok(tokio::task::spawn_blocking(move || client.ping()).await??),
+            (_, _, Some(pong)) => Ok(pong),
+            (client, _, None) => Ok(tokio::task::spawn_blocking(move || client.ping()).await??),
         }
     }
 
@@ -374,33 +391,49 @@ impl Daemon {
         id: &str,
         req: proto::api::ExecRequest,
     ) -> ApiResult<ExecResponse> {
-        if req.args.is_empty() {
-            return Err(ApiError::bad_request(
-                "args is empty: give the program and its arguments",
-            ));
-        }
         let secs = run_secs(req.timeout_secs)?;
-        let (client, _) = self.agent_of(id, ClientConfig::default()).await?;
+        let stdin = match (req.stdin, req.stdin_base64) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give stdin or stdin_base64, not both",
+                ))
+            }
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => crate::guest::decode_b64("stdin_base64", &b64)?,
+            (None, None) => Vec::new(),
+        };
         let agent_req = proto::agent::ExecRequest {
+            env: req.env,
+            cwd: req.cwd,
+            user: req.user,
             timeout_ms: secs * 1000,
             ..proto::agent::ExecRequest::new(req.args)
         };
-        let stdin = req.stdin.unwrap_or_default().into_bytes();
+        agent_req.check().map_err(ApiError::bad_request)?;
+        let (client, kind, _) = self.agent_of(id, ClientConfig::default()).await?;
+        require_protocol(
+            kind,
+            proto::agent::Request::Exec(agent_req.clone()).protocol(),
+            "exec with user",
+        )?;
         let out = tokio::task::spawn_blocking(move || {
             client.exec_collect(&agent_req, &stdin, MAX_EXEC_OUTPUT)
         })
         .await??;
-        let s = &out.status;
-        let exit_code = match (s.code, s.signal) {
-            _ if s.timed_out => -1,
-            (Some(code), _) => code,
-            (None, Some(sig)) => 128 + sig,
-            (None, None) => -1,
+        let exit = proto::api::ProcessExit::from_agent(&out.status);
+        let base64 = req.encoding == Some(proto::api::Encoding::Base64);
+        let text = |b: &[u8]| match base64 {
+            true => crate::guest::encode_b64(b),
+            false => String::from_utf8_lossy(b).into_owned(),
         };
         Ok(ExecResponse {
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            exit_code,
+            stdout: text(&out.stdout),
+            stderr: text(&out.stderr),
+            exit_code: exit.exit_code,
+            signal: exit.signal,
+            timed_out: exit.timed_out,
+            duration_ms: Some(exit.duration_ms),
+            encoding: base64.then_some(proto::api::Encoding::Base64),
         })
     }
 
@@ -411,7 +444,7 @@ impl Daemon {
         req: proto::api::EvalRequest,
     ) -> ApiResult<EvalResponse> {
         let secs = run_secs(req.timeout_secs)?;
-        let (client, _) = self.agent_of(id, ClientConfig::default()).await?;
+        let (client, _, _) = self.agent_of(id, ClientConfig::default()).await?;
         let r =
             tokio::task::spawn_blocking(move || client.eval(&req.code, Duration::from_secs(secs)))
                 .await??;
@@ -666,6 +699,23 @@ pub fn how_ended(info: &SandboxInfo) -> String {
         (Some(code), None) => format!("exited with status {code}{oom}"),
         (None, None) => format!("ended, status unknown{oom}"),
     }
+}
+
+/// Refuses (501) what an agent of `kind` cannot do: a request needing
+/// protocol `needed`.
+pub fn require_protocol(kind: AgentKind, needed: u32, what: &str) -> ApiResult<()> {
+    if kind.protocol >= needed {
+        return Ok(());
+    }
+    let message = if kind.builtin {
+        format!("{what} is unsupported by the built-in guest (it answers ping, eval of integer arithmetic and a few exec builtins): use a snapshot of a Linux guest with forkd-agent")
+    } else {
+        format!(
+            "{what} is unsupported by this snapshot's agent (protocol {}): rebuild the snapshot with a forkd-agent speaking protocol {needed}",
+            kind.protocol
+        )
+    };
+    Err(ApiError::new(Kind::NotImplemented, message))
 }
 
 /// Longest a new sandbox's agent may take to answer its first ping.

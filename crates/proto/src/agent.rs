@@ -114,11 +114,12 @@
 //! | signal | `{"op":"signal","pid":N,"signal":15}` | `{"kind":"ok"}` |
 //! | stdin | `{"op":"stdin","pid":N,"eof":false}` `+data` | `{"kind":"ok"}` |
 //! | wait | `{"op":"wait","pid":N,"timeout_ms":10000}` | the kept and further `stdout`/`stderr` frames, then `exit` (the process is then forgotten); error `timeout` leaves it running. Output is handed over once: a later wait gets only what came after |
+//! | resize | `{"op":"resize","pid":N,"rows":40,"cols":120}` | `{"kind":"ok"}`; error `bad_request` when it has no terminal |
 //! | mkdir | `{"op":"mkdir","path":"/a/b","parents":false,"mode":493}` | `{"kind":"ok"}` |
 //! | remove | `{"op":"remove","path":"/a","recursive":false}` | `{"kind":"ok"}` |
 //! | rename | `{"op":"rename","from":"/a","to":"/b"}` | `{"kind":"ok"}` |
 //!
-//! `signal`, `stdin` and `wait` reach only processes this agent started
+//! `signal`, `stdin`, `wait` and `resize` reach only processes this agent started
 //! with `spawn` or an interactive exec (a `ProcInfo` is `{"pid":N,"args":[...],"running":true,"exit":null,"started_unix":1700000000,"pty":false,"kept_bytes":0}`);
 //! any other pid is `not_found`. The agent tracks at most [`MAX_PROCS`]
 //! such processes (running, or ended and not yet waited for); one more is
@@ -159,6 +160,8 @@ pub const BG_OUTPUT_MAX: usize = 1 << 20;
 pub const MAX_USER_LEN: usize = 64;
 /// Largest terminal side, in rows or columns.
 pub const MAX_PTY_SIDE: u16 = 1000;
+/// What the built-in guest answers as `guest` in its pong.
+pub const BUILTIN_GUEST: &str = "guest: builtin";
 /// Default vsock port of the agent.
 pub const DEFAULT_VSOCK_PORT: u32 = 1024;
 /// Largest frame, JSON and binary parts together (1 MiB).
@@ -208,6 +211,8 @@ pub enum Request {
     Stdin(StdinRequest),
     /// Collect a tracked process's output and exit (protocol 2).
     Wait(WaitRequest),
+    /// Resize a tracked process's terminal (protocol 2).
+    Resize(ResizeRequest),
     /// Make a directory (protocol 2).
     Mkdir(MkdirRequest),
     /// Remove a file or directory (protocol 2).
@@ -224,7 +229,7 @@ pub const OPS_V1: &[&str] = &[
 /// The `op` names this protocol defines (an agent answers any other with `unsupported`).
 pub const OPS: &[&str] = &[
     "ping", "exec", "eval", "read", "write", "list", "stat", "poweroff", "spawn", "procs",
-    "signal", "stdin", "wait", "mkdir", "remove", "rename",
+    "signal", "stdin", "wait", "resize", "mkdir", "remove", "rename",
 ];
 
 impl Request {
@@ -244,6 +249,7 @@ impl Request {
             Request::Signal(_) => "signal",
             Request::Stdin(_) => "stdin",
             Request::Wait(_) => "wait",
+            Request::Resize(_) => "resize",
             Request::Mkdir(_) => "mkdir",
             Request::Remove(_) => "remove",
             Request::Rename(_) => "rename",
@@ -410,6 +416,17 @@ pub struct WaitRequest {
     pub timeout_ms: u64,
 }
 
+/// `resize`: resize a tracked process's terminal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    /// The process.
+    pub pid: i32,
+    /// Rows, 1 to [`MAX_PTY_SIDE`].
+    pub rows: u16,
+    /// Columns, 1 to [`MAX_PTY_SIDE`].
+    pub cols: u16,
+}
+
 /// `mkdir`: make a directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MkdirRequest {
@@ -530,6 +547,7 @@ pub struct StatRequest {
 }
 
 /// Type of a directory entry.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileType {
@@ -544,6 +562,7 @@ pub enum FileType {
 }
 
 /// One file's description (a `list` entry or a `stat` answer).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// File name (for `stat`, the path asked). Non-UTF-8 bytes are replaced.
@@ -994,6 +1013,7 @@ mod tests {
                 "eval" => r#"{"op":"eval","code":"1"}"#.to_string(),
                 "signal" => r#"{"op":"signal","pid":1,"signal":15}"#.to_string(),
                 "stdin" | "wait" => format!(r#"{{"op":"{op}","pid":1}}"#),
+                "resize" => r#"{"op":"resize","pid":1,"rows":2,"cols":3}"#.to_string(),
                 "rename" => r#"{"op":"rename","from":"/a","to":"/b"}"#.to_string(),
                 "procs" | "ping" | "poweroff" => format!(r#"{{"op":"{op}"}}"#),
                 _ => format!(r#"{{"op":"{op}","path":"/"}}"#),

@@ -9,6 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
+mod files;
+mod process;
+pub use files::*;
+pub use process::*;
+
 /// The API version string `GET /version` reports.
 pub const API_VERSION: &str = "v1";
 /// Default address of the daemon.
@@ -447,8 +452,9 @@ pub struct PingResponse {
     pub agent: crate::agent::Pong,
 }
 
-/// `POST /v1/sandboxes/:id/exec`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/sandboxes/:id/exec`: run a command and answer its whole
+/// output.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecRequest {
     /// The program and its arguments.
@@ -459,18 +465,58 @@ pub struct ExecRequest {
     /// Extension: text given to the program's standard input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
+    /// Extension: bytes, base64, given to its standard input (not with `stdin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
+    /// Extension: variables added to its environment.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Extension: its working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Extension: the guest user it runs as (a name or uid; default the agent's, root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Extension: how `stdout` and `stderr` are sent back: `utf8` (the
+    /// default; bytes that are not UTF-8 are replaced) or `base64` (exact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+/// How output bytes travel in a JSON string.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// As text; bytes that are not UTF-8 are replaced (U+FFFD).
+    #[default]
+    Utf8,
+    /// Exactly, as standard base64 with padding.
+    Base64,
 }
 
 /// Answer to exec.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResponse {
-    /// Its standard output (lossy UTF-8).
+    /// Its standard output (lossy UTF-8, or base64 with `encoding: base64`).
     pub stdout: String,
-    /// Its standard error (lossy UTF-8).
+    /// Its standard error (lossy UTF-8, or base64 with `encoding: base64`).
     pub stderr: String,
     /// Its exit code (128 + signal when killed by one, -1 when timed out).
     pub exit_code: i32,
+    /// Extension: the signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Extension: it ran past `timeout_secs` and was killed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// Extension: how long it ran, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Extension: `base64` when `stdout` and `stderr` are base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
 }
 
 /// `POST /v1/sandboxes/:id/eval`.

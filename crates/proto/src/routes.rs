@@ -36,6 +36,30 @@ pub const SANDBOX_EXEC: &str = "/v1/sandboxes/{id}/exec";
 pub const SANDBOX_EVAL: &str = "/v1/sandboxes/{id}/eval";
 /// `POST`: BRANCH the sandbox into a snapshot.
 pub const SANDBOX_BRANCH: &str = "/v1/sandboxes/{id}/branch";
+/// `POST`: run a command, its output streamed as newline-delimited JSON.
+pub const SANDBOX_EXEC_STREAM: &str = "/v1/sandboxes/{id}/exec/stream";
+/// `GET` (WebSocket upgrade): run a command interactively.
+pub const SANDBOX_EXEC_WS: &str = "/v1/sandboxes/{id}/exec/ws";
+/// `POST` (start in the background) and `GET` (list).
+pub const SANDBOX_PROCESSES: &str = "/v1/sandboxes/{id}/processes";
+/// `POST`: signal a process.
+pub const PROCESS_SIGNAL: &str = "/v1/sandboxes/{id}/processes/{pid}/signal";
+/// `POST`: bytes (the body) for a process's stdin; `?eof=true` closes it after.
+pub const PROCESS_STDIN: &str = "/v1/sandboxes/{id}/processes/{pid}/stdin";
+/// `POST`: resize a process's terminal.
+pub const PROCESS_RESIZE: &str = "/v1/sandboxes/{id}/processes/{pid}/resize";
+/// `POST`: collect a process's output and exit.
+pub const PROCESS_WAIT: &str = "/v1/sandboxes/{id}/processes/{pid}/wait";
+/// `GET ?path=` (download), `PUT ?path=` (upload), `DELETE ?path=`.
+pub const SANDBOX_FILES: &str = "/v1/sandboxes/{id}/files";
+/// `GET ?path=`: a directory's entries.
+pub const FILES_LIST: &str = "/v1/sandboxes/{id}/files/list";
+/// `GET ?path=`: one path's description.
+pub const FILES_STAT: &str = "/v1/sandboxes/{id}/files/stat";
+/// `POST`: make a directory.
+pub const FILES_MKDIR: &str = "/v1/sandboxes/{id}/files/mkdir";
+/// `POST`: rename a path.
+pub const FILES_RENAME: &str = "/v1/sandboxes/{id}/files/rename";
 /// `GET`: this API as an OpenAPI 3 document.
 pub const OPENAPI: &str = "/v1/openapi.json";
 
@@ -122,6 +146,31 @@ pub fn sandbox_op(id: &str, op: SandboxOp) -> String {
     fill(op.pattern(), id)
 }
 
+/// `pattern` (one of this module's `/v1/sandboxes/{id}/...` routes without
+/// a pid) for sandbox `id`.
+pub fn for_sandbox(pattern: &str, id: &str) -> String {
+    debug_assert!(!pattern.contains("{pid}"));
+    fill(pattern, id)
+}
+
+/// `pattern` (one of the `PROCESS_*` routes) for process `pid` of sandbox `id`.
+pub fn for_process(pattern: &str, id: &str, pid: i32) -> String {
+    fill(&fill(pattern, id), &pid.to_string())
+}
+
+/// `pattern` (one of the file routes) for sandbox `id`, with `query`
+/// pairs (values percent-encoded) appended.
+pub fn with_query(pattern: &str, id: &str, query: &[(&str, &str)]) -> String {
+    let mut out = fill(pattern, id);
+    for (i, (k, v)) in query.iter().enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        out.push_str(k);
+        out.push('=');
+        out.push_str(&seg(v));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +195,26 @@ mod tests {
         ] {
             assert_eq!(sandbox_op("x", op), format!("/v1/sandboxes/x/{name}"));
         }
+    }
+
+    #[test]
+    fn process_and_file_builders_fill_both_placeholders_and_encode_queries() {
+        assert_eq!(
+            for_process(PROCESS_WAIT, "sb-1", 42),
+            "/v1/sandboxes/sb-1/processes/42/wait"
+        );
+        assert_eq!(
+            for_sandbox(SANDBOX_EXEC_STREAM, "a b"),
+            "/v1/sandboxes/a%20b/exec/stream"
+        );
+        assert_eq!(
+            with_query(
+                SANDBOX_FILES,
+                "sb",
+                &[("path", "/tmp/a b&c"), ("append", "true")]
+            ),
+            "/v1/sandboxes/sb/files?path=%2Ftmp%2Fa%20b%26c&append=true"
+        );
     }
 
     #[test]

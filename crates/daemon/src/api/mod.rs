@@ -4,6 +4,7 @@
 //! mistyped field 422); fields it does not know are ignored and logged at
 //! debug level.
 
+mod guest;
 pub mod openapi;
 mod sandboxes;
 mod snapshots;
@@ -49,6 +50,26 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SANDBOX_EXEC, post(sandboxes::exec))
         .route(routes::SANDBOX_EVAL, post(sandboxes::eval))
         .route(routes::SANDBOX_BRANCH, post(sandboxes::branch))
+        .route(routes::SANDBOX_EXEC_STREAM, post(guest::exec_stream))
+        .route(routes::SANDBOX_EXEC_WS, get(guest::exec_ws))
+        .route(
+            routes::SANDBOX_PROCESSES,
+            post(guest::start_process).get(guest::list_processes),
+        )
+        .route(routes::PROCESS_SIGNAL, post(guest::signal_process))
+        .route(routes::PROCESS_STDIN, post(guest::process_stdin))
+        .route(routes::PROCESS_RESIZE, post(guest::resize_process))
+        .route(routes::PROCESS_WAIT, post(guest::wait_process))
+        .route(
+            routes::SANDBOX_FILES,
+            get(guest::download)
+                .put(guest::upload)
+                .delete(guest::remove),
+        )
+        .route(routes::FILES_LIST, get(guest::list))
+        .route(routes::FILES_STAT, get(guest::stat))
+        .route(routes::FILES_MKDIR, post(guest::mkdir))
+        .route(routes::FILES_RENAME, post(guest::rename))
         .fallback(|| async { ApiError::not_found("no such route; see the forkd v1 API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -136,13 +157,15 @@ async fn guard(State(daemon): State<Arc<Daemon>>, req: Request, next: Next) -> R
 }
 
 /// Whether a request changes state (spawn, snapshot, branch, compact,
-/// delete): such a request runs to its end, recorded or cleaned up,
-/// whether or not its client is still there. An exec or eval is cancelled
-/// when its client goes; a ping changes nothing.
+/// delete, and the guest's processes and files): such a request runs to
+/// its end, recorded or cleaned up, whether or not its client is still
+/// there. An exec, eval, stream or wait is cancelled when its client goes
+/// (a stream's process with it, unless it asked to detach); a ping changes
+/// nothing.
 pub fn changes_state(method: &axum::http::Method, path: &str) -> bool {
     use axum::http::Method;
     (method == Method::POST || method == Method::DELETE)
-        && !["/exec", "/eval", "/ping"]
+        && !["/exec", "/eval", "/ping", "/exec/stream", "/wait"]
             .iter()
             .any(|op| path.ends_with(op))
 }

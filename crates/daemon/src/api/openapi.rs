@@ -4,11 +4,13 @@
 //! `proto::api` type (`utoipa::ToSchema`), so the document follows the code.
 //! `docs/openapi.json` is a copy, checked against this by a test.
 
-use proto::agent::Pong;
+use proto::agent::{Pong, PtySize};
 use proto::api::{
-    BranchMode, BranchRequest, CompactRequest, CreateSnapshot, ErrorBody, EvalRequest,
-    EvalResponse, ExecRequest, ExecResponse, Health, PingResponse, SandboxInfo, SandboxState,
-    SnapshotDetail, SnapshotInfo, SnapshotStatus, SpawnRequest, Version,
+    BranchMode, BranchRequest, CompactRequest, CreateSnapshot, Encoding, Entry, ErrorBody,
+    EvalRequest, EvalResponse, ExecEvent, ExecInput, ExecRequest, ExecResponse, FileList, FileType,
+    Health, MkdirRequest, PingResponse, ProcessExit, ProcessInfo, ProcessRequest, RenameRequest,
+    SandboxInfo, SandboxState, SignalRequest, SnapshotDetail, SnapshotInfo, SnapshotStatus,
+    SpawnRequest, Spawned, Uploaded, Version, WaitRequest, WaitResponse,
 };
 use proto::routes;
 use utoipa::openapi::path::{
@@ -27,6 +29,10 @@ enum Body {
     One(&'static str),
     List(&'static str),
     Text,
+    /// Bytes as they are.
+    Binary,
+    /// Newline-delimited JSON, each line one of this type.
+    Lines(&'static str),
 }
 
 impl Body {
@@ -38,6 +44,11 @@ impl Body {
                 .build()
                 .into(),
             Body::Text => return ("text/plain; version=0.0.4", Content::new(None::<Schema>)),
+            Body::Binary => return ("application/octet-stream", Content::new(None::<Schema>)),
+            Body::Lines(name) => {
+                let line: RefOr<Schema> = Ref::from_schema_name(name).into();
+                return ("application/x-ndjson", Content::new(Some(line)));
+            }
         };
         ("application/json", Content::new(Some(schema)))
     }
@@ -53,6 +64,8 @@ struct Route {
     answers: &'static [(u16, Option<Body>, &'static str)],
     /// Without a token.
     public: bool,
+    /// Query parameters: name, what it is, whether it is required.
+    query: &'static [(&'static str, &'static str, bool)],
 }
 
 const ERR: Option<Body> = Some(Body::One("ErrorBody"));
@@ -66,6 +79,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, Some(Body::One("Health")), "the daemon runs")],
         public: true,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -74,6 +88,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, Some(Body::One("Health")), "the daemon runs")],
         public: true,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -82,6 +97,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, Some(Body::One("Version")), "its version")],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -90,6 +106,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, Some(Body::Text), "the metrics")],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -98,6 +115,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, None, "an OpenAPI 3 document")],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -116,6 +134,7 @@ const ROUTES: &[Route] = &[
             ),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -124,6 +143,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, Some(Body::List("SnapshotInfo")), "the snapshots")],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Delete,
@@ -142,6 +162,7 @@ const ROUTES: &[Route] = &[
             ),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -153,6 +174,7 @@ const ROUTES: &[Route] = &[
             (404, ERR, "no such snapshot"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -170,6 +192,7 @@ const ROUTES: &[Route] = &[
             ),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -184,6 +207,7 @@ const ROUTES: &[Route] = &[
             (422, ERR, "a field missing or of the wrong type"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -192,6 +216,7 @@ const ROUTES: &[Route] = &[
         body: None,
         answers: &[(200, Some(Body::List("SandboxInfo")), "the sandboxes")],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Get,
@@ -203,6 +228,7 @@ const ROUTES: &[Route] = &[
             (404, ERR, "no such sandbox"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Delete,
@@ -215,6 +241,7 @@ const ROUTES: &[Route] = &[
             (409, ERR, "it is still starting"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -228,6 +255,7 @@ const ROUTES: &[Route] = &[
             (504, ERR, "the agent did not answer in time"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -241,6 +269,7 @@ const ROUTES: &[Route] = &[
             (504, ERR, "the agent did not answer in time"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -252,6 +281,7 @@ const ROUTES: &[Route] = &[
             (404, ERR, "no such sandbox"),
         ],
         public: false,
+        query: &[],
     },
     Route {
         method: HttpMethod::Post,
@@ -281,12 +311,232 @@ const ROUTES: &[Route] = &[
             (503, ERR, "--branch-concurrency branches are being written"),
         ],
         public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_EXEC_STREAM,
+        summary: "Run a program, its output streamed as newline-delimited JSON (agent protocol 2)",
+        body: Some(Body::One("ProcessRequest")),
+        answers: &[
+            (
+                200,
+                Some(Body::Lines("ExecEvent")),
+                "started, output as it comes (base64), then exit or error",
+            ),
+            (400, ERR, "a bad request"),
+            (404, ERR, "no such sandbox, or the program is not found"),
+            (
+                501,
+                ERR,
+                "the snapshot's agent is older than protocol 2, or the guest is the built-in one",
+            ),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SANDBOX_EXEC_WS,
+        summary: "Run a program interactively over a WebSocket: first message the ProcessRequest; then binary stdin and ExecInput text; answers ExecEvent text and binary output (first byte 1 stdout, 2 stderr)",
+        body: None,
+        answers: &[
+            (101, None, "switching to the WebSocket"),
+            (404, ERR, "no such sandbox"),
+            (501, ERR, "the agent is older than protocol 2"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_PROCESSES,
+        summary: "Start a program in the background (no timeout unless given)",
+        body: Some(Body::One("ProcessRequest")),
+        answers: &[
+            (201, Some(Body::One("Spawned")), "started"),
+            (400, ERR, "a bad request"),
+            (503, ERR, "the agent tracks 64 processes already"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SANDBOX_PROCESSES,
+        summary: "The background and streamed processes, running or not yet waited for",
+        body: None,
+        answers: &[(200, Some(Body::List("ProcessInfo")), "the processes")],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::PROCESS_SIGNAL,
+        summary: "Signal a process's group",
+        body: Some(Body::One("SignalRequest")),
+        answers: &[
+            (204, None, "sent"),
+            (404, ERR, "no such sandbox or process"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::PROCESS_STDIN,
+        summary: "Bytes (the body, as it is) for a process's stdin",
+        body: Some(Body::Binary),
+        answers: &[
+            (204, None, "queued"),
+            (400, ERR, "its stdin is closed, or too much is queued"),
+            (404, ERR, "no such sandbox or process"),
+        ],
+        public: false,
+        query: &[("eof", "true: close its stdin after these bytes", false)],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::PROCESS_RESIZE,
+        summary: "Resize a process's terminal",
+        body: Some(Body::One("PtySize")),
+        answers: &[
+            (204, None, "resized"),
+            (400, ERR, "it has no terminal, or the size is out of range"),
+            (404, ERR, "no such sandbox or process"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::PROCESS_WAIT,
+        summary: "Collect a process's output not taken before, and its exit once it ended (an empty body waits 30 s)",
+        body: Some(Body::One("WaitRequest")),
+        answers: &[
+            (
+                200,
+                Some(Body::One("WaitResponse")),
+                "its output, and its exit or running: true",
+            ),
+            (404, ERR, "no such sandbox or process"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SANDBOX_FILES,
+        summary: "Download a guest file, streamed",
+        body: None,
+        answers: &[
+            (200, Some(Body::Binary), "its bytes (Content-Length set)"),
+            (400, ERR, "not a regular file, or a bad path"),
+            (403, ERR, "the guest refused access"),
+            (404, ERR, "no such sandbox or file"),
+        ],
+        public: false,
+        query: &[
+            ("path", "absolute path in the guest", true),
+            ("offset", "start at this byte", false),
+        ],
+    },
+    Route {
+        method: HttpMethod::Put,
+        path: routes::SANDBOX_FILES,
+        summary: "Upload a guest file, streamed; it replaces the file only once complete",
+        body: Some(Body::Binary),
+        answers: &[
+            (201, Some(Body::One("Uploaded")), "written"),
+            (403, ERR, "the guest refused access"),
+            (404, ERR, "no such sandbox, or the directory is missing"),
+        ],
+        public: false,
+        query: &[
+            ("path", "absolute path in the guest", true),
+            ("mode", "permission bits, octal (default 644)", false),
+            ("create_dirs", "true: make missing parent directories", false),
+            ("append", "true: append instead of replacing", false),
+        ],
+    },
+    Route {
+        method: HttpMethod::Delete,
+        path: routes::SANDBOX_FILES,
+        summary: "Remove a guest file or directory (agent protocol 2)",
+        body: None,
+        answers: &[
+            (204, None, "removed"),
+            (403, ERR, "the guest refused access"),
+            (404, ERR, "no such sandbox or path"),
+            (502, ERR, "a directory with content without recursive"),
+        ],
+        public: false,
+        query: &[
+            ("path", "absolute path in the guest", true),
+            ("recursive", "true: a directory with what it holds", false),
+        ],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::FILES_LIST,
+        summary: "A guest directory's entries",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("FileList")), "the entries"),
+            (403, ERR, "the guest refused access"),
+            (404, ERR, "no such sandbox or directory"),
+        ],
+        public: false,
+        query: &[
+            ("path", "absolute path in the guest", true),
+            ("max_entries", "at most this many (default and limit 10000)", false),
+        ],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::FILES_STAT,
+        summary: "One guest path's description",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("Entry")), "its description"),
+            (404, ERR, "no such sandbox or path"),
+        ],
+        public: false,
+        query: &[
+            ("path", "absolute path in the guest", true),
+            ("nofollow", "true: a symlink itself, not its target", false),
+        ],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::FILES_MKDIR,
+        summary: "Make a guest directory (agent protocol 2)",
+        body: Some(Body::One("MkdirRequest")),
+        answers: &[
+            (204, None, "made"),
+            (404, ERR, "no such sandbox, or a parent is missing"),
+            (502, ERR, "it exists (without parents)"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::FILES_RENAME,
+        summary: "Rename a guest path (agent protocol 2)",
+        body: Some(Body::One("RenameRequest")),
+        answers: &[
+            (204, None, "renamed"),
+            (404, ERR, "no such sandbox or path"),
+        ],
+        public: false,
+        query: &[],
     },
 ];
 
 fn operation(route: &Route) -> Operation {
     let mut op = OperationBuilder::new().summary(Some(route.summary));
-    for name in ["tag", "id"] {
+    for name in ["tag", "id", "pid"] {
         if route.path.contains(&format!("{{{name}}}")) {
             op = op.parameter(
                 ParameterBuilder::new()
@@ -299,6 +549,23 @@ fn operation(route: &Route) -> Operation {
                     )),
             );
         }
+    }
+    for &(name, what, required) in route.query {
+        op = op.parameter(
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Query)
+                .description(Some(what))
+                .required(if required {
+                    Required::True
+                } else {
+                    Required::False
+                })
+                .schema(Some(
+                    utoipa::openapi::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String),
+                )),
+        );
     }
     if let Some(body) = route.body {
         let (mime, content) = body.content();
@@ -351,6 +618,23 @@ pub fn document() -> OpenApi {
         .schema_from::<SnapshotStatus>()
         .schema_from::<SandboxState>()
         .schema_from::<Pong>()
+        .schema_from::<Encoding>()
+        .schema_from::<ProcessRequest>()
+        .schema_from::<PtySize>()
+        .schema_from::<ProcessExit>()
+        .schema_from::<ExecEvent>()
+        .schema_from::<ExecInput>()
+        .schema_from::<Spawned>()
+        .schema_from::<ProcessInfo>()
+        .schema_from::<SignalRequest>()
+        .schema_from::<WaitRequest>()
+        .schema_from::<WaitResponse>()
+        .schema_from::<Uploaded>()
+        .schema_from::<FileList>()
+        .schema_from::<Entry>()
+        .schema_from::<FileType>()
+        .schema_from::<MkdirRequest>()
+        .schema_from::<RenameRequest>()
         .security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
@@ -432,6 +716,18 @@ mod tests {
             (routes::SANDBOX_EXEC, &["post"]),
             (routes::SANDBOX_EVAL, &["post"]),
             (routes::SANDBOX_BRANCH, &["post"]),
+            (routes::SANDBOX_EXEC_STREAM, &["post"]),
+            (routes::SANDBOX_EXEC_WS, &["get"]),
+            (routes::SANDBOX_PROCESSES, &["get", "post"]),
+            (routes::PROCESS_SIGNAL, &["post"]),
+            (routes::PROCESS_STDIN, &["post"]),
+            (routes::PROCESS_RESIZE, &["post"]),
+            (routes::PROCESS_WAIT, &["post"]),
+            (routes::SANDBOX_FILES, &["delete", "get", "put"]),
+            (routes::FILES_LIST, &["get"]),
+            (routes::FILES_STAT, &["get"]),
+            (routes::FILES_MKDIR, &["post"]),
+            (routes::FILES_RENAME, &["post"]),
         ] {
             let item = paths
                 .get(pattern)
@@ -445,7 +741,7 @@ mod tests {
             got.sort();
             assert_eq!(got, methods, "{pattern}");
         }
-        assert_eq!(paths.len(), 15, "a documented path the router lacks");
+        assert_eq!(paths.len(), 27, "a documented path the router lacks");
     }
 
     /// `docs/openapi.json` is this document. After changing the API:

@@ -258,7 +258,7 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn agent(&self) -> ureq::Agent {
+    pub fn agent(&self) -> ureq::Agent {
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)));

@@ -215,9 +215,28 @@ pub struct SpawnArgs {
     /// host has too few free).
     #[arg(long)]
     pub hugepages: bool,
+    /// A label for each child (repeat it); `forkd ls --label KEY=VALUE`
+    /// finds them.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// End each child this many seconds after its spawn (`forkd timeout`
+    /// extends it).
+    #[arg(long, value_name = "SECS")]
+    pub timeout_secs: Option<u64>,
+    /// What the deadline does: kill, or pause (kept as a snapshot,
+    /// `forkd resume` restores it).
+    #[arg(long, value_name = "WHAT", value_parser = ["kill", "pause"], requires = "timeout_secs")]
+    pub on_timeout: Option<String>,
     /// Print only the sandbox ids, one a line.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// `KEY=VALUE`.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 /// `forkd fork`.

@@ -196,6 +196,12 @@ pub fn spawn(ctx: &mut Ctx, a: &SpawnArgs) -> Outcome {
         live_fork: a.live_fork.then_some(true),
         prewarm: a.prewarm.then_some(true),
         hugepages: a.hugepages.then_some(true),
+        labels: (!a.labels.is_empty()).then(|| a.labels.iter().cloned().collect()),
+        timeout_secs: a.timeout_secs,
+        on_timeout: a
+            .on_timeout
+            .as_deref()
+            .and_then(proto::api::OnTimeout::parse),
     };
     let sp = ctx
         .progress
@@ -793,6 +799,9 @@ mod tests {
             per_child_netns: false,
             prewarm: true,
             hugepages: false,
+            labels: vec![("team".into(), "a".into())],
+            timeout_secs: Some(60),
+            on_timeout: Some("pause".into()),
             quiet: false,
         };
         let (r, out, err) = run(d.client(Some("tok")), false, |c| spawn(c, &a));
@@ -810,7 +819,8 @@ mod tests {
         assert_eq!(
             reqs[0].json(),
             serde_json::json!({"snapshot_tag": "t", "n": 2, "memory_limit_mib": 64, "cpu_limit": 0.5,
-                "disk_quota_mib": 128, "io_limit_mibps": 16, "live_fork": true, "prewarm": true})
+                "disk_quota_mib": 128, "io_limit_mibps": 16, "live_fork": true, "prewarm": true,
+                "labels": {"team": "a"}, "timeout_secs": 60, "on_timeout": "pause"})
         );
     }
 

@@ -208,6 +208,8 @@ pub struct Daemon {
     /// Held while a tag's fork server starts.
     fork_server_starts: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     agents_seen: Mutex<HashMap<String, AgentKind>>,
+    /// Wakes the deadline loop when a deadline is set.
+    pub deadlines: tokio::sync::Notify,
     /// The state directory's lock, held as long as the daemon runs.
     _lock: StateLock,
 }
@@ -421,6 +423,7 @@ impl Daemon {
             fork_servers: Mutex::new(HashMap::new()),
             fork_server_starts: Mutex::new(HashMap::new()),
             agents_seen: Mutex::new(HashMap::new()),
+            deadlines: tokio::sync::Notify::new(),
             _lock: lock,
         })
     }
@@ -595,6 +598,23 @@ impl Daemon {
     /// Forgets sandbox `id` (killed or gone).
     pub fn forget_agent(&self, id: &str) {
         lock(&self.agents_seen).remove(id);
+    }
+
+    /// Samples the live sandboxes for the per-sandbox metrics (blocking:
+    /// a few `/proc` reads each), the oldest [`crate::metrics::PER_SANDBOX_MAX`].
+    pub fn refresh_sandbox_metrics(&self) {
+        let Ok(mut rows) = self.store.sandboxes() else {
+            return;
+        };
+        rows.retain(|r| r.info.state.has_vmm());
+        rows.sort_by(|a, b| {
+            (a.info.created_at_unix, &a.info.id).cmp(&(b.info.created_at_unix, &b.info.id))
+        });
+        let omitted = rows.len().saturating_sub(crate::metrics::PER_SANDBOX_MAX);
+        rows.truncate(crate::metrics::PER_SANDBOX_MAX);
+        let samples: Vec<_> = rows.iter().map(crate::stats::sample).collect();
+        self.metrics.per_sandbox.set(&samples);
+        self.metrics.per_sandbox_omitted.set(omitted as i64);
     }
 
     /// Updates the gauges read from the store.

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::api::SandboxState;
 use proto::control::ChildExit;
 
 use crate::daemon::Daemon;
@@ -32,9 +31,7 @@ impl Daemon {
     /// recorded as exited first (blocking: a few file reads, and the
     /// release of its directory, cgroup and namespace).
     pub fn observe(&self, row: SandboxRow) -> ApiResult<SandboxRow> {
-        if row.info.state != SandboxState::Running
-            || procs::alive(row.info.pid, row.pid_start_ticks)
-        {
+        if !row.info.state.has_vmm() || procs::alive(row.info.pid, row.pid_start_ticks) {
             return Ok(row);
         }
         self.settle_exit(&row, None)?;
@@ -128,7 +125,7 @@ impl Daemon {
             }
         };
         for row in rows {
-            if row.info.state != SandboxState::Running {
+            if !row.info.state.has_vmm() {
                 continue;
             }
             let reaped = procs::reap(row.info.pid, row.pid_start_ticks);

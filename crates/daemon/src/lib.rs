@@ -3,7 +3,8 @@
 //! - [`api`]: routes, auth and audit layer.
 //! - [`daemon`]: shared state; [`snapshots`] and [`sandboxes`]: what the
 //!   routes do; [`guest`]: streamed and interactive exec, background
-//!   processes and files, through a sandbox's agent.
+//!   processes and files, through a sandbox's agent; [`lifecycle`]:
+//!   pause, resume, deadlines, suspend.
 //! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
 //!   [`procs`]: tracking them by pid.
 //! - [`exits`]: noticing that a sandbox's VMM ended, how, and reaping it;
@@ -31,6 +32,7 @@ pub mod failpoint;
 pub mod guest;
 pub mod images;
 pub mod integrity;
+pub mod lifecycle;
 pub mod metrics;
 pub mod netns;
 pub mod procs;
@@ -39,6 +41,7 @@ pub mod reserve;
 pub mod sandboxes;
 pub mod serve;
 pub mod snapshots;
+pub mod stats;
 pub mod store;
 pub mod util;
 pub mod validate;

@@ -5,6 +5,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// The daemon's metrics.
 pub struct Metrics {
@@ -28,6 +29,73 @@ pub struct Metrics {
     pub branch_seconds: Histogram,
     /// Seconds the source sandbox was paused for a branch.
     pub branch_pause_seconds: Histogram,
+    /// Per sandbox (at most [`PER_SANDBOX_MAX`], the oldest first; set at
+    /// scrape time): CPU seconds, private and shared memory, disk layer
+    /// and network bytes.
+    pub per_sandbox: PerSandbox,
+    /// Live sandboxes left out of the per-sandbox metrics by the bound.
+    pub per_sandbox_omitted: Gauge,
+}
+
+/// Most sandboxes the per-sandbox metrics name: the bound on their
+/// cardinality (each sandbox is one series per metric).
+pub const PER_SANDBOX_MAX: usize = 100;
+
+/// A per-sandbox gauge: one series per `sandbox` label.
+pub type SandboxGauge = Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>;
+
+/// The per-sandbox gauges.
+#[derive(Default)]
+pub struct PerSandbox {
+    /// `forkd_sandbox_cpu_seconds`.
+    pub cpu_seconds: SandboxGauge,
+    /// `forkd_sandbox_memory_private_bytes`.
+    pub memory_private: SandboxGauge,
+    /// `forkd_sandbox_memory_shared_bytes`.
+    pub memory_shared: SandboxGauge,
+    /// `forkd_sandbox_disk_layer_bytes`.
+    pub disk_layer: SandboxGauge,
+    /// `forkd_sandbox_net_rx_bytes`.
+    pub net_rx: SandboxGauge,
+    /// `forkd_sandbox_net_tx_bytes`.
+    pub net_tx: SandboxGauge,
+}
+
+impl PerSandbox {
+    fn all(&self) -> [&SandboxGauge; 6] {
+        [
+            &self.cpu_seconds,
+            &self.memory_private,
+            &self.memory_shared,
+            &self.disk_layer,
+            &self.net_rx,
+            &self.net_tx,
+        ]
+    }
+
+    /// Replaces every series with those of `samples`.
+    pub fn set(&self, samples: &[proto::api::SandboxStats]) {
+        for g in self.all() {
+            g.clear();
+        }
+        for s in samples {
+            let labels = vec![("sandbox".to_string(), s.id.clone())];
+            let put = |g: &SandboxGauge, v: Option<f64>| {
+                if let Some(v) = v {
+                    g.get_or_create(&labels).set(v);
+                }
+            };
+            put(&self.cpu_seconds, s.cpu_seconds);
+            put(
+                &self.memory_private,
+                s.memory_private_bytes.map(|b| b as f64),
+            );
+            put(&self.memory_shared, s.memory_shared_bytes.map(|b| b as f64));
+            put(&self.disk_layer, s.disk_layer_bytes.map(|b| b as f64));
+            put(&self.net_rx, s.net_rx_bytes.map(|b| b as f64));
+            put(&self.net_tx, s.net_tx_bytes.map(|b| b as f64));
+        }
+    }
 }
 
 impl Metrics {
@@ -102,8 +170,51 @@ impl Metrics {
             "Time the source sandbox was paused for a branch",
             branch_pause_seconds.clone(),
         );
+        let per_sandbox = PerSandbox::default();
+        for (name, help, g) in [
+            (
+                "forkd_sandbox_cpu_seconds",
+                "CPU time a sandbox's VMM has used",
+                &per_sandbox.cpu_seconds,
+            ),
+            (
+                "forkd_sandbox_memory_private_bytes",
+                "Resident memory only this sandbox maps",
+                &per_sandbox.memory_private,
+            ),
+            (
+                "forkd_sandbox_memory_shared_bytes",
+                "Resident memory this sandbox shares with others of its snapshot",
+                &per_sandbox.memory_shared,
+            ),
+            (
+                "forkd_sandbox_disk_layer_bytes",
+                "Bytes a sandbox's own disk layers hold",
+                &per_sandbox.disk_layer,
+            ),
+            (
+                "forkd_sandbox_net_rx_bytes",
+                "Bytes a sandbox's guest received",
+                &per_sandbox.net_rx,
+            ),
+            (
+                "forkd_sandbox_net_tx_bytes",
+                "Bytes a sandbox's guest sent",
+                &per_sandbox.net_tx,
+            ),
+        ] {
+            registry.register(name, help, g.clone());
+        }
+        let per_sandbox_omitted = Gauge::default();
+        registry.register(
+            "forkd_sandbox_metrics_omitted",
+            "Live sandboxes the per-sandbox metrics leave out (they name at most 100)",
+            per_sandbox_omitted.clone(),
+        );
         Metrics {
             registry,
+            per_sandbox,
+            per_sandbox_omitted,
             snapshots,
             sandboxes,
             branches_in_flight,

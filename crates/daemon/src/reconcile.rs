@@ -106,12 +106,12 @@ impl Daemon {
                     );
                     t.unfinished_spawns += 1;
                 }
-                SandboxState::Running if answers(&row) => {
+                s if s.has_vmm() && answers(&row) => {
                     live_dirs.insert(row.dir.clone());
                     live_cgroups.extend(row.cgroup.clone());
                     t.kept += 1;
                 }
-                SandboxState::Running => {
+                SandboxState::Running | SandboxState::Paused => {
                     // Gone, or there but deaf to its control socket: ended.
                     if procs::alive(row.info.pid, row.pid_start_ticks) {
                         tracing::warn!(
@@ -124,6 +124,8 @@ impl Daemon {
                         .map_err(|e| StartError::Recover(e.message))?;
                     t.exited += 1;
                 }
+                // Kept as a snapshot: nothing of it runs.
+                SandboxState::Suspended => {}
                 SandboxState::Exited => release(&self.store, &row),
             }
         }
@@ -372,7 +374,7 @@ impl Daemon {
             .branched_from
             .as_deref()
             .and_then(|id| self.store.sandbox(id).ok().flatten())
-            .filter(|s| s.info.state == SandboxState::Running);
+            .filter(|s| s.info.state.has_vmm());
         if row.info.status == SnapshotStatus::Writing {
             row.source_pid = source.as_ref().map(|s| s.info.pid);
         }
@@ -406,7 +408,7 @@ impl Daemon {
             .branched_from
             .as_deref()
             .and_then(|id| self.store.sandbox(id).ok().flatten())
-            .filter(|s| s.info.state == SandboxState::Running);
+            .filter(|s| s.info.state.has_vmm());
         if let Some(source) = source {
             return Ok(Some((snap.info.tag.clone(), dir, source)));
         }

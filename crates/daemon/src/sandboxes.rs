@@ -156,6 +156,10 @@ impl Daemon {
                         hugepages: huge_pages,
                         warning: warning.clone(),
                         state: SandboxState::Starting,
+                        labels: req.labels.clone().unwrap_or_default(),
+                        timeout_secs: req.timeout_secs,
+                        deadline_unix: req.timeout_secs.map(|t| now + t),
+                        on_timeout: req.timeout_secs.map(|_| req.on_timeout.unwrap_or_default()),
                         ..SandboxInfo::default()
                     },
                     base_tag: snap.tag.clone(),
@@ -164,6 +168,7 @@ impl Daemon {
                     vsock_socket: None,
                     pid_start_ticks: 0,
                     cgroup: None,
+                    suspended_tag: None,
                 }
             })
             .collect();
@@ -225,18 +230,25 @@ impl Daemon {
     /// `GET /v1/sandboxes`: the running ones (upstream's meaning), or with
     /// `all` the exited ones too. A sandbox whose VMM has ended is
     /// recorded as exited on the way.
-    pub async fn list_sandboxes(self: &Arc<Self>, all: bool) -> ApiResult<Vec<SandboxInfo>> {
+    pub async fn list_sandboxes(
+        self: &Arc<Self>,
+        all: bool,
+        labels: Vec<(String, String)>,
+    ) -> ApiResult<Vec<SandboxInfo>> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for row in this.store.sandboxes()? {
                 let row = this.observe(row)?;
                 let shown = match row.info.state {
-                    SandboxState::Running => true,
+                    SandboxState::Running | SandboxState::Paused | SandboxState::Suspended => true,
                     SandboxState::Exited => all,
                     SandboxState::Starting => false,
                 };
-                if shown {
+                let labelled = labels
+                    .iter()
+                    .all(|(k, v)| row.info.labels.get(k) == Some(v));
+                if shown && labelled {
                     out.push(row.info);
                 }
             }
@@ -267,14 +279,33 @@ impl Daemon {
             .ok_or_else(|| ApiError::not_found(format!("no sandbox {id:?}")))
     }
 
-    /// A sandbox that is running, or 404 / 409 (starting, or exited: how).
-    async fn running_sandbox(self: &Arc<Self>, id: &str) -> ApiResult<SandboxRow> {
+    /// A sandbox that is running, or 404 / 409 (starting, paused,
+    /// suspended, or exited: how).
+    pub(crate) async fn running_sandbox(self: &Arc<Self>, id: &str) -> ApiResult<SandboxRow> {
+        self.live_sandbox(id, false).await
+    }
+
+    /// A sandbox whose VMM is alive: running, or paused when `paused_ok`;
+    /// else 404 / 409 saying what it is and what to do.
+    pub(crate) async fn live_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        paused_ok: bool,
+    ) -> ApiResult<SandboxRow> {
         let row = self.existing_sandbox(id)?;
         // Blocking when its VMM has just ended (its end is recorded first).
         let this = self.clone();
         let row = tokio::task::spawn_blocking(move || this.observe(row)).await??;
         match row.info.state {
             SandboxState::Running => Ok(row),
+            SandboxState::Paused if paused_ok => Ok(row),
+            SandboxState::Paused => Err(ApiError::conflict(format!(
+                "sandbox {id:?} is paused: POST /v1/sandboxes/{id}/resume first"
+            ))),
+            SandboxState::Suspended => Err(ApiError::conflict(format!(
+                "sandbox {id:?} is suspended (kept as snapshot {:?}, no VMM): POST /v1/sandboxes/{id}/resume restores it",
+                row.suspended_tag.as_deref().unwrap_or("?")
+            ))),
             SandboxState::Starting => Err(ApiError::conflict(format!(
                 "sandbox {id:?} is still starting; try again in a moment"
             ))),
@@ -298,10 +329,10 @@ impl Daemon {
         tokio::task::spawn_blocking(move || {
             // Ended first, then forgotten: a crash in between leaves a
             // record of a VMM that is gone, which reads as exited.
-            if row.info.state == SandboxState::Running {
-                stop_sandbox(&this.store, &row);
-            } else {
-                release(&this.store, &row);
+            match row.info.state {
+                s if s.has_vmm() => stop_sandbox(&this.store, &row),
+                SandboxState::Suspended => this.drop_suspended(&row),
+                _ => release(&this.store, &row),
             }
             this.store.delete_sandbox(&row.info.id)
         })
@@ -496,7 +527,8 @@ impl Daemon {
             .into(),
         );
         let claim = self.claim_tag(pending)?;
-        let sandbox = self.running_sandbox(id).await?;
+        // A paused sandbox is branched as it is, and stays paused.
+        let sandbox = self.live_sandbox(id, true).await?;
         // Its memory file is at most the guest's RAM.
         let mem_mib = self
             .store
@@ -526,7 +558,7 @@ impl Daemon {
         let in_flight = scopeguard(self.clone());
         let request = ControlRequest::Snapshot {
             dir: dir.clone(),
-            leave_paused: false,
+            leave_paused: sandbox.info.state == SandboxState::Paused,
             mode: match mode {
                 BranchMode::Full => SnapshotMode::Full,
                 BranchMode::Diff => SnapshotMode::Diff,

@@ -245,6 +245,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     }
     daemon.recover().await?;
     daemon.start_reaper();
+    tokio::spawn(daemon.clone().deadline_loop());
     if daemon.store.snapshots()?.iter().any(|s| s.info.network) {
         daemon.refill_netns_pool();
     }

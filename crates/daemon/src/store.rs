@@ -90,6 +90,13 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN disk_quota_mib INTEGER;",
     // 8: a sandbox's disk bandwidth cap.
     "ALTER TABLE sandboxes ADD COLUMN io_limit_mibps INTEGER;",
+    // 9: a sandbox's labels (a JSON object), its deadline and what the
+    // deadline does, and (once suspended) the snapshot that keeps it.
+    "ALTER TABLE sandboxes ADD COLUMN labels TEXT;
+    ALTER TABLE sandboxes ADD COLUMN deadline_unix INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT;
+    ALTER TABLE sandboxes ADD COLUMN timeout_secs INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN suspended_tag TEXT;",
 ];
 
 /// What the store could not do.
@@ -194,6 +201,8 @@ pub struct SandboxRow {
     pub pid_start_ticks: u64,
     /// Its memory cgroup directory.
     pub cgroup: Option<PathBuf>,
+    /// The snapshot that keeps it while it is `suspended`.
+    pub suspended_tag: Option<String>,
 }
 
 /// How a sandbox's VMM ended.
@@ -394,9 +403,10 @@ impl Store {
                 "INSERT INTO sandboxes (id, snapshot_tag, base_tag, dir, control_socket,
                     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib,
                     cgroup, live_fork, netns, guest_addr, hugepages, warning, state,
-                    cpu_limit_millis, pids_limit, disk_quota_mib, io_limit_mibps)
+                    cpu_limit_millis, pids_limit, disk_quota_mib, io_limit_mibps, labels,
+                    deadline_unix, on_timeout, timeout_secs)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17, ?18, ?19, ?20, ?21)",
+                    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
             )?;
             for r in rows {
                 stmt.execute(params![
@@ -421,6 +431,10 @@ impl Store {
                     r.info.pids_limit.map(|n| n.min(i64::MAX as u64) as i64),
                     r.info.disk_quota_mib.map(|n| n.min(i64::MAX as u64) as i64),
                     r.info.io_limit_mibps.map(|n| n.min(i64::MAX as u64) as i64),
+                    labels_json(&r.info.labels),
+                    r.info.deadline_unix.map(|n| n.min(i64::MAX as u64) as i64),
+                    r.info.on_timeout.map(|o| o.as_str()),
+                    r.info.timeout_secs.map(|n| n.min(i64::MAX as u64) as i64),
                 ])?;
             }
         }
@@ -453,6 +467,110 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Moves a sandbox from one of `from` to `to`; false when it was in
+    /// none of them.
+    pub fn set_state(
+        &self,
+        id: &str,
+        from: &[proto::api::SandboxState],
+        to: proto::api::SandboxState,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now: Option<String> = tx
+            .query_row(
+                "SELECT state FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let moved = match now.as_deref().and_then(proto::api::SandboxState::parse) {
+            Some(s) if from.contains(&s) => {
+                tx.execute(
+                    "UPDATE sandboxes SET state = ?2 WHERE id = ?1",
+                    params![id, to.as_str()],
+                )?;
+                true
+            }
+            _ => false,
+        };
+        tx.commit()?;
+        Ok(moved)
+    }
+
+    /// Sets a sandbox's timeout and, when its VMM runs, its deadline
+    /// (`timeout_secs` from `now_unix`; a suspended sandbox's starts at its
+    /// resume), keeping what the deadline does (kill, unless it said).
+    pub fn set_timeout(
+        &self,
+        id: &str,
+        timeout_secs: u64,
+        now_unix: u64,
+    ) -> Result<(), StoreError> {
+        let t = timeout_secs.min(i64::MAX as u64 / 2) as i64;
+        self.conn().execute(
+            "UPDATE sandboxes SET timeout_secs = ?2,
+                deadline_unix = CASE WHEN state IN ('running', 'paused') THEN ?3 ELSE NULL END,
+                on_timeout = COALESCE(on_timeout, 'kill')
+             WHERE id = ?1",
+            params![id, t, (now_unix.min(i64::MAX as u64 / 2) as i64) + t],
+        )?;
+        Ok(())
+    }
+
+    /// Records a sandbox as suspended: kept as snapshot `tag`, no deadline.
+    pub fn set_suspended(&self, id: &str, tag: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE sandboxes SET state = 'suspended', suspended_tag = ?2, deadline_unix = NULL
+             WHERE id = ?1 AND state IN ('running', 'paused')",
+            params![id, tag],
+        )? == 1)
+    }
+
+    /// Gives the sandbox `new_id` (just restored from `old_id`'s
+    /// suspended snapshot) the id, creation time and labels of `old_id`,
+    /// whose record it replaces. One transaction: either both records are
+    /// there as they were, or one, under the old id.
+    pub fn take_over(&self, old_id: &str, new_id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let (created, labels): (i64, Option<String>) = tx.query_row(
+            "SELECT created_at_unix, labels FROM sandboxes WHERE id = ?1",
+            params![old_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        tx.execute("DELETE FROM sandboxes WHERE id = ?1", params![old_id])?;
+        tx.execute(
+            "UPDATE sandboxes SET id = ?1, created_at_unix = ?2, labels = ?3 WHERE id = ?4",
+            params![old_id, created, labels, new_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sandboxes with a live VMM whose deadline is at or before `now_unix`.
+    pub fn due(&self, now_unix: u64) -> Result<Vec<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "{SANDBOX_SELECT} WHERE deadline_unix IS NOT NULL AND deadline_unix <= ?1
+                AND state IN ('running', 'paused')"
+        ))?;
+        let rows = stmt
+            .query_map(params![now_unix.min(i64::MAX as u64) as i64], sandbox_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The earliest deadline of a sandbox with a live VMM.
+    pub fn next_deadline(&self) -> Result<Option<u64>, StoreError> {
+        let t: Option<i64> = self.conn().query_row(
+            "SELECT MIN(deadline_unix) FROM sandboxes WHERE state IN ('running', 'paused')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(t.map(|t| t.max(0) as u64))
     }
 
     /// Records how a sandbox's VMM ended; false when it was not running
@@ -740,8 +858,14 @@ const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_so
     vsock_socket, pid, pid_start_ticks, created_at_unix, memory_limit_mib, cgroup, live_fork,
     netns, guest_addr, branch_count, last_branch_memory_path, hugepages, warning, state,
     exit_code, signal, oom_killed, exited_at_unix, exit_detail, cpu_limit_millis, pids_limit,
-    disk_quota_mib, io_limit_mibps
+    disk_quota_mib, io_limit_mibps, labels, deadline_unix, on_timeout, suspended_tag,
+    timeout_secs
     FROM sandboxes";
+
+/// Labels as stored: a JSON object, or NULL for none.
+fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    (!labels.is_empty()).then(|| serde_json::to_string(labels).expect("labels serialize"))
+}
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
     let path = |s: String| PathBuf::from(s);
@@ -777,7 +901,21 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRow> {
             disk_quota_mib: r.get::<_, Option<i64>>(26)?.map(|n| n.max(0) as u64),
             io_limit_mibps: r.get::<_, Option<i64>>(27)?.map(|n| n.max(0) as u64),
             cgroup: cgroup.as_deref().and_then(crate::cgroup::shown),
+            // Unreadable labels (a hand-edited file) read as none.
+            labels: r
+                .get::<_, Option<String>>(28)?
+                .and_then(|j| serde_json::from_str(&j).ok())
+                .unwrap_or_default(),
+            deadline_unix: r.get::<_, Option<i64>>(29)?.map(|t| t.max(0) as u64),
+            on_timeout: r
+                .get::<_, Option<String>>(30)?
+                .and_then(|o| proto::api::OnTimeout::parse(&o)),
+            timeout_secs: r.get::<_, Option<i64>>(32)?.map(|t| t.max(0) as u64),
+            suspended_tag: r
+                .get::<_, Option<String>>(31)?
+                .filter(|_| r.get::<_, String>(18).is_ok_and(|s| s == "suspended")),
         },
+        suspended_tag: r.get(31)?,
         base_tag: r.get(2)?,
         dir: path(r.get(3)?),
         control_socket: path(r.get(4)?),
@@ -912,6 +1050,7 @@ mod tests {
             vsock_socket: None,
             pid_start_ticks: 0,
             cgroup: None,
+            suspended_tag: None,
         };
         store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
         assert!(store.add_netns("forkd-x-b-0").unwrap());
@@ -976,6 +1115,7 @@ mod tests {
             vsock_socket: None,
             pid_start_ticks: 1,
             cgroup: None,
+            suspended_tag: None,
         };
         store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
         row.info.id = "c-0".into();
@@ -1040,6 +1180,7 @@ mod tests {
             vsock_socket: None,
             pid_start_ticks: 1234,
             cgroup: None,
+            suspended_tag: None,
         };
         store.insert_sandboxes(std::slice::from_ref(&row)).unwrap();
         drop(store);

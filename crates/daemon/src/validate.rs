@@ -26,7 +26,71 @@ pub fn spawn_request(req: &SpawnRequest) -> ApiResult<()> {
             req.n
         )));
     }
+    if let Some(labels) = &req.labels {
+        proto::api::check_labels(labels).map_err(ApiError::bad_request)?;
+    }
+    if let Some(t) = req.timeout_secs {
+        sandbox_timeout(t)?;
+    }
+    if req.on_timeout.is_some() && req.timeout_secs.is_none() {
+        return Err(ApiError::bad_request(
+            "on_timeout says what timeout_secs does: give timeout_secs too",
+        ));
+    }
     Ok(())
+}
+
+/// A sandbox timeout in range.
+pub fn sandbox_timeout(secs: u64) -> ApiResult<u64> {
+    if !(1..=proto::api::MAX_SANDBOX_TIMEOUT_SECS).contains(&secs) {
+        return Err(ApiError::bad_request(format!(
+            "timeout_secs {secs} is out of range: 1 to {} (30 days)",
+            proto::api::MAX_SANDBOX_TIMEOUT_SECS
+        )));
+    }
+    Ok(secs)
+}
+
+/// The label filters of `GET /v1/sandboxes` (`label=KEY=VALUE`, repeated:
+/// all must match) and its `all` flag, from the query string.
+pub fn list_query(query: Option<&str>) -> ApiResult<(bool, Vec<(String, String)>)> {
+    let mut all = false;
+    let mut labels = Vec::new();
+    for (k, v) in serde_urlencoded::from_str::<Vec<(String, String)>>(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("bad query: {e}")))?
+    {
+        match k.as_str() {
+            "all" => {
+                all = match v.as_str() {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(format!(
+                            "all={v:?}: use true or false"
+                        )))
+                    }
+                }
+            }
+            "label" => {
+                let (lk, lv) = v.split_once('=').ok_or_else(|| {
+                    ApiError::bad_request(format!("label={v:?}: give it as KEY=VALUE"))
+                })?;
+                labels.push((lk.to_owned(), lv.to_owned()));
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {k:?} (known: all, label)"
+                )))
+            }
+        }
+    }
+    if labels.len() > proto::api::MAX_LABELS {
+        return Err(ApiError::bad_request(format!(
+            "at most {} label filters",
+            proto::api::MAX_LABELS
+        )));
+    }
+    Ok((all, labels))
 }
 
 /// The cgroup limits a spawn's children get: each the request's, or else

@@ -309,6 +309,134 @@ pub struct SpawnRequest {
     /// too few free, the children get 4 KiB pages and a `warning`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugepages: Option<bool>,
+    /// Extension: the children's labels (at most [`MAX_LABELS`]; see
+    /// [`check_labels`]), for `GET /v1/sandboxes?label=KEY=VALUE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Extension: end each child this many seconds after its spawn (1 to
+    /// [`MAX_SANDBOX_TIMEOUT_SECS`]) unless extended; none without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Extension: what the deadline does: `kill` (the default) ends the
+    /// VMM; `pause` keeps the sandbox as a diff snapshot and ends the VMM,
+    /// leaving it `suspended` (`POST /v1/sandboxes/{id}/resume` restores
+    /// it under its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
+}
+
+/// Most labels a sandbox has.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key.
+pub const MAX_LABEL_KEY: usize = 63;
+/// Longest label value.
+pub const MAX_LABEL_VALUE: usize = 256;
+/// Longest sandbox timeout: 30 days.
+pub const MAX_SANDBOX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+
+/// Checks labels: at most [`MAX_LABELS`]; keys 1 to [`MAX_LABEL_KEY`]
+/// bytes of `A-Z a-z 0-9 . _ / -`, starting with a letter or digit;
+/// values at most [`MAX_LABEL_VALUE`] bytes, no control characters.
+pub fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!(
+            "{} labels: a sandbox has at most {MAX_LABELS}",
+            labels.len()
+        ));
+    }
+    for (k, v) in labels {
+        let key_ok = (1..=MAX_LABEL_KEY).contains(&k.len())
+            && k.as_bytes()[0].is_ascii_alphanumeric()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+        if !key_ok {
+            return Err(format!(
+                "label key {:?} is not valid: 1 to {MAX_LABEL_KEY} of A-Z a-z 0-9 . _ / -, starting with a letter or digit",
+                k.chars().take(80).collect::<String>()
+            ));
+        }
+        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(format!(
+                "label {k:?}'s value is not valid: at most {MAX_LABEL_VALUE} bytes, no control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a sandbox's deadline does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// End its VMM; the sandbox reads `exited`.
+    #[default]
+    Kill,
+    /// Keep it as a diff snapshot and end its VMM: `suspended`, resumable.
+    Pause,
+}
+
+impl OnTimeout {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Kill => "kill",
+            OnTimeout::Pause => "pause",
+        }
+    }
+
+    /// From the wire name.
+    pub fn parse(s: &str) -> Option<OnTimeout> {
+        match s {
+            "kill" => Some(OnTimeout::Kill),
+            "pause" => Some(OnTimeout::Pause),
+            _ => None,
+        }
+    }
+}
+
+/// `GET /v1/sandboxes/{id}/stats`: what a sandbox uses now. A figure the
+/// host cannot read (the VMM has ended, no network) is absent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxStats {
+    /// The sandbox.
+    pub id: String,
+    /// Where it is in its life.
+    pub state: SandboxState,
+    /// Seconds since its spawn.
+    pub uptime_secs: u64,
+    /// CPU time its VMM has used (guest and VMM together), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Its VMM's resident memory, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_rss_bytes: Option<u64>,
+    /// Resident memory only it maps (its own writes), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_private_bytes: Option<u64>,
+    /// Resident memory it shares (the snapshot's pages other children map
+    /// too), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_shared_bytes: Option<u64>,
+    /// Bytes its own copy-on-write disk layers hold on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_layer_bytes: Option<u64>,
+    /// Bytes its guest received on its network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_rx_bytes: Option<u64>,
+    /// Bytes its guest sent on its network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_tx_bytes: Option<u64>,
+}
+
+/// `POST /v1/sandboxes/{id}/timeout`: a new deadline, this many seconds
+/// from now.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TimeoutRequest {
+    /// Seconds from now, 1 to [`MAX_SANDBOX_TIMEOUT_SECS`].
+    pub timeout_secs: u64,
 }
 
 fn one() -> u32 {
@@ -404,6 +532,23 @@ pub struct SandboxInfo {
     /// daemon was down and its fork server was gone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_detail: Option<String>,
+    /// Extension: its labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Extension: its timeout in seconds (from its spawn, its last
+    /// extension or its resume); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Extension: when its deadline falls, seconds since the epoch; absent
+    /// without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix: Option<u64>,
+    /// Extension: what its deadline does; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
+    /// Extension: the snapshot that keeps it while it is `suspended`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_tag: Option<String>,
 }
 
 /// Where a sandbox is in its life.
@@ -416,6 +561,12 @@ pub enum SandboxState {
     /// Its VMM runs.
     #[default]
     Running,
+    /// Its VMM is paused (`POST /v1/sandboxes/{id}/pause`): memory and
+    /// files kept, no CPU used; `/resume` lets it run.
+    Paused,
+    /// Kept as a snapshot, its VMM ended (`on_timeout: pause`);
+    /// `/resume` restores it under its id.
+    Suspended,
     /// Its VMM has ended.
     Exited,
 }
@@ -426,8 +577,15 @@ impl SandboxState {
         match self {
             SandboxState::Starting => "starting",
             SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Suspended => "suspended",
             SandboxState::Exited => "exited",
         }
+    }
+
+    /// Whether its VMM is alive (running or paused).
+    pub fn has_vmm(self) -> bool {
+        matches!(self, SandboxState::Running | SandboxState::Paused)
     }
 
     /// From the wire name.
@@ -435,6 +593,8 @@ impl SandboxState {
         Some(match s {
             "starting" => SandboxState::Starting,
             "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            "suspended" => SandboxState::Suspended,
             "exited" => SandboxState::Exited,
             _ => return None,
         })

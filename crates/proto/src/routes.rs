@@ -36,6 +36,22 @@ pub const SANDBOX_EXEC: &str = "/v1/sandboxes/{id}/exec";
 pub const SANDBOX_EVAL: &str = "/v1/sandboxes/{id}/eval";
 /// `POST`: BRANCH the sandbox into a snapshot.
 pub const SANDBOX_BRANCH: &str = "/v1/sandboxes/{id}/branch";
+/// `POST`: pause a sandbox's VMM.
+pub const SANDBOX_PAUSE: &str = "/v1/sandboxes/{id}/pause";
+/// `POST`: let a paused sandbox run, or restore a suspended one.
+pub const SANDBOX_RESUME: &str = "/v1/sandboxes/{id}/resume";
+/// `POST`: a new deadline.
+pub const SANDBOX_TIMEOUT: &str = "/v1/sandboxes/{id}/timeout";
+/// `GET`: what a sandbox uses now.
+pub const SANDBOX_STATS: &str = "/v1/sandboxes/{id}/stats";
+/// `POST` (create) and `GET` (list): upstream's workspaces.
+pub const WORKSPACES: &str = "/v1/workspaces";
+/// `GET` and `DELETE`: one workspace, by name.
+pub const WORKSPACE: &str = "/v1/workspaces/{name}";
+/// `POST`: keep a workspace as a snapshot and end its sandbox.
+pub const WORKSPACE_SUSPEND: &str = "/v1/workspaces/{name}/suspend";
+/// `POST`: a suspended (or stale) workspace's sandbox again.
+pub const WORKSPACE_RESUME: &str = "/v1/workspaces/{name}/resume";
 /// `POST`: run a command, its output streamed as newline-delimited JSON.
 pub const SANDBOX_EXEC_STREAM: &str = "/v1/sandboxes/{id}/exec/stream";
 /// `GET` (WebSocket upgrade): run a command interactively.

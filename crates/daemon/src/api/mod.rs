@@ -50,6 +50,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SANDBOX_EXEC, post(sandboxes::exec))
         .route(routes::SANDBOX_EVAL, post(sandboxes::eval))
         .route(routes::SANDBOX_BRANCH, post(sandboxes::branch))
+        .route(routes::SANDBOX_PAUSE, post(sandboxes::pause))
+        .route(routes::SANDBOX_RESUME, post(sandboxes::resume))
+        .route(routes::SANDBOX_TIMEOUT, post(sandboxes::timeout))
+        .route(routes::SANDBOX_STATS, get(sandboxes::stats))
         .route(routes::SANDBOX_EXEC_STREAM, post(guest::exec_stream))
         .route(routes::SANDBOX_EXEC_WS, get(guest::exec_ws))
         .route(

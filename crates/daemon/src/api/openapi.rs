@@ -8,9 +8,10 @@ use proto::agent::{Pong, PtySize};
 use proto::api::{
     BranchMode, BranchRequest, CompactRequest, CreateSnapshot, Encoding, Entry, ErrorBody,
     EvalRequest, EvalResponse, ExecEvent, ExecInput, ExecRequest, ExecResponse, FileList, FileType,
-    Health, MkdirRequest, PingResponse, ProcessExit, ProcessInfo, ProcessRequest, RenameRequest,
-    SandboxInfo, SandboxState, SignalRequest, SnapshotDetail, SnapshotInfo, SnapshotStatus,
-    SpawnRequest, Spawned, Uploaded, Version, WaitRequest, WaitResponse,
+    Health, MkdirRequest, OnTimeout, PingResponse, ProcessExit, ProcessInfo, ProcessRequest,
+    RenameRequest, SandboxInfo, SandboxState, SandboxStats, SignalRequest, SnapshotDetail,
+    SnapshotInfo, SnapshotStatus, SpawnRequest, Spawned, TimeoutRequest, Uploaded, Version,
+    WaitRequest, WaitResponse,
 };
 use proto::routes;
 use utoipa::openapi::path::{
@@ -212,11 +213,21 @@ const ROUTES: &[Route] = &[
     Route {
         method: HttpMethod::Get,
         path: routes::SANDBOXES,
-        summary: "Every running sandbox (?all=true: the exited ones too)",
+        summary: "Every live sandbox: running, paused or suspended (?all=true: the exited ones too)",
         body: None,
-        answers: &[(200, Some(Body::List("SandboxInfo")), "the sandboxes")],
+        answers: &[
+            (200, Some(Body::List("SandboxInfo")), "the sandboxes"),
+            (400, ERR, "an unknown parameter, or a label filter not KEY=VALUE"),
+        ],
         public: false,
-        query: &[],
+        query: &[
+            ("all", "true: the exited ones too", false),
+            (
+                "label",
+                "KEY=VALUE: only sandboxes with that label (repeat it: all must match)",
+                false,
+            ),
+        ],
     },
     Route {
         method: HttpMethod::Get,
@@ -532,6 +543,58 @@ const ROUTES: &[Route] = &[
         public: false,
         query: &[],
     },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_PAUSE,
+        summary: "Pause a sandbox's VMM (no snapshot: memory and files kept, no CPU used)",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("SandboxInfo")), "paused (or was)"),
+            (404, ERR, "no such sandbox"),
+            (409, ERR, "it is suspended, starting or exited"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_RESUME,
+        summary: "Let a paused sandbox run, or restore a suspended one under its id (a new deadline when it had a timeout)",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("SandboxInfo")), "running"),
+            (404, ERR, "no such sandbox"),
+            (409, ERR, "it is starting or exited"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::SANDBOX_TIMEOUT,
+        summary: "Set a sandbox's deadline this many seconds from now (a suspended one's starts at its resume)",
+        body: Some(Body::One("TimeoutRequest")),
+        answers: &[
+            (200, Some(Body::One("SandboxInfo")), "its new deadline"),
+            (400, ERR, "timeout_secs out of range"),
+            (404, ERR, "no such sandbox"),
+            (409, ERR, "it has exited"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::SANDBOX_STATS,
+        summary: "What a sandbox uses now: CPU, memory, disk layer, network, uptime",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("SandboxStats")), "its figures"),
+            (404, ERR, "no such sandbox"),
+        ],
+        public: false,
+        query: &[],
+    },
 ];
 
 fn operation(route: &Route) -> Operation {
@@ -619,6 +682,9 @@ pub fn document() -> OpenApi {
         .schema_from::<SandboxState>()
         .schema_from::<Pong>()
         .schema_from::<Encoding>()
+        .schema_from::<OnTimeout>()
+        .schema_from::<TimeoutRequest>()
+        .schema_from::<SandboxStats>()
         .schema_from::<ProcessRequest>()
         .schema_from::<PtySize>()
         .schema_from::<ProcessExit>()
@@ -716,6 +782,10 @@ mod tests {
             (routes::SANDBOX_EXEC, &["post"]),
             (routes::SANDBOX_EVAL, &["post"]),
             (routes::SANDBOX_BRANCH, &["post"]),
+            (routes::SANDBOX_PAUSE, &["post"]),
+            (routes::SANDBOX_RESUME, &["post"]),
+            (routes::SANDBOX_TIMEOUT, &["post"]),
+            (routes::SANDBOX_STATS, &["get"]),
             (routes::SANDBOX_EXEC_STREAM, &["post"]),
             (routes::SANDBOX_EXEC_WS, &["get"]),
             (routes::SANDBOX_PROCESSES, &["get", "post"]),
@@ -741,7 +811,7 @@ mod tests {
             got.sort();
             assert_eq!(got, methods, "{pattern}");
         }
-        assert_eq!(paths.len(), 27, "a documented path the router lacks");
+        assert_eq!(paths.len(), 31, "a documented path the router lacks");
     }
 
     /// `docs/openapi.json` is this document. After changing the API:

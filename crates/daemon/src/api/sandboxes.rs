@@ -23,13 +23,15 @@ pub async fn spawn(
     Ok((StatusCode::CREATED, Json(kids)))
 }
 
-/// `GET /v1/sandboxes[?all=true]`: the running ones, or every one.
+/// `GET /v1/sandboxes[?all=true][&label=KEY=VALUE...]`: the live ones
+/// (running, paused, suspended), or every one; only those with every
+/// label asked.
 pub async fn list(
     State(daemon): State<Arc<Daemon>>,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<Vec<SandboxInfo>>> {
-    let [all] = super::flags(query.as_deref(), ["all"])?;
-    Ok(Json(daemon.list_sandboxes(all).await?))
+    let (all, labels) = crate::validate::list_query(query.as_deref())?;
+    Ok(Json(daemon.list_sandboxes(all, labels).await?))
 }
 
 /// `GET /v1/sandboxes/:id`: as it is now (`state: exited` once its VMM
@@ -98,4 +100,37 @@ pub async fn branch(
         StatusCode::CREATED
     };
     Ok((status, Json(b.info)))
+}
+
+/// `POST /v1/sandboxes/:id/pause`.
+pub async fn pause(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(daemon.pause(&id).await?))
+}
+
+/// `POST /v1/sandboxes/:id/resume`.
+pub async fn resume(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(daemon.resume(&id).await?))
+}
+
+/// `POST /v1/sandboxes/:id/timeout`.
+pub async fn timeout(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+    Body(req): Body<proto::api::TimeoutRequest>,
+) -> ApiResult<Json<SandboxInfo>> {
+    Ok(Json(daemon.set_timeout(&id, req.timeout_secs).await?))
+}
+
+/// `GET /v1/sandboxes/:id/stats`.
+pub async fn stats(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<proto::api::SandboxStats>> {
+    Ok(Json(daemon.stats(&id).await?))
 }

@@ -34,6 +34,8 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(daemon): State<Arc<Daemon>>) -> impl IntoResponse {
     daemon.refresh_gauges();
+    let d = daemon.clone();
+    let _ = tokio::task::spawn_blocking(move || d.refresh_sandbox_metrics()).await;
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         daemon.metrics.render(),

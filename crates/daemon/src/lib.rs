@@ -4,7 +4,8 @@
 //! - [`daemon`]: shared state; [`snapshots`] and [`sandboxes`]: what the
 //!   routes do; [`guest`]: streamed and interactive exec, background
 //!   processes and files, through a sandbox's agent; [`lifecycle`]:
-//!   pause, resume, deadlines, suspend.
+//!   pause, resume, deadlines, suspend; [`workspaces`]: upstream's
+//!   named, suspendable workspaces.
 //! - [`store`]: SQLite state; [`driver`]: driving forkd-vmm processes;
 //!   [`procs`]: tracking them by pid.
 //! - [`exits`]: noticing that a sandbox's VMM ended, how, and reaping it;
@@ -45,3 +46,4 @@ pub mod stats;
 pub mod store;
 pub mod util;
 pub mod validate;
+pub mod workspaces;

@@ -96,7 +96,20 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN deadline_unix INTEGER;
     ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT;
     ALTER TABLE sandboxes ADD COLUMN timeout_secs INTEGER;
-    ALTER TABLE sandboxes ADD COLUMN suspended_tag TEXT;",
+    ALTER TABLE sandboxes ADD COLUMN suspended_tag TEXT;
+    CREATE TABLE workspaces (
+        name TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
+        source_snapshot_tag TEXT NOT NULL,
+        current_state_tag TEXT,
+        status TEXT NOT NULL,
+        live_sandbox_id TEXT,
+        created_at_unix INTEGER NOT NULL,
+        last_active_unix INTEGER NOT NULL,
+        last_branch_memory_path TEXT,
+        per_child_netns INTEGER NOT NULL,
+        memory_limit_mib INTEGER
+    );",
 ];
 
 /// What the store could not do.
@@ -852,6 +865,116 @@ fn with_deps(conn: &Connection, mut row: SnapshotRow) -> Result<SnapshotRow, Sto
         .query_map(params![row.info.tag], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;
     Ok(row)
+}
+
+/// A workspace as stored: what the API answers, and how to spawn its
+/// sandboxes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkspaceRow {
+    /// What the API answers.
+    pub info: proto::api::WorkspaceInfo,
+    /// Its sandboxes get a network namespace each.
+    pub per_child_netns: bool,
+    /// Its sandboxes' memory cap.
+    pub memory_limit_mib: Option<u64>,
+}
+
+const WORKSPACE_SELECT: &str = "SELECT name, id, source_snapshot_tag, current_state_tag, status,
+    live_sandbox_id, created_at_unix, last_active_unix, last_branch_memory_path, per_child_netns,
+    memory_limit_mib FROM workspaces";
+
+fn workspace_row(r: &Row<'_>) -> rusqlite::Result<WorkspaceRow> {
+    Ok(WorkspaceRow {
+        info: proto::api::WorkspaceInfo {
+            name: r.get(0)?,
+            id: r.get(1)?,
+            source_snapshot_tag: r.get(2)?,
+            current_state_tag: r.get(3)?,
+            // An unknown word (a newer daemon's) reads as stale.
+            status: proto::api::WorkspaceStatus::parse(&r.get::<_, String>(4)?)
+                .unwrap_or(proto::api::WorkspaceStatus::Stale),
+            live_sandbox_id: r.get(5)?,
+            created_at_unix: r.get::<_, i64>(6)?.max(0) as u64,
+            last_active_unix: r.get::<_, i64>(7)?.max(0) as u64,
+            last_branch_memory_path: r.get(8)?,
+        },
+        per_child_netns: r.get(9)?,
+        memory_limit_mib: r.get::<_, Option<i64>>(10)?.map(|m| m.max(0) as u64),
+    })
+}
+
+impl Store {
+    /// Records a new workspace; false when the name is taken.
+    pub fn insert_workspace(&self, w: &WorkspaceRow) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO workspaces (name, id, source_snapshot_tag, current_state_tag,
+                status, live_sandbox_id, created_at_unix, last_active_unix,
+                last_branch_memory_path, per_child_netns, memory_limit_mib)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                w.info.name,
+                w.info.id,
+                w.info.source_snapshot_tag,
+                w.info.current_state_tag,
+                w.info.status.as_str(),
+                w.info.live_sandbox_id,
+                w.info.created_at_unix.min(i64::MAX as u64) as i64,
+                w.info.last_active_unix.min(i64::MAX as u64) as i64,
+                w.info.last_branch_memory_path,
+                w.per_child_netns,
+                w.memory_limit_mib.map(|m| m.min(i64::MAX as u64) as i64),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Writes a workspace's changing fields.
+    pub fn update_workspace(&self, w: &proto::api::WorkspaceInfo) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE workspaces SET id = ?2, current_state_tag = ?3, status = ?4,
+                live_sandbox_id = ?5, last_active_unix = ?6, last_branch_memory_path = ?7
+             WHERE name = ?1",
+            params![
+                w.name,
+                w.id,
+                w.current_state_tag,
+                w.status.as_str(),
+                w.live_sandbox_id,
+                w.last_active_unix.min(i64::MAX as u64) as i64,
+                w.last_branch_memory_path,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A workspace by name.
+    pub fn workspace(&self, name: &str) -> Result<Option<WorkspaceRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("{WORKSPACE_SELECT} WHERE name = ?1"),
+                params![name],
+                workspace_row,
+            )
+            .optional()?)
+    }
+
+    /// Every workspace, by name.
+    pub fn workspaces(&self) -> Result<Vec<WorkspaceRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("{WORKSPACE_SELECT} ORDER BY name"))?;
+        let rows = stmt
+            .query_map([], workspace_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Forgets a workspace.
+    pub fn delete_workspace(&self, name: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM workspaces WHERE name = ?1", params![name])?;
+        Ok(())
+    }
 }
 
 const SANDBOX_SELECT: &str = "SELECT id, snapshot_tag, base_tag, dir, control_socket,

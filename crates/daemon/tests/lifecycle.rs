@@ -361,3 +361,132 @@ fn the_per_sandbox_metrics_name_at_most_100_sandboxes() {
     assert_eq!(series, 100, "{text}");
     assert!(text.contains("forkd_sandbox_metrics_omitted 3"), "{text}");
 }
+
+#[test]
+fn workspaces_suspend_and_resume_their_counter_as_upstream_answers() {
+    let tmp = TempDir::new("workspaces");
+    let d = Daemon::start(&tmp.path().join("state"), &Config::default());
+    d.builtin_snapshot("g", json!({}));
+    let w = d.expect(
+        "POST",
+        "/v1/workspaces",
+        Some(json!({"name": "w1", "snapshot_tag": "g"})),
+        201,
+    );
+    assert_eq!(
+        (w["status"].as_str(), w["source_snapshot_tag"].as_str()),
+        (Some("running"), Some("g"))
+    );
+    assert!(w.get("current_state_tag").is_none(), "{w}");
+    let sb = w["live_sandbox_id"].as_str().unwrap().to_string();
+    assert_eq!(w["id"], format!("ws-{sb}"));
+    assert_eq!(get(&d, &sb)["labels"]["forkd.workspace"], "w1");
+    for (body, want) in [
+        (json!({"name": "w1", "snapshot_tag": "g"}), 409),
+        (json!({"name": "bad name", "snapshot_tag": "g"}), 400),
+        (json!({"name": "w2", "snapshot_tag": "nope"}), 404),
+        (json!({"name": "w2"}), 422),
+    ] {
+        let (s, v) = d.call("POST", "/v1/workspaces", Some(body));
+        assert_eq!(s, want, "{v}");
+    }
+    let (s, v) = d.call("POST", "/v1/workspaces/w1/resume", Some(json!({})));
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("already Running"),
+        "{v}"
+    );
+
+    // Suspend (full) and resume: the counter goes on from where it was.
+    start_counter(&d, &sb);
+    let w = d.expect("POST", "/v1/workspaces/w1/suspend", Some(json!({})), 200);
+    assert_eq!(w["status"], "suspended");
+    assert!(w.get("live_sandbox_id").is_none(), "{w}");
+    let state1 = w["current_state_tag"].as_str().unwrap().to_string();
+    assert!(
+        w["last_branch_memory_path"]
+            .as_str()
+            .unwrap()
+            .starts_with('/'),
+        "{w}"
+    );
+    let (s, _) = d.call("GET", &format!("/v1/sandboxes/{sb}"), None);
+    assert_eq!(s, 404, "the suspended workspace's sandbox is gone");
+    let (s, v) = d.call("POST", "/v1/workspaces/w1/suspend", None);
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("is Suspended, not Running"),
+        "{v}"
+    );
+    let w = d.expect("POST", "/v1/workspaces/w1/resume", None, 200);
+    assert_eq!(w["status"], "running");
+    let sb2 = w["live_sandbox_id"].as_str().unwrap().to_string();
+    assert_ne!(sb2, sb);
+    assert_eq!(get(&d, &sb2)["snapshot_tag"], state1);
+    let c1 = counter(&d, &sb2);
+    assert!(c1 > 0, "the counter restarted from zero");
+    let t = Instant::now();
+    while counter(&d, &sb2) == c1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the resumed counter does not run"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A diff suspend stacks on the last state, which is kept.
+    let w = d.expect(
+        "POST",
+        "/v1/workspaces/w1/suspend",
+        Some(json!({"diff": true})),
+        200,
+    );
+    let state2 = w["current_state_tag"].as_str().unwrap().to_string();
+    assert_ne!(state2, state1);
+    d.expect("GET", &format!("/v1/snapshots/{state1}/info"), None, 200);
+    let w = d.expect("POST", "/v1/workspaces/w1/resume", None, 200);
+    let sb3 = w["live_sandbox_id"].as_str().unwrap().to_string();
+    assert!(counter(&d, &sb3) >= c1);
+
+    // A workspace whose sandbox was killed reads stale; resume starts it
+    // again from its last suspend.
+    d.expect("DELETE", &format!("/v1/sandboxes/{sb3}"), None, 204);
+    let w = d.expect("GET", "/v1/workspaces/w1", None, 200);
+    assert_eq!(w["status"], "stale");
+    assert!(w.get("live_sandbox_id").is_none(), "{w}");
+    let w = d.expect("POST", "/v1/workspaces/w1/resume", None, 200);
+    let sb4 = w["live_sandbox_id"].as_str().unwrap().to_string();
+    assert_eq!(get(&d, &sb4)["snapshot_tag"], state2);
+
+    // List: a bare array by name; delete: sandbox and state gone, source kept.
+    d.expect(
+        "POST",
+        "/v1/workspaces",
+        Some(json!({"name": "a0", "snapshot_tag": "g"})),
+        201,
+    );
+    let names: Vec<String> = d
+        .expect("GET", "/v1/workspaces", None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a0", "w1"]);
+    d.expect("DELETE", "/v1/workspaces/w1", None, 204);
+    let (s, _) = d.call("GET", "/v1/workspaces/w1", None);
+    assert_eq!(s, 404);
+    let (s, _) = d.call("GET", &format!("/v1/sandboxes/{sb4}"), None);
+    assert_eq!(s, 404);
+    let (s, _) = d.call("GET", &format!("/v1/snapshots/{state2}/info"), None);
+    assert_eq!(s, 404, "the state snapshot goes with its workspace");
+    let (s, _) = d.call("GET", &format!("/v1/snapshots/{state1}/info"), None);
+    assert_eq!(s, 404, "and the earlier one it stacked on");
+    d.expect("GET", "/v1/snapshots/g/info", None, 200);
+    let (s, v) = d.call("DELETE", "/v1/workspaces/w1", None);
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"], "workspace w1 not found");
+}

@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 mod files;
 mod process;
+mod workspace;
 pub use files::*;
 pub use process::*;
+pub use workspace::*;
 
 /// The API version string `GET /version` reports.
 pub const API_VERSION: &str = "v1";

@@ -9,6 +9,7 @@ pub mod openapi;
 mod sandboxes;
 mod snapshots;
 mod system;
+mod workspaces;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +55,16 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SANDBOX_RESUME, post(sandboxes::resume))
         .route(routes::SANDBOX_TIMEOUT, post(sandboxes::timeout))
         .route(routes::SANDBOX_STATS, get(sandboxes::stats))
+        .route(
+            routes::WORKSPACES,
+            post(workspaces::create).get(workspaces::list),
+        )
+        .route(
+            routes::WORKSPACE,
+            get(workspaces::get).delete(workspaces::delete),
+        )
+        .route(routes::WORKSPACE_SUSPEND, post(workspaces::suspend))
+        .route(routes::WORKSPACE_RESUME, post(workspaces::resume))
         .route(routes::SANDBOX_EXEC_STREAM, post(guest::exec_stream))
         .route(routes::SANDBOX_EXEC_WS, get(guest::exec_ws))
         .route(

@@ -13,6 +13,7 @@ use proto::api::{
     SnapshotInfo, SnapshotStatus, SpawnRequest, Spawned, TimeoutRequest, Uploaded, Version,
     WaitRequest, WaitResponse,
 };
+use proto::api::{CreateWorkspaceRequest, SuspendWorkspaceRequest, WorkspaceInfo, WorkspaceStatus};
 use proto::routes;
 use utoipa::openapi::path::{
     HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn,
@@ -595,11 +596,82 @@ const ROUTES: &[Route] = &[
         public: false,
         query: &[],
     },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::WORKSPACES,
+        summary: "Create a workspace: a named sandbox that can be suspended to a snapshot and resumed",
+        body: Some(Body::One("CreateWorkspaceRequest")),
+        answers: &[
+            (201, Some(Body::One("WorkspaceInfo")), "created, its sandbox running"),
+            (400, ERR, "a bad name or snapshot tag"),
+            (404, ERR, "no such snapshot"),
+            (409, ERR, "the name is taken"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::WORKSPACES,
+        summary: "Every workspace, by name",
+        body: None,
+        answers: &[(200, Some(Body::List("WorkspaceInfo")), "the workspaces")],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Get,
+        path: routes::WORKSPACE,
+        summary: "A workspace (stale once its sandbox ended without a suspend)",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("WorkspaceInfo")), "the workspace"),
+            (404, ERR, "no such workspace"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Delete,
+        path: routes::WORKSPACE,
+        summary: "Delete a workspace: its sandbox killed, its state snapshot removed",
+        body: None,
+        answers: &[(204, None, "deleted"), (404, ERR, "no such workspace")],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::WORKSPACE_SUSPEND,
+        summary: "Suspend a workspace: its sandbox branched (full, or diff) and ended",
+        body: Some(Body::One("SuspendWorkspaceRequest")),
+        answers: &[
+            (200, Some(Body::One("WorkspaceInfo")), "suspended"),
+            (400, ERR, "it is not running"),
+            (404, ERR, "no such workspace"),
+            (503, ERR, "the daemon's branch slots are all busy"),
+        ],
+        public: false,
+        query: &[],
+    },
+    Route {
+        method: HttpMethod::Post,
+        path: routes::WORKSPACE_RESUME,
+        summary: "Resume a suspended or stale workspace: a sandbox from its last suspend (or its source)",
+        body: None,
+        answers: &[
+            (200, Some(Body::One("WorkspaceInfo")), "running again"),
+            (400, ERR, "it is running already"),
+            (404, ERR, "no such workspace"),
+        ],
+        public: false,
+        query: &[],
+    },
 ];
 
 fn operation(route: &Route) -> Operation {
     let mut op = OperationBuilder::new().summary(Some(route.summary));
-    for name in ["tag", "id", "pid"] {
+    for name in ["tag", "id", "pid", "name"] {
         if route.path.contains(&format!("{{{name}}}")) {
             op = op.parameter(
                 ParameterBuilder::new()
@@ -682,6 +754,10 @@ pub fn document() -> OpenApi {
         .schema_from::<SandboxState>()
         .schema_from::<Pong>()
         .schema_from::<Encoding>()
+        .schema_from::<CreateWorkspaceRequest>()
+        .schema_from::<WorkspaceInfo>()
+        .schema_from::<WorkspaceStatus>()
+        .schema_from::<SuspendWorkspaceRequest>()
         .schema_from::<OnTimeout>()
         .schema_from::<TimeoutRequest>()
         .schema_from::<SandboxStats>()
@@ -782,6 +858,10 @@ mod tests {
             (routes::SANDBOX_EXEC, &["post"]),
             (routes::SANDBOX_EVAL, &["post"]),
             (routes::SANDBOX_BRANCH, &["post"]),
+            (routes::WORKSPACES, &["get", "post"]),
+            (routes::WORKSPACE, &["delete", "get"]),
+            (routes::WORKSPACE_SUSPEND, &["post"]),
+            (routes::WORKSPACE_RESUME, &["post"]),
             (routes::SANDBOX_PAUSE, &["post"]),
             (routes::SANDBOX_RESUME, &["post"]),
             (routes::SANDBOX_TIMEOUT, &["post"]),
@@ -811,7 +891,7 @@ mod tests {
             got.sort();
             assert_eq!(got, methods, "{pattern}");
         }
-        assert_eq!(paths.len(), 31, "a documented path the router lacks");
+        assert_eq!(paths.len(), 35, "a documented path the router lacks");
     }
 
     /// `docs/openapi.json` is this document. After changing the API:

@@ -21,9 +21,12 @@ pub struct Config {
     pub(crate) init: bool,
     pub(crate) volumes: Vec<init::Volume>,
     pub(crate) net: Option<net::NetConfig>,
+    /// On `--unix`, answer forkd-vmm's vsock handshake (`CONNECT <port>`,
+    /// `OK <port>`) before the frames, so the socket stands in for a VM's.
+    pub(crate) vsock_handshake: bool,
 }
 
-const USAGE: &str = "usage: forkd-agent [--unix PATH | --vsock-port N] [--python PYTHON] [--no-interpreter] [--warm CODE]... [--warm-file FILE] [--shutdown reboot|poweroff] [--guest NAME] [--init]";
+const USAGE: &str = "usage: forkd-agent [--unix PATH [--vsock-handshake] | --vsock-port N] [--python PYTHON] [--no-interpreter] [--warm CODE]... [--warm-file FILE] [--shutdown reboot|poweroff] [--guest NAME] [--init]";
 
 fn parse_shutdown(s: &str) -> Result<ShutdownMode, String> {
     match s {
@@ -47,6 +50,7 @@ impl Config {
             init: pid1,
             volumes: Vec::new(),
             net: None,
+            vsock_handshake: false,
         };
         let mut explicit = Vec::new();
         let mut it = args.iter();
@@ -70,6 +74,7 @@ impl Config {
                 "--shutdown" => c.shutdown = parse_shutdown(&val(a)?)?,
                 "--guest" => c.guest = val(a)?,
                 "--init" => c.init = true,
+                "--vsock-handshake" => c.vsock_handshake = true,
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 // The kernel hands init the command-line words it does not know.
                 other if pid1 => {

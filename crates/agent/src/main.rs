@@ -2,7 +2,7 @@
 //! agent protocol ([`proto::agent`]).
 //!
 //! ```text
-//! forkd-agent [--unix PATH | --vsock-port N] [--python PYTHON] [--no-interpreter]
+//! forkd-agent [--unix PATH [--vsock-handshake] | --vsock-port N] [--python PYTHON] [--no-interpreter]
 //!             [--warm CODE]... [--warm-file FILE] [--shutdown reboot|poweroff]
 //!             [--guest NAME] [--init]
 //! ```
@@ -23,6 +23,9 @@
 //!
 //! Not as PID 1 it serves until SIGTERM/SIGINT or a `poweroff` request,
 //! then stops its children and exits: that is how the host tests run it.
+//! With `--vsock-handshake` its Unix socket first answers forkd-vmm's vsock
+//! handshake (`CONNECT <port>` / `OK <port>`), so it can stand in for a
+//! VM's vsock socket behind the daemon.
 
 mod children;
 mod config;

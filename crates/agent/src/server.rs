@@ -106,6 +106,26 @@ impl Listener {
     }
 }
 
+/// Reads forkd-vmm's `CONNECT <port>\n` (byte by byte, at most 64) and
+/// answers `OK <port>\n`, as the VMM's vsock socket does; false when the
+/// host sent something else or went away.
+fn answer_handshake(conn: &mut UnixStream, port: u32) -> bool {
+    use std::io::{Read, Write};
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        if conn.read_exact(&mut b).is_err() {
+            return false;
+        }
+        if b[0] == b'\n' {
+            let ok = line.starts_with(b"CONNECT ");
+            return ok && conn.write_all(format!("OK {port}\n").as_bytes()).is_ok();
+        }
+        line.push(b[0]);
+    }
+    false
+}
+
 /// The agent's shared state.
 pub struct Agent {
     /// Configuration.
@@ -175,6 +195,9 @@ impl Agent {
     fn handle(&self, mut conn: UnixStream) -> Outcome {
         let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
         let _ = conn.set_write_timeout(Some(SEND_TIMEOUT));
+        if self.cfg.vsock_handshake && !answer_handshake(&mut conn, self.cfg.vsock_port) {
+            return Outcome::HostGone;
+        }
         let frame = match read_frame(&mut conn, MAX_FRAME) {
             Ok(f) => f,
             Err(FrameError::Closed) => return Outcome::HostGone,

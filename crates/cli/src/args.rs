@@ -79,6 +79,24 @@ pub enum Command {
     Eval(EvalArgs),
     /// Ask a sandbox's guest agent to answer.
     Ping(IdArg),
+    /// Attach this terminal to a shell (or ARGS) in a sandbox, on a
+    /// pseudo-terminal of this one's size.
+    Shell(ShellArgs),
+    /// Copy a file into or out of a sandbox: `forkd cp ./a ID:/tmp/a`,
+    /// `forkd cp ID:/tmp/a ./a` (`-`: standard input or output).
+    Cp(CpArgs),
+    /// List a directory in a sandbox: `forkd ls-files ID:/tmp`.
+    LsFiles(LsFilesArgs),
+    /// The processes started in a sandbox in the background or by streams.
+    Ps(IdArg),
+    /// Pause a sandbox's VMM (memory and files kept, no CPU used).
+    Pause(IdArg),
+    /// Let a paused sandbox run, or restore a suspended one.
+    Resume(IdArg),
+    /// Set a sandbox's deadline SECS from now.
+    Timeout(TimeoutArgs),
+    /// What a sandbox uses now: CPU, memory, disk layer, network.
+    Stats(IdArg),
     /// Show the client's and the daemon's versions.
     Version,
     /// Where the daemon keeps its state and snapshots.
@@ -277,6 +295,70 @@ pub struct LsArgs {
     /// --exited-retention-secs), with how each ended.
     #[arg(short, long)]
     pub all: bool,
+    /// Only those with this label (repeat it: all must match).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+/// `forkd shell`.
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// The sandbox.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// The guest user it runs as (a name or uid).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Its working directory in the guest.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// A variable for its environment (repeat it).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub env: Vec<(String, String)>,
+    /// What to run (default: `sh -l`), after `--`.
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub args: Vec<String>,
+}
+
+/// `forkd cp`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// From: a local path, `-` (standard input), or ID:/guest/path.
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// To: a local path (a directory: the same name in it), `-`
+    /// (standard output), or ID:/guest/path (ending in /: the same name in it).
+    #[arg(value_name = "DST")]
+    pub dst: String,
+    /// Permission bits of a file copied in, octal (default 644).
+    #[arg(long, value_name = "OCTAL")]
+    pub mode: Option<String>,
+    /// Make the guest directories missing on the way.
+    #[arg(short, long)]
+    pub parents: bool,
+}
+
+/// `forkd ls-files`.
+#[derive(Debug, Args)]
+pub struct LsFilesArgs {
+    /// ID:/guest/directory.
+    #[arg(value_name = "ID:PATH")]
+    pub target: String,
+}
+
+/// `forkd timeout`.
+#[derive(Debug, Args)]
+pub struct TimeoutArgs {
+    /// The sandbox.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Seconds from now.
+    #[arg(value_name = "SECS")]
+    pub secs: u64,
 }
 
 /// `forkd kill`.
@@ -349,6 +431,19 @@ pub struct ExecArgs {
     /// Give this file to the program's standard input (`-`: this one's).
     #[arg(long, value_name = "PATH")]
     pub stdin_file: Option<PathBuf>,
+    /// A variable for its environment (repeat it).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub env: Vec<(String, String)>,
+    /// Its working directory in the guest.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// The guest user it runs as (a name or uid).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Print its output as it comes (the daemon's /exec/stream) instead
+    /// of when it ends.
+    #[arg(long)]
+    pub stream: bool,
     /// The program and its arguments (after `--`).
     #[arg(
         value_name = "ARGS",

@@ -137,6 +137,117 @@ impl Client {
         self.send(Method::Delete, path, None)
     }
 
+    /// The bearer token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// `PUT path` with `body` streamed from a reader (no timeout: the
+    /// transfer takes as long as it takes).
+    pub fn put_reader(&self, path: &str, body: &mut dyn std::io::Read) -> Result<Answer, CliError> {
+        let mut req = self.agent.put(&self.url(path));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_reader(body))
+            .map_err(|e| self.classify(e))?;
+        self.answer(path, resp)
+    }
+
+    /// `GET path`, its body streamed into `out` (no timeout); answers the
+    /// bytes written. An error answer is read as JSON, as any other.
+    pub fn get_to(&self, path: &str, out: &mut dyn std::io::Write) -> Result<u64, CliError> {
+        let mut req = self.agent.get(&self.url(path));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req.call().map_err(|e| self.classify(e))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            self.answer(path, resp)?;
+            unreachable!("a non-2xx answer is an error");
+        }
+        let want = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let mut body = resp.into_body().into_reader();
+        let n = std::io::copy(&mut body, out).map_err(|e| {
+            CliError::Other(format!("the download from {} broke off: {e}", self.base))
+        })?;
+        if want.is_some_and(|w| w != n) {
+            return Err(CliError::Other(format!(
+                "the download from {} ended after {n} of {} bytes",
+                self.base,
+                want.unwrap_or(0)
+            )));
+        }
+        Ok(n)
+    }
+
+    /// `POST path`, its newline-delimited JSON answer handed to `each`
+    /// line by line as it comes (false stops reading); no timeout.
+    pub fn post_lines<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        mut each: impl FnMut(&str) -> Result<bool, CliError>,
+    ) -> Result<(), CliError> {
+        use std::io::BufRead;
+        let body = serde_json::to_vec(body).map_err(|e| CliError::Other(e.to_string()))?;
+        let mut req = self.agent.post(&self.url(path));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .map_err(|e| self.classify(e))?;
+        if !(200..300).contains(&resp.status().as_u16()) {
+            self.answer(path, resp)?;
+            unreachable!("a non-2xx answer is an error");
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| {
+                CliError::Other(format!("the stream from {} broke off: {e}", self.base))
+            })?;
+            if !each(&line)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A response as an [`Answer`], or the error it says.
+    fn answer(
+        &self,
+        path: &str,
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> Result<Answer, CliError> {
+        let status = resp.status().as_u16();
+        let raw = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_string()
+            .map_err(|e| self.classify(e))?;
+        if !(200..300).contains(&status) {
+            return Err(CliError::Api {
+                status,
+                message: error_message(status, &raw),
+            });
+        }
+        Ok(Answer {
+            status,
+            path: path.to_string(),
+            raw,
+        })
+    }
+
     fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Answer, CliError> {
         let url = self.url(path);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));

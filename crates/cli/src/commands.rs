@@ -268,10 +268,17 @@ pub fn fork(ctx: &mut Ctx, a: &ForkArgs) -> Outcome {
 
 /// `forkd ls`.
 pub fn ls(ctx: &mut Ctx, a: &LsArgs) -> Outcome {
-    let path = if a.all {
-        format!("{}?all=true", routes::SANDBOXES)
-    } else {
+    let mut query: Vec<String> = Vec::new();
+    if a.all {
+        query.push("all=true".into());
+    }
+    for (k, v) in &a.labels {
+        query.push(format!("label={}", routes::seg(&format!("{k}={v}"))));
+    }
+    let path = if query.is_empty() {
         routes::SANDBOXES.to_owned()
+    } else {
+        format!("{}?{}", routes::SANDBOXES, query.join("&"))
     };
     let answer = ctx.client.get(&path)?;
     if ctx.json {
@@ -622,13 +629,20 @@ fn read_input(path: &std::path::Path) -> Result<String, CliError> {
     Ok(s)
 }
 
-/// `forkd exec`.
+/// `forkd exec`: the output's bytes exactly (base64 on the wire).
 pub fn exec(ctx: &mut Ctx, a: &ExecArgs) -> Outcome {
-    let stdin = a.stdin_file.as_deref().map(read_input).transpose()?;
+    if a.stream {
+        return crate::guest::exec_stream(ctx, a);
+    }
+    let stdin = a.stdin_file.as_deref().map(read_bytes).transpose()?;
     let req = ExecRequest {
         args: a.args.clone(),
         timeout_secs: a.timeout_secs,
-        stdin,
+        stdin_base64: stdin.map(|b| crate::guest::b64(&b)),
+        env: a.env.iter().cloned().collect(),
+        cwd: a.cwd.clone(),
+        user: a.user.clone(),
+        encoding: Some(proto::api::Encoding::Base64),
         ..ExecRequest::default()
     };
     let wait = Duration::from_secs(a.timeout_secs.unwrap_or(60) + 30);
@@ -638,14 +652,33 @@ pub fn exec(ctx: &mut Ctx, a: &ExecArgs) -> Outcome {
     if ctx.json {
         writeln!(ctx.out, "{}", answer.pretty())?;
     } else {
-        ctx.out.write_all(r.stdout.as_bytes())?;
-        ctx.err.write_all(r.stderr.as_bytes())?;
+        // An older daemon ignores `encoding` and answers text.
+        let bytes = |s: &str| match r.encoding {
+            Some(proto::api::Encoding::Base64) => crate::guest::unb64(s),
+            _ => Ok(s.as_bytes().to_vec()),
+        };
+        ctx.out.write_all(&bytes(&r.stdout)?)?;
+        ctx.err.write_all(&bytes(&r.stderr)?)?;
         if r.exit_code == -1 {
             writeln!(ctx.err, "forkd: {} timed out in {}", a.args[0], a.id)?;
         }
     }
     ctx.out.flush()?;
     Ok(exit_code(r.exit_code))
+}
+
+/// A file's bytes (`-`: standard input's).
+pub fn read_bytes(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    let mut v = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_end(&mut v)
+            .map_err(|e| CliError::Other(format!("reading standard input: {e}")))?;
+    } else {
+        v = std::fs::read(path)
+            .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    }
+    Ok(v)
 }
 
 /// `forkd eval`.
@@ -838,6 +871,7 @@ mod tests {
                 &LsArgs {
                     quiet: false,
                     all: false,
+                    labels: vec![],
                 },
             )
         });
@@ -864,12 +898,16 @@ mod tests {
                 &LsArgs {
                     quiet: false,
                     all: true,
+                    labels: vec![("team".into(), "a b".into())],
                 },
             )
         });
         assert_eq!(r, Ok(0));
         assert!(out.contains("exited (signal 9)"), "{out}");
-        assert_eq!(d.requests()[0].path, "/v1/sandboxes?all=true");
+        assert_eq!(
+            d.requests()[0].path,
+            "/v1/sandboxes?all=true&label=team%3Da%20b"
+        );
     }
 
     #[test]
@@ -924,6 +962,10 @@ mod tests {
             id: "sb-1".into(),
             timeout_secs: Some(5),
             stdin_file: None,
+            env: vec![("A".into(), "1".into())],
+            cwd: None,
+            user: Some("nobody".into()),
+            stream: false,
             args: vec!["sh".into(), "-c".into(), "echo hi".into()],
         };
         let (r, out, err) = run(d.client(None), false, |c| exec(c, &a));
@@ -934,7 +976,8 @@ mod tests {
         assert_eq!(q.path, "/v1/sandboxes/sb-1/exec");
         assert_eq!(
             q.json(),
-            serde_json::json!({"args": ["sh", "-c", "echo hi"], "timeout_secs": 5})
+            serde_json::json!({"args": ["sh", "-c", "echo hi"], "timeout_secs": 5,
+                "env": {"A": "1"}, "user": "nobody", "encoding": "base64"})
         );
     }
 

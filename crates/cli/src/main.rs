@@ -8,6 +8,7 @@ mod doctor;
 mod error;
 mod fanout;
 mod format;
+mod guest;
 mod progress;
 mod quickstart;
 #[cfg(test)]
@@ -100,6 +101,14 @@ fn run(cli: Cli) -> Outcome {
         Command::Exec(a) => commands::exec(&mut ctx, a),
         Command::Eval(a) => commands::eval(&mut ctx, a),
         Command::Ping(a) => commands::ping(&mut ctx, a),
+        Command::Shell(a) => guest::shell(&mut ctx, a),
+        Command::Cp(a) => guest::cp(&mut ctx, a),
+        Command::LsFiles(a) => guest::ls_files(&mut ctx, a),
+        Command::Ps(a) => guest::ps(&mut ctx, a),
+        Command::Pause(a) => guest::pause(&mut ctx, a),
+        Command::Resume(a) => guest::resume(&mut ctx, a),
+        Command::Timeout(a) => guest::timeout(&mut ctx, a),
+        Command::Stats(a) => guest::stats(&mut ctx, a),
         Command::Version => commands::version(&mut ctx),
         Command::Where => commands::where_(&mut ctx),
         Command::Doctor(_) | Command::Quickstart(_) | Command::Cleanup(_) => {

@@ -115,6 +115,11 @@ impl Daemon {
 
     /// `forkd` with this daemon's URL, token and CA in its environment.
     fn forkd(&self, args: &[&str]) -> Output {
+        self.forkd_with_stdin(args, None)
+    }
+
+    /// [`Daemon::forkd`] with `stdin` as its standard input.
+    fn forkd_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut env = vec![("FORKD_URL", self.url.clone())];
         if let Some(t) = &self.token {
             env.push(("FORKD_TOKEN", t.clone()));
@@ -122,7 +127,38 @@ impl Daemon {
         if let Some(c) = &self.ca {
             env.push(("FORKD_CA_CERT", c.display().to_string()));
         }
-        forkd(args, &env)
+        forkd_fed(args, &env, stdin)
+    }
+
+    /// Puts forkd-agent (run on this host, answering the VMM's vsock
+    /// handshake) where sandbox `id`'s vsock socket is, so the guest
+    /// commands reach a real agent.
+    fn splice_agent(&self, id: &str) -> Child {
+        let db = rusqlite::Connection::open(self.dir.path().join("state/forkd.db")).unwrap();
+        let vsock: String = db
+            .query_row(
+                "SELECT vsock_socket FROM sandboxes WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !Path::new(&vsock).exists() {
+            assert!(Instant::now() < deadline, "{vsock} never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::remove_file(&vsock).unwrap();
+        let child = Command::new(workspace_bin("forkd-agent"))
+            .args(["--unix", &vsock, "--vsock-handshake", "--no-interpreter"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::os::unix::net::UnixStream::connect(&vsock).is_err() {
+            assert!(Instant::now() < deadline, "the agent never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
     }
 }
 
@@ -148,6 +184,12 @@ impl Drop for Daemon {
 
 /// Runs the `forkd` binary with only the `env` given of the FORKD_ variables.
 fn forkd(args: &[&str], env: &[(&str, String)]) -> Output {
+    forkd_fed(args, env, None)
+}
+
+/// [`forkd`] with `stdin` (none: /dev/null).
+fn forkd_fed(args: &[&str], env: &[(&str, String)], stdin: Option<&[u8]>) -> Output {
+    use std::io::Write;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkd"));
     for (k, _) in std::env::vars() {
         if k.starts_with("FORKD_") {
@@ -157,7 +199,13 @@ fn forkd(args: &[&str], env: &[(&str, String)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.args(args).stdin(Stdio::null()).output().unwrap()
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let Some(input) = stdin else {
+        return cmd.stdin(Stdio::null()).output().unwrap();
+    };
+    let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -449,4 +497,129 @@ fn upstream_cli_habits_work() {
     assert!(!stale.exists());
     let o = d.forkd(&args);
     assert!(stdout(&o).starts_with("nothing stale"), "{}", stdout(&o));
+}
+
+#[test]
+fn the_guest_and_lifecycle_commands() {
+    let d = Daemon::start(None, false);
+    expect_code(&d.forkd(&["snapshot", "--builtin", "t"]), 0, "snapshot");
+    let o = d.forkd(&[
+        "spawn",
+        "--tag",
+        "t",
+        "--label",
+        "team=x",
+        "--timeout-secs",
+        "600",
+        "-q",
+    ]);
+    expect_code(&o, 0, "spawn with a label");
+    let id = stdout(&o).trim().to_string();
+    let o = d.forkd(&["ls", "--label", "team=x", "-q"]);
+    assert_eq!(stdout(&o).trim(), id);
+    let o = d.forkd(&["ls", "--label", "team=y", "-q"]);
+    assert_eq!(stdout(&o), "");
+
+    // Life: pause, resume, a new deadline, stats.
+    let o = d.forkd(&["pause", &id]);
+    expect_code(&o, 0, "pause");
+    assert!(
+        stdout(&o).starts_with(&format!("{id} paused")),
+        "{}",
+        stdout(&o)
+    );
+    let o = d.forkd(&["exec", &id, "--", "true"]);
+    expect_code(&o, 1, "exec in a paused sandbox");
+    assert!(stderr(&o).contains("(HTTP 409)"), "{}", stderr(&o));
+    let o = d.forkd(&["resume", &id]);
+    assert!(
+        stdout(&o).starts_with(&format!("{id} running")),
+        "{}",
+        stdout(&o)
+    );
+    let o = d.forkd(&["timeout", &id, "100"]);
+    expect_code(&o, 0, "timeout");
+    assert!(stdout(&o).contains("deadline in"), "{}", stdout(&o));
+    let o = d.forkd(&["stats", &id]);
+    expect_code(&o, 0, "stats");
+    assert!(
+        stdout(&o).contains("cpu ") && stdout(&o).contains("private "),
+        "{}",
+        stdout(&o)
+    );
+
+    // Inside: a real agent behind the sandbox's vsock socket.
+    let mut agent = d.splice_agent(&id);
+    let o = d.forkd(&[
+        "exec",
+        &id,
+        "-e",
+        "A=1",
+        "--cwd",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo $A; pwd",
+    ]);
+    expect_code(&o, 0, "exec with env and cwd");
+    assert_eq!(stdout(&o), "1\n/tmp\n");
+    let o = d.forkd(&[
+        "exec",
+        "--stream",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "printf '\\377\\000'; exit 4",
+    ]);
+    expect_code(&o, 4, "exec --stream");
+    assert_eq!(o.stdout, b"\xff\x00");
+
+    let work = d.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let src = work.join("in.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let guest_dir = format!("{}:{}/g/", id, work.display());
+    let o = d.forkd(&["cp", "-p", src.to_str().unwrap(), &guest_dir]);
+    expect_code(&o, 0, "cp in");
+    assert_eq!(std::fs::read(work.join("g/in.bin")).unwrap(), data);
+    let back = work.join("back.bin");
+    let from = format!("{}:{}/g/in.bin", id, work.display());
+    expect_code(
+        &d.forkd(&["cp", &from, back.to_str().unwrap()]),
+        0,
+        "cp out",
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    let o = d.forkd(&["cp", &format!("{id}:/no/such/file"), back.to_str().unwrap()]);
+    expect_code(&o, 1, "cp of a missing file");
+    assert!(stderr(&o).contains("(HTTP 404)"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        data,
+        "a failed copy leaves the old file"
+    );
+    let o = d.forkd(&["ls-files", &format!("{}:{}/g", id, work.display())]);
+    expect_code(&o, 0, "ls-files");
+    assert!(
+        stdout(&o).contains("in.bin") && stdout(&o).contains("300000"),
+        "{}",
+        stdout(&o)
+    );
+
+    // A shell fed from a pipe (no terminal here: 24x80).
+    let o = d.forkd_with_stdin(&["shell", &id], Some(b"stty size; echo $((6*7))\nexit 3\n"));
+    expect_code(&o, 3, "shell");
+    assert!(
+        stdout(&o).contains("42") && stdout(&o).contains("24 80"),
+        "{}",
+        stdout(&o)
+    );
+    let o = d.forkd(&["ps", &id]);
+    expect_code(&o, 0, "ps");
+    assert!(stdout(&o).starts_with("PID"), "{}", stdout(&o));
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

@@ -2,11 +2,12 @@
 //! files) through a real daemon to a real forkd-agent.
 //!
 //! The sandbox is a built-in guest's; the test then puts a host-run
-//! forkd-agent behind the sandbox's vsock socket (a small proxy that
-//! answers the `CONNECT` handshake), so every byte goes through the
-//! daemon, the agent client and the agent exactly as with a Linux guest,
-//! and the agent's processes and files are the host's, which the test can
-//! check directly. The lab runs the same routes against a Linux guest.
+//! forkd-agent at the sandbox's vsock socket path (`--vsock-handshake`:
+//! it answers the VMM's `CONNECT` handshake), so every byte goes through
+//! the daemon, the agent client and the agent exactly as with a Linux
+//! guest, and the agent's processes and files are the host's, which the
+//! test can check directly. The lab runs the same routes against a Linux
+//! guest.
 
 mod common;
 
@@ -33,37 +34,41 @@ fn agent_binary() -> PathBuf {
     path
 }
 
-/// forkd-agent on a Unix socket, as `uid` (None: root).
+/// forkd-agent serving a sandbox's vsock socket path (answering the VMM's
+/// handshake, `--vsock-handshake`), as `uid` (None: root).
 struct HostAgent {
     child: Child,
-    sock: PathBuf,
 }
 
 impl HostAgent {
-    fn start(dir: &Path, uid: Option<u32>) -> HostAgent {
+    /// Replaces the VM's vsock socket at `vsock` with the agent.
+    fn splice(vsock: &Path, uid: Option<u32>) -> HostAgent {
         use std::os::unix::process::CommandExt;
-        std::fs::create_dir_all(dir).unwrap();
-        let sock = dir.join("agent.sock");
+        wait_for(vsock);
+        std::fs::remove_file(vsock).unwrap();
         let mut cmd = Command::new(agent_binary());
         cmd.arg("--unix")
-            .arg(&sock)
+            .arg(vsock)
+            .arg("--vsock-handshake")
             .arg("--no-interpreter")
             .stdin(Stdio::null())
             .stderr(Stdio::null());
         if let Some(uid) = uid {
+            // Its socket's directory must take its socket: a fresh one.
+            let dir = vsock.parent().unwrap();
             std::os::unix::fs::chown(dir, Some(uid), Some(uid)).unwrap();
             cmd.uid(uid).gid(uid);
         }
         let child = cmd.spawn().unwrap();
         let start = Instant::now();
-        while UnixStream::connect(&sock).is_err() {
+        while UnixStream::connect(vsock).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "agent did not come up"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        HostAgent { child, sock }
+        HostAgent { child }
     }
 }
 
@@ -71,6 +76,20 @@ impl Drop for HostAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits for the VMM to have made its vsock socket (just after the spawn
+/// answers), so that the one put there instead is not replaced.
+fn wait_for(vsock: &Path) {
+    let start = Instant::now();
+    while !vsock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            vsock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -100,40 +119,11 @@ fn handshake(c: &mut UnixStream) -> bool {
     false
 }
 
-/// Replaces the VM's vsock socket at `vsock` with a proxy to `agent`.
-fn splice(vsock: &Path, agent: &Path) {
-    std::fs::remove_file(vsock).unwrap();
-    let listener = UnixListener::bind(vsock).unwrap();
-    let agent = agent.to_owned();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut host) = conn else { return };
-            let agent = agent.clone();
-            std::thread::spawn(move || {
-                if !handshake(&mut host) {
-                    return;
-                }
-                let Ok(guest) = UnixStream::connect(&agent) else {
-                    return;
-                };
-                let (mut h2, mut g2) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
-                let up = std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut h2, &mut g2);
-                    let _ = g2.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut g, mut h) = (guest, host);
-                let _ = std::io::copy(&mut g, &mut h);
-                let _ = h.shutdown(std::net::Shutdown::Both);
-                let _ = up.join();
-            });
-        }
-    });
-}
-
 /// Replaces the VM's vsock socket with an agent that answers ping as
 /// protocol 1 and fails the test's request if anything else arrives.
 fn splice_v1_agent(vsock: &Path) {
     use proto::agent::{read_frame, write_frame, Pong, Reply, Request, MAX_FRAME};
+    wait_for(vsock);
     std::fs::remove_file(vsock).unwrap();
     let listener = UnixListener::bind(vsock).unwrap();
     std::thread::spawn(move || {
@@ -198,10 +188,8 @@ fn bed(name: &str) -> Bed {
     std::fs::create_dir_all(&work).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let root_agent = HostAgent::start(&tmp.path().join("agent-root"), None);
-    let nobody_agent = HostAgent::start(&tmp.path().join("agent-nobody"), Some(65534));
-    splice(&vsock_of(&d, &ids[0]), &root_agent.sock);
-    splice(&vsock_of(&d, &ids[1]), &nobody_agent.sock);
+    let root_agent = HostAgent::splice(&vsock_of(&d, &ids[0]), None);
+    let nobody_agent = HostAgent::splice(&vsock_of(&d, &ids[1]), Some(65534));
     splice_v1_agent(&vsock_of(&d, &ids[2]));
     Bed {
         root: ids[0].clone(),

@@ -1,5 +1,5 @@
 #!/bin/sh
-# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers (with a network interface), spawn children (each in its own network namespace), exec, eval and the network in them, branch one (diff) and fork from the branch, kill; then forkd-mcp on the host, through a port forward, makes a Linux snapshot and drives its child (compat/lab_linux.py); stop
+# forkd-daemon serves a Linux snapshot through the v1 REST API (driven by the forkd CLI): snapshot once the agent answers (with a network interface), spawn children (each in its own network namespace), exec, eval and the network in them, branch one (diff) and fork from the branch, kill; then forkd-mcp on the host, through a port forward, makes a Linux snapshot and drives its child (compat/lab_linux.py), and the CLI drives the sandbox API on its children (lab/host/sandbox_api.py); stop
 # needs: kernel agent-rootfs daemon forward
 set -eu -o pipefail
 

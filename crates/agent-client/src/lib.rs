@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use proto::agent::{
     read_frame, write_frame, Entry, ErrorCode, EvalRequest, EvalResult, ExecRequest, ExitStatus,
     FrameError, ListRequest, Pong, ReadRequest, Reply, Request, StatRequest, WriteRequest, CHUNK,
-    MAX_EXEC_STDIN, MAX_FRAME,
+    MAX_FRAME,
 };
 
 pub use proto::agent;
@@ -439,18 +439,7 @@ impl Client {
         stdin: &[u8],
         mut on_output: impl FnMut(Stream, &[u8]) -> bool,
     ) -> Result<ExitStatus> {
-        if req.args.is_empty() {
-            return Err(ClientError::Invalid {
-                op: "exec",
-                detail: "args is empty".into(),
-            });
-        }
-        if stdin.len() > MAX_EXEC_STDIN {
-            return Err(ClientError::TooLarge {
-                op: "exec",
-                limit: MAX_EXEC_STDIN as u64,
-            });
-        }
+        procs::checked("exec", req, stdin)?;
         let budget = Duration::from_millis(req.timeout_ms) + self.cfg.grace;
         let mut c = self.connect("exec", budget)?;
         c.send(&Request::Exec(req.clone()), stdin)?;

@@ -116,6 +116,19 @@ impl SessionWriter {
     }
 }
 
+/// Checks an exec or spawn request and its stdin before anything is sent.
+pub(crate) fn checked(op: &'static str, req: &ExecRequest, stdin: &[u8]) -> Result<()> {
+    req.check()
+        .map_err(|detail| ClientError::Invalid { op, detail })?;
+    if stdin.len() > MAX_EXEC_STDIN {
+        return Err(ClientError::TooLarge {
+            op,
+            limit: MAX_EXEC_STDIN as u64,
+        });
+    }
+    Ok(())
+}
+
 impl Client {
     /// Starts an interactive exec (`req.interactive` is set for the
     /// caller): the process's pid and the two halves of its session. The
@@ -128,14 +141,7 @@ impl Client {
     ) -> Result<(i32, SessionReader, SessionWriter)> {
         let mut req = req.clone();
         req.interactive = true;
-        req.check()
-            .map_err(|detail| ClientError::Invalid { op: "exec", detail })?;
-        if stdin.len() > MAX_EXEC_STDIN {
-            return Err(ClientError::TooLarge {
-                op: "exec",
-                limit: MAX_EXEC_STDIN as u64,
-            });
-        }
+        checked("exec", &req, stdin)?;
         let budget = Duration::from_millis(req.timeout_ms) + self.cfg.grace;
         let mut c = self.connect("exec", budget)?;
         c.io_timeout = budget;
@@ -169,16 +175,7 @@ impl Client {
     /// Starts a process in the background; `req.timeout_ms` 0 means no
     /// deadline. Answers its pid.
     pub fn spawn(&self, req: &ExecRequest, stdin: &[u8]) -> Result<i32> {
-        req.check().map_err(|detail| ClientError::Invalid {
-            op: "spawn",
-            detail,
-        })?;
-        if stdin.len() > MAX_EXEC_STDIN {
-            return Err(ClientError::TooLarge {
-                op: "spawn",
-                limit: MAX_EXEC_STDIN as u64,
-            });
-        }
+        checked("spawn", req, stdin)?;
         let mut c = self.connect("spawn", self.cfg.request_timeout)?;
         c.send(&Request::Spawn(req.clone()), stdin)?;
         match c.recv()? {

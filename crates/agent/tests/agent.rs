@@ -1,63 +1,14 @@
 //! The agent as a normal process on a Unix socket, driven by the host client.
 
+mod common;
+
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_client::agent::{ErrorCode, ExecRequest, WriteRequest, MAX_FRAME};
-use agent_client::{Client, ClientError, Stream, Target};
-
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn agent(extra: &[&str]) -> Agent {
-    let dir = std::env::temp_dir().join(format!(
-        "forkd-agent-test-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("agent.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_forkd-agent"))
-        .arg("--unix")
-        .arg(&sock)
-        .args(extra)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let a = Agent { child, dir, sock };
-    let c = a.client();
-    let start = Instant::now();
-    while c.ping().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "agent did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    a
-}
-
-impl Agent {
-    fn client(&self) -> Client {
-        Client::new(Target::Unix(self.sock.clone()))
-    }
-}
+use agent_client::{ClientError, Stream};
+use common::agent;
 
 fn exec_req(args: &[&str], timeout_ms: u64) -> ExecRequest {
     ExecRequest {

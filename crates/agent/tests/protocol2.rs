@@ -2,61 +2,15 @@
 //! sessions, terminals, background processes, `user`, and mkdir, remove
 //! and rename. Runs as root (as CI does): `user` switches users.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use agent_client::agent::{ErrorCode, ExecRequest, PtySize, PROTOCOL_VERSION};
-use agent_client::{Client, ClientError, Event, SessionReader, Stream, Target};
+use agent_client::{ClientError, Event, SessionReader, Stream};
 
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn agent() -> Agent {
-    let dir = std::env::temp_dir().join(format!(
-        "forkd-agent-p2-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("agent.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_forkd-agent"))
-        .arg("--unix")
-        .arg(&sock)
-        .arg("--no-interpreter")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let a = Agent { child, dir, sock };
-    let start = Instant::now();
-    while a.client().ping().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "agent did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    a
-}
-
-impl Agent {
-    fn client(&self) -> Client {
-        Client::new(Target::Unix(self.sock.clone()))
-    }
+fn agent() -> common::Agent {
+    common::agent(&["--no-interpreter"])
 }
 
 fn req(args: &[&str]) -> ExecRequest {
@@ -396,14 +350,23 @@ fn user_runs_the_process_as_that_user() {
         ),
         "{e}"
     );
+    // A bad name is refused by the client before sending, and by the
+    // agent when a host sends it anyway.
     q.user = Some("a:b".into());
     assert!(matches!(
         c.exec_collect(&q, b"", 1 << 16).unwrap_err(),
-        ClientError::Agent {
-            code: ErrorCode::BadRequest,
-            ..
-        }
+        ClientError::Invalid { .. }
     ));
+    let mut conn = std::os::unix::net::UnixStream::connect(&a.sock).unwrap();
+    let raw = r#"{"op":"exec","args":["id"],"user":"a:b"}"#;
+    proto::agent::write_raw_frame(&mut conn, raw.as_bytes(), b"").unwrap();
+    let f = proto::agent::read_frame(&mut conn, proto::agent::MAX_FRAME).unwrap();
+    let v: serde_json::Value = f.parse().unwrap();
+    assert_eq!(
+        (v["kind"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{v}"
+    );
 }
 
 #[test]

@@ -277,25 +277,8 @@ impl Client {
                 }
             }
         };
-        let mut resp = result.map_err(|e| self.classify(e))?;
-        let status = resp.status().as_u16();
-        let raw = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_BODY)
-            .read_to_string()
-            .map_err(|e| self.classify(e))?;
-        if !(200..300).contains(&status) {
-            return Err(CliError::Api {
-                status,
-                message: error_message(status, &raw),
-            });
-        }
-        Ok(Answer {
-            status,
-            path: path.to_string(),
-            raw,
-        })
+        let resp = result.map_err(|e| self.classify(e))?;
+        self.answer(path, resp)
     }
 
     /// A ureq error in the user's terms.

@@ -171,7 +171,8 @@ impl Daemon {
             }
             Err(e) => return Err(e),
         }
-        // Recorded first: the reaper leaves a suspended sandbox alone.
+        // Recorded first, so the reaper leaves it alone (a read in the
+        // next milliseconds may see `suspended` while the VMM is stopping).
         if !self.store.set_suspended(id, &tag)? {
             return Ok(());
         }
@@ -182,24 +183,26 @@ impl Daemon {
         Ok(())
     }
 
-    /// Ends a sandbox whose deadline passed: its VMM stopped, the sandbox
-    /// `exited` with a detail saying why.
+    /// Ends a sandbox whose deadline passed: its VMM stopped, then the
+    /// sandbox recorded `exited` with a detail saying why (also when the
+    /// reaper recorded the end first), so `exited` is never read while the
+    /// VMM still runs.
     fn expire(&self, row: &SandboxRow) -> ApiResult<()> {
+        let detail = format!(
+            "ended at its deadline ({} s after its spawn, last extension or resume)",
+            row.info.timeout_secs.unwrap_or(0)
+        );
+        stop_sandbox(&self.store, row);
         let end = Ended {
             code: None,
             signal: None,
             oom_killed: false,
             at_unix: now_unix(),
-            detail: Some(format!(
-                "ended at its deadline ({} s after its spawn, last extension or resume)",
-                row.info.timeout_secs.unwrap_or(0)
-            )),
+            detail: Some(detail.clone()),
         };
-        // Recorded first: the reaper then leaves its end to us.
         if !self.store.set_exited(&row.info.id, &end)? {
-            return Ok(());
+            self.store.set_exit_detail(&row.info.id, &detail)?;
         }
-        stop_sandbox(&self.store, row);
         self.forget_agent(&row.info.id);
         tracing::info!(id = row.info.id, "ended a sandbox at its deadline");
         Ok(())

@@ -604,6 +604,16 @@ impl Store {
         )? == 1)
     }
 
+    /// Replaces an exited sandbox's `exit_detail` (the daemon ended it and
+    /// says why, whoever recorded the end first).
+    pub fn set_exit_detail(&self, id: &str, detail: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET exit_detail = ?2 WHERE id = ?1 AND state = 'exited'",
+            params![id, detail],
+        )?;
+        Ok(())
+    }
+
     /// Sandboxes that exited before `unix` (seconds), to forget.
     pub fn exited_before(&self, unix: u64) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();

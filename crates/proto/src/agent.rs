@@ -109,7 +109,7 @@
 //!
 //! | op | request (→) | answer (←) |
 //! | --- | --- | --- |
-//! | spawn | exec's fields, `+data` = stdin | `{"kind":"spawned","pid":N}`; the process runs in the background, its output kept (at most [`BG_OUTPUT_MAX`] bytes, the oldest dropped) |
+//! | spawn | exec's fields (`timeout_ms` 0: no deadline), `+data` = stdin | `{"kind":"spawned","pid":N}`; the process runs in the background, its output kept (at most [`BG_OUTPUT_MAX`] bytes, the oldest dropped) |
 //! | procs | `{"op":"procs"}` | `{"kind":"procs","procs":[ProcInfo...]}` |
 //! | signal | `{"op":"signal","pid":N,"signal":15}` | `{"kind":"ok"}` |
 //! | stdin | `{"op":"stdin","pid":N,"eof":false}` `+data` | `{"kind":"ok"}` |

@@ -75,13 +75,17 @@ fn run_scenario(name: &str) {
             "{} is missing: run compat/setup (.ci/setup does) for the daemon lab test's host step",
             venv.display()
         );
+        // Then this build's CLI and sandbox routes against the Linux guest
+        // (lab/host/sandbox_api.py: streams, stdin, a terminal, files).
         lab.env(
             "LAB_HOST_STEP",
             format!(
-                "{} {} {}",
-                venv.join("python").display(),
-                repo().join("compat/lab_linux.py").display(),
-                venv.join("forkd-mcp").display()
+                "{py} {mcp_step} {mcp} && {py} {api_step} {cli}",
+                py = venv.join("python").display(),
+                mcp_step = repo().join("compat/lab_linux.py").display(),
+                mcp = venv.join("forkd-mcp").display(),
+                api_step = repo().join("lab/host/sandbox_api.py").display(),
+                cli = dir.join("forkd").display(),
             ),
         );
     }
@@ -137,7 +141,9 @@ fn lab_branch_live() {
 /// API through the forkd CLI: snapshot once the agent answers, spawn,
 /// exec, eval, a diff branch and a child of it (issue 8); then forkd-mcp on
 /// the host makes a Linux snapshot through the lab's port forward and
-/// drives its child (issue 15).
+/// drives its child (issue 15), and this build's CLI drives the sandbox
+/// API on its children: a streamed exec, stdin to a running cat, python3
+/// -i on a terminal, 200 MiB each way, env and cwd, a deadline (issue 18).
 #[test]
 fn lab_daemon() {
     run_scenario("daemon");

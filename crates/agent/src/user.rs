@@ -155,4 +155,34 @@ mod tests {
         assert!(resolve("broken", &dir).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    /// The guest's files are the guest's: any bytes there give an answer
+    /// or an error, never a panic, and never a uid the file does not hold.
+    #[test]
+    fn hostile_user_databases_do_not_panic() {
+        let dir = etc("", "");
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"ab:0123456789\n,/x\xff";
+        for round in 0..500 {
+            let len = (next() % 300) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            std::fs::write(dir.join("passwd"), &text).unwrap();
+            std::fs::write(dir.join("group"), &text).unwrap();
+            for who in ["ab", "0", "4294967295", "x"] {
+                if let Ok(u) = resolve(who, &dir) {
+                    assert!(u.groups.len() <= MAX_GROUPS, "round {round}");
+                    assert_eq!(u.groups[0], u.gid, "round {round}");
+                }
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -146,4 +146,26 @@ mod tests {
         assert_eq!(net_dev(dev, "forkd0"), Some((300, 700)));
         assert_eq!(net_dev(dev, "eth0"), None);
     }
+
+    /// Whatever a /proc file holds, the parsers answer without panicking.
+    #[test]
+    fn garbage_parses_without_panicking() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let alphabet = b") (:kB 0123456789\nRss:Private_Dirty:forkd0:";
+        for _ in 0..2000 {
+            let len = (x % 200) as usize;
+            let s: String = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    alphabet[(x % alphabet.len() as u64) as usize] as char
+                })
+                .collect();
+            let _ = cpu_ticks(&s);
+            let _ = memory(&s);
+            let _ = net_dev(&s, TAP);
+            x = x.wrapping_add(1);
+        }
+    }
 }

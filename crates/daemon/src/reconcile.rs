@@ -90,6 +90,7 @@ impl Daemon {
 
         // Sandboxes: the records first.
         let mut live_dirs = HashSet::new();
+        let mut live_pids = HashSet::new();
         let mut live_cgroups = HashSet::new();
         for row in self.store.sandboxes()? {
             match row.info.state {
@@ -108,6 +109,7 @@ impl Daemon {
                 }
                 s if s.has_vmm() && answers(&row) => {
                     live_dirs.insert(row.dir.clone());
+                    live_pids.insert(row.info.pid);
                     live_cgroups.extend(row.cgroup.clone());
                     t.kept += 1;
                 }
@@ -138,8 +140,12 @@ impl Daemon {
             .iter()
             .map(|a| driver::pool_staging(&a.socket))
             .collect();
+        // A sandbox is known by its record's pid too: a pooled child may
+        // still log to its fork server's log when it is handed out (a
+        // pool prepares at low priority).
         for f in &found {
             let explained = f.log.parent().is_some_and(|d| live_dirs.contains(d))
+                || live_pids.contains(&f.pid)
                 || servers.contains(&f.pid)
                 || staging.iter().any(|s| f.log.starts_with(s));
             if !explained && procs::alive(f.pid, f.ticks) {
